@@ -1,0 +1,301 @@
+"""Adapter configuration: the base dataclass, validation helpers and ``adapter_config.json`` I/O.
+
+The JSON layout is PEFT's: ``json.dumps(asdict(config), indent=2, sort_keys=True)`` with sets written
+as lists and ``inference_mode`` always ``true``. Unknown keys are dropped with a warning when loading,
+and ``peft_type`` selects the config class through the method registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from . import __version__ as _version
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CONFIG_NAME", "AdapterConfig", "PeftConfig", "TaskType"]
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class TaskType:
+    """The ``task_type`` strings PEFT knows."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    ALL: ClassVar[tuple[str, ...]] = (
+        "SEQ_CLS",
+        "SEQ_2_SEQ_LM",
+        "CAUSAL_LM",
+        "TOKEN_CLS",
+        "QUESTION_ANS",
+        "FEATURE_EXTRACTION",
+    )
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """Raises ``ValueError`` unless ``value`` is one of ``choices``, naming the field and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_range(
+    name: str, value: Any, low: float | None = None, high: float | None = None, *, high_open: bool = True
+) -> None:
+    """Raises ``ValueError`` unless ``low <= value`` and ``value < high`` (``<=`` if not ``high_open``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name}={value!r} must be a number")
+    too_low = low is not None and value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        bound = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{')' if high_open else ']'}"
+        raise ValueError(f"{name}={value!r} is out of range; it must lie in {bound}")
+
+
+def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    """Raises ``ValueError`` unless ``value`` is an int > 0 (or >= 0 with ``allow_zero``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        need = "a non-negative integer" if allow_zero else "a positive integer"
+        raise ValueError(f"{name}={value!r} must be {need}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, set | frozenset):
+        return sorted(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def pattern_value(pattern: dict[str, Any] | None, names: list[str]) -> Any:
+    """First value of ``pattern`` whose key matches one of ``names`` as ``(.*\\.)?key$`` (PEFT's rule)."""
+    for key, value in (pattern or {}).items():
+        for name in names:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+    return None
+
+
+@dataclass
+class PeftConfig:
+    """Base of every adapter config; holds the keys PEFT writes for all methods.
+
+    Attributes:
+        peft_type: The method (``"LORA"``, ``"LOHA"``, ``"LOKR"``, ``"ADALORA"``); set by subclasses.
+        task_type: Optional PEFT task type, e.g. ``"SEQ_CLS"`` (adds ``classifier``/``score`` to
+            ``modules_to_save``).
+        base_model_name_or_path: Hub id or path of the base model; filled from ``model.name_or_path``.
+        revision: Revision of the base model.
+        inference_mode: Whether the adapter is loaded frozen; always written ``true``.
+        auto_mapping: ``{"base_model_class", "parent_library"}``, written when ``task_type`` is None.
+        peft_version: Version of the library that wrote the file.
+    """
+
+    peft_type: str | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+    auto_mapping: dict[str, Any] | None = None
+    peft_version: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None:
+            check_choice("task_type", self.task_type, (None, *TaskType.ALL))
+
+    # ---- dict / JSON ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the config as a JSON-ready dict (sets become sorted lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def to_json_string(self) -> str:
+        """The exact text written to ``adapter_config.json``."""
+        data = self.to_dict()
+        data["inference_mode"] = True
+        if data.get("peft_version") is None:
+            data["peft_version"] = f"deltatune-{_version}"
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        """Builds the right config subclass from a dict (as read from ``adapter_config.json``).
+
+        Unknown keys are dropped with a warning. ``peft_type`` is required unless called on a concrete
+        subclass.
+
+        Raises:
+            ValueError: if ``data`` is not a dict, lacks ``peft_type``, names an unknown type, or holds
+                invalid values.
+        """
+        from .registry import method_for_peft_type
+
+        if not isinstance(data, dict):
+            raise ValueError(f"an adapter config must be a JSON object, got {type(data).__name__}")
+        target: type[PeftConfig] = cls
+        peft_type = data.get("peft_type")
+        if cls is PeftConfig:
+            if peft_type is None:
+                raise ValueError(
+                    "adapter config has no 'peft_type'; expected one of LORA, LOHA, LOKR, ADALORA"
+                )
+            if not isinstance(peft_type, str):
+                raise ValueError(f"'peft_type' must be a string, got {peft_type!r}")
+            target = method_for_peft_type(peft_type).config_cls
+        elif peft_type is not None and str(peft_type).upper() != getattr(cls, "PEFT_TYPE", None):
+            raise ValueError(f"config says peft_type={peft_type!r} but {cls.__name__} was asked to load it")
+        names = {f.name for f in dataclasses.fields(target) if f.init}
+        unknown = sorted(set(data) - names - {"peft_type"})
+        if unknown:
+            logger.warning("ignoring unknown adapter config keys: %s", ", ".join(unknown))
+        kwargs = {k: v for k, v in data.items() if k in names}
+        try:
+            return target(**kwargs)
+        except TypeError as err:  # a value of the wrong type deep inside a dataclass
+            raise ValueError(f"invalid adapter config: {err}") from err
+
+    # ---- files ----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Writes ``adapter_config.json`` into ``save_directory`` atomically."""
+        from .serialization import atomic_write_text
+
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> PeftConfig:
+        """Reads a config from a JSON file path.
+
+        Raises:
+            FileNotFoundError: if the file is missing.
+            ValueError: if it is not valid JSON or not a valid config.
+        """
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        subfolder: str | None = None,
+        **hub_kwargs: Any,
+    ) -> PeftConfig:
+        """Loads ``adapter_config.json`` from a local directory or a Hugging Face Hub repo id."""
+        from .serialization import resolve_file
+
+        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        return cls.from_json_file(path)
+
+    # ---- helpers for subclasses -----------------------------------------------------------------
+    @property
+    def is_prompt_learning(self) -> bool:
+        """Always False: deltatune has no prompt-learning methods (kept for API compatibility)."""
+        return False
+
+
+@dataclass
+class AdapterConfig(PeftConfig):
+    """Fields shared by every low-rank method (LoRA, LoHa, LoKr, AdaLoRA).
+
+    Attributes:
+        r: Rank of the decomposition (> 0).
+        target_modules: Modules to adapt: a list of names (exact name or ``.name`` suffix), a regex string
+            (full match), or ``"all-linear"``. Transformers 4.x names (``query``) also work on 5.x models.
+        exclude_modules: Modules never adapted (same forms as ``target_modules``).
+        modules_to_save: Modules trained in full and saved with the adapter (e.g. ``["classifier"]``).
+        layers_to_transform: Layer indices to adapt (int or list); applies to list ``target_modules``.
+        layers_pattern: Name of the layer container used to find the layer index (``"layers"``).
+        rank_pattern: Per-module rank overrides, ``{regex: r}``.
+        alpha_pattern: Per-module alpha overrides, ``{regex: alpha}``.
+    """
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] | None = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    #: Name of the field that holds the scale numerator (``lora_alpha`` or ``alpha``).
+    ALPHA_FIELD: ClassVar[str] = "alpha"
+    PEFT_TYPE: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.peft_type is None:
+            self.peft_type = self.PEFT_TYPE
+        elif str(self.peft_type).upper() != self.PEFT_TYPE:
+            raise ValueError(
+                f"peft_type={self.peft_type!r} does not match {type(self).__name__} ({self.PEFT_TYPE})"
+            )
+        check_positive_int("r", self.r)
+        alpha = getattr(self, self.ALPHA_FIELD)
+        check_range(self.ALPHA_FIELD, alpha, 0)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, list | tuple | set | frozenset):
+                if not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+                setattr(self, name, set(value))
+            elif value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                self.modules_to_save = [self.modules_to_save]
+            if not all(isinstance(v, str) for v in self.modules_to_save):
+                raise ValueError(
+                    f"modules_to_save must be a list of module names, got {self.modules_to_save!r}"
+                )
+            self.modules_to_save = list(self.modules_to_save)
+        if self.layers_to_transform is not None:
+            if isinstance(self.target_modules, str):
+                raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
+            layers = (
+                [self.layers_to_transform]
+                if isinstance(self.layers_to_transform, int)
+                else self.layers_to_transform
+            )
+            if not isinstance(layers, list | tuple) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers
+            ):
+                raise ValueError(
+                    f"layers_to_transform must be an int or a list of ints, got {self.layers_to_transform!r}"
+                )
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("layers_pattern only makes sense together with layers_to_transform")
+        for pname in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, pname)
+            if pattern is not None and not isinstance(pattern, dict):
+                raise ValueError(f"{pname} must be a dict of {{module regex: value}}, got {pattern!r}")
+        if isinstance(self.rank_pattern, dict) and self.PEFT_TYPE != "ADALORA":
+            for key, value in self.rank_pattern.items():
+                check_positive_int(f"rank_pattern[{key!r}]", value)
+
+    def rank_and_alpha(self, module_names: list[str]) -> tuple[int, float]:
+        """Rank and alpha for a module (any of its ``module_names`` spellings), after the patterns."""
+        r = pattern_value(self.rank_pattern, module_names)
+        alpha = pattern_value(self.alpha_pattern, module_names)
+        return (self.r if r is None else int(r)), (self.alpha_value if alpha is None else float(alpha))
+
+    @property
+    def alpha_value(self) -> float:
+        """The scale numerator (``lora_alpha`` for LoRA/AdaLoRA, ``alpha`` for LoHa/LoKr)."""
+        return float(getattr(self, self.ALPHA_FIELD))

@@ -1,0 +1,282 @@
+"""The adapter layer: wraps a frozen ``base_layer`` and adds the active adapters' deltas.
+
+Shared by every method: forward dispatch (disabled / merged / unmerged), merge and unmerge, safe
+merge, adapter bookkeeping (several named adapters, active set, deletion) and trainability. A method's
+layer subclass only creates its parameters (:meth:`AdapterLayer.update_layer`), builds its ΔW
+(:meth:`AdapterLayer.delta_weight`) and computes its additive output (:meth:`AdapterLayer.adapter_output`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PeftConfig
+
+__all__ = ["AdapterLayer", "ModulesToSaveWrapper", "base_weight_shape", "kaiming_uniform_"]
+
+
+def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:
+    """``nn.init.kaiming_uniform_(a=√5)``: U(±1/√fan_in), fan_in = shape[1]·∏shape[2:]."""
+    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def base_weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The weight shape of a Linear (out, in) or Conv (out, in/groups, *kernel) layer."""
+    return tuple(layer.weight.shape)
+
+
+def adapter_dtype(layer: nn.Module) -> torch.dtype:
+    """Adapters are kept in fp32 when the base weight is fp16/bf16 (PEFT's ``autocast_adapter_dtype``)."""
+    dtype = layer.weight.dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class AdapterLayer(nn.Module):
+    """Base class of the layers that wrap a targeted module.
+
+    Args:
+        base_layer: The module being adapted (``nn.Linear`` or ``nn.Conv2d``); kept frozen as a child.
+
+    Attributes:
+        r: Rank per adapter name.
+        scaling: Scale per adapter name (never serialized).
+        active_adapters: Names used in forward.
+        merged_adapters: Names currently folded into the base weight, in merge order.
+        disable_adapters: When True, forward returns the base output only.
+    """
+
+    #: Names of the ``ModuleDict``/``ParameterDict`` attributes that hold trainable adapter tensors.
+    adapter_param_names: ClassVar[tuple[str, ...]] = ()
+    #: Names of per-adapter attributes that hold non-trainable state (e.g. AdaLoRA's ``ranknum``).
+    other_param_names: ClassVar[tuple[str, ...]] = ()
+    #: Module types this method can adapt.
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(base_layer, self.supported_layers):
+            names = ", ".join(t.__name__ for t in self.supported_layers)
+            raise TypeError(
+                f"{type(self).__name__} cannot adapt a {type(base_layer).__name__}; supported layer types: {names}"
+            )
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # ---- to be provided by each method ------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: PeftConfig, r: int, alpha: float) -> None:
+        """Creates the tensors of ``adapter_name`` with rank ``r`` and scale numerator ``alpha``."""
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW of ``adapter_name``, scaling included, with the base weight's shape (computed in fp32 or the
+        adapter dtype)."""
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The additive term of ``adapter_name`` for input ``x``: equals ``base_op(x, ΔW)`` (no bias)."""
+        raise NotImplementedError
+
+    # ---- shared machinery -------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (so code that reads ``layer.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        """True when at least one adapter is merged into the base weight."""
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter this layer holds."""
+        return list(self.r)
+
+    def _adapter_containers(self) -> list[nn.Module]:
+        return [getattr(self, n) for n in (*self.adapter_param_names, *self.other_param_names)]
+
+    def _new_dtype_device(self) -> dict[str, Any]:
+        return {"dtype": adapter_dtype(self.base_layer), "device": self.base_layer.weight.device}
+
+    def _finish_update(self, adapter_name: str) -> None:
+        """Makes a freshly created adapter active (its tensors were created on the base's device)."""
+        if adapter_name not in self.active_adapters:
+            self.active_adapters.append(adapter_name)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The trainable tensors of ``adapter_name`` in this layer."""
+        params: list[nn.Parameter] = []
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                item = container[adapter_name]
+                params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return params
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Activates ``adapter_names`` (only those held here) and makes exactly their tensors trainable."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.adapter_names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(name in names)
+        self.active_adapters = [n for n in names if n in self.r]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Removes ``adapter_name`` (unmerging it first if merged)."""
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+        for container in self._adapter_containers():
+            if adapter_name in container:  # type: ignore[operator]
+                del container[adapter_name]  # type: ignore[attr-defined]
+        for d in (self.r, self.scaling):
+            d.pop(adapter_name, None)
+        extra = getattr(self, "_extra_per_adapter", {})
+        for d in extra.values():
+            d.pop(adapter_name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Folds the deltas into the base weight: W += ΔW.
+
+        Args:
+            safe_merge: Compute on a copy and raise ``ValueError`` if it is not finite (W untouched).
+            adapter_names: Adapters to merge; default the active ones. Already merged ones are skipped.
+        """
+        names = self.active_adapters if adapter_names is None else adapter_names
+        weight = self.base_layer.weight
+        for name in names:
+            if name not in self.r or name in self.merged_adapters:
+                continue
+            delta = self.delta_weight(name).to(weight.dtype)
+            with torch.no_grad():
+                if safe_merge:
+                    merged = weight.data + delta
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(
+                            f"merging adapter {name!r} would put NaN/inf into the base weight; the weight was "
+                            "left unchanged"
+                        )
+                    weight.data.copy_(merged)
+                else:
+                    weight.data += delta
+                self._merge_bias(name, sign=1.0)
+            self.merged_adapters.append(name)
+
+    def _merge_bias(self, adapter_name: str, sign: float) -> None:
+        """Hook for methods that also change the bias when merging (LoRA's ``lora_bias``)."""
+
+    def unmerge(self) -> None:
+        """Undoes every merge in reverse order: W -= ΔW."""
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                weight.data -= self.delta_weight(name).to(weight.dtype)
+                self._merge_bias(name, sign=-1.0)
+
+    def base_forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Applies the base layer's operation with ``weight`` instead of its own and no bias."""
+        base = self.base_layer
+        if isinstance(base, nn.Linear):
+            return F.linear(x, weight)
+        if isinstance(base, nn.Conv2d):
+            return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        if isinstance(base, nn.Conv1d):
+            return F.conv1d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+        raise TypeError(f"no weight-swapped forward for {type(base).__name__}")
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.r:
+                result = self.add_adapter_output(result, x, name)
+        return result
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Returns ``result`` plus the adapter's term (methods may fuse this)."""
+        delta = self.adapter_output(x, adapter_name)
+        return result + delta.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps the original module frozen and trains a deep copy per adapter (PEFT's ``modules_to_save``).
+
+    Args:
+        module_to_save: The module to wrap; kept as ``original_module``.
+        adapter_name: Name of the first trainable copy.
+    """
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = adapter_name
+        self.disable_adapters = False
+        self.original_module.requires_grad_(False)
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        """Adds a trainable copy of the original module for ``adapter_name``."""
+        if adapter_name not in self.modules_to_save:
+            clone = copy.deepcopy(self.original_module)
+            clone.requires_grad_(True)
+            self.modules_to_save[adapter_name] = clone
+
+    def set_adapter(self, adapter_name: str | list[str] | None) -> None:
+        """Makes the copy of ``adapter_name`` the one used (and trainable); others freeze."""
+        if isinstance(adapter_name, list):
+            held = [n for n in adapter_name if n in self.modules_to_save]
+            if len(held) > 1:
+                warnings.warn(
+                    f"several adapters with modules_to_save are active ({held}); using {held[0]!r}",
+                    stacklevel=2,
+                )
+            adapter_name = held[0] if held else None
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(name == adapter_name)
+        self.active_adapter = adapter_name if adapter_name in self.modules_to_save else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.active_module.weight  # type: ignore[return-value]
+
+    @property
+    def active_module(self) -> nn.Module:
+        """The module forward runs: the active copy, or the original when disabled or none active."""
+        if self.disable_adapters or self.active_adapter is None:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active_module(*args, **kwargs)

@@ -1,0 +1,108 @@
+"""What LoHa and LoKr share: the config fields and the dropout behaviour of the LyCORIS family.
+
+- ``module_dropout`` p_m: in training, the whole adapter term is skipped with probability p_m.
+- ``rank_dropout`` p_r: in training, a keep-mask over the output rows of ΔW (``rand(out) > p_r``),
+  divided by its mean for LoHa (always) and for LoKr when ``rank_dropout_scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig, check_range
+from ..layers import AdapterLayer
+
+
+@dataclass
+class LycorisConfig(AdapterConfig):
+    """Fields common to LoHa and LoKr.
+
+    Attributes:
+        r: Rank (default 8).
+        alpha: Scale numerator; s = alpha / r (default 8).
+        rank_dropout: Probability of dropping an output row of ΔW in training, in [0, 1).
+        module_dropout: Probability of skipping the whole adapter in a training step, in [0, 1).
+        use_effective_conv2d: Use the CP (Tucker) form for Conv2d kernels larger than 1×1.
+        init_weights: Initialisation (see the method's config).
+    """
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    init_weights: bool | str = True
+
+    ALPHA_FIELD: ClassVar[str] = "alpha"
+    INIT_CHOICES: ClassVar[tuple[bool | str, ...]] = (True, False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("rank_dropout", self.rank_dropout, 0, 1)
+        check_range("module_dropout", self.module_dropout, 0, 1)
+        if self.init_weights not in self.INIT_CHOICES:
+            raise ValueError(
+                f"init_weights={self.init_weights!r} is not valid for {type(self).__name__}; choose one of "
+                f"{', '.join(map(repr, self.INIT_CHOICES))}"
+            )
+
+
+class LycorisLayer(AdapterLayer):
+    """Adds module and rank dropout on top of :class:`AdapterLayer` for LoHa and LoKr."""
+
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+    #: Whether the rank-dropout mask is always divided by its mean (LoHa) or per config (LoKr).
+    always_rescale_rank_dropout: ClassVar[bool] = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.rank_dropout: dict[str, float] = {}
+        self.module_dropout: dict[str, float] = {}
+        self.rank_dropout_scale: dict[str, bool] = {}
+        self._extra_per_adapter = {
+            "rank_dropout": self.rank_dropout,
+            "module_dropout": self.module_dropout,
+            "rank_dropout_scale": self.rank_dropout_scale,
+        }
+
+    def _set_dropouts(self, adapter_name: str, config: LycorisConfig, scale: bool) -> None:
+        self.rank_dropout[adapter_name] = float(config.rank_dropout)
+        self.module_dropout[adapter_name] = float(config.module_dropout)
+        self.rank_dropout_scale[adapter_name] = scale
+
+    def _new_param(self, *shape: int) -> nn.Parameter:
+        return nn.Parameter(torch.empty(*shape, **self._new_dtype_device()))
+
+    def rank_dropout_mask(
+        self, adapter_name: str, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """The output-row keep mask for this training step, or None when rank dropout is off."""
+        p = self.rank_dropout[adapter_name]
+        if not self.training or p <= 0:
+            return None
+        out = self.base_layer.weight.shape[0]
+        mask = (torch.rand(out, device=device) > p).to(dtype)
+        if self.always_rescale_rank_dropout or self.rank_dropout_scale[adapter_name]:
+            mask = mask / mask.mean().clamp_min(1e-12)
+        return mask
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        p = self.module_dropout[adapter_name]
+        if self.training and p > 0 and float(torch.rand(1)) <= p:
+            # Skipped this step. The zero-valued term keeps every adapter tensor in the autograd graph, so
+            # DistributedDataParallel never sees "unused parameters" on a step where the module drops out.
+            zero = sum(t.reshape(-1)[0] for t in self.adapter_parameters(adapter_name)) * 0.0
+            return result + zero.to(result.dtype)
+        return super().add_adapter_output(result, x, adapter_name)
+
+    def materialized_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter term through a full ΔW (with rank dropout on its output rows)."""
+        delta = self.delta_weight(adapter_name)
+        mask = self.rank_dropout_mask(adapter_name, delta.device, delta.dtype)
+        if mask is not None:
+            delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
+        return self.base_forward_with_weight(x.to(delta.dtype), delta)

@@ -1,0 +1,493 @@
+"""AdaLoRA: adaptive budget allocation (Zhang et al., ICLR 2023, "AdaLoRA: Adaptive Budget Allocation
+for Parameter-Efficient Fine-Tuning").
+
+    y = W x + (alpha / (ranknum + 1e-5)) · B (E ⊙ A) dropout(x),   A ∈ R^{r×in}, E ∈ R^{r×1}, B ∈ R^{out×r}
+
+The delta is an SVD-like triplet per rank. During training an importance score per triplet
+(sensitivity |p·∇p| smoothed by EMAs, times its uncertainty) decides which singular values E_i are
+zeroed, following a cubic budget schedule from ``init_r`` down to ``target_r`` per module on average.
+An orthogonality regulariser ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F keeps A and B near-orthogonal.
+
+The allocation keeps everything on the device (no ``.item()``/``.tolist()`` per step): the
+threshold, the masks and the EMAs are tensors; the rank pattern is read back to the host only when
+the budget becomes final or the adapter is saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, check_positive_int, check_range
+from ..inject import AdapterModel
+from ..layers import AdapterLayer
+from ..registry import MethodSpec, register_method
+from .lora import LoraConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AdaLoraConfig",
+    "AdaLoraModel",
+    "RankAllocator",
+    "SVDLayer",
+    "adalora_delta_weight",
+    "budget_schedule",
+    "orthogonal_regularizer",
+]
+
+
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """Configuration of AdaLoRA (PEFT's ``AdaLoraConfig`` fields, defaults and JSON keys).
+
+    Attributes:
+        target_r: Average rank per module at the end of training (default 8).
+        init_r: Rank every module starts with (default 12).
+        tinit: Steps of warm-up before any pruning (default 0).
+        tfinal: Steps at the end with the final budget fixed (default 0).
+        deltaT: Prune every ``deltaT`` steps in between (default 1).
+        beta1: EMA factor of the sensitivity (default 0.85).
+        beta2: EMA factor of the uncertainty (default 0.85).
+        orth_reg_weight: Weight of the orthogonality regulariser added to the training loss (default 0.5).
+        total_step: Total training steps. May be left None here; the deltatune Trainer fills it from its
+            planned steps, and ``update_and_allocate`` refuses to run without it.
+        rank_pattern: After training, ``{"<module>.lora_E": [keep, ...]}``; None before any pruning.
+        lora_alpha: Scale numerator; the scale is lora_alpha / init_r (not divided by the final rank).
+
+    ``r`` is not used (``init_r`` and ``target_r`` are); ``use_rslora`` is ignored.
+    """
+
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    rank_pattern: dict[str, Any] | None = None  # type: ignore[assignment]
+
+    PEFT_TYPE: ClassVar[str] = "ADALORA"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("init_r", self.init_r)
+        check_positive_int("target_r", self.target_r)
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r={self.target_r} must not exceed init_r={self.init_r}")
+        check_positive_int("tinit", self.tinit, allow_zero=True)
+        check_positive_int("tfinal", self.tfinal, allow_zero=True)
+        check_positive_int("deltaT", self.deltaT)
+        check_range("beta1", self.beta1, 0, 1)
+        check_range("beta2", self.beta2, 0, 1)
+        check_range("orth_reg_weight", self.orth_reg_weight, 0)
+        if self.r != 8:
+            warnings.warn(
+                f"AdaLoRA ignores r={self.r}: modules start at init_r={self.init_r} and are pruned to target_r="
+                f"{self.target_r} on average",
+                stacklevel=3,
+            )
+        if self.total_step is not None:
+            self.check_schedule(self.total_step)
+
+    def check_schedule(self, total_step: int) -> None:
+        """Raises ``ValueError`` unless tinit < total_step − tfinal (the pruning phase is non-empty)."""
+        check_positive_int("total_step", total_step)
+        if self.tinit >= total_step - self.tfinal:
+            raise ValueError(
+                f"AdaLoRA schedule does not fit: tinit={self.tinit} must be < total_step - tfinal = "
+                f"{total_step} - {self.tfinal} = {total_step - self.tfinal}; lower tinit or tfinal, or train for "
+                "more steps"
+            )
+
+    def rank_and_alpha(self, module_names: list[str]) -> tuple[int, float]:
+        """Every module starts at ``init_r``; ``alpha_pattern`` may still set alpha per module."""
+        _, alpha = super().rank_and_alpha(module_names)
+        return self.init_r, alpha
+
+
+# ---- pure maths ---------------------------------------------------------------------------------
+def adalora_scaling(lora_alpha: float, r: int) -> float:
+    """PEFT's numerator: lora_alpha if > 0 else r (divided by ranknum + 1e-5 at use)."""
+    return lora_alpha if lora_alpha > 0 else r
+
+
+def adalora_delta_weight(
+    lora_a: torch.Tensor,
+    lora_e: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    ranknum: torch.Tensor | float,
+) -> torch.Tensor:
+    """ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5); A (r, in), E (r, 1), B (out, r) → (out, in)."""
+    return (lora_b @ (lora_a * lora_e)) * (scaling / (ranknum + 1e-5))
+
+
+def orthogonal_regularizer(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean over all A and B of ‖P − I‖_F with P = A Aᵀ for A (r, in) and P = Bᵀ B for B (out, r).
+
+    Factors of the same shape are batched into one ``bmm``.
+    """
+    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    for a, b in factors:
+        groups.setdefault(("A", *a.shape), []).append(a)  # type: ignore[arg-type]
+        groups.setdefault(("B", *b.shape), []).append(b.t())  # type: ignore[arg-type]
+    total: torch.Tensor | None = None
+    count = 0
+    for _key, mats in groups.items():
+        stack = torch.stack(mats)  # (L, r, n)
+        gram = torch.bmm(stack, stack.transpose(1, 2))
+        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+        norms = torch.linalg.matrix_norm(gram - eye, ord="fro").sum()
+        total = norms if total is None else total + norms
+        count += len(mats)
+    if total is None:
+        raise ValueError("orthogonal_regularizer needs at least one (A, B) pair")
+    return total / count
+
+
+def budget_schedule(
+    step: int, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int, delta_t: int
+) -> tuple[int, bool]:
+    """AdaLoRA's cubic budget schedule: (budget, whether to mask at this step).
+
+    t ≤ tinit: (init_bgt, False); t > T − tfinal: (target_bgt, True); otherwise
+    budget = int((init_bgt − target_bgt)·(1 − (t − tinit)/(T − tfinal − tinit))³ + target_bgt), masking
+    when t % deltaT == 0.
+    """
+    if step <= tinit:
+        return init_bgt, False
+    if step > total_step - tfinal:
+        return target_bgt, True
+    progress = 1 - (step - tinit) / (total_step - tfinal - tinit)
+    budget = int((init_bgt - target_bgt) * progress**3 + target_bgt)
+    return budget, step % delta_t == 0
+
+
+# ---- layer --------------------------------------------------------------------------------------
+class SVDLayer(AdapterLayer):
+    """Wraps a Linear or Conv2d with AdaLoRA triplets (``lora_A``, ``lora_E``, ``lora_B``)."""
+
+    adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_E", "lora_B")
+    other_param_names: ClassVar[tuple[str, ...]] = ("ranknum",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.ranknum = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+
+    def _fan_in(self) -> int:
+        w = self.base_layer.weight
+        return int(w[0].numel())
+
+    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
+        assert isinstance(config, AdaLoraConfig)
+        kw = self._new_dtype_device()
+        out_dim = self.base_layer.weight.shape[0]
+        self.lora_A[adapter_name] = nn.Parameter(torch.empty(r, self._fan_in(), **kw))
+        self.lora_E[adapter_name] = nn.Parameter(torch.empty(r, 1, **kw))
+        self.lora_B[adapter_name] = nn.Parameter(torch.empty(out_dim, r, **kw))
+        self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), float(r), **kw), requires_grad=False)
+        self.lora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = adalora_scaling(alpha, r)
+        with torch.no_grad():
+            if config.init_lora_weights is False:
+                for p in (self.lora_A, self.lora_E, self.lora_B):
+                    nn.init.normal_(p[adapter_name])
+            else:
+                nn.init.zeros_(self.lora_E[adapter_name])
+                nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
+                nn.init.normal_(self.lora_B[adapter_name], mean=0.0, std=0.02)
+        self._finish_update(adapter_name)
+
+    def resize(self, adapter_name: str, rank: int) -> None:
+        """Rebuilds the triplets at ``rank`` (for loading a pruned adapter); ``ranknum`` keeps init_r."""
+        for name in self.adapter_param_names:
+            container = getattr(self, name)
+            old = container[adapter_name]
+            shape = list(old.shape)
+            shape[1 if name == "lora_B" else 0] = rank
+            container[adapter_name] = nn.Parameter(
+                torch.zeros(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
+            )
+        self.r[adapter_name] = rank
+
+    def _ranknum(self, adapter_name: str) -> torch.Tensor:
+        return self.ranknum[adapter_name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = adalora_delta_weight(
+            self.lora_A[adapter_name],
+            self.lora_E[adapter_name],
+            self.lora_B[adapter_name],
+            self.scaling[adapter_name],
+            self._ranknum(adapter_name),
+        )
+        return delta.reshape(self.base_layer.weight.shape)
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        x = self.lora_dropout[adapter_name](x)
+        a = self.lora_A[adapter_name]
+        if not isinstance(self.base_layer, nn.Linear):
+            return self.base_forward_with_weight(x.to(a.dtype), self.delta_weight(adapter_name))
+        scale = self.scaling[adapter_name] / (self._ranknum(adapter_name) + 1e-5)
+        hidden = F.linear(x.to(a.dtype), a * self.lora_E[adapter_name])
+        return F.linear(hidden, self.lora_B[adapter_name]) * scale
+
+    def export_tensors(self, adapter_name: str, keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The saved tensors, sliced to the kept triplets when ``keep`` (a bool mask over r) is given."""
+        a, e, b = self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name]
+        if keep is not None:
+            a, e, b = a[keep], e[keep], b[:, keep]
+        return {"lora_A": a.detach(), "lora_E": e.detach(), "lora_B": b.detach()}
+
+
+# ---- rank allocation ----------------------------------------------------------------------------
+class RankAllocator:
+    """Importance-driven pruning of AdaLoRA's singular values, kept on the device.
+
+    Args:
+        layers: ``(module name, layer)`` for every SVD layer holding the adapter.
+        config: The adapter's config (betas, budget knobs).
+        adapter_name: Which adapter to allocate.
+    """
+
+    def __init__(self, layers: list[tuple[str, SVDLayer]], config: AdaLoraConfig, adapter_name: str) -> None:
+        self.layers = layers
+        self.config = config
+        self.adapter_name = adapter_name
+        self.init_bgt = sum(layer.r[adapter_name] for _, layer in layers)
+        self.target_bgt = config.target_r * len(layers)
+        self.masks: list[torch.Tensor] | None = None  # device bool masks over r, per layer (True = keep)
+        self.reset_ipt()
+
+    def reset_ipt(self) -> None:
+        """Clears the sensitivity and uncertainty EMAs."""
+        self.ipt: list[torch.Tensor] | None = None
+        self.unc: list[torch.Tensor] | None = None
+
+    def _params(self) -> list[nn.Parameter]:
+        n = self.adapter_name
+        return [p for _, layer in self.layers for p in (layer.lora_A[n], layer.lora_E[n], layer.lora_B[n])]
+
+    @torch.no_grad()
+    def update_ipt(self) -> bool:
+        """One EMA step of sensitivity Ī and uncertainty Ū from the current gradients (fused foreach
+        ops over all tensors). Returns False when gradients are missing."""
+        params = self._params()
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            return False
+        importance = torch._foreach_mul([p.detach() for p in params], grads)  # type: ignore[arg-type]
+        torch._foreach_abs_(importance)
+        if self.ipt is None or self.unc is None:
+            self.ipt = [torch.zeros_like(t) for t in importance]
+            self.unc = [torch.zeros_like(t) for t in importance]
+        torch._foreach_lerp_(self.ipt, importance, 1 - self.config.beta1)
+        deviation = torch._foreach_sub(importance, self.ipt)
+        torch._foreach_abs_(deviation)
+        torch._foreach_lerp_(self.unc, deviation, 1 - self.config.beta2)
+        return True
+
+    @torch.no_grad()
+    def triplet_scores(self) -> list[torch.Tensor]:
+        """S_i = s(E_i) + mean_j s(A_ij) + mean_k s(B_ki), with s = Ī ⊙ Ū; one (r,) tensor per layer."""
+        if self.ipt is None or self.unc is None:
+            raise RuntimeError("no importance scores yet: call update_ipt() after a backward pass first")
+        scores = torch._foreach_mul(self.ipt, self.unc)
+        out = []
+        for i in range(len(self.layers)):
+            s_a, s_e, s_b = scores[3 * i], scores[3 * i + 1], scores[3 * i + 2]
+            out.append(s_e.view(-1) + s_a.mean(dim=1) + s_b.mean(dim=0))
+        return out
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> list[torch.Tensor]:
+        """Zeroes every E_i whose score is within the lowest ``init_bgt − budget``; returns keep masks."""
+        scores = self.triplet_scores()
+        k = self.init_bgt - budget
+        if k <= 0:
+            masks = [torch.ones_like(s, dtype=torch.bool) for s in scores]
+        else:
+            threshold = torch.kthvalue(torch.cat(scores), k).values
+            masks = [s > threshold for s in scores]
+        self.apply_masks(masks)
+        self.masks = masks
+        return masks
+
+    @torch.no_grad()
+    def apply_masks(self, masks: list[torch.Tensor]) -> None:
+        """E_i ← 0 where the mask is False."""
+        n = self.adapter_name
+        for (_, layer), keep in zip(self.layers, masks, strict=True):
+            layer.lora_E[n].mul_(keep.view(-1, 1).to(layer.lora_E[n].dtype))
+
+    def rank_pattern(self) -> dict[str, list[bool]] | None:
+        """``{"<module>.lora_E": [keep, ...]}`` from the current masks (one host read)."""
+        if self.masks is None:
+            return None
+        flat = torch.cat(self.masks).cpu().tolist()
+        out: dict[str, list[bool]] = {}
+        offset = 0
+        for (name, _), mask in zip(self.layers, self.masks, strict=True):
+            out[f"{name}.lora_E"] = [bool(v) for v in flat[offset : offset + mask.numel()]]
+            offset += mask.numel()
+        return out
+
+
+class AdaLoraModel(AdapterModel):
+    """The tuner for AdaLoRA: adds the orthogonal regulariser to a training loss and owns the allocator.
+
+    ``update_and_allocate(global_step)`` must run after each backward and before ``zero_grad``; the
+    deltatune Trainer integration calls it from ``on_optimizer_step``.
+    """
+
+    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__(model, config, adapter_name)
+        self._allocator: RankAllocator | None = None
+        self._apply_loaded_rank_pattern(adapter_name)
+
+    def inject_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        trainable = [n for n, c in self.peft_config.items() if not c.inference_mode]
+        if trainable and not config.inference_mode:
+            raise ValueError(
+                f"AdaLoRA supports one trainable adapter per model; {trainable[0]!r} is already trainable. "
+                "Load additional adapters with is_trainable=False"
+            )
+        super().inject_adapter(adapter_name, config)
+
+    def _apply_loaded_rank_pattern(self, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        assert isinstance(config, AdaLoraConfig)
+        if config.rank_pattern:
+            self.resize_by_rank_pattern(config.rank_pattern, adapter_name)
+
+    def resize_by_rank_pattern(self, rank_pattern: dict[str, list[bool]], adapter_name: str) -> None:
+        """Shrinks each module to the number of kept triplets in ``rank_pattern`` (before loading)."""
+        by_name: dict[str, list[bool]] = {}
+        for key, keep in rank_pattern.items():
+            module = key[: -len(".lora_E")] if key.endswith(".lora_E") else key.rsplit(".lora_E", 1)[0]
+            by_name[module] = keep
+            by_name.setdefault(self.aliases.modern(module), keep)
+        for name, layer in self.adapter_layers():
+            if not isinstance(layer, SVDLayer) or adapter_name not in layer.r:
+                continue
+            keep = next((by_name[v] for v in self.name_variants(name) if v in by_name), None)
+            if keep is not None:
+                layer.resize(adapter_name, int(sum(bool(k) for k in keep)))
+
+    def svd_layers(self, adapter_name: str | None = None) -> list[tuple[str, SVDLayer]]:
+        name = adapter_name or self.active_adapter
+        return [
+            (n, layer)
+            for n, layer in self.adapter_layers()
+            if isinstance(layer, SVDLayer) and name in layer.r
+        ]
+
+    @property
+    def rank_allocator(self) -> RankAllocator:
+        """The allocator of the active adapter (created on first use)."""
+        config = self.peft_config[self.active_adapter]
+        assert isinstance(config, AdaLoraConfig)
+        if self._allocator is None or self._allocator.adapter_name != self.active_adapter:
+            self._allocator = RankAllocator(self.svd_layers(), config, self.active_adapter)
+        return self._allocator
+
+    def orthogonal_loss(self) -> torch.Tensor:
+        """The orthogonal regulariser over the active adapter's factors."""
+        n = self.active_adapter
+        return orthogonal_regularizer([(layer.lora_A[n], layer.lora_B[n]) for _, layer in self.svd_layers()])
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = self.model(*args, **kwargs)
+        config = self.peft_config[self.active_adapter]
+        assert isinstance(config, AdaLoraConfig)
+        loss = getattr(outputs, "loss", None)
+        if (
+            self.training
+            and isinstance(loss, torch.Tensor)
+            and config.orth_reg_weight > 0
+            and not config.inference_mode
+        ):
+            outputs.loss = loss + config.orth_reg_weight * self.orthogonal_loss()
+        return outputs
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Updates importances and prunes singular values per the budget schedule.
+
+        Call after ``loss.backward()`` and before ``optimizer.zero_grad()``.
+
+        Raises:
+            ValueError: if ``total_step`` is not set on the config.
+        """
+        config = self.peft_config[self.active_adapter]
+        assert isinstance(config, AdaLoraConfig)
+        if config.total_step is None:
+            raise ValueError(
+                "AdaLoraConfig.total_step is not set; set it to the number of optimiser steps, or train with "
+                "deltatune's Trainer integration, which fills it from the planned steps"
+            )
+        allocator = self.rank_allocator
+        total = config.total_step
+        final_step = total - config.tfinal
+        if global_step < final_step:
+            if allocator.update_ipt():
+                budget, mask = budget_schedule(
+                    global_step,
+                    allocator.init_bgt,
+                    allocator.target_bgt,
+                    config.tinit,
+                    config.tfinal,
+                    total,
+                    config.deltaT,
+                )
+                if mask:
+                    allocator.mask_to_budget(budget)
+        elif global_step == final_step:
+            if allocator.ipt is None:
+                allocator.update_ipt()
+            if allocator.ipt is not None:
+                allocator.mask_to_budget(allocator.target_bgt)
+                config.rank_pattern = allocator.rank_pattern()
+                allocator.reset_ipt()
+        elif allocator.masks is not None:
+            allocator.apply_masks(allocator.masks)
+
+    def current_rank_pattern(self, adapter_name: str | None = None) -> dict[str, list[bool]] | None:
+        """The rank pattern to save: the final one, or the latest masks during training."""
+        name = adapter_name or self.active_adapter
+        config = self.peft_config[name]
+        assert isinstance(config, AdaLoraConfig)
+        if (
+            self._allocator is not None
+            and self._allocator.adapter_name == name
+            and self._allocator.masks is not None
+        ):
+            config.rank_pattern = self._allocator.rank_pattern()
+        return config.rank_pattern
+
+
+register_method(
+    MethodSpec(
+        name="adalora",
+        peft_type="ADALORA",
+        config_cls=AdaLoraConfig,
+        layer_cls=SVDLayer,
+        prefix="lora_",
+        model_cls=AdaLoraModel,
+    )
+)

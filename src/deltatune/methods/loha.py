@@ -1,0 +1,189 @@
+"""LoHa: low-rank Hadamard product (Hyeon-Woo et al., 2022, "FedPara"; LyCORIS).
+
+    ΔW = s · (W1a W1b) ⊙ (W2a W2b),   Wia ∈ R^{out×r}, Wib ∈ R^{r×in},   s = alpha / r
+
+Fast path (Linear): the Hadamard product of two rank-r matrices is exactly rank ≤ r² through
+Khatri-Rao factors, ΔW = U V with U = W1a •ʳ W2a (out×r², row-wise Kronecker) and V = W1b •ᶜ W2b
+(r²×in, column-wise Kronecker), so y = s · (x Vᵀ) Uᵀ costs r²(in+out) per token instead of
+forming the out×in ΔW. It is used whenever r² < in·out/(in+out); otherwise ΔW is materialised.
+
+Conv2d with ``use_effective_conv2d`` (CP form): ΔW = rebuild(t1, w1a, w1b) ⊙ rebuild(t2, w2a, w2b)
+with rebuild[p, q, k, l] = Σ_ij t[i, j, k, l] · wb[j, q] · wa[i, p] (wa is (r, out), wb (r, in)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import kaiming_uniform_
+from ..registry import MethodSpec, register_method
+from ._lycoris import LycorisConfig, LycorisLayer
+
+__all__ = ["LoHaConfig", "LoHaLayer", "loha_delta_forward", "loha_delta_weight", "loha_khatri_rao_factors"]
+
+
+@dataclass
+class LoHaConfig(LycorisConfig):
+    """Configuration of LoHa (PEFT's ``LoHaConfig`` fields, defaults and JSON keys).
+
+    Attributes:
+        r: Rank of each of the two factor pairs (default 8); ΔW has rank up to r².
+        alpha: Scale numerator; s = alpha / r (default 8).
+        rank_dropout: Probability of dropping an output row of ΔW in training (mask rescaled by its mean).
+        module_dropout: Probability of skipping the adapter in a training step.
+        use_effective_conv2d: CP form for Conv2d kernels larger than 1×1.
+        init_weights: ``True`` (w2b = 0, so ΔW = 0 at start) or ``False`` (all random).
+    """
+
+    PEFT_TYPE: ClassVar[str] = "LOHA"
+
+
+# ---- pure maths ---------------------------------------------------------------------------------
+def cp_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """rebuild[p, q, k, l] = Σ_ij t[i, j, k, l] · wb[j, q] · wa[i, p]; t (r, r, k1, k2), wa (r, out),
+    wb (r, in) → (out, in, k1, k2)."""
+    return torch.einsum("ijkl,jq,ip->pqkl", t, wb, wa)
+
+
+def loha_delta_weight(
+    w1a: torch.Tensor,
+    w1b: torch.Tensor,
+    w2a: torch.Tensor,
+    w2b: torch.Tensor,
+    scaling: float,
+    shape: tuple[int, ...],
+    t1: torch.Tensor | None = None,
+    t2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ΔW = s · (w1a w1b) ⊙ (w2a w2b), reshaped to ``shape`` (or the CP form when t1/t2 are given)."""
+    if t1 is not None and t2 is not None:
+        return cp_rebuild(t1, w1a, w1b) * cp_rebuild(t2, w2a, w2b) * scaling
+    return ((w1a @ w1b) * (w2a @ w2b) * scaling).reshape(shape)
+
+
+def loha_khatri_rao_factors(
+    w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """U (out, r1·r2) and V (r1·r2, in) with U V = (w1a w1b) ⊙ (w2a w2b)."""
+    u = (w1a.unsqueeze(2) * w2a.unsqueeze(1)).reshape(w1a.shape[0], -1)
+    v = (w1b.unsqueeze(1) * w2b.unsqueeze(0)).reshape(-1, w1b.shape[1])
+    return u, v
+
+
+def loha_delta_forward(
+    x: torch.Tensor,
+    w1a: torch.Tensor,
+    w1b: torch.Tensor,
+    w2a: torch.Tensor,
+    w2b: torch.Tensor,
+    scaling: float,
+    row_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x ΔWᵀ for a Linear through the Khatri-Rao factors: x (..., in) → (..., out)."""
+    u, v = loha_khatri_rao_factors(w1a, w1b, w2a, w2b)
+    u = u * scaling if row_mask is None else u * (row_mask * scaling).unsqueeze(1)
+    return F.linear(F.linear(x, v), u)
+
+
+def khatri_rao_is_cheaper(r1: int, r2: int, fan_in: int, fan_out: int) -> bool:
+    """True when r1·r2 < in·out/(in+out): the factored forward costs fewer MACs than a dense ΔW."""
+    return r1 * r2 * (fan_in + fan_out) < fan_in * fan_out
+
+
+# ---- layer --------------------------------------------------------------------------------------
+class LoHaLayer(LycorisLayer):
+    """Wraps a Linear or Conv2d with LoHa adapters."""
+
+    adapter_param_names: ClassVar[tuple[str, ...]] = (
+        "hada_w1_a",
+        "hada_w1_b",
+        "hada_w2_a",
+        "hada_w2_b",
+        "hada_t1",
+        "hada_t2",
+    )
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        for name in self.adapter_param_names:
+            setattr(self, name, nn.ParameterDict())
+
+    def update_layer(self, adapter_name: str, config: LycorisConfig, r: int, alpha: float) -> None:
+        base = self.base_layer
+        shape = tuple(base.weight.shape)
+        out_dim, in_dim = shape[0], shape[1]
+        if isinstance(base, nn.Conv2d):
+            kernel = shape[2:]
+            if config.use_effective_conv2d and tuple(kernel) != (1, 1):
+                self.hada_t1[adapter_name] = self._new_param(r, r, *kernel)
+                self.hada_t2[adapter_name] = self._new_param(r, r, *kernel)
+                self.hada_w1_a[adapter_name] = self._new_param(r, out_dim)
+                self.hada_w2_a[adapter_name] = self._new_param(r, out_dim)
+                self.hada_w1_b[adapter_name] = self._new_param(r, in_dim)
+                self.hada_w2_b[adapter_name] = self._new_param(r, in_dim)
+            else:
+                flat_in = in_dim * kernel[0] * kernel[1]
+                self._create_plain(adapter_name, r, out_dim, flat_in)
+        else:
+            self._create_plain(adapter_name, r, out_dim, in_dim)
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = alpha / r
+        self._set_dropouts(adapter_name, config, scale=True)
+        self.reset_parameters(adapter_name, config.init_weights)
+        self._finish_update(adapter_name)
+
+    def _create_plain(self, adapter_name: str, r: int, out_dim: int, in_dim: int) -> None:
+        self.hada_w1_a[adapter_name] = self._new_param(out_dim, r)
+        self.hada_w1_b[adapter_name] = self._new_param(r, in_dim)
+        self.hada_w2_a[adapter_name] = self._new_param(out_dim, r)
+        self.hada_w2_b[adapter_name] = self._new_param(r, in_dim)
+
+    def reset_parameters(self, adapter_name: str, init: bool | str) -> None:
+        """``True``: every factor kaiming-uniform except w2b = 0; ``False``: all kaiming-uniform."""
+        with torch.no_grad():
+            for name in self.adapter_param_names:
+                container = getattr(self, name)
+                if adapter_name in container:
+                    kaiming_uniform_(container[adapter_name])
+            if init is True:
+                nn.init.zeros_(self.hada_w2_b[adapter_name])
+
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        return (
+            self.hada_w1_a[adapter_name],
+            self.hada_w1_b[adapter_name],
+            self.hada_w2_a[adapter_name],
+            self.hada_w2_b[adapter_name],
+        )
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        t1 = self.hada_t1[adapter_name] if adapter_name in self.hada_t1 else None
+        t2 = self.hada_t2[adapter_name] if adapter_name in self.hada_t2 else None
+        return loha_delta_weight(
+            *self._factors(adapter_name),
+            self.scaling[adapter_name],
+            tuple(self.base_layer.weight.shape),
+            t1,
+            t2,
+        )
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if isinstance(self.base_layer, nn.Linear):
+            w1a, w1b, w2a, w2b = self._factors(adapter_name)
+            out_dim, in_dim = self.base_layer.weight.shape
+            if khatri_rao_is_cheaper(w1a.shape[1], w2a.shape[1], in_dim, out_dim):
+                mask = self.rank_dropout_mask(adapter_name, w1a.device, w1a.dtype)
+                return loha_delta_forward(
+                    x.to(w1a.dtype), w1a, w1b, w2a, w2b, self.scaling[adapter_name], mask
+                )
+        return self.materialized_output(x, adapter_name)
+
+
+register_method(
+    MethodSpec(name="loha", peft_type="LOHA", config_cls=LoHaConfig, layer_cls=LoHaLayer, prefix="hada_")
+)

@@ -1,0 +1,221 @@
+"""LoKr: low-rank Kronecker product (Edalati et al., 2022, "KronA"; LyCORIS).
+
+    ΔW = s · W1 ⊗ W2,   W1 ∈ R^{a×c}, W2 ∈ R^{b×d},   out = a·b, in = c·d,   s = alpha / r
+
+W1 may be factored (W1a W1b) with ``decompose_both``; W2 is full when r ≥ max(b, d)/2 and otherwise
+W2a W2b (or, for Conv2d with ``use_effective_conv2d``, a CP form with core t2).
+
+Fast path (Linear): with x viewed row-major as a c×d matrix X, (W1 ⊗ W2) x = vec(W1 X W2ᵀ), so the
+adapter costs c·d·b + a·c·b MACs per token (c·r·(d+b) + a·c·b with a factored W2) instead of a·b·c·d,
+and ΔW is never formed in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..config import check_positive_int
+from ..layers import kaiming_uniform_
+from ..registry import MethodSpec, register_method
+from ._lycoris import LycorisConfig, LycorisLayer
+from .loha import cp_rebuild
+
+__all__ = ["LoKrConfig", "LoKrLayer", "factorization", "lokr_delta_forward", "lokr_delta_weight"]
+
+
+@dataclass
+class LoKrConfig(LycorisConfig):
+    """Configuration of LoKr (PEFT's ``LoKrConfig`` fields, defaults and JSON keys).
+
+    Attributes:
+        r: Rank used when a Kronecker factor is decomposed (default 8).
+        alpha: Scale numerator; s = alpha / r (default 8).
+        rank_dropout: Probability of dropping an output row of ΔW in training.
+        module_dropout: Probability of skipping the adapter in a training step.
+        use_effective_conv2d: CP form for the second factor of Conv2d kernels larger than 1×1.
+        decompose_both: Also factor W1 as W1a W1b when r < max(a, c)/2.
+        decompose_factor: Preferred size of the first factor (-1: as square as possible).
+        rank_dropout_scale: Divide the rank-dropout mask by its mean.
+        init_weights: ``True`` (W1 = 0), ``"lycoris"`` (W2 = 0) or ``False`` (all random).
+    """
+
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+
+    PEFT_TYPE: ClassVar[str] = "LOKR"
+    INIT_CHOICES: ClassVar[tuple[bool | str, ...]] = (True, False, "lycoris")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.decompose_factor != -1:
+            check_positive_int("decompose_factor (or -1)", self.decompose_factor)
+
+
+# ---- pure maths ---------------------------------------------------------------------------------
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Splits ``dimension`` into (m, n), m·n = dimension, m ≤ n, as square as allowed by ``factor``.
+
+    Examples: 768 → (24, 32); 4096 → (64, 64); 127 → (1, 127); (768, factor 8) → (8, 96).
+    """
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (m, n) if m <= n else (n, m)
+    if factor == -1:
+        factor = dimension
+    m, n = 1, dimension
+    length = m + n
+    while m < n:
+        new_m = m + 1
+        while dimension % new_m != 0:
+            new_m += 1
+        new_n = dimension // new_m
+        if new_m + new_n > length or new_m > factor:
+            break
+        m, n = new_m, new_n
+        length = m + n
+    return (n, m) if m > n else (m, n)
+
+
+def lokr_delta_weight(
+    w1: torch.Tensor, w2: torch.Tensor, scaling: float, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """ΔW = s · kron(w1, w2), reshaped to ``shape``; a 4-D w2 makes w1 (a, c, 1, 1)."""
+    if w2.dim() == 4 and w1.dim() == 2:
+        w1 = w1.unsqueeze(2).unsqueeze(2)
+    return (torch.kron(w1, w2) * scaling).reshape(shape)
+
+
+def lokr_delta_forward(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    scaling: float,
+    w2: torch.Tensor | None = None,
+    w2a: torch.Tensor | None = None,
+    w2b: torch.Tensor | None = None,
+    row_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x ΔWᵀ for a Linear via the Kronecker reshape: x (..., c·d) → (..., a·b). Give ``w2`` (b, d) or its
+    factors ``w2a`` (b, r) and ``w2b`` (r, d)."""
+    a, c = w1.shape
+    lead = x.shape[:-1]
+    xm = x.reshape(*lead, c, -1)  # (..., c, d), a view
+    t = xm @ w2.t() if w2 is not None else (xm @ w2b.t()) @ w2a.t()  # type: ignore[union-attr]
+    y = torch.matmul(w1 * scaling, t)  # (a, c) @ (..., c, b) → (..., a, b)
+    y = y.reshape(*lead, -1)
+    return y if row_mask is None else y * row_mask
+
+
+# ---- layer --------------------------------------------------------------------------------------
+class LoKrLayer(LycorisLayer):
+    """Wraps a Linear or Conv2d with LoKr adapters."""
+
+    adapter_param_names: ClassVar[tuple[str, ...]] = (
+        "lokr_w1",
+        "lokr_w1_a",
+        "lokr_w1_b",
+        "lokr_w2",
+        "lokr_w2_a",
+        "lokr_w2_b",
+        "lokr_t2",
+    )
+    always_rescale_rank_dropout: ClassVar[bool] = False
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        for name in self.adapter_param_names:
+            setattr(self, name, nn.ParameterDict())
+
+    def update_layer(self, adapter_name: str, config: LycorisConfig, r: int, alpha: float) -> None:
+        assert isinstance(config, LoKrConfig)
+        base = self.base_layer
+        shape = tuple(base.weight.shape)
+        a, b = factorization(shape[0], config.decompose_factor)
+        c, d = factorization(shape[1], config.decompose_factor)
+        kernel = shape[2:]
+        if config.decompose_both and r < max(a, c) / 2:
+            self.lokr_w1_a[adapter_name] = self._new_param(a, r)
+            self.lokr_w1_b[adapter_name] = self._new_param(r, c)
+        else:
+            self.lokr_w1[adapter_name] = self._new_param(a, c)
+        if r >= max(b, d) / 2:
+            self.lokr_w2[adapter_name] = self._new_param(b, d, *kernel)
+        elif not kernel:
+            self.lokr_w2_a[adapter_name] = self._new_param(b, r)
+            self.lokr_w2_b[adapter_name] = self._new_param(r, d)
+        elif config.use_effective_conv2d and tuple(kernel) != (1, 1):
+            self.lokr_t2[adapter_name] = self._new_param(r, r, *kernel)
+            self.lokr_w2_a[adapter_name] = self._new_param(r, b)
+            self.lokr_w2_b[adapter_name] = self._new_param(r, d)
+        else:
+            self.lokr_w2_a[adapter_name] = self._new_param(b, r)
+            self.lokr_w2_b[adapter_name] = self._new_param(r, d * kernel[0] * kernel[1])
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = alpha / r
+        self._set_dropouts(adapter_name, config, scale=config.rank_dropout_scale)
+        self.reset_parameters(adapter_name, config.init_weights)
+        self._finish_update(adapter_name)
+
+    def reset_parameters(self, adapter_name: str, init: bool | str) -> None:
+        """``True``: W1 (or W1a) = 0; ``"lycoris"``: W2 (or W2b) = 0; ``False``: all random."""
+        with torch.no_grad():
+            for name in self.adapter_param_names:
+                container = getattr(self, name)
+                if adapter_name in container:
+                    kaiming_uniform_(container[adapter_name])
+            if init is True:
+                zero = self.lokr_w1 if adapter_name in self.lokr_w1 else self.lokr_w1_a
+                nn.init.zeros_(zero[adapter_name])
+            elif init == "lycoris":
+                zero = self.lokr_w2 if adapter_name in self.lokr_w2 else self.lokr_w2_b
+                nn.init.zeros_(zero[adapter_name])
+
+    def _w1(self, adapter_name: str) -> torch.Tensor:
+        if adapter_name in self.lokr_w1:
+            return self.lokr_w1[adapter_name]
+        return self.lokr_w1_a[adapter_name] @ self.lokr_w1_b[adapter_name]
+
+    def _w2(self, adapter_name: str) -> torch.Tensor:
+        if adapter_name in self.lokr_w2:
+            return self.lokr_w2[adapter_name]
+        if adapter_name in self.lokr_t2:
+            return cp_rebuild(
+                self.lokr_t2[adapter_name], self.lokr_w2_a[adapter_name], self.lokr_w2_b[adapter_name]
+            )
+        return self.lokr_w2_a[adapter_name] @ self.lokr_w2_b[adapter_name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        return lokr_delta_weight(
+            self._w1(adapter_name),
+            self._w2(adapter_name),
+            self.scaling[adapter_name],
+            tuple(self.base_layer.weight.shape),
+        )
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not isinstance(self.base_layer, nn.Linear):
+            return self.materialized_output(x, adapter_name)
+        w1 = self._w1(adapter_name)
+        mask = self.rank_dropout_mask(adapter_name, w1.device, w1.dtype)
+        x = x.to(w1.dtype)
+        if adapter_name in self.lokr_w2:
+            return lokr_delta_forward(
+                x, w1, self.scaling[adapter_name], w2=self.lokr_w2[adapter_name], row_mask=mask
+            )
+        return lokr_delta_forward(
+            x,
+            w1,
+            self.scaling[adapter_name],
+            w2a=self.lokr_w2_a[adapter_name],
+            w2b=self.lokr_w2_b[adapter_name],
+            row_mask=mask,
+        )
+
+
+register_method(
+    MethodSpec(name="lokr", peft_type="LOKR", config_cls=LoKrConfig, layer_cls=LoKrLayer, prefix="lokr_")
+)

@@ -1,0 +1,247 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+    y = W x + s · B A dropout(x),   A ∈ R^{r×in}, B ∈ R^{out×r},   s = alpha / r  (alpha / √r with rsLoRA)
+
+For a Conv2d, A is a conv with the base kernel (in → r) and B a 1×1 conv (r → out), so
+ΔW[o, i, …] = s · Σ_k B[o, k] A[k, i, …].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig, check_choice, check_range
+from ..layers import AdapterLayer, kaiming_uniform_
+from ..registry import MethodSpec, register_method
+
+__all__ = ["LoraConfig", "LoraLayer", "lora_delta_forward", "lora_delta_weight"]
+
+INIT_CHOICES = (True, False, "gaussian")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """Configuration of LoRA (same fields, defaults and JSON keys as PEFT's ``LoraConfig``).
+
+    Attributes:
+        r: Rank (default 8).
+        lora_alpha: Scale numerator; s = lora_alpha / r (default 8).
+        lora_dropout: Dropout on the adapter's input, in [0, 1) (default 0).
+        fan_in_fan_out: True when the base weight is stored (in, out) (transformers ``Conv1D``).
+        bias: Which biases train: ``"none"``, ``"all"`` or ``"lora_only"`` (targeted layers only).
+        use_rslora: Use s = lora_alpha / √r.
+        init_lora_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r²), B = 0) or
+            ``False`` (both random: the adapter starts as a non-zero delta).
+        lora_bias: Give B a trainable bias.
+        use_dora: Not supported (rejected).
+
+    The remaining fields exist so that configs written by PEFT round-trip unchanged; values other
+    than their defaults are rejected with a clear error when they would change behaviour.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: bool | str = True
+    megatron_config: dict[str, Any] | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: Any = None
+    loftq_config: dict[str, Any] = field(default_factory=dict)
+    eva_config: Any = None
+    corda_config: Any = None
+    lora_ga_config: Any = None
+    use_dora: bool = False
+    velora_config: Any = None
+    alora_invocation_tokens: Any = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    monteclora_config: Any = None
+    layer_replication: Any = None
+    lora_bias: bool = False
+    target_parameters: Any = None
+    use_bdlora: Any = None
+    arrow_config: Any = None
+    kasa_config: Any = None
+    ensure_weight_tying: bool = False
+
+    ALPHA_FIELD: ClassVar[str] = "lora_alpha"
+    PEFT_TYPE: ClassVar[str] = "LORA"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("lora_dropout", self.lora_dropout, 0, 1)
+        check_choice("bias", self.bias, BIAS_CHOICES)
+        check_choice("init_lora_weights", self.init_lora_weights, INIT_CHOICES)
+        unsupported = {
+            "use_dora": self.use_dora,
+            "use_qalora": self.use_qalora,
+            "loftq_config": self.loftq_config,
+            "eva_config": self.eva_config,
+            "corda_config": self.corda_config,
+            "lora_ga_config": self.lora_ga_config,
+            "velora_config": self.velora_config,
+            "monteclora_config": self.monteclora_config,
+            "megatron_config": self.megatron_config,
+            "layer_replication": self.layer_replication,
+            "target_parameters": self.target_parameters,
+            "trainable_token_indices": self.trainable_token_indices,
+            "alora_invocation_tokens": self.alora_invocation_tokens,
+            "arrow_config": self.arrow_config,
+            "kasa_config": self.kasa_config,
+            "use_bdlora": self.use_bdlora,
+        }
+        used = [k for k, v in unsupported.items() if v]
+        if used:
+            raise ValueError(
+                f"{', '.join(used)} {'is' if len(used) == 1 else 'are'} not supported by deltatune's "
+                f"{type(self).__name__}; supported options: r, lora_alpha, lora_dropout, target_modules, "
+                "exclude_modules, modules_to_save, bias, use_rslora, init_lora_weights, lora_bias, "
+                "fan_in_fan_out, rank_pattern, alpha_pattern, layers_to_transform, layers_pattern"
+            )
+
+
+# ---- pure maths ---------------------------------------------------------------------------------
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """s = alpha / r, or alpha / √r for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """ΔW = s · B A.
+
+    Args:
+        lora_a: (r, in) or, for a conv, (r, in, *kernel).
+        lora_b: (out, r) or (out, r, 1, 1).
+        scaling: s.
+
+    Returns:
+        (out, in) or (out, in, *kernel).
+    """
+    b2 = lora_b.reshape(lora_b.shape[0], lora_b.shape[1])
+    a2 = lora_a.reshape(lora_a.shape[0], -1)
+    return (b2 @ a2).reshape(lora_b.shape[0], *lora_a.shape[1:]) * scaling
+
+
+def lora_delta_forward(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """s · B A x for a Linear: x (..., in) → (..., out), without forming ΔW."""
+    return F.linear(F.linear(x, lora_a), lora_b) * scaling
+
+
+# ---- layer --------------------------------------------------------------------------------------
+class LoraLayer(AdapterLayer):
+    """Wraps a Linear or Conv2d with LoRA adapters (``lora_A``/``lora_B`` module dicts)."""
+
+    adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+
+    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
+        assert isinstance(config, LoraConfig)
+        base = self.base_layer
+        kw = self._new_dtype_device()
+        if isinstance(base, nn.Conv2d):
+            if base.groups != 1:
+                raise ValueError(
+                    f"LoRA cannot adapt a grouped Conv2d (groups={base.groups}); use LoHa or LoKr"
+                )
+            lora_a: nn.Module = nn.Conv2d(
+                base.in_channels,
+                r,
+                base.kernel_size,
+                base.stride,
+                base.padding,
+                base.dilation,
+                bias=False,
+                **kw,
+            )
+            lora_b: nn.Module = nn.Conv2d(r, base.out_channels, 1, 1, bias=config.lora_bias, **kw)
+        else:
+            lora_a = nn.Linear(base.in_features, r, bias=False, **kw)
+            lora_b = nn.Linear(r, base.out_features, bias=config.lora_bias, **kw)
+        self.lora_A[adapter_name] = lora_a
+        self.lora_B[adapter_name] = lora_b
+        self.lora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
+        self.reset_parameters(adapter_name, config.init_lora_weights)
+        self._finish_update(adapter_name)
+
+    def reset_parameters(self, adapter_name: str, init: bool | str) -> None:
+        """Initialises A and B as PEFT does for ``init_lora_weights``."""
+        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        with torch.no_grad():
+            if init is False:
+                kaiming_uniform_(a.weight)
+                kaiming_uniform_(b.weight)
+                if b.bias is not None:
+                    bound = 1 / math.sqrt(b.weight[0].numel())
+                    nn.init.uniform_(b.bias, -bound, bound)
+                return
+            if init == "gaussian":
+                nn.init.normal_(a.weight, std=1 / self.r[adapter_name])
+            else:
+                kaiming_uniform_(a.weight)
+            nn.init.zeros_(b.weight)
+            if b.bias is not None:
+                nn.init.zeros_(b.bias)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a = self.lora_A[adapter_name].weight
+        b = self.lora_B[adapter_name].weight
+        compute = (
+            torch.float32
+            if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16)
+            else a.dtype
+        )
+        return lora_delta_weight(a.to(compute), b.to(compute), self.scaling[adapter_name])
+
+    def _merge_bias(self, adapter_name: str, sign: float) -> None:
+        b = self.lora_B[adapter_name]
+        if b.bias is not None and self.base_layer.bias is not None:
+            self.base_layer.bias.data += (
+                sign * b.bias.data.to(self.base_layer.bias.dtype) * self.scaling[adapter_name]
+            )
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        x = self.lora_dropout[adapter_name](x).to(a.weight.dtype)
+        return b(a(x)) * self.scaling[adapter_name]
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if not isinstance(a, nn.Linear) or b.bias is not None:
+            return super().add_adapter_output(result, x, adapter_name)
+        x = self.lora_dropout[adapter_name](x)
+        if x.dtype != a.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.weight.dtype)
+        hidden = F.linear(x, a.weight)
+        if hidden.dtype != result.dtype or b.weight.dtype != result.dtype:
+            return result + (F.linear(hidden, b.weight) * self.scaling[adapter_name]).to(result.dtype)
+        # One fused GEMM-accumulate (result + s · hidden Bᵀ): a single N×out write instead of three.
+        out2d = result.reshape(-1, result.shape[-1])
+        return torch.addmm(
+            out2d, hidden.reshape(-1, hidden.shape[-1]), b.weight.t(), alpha=self.scaling[adapter_name]
+        ).view_as(result)
+
+
+register_method(
+    MethodSpec(name="lora", peft_type="LORA", config_cls=LoraConfig, layer_cls=LoraLayer, prefix="lora_")
+)

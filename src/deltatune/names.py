@@ -1,0 +1,70 @@
+"""Module-name aliases between transformers 4.x and 5.x.
+
+transformers 5 renamed many modules (ViT: ``vit.encoder.layer.N.attention.attention.query`` became
+``vit.layers.N.attention.q_proj``) and ships the rules to convert old checkpoints. We reuse those
+rules, read from the model itself, so that ``target_modules=["query", "value"]`` and adapters saved
+against 4.x names work on 5.x models. On transformers 4.x (no rules) names are used as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from typing import Any
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NameAliases"]
+
+
+class NameAliases:
+    """Maps a model's module names to their legacy (transformers 4.x) spelling and back.
+
+    Args:
+        model: The model whose own checkpoint-conversion rules are used.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._forward: list[Any] = []
+        self._reverse: list[Any] = []
+        self._rename: Any = None
+        try:
+            from transformers import PreTrainedModel
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, rename_source_key
+        except Exception:  # transformers 4.x, or not installed: no aliases
+            return
+        if not isinstance(model, PreTrainedModel):
+            return
+        try:
+            transforms = get_model_conversion_mapping(model)
+        except Exception as err:  # pragma: no cover - defensive: never fail adapter creation over aliases
+            logger.debug("no checkpoint conversion rules for %s: %s", type(model).__name__, err)
+            return
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        self._forward = renamings
+        self._reverse = [t.reverse_transform() for t in renamings][::-1]
+        self._rename = rename_source_key
+        self.legacy = lru_cache(maxsize=None)(self._legacy)  # type: ignore[method-assign]
+        self.modern = lru_cache(maxsize=None)(self._modern)  # type: ignore[method-assign]
+
+    @property
+    def active(self) -> bool:
+        """True when the model has conversion rules (transformers 5.x)."""
+        return bool(self._forward)
+
+    def _legacy(self, name: str) -> str:
+        return self._rename(name, self._reverse, [], reverse=True)[0] if self._reverse else name
+
+    def _modern(self, name: str) -> str:
+        return self._rename(name, self._forward, [])[0] if self._forward else name
+
+    def legacy(self, name: str) -> str:
+        """The transformers 4.x spelling of module (or key) ``name``; ``name`` itself if none."""
+        return self._legacy(name)
+
+    def modern(self, name: str) -> str:
+        """The current spelling of a legacy module (or key) ``name``; ``name`` itself if none applies."""
+        return self._modern(name)
