@@ -54,7 +54,7 @@ def check_range(
     name: str, value: Any, low: float | None = None, high: float | None = None, *, high_open: bool = True
 ) -> None:
     """Raises ``ValueError`` unless ``low <= value`` and ``value < high`` (``<=`` if not ``high_open``)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         raise ValueError(f"{name}={value!r} must be a number")
     too_low = low is not None and value < low
     too_high = high is not None and (value >= high if high_open else value > high)
@@ -285,6 +285,8 @@ class AdapterConfig(PeftConfig):
             pattern = getattr(self, pname)
             if pattern is not None and not isinstance(pattern, dict):
                 raise ValueError(f"{pname} must be a dict of {{module regex: value}}, got {pattern!r}")
+        for key, value in (self.alpha_pattern or {}).items():
+            check_range(f"alpha_pattern[{key!r}]", value, 0)
         if isinstance(self.rank_pattern, dict) and self.PEFT_TYPE != "ADALORA":
             for key, value in self.rank_pattern.items():
                 check_positive_int(f"rank_pattern[{key!r}]", value)

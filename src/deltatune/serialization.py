@@ -250,6 +250,24 @@ def _in_memory_key(key: str, owners: dict[str, Any], adapter_name: str) -> str |
     return key  # e.g. "<path>.base_layer.bias"
 
 
+def _raise_if_other_method(tuner: AdapterModel, adapter_name: str, keys: list[str]) -> None:
+    """A clearer error when the tensors belong to another method than the config says."""
+    from .registry import available_methods, get_method, method_for_peft_type
+
+    config_type = tuner.peft_config[adapter_name].peft_type
+    own = set(method_for_peft_type(str(config_type)).layer_cls.adapter_param_names)
+    for name in available_methods():
+        spec = get_method(name)
+        distinct = set(spec.layer_cls.adapter_param_names) - own
+        if spec.peft_type == config_type or not distinct:
+            continue
+        if any(f".{a}" in k for k in keys for a in distinct):
+            raise ValueError(
+                f"the adapter config says peft_type={config_type} but its tensors look like {spec.peft_type} "
+                f"({keys[0]}); the config and weights do not belong together"
+            )
+
+
 def set_adapter_state_dict(
     tuner: AdapterModel, state_dict: Mapping[str, torch.Tensor], adapter_name: str, strict: bool = True
 ) -> list[str]:
@@ -293,6 +311,7 @@ def set_adapter_state_dict(
     expected_memory = {t for k in expected if (t := _in_memory_key(k, owners, adapter_name)) is not None}
     missing = sorted(expected_memory - loaded)
     if strict and unexpected:
+        _raise_if_other_method(tuner, adapter_name, unexpected)
         raise ValueError(
             f"{len(unexpected)} adapter tensors match nothing in the model, e.g. {unexpected[:3]}; the adapter "
             "was made for another model (pass strict=False to load the rest)"
