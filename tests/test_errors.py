@@ -43,7 +43,10 @@ def tiny_vit() -> ViTForImageClassification:
         (lambda: LoHaConfig(init_weights="lycoris"), ["init_weights='lycoris'", "True", "False"]),
         (lambda: LoKrConfig(init_weights="xavier"), ["init_weights='xavier'", "'lycoris'"]),
         (lambda: LoraConfig(use_dora=True), ["use_dora", "not supported", "lora_alpha"]),
-        (lambda: AdaLoraConfig(tinit=50, tfinal=50, total_step=100), ["tinit=50", "total_step - tfinal", "100 - 50"]),
+        (
+            lambda: AdaLoraConfig(tinit=50, tfinal=50, total_step=100),
+            ["tinit=50", "total_step - tfinal", "100 - 50"],
+        ),
         (lambda: AdaLoraConfig(total_step=0), ["total_step=0", "positive integer"]),
         (lambda: AdaLoraConfig(init_r=4, target_r=8), ["target_r=8", "init_r=4"]),
         (lambda: AdaLoraConfig(beta1=1.5), ["beta1=1.5", "[0, 1)"]),
@@ -97,7 +100,9 @@ def test_adalora_update_without_total_step():
 # ---- files --------------------------------------------------------------------------------------
 @pytest.fixture
 def saved_lora(tmp_path):
-    model = get_peft_model(tiny_vit(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = get_peft_model(
+        tiny_vit(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(tmp_path)
     return tmp_path
 
@@ -106,7 +111,9 @@ def test_missing_adapter_config(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(FileNotFoundError) as info:
         PeftModel.from_pretrained(tiny_vit(), str(tmp_path))
-    assert "adapter_config.json not found" in str(info.value) and "adapter_model.safetensors" in str(info.value)
+    assert "adapter_config.json not found" in str(info.value) and "adapter_model.safetensors" in str(
+        info.value
+    )
 
 
 def test_malformed_json(saved_lora):

@@ -96,7 +96,9 @@ def test_kill_during_save_leaves_a_loadable_adapter(tmp_path):
 def _json_values():
     return st.recursive(
         st.none() | st.booleans() | st.integers(-5, 5000) | st.floats(allow_nan=True) | st.text(max_size=8),
-        lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+        lambda children: (
+            st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+        ),
         max_leaves=6,
     )
 

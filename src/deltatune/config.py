@@ -231,7 +231,7 @@ class AdapterConfig(PeftConfig):
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] | None = field(default_factory=dict)
+    rank_pattern: dict[str, Any] | None = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     #: Name of the field that holds the scale numerator (``lora_alpha`` or ``alpha``).
@@ -240,12 +240,11 @@ class AdapterConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.peft_type is None:
-            self.peft_type = self.PEFT_TYPE
-        elif str(self.peft_type).upper() != self.PEFT_TYPE:
+        if self.peft_type is not None and str(self.peft_type).upper() != self.PEFT_TYPE:
             raise ValueError(
                 f"peft_type={self.peft_type!r} does not match {type(self).__name__} ({self.PEFT_TYPE})"
             )
+        self.peft_type = self.PEFT_TYPE  # canonical spelling ("lora" is written back as "LORA")
         check_positive_int("r", self.r)
         alpha = getattr(self, self.ALPHA_FIELD)
         check_range(self.ALPHA_FIELD, alpha, 0)

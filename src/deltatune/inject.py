@@ -145,25 +145,26 @@ class AdapterModel(nn.Module):
         targets = config.target_modules
         hit: str | None = None
         if targets == ALL_LINEAR:
-            if isinstance(module, nn.Linear) and not self._is_output_head(name, config):
+            base = module.base_layer if isinstance(module, AdapterLayer) else module
+            if isinstance(base, nn.Linear) and not self._is_output_head(name, config):
                 hit = name
         elif isinstance(targets, str):
-            hit = next((v for v in variants if re.fullmatch(targets, v)), None)
+            return (hit := next((v for v in variants if re.fullmatch(targets, v)), None)) is not None, hit
         elif targets:
             hit = next((v for v in variants for e in targets if match_list_entry(v, e)), None)
             if hit is not None and hit != name:
                 self._legacy_hits.append((next(e for e in targets if match_list_entry(hit, e)), name))
-            if hit is not None and config.layers_to_transform is not None:
-                layers = config.layers_to_transform
-                wanted = [layers] if isinstance(layers, int) else list(layers)
-                index = _layer_index(hit, config.layers_pattern)
-                if index is None:
-                    index = next(
-                        (i for v in variants if (i := _layer_index(v, config.layers_pattern)) is not None),
-                        None,
-                    )
-                if index is None or index not in wanted:
-                    return False, None
+        if hit is not None and config.layers_to_transform is not None:
+            layers = config.layers_to_transform
+            wanted = [layers] if isinstance(layers, int) else list(layers)
+            index = _layer_index(hit, config.layers_pattern)
+            if index is None:
+                index = next(
+                    (i for v in variants if (i := _layer_index(v, config.layers_pattern)) is not None),
+                    None,
+                )
+            if index is None or index not in wanted:
+                return False, None
         return hit is not None, hit
 
     def _is_output_head(self, name: str, config: AdapterConfig) -> bool:
@@ -184,7 +185,7 @@ class AdapterModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name")
         spec = method_for_config(config)
-        existing = {c.peft_type for c in self.peft_config.values()}
+        existing = {str(c.peft_type) for c in self.peft_config.values()}
         if existing and config.peft_type not in existing:
             raise ValueError(
                 f"this model holds {', '.join(sorted(existing))} adapters; adding a {config.peft_type} adapter "
@@ -197,9 +198,10 @@ class AdapterModel(nn.Module):
             )
         candidates = self._candidate_modules()
         names = [n for n, _ in candidates]
-        matched: list[str] = []
+        plan: list[tuple[str, nn.Module]] = []
         via_legacy: list[tuple[str, str]] = []
         wrong_type: list[str] = []
+        self._legacy_hits = []
         for name, module in candidates:
             is_target, hit = self._is_target(config, name, module)
             if not is_target:
@@ -209,19 +211,9 @@ class AdapterModel(nn.Module):
                 if config.target_modules != ALL_LINEAR:
                     wrong_type.append(f"{name} ({type(base).__name__})")
                 continue
-            variants = self.name_variants(name)
-            r, alpha = config.rank_and_alpha(variants)
-            if isinstance(module, AdapterLayer):
-                if not isinstance(module, spec.layer_cls):
-                    raise ValueError(
-                        f"{name} already holds a {type(module).__name__}; cannot add {spec.name}"
-                    )
-                module.update_layer(adapter_name, config, r, alpha)
-            else:
-                layer = spec.layer_cls(module)
-                layer.update_layer(adapter_name, config, r, alpha)
-                self.model.set_submodule(name, layer)
-            matched.append(name)
+            if isinstance(module, AdapterLayer) and not isinstance(module, spec.layer_cls):
+                raise ValueError(f"{name} already holds a {type(module).__name__}; cannot add {spec.name}")
+            plan.append((name, module))
             if hit is not None and hit != name:
                 via_legacy.append((hit, name))
         if wrong_type:
@@ -230,8 +222,10 @@ class AdapterModel(nn.Module):
                 f"{spec.name} cannot adapt {', '.join(wrong_type[:5])}{' …' if len(wrong_type) > 5 else ''}; "
                 f"supported layer types: {supported}. Narrow target_modules to layers of those types."
             )
-        if not matched:
+        if not plan:
             raise ValueError(self._no_match_message(config, names))
+        self._modules_to_save_targets(config)  # raises before anything is changed
+        matched = self._build_layers(plan, adapter_name, config)
         if via_legacy:
             logger.info(
                 "target_modules matched %d modules through their transformers 4.x names, e.g. %s -> %s",
@@ -250,6 +244,33 @@ class AdapterModel(nn.Module):
                     layer.active_adapters.remove(adapter_name)
                 for p in layer.adapter_parameters(adapter_name):
                     p.requires_grad_(False)
+
+    def _build_layers(
+        self, plan: list[tuple[str, nn.Module]], adapter_name: str, config: AdapterConfig
+    ) -> list[str]:
+        """Creates ``adapter_name`` in every planned module, then swaps the new layers in. If any layer
+        refuses (e.g. a grouped conv for LoRA), the model is left exactly as it was."""
+        spec = method_for_config(config)
+        created: list[tuple[str, AdapterLayer]] = []
+        updated: list[AdapterLayer] = []
+        try:
+            for name, module in plan:
+                r, alpha = config.rank_and_alpha(self.name_variants(name))
+                if isinstance(module, AdapterLayer):
+                    updated.append(module)
+                    module.update_layer(adapter_name, config, r, alpha)
+                else:
+                    layer = spec.layer_cls(module)
+                    layer.update_layer(adapter_name, config, r, alpha)
+                    created.append((name, layer))
+        except Exception:
+            for layer in updated:
+                layer.delete_adapter(adapter_name)
+            self._legacy_hits = []
+            raise
+        for name, layer in created:
+            self.model.set_submodule(name, layer)
+        return [name for name, _ in plan]
 
     def _modern_entries(self, hits: list[tuple[str, str]], matched: list[str]) -> dict[str, str]:
         """For list entries that matched through legacy names, the modern entry matching the same modules
@@ -286,31 +307,41 @@ class AdapterModel(nn.Module):
             f"Linear/Conv2d module names in this model: {leaves[:20]}"
         )
 
-    def _wrap_modules_to_save(self, adapter_name: str, config: AdapterConfig) -> None:
-        entries = self._modules_to_save(config)
-        if not entries:
-            return
+    def _modules_to_save_targets(self, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+        """The modules that ``modules_to_save`` names (checked, nothing changed).
+
+        Raises:
+            ValueError: if an entry names no module (``classifier``/``score`` added for SEQ_CLS may be
+                absent), or names a module that is an adapter target.
+        """
         candidates = self._candidate_modules()
         names = [n for n, _ in candidates]
-        for entry in entries:
-            found = False
-            for name, module in candidates:
-                if not any(match_list_entry(v, entry) for v in self.name_variants(name)):
-                    continue
-                found = True
-                if isinstance(module, ModulesToSaveWrapper):
-                    module.update(adapter_name)
-                    if adapter_name != self.active_adapter:
-                        module.set_adapter(module.active_adapter)
-                else:
-                    if isinstance(module, AdapterLayer):
-                        raise ValueError(f"{name} is both a target module and in modules_to_save")
-                    self.model.set_submodule(name, ModulesToSaveWrapper(module, adapter_name))
-            if not found and not (config.task_type == TaskType.SEQ_CLS and entry in ("classifier", "score")):
+        found: list[tuple[str, nn.Module]] = []
+        for entry in self._modules_to_save(config):
+            hits = [
+                (name, module)
+                for name, module in candidates
+                if any(match_list_entry(v, entry) for v in self.name_variants(name))
+            ]
+            for name, module in hits:
+                if isinstance(module, AdapterLayer):
+                    raise ValueError(f"{name} is both a target module and in modules_to_save")
+            if not hits and not (config.task_type == TaskType.SEQ_CLS and entry in ("classifier", "score")):
                 raise ValueError(
                     f"modules_to_save entry {entry!r} names no module of {type(self.model).__name__}; "
                     f"closest names: {closest_names(entry, names)}"
                 )
+            found.extend(hits)
+        return found
+
+    def _wrap_modules_to_save(self, adapter_name: str, config: AdapterConfig) -> None:
+        for name, module in self._modules_to_save_targets(config):
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+                if adapter_name != self.active_adapter:
+                    module.set_adapter(module.active_adapter)
+            elif self.model.get_submodule(name) is module:  # not already wrapped via another entry
+                self.model.set_submodule(name, ModulesToSaveWrapper(module, adapter_name))
 
     # ---- trainability -----------------------------------------------------------------------
     def _mark_trainable(self) -> None:
@@ -340,8 +371,9 @@ class AdapterModel(nn.Module):
                     p.requires_grad_(True)
         elif bias == "lora_only":
             for _, layer in self.adapter_layers():
-                if layer.base_layer.bias is not None:
-                    layer.base_layer.bias.requires_grad_(True)
+                layer_bias = layer.base_bias
+                if self.active_adapter in layer.r and layer_bias is not None:
+                    layer_bias.requires_grad_(True)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Makes ``adapter_name`` the active (and only trainable) adapter."""

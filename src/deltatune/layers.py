@@ -11,15 +11,37 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PeftConfig
+from .config import AdapterConfig, PeftConfig
 
-__all__ = ["AdapterLayer", "ModulesToSaveWrapper", "base_weight_shape", "kaiming_uniform_"]
+__all__ = [
+    "AdapterLayer",
+    "ModulesToSaveWrapper",
+    "base_weight_shape",
+    "expect_config",
+    "kaiming_uniform_",
+    "module_bias",
+    "module_weight",
+]
+
+
+ConfigT = TypeVar("ConfigT", bound=PeftConfig)
+
+
+def expect_config(config: PeftConfig, cls: type[ConfigT]) -> ConfigT:
+    """``config``, checked to be a ``cls`` (a layer was handed another method's config otherwise).
+
+    Raises:
+        TypeError: naming both classes.
+    """
+    if not isinstance(config, cls):
+        raise TypeError(f"expected a {cls.__name__}, got a {type(config).__name__}")
+    return config
 
 
 def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:
@@ -27,14 +49,32 @@ def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
 
 
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as a tensor (Linear (out, in), Conv (out, in/groups, *kernel), ...).
+
+    Raises:
+        TypeError: if the module has no tensor ``weight``.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def module_bias(module: nn.Module) -> torch.Tensor | None:
+    """``module.bias`` as a tensor, or None when the module has no bias."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
 def base_weight_shape(layer: nn.Module) -> tuple[int, ...]:
     """The weight shape of a Linear (out, in) or Conv (out, in/groups, *kernel) layer."""
-    return tuple(layer.weight.shape)
+    return tuple(module_weight(layer).shape)
 
 
 def adapter_dtype(layer: nn.Module) -> torch.dtype:
     """Adapters are kept in fp32 when the base weight is fp16/bf16 (PEFT's ``autocast_adapter_dtype``)."""
-    dtype = layer.weight.dtype
+    dtype = module_weight(layer).dtype
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -72,9 +112,11 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        #: Further per-adapter dicts of a method (name → {adapter → value}), cleaned on deletion.
+        self._extra_per_adapter: dict[str, dict[str, Any]] = {}
 
     # ---- to be provided by each method ------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: PeftConfig, r: int, alpha: float) -> None:
+    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         """Creates the tensors of ``adapter_name`` with rank ``r`` and scale numerator ``alpha``."""
         raise NotImplementedError
 
@@ -89,14 +131,24 @@ class AdapterLayer(nn.Module):
 
     # ---- shared machinery -------------------------------------------------------------------
     @property
+    def base_weight(self) -> torch.Tensor:
+        """The base layer's weight: (out, in) for a Linear, (out, in/groups, *kernel) for a conv."""
+        return module_weight(self.base_layer)
+
+    @property
+    def base_bias(self) -> torch.Tensor | None:
+        """The base layer's bias, if it has one."""
+        return module_bias(self.base_layer)
+
+    @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (so code that reads ``layer.weight`` keeps working)."""
-        return self.base_layer.weight
+        return self.base_weight
 
     @property
     def bias(self) -> torch.Tensor | None:
         """The base layer's bias."""
-        return self.base_layer.bias
+        return self.base_bias
 
     @property
     def merged(self) -> bool:
@@ -108,11 +160,11 @@ class AdapterLayer(nn.Module):
         """Every adapter this layer holds."""
         return list(self.r)
 
-    def _adapter_containers(self) -> list[nn.Module]:
+    def _adapter_containers(self) -> list[nn.ModuleDict | nn.ParameterDict]:
         return [getattr(self, n) for n in (*self.adapter_param_names, *self.other_param_names)]
 
     def _new_dtype_device(self) -> dict[str, Any]:
-        return {"dtype": adapter_dtype(self.base_layer), "device": self.base_layer.weight.device}
+        return {"dtype": adapter_dtype(self.base_layer), "device": self.base_weight.device}
 
     def _finish_update(self, adapter_name: str) -> None:
         """Makes a freshly created adapter active (its tensors were created on the base's device)."""
@@ -142,13 +194,12 @@ class AdapterLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             self.unmerge()
         for container in self._adapter_containers():
-            if adapter_name in container:  # type: ignore[operator]
-                del container[adapter_name]  # type: ignore[attr-defined]
-        for d in (self.r, self.scaling):
-            d.pop(adapter_name, None)
-        extra = getattr(self, "_extra_per_adapter", {})
-        for d in extra.values():
-            d.pop(adapter_name, None)
+            if adapter_name in container:
+                del container[adapter_name]
+        self.r.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
+        for per_adapter in self._extra_per_adapter.values():
+            per_adapter.pop(adapter_name, None)
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -159,7 +210,7 @@ class AdapterLayer(nn.Module):
             adapter_names: Adapters to merge; default the active ones. Already merged ones are skipped.
         """
         names = self.active_adapters if adapter_names is None else adapter_names
-        weight = self.base_layer.weight
+        weight = self.base_weight
         for name in names:
             if name not in self.r or name in self.merged_adapters:
                 continue
@@ -183,22 +234,26 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Undoes every merge in reverse order: W -= ΔW."""
-        weight = self.base_layer.weight
+        weight = self.base_weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
                 weight.data -= self.delta_weight(name).to(weight.dtype)
                 self._merge_bias(name, sign=-1.0)
 
-    def base_forward_with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Applies the base layer's operation with ``weight`` instead of its own and no bias."""
+    def base_forward_with_weight(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Applies the base layer's operation with ``weight`` instead of its own (and ``bias``, default none)."""
         base = self.base_layer
         if isinstance(base, nn.Linear):
-            return F.linear(x, weight)
+            return F.linear(x, weight, bias)
+        if isinstance(base, nn.Conv2d | nn.Conv1d) and base.padding_mode != "zeros":
+            return base._conv_forward(x, weight, bias)  # pads as the base does ("reflect", ...)
         if isinstance(base, nn.Conv2d):
-            return F.conv2d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+            return F.conv2d(x, weight, bias, base.stride, base.padding, base.dilation, base.groups)
         if isinstance(base, nn.Conv1d):
-            return F.conv1d(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
+            return F.conv1d(x, weight, bias, base.stride, base.padding, base.dilation, base.groups)
         raise TypeError(f"no weight-swapped forward for {type(base).__name__}")
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -208,11 +263,21 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        names = [name for name in self.active_adapters if name in self.r]
+        if len(names) == 1 and not args and not kwargs:
+            fused = self.fused_forward(x, names[0])
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.r:
-                result = self.add_adapter_output(result, x, name)
+        for name in names:
+            result = self.add_adapter_output(result, x, name)
         return result
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """The base output and the adapter's term in one operation, or None to take the generic path
+        (base output, then :meth:`add_adapter_output`). Methods override this where a fused form is
+        cheaper, e.g. one GEMM with the per-step weight W + ΔW; the result must equal the generic path's."""
+        return None
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """Returns ``result`` plus the adapter's term (methods may fuse this)."""
@@ -259,7 +324,8 @@ class ModulesToSaveWrapper(nn.Module):
             adapter_name = held[0] if held else None
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == adapter_name)
-        self.active_adapter = adapter_name if adapter_name in self.modules_to_save else None
+        held_name = adapter_name is not None and adapter_name in self.modules_to_save
+        self.active_adapter = adapter_name if held_name else None
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
@@ -269,7 +335,24 @@ class ModulesToSaveWrapper(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.active_module.weight  # type: ignore[return-value]
+        """The weight of the module forward runs (so code reading ``.weight`` keeps working)."""
+        return module_weight(self.active_module)
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapper lacks (``in_features``, ``num_labels``, ...) come from the active module."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if modules is None or name in ("original_module", "modules_to_save"):
+                raise
+            original, copies = modules.get("original_module"), modules.get("modules_to_save")
+            if original is None or copies is None:
+                raise
+            active = self.__dict__.get("active_adapter")
+            disabled = self.__dict__.get("disable_adapters", False)
+            module = original if disabled or active not in copies else copies[active]
+            return getattr(module, name)
 
     @property
     def active_module(self) -> nn.Module:

@@ -30,6 +30,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["PeftModel", "get_peft_model"]
 
 
+def _adapter_config(config: Any) -> AdapterConfig:
+    """``config`` itself, checked to be one of deltatune's adapter configs."""
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(
+            f"expected a deltatune adapter config (LoraConfig, LoHaConfig, ...), got {type(config).__name__}"
+        )
+    return config
+
+
 def _tuner_class(config: PeftConfig) -> type[AdapterModel]:
     spec = method_for_config(config)
     return spec.model_cls or AdapterModel
@@ -219,7 +228,7 @@ class PeftModel(nn.Module):
                 "base_model_class": type(base).__name__,
                 "parent_library": type(base).__module__,
             }
-        return type(config).from_dict(data)
+        return _adapter_config(type(config).from_dict(data))
 
     @classmethod
     def from_pretrained(
@@ -245,7 +254,7 @@ class PeftModel(nn.Module):
         subfolder = kwargs.pop("subfolder", None)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
-        assert isinstance(config, AdapterConfig)
+        config = _adapter_config(config)
         config.inference_mode = not is_trainable
         peft_model = cls(model, config, adapter_name)
         peft_model._load_weights(model_id, adapter_name, strict=strict, subfolder=subfolder, **kwargs)
@@ -264,21 +273,40 @@ class PeftModel(nn.Module):
         """Loads another saved adapter into this model under ``adapter_name`` (or reloads an existing
         one's weights, e.g. when the Trainer resumes)."""
         subfolder = kwargs.pop("subfolder", None)
+        rank_pattern = None
         if adapter_name not in self.peft_config:
-            config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
-            assert isinstance(config, AdapterConfig)
+            config = _adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
             config.inference_mode = not is_trainable
             self.add_adapter(adapter_name, config)
-        self._load_weights(model_id, adapter_name, strict=strict, subfolder=subfolder, **kwargs)
+        elif getattr(self.base_model, "expand_pruned", None) is not None:
+            # Reloading into AdaLoRA (e.g. the Trainer resuming): a pruned checkpoint fills the full-rank
+            # adapter, so its rank pattern is needed.
+            try:
+                saved = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
+            except FileNotFoundError:
+                saved = None
+            if saved is not None and saved.peft_type == "ADALORA":
+                rank_pattern = getattr(saved, "rank_pattern", None)
+        self._load_weights(
+            model_id, adapter_name, strict=strict, subfolder=subfolder, rank_pattern=rank_pattern, **kwargs
+        )
         if not is_trainable:
             for _, layer in self.base_model.adapter_layers():
                 for p in layer.adapter_parameters(adapter_name):
                     p.requires_grad_(False)
 
     def _load_weights(
-        self, model_id: str | os.PathLike[str], adapter_name: str, strict: bool, **kwargs: Any
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        strict: bool,
+        rank_pattern: dict[str, list[bool]] | None = None,
+        **kwargs: Any,
     ) -> None:
         tensors = load_adapter_weights(model_id, **kwargs)
+        expand = getattr(self.base_model, "expand_pruned", None)
+        if rank_pattern and expand is not None:
+            tensors = expand(tensors, rank_pattern, adapter_name)
         set_adapter_state_dict(self.base_model, tensors, adapter_name, strict=strict)
 
     def push_to_hub(

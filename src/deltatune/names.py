@@ -9,7 +9,6 @@ against 4.x names work on 5.x models. On transformers 4.x (no rules) names are u
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from typing import Any
 
 from torch import nn
@@ -22,6 +21,8 @@ __all__ = ["NameAliases"]
 class NameAliases:
     """Maps a model's module names to their legacy (transformers 4.x) spelling and back.
 
+    Results are memoised in plain dicts, so the object (and a model holding it) stays picklable.
+
     Args:
         model: The model whose own checkpoint-conversion rules are used.
     """
@@ -30,6 +31,8 @@ class NameAliases:
         self._forward: list[Any] = []
         self._reverse: list[Any] = []
         self._rename: Any = None
+        self._legacy_cache: dict[str, str] = {}
+        self._modern_cache: dict[str, str] = {}
         try:
             from transformers import PreTrainedModel
             from transformers.conversion_mapping import get_model_conversion_mapping
@@ -47,24 +50,26 @@ class NameAliases:
         self._forward = renamings
         self._reverse = [t.reverse_transform() for t in renamings][::-1]
         self._rename = rename_source_key
-        self.legacy = lru_cache(maxsize=None)(self._legacy)  # type: ignore[method-assign]
-        self.modern = lru_cache(maxsize=None)(self._modern)  # type: ignore[method-assign]
 
     @property
     def active(self) -> bool:
         """True when the model has conversion rules (transformers 5.x)."""
         return bool(self._forward)
 
-    def _legacy(self, name: str) -> str:
-        return self._rename(name, self._reverse, [], reverse=True)[0] if self._reverse else name
-
-    def _modern(self, name: str) -> str:
-        return self._rename(name, self._forward, [])[0] if self._forward else name
-
     def legacy(self, name: str) -> str:
         """The transformers 4.x spelling of module (or key) ``name``; ``name`` itself if none."""
-        return self._legacy(name)
+        if not self._reverse:
+            return name
+        cached = self._legacy_cache.get(name)
+        if cached is None:
+            cached = self._legacy_cache[name] = self._rename(name, self._reverse, [], reverse=True)[0]
+        return cached
 
     def modern(self, name: str) -> str:
         """The current spelling of a legacy module (or key) ``name``; ``name`` itself if none applies."""
-        return self._modern(name)
+        if not self._forward:
+            return name
+        cached = self._modern_cache.get(name)
+        if cached is None:
+            cached = self._modern_cache[name] = self._rename(name, self._forward, [])[0]
+        return cached

@@ -87,5 +87,11 @@ def method_for_peft_type(peft_type: str) -> MethodSpec:
 
 
 def method_for_config(config: PeftConfig) -> MethodSpec:
-    """Returns the spec that owns ``config``'s class."""
+    """Returns the spec that owns ``config``'s class.
+
+    Raises:
+        ValueError: if the config has no ``peft_type`` or an unknown one.
+    """
+    if config.peft_type is None:
+        raise ValueError(f"{type(config).__name__} has no peft_type; expected an adapter method's config")
     return method_for_peft_type(config.peft_type)

@@ -106,7 +106,15 @@ def save_adapter_weights(
 ) -> str:
     """Writes ``adapter_model.safetensors`` (or ``.bin``) atomically; returns the file path."""
     os.makedirs(directory, exist_ok=True)
-    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    clean: dict[str, torch.Tensor] = {}
+    seen: set[tuple[torch.device, int]] = set()
+    for key, value in tensors.items():
+        tensor = value.detach().contiguous().cpu()
+        where = (tensor.device, tensor.untyped_storage().data_ptr())
+        if where in seen and tensor.numel() > 0:  # safetensors refuses tensors that share memory
+            tensor = tensor.clone()
+        seen.add(where)
+        clean[key] = tensor
     if safe_serialization:
         from safetensors.torch import save
 
@@ -213,13 +221,37 @@ def get_adapter_state_dict(tuner: AdapterModel, adapter_name: str) -> dict[str, 
                 out[f"{PREFIX}{name}.{key}"] = tensor
     bias = getattr(config, "bias", "none")
     if bias == "all":
-        for key, tensor in tuner.model.state_dict().items():
-            if key.endswith(".bias") and ".original_module." not in key and ".modules_to_save." not in key:
-                out.setdefault(f"{PREFIX}{key}", tensor)
+        out.update(_all_bias_tensors(tuner, adapter_name))
     elif bias == "lora_only":
         for name, layer in tuner.adapter_layers():
-            if layer.base_layer.bias is not None:
-                out[f"{PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias.detach()
+            layer_bias = layer.base_bias
+            if adapter_name in layer.r and layer_bias is not None:
+                out[f"{PREFIX}{name}.base_layer.bias"] = layer_bias.detach()
+    return out
+
+
+def _all_bias_tensors(tuner: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``bias="all"``: every state-dict key containing ``bias``, as PEFT selects them.
+
+    PEFT's sweep also picks up the biases inside ``modules_to_save`` wrappers and writes them as
+    ``<module>.original_module.bias`` and ``<module>.modules_to_save.bias`` (besides ``<module>.bias``);
+    they are written here too so that both libraries produce the same key set.
+    """
+    skip = tuple(
+        f"{name}.{attr}."
+        for name, layer in tuner.adapter_layers()
+        for attr in (*layer.adapter_param_names, *layer.other_param_names)
+    )
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tuner.model.state_dict().items():
+        if "bias" not in key or key.startswith(skip):
+            continue
+        if ".modules_to_save." in key:
+            marker = f".modules_to_save.{adapter_name}."
+            if marker not in key:
+                continue  # another adapter's copy
+            key = key.replace(marker, ".modules_to_save.")
+        out.setdefault(f"{PREFIX}{key}", tensor)
     return out
 
 
@@ -240,6 +272,9 @@ def _in_memory_key(key: str, owners: dict[str, Any], adapter_name: str) -> str |
     path, module = found
     rest = key[len(path) + 1 :]
     if isinstance(module, ModulesToSaveWrapper):
+        if rest.startswith("original_module."):  # PEFT's bias="all" files hold these too
+            return key
+        rest = rest.removeprefix("modules_to_save.")
         return f"{path}.modules_to_save.{adapter_name}.{rest}"
     attr, _, tail = rest.partition(".")
     if attr in module.adapter_param_names:
@@ -279,7 +314,7 @@ def set_adapter_state_dict(
     """
     owners: dict[str, Any] = dict(tuner.adapter_layers())
     owners.update(dict(tuner.saved_module_wrappers()))
-    params = dict(tuner.model.named_parameters())
+    params: dict[str, torch.Tensor] = dict(tuner.model.named_parameters())
     params.update(dict(tuner.model.named_buffers()))
     unexpected: list[str] = []
     loaded: set[str] = set()

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import AdapterConfig, check_range
 from ..layers import AdapterLayer
+from ._fused import merged_weight_pays
 
 
 @dataclass
@@ -84,20 +85,61 @@ class LycorisLayer(AdapterLayer):
         p = self.rank_dropout[adapter_name]
         if not self.training or p <= 0:
             return None
-        out = self.base_layer.weight.shape[0]
+        out = self.base_weight.shape[0]
         mask = (torch.rand(out, device=device) > p).to(dtype)
         if self.always_rescale_rank_dropout or self.rank_dropout_scale[adapter_name]:
             mask = mask / mask.mean().clamp_min(1e-12)
         return mask
 
-    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def module_dropped(self, adapter_name: str) -> bool:
+        """Draws whether module dropout skips the whole adapter on this training step (one draw per call)."""
         p = self.module_dropout[adapter_name]
-        if self.training and p > 0 and float(torch.rand(1)) <= p:
-            # Skipped this step. The zero-valued term keeps every adapter tensor in the autograd graph, so
-            # DistributedDataParallel never sees "unused parameters" on a step where the module drops out.
-            zero = sum(t.reshape(-1)[0] for t in self.adapter_parameters(adapter_name)) * 0.0
-            return result + zero.to(result.dtype)
+        return self.training and p > 0 and float(torch.rand(1)) <= p
+
+    def skipped_output(self, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``result`` plus a zero-valued term that keeps every adapter tensor in the autograd graph, so
+        DistributedDataParallel never sees "unused parameters" on a step where the module drops out."""
+        firsts = [t.reshape(-1)[0] for t in self.adapter_parameters(adapter_name)]
+        zero = torch.stack(firsts).sum() * 0.0
+        return result + zero.to(result.dtype)
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if self.module_dropped(adapter_name):
+            return self.skipped_output(result, adapter_name)
         return super().add_adapter_output(result, x, adapter_name)
+
+    # ---- fast path: one GEMM with the per-step weight W + ΔW ----------------------------------------
+    def factored_macs_per_token(self, adapter_name: str) -> float | None:
+        """Cost per token of the method's factored (unmaterialised) term in bandwidth-weighted MACs, or
+        None when it has none and would materialise ΔW."""
+        return None
+
+    def delta_build_macs(self, adapter_name: str) -> float:
+        """MACs to build ΔW once."""
+        return float(self.base_weight.numel())
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """``base_op(x, W + ΔW) + bias`` when that is cheaper than the base output plus a separate term
+        (see :func:`~deltatune.methods._fused.merged_weight_pays`): the forward and the input gradient
+        then cost exactly what the frozen layer costs. Module and rank dropout behave as in the generic
+        path (rank dropout masks the rows of ΔW)."""
+        base = self.base_layer
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            return None
+        weight = self.base_weight
+        tokens = x.numel() // max(1, x.shape[-1] if isinstance(base, nn.Linear) else x.shape[-3])
+        params = self.adapter_parameters(adapter_name)
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        factored = self.factored_macs_per_token(adapter_name)
+        if not merged_weight_pays(x, weight, tokens, factored, self.delta_build_macs(adapter_name), training):
+            return None
+        if self.module_dropped(adapter_name):
+            return self.skipped_output(base(x), adapter_name)
+        delta = self.delta_weight(adapter_name)
+        mask = self.rank_dropout_mask(adapter_name, delta.device, delta.dtype)
+        if mask is not None:
+            delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
+        return self.base_forward_with_weight(x, weight + delta, self.base_bias)
 
     def materialized_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter term through a full ΔW (with rank dropout on its output rows)."""

@@ -26,8 +26,10 @@ from torch import nn
 
 from ..config import AdapterConfig, check_positive_int, check_range
 from ..inject import AdapterModel
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, expect_config
 from ..registry import MethodSpec, register_method
+from ._adalora_patterns import expand_pruned_tensors, masks_by_module
+from ._fused import low_rank_add, low_rank_linear
 from .lora import LoraConfig
 
 logger = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class AdaLoraConfig(LoraConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
     total_step: int | None = None
-    rank_pattern: dict[str, Any] | None = None  # type: ignore[assignment]
+    rank_pattern: dict[str, Any] | None = None
 
     PEFT_TYPE: ClassVar[str] = "ADALORA"
 
@@ -136,10 +138,10 @@ def orthogonal_regularizer(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> 
 
     Factors of the same shape are batched into one ``bmm``.
     """
-    groups: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    groups: dict[tuple[str | int, ...], list[torch.Tensor]] = {}
     for a, b in factors:
-        groups.setdefault(("A", *a.shape), []).append(a)  # type: ignore[arg-type]
-        groups.setdefault(("B", *b.shape), []).append(b.t())  # type: ignore[arg-type]
+        groups.setdefault(("A", *a.shape), []).append(a)
+        groups.setdefault(("B", *b.shape), []).append(b.t())
     total: torch.Tensor | None = None
     count = 0
     for _key, mats in groups.items():
@@ -188,13 +190,12 @@ class SVDLayer(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
 
     def _fan_in(self) -> int:
-        w = self.base_layer.weight
-        return int(w[0].numel())
+        return int(self.base_weight[0].numel())
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
-        assert isinstance(config, AdaLoraConfig)
+        config = expect_config(config, AdaLoraConfig)
         kw = self._new_dtype_device()
-        out_dim = self.base_layer.weight.shape[0]
+        out_dim = self.base_weight.shape[0]
         self.lora_A[adapter_name] = nn.Parameter(torch.empty(r, self._fan_in(), **kw))
         self.lora_E[adapter_name] = nn.Parameter(torch.empty(r, 1, **kw))
         self.lora_B[adapter_name] = nn.Parameter(torch.empty(out_dim, r, **kw))
@@ -237,7 +238,7 @@ class SVDLayer(AdapterLayer):
             self.scaling[adapter_name],
             self._ranknum(adapter_name),
         )
-        return delta.reshape(self.base_layer.weight.shape)
+        return delta.reshape(self.base_weight.shape)
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         x = self.lora_dropout[adapter_name](x)
@@ -248,11 +249,38 @@ class SVDLayer(AdapterLayer):
         hidden = F.linear(x.to(a.dtype), a * self.lora_E[adapter_name])
         return F.linear(hidden, self.lora_B[adapter_name]) * scale
 
+    def _low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A ⊙ E · scale, B, dropout p): the scale and E fold into A (an r×in product), so the term is a
+        plain low-rank GEMM pair."""
+        drop = self.lora_dropout[adapter_name]
+        p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        scale = self.scaling[adapter_name] / (self._ranknum(adapter_name) + 1e-5)
+        return self.lora_A[adapter_name] * (self.lora_E[adapter_name] * scale), self.lora_B[adapter_name], p
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        # The base GEMM and the low-rank term in one autograd node (see _fused.LowRankLinear).
+        if not isinstance(self.base_layer, nn.Linear):
+            return None
+        a, b, p = self._low_rank_factors(adapter_name)
+        return low_rank_linear(self.base_layer, x, a, b, 1.0, p)
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not isinstance(self.base_layer, nn.Linear):
+            return super().add_adapter_output(result, x, adapter_name)
+        a, b, p = self._low_rank_factors(adapter_name)
+        return low_rank_add(result, x, a, b, 1.0, p)
+
     def export_tensors(self, adapter_name: str, keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The saved tensors, sliced to the kept triplets when ``keep`` (a bool mask over r) is given."""
         a, e, b = self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name]
-        if keep is not None:
+        # A module loaded from a pruned adapter is already resized to the kept triplets: nothing to slice.
+        if keep is not None and keep.numel() == a.shape[0]:
             a, e, b = a[keep], e[keep], b[:, keep]
+        elif keep is not None and int(keep.sum()) != a.shape[0]:
+            raise ValueError(
+                f"rank_pattern keeps {int(keep.sum())} of {keep.numel()} triplets but the module holds "
+                f"{a.shape[0]}; the rank_pattern does not belong to this adapter"
+            )
         return {"lora_A": a.detach(), "lora_E": e.detach(), "lora_B": b.detach()}
 
 
@@ -289,10 +317,10 @@ class RankAllocator:
         """One EMA step of sensitivity Ī and uncertainty Ū from the current gradients (fused foreach
         ops over all tensors). Returns False when gradients are missing."""
         params = self._params()
-        grads = [p.grad for p in params]
-        if any(g is None for g in grads):
+        grads = [p.grad for p in params if p.grad is not None]
+        if len(grads) != len(params):
             return False
-        importance = torch._foreach_mul([p.detach() for p in params], grads)  # type: ignore[arg-type]
+        importance = torch._foreach_mul([p.detach() for p in params], grads)
         torch._foreach_abs_(importance)
         if self.ipt is None or self.unc is None:
             self.ipt = [torch.zeros_like(t) for t in importance]
@@ -371,24 +399,52 @@ class AdaLoraModel(AdapterModel):
         super().inject_adapter(adapter_name, config)
 
     def _apply_loaded_rank_pattern(self, adapter_name: str) -> None:
-        config = self.peft_config[adapter_name]
-        assert isinstance(config, AdaLoraConfig)
+        config = expect_config(self.peft_config[adapter_name], AdaLoraConfig)
         if config.rank_pattern:
             self.resize_by_rank_pattern(config.rank_pattern, adapter_name)
 
     def resize_by_rank_pattern(self, rank_pattern: dict[str, list[bool]], adapter_name: str) -> None:
         """Shrinks each module to the number of kept triplets in ``rank_pattern`` (before loading)."""
-        by_name: dict[str, list[bool]] = {}
-        for key, keep in rank_pattern.items():
-            module = key[: -len(".lora_E")] if key.endswith(".lora_E") else key.rsplit(".lora_E", 1)[0]
-            by_name[module] = keep
-            by_name.setdefault(self.aliases.modern(module), keep)
+        by_name = masks_by_module(rank_pattern, self.aliases.modern)
         for name, layer in self.adapter_layers():
             if not isinstance(layer, SVDLayer) or adapter_name not in layer.r:
                 continue
-            keep = next((by_name[v] for v in self.name_variants(name) if v in by_name), None)
+            keep: list[bool] | None = next(
+                (by_name[v] for v in self.name_variants(name) if v in by_name), None
+            )
             if keep is not None:
                 layer.resize(adapter_name, int(sum(bool(k) for k in keep)))
+
+    def expand_pruned(
+        self, tensors: dict[str, torch.Tensor], rank_pattern: dict[str, list[bool]], adapter_name: str
+    ) -> dict[str, torch.Tensor]:
+        """Saved tensors of a pruned adapter, scattered back to the modules of ``adapter_name`` that still
+        hold all ``init_r`` triplets (pruned ones zero): a checkpoint then resumes into the adapter being
+        trained. The rank pattern is adopted, so later saves slice and post-``tfinal`` steps re-mask."""
+        ranks = {name: layer.r[adapter_name] for name, layer in self.svd_layers(adapter_name)}
+        masks = masks_by_module(rank_pattern, self.aliases.modern)
+        out, expanded = expand_pruned_tensors(
+            tensors, masks, ranks, lambda module: dict.fromkeys([module, self.aliases.modern(module)])
+        )
+        if expanded:
+            expect_config(self.peft_config[adapter_name], AdaLoraConfig).rank_pattern = dict(rank_pattern)
+            if self._allocator is not None and self._allocator.adapter_name == adapter_name:
+                self._allocator = None
+        return out
+
+    def _masks_from_rank_pattern(
+        self, allocator: RankAllocator, rank_pattern: dict[str, list[bool]]
+    ) -> list[torch.Tensor] | None:
+        """Keep masks for the allocator's layers from a stored rank pattern (None if it does not fit)."""
+        by_name = masks_by_module(rank_pattern, self.aliases.modern)
+        masks: list[torch.Tensor] = []
+        for name, layer in allocator.layers:
+            keep = next((by_name[v] for v in self.name_variants(name) if v in by_name), None)
+            if keep is None or len(keep) != layer.r[allocator.adapter_name]:
+                return None
+            device = layer.lora_E[allocator.adapter_name].device
+            masks.append(torch.tensor(keep, dtype=torch.bool, device=device))
+        return masks
 
     def svd_layers(self, adapter_name: str | None = None) -> list[tuple[str, SVDLayer]]:
         name = adapter_name or self.active_adapter
@@ -401,8 +457,7 @@ class AdaLoraModel(AdapterModel):
     @property
     def rank_allocator(self) -> RankAllocator:
         """The allocator of the active adapter (created on first use)."""
-        config = self.peft_config[self.active_adapter]
-        assert isinstance(config, AdaLoraConfig)
+        config = expect_config(self.peft_config[self.active_adapter], AdaLoraConfig)
         if self._allocator is None or self._allocator.adapter_name != self.active_adapter:
             self._allocator = RankAllocator(self.svd_layers(), config, self.active_adapter)
         return self._allocator
@@ -414,8 +469,7 @@ class AdaLoraModel(AdapterModel):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         outputs = self.model(*args, **kwargs)
-        config = self.peft_config[self.active_adapter]
-        assert isinstance(config, AdaLoraConfig)
+        config = expect_config(self.peft_config[self.active_adapter], AdaLoraConfig)
         loss = getattr(outputs, "loss", None)
         if (
             self.training
@@ -434,8 +488,7 @@ class AdaLoraModel(AdapterModel):
         Raises:
             ValueError: if ``total_step`` is not set on the config.
         """
-        config = self.peft_config[self.active_adapter]
-        assert isinstance(config, AdaLoraConfig)
+        config = expect_config(self.peft_config[self.active_adapter], AdaLoraConfig)
         if config.total_step is None:
             raise ValueError(
                 "AdaLoraConfig.total_step is not set; set it to the number of optimiser steps, or train with "
@@ -464,14 +517,16 @@ class AdaLoraModel(AdapterModel):
                 allocator.mask_to_budget(allocator.target_bgt)
                 config.rank_pattern = allocator.rank_pattern()
                 allocator.reset_ipt()
-        elif allocator.masks is not None:
-            allocator.apply_masks(allocator.masks)
+        else:
+            if allocator.masks is None and config.rank_pattern:  # e.g. resumed after tfinal
+                allocator.masks = self._masks_from_rank_pattern(allocator, config.rank_pattern)
+            if allocator.masks is not None:
+                allocator.apply_masks(allocator.masks)
 
     def current_rank_pattern(self, adapter_name: str | None = None) -> dict[str, list[bool]] | None:
         """The rank pattern to save: the final one, or the latest masks during training."""
         name = adapter_name or self.active_adapter
-        config = self.peft_config[name]
-        assert isinstance(config, AdaLoraConfig)
+        config = expect_config(self.peft_config[name], AdaLoraConfig)
         if (
             self._allocator is not None
             and self._allocator.adapter_name == name

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import kaiming_uniform_
+from ..config import AdapterConfig
+from ..layers import expect_config, kaiming_uniform_
 from ..registry import MethodSpec, register_method
 from ._lycoris import LycorisConfig, LycorisLayer
 
@@ -107,15 +108,22 @@ class LoHaLayer(LycorisLayer):
         "hada_t1",
         "hada_t2",
     )
+    hada_w1_a: nn.ParameterDict
+    hada_w1_b: nn.ParameterDict
+    hada_w2_a: nn.ParameterDict
+    hada_w2_b: nn.ParameterDict
+    hada_t1: nn.ParameterDict
+    hada_t2: nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         for name in self.adapter_param_names:
             setattr(self, name, nn.ParameterDict())
 
-    def update_layer(self, adapter_name: str, config: LycorisConfig, r: int, alpha: float) -> None:
+    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
+        config = expect_config(config, LycorisConfig)
         base = self.base_layer
-        shape = tuple(base.weight.shape)
+        shape = tuple(self.base_weight.shape)
         out_dim, in_dim = shape[0], shape[1]
         if isinstance(base, nn.Conv2d):
             kernel = shape[2:]
@@ -153,7 +161,7 @@ class LoHaLayer(LycorisLayer):
             if init is True:
                 nn.init.zeros_(self.hada_w2_b[adapter_name])
 
-    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+    def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return (
             self.hada_w1_a[adapter_name],
             self.hada_w1_b[adapter_name],
@@ -162,15 +170,32 @@ class LoHaLayer(LycorisLayer):
         )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        t1 = self.hada_t1[adapter_name] if adapter_name in self.hada_t1 else None
-        t2 = self.hada_t2[adapter_name] if adapter_name in self.hada_t2 else None
+        w1a, w1b, w2a, w2b = self._factors(adapter_name)
         return loha_delta_weight(
-            *self._factors(adapter_name),
+            w1a,
+            w1b,
+            w2a,
+            w2b,
             self.scaling[adapter_name],
-            tuple(self.base_layer.weight.shape),
-            t1,
-            t2,
+            tuple(self.base_weight.shape),
+            self.hada_t1.get(adapter_name),
+            self.hada_t2.get(adapter_name),
         )
+
+    def factored_macs_per_token(self, adapter_name: str) -> float | None:
+        """r1·r2·(in+out) for the Khatri-Rao term of a Linear (two plain GEMMs); None when it would
+        cost more than a dense ΔW, or for a conv (both materialise ΔW)."""
+        if not isinstance(self.base_layer, nn.Linear):
+            return None
+        w1a, _, w2a, _ = self._factors(adapter_name)
+        out_dim, in_dim = self.base_weight.shape
+        if not khatri_rao_is_cheaper(w1a.shape[1], w2a.shape[1], in_dim, out_dim):
+            return None
+        return float(w1a.shape[1] * w2a.shape[1] * (in_dim + out_dim))
+
+    def delta_build_macs(self, adapter_name: str) -> float:
+        """Two rank-r products and their Hadamard product: (2r + 1)·out·in."""
+        return float((2 * self.r[adapter_name] + 1) * self.base_weight.numel())
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if isinstance(self.base_layer, nn.Linear):

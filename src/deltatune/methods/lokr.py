@@ -18,8 +18,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..config import check_positive_int
-from ..layers import kaiming_uniform_
+from ..config import AdapterConfig, check_positive_int
+from ..layers import expect_config, kaiming_uniform_
 from ..registry import MethodSpec, register_method
 from ._lycoris import LycorisConfig, LycorisLayer
 from .loha import cp_rebuild
@@ -87,7 +87,8 @@ def lokr_delta_weight(
     """ΔW = s · kron(w1, w2), reshaped to ``shape``; a 4-D w2 makes w1 (a, c, 1, 1)."""
     if w2.dim() == 4 and w1.dim() == 2:
         w1 = w1.unsqueeze(2).unsqueeze(2)
-    return (torch.kron(w1, w2) * scaling).reshape(shape)
+    # torch.kron views its inputs; a CP-rebuilt w2 (an einsum result) is not contiguous.
+    return (torch.kron(w1, w2.contiguous()) * scaling).reshape(shape)
 
 
 def lokr_delta_forward(
@@ -101,10 +102,15 @@ def lokr_delta_forward(
 ) -> torch.Tensor:
     """x ΔWᵀ for a Linear via the Kronecker reshape: x (..., c·d) → (..., a·b). Give ``w2`` (b, d) or its
     factors ``w2a`` (b, r) and ``w2b`` (r, d)."""
-    a, c = w1.shape
+    c = w1.shape[1]
     lead = x.shape[:-1]
     xm = x.reshape(*lead, c, -1)  # (..., c, d), a view
-    t = xm @ w2.t() if w2 is not None else (xm @ w2b.t()) @ w2a.t()  # type: ignore[union-attr]
+    if w2 is not None:
+        t = xm @ w2.t()
+    elif w2a is not None and w2b is not None:
+        t = (xm @ w2b.t()) @ w2a.t()
+    else:
+        raise ValueError("lokr_delta_forward needs w2, or both w2a and w2b")
     y = torch.matmul(w1 * scaling, t)  # (a, c) @ (..., c, b) → (..., a, b)
     y = y.reshape(*lead, -1)
     return y if row_mask is None else y * row_mask
@@ -124,16 +130,22 @@ class LoKrLayer(LycorisLayer):
         "lokr_t2",
     )
     always_rescale_rank_dropout: ClassVar[bool] = False
+    lokr_w1: nn.ParameterDict
+    lokr_w1_a: nn.ParameterDict
+    lokr_w1_b: nn.ParameterDict
+    lokr_w2: nn.ParameterDict
+    lokr_w2_a: nn.ParameterDict
+    lokr_w2_b: nn.ParameterDict
+    lokr_t2: nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         for name in self.adapter_param_names:
             setattr(self, name, nn.ParameterDict())
 
-    def update_layer(self, adapter_name: str, config: LycorisConfig, r: int, alpha: float) -> None:
-        assert isinstance(config, LoKrConfig)
-        base = self.base_layer
-        shape = tuple(base.weight.shape)
+    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
+        config = expect_config(config, LoKrConfig)
+        shape = tuple(self.base_weight.shape)
         a, b = factorization(shape[0], config.decompose_factor)
         c, d = factorization(shape[1], config.decompose_factor)
         kernel = shape[2:]
@@ -193,8 +205,33 @@ class LoKrLayer(LycorisLayer):
             self._w1(adapter_name),
             self._w2(adapter_name),
             self.scaling[adapter_name],
-            tuple(self.base_layer.weight.shape),
+            tuple(self.base_weight.shape),
         )
+
+    #: The Kronecker-reshape term runs as small batched matmuls and transposed views: bandwidth-bound, it
+    #: costs about this many times its MAC count against a dense GEMM (measured on CPU, ViT q/v shapes).
+    RESHAPE_BANDWIDTH_FACTOR: ClassVar[float] = 4.0
+
+    def factored_macs_per_token(self, adapter_name: str) -> float | None:
+        """c·d·b + a·c·b (c·r·(d+b) + a·c·b with a factored W2) for a Linear, weighted by
+        :attr:`RESHAPE_BANDWIDTH_FACTOR`; None for a conv (which materialises ΔW)."""
+        if not isinstance(self.base_layer, nn.Linear) or adapter_name in self.lokr_t2:
+            return None
+        out_dim, in_dim = self.base_weight.shape
+        if adapter_name in self.lokr_w1:
+            a, c = self.lokr_w1[adapter_name].shape
+        else:
+            a, c = self.lokr_w1_a[adapter_name].shape[0], self.lokr_w1_b[adapter_name].shape[1]
+        b, d = out_dim // a, in_dim // c
+        if adapter_name in self.lokr_w2:
+            first = c * d * b
+        else:
+            first = c * self.lokr_w2_a[adapter_name].shape[1] * (d + b)
+        return self.RESHAPE_BANDWIDTH_FACTOR * float(first + a * c * b)
+
+    def delta_build_macs(self, adapter_name: str) -> float:
+        """The Kronecker product (out·in) and, when W2 is factored, its rank-r product."""
+        return 2.0 * self.base_weight.numel()
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if not isinstance(self.base_layer, nn.Linear):

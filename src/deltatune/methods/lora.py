@@ -9,6 +9,7 @@ For a Conv2d, A is a conv with the base kernel (in → r) and B a 1×1 conv (r �
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig, check_choice, check_range
-from ..layers import AdapterLayer, kaiming_uniform_
+from ..layers import AdapterLayer, expect_config, kaiming_uniform_, module_bias, module_weight
 from ..registry import MethodSpec, register_method
+from ._fused import low_rank_add, low_rank_linear
 
 __all__ = ["LoraConfig", "LoraLayer", "lora_delta_forward", "lora_delta_weight"]
 
@@ -140,10 +142,23 @@ def lora_delta_forward(
 
 
 # ---- layer --------------------------------------------------------------------------------------
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A Conv2d's (height, width) setting as the 2-tuple ``nn.Conv2d`` takes."""
+    return values[0], values[1]
+
+
 class LoraLayer(AdapterLayer):
-    """Wraps a Linear or Conv2d with LoRA adapters (``lora_A``/``lora_B`` module dicts)."""
+    """Wraps a Linear or Conv2d with LoRA adapters (``lora_A``/``lora_B`` module dicts).
+
+    For a Linear, ``lora_A[name]`` is Linear(in, r) and ``lora_B[name]`` Linear(r, out); for a Conv2d,
+    ``lora_A[name]`` is a conv with the base's kernel, stride, padding and dilation (in → r) and
+    ``lora_B[name]`` a 1×1 conv (r → out).
+    """
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+    lora_A: nn.ModuleDict
+    lora_B: nn.ModuleDict
+    lora_dropout: nn.ModuleDict
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -152,28 +167,41 @@ class LoraLayer(AdapterLayer):
         self.lora_dropout = nn.ModuleDict()
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
-        assert isinstance(config, LoraConfig)
+        config = expect_config(config, LoraConfig)
         base = self.base_layer
         kw = self._new_dtype_device()
+        lora_a: nn.Module
+        lora_b: nn.Module
         if isinstance(base, nn.Conv2d):
             if base.groups != 1:
                 raise ValueError(
                     f"LoRA cannot adapt a grouped Conv2d (groups={base.groups}); use LoHa or LoKr"
                 )
-            lora_a: nn.Module = nn.Conv2d(
+            padding = base.padding if isinstance(base.padding, str) else _pair(base.padding)
+            lora_a = nn.Conv2d(
                 base.in_channels,
                 r,
-                base.kernel_size,
-                base.stride,
-                base.padding,
-                base.dilation,
+                _pair(base.kernel_size),
+                _pair(base.stride),
+                padding,
+                _pair(base.dilation),
                 bias=False,
+                padding_mode=base.padding_mode,
                 **kw,
             )
-            lora_b: nn.Module = nn.Conv2d(r, base.out_channels, 1, 1, bias=config.lora_bias, **kw)
-        else:
+            lora_b = nn.Conv2d(r, base.out_channels, 1, 1, bias=config.lora_bias, **kw)
+        elif isinstance(base, nn.Linear):
+            if config.fan_in_fan_out:  # as PEFT: an nn.Linear stores (out, in), so the flag cannot apply
+                warnings.warn(
+                    "fan_in_fan_out=True, but the target is an nn.Linear whose weight is (out, in); "
+                    "setting fan_in_fan_out=False",
+                    stacklevel=4,
+                )
+                config.fan_in_fan_out = False
             lora_a = nn.Linear(base.in_features, r, bias=False, **kw)
             lora_b = nn.Linear(r, base.out_features, bias=config.lora_bias, **kw)
+        else:
+            raise TypeError(f"LoRA adapts Linear and Conv2d layers, not {type(base).__name__}")
         self.lora_A[adapter_name] = lora_a
         self.lora_B[adapter_name] = lora_b
         self.lora_dropout[adapter_name] = (
@@ -186,26 +214,30 @@ class LoraLayer(AdapterLayer):
 
     def reset_parameters(self, adapter_name: str, init: bool | str) -> None:
         """Initialises A and B as PEFT does for ``init_lora_weights``."""
-        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        a, b = self.factor_weights(adapter_name)
+        b_bias = module_bias(self.lora_B[adapter_name])
         with torch.no_grad():
             if init is False:
-                kaiming_uniform_(a.weight)
-                kaiming_uniform_(b.weight)
-                if b.bias is not None:
-                    bound = 1 / math.sqrt(b.weight[0].numel())
-                    nn.init.uniform_(b.bias, -bound, bound)
+                kaiming_uniform_(a)
+                kaiming_uniform_(b)
+                if b_bias is not None:
+                    bound = 1 / math.sqrt(b[0].numel())
+                    nn.init.uniform_(b_bias, -bound, bound)
                 return
             if init == "gaussian":
-                nn.init.normal_(a.weight, std=1 / self.r[adapter_name])
+                nn.init.normal_(a, std=1 / self.r[adapter_name])
             else:
-                kaiming_uniform_(a.weight)
-            nn.init.zeros_(b.weight)
-            if b.bias is not None:
-                nn.init.zeros_(b.bias)
+                kaiming_uniform_(a)
+            nn.init.zeros_(b)
+            if b_bias is not None:
+                nn.init.zeros_(b_bias)
+
+    def factor_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) weights of ``adapter_name``: (r, in[, *kernel]) and (out, r[, 1, 1])."""
+        return module_weight(self.lora_A[adapter_name]), module_weight(self.lora_B[adapter_name])
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        a = self.lora_A[adapter_name].weight
-        b = self.lora_B[adapter_name].weight
+        a, b = self.factor_weights(adapter_name)
         compute = (
             torch.float32
             if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16)
@@ -213,34 +245,52 @@ class LoraLayer(AdapterLayer):
         )
         return lora_delta_weight(a.to(compute), b.to(compute), self.scaling[adapter_name])
 
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """W += ΔW (and bias += s·B.bias with ``lora_bias``); see :meth:`AdapterLayer.merge`.
+
+        Raises:
+            ValueError: if an adapter has a ``lora_bias`` but the base layer has no bias to fold it into.
+        """
+        names = self.active_adapters if adapter_names is None else adapter_names
+        if self.base_bias is None:
+            biased = [n for n in names if n in self.lora_B and module_bias(self.lora_B[n]) is not None]
+            if biased:
+                raise ValueError(
+                    f"cannot merge adapter(s) {biased}: they have lora_bias=True but the base layer has no "
+                    "bias to fold it into; keep the adapter unmerged"
+                )
+        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
     def _merge_bias(self, adapter_name: str, sign: float) -> None:
-        b = self.lora_B[adapter_name]
-        if b.bias is not None and self.base_layer.bias is not None:
-            self.base_layer.bias.data += (
-                sign * b.bias.data.to(self.base_layer.bias.dtype) * self.scaling[adapter_name]
-            )
+        lora_bias, base_bias = module_bias(self.lora_B[adapter_name]), self.base_bias
+        if lora_bias is not None and base_bias is not None:
+            base_bias.data += sign * lora_bias.data.to(base_bias.dtype) * self.scaling[adapter_name]
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
         x = self.lora_dropout[adapter_name](x).to(a.weight.dtype)
         return b(a(x)) * self.scaling[adapter_name]
 
+    def _dropout_p(self, adapter_name: str) -> float:
+        drop = self.lora_dropout[adapter_name]
+        return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        # The base GEMM and the low-rank term in one autograd node (see _fused.LowRankLinear).
+        if not isinstance(self.lora_A[adapter_name], nn.Linear) or module_bias(self.lora_B[adapter_name]) is not None:
+            return None
+        a_w, b_w = self.factor_weights(adapter_name)
+        return low_rank_linear(
+            self.base_layer, x, a_w, b_w, self.scaling[adapter_name], self._dropout_p(adapter_name)
+        )
+
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        if not isinstance(a, nn.Linear) or b.bias is not None:
+        if not isinstance(a, nn.Linear) or module_bias(b) is not None:
             return super().add_adapter_output(result, x, adapter_name)
-        x = self.lora_dropout[adapter_name](x)
-        if x.dtype != a.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(a.weight.dtype)
-        hidden = F.linear(x, a.weight)
-        if hidden.dtype != result.dtype or b.weight.dtype != result.dtype:
-            return result + (F.linear(hidden, b.weight) * self.scaling[adapter_name]).to(result.dtype)
-        # One fused GEMM-accumulate (result + s · hidden Bᵀ): a single N×out write instead of three.
-        out2d = result.reshape(-1, result.shape[-1])
-        return torch.addmm(
-            out2d, hidden.reshape(-1, hidden.shape[-1]), b.weight.t(), alpha=self.scaling[adapter_name]
-        ).view_as(result)
-
+        # One GEMM-accumulate (result + s · hidden Bᵀ); dropout, when on, runs inside without an N×in copy.
+        a_w, b_w = self.factor_weights(adapter_name)
+        return low_rank_add(result, x, a_w, b_w, self.scaling[adapter_name], self._dropout_p(adapter_name))
 
 register_method(
     MethodSpec(name="lora", peft_type="LORA", config_cls=LoraConfig, layer_cls=LoraLayer, prefix="lora_")

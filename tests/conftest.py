@@ -1,0 +1,182 @@
+"""Shared test helpers: tiny models built from code (no network), per-method configs and small utilities.
+
+Three model kinds cover both layer types every method must adapt:
+
+- ``mlp``: ``fc1``/``fc2`` Linear layers and a ``head`` (the ``modules_to_save`` entry);
+- ``conv``: ``conv1`` (3×3), ``conv2`` (1×1) and ``conv3`` (3×3, stride 2) Conv2d layers and a ``head``;
+- ``vit``: a two-layer random ViT (transformers 5 names its attention ``q_proj``/``v_proj``).
+
+Each kind is rebuilt from a fixed seed, so two calls give bit-identical base weights (which is how the
+interop tests compare a peft-wrapped and a deltatune-wrapped copy of the same model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import ViTConfig, ViTForImageClassification
+
+import deltatune
+from deltatune.layers import AdapterLayer
+
+TINY_VIT_CONFIG = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "image_size": 32,
+    "patch_size": 8,
+    "num_labels": 3,
+}
+
+
+class MLP(nn.Module):
+    """(batch, 16) → (batch, 4) through two hidden Linear layers and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+class ConvNet(nn.Module):
+    """(batch, 3, 8, 8) → (batch, 4): 3×3, 1×1 and strided 3×3 convs, global pooling and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 1)
+        self.conv3 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv3(self.act(self.conv2(self.act(self.conv1(x))))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def make_mlp(seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP().eval()
+
+
+def make_convnet(seed: int = 0) -> ConvNet:
+    torch.manual_seed(seed)
+    return ConvNet().eval()
+
+
+def make_vit(seed: int = 0) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    return ViTForImageClassification(ViTConfig(**TINY_VIT_CONFIG)).eval()
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """A tiny model family: how to build it, what to target and an input batch."""
+
+    name: str
+    build: Callable[[int], nn.Module]
+    targets: list[str]
+    modules_to_save: list[str]
+    input_shape: tuple[int, ...]
+
+    def inputs(self, seed: int = 1) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(*self.input_shape, generator=gen)
+
+
+MODEL_KINDS = {
+    "mlp": ModelKind("mlp", make_mlp, ["fc1", "fc2"], ["head"], (5, 16)),
+    "conv": ModelKind("conv", make_convnet, ["conv1", "conv2", "conv3"], ["head"], (2, 3, 8, 8)),
+    "vit": ModelKind("vit", make_vit, ["q_proj", "v_proj"], ["classifier"], (2, 3, 32, 32)),
+}
+
+#: Per-method keyword arguments used by the tests: small ranks, and the init flag that makes ΔW non-zero.
+METHOD_KWARGS: dict[str, dict[str, Any]] = {
+    "lora": {"r": 4, "lora_alpha": 8},
+    "loha": {"r": 3, "alpha": 6},
+    "lokr": {"r": 2, "alpha": 4},
+    "adalora": {"init_r": 6, "target_r": 2, "lora_alpha": 8, "total_step": 20},
+}
+NONZERO_INIT: dict[str, dict[str, Any]] = {
+    "lora": {"init_lora_weights": False},
+    "loha": {"init_weights": False},
+    "lokr": {"init_weights": False},
+    "adalora": {"init_lora_weights": False},
+}
+PEFT_CONFIG_NAMES = {
+    "lora": "LoraConfig",
+    "loha": "LoHaConfig",
+    "lokr": "LoKrConfig",
+    "adalora": "AdaLoraConfig",
+}
+
+
+def make_config(
+    method: str,
+    targets: list[str] | str,
+    modules_to_save: list[str] | None = None,
+    nonzero: bool = True,
+    **overrides: Any,
+) -> deltatune.AdapterConfig:
+    """A deltatune config for ``method`` with the tests' small ranks."""
+    spec = deltatune.get_method(method)
+    kwargs: dict[str, Any] = {**METHOD_KWARGS.get(method, {"r": 4})}
+    if nonzero:
+        kwargs.update(NONZERO_INIT.get(method, {}))
+    kwargs.update(overrides)
+    config = spec.config_cls(target_modules=targets, modules_to_save=modules_to_save, **kwargs)
+    assert isinstance(config, deltatune.AdapterConfig)
+    return config
+
+
+def make_peft_config(method: str, targets: list[str], modules_to_save: list[str] | None, **kw: Any) -> Any:
+    """The same config for the ``peft`` oracle (non-zero init)."""
+    import peft
+
+    kwargs: dict[str, Any] = {**METHOD_KWARGS[method], **NONZERO_INIT[method], **kw}
+    cls = getattr(peft, PEFT_CONFIG_NAMES[method])
+    return cls(target_modules=targets, modules_to_save=modules_to_save, **kwargs)
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's output tensor (``.logits`` for transformers models), without gradients."""
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def perturb_modules_to_save(model: nn.Module, adapter_name: str = "default", seed: int = 3) -> None:
+    """Adds noise to the trainable ``modules_to_save`` copies so they differ from the originals."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f".modules_to_save.{adapter_name}." in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+def read_adapter(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config.json as a dict, the safetensors tensors) of a saved adapter directory."""
+    with open(os.path.join(directory, "adapter_config.json"), encoding="utf-8") as fh:
+        config = json.load(fh)
+    return config, load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())

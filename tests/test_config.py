@@ -1,0 +1,219 @@
+"""Adapter configs: dict/JSON round trips in PEFT's layout, ``peft_type`` dispatch, unknown keys and
+validation errors that name the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import deltatune
+from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
+
+NON_DEFAULT: dict[str, dict[str, Any]] = {
+    "lora": {
+        "r": 16,
+        "lora_alpha": 32,
+        "lora_dropout": 0.1,
+        "bias": "lora_only",
+        "use_rslora": True,
+        "init_lora_weights": "gaussian",
+        "target_modules": ["value", "query"],
+        "exclude_modules": ["key"],
+        "modules_to_save": ["classifier"],
+        "layers_to_transform": [0, 2],
+        "layers_pattern": "layers",
+        "rank_pattern": {"query": 4},
+        "alpha_pattern": {"value": 2.0},
+        "task_type": "SEQ_CLS",
+    },
+    "loha": {
+        "r": 4,
+        "alpha": 2,
+        "rank_dropout": 0.2,
+        "module_dropout": 0.1,
+        "use_effective_conv2d": True,
+        "init_weights": False,
+        "target_modules": r".*\.q_proj",
+    },
+    "lokr": {
+        "r": 4,
+        "decompose_both": True,
+        "decompose_factor": 8,
+        "rank_dropout_scale": True,
+        "init_weights": "lycoris",
+        "target_modules": ["q_proj"],
+    },
+    "adalora": {
+        "init_r": 10,
+        "target_r": 4,
+        "tinit": 5,
+        "tfinal": 7,
+        "deltaT": 3,
+        "beta1": 0.8,
+        "beta2": 0.9,
+        "orth_reg_weight": 0.1,
+        "total_step": 100,
+        "target_modules": ["q_proj", "v_proj"],
+        "rank_pattern": {"vit.layers.0.attention.q_proj.lora_E": [True, False]},
+    },
+}
+
+
+def config_for(method: str, **extra: Any) -> deltatune.AdapterConfig:
+    cls = deltatune.get_method(method).config_cls
+    config = cls(**{**NON_DEFAULT.get(method, {"r": 4}), **extra})
+    assert isinstance(config, deltatune.AdapterConfig)
+    return config
+
+
+@pytest.mark.parametrize("method", deltatune.available_methods())
+def test_dict_round_trip(method: str) -> None:
+    config = config_for(method)
+    data = config.to_dict()
+    assert data["peft_type"] == deltatune.get_method(method).peft_type
+    again = PeftConfig.from_dict(data)
+    assert type(again) is type(config)
+    assert again == config
+    assert again.to_dict() == data
+    # The concrete class loads its own dicts too.
+    assert type(config).from_dict(data) == config
+
+
+@pytest.mark.parametrize("method", deltatune.available_methods())
+def test_json_layout(method: str, tmp_path: Path) -> None:
+    config = config_for(method)
+    assert config.inference_mode is False
+    config.save_pretrained(tmp_path)
+    text = (tmp_path / "adapter_config.json").read_text()
+    assert text == config.to_json_string()
+    data = json.loads(text)
+    assert list(data) == sorted(data)
+    assert data["inference_mode"] is True
+    assert isinstance(data["peft_version"], str) and data["peft_version"]
+    assert text == json.dumps(data, indent=2, sort_keys=True)
+    # Sets are written as sorted lists.
+    if isinstance(config.target_modules, set):
+        assert data["target_modules"] == sorted(config.target_modules)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert type(loaded) is type(config)
+    assert loaded.to_dict() | {"inference_mode": False, "peft_version": None} == config.to_dict() | {
+        "peft_version": None
+    }
+
+
+def test_target_modules_list_is_held_as_a_set() -> None:
+    config = LoraConfig(target_modules=["value", "query", "query"])
+    assert config.target_modules == {"query", "value"}
+    assert config.to_dict()["target_modules"] == ["query", "value"]
+    assert LoraConfig(target_modules="all-linear").target_modules == "all-linear"
+
+
+def test_unknown_keys_are_dropped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    data = LoraConfig(r=4, target_modules=["q"]).to_dict()
+    data.update({"future_option": 1, "another_one": "x"})
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        config = PeftConfig.from_dict(data)
+    assert isinstance(config, LoraConfig) and config.r == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "another_one" in warnings[0] and "future_option" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("peft_type", "cls"),
+    [
+        ("LORA", LoraConfig),
+        ("LOHA", LoHaConfig),
+        ("LOKR", LoKrConfig),
+        ("ADALORA", AdaLoraConfig),
+        ("lora", LoraConfig),
+    ],
+)
+def test_peft_type_dispatch(peft_type: str, cls: type) -> None:
+    config = PeftConfig.from_dict({"peft_type": peft_type})
+    assert type(config) is cls
+    assert config.peft_type == cls.PEFT_TYPE
+
+
+def test_peft_type_errors() -> None:
+    with pytest.raises(ValueError, match=r"no 'peft_type'.*LORA, LOHA, LOKR, ADALORA"):
+        PeftConfig.from_dict({"r": 8})
+    with pytest.raises(ValueError, match=r"unsupported peft_type 'IA3'.*LORA") as info:
+        PeftConfig.from_dict({"peft_type": "IA3"})
+    assert "ADALORA" in str(info.value)
+    with pytest.raises(ValueError, match="LoHaConfig"):
+        LoHaConfig.from_dict({"peft_type": "LORA"})
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        PeftConfig.from_dict(["LORA"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="does not match LoraConfig"):
+        LoraConfig(peft_type="LOKR")
+
+
+def test_invalid_json_file(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        PeftConfig.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
+        PeftConfig.from_pretrained(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("make", "fragments"),
+    [
+        (lambda: LoraConfig(r=0), ["r=0", "positive integer"]),
+        (lambda: LoHaConfig(r=-1), ["r=-1", "positive integer"]),
+        (lambda: LoKrConfig(r=0), ["r=0", "positive integer"]),
+        (lambda: AdaLoraConfig(init_r=0), ["init_r=0", "positive integer"]),
+        (lambda: LoraConfig(bias="some"), ["bias='some'", "'none'", "'all'", "'lora_only'"]),
+        (lambda: LoraConfig(init_lora_weights="pisa"), ["init_lora_weights='pisa'", "'gaussian'"]),
+        (lambda: LoHaConfig(init_weights="lycoris"), ["init_weights='lycoris'", "LoHaConfig", "True, False"]),
+        (lambda: LoKrConfig(init_weights="kaiming"), ["init_weights='kaiming'", "'lycoris'"]),
+        (lambda: LoraConfig(lora_dropout=1.0), ["lora_dropout=1.0", "[0, 1)"]),
+        (lambda: LoraConfig(lora_dropout=-0.1), ["lora_dropout=-0.1", "[0, 1)"]),
+        (lambda: LoHaConfig(rank_dropout=1.5), ["rank_dropout=1.5", "[0, 1)"]),
+        (lambda: LoKrConfig(module_dropout=-1), ["module_dropout=-1", "[0, 1)"]),
+        (lambda: LoraConfig(lora_alpha=-2), ["lora_alpha=-2"]),
+        (lambda: LoraConfig(use_dora=True), ["use_dora", "not supported", "supported options"]),
+        (lambda: LoraConfig(task_type="IMAGE"), ["task_type='IMAGE'", "'SEQ_CLS'"]),
+        (lambda: LoraConfig(target_modules=[1, 2]), ["target_modules", "list of strings"]),
+        (lambda: LoraConfig(target_modules="x", layers_to_transform=[0]), ["layers_to_transform", "regex"]),
+        (lambda: LoraConfig(layers_pattern="layers"), ["layers_pattern", "layers_to_transform"]),
+        (lambda: LoraConfig(rank_pattern={"q": 0}), ["rank_pattern['q']=0", "positive integer"]),
+        (lambda: AdaLoraConfig(init_r=4, target_r=8), ["target_r=8", "init_r=4"]),
+        (lambda: AdaLoraConfig(tinit=10, tfinal=5, total_step=12), ["tinit=10", "total_step - tfinal"]),
+        (lambda: AdaLoraConfig(beta1=1.0), ["beta1=1.0", "[0, 1)"]),
+        (lambda: LoKrConfig(decompose_factor=0), ["decompose_factor", "positive integer"]),
+    ],
+)
+def test_validation_errors(make: Any, fragments: list[str]) -> None:
+    with pytest.raises(ValueError) as info:
+        make()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+
+
+def test_adalora_total_step_may_be_left_unset() -> None:
+    config = AdaLoraConfig(target_modules=["q"])
+    assert config.total_step is None and config.rank_pattern is None
+    assert json.loads(config.to_json_string())["rank_pattern"] is None
+    with pytest.warns(UserWarning, match="ignores r=16"):
+        AdaLoraConfig(r=16)
+
+
+@pytest.mark.parametrize("method", ["lora", "loha", "lokr", "adalora"])
+def test_defaults_and_keys_match_peft(method: str) -> None:
+    peft = pytest.importorskip("peft")
+    name = {"lora": "LoraConfig", "loha": "LoHaConfig", "lokr": "LoKrConfig", "adalora": "AdaLoraConfig"}[
+        method
+    ]
+    extra = {"total_step": 10} if method == "adalora" else {}
+    theirs = json.loads(json.dumps(getattr(peft, name)(**extra).to_dict(), default=sorted))
+    ours = json.loads(deltatune.get_method(method).config_cls(**extra).to_json_string())
+    assert set(ours) == set(theirs)
+    differing = {k for k in ours if ours[k] != theirs[k]}
+    assert differing <= {"peft_version", "inference_mode"}, {k: (ours[k], theirs[k]) for k in differing}
