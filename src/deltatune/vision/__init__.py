@@ -1,0 +1,63 @@
+"""Image-classification data for deltatune: datasets, label maps, transforms, collate, offline assets.
+
+Example:
+    >>> from transformers import AutoImageProcessor
+    >>> from deltatune.vision import (
+    ...     TransformedDataset, build_transforms, load_image_dataset, offline_default_model_dir
+    ... )
+    >>> data = load_image_dataset("offline-default")  # or "food101", or a local image folder
+    >>> processor = AutoImageProcessor.from_pretrained(offline_default_model_dir())
+    >>> train = TransformedDataset(data.train, build_transforms(processor, train=True))
+    >>> evaluation = TransformedDataset(data.eval, build_transforms(processor, train=False))
+"""
+
+from .folder import IMAGE_EXTENSIONS, ImageFolderDataset
+from .loading import (
+    HubSplit,
+    ImageDatasetBundle,
+    SubsetDataset,
+    detect_columns,
+    load_image_dataset,
+    stratified_split,
+)
+from .offline import (
+    OFFLINE_BACKBONE_DIR,
+    OFFLINE_BACKBONE_NAME,
+    OFFLINE_DEFAULT,
+    OFFLINE_TRAINING_DEFAULTS,
+    DigitsDataset,
+    is_offline_default,
+    offline_default_model_dir,
+)
+from .transforms import (
+    ImageTransform,
+    TransformedDataset,
+    build_transforms,
+    collate_fn,
+    resolve_size,
+    to_rgb,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "OFFLINE_BACKBONE_DIR",
+    "OFFLINE_BACKBONE_NAME",
+    "OFFLINE_DEFAULT",
+    "OFFLINE_TRAINING_DEFAULTS",
+    "DigitsDataset",
+    "HubSplit",
+    "ImageDatasetBundle",
+    "ImageFolderDataset",
+    "ImageTransform",
+    "SubsetDataset",
+    "TransformedDataset",
+    "build_transforms",
+    "collate_fn",
+    "detect_columns",
+    "is_offline_default",
+    "load_image_dataset",
+    "offline_default_model_dir",
+    "resolve_size",
+    "stratified_split",
+    "to_rgb",
+]

@@ -1,0 +1,114 @@
+"""Local ``imagefolder`` datasets: one subfolder per class, optionally under ``train/`` and ``validation/``.
+
+    root/cat/001.png  root/dog/xyz.jpg                    → one split (validation carved from it)
+    root/train/cat/...  root/validation/cat/...           → two splits ("val", "valid", "test" also work)
+
+Images are opened lazily, so a corrupt file fails only when read (and ``TransformedDataset`` skips it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+TRAIN_SPLIT_NAMES = ("train", "training")
+EVAL_SPLIT_NAMES = ("validation", "valid", "val", "eval", "test")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def class_directories(root: Path) -> list[Path]:
+    """Sorted subfolders of ``root`` that hold at least one image file (at any depth)."""
+    found = []
+    for child in sorted(root.iterdir()):
+        if (
+            child.is_dir()
+            and not child.name.startswith(".")
+            and any(is_image_file(p) for p in child.rglob("*"))
+        ):
+            found.append(child)
+    return found
+
+
+def find_split_directories(root: Path) -> tuple[Path, Path | None] | None:
+    """(train_dir, eval_dir or None) when ``root`` uses the split layout, else None.
+
+    The split layout needs a ``train`` (or ``training``) folder whose own subfolders hold images.
+    """
+    train_dir = next((root / n for n in TRAIN_SPLIT_NAMES if (root / n).is_dir()), None)
+    if train_dir is None or not class_directories(train_dir):
+        return None
+    eval_dir = next((root / n for n in EVAL_SPLIT_NAMES if (root / n).is_dir()), None)
+    return train_dir, eval_dir
+
+
+class ImageFolderDataset:
+    """A map-style split of an image folder: rows ``{"image": PIL.Image, "label": int}``.
+
+    Args:
+        files: Image paths.
+        labels: Class index of each path.
+        class_names: Index → class name.
+    """
+
+    def __init__(
+        self, files: Sequence[Path | str], labels: Sequence[int], class_names: Sequence[str]
+    ) -> None:
+        if len(files) != len(labels):
+            raise ValueError(f"got {len(files)} files but {len(labels)} labels")
+        self.files = [str(f) for f in files]
+        self.labels = [int(label) for label in labels]
+        self.class_names = list(class_names)
+
+    @classmethod
+    def from_directory(cls, root: Path, class_names: Sequence[str] | None = None) -> ImageFolderDataset:
+        """Scans ``root/<class>/**/<image>``; ``class_names`` fixes the label order (default: sorted names).
+
+        Raises:
+            ValueError: if a class folder is not in ``class_names``.
+        """
+        directories = class_directories(root)
+        names = list(class_names) if class_names is not None else [d.name for d in directories]
+        index = {name: i for i, name in enumerate(names)}
+        files: list[Path] = []
+        labels: list[int] = []
+        for directory in directories:
+            if directory.name not in index:
+                raise ValueError(
+                    f"class folder {directory} is not among the training classes {names}; every evaluation "
+                    "class needs a training folder of the same name"
+                )
+            for path in sorted(p for p in directory.rglob("*") if is_image_file(p)):
+                files.append(path)
+                labels.append(index[directory.name])
+        return cls(files, labels, names)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as handle:
+                handle.load()
+                image = ImageOps.exif_transpose(handle)  # a loaded copy, upright
+        except Exception as error:
+            raise OSError(f"cannot read image {path}: {error}") from error
+        return {"image": image, "label": self.labels[index]}
+
+    def subset(self, indices: Sequence[int]) -> ImageFolderDataset:
+        """A new split holding the rows at ``indices``."""
+        return ImageFolderDataset(
+            [self.files[i] for i in indices], [self.labels[i] for i in indices], self.class_names
+        )
+
+    def __repr__(self) -> str:
+        return f"ImageFolderDataset(num_rows={len(self)}, num_classes={len(self.class_names)})"
