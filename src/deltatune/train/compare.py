@@ -1,0 +1,156 @@
+"""``deltatune compare``: every method and the baselines on the same data and seed, as a table and a chart."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import gc
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import transformers
+
+from .recipe import RunSpec, run_training
+from .report import compare_chart
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["compare_markdown", "compare_runs", "plan_runs"]
+
+COLUMNS = ("method", "trainable params", "%", "accuracy", "train time (s)", "peak memory (MiB)")
+
+
+def plan_runs(
+    base: Callable[..., RunSpec], methods: Sequence[str], baselines: Sequence[str]
+) -> list[RunSpec]:
+    """The runs of a comparison: each method, then linear probe, full fine-tuning and each method on a
+    random backbone (as ``baselines`` asks).
+
+    Args:
+        base: Builds a :class:`RunSpec` from ``method=...`` and overrides.
+        methods: Adapter methods to run.
+        baselines: Any of ``"linear_probe"``, ``"full"``, ``"random"``.
+    """
+    runs = [base(method) for method in methods]
+    for kind in ("linear_probe", "full"):
+        if kind in baselines:
+            runs.append(base(None, baseline=kind))
+    if "random" in baselines:
+        runs += [base(method, random_backbone=True) for method in methods]
+    return runs
+
+
+def _release_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # return freed heap so the next peak RSS is its own
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _warm_up(spec: RunSpec, args: transformers.TrainingArguments, num_threads: int | None) -> None:
+    """Two unreported steps first, so one-time allocations (thread pools, autograd buffers, allocator
+    arenas) do not count as the first run's peak resident memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = dataclasses.replace(
+            args,
+            output_dir=tmp,
+            max_steps=2,
+            eval_strategy="no",
+            save_strategy="no",
+            load_best_model_at_end=False,
+            logging_strategy="no",
+            resume_from_checkpoint=None,
+        )
+        run_training(spec, warm, write_report=False, num_threads=num_threads)
+    _release_memory()
+
+
+def _slug(name: str) -> str:
+    return name.replace(" (random backbone)", "-random").replace(" ", "_")
+
+
+def compare_runs(
+    runs: Sequence[RunSpec],
+    args: transformers.TrainingArguments,
+    *,
+    full_learning_rate: float | None = None,
+    progress: bool = True,
+    num_threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Trains every run with the same arguments and seed (each in ``output_dir/<name>``).
+
+    Full fine-tuning uses ``full_learning_rate`` (default: the learning rate / 10). Checkpoints are not
+    written and the final weights are evaluated. On a CPU, two unreported warm-up steps come first.
+
+    Returns:
+        One row per run: name, kind, trainable params and %, accuracy, train time, peak memory.
+    """
+    from tqdm.auto import tqdm
+
+    if runs and not torch.cuda.is_available():
+        _warm_up(runs[0], args, num_threads)
+    rows: list[dict[str, Any]] = []
+    for spec in tqdm(runs, desc="compare", unit="run", disable=not progress):
+        overrides: dict[str, Any] = {
+            "output_dir": os.path.join(str(args.output_dir), _slug(spec.name)),
+            "save_strategy": "no",
+            "load_best_model_at_end": False,
+            "resume_from_checkpoint": None,
+        }
+        if spec.baseline == "full":
+            overrides["learning_rate"] = full_learning_rate or args.learning_rate / 10
+        run_args = dataclasses.replace(args, **overrides)
+        logger.info("compare: training %s", spec.name)
+        result = run_training(spec, run_args, write_report=spec.baseline is None, num_threads=num_threads)
+        m = result.metrics
+        rows.append(
+            {
+                "name": spec.name,
+                "kind": m["kind"],
+                "random_backbone": spec.random_backbone,
+                "trainable_params": m["trainable_params"],
+                "trainable_percent": m["trainable_percent"],
+                "accuracy": m["accuracy"],
+                "top5_accuracy": m.get("top5_accuracy"),
+                "train_time_s": m["train_time_s"],
+                "peak_memory_mb": m["peak_memory_mb"],
+                "peak_memory_kind": m["peak_memory_kind"],
+            }
+        )
+        del result
+        _release_memory()
+    return rows
+
+
+def compare_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
+    """The comparison as a markdown table."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['trainable_params']:,} | {r['trainable_percent']:.2f} | {r['accuracy']:.4f} | "
+            f"{r['train_time_s']:.1f} | {r['peak_memory_mb']:.0f} |"
+        )
+    kind = rows[0]["peak_memory_kind"] if rows else "rss"
+    note = (
+        "CUDA allocator peak" if kind == "cuda" else "growth of the process's resident memory during training"
+    )
+    lines += ["", f"Peak memory: {note}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_compare(rows: Sequence[dict[str, Any]], output_dir: str, title: str) -> list[str]:
+    """Writes compare.md, compare.json and compare.png into ``output_dir``; returns their paths."""
+    os.makedirs(output_dir, exist_ok=True)
+    paths = [os.path.join(output_dir, n) for n in ("compare.md", "compare.json", "compare.png")]
+    with open(paths[0], "w", encoding="utf-8") as fh:
+        fh.write(compare_markdown(rows, title))
+    with open(paths[1], "w", encoding="utf-8") as fh:
+        json.dump(list(rows), fh, indent=2)
+    compare_chart(rows, paths[2], title=title)
+    return paths

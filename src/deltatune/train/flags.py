@@ -1,0 +1,249 @@
+"""Command-line flags generated from the config dataclasses of the registered methods.
+
+Every config field with a type a command line can express becomes ``--<field>``; its help comes from
+the ``Attributes:`` section of the config docstrings and lists the methods that have it. Three short
+aliases follow the guide's wording: ``--alpha`` (``lora_alpha`` or ``alpha``), ``--dropout``
+(``lora_dropout`` or ``module_dropout``) and, for AdaLoRA, ``--r`` (its average target rank ``target_r``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import logging
+import re
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from ..registry import available_methods, get_method
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AdapterFlag", "adapter_flags", "adapter_kwargs_for", "add_adapter_flags", "closest_flags"]
+
+#: Config fields that are bookkeeping, set from other flags, or need Python objects.
+SKIPPED_FIELDS = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "auto_mapping",
+        "peft_version",
+    }
+)
+ALIASES = {"alpha": "scale numerator", "dropout": "dropout"}
+DROPOUT_FIELDS = ("lora_dropout", "module_dropout")
+
+
+@dataclass
+class AdapterFlag:
+    """One generated flag: the field name, its type hint, the methods that have it and its help."""
+
+    name: str
+    hint: Any
+    methods: list[str]
+    help: str
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        text = klass.__doc__ or ""
+        if "Attributes:" not in text:
+            continue
+        section = text.split("Attributes:", 1)[1]
+        current = None
+        for line in section.splitlines():
+            match = re.match(r"^\s{4,8}(\w+):\s*(.*)$", line)
+            if match:
+                current = match.group(1)
+                docs[current] = match.group(2).strip()
+            elif current and line.strip() and line.startswith(" " * 9):
+                docs[current] += " " + line.strip()
+            elif not line.strip():
+                current = None
+    return docs
+
+
+def _kind(hint: Any) -> str | None:
+    """Classifies a type hint into a flag kind, or None when a command line cannot express it."""
+    text = str(hint).replace("typing.", "")
+    if hint is Any or text == "Any":
+        return None
+    if hint is bool:
+        return "bool"
+    if hint is int:
+        return "int"
+    if hint is float:
+        return "float"
+    if text.startswith("dict") or "dict[" in text:
+        return "json"
+    if "list[int]" in text:
+        return "int_list"
+    if "list[str]" in text:
+        return "str_list"
+    if "bool" in text and "str" in text:
+        return "bool_or_str"
+    if "int" in text and "None" in text and "str" not in text:
+        return "int"
+    if "str" in text:
+        return "str"
+    return None
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _bool_or_str(text: str) -> bool | str:
+    try:
+        return _bool(text)
+    except argparse.ArgumentTypeError:
+        return text
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected JSON such as '{{\"query\": 8}}', got {text!r} ({err})"
+        ) from err
+
+
+def adapter_flags() -> dict[str, AdapterFlag]:
+    """Field name → flag, over the config classes of every registered method."""
+    flags: dict[str, AdapterFlag] = {}
+    for method in available_methods():
+        cls = get_method(method).config_cls
+        hints = typing.get_type_hints(cls)
+        docs = _attribute_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in SKIPPED_FIELDS or not f.init or _kind(hints[f.name]) is None:
+                continue
+            if f.name in flags:
+                flags[f.name].methods.append(method)
+                continue
+            flags[f.name] = AdapterFlag(f.name, hints[f.name], [method], docs.get(f.name, ""))
+    return flags
+
+
+def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds ``--<field>`` for every adapter config field, plus ``--alpha`` and ``--dropout``."""
+    group = parser.add_argument_group(
+        "adapter options (generated from the config classes; each applies to the methods listed)"
+    )
+    all_methods = set(available_methods())
+    for flag in adapter_flags().values():
+        if flag.name in ALIASES:
+            continue  # added below as an alias that fits every method
+        kind = _kind(flag.hint)
+        scope = "" if set(flag.methods) == all_methods else f" [{', '.join(flag.methods)}]"
+        help_text = (flag.help or flag.name).replace("%", "%%") + scope
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if kind == "bool":
+            kwargs.update(type=_bool, nargs="?", const=True, metavar="BOOL")
+        elif kind in ("int", "float"):
+            kwargs.update(type=int if kind == "int" else float)
+        elif kind == "json":
+            kwargs.update(type=_json, metavar="JSON")
+        elif kind == "int_list":
+            kwargs.update(type=int, nargs="+")
+        elif kind == "str_list":
+            kwargs.update(nargs="*" if flag.name == "modules_to_save" else "+")
+        elif kind == "bool_or_str":
+            kwargs.update(type=_bool_or_str)
+        names = [f"--{flag.name}"]
+        if flag.name == "r":  # torchrun rejects --r after the script as ambiguous with its own --r* options
+            names.append("--rank")
+            kwargs["help"] += " (also --rank)"
+        group.add_argument(*names, **kwargs)
+    group.add_argument(
+        "--alpha",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="scale numerator: lora_alpha or alpha, per method",
+    )
+    group.add_argument(
+        "--dropout",
+        type=float,
+        default=argparse.SUPPRESS,
+        help="dropout: lora_dropout (lora, adalora) or module_dropout (loha, lokr)",
+    )
+
+
+def _normalise_targets(value: Any) -> Any:
+    # One entry that is "all-linear" or looks like a regex is PEFT's string form; otherwise a list of names.
+    if (
+        isinstance(value, list)
+        and len(value) == 1
+        and (value[0] == "all-linear" or re.search(r"[\\*+?|()\[\]^$]", value[0]))
+    ):
+        return value[0]
+    return value
+
+
+def adapter_kwargs_for(method: str, namespace: argparse.Namespace, strict: bool = True) -> dict[str, Any]:
+    """The config keyword arguments the user gave for ``method`` (aliases resolved).
+
+    Args:
+        method: The method name.
+        namespace: Parsed arguments (absent attributes were not given).
+        strict: Raise for flags the method does not have (``compare`` passes False and skips them).
+
+    Raises:
+        ValueError: for a flag that belongs to other methods only, naming them and this method's options.
+    """
+    spec = get_method(method)
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    given = {
+        name: getattr(namespace, name)
+        for name in adapter_flags()
+        if name not in ALIASES and hasattr(namespace, name)
+    }
+    out: dict[str, Any] = {}
+    for name, value in given.items():
+        if name == "r" and method == "adalora" and not hasattr(namespace, "target_r"):
+            logger.warning(
+                "AdaLoRA: --r %s sets target_r, the average rank after pruning (init_r starts higher)", value
+            )
+            out["target_r"] = value
+            continue
+        if name not in fields:
+            if not strict:
+                continue
+            owners = adapter_flags()[name].methods
+            options = sorted(n for n in adapter_flags() if n in fields)
+            raise ValueError(
+                f"--{name} is an option of {', '.join(owners)}, not of {method}; {method} options: "
+                + ", ".join(f"--{o}" for o in options)
+            )
+        out[name] = value
+    if hasattr(namespace, "alpha"):
+        out[spec.config_cls.ALPHA_FIELD] = namespace.alpha  # type: ignore[attr-defined]
+    if hasattr(namespace, "dropout"):
+        field = next((f for f in DROPOUT_FIELDS if f in fields), None)
+        if field is None:
+            if strict:
+                raise ValueError(f"--dropout: {method} has no dropout field")
+        else:
+            out[field] = namespace.dropout
+    for name in ("target_modules", "exclude_modules", "layers_pattern"):
+        if name in out:
+            out[name] = _normalise_targets(out[name])
+    return out
+
+
+def closest_flags(unknown: str, known: list[str], n: int = 3) -> list[str]:
+    """The ``n`` known option strings closest to ``unknown``."""
+    return difflib.get_close_matches(unknown.split("=", 1)[0], known, n=n, cutoff=0.6)

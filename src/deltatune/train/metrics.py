@@ -1,0 +1,123 @@
+"""Classification metrics for the Trainer's ``compute_metrics`` and for ``deltatune evaluate``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "ClassificationReport",
+    "classification_report",
+    "compute_classification_metrics",
+    "top_k_accuracy",
+]
+
+
+def _logits_and_labels(eval_pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    predictions = getattr(eval_pred, "predictions", None)
+    labels = getattr(eval_pred, "label_ids", None)
+    if predictions is None:
+        predictions, labels = eval_pred
+    if isinstance(predictions, tuple | list):
+        predictions = predictions[0]
+    if isinstance(labels, tuple | list):
+        labels = labels[0]
+    if labels is None:
+        raise ValueError(
+            "compute_metrics got no labels: pass label_names=['labels'] in TrainingArguments and a collate "
+            "function that returns 'labels'"
+        )
+    return np.asarray(predictions), np.asarray(labels)
+
+
+def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share of rows whose label is among the ``k`` highest logits.
+
+    Args:
+        logits: (n, num_classes) scores.
+        labels: (n,) integer class ids.
+        k: How many top classes count as a hit.
+    """
+    if len(labels) == 0:
+        return float("nan")
+    k = min(k, logits.shape[-1])
+    top = np.argpartition(-logits, k - 1, axis=-1)[:, :k]
+    return float((top == labels[:, None]).any(axis=-1).mean())
+
+
+def compute_classification_metrics(eval_pred: Any) -> dict[str, float]:
+    """``compute_metrics`` for ``Trainer``: accuracy, plus top-5 accuracy when there are more than 5 classes.
+
+    Args:
+        eval_pred: An ``EvalPrediction`` (or ``(predictions, label_ids)``) with logits (n, num_classes)
+            and labels (n,).
+
+    Returns:
+        ``{"accuracy": ...}`` and, for more than 5 classes, ``"top5_accuracy"``.
+    """
+    logits, labels = _logits_and_labels(eval_pred)
+    metrics = {"accuracy": float((logits.argmax(axis=-1) == labels).mean()) if len(labels) else float("nan")}
+    if logits.shape[-1] > 5:
+        metrics["top5_accuracy"] = top_k_accuracy(logits, labels, 5)
+    return metrics
+
+
+@dataclass
+class ClassificationReport:
+    """Everything ``deltatune evaluate`` reports.
+
+    Attributes:
+        accuracy: Top-1 accuracy.
+        top5_accuracy: Top-5 accuracy (None with 5 classes or fewer).
+        per_class_accuracy: Class name → recall of that class (NaN when the class has no examples).
+        confusion: (num_classes, num_classes) counts; rows are true classes, columns predictions.
+        class_names: Names in class-id order.
+        num_examples: How many examples were scored.
+    """
+
+    accuracy: float
+    top5_accuracy: float | None
+    per_class_accuracy: dict[str, float]
+    confusion: np.ndarray
+    class_names: list[str]
+    num_examples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "accuracy": self.accuracy,
+            "top5_accuracy": self.top5_accuracy,
+            "per_class_accuracy": self.per_class_accuracy,
+            "confusion_matrix": self.confusion.tolist(),
+            "class_names": self.class_names,
+            "num_examples": self.num_examples,
+        }
+
+
+def classification_report(
+    logits: np.ndarray, labels: np.ndarray, class_names: list[str]
+) -> ClassificationReport:
+    """Accuracy, top-5, per-class accuracy and the confusion matrix.
+
+    Args:
+        logits: (n, num_classes) scores.
+        labels: (n,) integer class ids.
+        class_names: Names of the classes, index = class id.
+    """
+    num_classes = logits.shape[-1]
+    predicted = logits.argmax(axis=-1)
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    support = confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+    return ClassificationReport(
+        accuracy=float((predicted == labels).mean()) if len(labels) else float("nan"),
+        top5_accuracy=top_k_accuracy(logits, labels, 5) if num_classes > 5 else None,
+        per_class_accuracy={name: float(recall[i]) for i, name in enumerate(class_names)},
+        confusion=confusion,
+        class_names=list(class_names),
+        num_examples=len(labels),
+    )

@@ -1,0 +1,404 @@
+"""The guide's recipe as one function: data → base model → adapter → ``DeltaTrainer`` → files for people.
+
+``deltatune train`` and ``deltatune compare`` are thin layers over :func:`run_training`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from .. import get_method, get_peft_model
+from ..model import PeftModel
+from .arguments import cpu_threads
+from .callbacks import rank_summary
+from .checkpoint import is_adalora, save_label_maps
+from .report import model_card, rank_heatmap, training_curve
+from .trainer import DeltaTrainer
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GUIDE_DATASET",
+    "GUIDE_MODEL",
+    "GUIDE_TRAINING_DEFAULTS",
+    "RUN_RECORD_NAME",
+    "PeakMemory",
+    "RunResult",
+    "RunSpec",
+    "adapter_defaults",
+    "build_base_model",
+    "find_head",
+    "planned_steps",
+    "run_training",
+]
+
+GUIDE_MODEL = "google/vit-base-patch16-224-in21k"
+GUIDE_DATASET = "food101"
+RUN_RECORD_NAME = "deltatune_run.json"
+#: The guide's TrainingArguments (fp16 is added on a GPU only).
+GUIDE_TRAINING_DEFAULTS: dict[str, Any] = {
+    "remove_unused_columns": False,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "learning_rate": 5e-3,
+    "per_device_train_batch_size": 128,
+    "gradient_accumulation_steps": 4,
+    "per_device_eval_batch_size": 128,
+    "num_train_epochs": 5,
+    "logging_steps": 10,
+    "load_best_model_at_end": True,
+    "label_names": ["labels"],
+    "report_to": "none",
+}
+HEAD_NAMES = ("classifier", "head", "fc", "score")
+
+
+@dataclass
+class RunSpec:
+    """One training run.
+
+    Attributes:
+        method: Registered adapter method, or None for a baseline.
+        model: Base model id or directory.
+        dataset: Dataset id, directory or ``"offline-default"``.
+        adapter_kwargs: Config fields given by the user (merged over :func:`adapter_defaults`).
+        baseline: ``"linear_probe"`` (only the head trains) or ``"full"`` (everything trains); needs
+            ``method=None``.
+        random_backbone: Start from randomly initialised weights of the same architecture.
+        image_column, label_column, validation_split, max_train_samples, max_eval_samples: Data options
+            (see :func:`deltatune.vision.load_image_dataset`).
+    """
+
+    method: str | None
+    model: str
+    dataset: str
+    adapter_kwargs: dict[str, Any] = field(default_factory=dict)
+    baseline: str | None = None
+    random_backbone: bool = False
+    image_column: str | None = None
+    label_column: str | None = None
+    validation_split: float = 0.1
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+    @property
+    def name(self) -> str:
+        base = self.method or str(self.baseline)
+        return f"{base} (random backbone)" if self.random_backbone else base
+
+    def record(self) -> dict[str, Any]:
+        """What identifies the run (written to ``deltatune_run.json``)."""
+        return {
+            "method": self.method,
+            "baseline": self.baseline,
+            "model": self.model,
+            "dataset": self.dataset,
+            "random_backbone": self.random_backbone,
+            "adapter_kwargs": self.adapter_kwargs,
+            "image_column": self.image_column,
+            "label_column": self.label_column,
+            "validation_split": self.validation_split,
+            "max_train_samples": self.max_train_samples,
+            "max_eval_samples": self.max_eval_samples,
+        }
+
+
+@dataclass
+class RunResult:
+    """What :func:`run_training` returns: the trained model, the trainer and the metrics record."""
+
+    model: nn.Module
+    trainer: DeltaTrainer
+    metrics: dict[str, Any]
+    output_dir: str
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on a GPU, else the process's peak resident set size
+    (sampled every 20 ms) above its size at entry. ``peak_mb`` holds the result in MiB."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self.kind = "cuda" if torch.cuda.is_available() else "rss"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _rss_mb() -> float:
+        try:
+            with open("/proc/self/statm", encoding="ascii") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def __enter__(self) -> PeakMemory:
+        if self.kind == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated() / 2**20
+        else:
+            self._start = self._rss_mb()
+            self._peak = self._start
+
+            def sample() -> None:
+                while not self._stop.wait(0.02):
+                    self._peak = max(self._peak, self._rss_mb())
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.kind == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self._start
+        else:
+            self._stop.set()
+            if self._thread is not None:
+                self._thread.join()
+            self.peak_mb = max(self._peak, self._rss_mb()) - self._start
+
+
+def find_head(model: nn.Module, num_labels: int) -> str | None:
+    """Name of the classification head (a module called classifier/head/fc/score with num_labels outputs)."""
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        out = getattr(module, "out_features", None)
+        if last in HEAD_NAMES and (out is None or out == num_labels):
+            return name
+    return None
+
+
+def adapter_defaults(method: str, head: str | None) -> dict[str, Any]:
+    """The guide's adapter settings for ``method``: r=16, alpha=16, query/value, dropout 0.1, head saved
+    (AdaLoRA: init_r=12 → target_r=8; its tinit/tfinal/deltaT are fitted to the run's length)."""
+    common: dict[str, Any] = {"target_modules": ["query", "value"]}
+    if head:
+        common["modules_to_save"] = [head]
+    per_method: dict[str, dict[str, Any]] = {
+        "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.1},
+        "loha": {"r": 16, "alpha": 16, "module_dropout": 0.1},
+        "lokr": {"r": 16, "alpha": 16, "module_dropout": 0.1},
+        "adalora": {"init_r": 12, "target_r": 8},
+    }
+    return {**common, **per_method.get(method, {"r": 16})}
+
+
+def adalora_schedule(total_steps: int) -> dict[str, int]:
+    """Default AdaLoRA schedule for a run of ``total_steps``: warm up 10%, prune, fix the budget for the
+    last 30%, reallocating about 50 times."""
+    return {
+        "tinit": int(0.1 * total_steps),
+        "tfinal": int(0.3 * total_steps),
+        "deltaT": max(1, total_steps // 50),
+    }
+
+
+def planned_steps(args: transformers.TrainingArguments, num_train: int) -> int:
+    """The optimiser steps ``Trainer`` will plan for ``num_train`` examples (its own formula)."""
+    if args.max_steps > 0:
+        return int(args.max_steps)
+    per_process = math.ceil(num_train / max(args.world_size, 1))
+    batches = (
+        per_process // args.train_batch_size
+        if args.dataloader_drop_last
+        else math.ceil(per_process / args.train_batch_size)
+    )
+    ga = args.gradient_accumulation_steps
+    per_epoch = max(batches // ga + int(batches % ga > 0), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def build_base_model(
+    model_id: str, id2label: dict[int, str], random_backbone: bool = False, seed: int = 42
+) -> tuple[nn.Module, Any]:
+    """The base image classifier with a fresh ``len(id2label)``-way head, and its image processor.
+
+    Args:
+        model_id: Hub id or local directory.
+        id2label: Class id → name.
+        random_backbone: Build the same architecture with random weights instead of loading them.
+        seed: Seed of every random initialisation (the head, or the whole model).
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    label2id = {v: k for k, v in id2label.items()}
+    kwargs = {"num_labels": len(id2label), "id2label": id2label, "label2id": label2id}
+    transformers.set_seed(seed)
+    if random_backbone:
+        config = AutoConfig.from_pretrained(model_id, **kwargs)
+        model = AutoModelForImageClassification.from_config(config)
+    else:
+        model = AutoModelForImageClassification.from_pretrained(
+            model_id, ignore_mismatched_sizes=True, **kwargs
+        )
+    processor = AutoImageProcessor.from_pretrained(model_id)
+    return model, processor
+
+
+def _prepare_model(spec: RunSpec, model: nn.Module, head: str | None, total_steps: int) -> nn.Module:
+    if spec.baseline is not None:
+        if spec.baseline not in ("linear_probe", "full"):
+            raise ValueError(f"unknown baseline {spec.baseline!r}; choose 'linear_probe' or 'full'")
+        train_all = spec.baseline == "full"
+        for name, p in model.named_parameters():
+            p.requires_grad_(train_all or (head is not None and name.startswith(f"{head}.")))
+        return model
+    assert spec.method is not None
+    method = get_method(spec.method)
+    kwargs = adapter_defaults(method.name, head)
+    if method.name == "adalora" and not {"tinit", "tfinal", "deltaT", "total_step"} & set(
+        spec.adapter_kwargs
+    ):
+        kwargs.update(adalora_schedule(total_steps))
+    kwargs.update(spec.adapter_kwargs)
+    config = method.config_cls(**kwargs)
+    if method.name == "adalora":
+        config.check_schedule(getattr(config, "total_step", None) or total_steps)  # type: ignore[attr-defined]
+    config.base_model_name_or_path = spec.model
+    return get_peft_model(model, config)
+
+
+def run_training(
+    spec: RunSpec,
+    args: transformers.TrainingArguments,
+    *,
+    command: str | None = None,
+    write_report: bool = True,
+    callbacks: list[Any] | None = None,
+    num_threads: int | None = None,
+) -> RunResult:
+    """Trains ``spec`` with ``args`` and writes the adapter, labels, metrics, plots and model card.
+
+    Args:
+        spec: What to train.
+        args: Training arguments (``output_dir`` receives everything).
+        command: The command line to quote in the model card.
+        write_report: Write metrics.json, the PNGs and README.md (``compare`` turns it off for baselines).
+        callbacks: Extra Trainer callbacks.
+        num_threads: CPU threads for torch (default: see :func:`deltatune.train.arguments.cpu_threads`).
+    """
+    from ..vision import TransformedDataset, build_transforms, collate_fn, load_image_dataset
+
+    with args.main_process_first(desc="loading the dataset"):  # one download/cache build under torchrun
+        bundle = load_image_dataset(
+            spec.dataset,
+            image_column=spec.image_column,
+            label_column=spec.label_column,
+            validation_split=spec.validation_split,
+            seed=args.seed,
+            max_train_samples=spec.max_train_samples,
+            max_eval_samples=spec.max_eval_samples,
+        )
+    base, processor = build_base_model(spec.model, bundle.id2label, spec.random_backbone, args.seed)
+    head = find_head(base, bundle.num_labels)
+    if head is None and spec.method is not None and "modules_to_save" not in spec.adapter_kwargs:
+        logger.warning("no classification head found to train; pass --modules_to_save with its module name")
+    total_steps = planned_steps(args, len(bundle.train))
+    model = _prepare_model(spec, base, head, total_steps)
+    train_ds = TransformedDataset(bundle.train, build_transforms(processor, train=True))
+    eval_ds = TransformedDataset(bundle.eval, build_transforms(processor, train=False))
+    trainer = DeltaTrainer(
+        model,
+        args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=processor,
+        data_collator=collate_fn,
+        callbacks=callbacks,
+    )
+    output_dir = str(args.output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    main_process = trainer.is_world_process_zero()  # under torchrun/accelerate only rank 0 writes files
+    if main_process:
+        _write_json(os.path.join(output_dir, RUN_RECORD_NAME), {**spec.record(), "seed": args.seed})
+    resume = args.resume_from_checkpoint
+    with cpu_threads(base, num_threads, bool(getattr(args, "use_cpu", False))):
+        with PeakMemory() as memory:
+            train_output = trainer.train(resume_from_checkpoint=resume)
+        eval_metrics = trainer.evaluate()
+    trainer.save_model(output_dir)
+    if not isinstance(model, PeftModel):
+        save_label_maps(model, output_dir)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    metrics: dict[str, Any] = {
+        "name": spec.name,
+        "method": spec.method or spec.baseline,
+        "kind": "adapter" if spec.method else "baseline",
+        "random_backbone": spec.random_backbone,
+        "base_model": spec.model,
+        "dataset": spec.dataset,
+        "num_train": len(bundle.train),
+        "num_eval": len(bundle.eval),
+        "num_labels": bundle.num_labels,
+        "trainable_params": trainable,
+        "all_params": total,
+        "trainable_percent": 100 * trainable / max(total, 1),
+        "precision": trainer.precision,
+        "train_time_s": float(train_output.metrics.get("train_runtime", 0.0)),
+        "peak_memory_mb": memory.peak_mb,
+        "peak_memory_kind": memory.kind,
+        "train": dict(train_output.metrics),
+        "eval": dict(eval_metrics),
+        "accuracy": float(eval_metrics.get("eval_accuracy", float("nan"))),
+        "top5_accuracy": eval_metrics.get("eval_top5_accuracy"),
+        "history": trainer.state.log_history,
+        "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+    }
+    if isinstance(model, PeftModel):
+        config = model.peft_config[model.active_adapter]
+        saved = json.loads(model._config_to_save(model.active_adapter).to_json_string())
+        metrics["adapter_config_json"] = json.dumps(_compact(saved), indent=2, sort_keys=True)
+        if is_adalora(model):
+            metrics["ranks"] = rank_summary(model.base_model.current_rank_pattern())
+            metrics["init_r"] = getattr(config, "init_r", None)
+    if write_report and main_process:
+        write_run_report(metrics, output_dir)
+    return RunResult(model=model, trainer=trainer, metrics=metrics, output_dir=output_dir)
+
+
+def write_run_report(metrics: dict[str, Any], output_dir: str) -> None:
+    """metrics.json, training_curve.png, README.md and (AdaLoRA) adalora_ranks.png in ``output_dir``."""
+    _write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    title = f"{metrics['name']} on {os.path.basename(str(metrics['dataset']).rstrip('/'))}"
+    training_curve(metrics["history"], os.path.join(output_dir, "training_curve.png"), title=title)
+    if metrics.get("ranks"):
+        rank_heatmap(
+            metrics["ranks"], os.path.join(output_dir, "adalora_ranks.png"), init_r=metrics.get("init_r")
+        )
+    if metrics["kind"] == "adapter":
+        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
+            fh.write(model_card(metrics))
+
+
+def _compact(config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys worth reading in a model card: set, non-empty, not bookkeeping."""
+    skip = {"peft_version", "auto_mapping", "inference_mode", "megatron_core", "qalora_group_size"}
+    return {
+        k: v
+        for k, v in config.items()
+        if k not in skip
+        and v is not None
+        and v is not False
+        and not (isinstance(v, dict | list) and not v)
+        and not (k == "rank_pattern" and isinstance(v, dict))
+    }
+
+
+def _write_json(path: str, data: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2, default=str)
+    os.replace(tmp, path)

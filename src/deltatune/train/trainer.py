@@ -1,0 +1,223 @@
+"""``DeltaTrainer``: ``transformers.Trainer`` for deltatune models.
+
+What it changes, and where transformers 5 does it:
+
+- ``_save`` (called by ``save_model`` and ``_save_checkpoint``) writes the adapter in PEFT's format plus
+  ``labels.json`` (and AdaLoRA's allocator state) instead of the full model, so a ``checkpoint-N`` folder
+  is a small fraction of the base model. The optimizer, scheduler and RNG states are still written by
+  ``_save_checkpoint`` next to it.
+- ``_load_from_checkpoint`` (``train(resume_from_checkpoint=...)``) and ``_load_best_model``
+  (``load_best_model_at_end``) read those folders back into the live adapter.
+- AdaLoRA models get :class:`~deltatune.train.callbacks.AdaLoraCallback` automatically; the orthogonal
+  regulariser is added to the loss by ``AdaLoraModel.forward`` whenever the model trains with labels.
+- A :class:`~deltatune.train.guards.NonFiniteLossGuard` is always added: ``training_step`` hands it each
+  loss (checked on the device), a NaN/inf loss raises ``NonFiniteLossError`` naming the step before that
+  state is logged, evaluated or saved, and ``_save_checkpoint`` refuses a non-finite loss or adapter, so
+  the last good ``checkpoint-N`` is never overwritten by a poisoned one.
+- ``compute_metrics`` defaults to accuracy (+ top-5 with more than 5 classes).
+- The guide's ``Trainer(tokenizer=...)`` is accepted and mapped to ``processing_class``; an impossible
+  fp16/bf16 request fails in the constructor; the precision used is logged when training starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from typing import Any
+
+import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import can_return_loss, find_labels
+
+from ..model import PeftModel
+from .arguments import check_precision
+from .callbacks import AdaLoraCallback
+from .checkpoint import is_adalora, load_adapter_checkpoint, save_adalora_state, save_label_maps
+from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
+from .metrics import compute_classification_metrics
+from .resume import resolve_resume_checkpoint
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DeltaTrainer"]
+
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+def _has_num_labels(model: Any) -> bool:
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    return int(getattr(getattr(base, "config", None), "num_labels", 0) or 0) > 1
+
+
+class DeltaTrainer(transformers.Trainer):
+    """A ``transformers.Trainer`` that checkpoints only the adapter and runs AdaLoRA's allocation.
+
+    Takes every argument ``transformers.Trainer`` takes, plus:
+
+    Args:
+        tokenizer: The guide's (transformers 4) name for ``processing_class``; mapped with a notice.
+        default_metrics: When ``compute_metrics`` is None and the model is a classifier, report accuracy
+            (and top-5 accuracy above 5 classes) at each evaluation (default True).
+
+    Raises:
+        ValueError: if fp16/bf16 is requested where it cannot run, or ``tokenizer`` and
+            ``processing_class`` disagree.
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        args: transformers.TrainingArguments | None = None,
+        *positional: Any,
+        tokenizer: Any = None,
+        default_metrics: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if tokenizer is not None:
+            existing = kwargs.get("processing_class")
+            if existing is not None and existing is not tokenizer:
+                raise ValueError("pass either tokenizer= (old spelling) or processing_class=, not both")
+            if len(positional) >= 4:
+                raise ValueError(
+                    "pass either tokenizer= or the processing_class positional argument, not both"
+                )
+            kwargs["processing_class"] = tokenizer
+            logger.warning("Trainer: tokenizer= is spelled processing_class= in transformers 5; mapped")
+        if args is not None:
+            self.precision = check_precision(args)
+        wants_metrics = default_metrics and kwargs.get("compute_metrics") is None and len(positional) < 6
+        if wants_metrics and _has_num_labels(model):
+            kwargs["compute_metrics"] = compute_classification_metrics
+        if is_adalora(model):
+            callbacks = list(kwargs.get("callbacks") or [])
+            if not any(isinstance(cb, AdaLoraCallback) for cb in callbacks):
+                callbacks.append(AdaLoraCallback(model))
+            kwargs["callbacks"] = callbacks
+        super().__init__(model, args, *positional, **kwargs)
+        if not any(isinstance(cb, NonFiniteLossGuard) for cb in self.callback_handler.callbacks):
+            self.add_callback(NonFiniteLossGuard())
+        self.precision = check_precision(self.args)
+        if isinstance(self.model, PeftModel):
+            self._inspect_base_model(self.model.get_base_model())
+
+    def _inspect_base_model(self, base: Any) -> None:
+        """Label names, loss kwargs and return-loss come from the wrapped model's ``forward``, not from
+        PeftModel's ``(*args, **kwargs)``."""
+        cls = type(base)
+        if self.args.label_names is None:
+            self.label_names = find_labels(cls)
+        self.can_return_loss = can_return_loss(cls)
+        if hasattr(base, "accepts_loss_kwargs"):
+            self.model_accepts_loss_kwargs = bool(base.accepts_loss_kwargs)
+        else:
+            params = inspect.signature(base.forward).parameters.values()
+            self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None and isinstance(self.model, PeftModel):
+            signature = inspect.signature(self.model.get_base_model().forward)
+            self._signature_columns = [*signature.parameters, "label", "label_ids", *self.label_names]  # type: ignore[assignment]
+        super()._set_signature_columns_if_needed()
+
+    # ---- training ---------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; logs the precision and what trains first. ``resume_from_checkpoint=True`` takes
+        the newest *complete* ``checkpoint-N`` (one a kill left half-written is skipped), and an incomplete
+        checkpoint path is refused (transformers would silently restart it at step 0)."""
+        resume_from_checkpoint = resolve_resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
+        model = self.model
+        if isinstance(model, PeftModel):
+            trainable, total = model.get_nb_trainable_parameters()
+            logger.info(
+                "training %s adapter: %s of %s parameters (%.4f%%) trainable; precision: %s",
+                model.peft_type,
+                f"{trainable:,}",
+                f"{total:,}",
+                100 * trainable / max(total, 1),
+                self.precision,
+            )
+        else:
+            logger.info("training %s; precision: %s", type(model).__name__, self.precision)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """``Trainer.compute_loss``; for AdaLoRA with a loss already normalised over the whole accumulated
+        (and, under DDP, all-process) batch, the orthogonal regulariser (added once per forward) is divided
+        by the number of micro-batches, and by the factor transformers multiplies each process's loss with
+        (``average_tokens_across_devices``), so its weight stays ``orth_reg_weight`` per optimiser step."""
+        unwrapped = self._unwrapped()
+        steps = int(getattr(self, "current_gradient_accumulation_steps", 1) or 1)
+        scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if scaled and self.args.average_tokens_across_devices:
+            # mirrors the `loss *= ...` at the end of transformers' Trainer.compute_loss
+            n_gpu = self.args.n_gpu
+            steps *= n_gpu if n_gpu > 1 else max(self.accelerator.num_processes // self.get_tp_size(), 1)
+        if not (is_adalora(unwrapped) and model.training and scaled and steps > 1):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        config = unwrapped.peft_config[unwrapped.active_adapter]
+        weight = config.orth_reg_weight
+        config.orth_reg_weight = weight / steps
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            config.orth_reg_weight = weight
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        """``Trainer.training_step``; the loss also goes to the NaN/inf guard (compared on the device)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        observe_loss(self, loss)
+        return loss
+
+    # ---- saving -----------------------------------------------------------------------------------
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """``Trainer._save_checkpoint``, refused (``NonFiniteLossError``) for a non-finite loss or adapter."""
+        refuse_non_finite_checkpoint(self)
+        super()._save_checkpoint(model, trial)
+
+    def _unwrapped(self) -> Any:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
+        model = self._unwrapped()
+        if not isinstance(model, PeftModel):
+            super()._save(output_dir, state_dict)
+            return
+        output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        logger.info("saving adapter to %s", output_dir)
+        model.save_pretrained(output_dir)
+        save_label_maps(model, output_dir)
+        if is_adalora(model) and os.path.basename(os.path.normpath(output_dir)).startswith(
+            PREFIX_CHECKPOINT_DIR
+        ):
+            save_adalora_state(model, output_dir)  # resumption state: checkpoints only
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as fh:
+            fh.write(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        target = model if model is not None else self._unwrapped()
+        if not isinstance(target, PeftModel):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        logger.info("resuming the adapter from %s", resume_from_checkpoint)
+        load_adapter_checkpoint(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        model = self._unwrapped()
+        best = self.state.best_model_checkpoint
+        if not isinstance(model, PeftModel) or best is None:
+            super()._load_best_model()
+            return
+        logger.info("loading the best adapter from %s (score: %s)", best, self.state.best_metric)
+        load_adapter_checkpoint(model, best)
