@@ -1,15 +1,20 @@
-"""Fast paths shared by the methods: low-rank terms fused into the base output, and the choice between
-a factored adapter term and a per-step merged weight.
+"""Fast paths shared by the methods: low-rank terms fused with the base GEMM, and the choice between a
+factored adapter term and a per-step merged weight W + ΔW.
 
-Everything here computes exactly the adapter maths of the method modules (up to floating-point
-rounding order); the methods decide when a path applies.
+Everything here computes the adapter maths of the method modules exactly (up to floating-point rounding
+order); the methods decide when a path applies, and fall back to their plain formulas otherwise.
 
-- :func:`low_rank_add`: ``result + s · (dropout(x) Aᵀ) Bᵀ`` (LoRA, AdaLoRA) as one GEMM-accumulate. With
-  dropout in training it runs :class:`DropoutLowRank`, which draws the keep-mask from 31-bit integers
-  (about 4x cheaper than ``nn.Dropout`` on CPU), never keeps the dropped N×in copy (it saves the input,
-  shared by every adapter reading it, and a 1-byte mask) and folds 1/(1−p) into the GEMM's scale.
+- :class:`LowRankLinear` (LoRA, AdaLoRA on a plain ``nn.Linear`` in fp32/fp64): the base GEMM and
+  ``s · (dropout(x) Aᵀ) Bᵀ`` in one autograd node. The low-rank term accumulates in place into the base
+  output and, in backward, the adapter's input gradient into the base's, so no N×in or N×out
+  temporaries are added or accumulated separately.
+- Dropout (both low-rank paths) draws its keep-mask from 31-bit integers (about 4x cheaper than
+  ``nn.Dropout`` on CPU), never keeps the dropped N×in copy (it saves the input, which q and v share, and
+  a 1-byte mask) and folds 1/(1−p) into the GEMM's scale.
+- :func:`low_rank_add`: the same term added to an existing base output (under autocast, or for mixed
+  dtypes), as one GEMM-accumulate.
 - :func:`merged_weight_pays`: whether ``base_op(x, W + ΔW)`` (one GEMM, plus one weight-gradient GEMM in
-  training) beats the method's factored term for this input. Used by LoHa and LoKr in fp32.
+  training) beats the method's factored term for this call; used by LoHa and LoKr.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ __all__ = [
     "DropoutLowRank",
     "LowRankLinear",
     "dropout_keep_mask",
+    "is_plain",
     "low_rank_add",
     "low_rank_linear",
+    "low_rank_merge_pays",
     "merged_weight_pays",
 ]
 
@@ -34,7 +41,10 @@ def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torc
     Draws one uniform integer in [0, 2³¹) per entry from the default generator of ``device`` (so
     ``torch.manual_seed`` makes it reproducible) and keeps entries at or above round(p · 2³¹).
     """
-    bits = torch.empty(shape, dtype=torch.int32, device=device).random_()
+    if torch.compiler.is_compiling():  # dynamo cannot trace the in-place random_ (2x slower in eager)
+        bits = torch.randint(0, _TWO_31, shape, dtype=torch.int32, device=device)
+    else:
+        bits = torch.empty(shape, dtype=torch.int32, device=device).random_()
     return bits >= round(p * _TWO_31)
 
 
@@ -124,7 +134,7 @@ class LowRankLinear(torch.autograd.Function):
         hidden = torch.mm(xm, a.t())
         s = scale / (1.0 - p)
         y.addmm_(hidden, b.t(), alpha=s)
-        ctx.save_for_backward(x2, weight, keep, hidden, a, b)
+        ctx.save_for_backward(x2, weight, keep, hidden, a, b)  # type: ignore[arg-type]  # None is allowed
         ctx.s = s  # type: ignore[attr-defined]
         ctx.x_shape = x.shape  # type: ignore[attr-defined]
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -159,12 +169,18 @@ class LowRankLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None
 
 
+def is_plain(layer: torch.nn.Module, types: tuple[type[torch.nn.Module], ...]) -> bool:
+    """True when ``layer`` is exactly one of ``types`` (not a subclass with its own forward, e.g. a
+    quantised Linear) and has no forward hooks, so its output can be computed from its weight directly."""
+    return type(layer) in types and not layer._forward_hooks and not layer._forward_pre_hooks
+
+
 def low_rank_linear(
     layer: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dropout: float
 ) -> torch.Tensor | None:
     """:class:`LowRankLinear` for a plain ``nn.Linear`` base, or None where it does not apply (another
     layer type, hooks on the base, autocast, or mixed dtypes: the caller then takes the generic path)."""
-    if type(layer) is not torch.nn.Linear or layer._forward_hooks or layer._forward_pre_hooks:
+    if not is_plain(layer, (torch.nn.Linear,)):
         return None
     weight, bias = layer.weight, layer.bias
     if _autocast_dtype(x.device.type) is not None or not (x.dtype == weight.dtype == a.dtype == b.dtype):
@@ -229,8 +245,10 @@ def merged_weight_pays(
 ) -> bool:
     """Whether ``base_op(x, W + ΔW)`` is the cheaper way to add the adapter term for this call.
 
-    Only in full precision without autocast, where adding ΔW into W before the GEMM is exact up to
-    rounding (under bf16 it would round ΔW away against W). Merged, the forward and the input gradient
+    Only when the stored weight is fp32/fp64: then W + ΔW is formed at full precision, which equals the
+    separate terms up to rounding, and under autocast it is rounded to bf16/fp16 for the GEMM exactly as
+    autocast rounds W itself (mixed-precision "master weight" semantics). A bf16/fp16 stored weight
+    would round ΔW away against W, so the factored term is kept there. Merged, the forward and the input gradient
     cost what the frozen base costs; training adds one weight-gradient GEMM (tokens · out · in MACs)
     and building ΔW (``build_macs``, ~3x in training). The factored term costs
     ``factored_macs_per_token`` per token (×3 in training); ``None`` means there is none (materialise).
@@ -243,9 +261,9 @@ def merged_weight_pays(
         build_macs: MACs to build ΔW once.
         training: Whether gradients will flow to the adapter.
     """
-    if weight.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype:
+    if weight.dtype not in (torch.float32, torch.float64):
         return False
-    if _autocast_dtype(x.device.type) is not None:
+    if x.dtype != weight.dtype and _autocast_dtype(x.device.type) is None:
         return False
     if factored_macs_per_token is None:
         return True
@@ -253,3 +271,23 @@ def merged_weight_pays(
     if training:
         return tokens * dense + 3 * build_macs < 3 * tokens * factored_macs_per_token
     return build_macs + dense < tokens * factored_macs_per_token
+
+
+#: The two skinny GEMMs of a low-rank term are bandwidth-bound (they read x and rewrite the output):
+#: on CPU they cost about this many times their MAC count against a dense GEMM (measured at ViT q/v).
+LOW_RANK_BANDWIDTH_FACTOR = 2.0
+
+
+def low_rank_merge_pays(x: torch.Tensor, weight: torch.Tensor, rank: int, adapter_needs_grad: bool) -> bool:
+    """Whether, in inference, ``linear(x, W + s B A)`` beats the base GEMM plus the low-rank pair.
+
+    Building ΔW costs r·out·in once; the low-rank pair costs r·(in+out) per token (bandwidth-weighted),
+    so merging on the fly wins from a few hundred tokens on (a ViT batch), and never for one-token
+    decoding. Training keeps :class:`LowRankLinear`, whose weight gradient stays low-rank.
+    """
+    if adapter_needs_grad or weight.dim() != 2:
+        return False
+    out_dim, in_dim = weight.shape
+    per_token = LOW_RANK_BANDWIDTH_FACTOR * rank * (in_dim + out_dim)
+    tokens = x.numel() // max(1, x.shape[-1])
+    return merged_weight_pays(x, weight, tokens, per_token, float(rank * weight.numel()), training=False)

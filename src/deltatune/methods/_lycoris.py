@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import AdapterConfig, check_range
 from ..layers import AdapterLayer
-from ._fused import merged_weight_pays
+from ._fused import is_plain, merged_weight_pays
 
 
 @dataclass
@@ -91,10 +91,18 @@ class LycorisLayer(AdapterLayer):
             mask = mask / mask.mean().clamp_min(1e-12)
         return mask
 
-    def module_dropped(self, adapter_name: str) -> bool:
-        """Draws whether module dropout skips the whole adapter on this training step (one draw per call)."""
+    def module_keep(self, adapter_name: str, device: torch.device) -> bool | torch.Tensor:
+        """Draws whether module dropout keeps the adapter on this training step (one draw per call).
+
+        Eager: a Python bool, so a skipped adapter costs nothing. Under ``torch.compile``: a 0-d 0/1
+        tensor to multiply the term by, so the draw needs no graph break.
+        """
         p = self.module_dropout[adapter_name]
-        return self.training and p > 0 and float(torch.rand(1)) <= p
+        if not self.training or p <= 0:
+            return True
+        if torch.compiler.is_compiling():
+            return torch.rand((), device=device) > p
+        return float(torch.rand(1)) > p
 
     def skipped_output(self, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``result`` plus a zero-valued term that keeps every adapter tensor in the autograd graph, so
@@ -104,9 +112,12 @@ class LycorisLayer(AdapterLayer):
         return result + zero.to(result.dtype)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        if self.module_dropped(adapter_name):
+        keep = self.module_keep(adapter_name, result.device)
+        if keep is False:
             return self.skipped_output(result, adapter_name)
-        return super().add_adapter_output(result, x, adapter_name)
+        if keep is True:
+            return super().add_adapter_output(result, x, adapter_name)
+        return result + (self.adapter_output(x, adapter_name) * keep).to(result.dtype)
 
     # ---- fast path: one GEMM with the per-step weight W + ΔW ----------------------------------------
     def factored_macs_per_token(self, adapter_name: str) -> float | None:
@@ -124,7 +135,7 @@ class LycorisLayer(AdapterLayer):
         then cost exactly what the frozen layer costs. Module and rank dropout behave as in the generic
         path (rank dropout masks the rows of ΔW)."""
         base = self.base_layer
-        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+        if not is_plain(base, (nn.Linear, nn.Conv2d)):
             return None
         weight = self.base_weight
         tokens = x.numel() // max(1, x.shape[-1] if isinstance(base, nn.Linear) else x.shape[-3])
@@ -133,12 +144,15 @@ class LycorisLayer(AdapterLayer):
         factored = self.factored_macs_per_token(adapter_name)
         if not merged_weight_pays(x, weight, tokens, factored, self.delta_build_macs(adapter_name), training):
             return None
-        if self.module_dropped(adapter_name):
+        keep = self.module_keep(adapter_name, weight.device)
+        if keep is False:
             return self.skipped_output(base(x), adapter_name)
         delta = self.delta_weight(adapter_name)
         mask = self.rank_dropout_mask(adapter_name, delta.device, delta.dtype)
         if mask is not None:
             delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
+        if keep is not True:
+            delta = delta * keep
         return self.base_forward_with_weight(x, weight + delta, self.base_bias)
 
     def materialized_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:

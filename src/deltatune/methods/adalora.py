@@ -29,7 +29,7 @@ from ..inject import AdapterModel
 from ..layers import AdapterLayer, expect_config
 from ..registry import MethodSpec, register_method
 from ._adalora_patterns import expand_pruned_tensors, masks_by_module
-from ._fused import low_rank_add, low_rank_linear
+from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
 from .lora import LoraConfig
 
 logger = logging.getLogger(__name__)
@@ -262,6 +262,12 @@ class SVDLayer(AdapterLayer):
         if not isinstance(self.base_layer, nn.Linear):
             return None
         a, b, p = self._low_rank_factors(adapter_name)
+        needs_grad = torch.is_grad_enabled() and a.requires_grad
+        plain = is_plain(self.base_layer, (nn.Linear,))
+        if plain and p == 0 and low_rank_merge_pays(x, self.base_weight, a.shape[0], needs_grad):
+            # Inference over many tokens: one GEMM with W + ΔW (what merging would compute).
+            delta = self.delta_weight(adapter_name).to(self.base_weight.dtype)
+            return self.base_forward_with_weight(x, self.base_weight + delta, self.base_bias)
         return low_rank_linear(self.base_layer, x, a, b, 1.0, p)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:

@@ -102,16 +102,18 @@ def lokr_delta_forward(
 ) -> torch.Tensor:
     """x ΔWᵀ for a Linear via the Kronecker reshape: x (..., c·d) → (..., a·b). Give ``w2`` (b, d) or its
     factors ``w2a`` (b, r) and ``w2b`` (r, d)."""
-    c = w1.shape[1]
+    a, c = w1.shape
     lead = x.shape[:-1]
-    xm = x.reshape(*lead, c, -1)  # (..., c, d), a view
+    xm = x.reshape(-1, c, x.shape[-1] // c)  # (N, c, d), a view of a contiguous x
     if w2 is not None:
-        t = xm @ w2.t()
+        t = xm @ w2.t()  # one (N·c, d) @ (d, b) GEMM
     elif w2a is not None and w2b is not None:
         t = (xm @ w2b.t()) @ w2a.t()
     else:
         raise ValueError("lokr_delta_forward needs w2, or both w2a and w2b")
-    y = torch.matmul(w1 * scaling, t)  # (a, c) @ (..., c, b) → (..., a, b)
+    # (a, c) @ (N, c, b) → (N, a, b) as a batched GEMM on a stride-0 view of w1: no transposed copies
+    # (torch.matmul would fold the batch by transposing t and the result).
+    y = torch.bmm((w1 * scaling).expand(t.shape[0], a, c), t)
     y = y.reshape(*lead, -1)
     return y if row_mask is None else y * row_mask
 
@@ -208,8 +210,9 @@ class LoKrLayer(LycorisLayer):
             tuple(self.base_weight.shape),
         )
 
-    #: The Kronecker-reshape term runs as small batched matmuls and transposed views: bandwidth-bound, it
-    #: costs about this many times its MAC count against a dense GEMM (measured on CPU, ViT q/v shapes).
+    #: The Kronecker-reshape term runs as a skinny GEMM and a batch of tiny ones: bandwidth-bound, it costs
+    #: about this many times its MAC count against a dense GEMM (measured on CPU at ViT q/v shapes,
+    #: including the extra passes that add it to the output and to the input gradient).
     RESHAPE_BANDWIDTH_FACTOR: ClassVar[float] = 4.0
 
     def factored_macs_per_token(self, adapter_name: str) -> float | None:

@@ -20,7 +20,7 @@ from torch import nn
 from ..config import AdapterConfig, check_choice, check_range
 from ..layers import AdapterLayer, expect_config, kaiming_uniform_, module_bias, module_weight
 from ..registry import MethodSpec, register_method
-from ._fused import low_rank_add, low_rank_linear
+from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
 
 __all__ = ["LoraConfig", "LoraLayer", "lora_delta_forward", "lora_delta_weight"]
 
@@ -277,12 +277,18 @@ class LoraLayer(AdapterLayer):
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
         # The base GEMM and the low-rank term in one autograd node (see _fused.LowRankLinear).
-        if not isinstance(self.lora_A[adapter_name], nn.Linear) or module_bias(self.lora_B[adapter_name]) is not None:
+        a_layer, b_layer = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if not isinstance(a_layer, nn.Linear) or module_bias(b_layer) is not None:
             return None
         a_w, b_w = self.factor_weights(adapter_name)
-        return low_rank_linear(
-            self.base_layer, x, a_w, b_w, self.scaling[adapter_name], self._dropout_p(adapter_name)
-        )
+        p = self._dropout_p(adapter_name)
+        needs_grad = torch.is_grad_enabled() and (a_w.requires_grad or b_w.requires_grad)
+        plain = is_plain(self.base_layer, (nn.Linear,))
+        if plain and p == 0 and low_rank_merge_pays(x, self.base_weight, a_w.shape[0], needs_grad):
+            # Inference over many tokens: one GEMM with W + ΔW (what merging would compute).
+            delta = self.delta_weight(adapter_name).to(self.base_weight.dtype)
+            return self.base_forward_with_weight(x, self.base_weight + delta, self.base_bias)
+        return low_rank_linear(self.base_layer, x, a_w, b_w, self.scaling[adapter_name], p)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
@@ -291,6 +297,7 @@ class LoraLayer(AdapterLayer):
         # One GEMM-accumulate (result + s · hidden Bᵀ); dropout, when on, runs inside without an N×in copy.
         a_w, b_w = self.factor_weights(adapter_name)
         return low_rank_add(result, x, a_w, b_w, self.scaling[adapter_name], self._dropout_p(adapter_name))
+
 
 register_method(
     MethodSpec(name="lora", peft_type="LORA", config_cls=LoraConfig, layer_cls=LoraLayer, prefix="lora_")

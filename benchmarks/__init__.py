@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: deltatune vs peft vs the cost floor (see benchmarks/README.md)."""

@@ -1,0 +1,253 @@
+"""The fast paths against the reference maths: values and gradients (methods/_fused.py, the merged-weight
+forward of LoHa/LoKr, LoKr's batched reshape) and the fast image data path (vision/fast.py)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
+from deltatune.methods._fused import (
+    DropoutLowRank,
+    LowRankLinear,
+    dropout_keep_mask,
+    low_rank_add,
+    merged_weight_pays,
+)
+from deltatune.methods.lokr import lokr_delta_forward
+from deltatune.vision.fast import FastCollate, FastImageTransform, ImagePathRows
+from deltatune.vision.transforms import TransformedDataset, build_transforms, collate_fn
+
+D64 = torch.float64
+
+
+def leaf(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=D64).requires_grad_(True)
+
+
+def grads(y: torch.Tensor, inputs: list[torch.Tensor], g: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(y, inputs, g))
+
+
+# ---- dropout mask ------------------------------------------------------------------------------------
+def test_keep_mask_rate_and_seed() -> None:
+    torch.manual_seed(0)
+    a = dropout_keep_mask(torch.Size([400, 500]), 0.1, torch.device("cpu"))
+    torch.manual_seed(0)
+    b = dropout_keep_mask(torch.Size([400, 500]), 0.1, torch.device("cpu"))
+    assert a.dtype == torch.bool and torch.equal(a, b)
+    assert abs(a.float().mean().item() - 0.9) < 0.005  # 200k draws: 4 sigma ≈ 0.0027
+
+
+# ---- LowRankLinear / DropoutLowRank --------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_low_rank_linear_matches_reference(p: float, with_bias: bool) -> None:
+    x, w = leaf(2, 5, 12, seed=1), leaf(10, 12, seed=2)
+    bias = leaf(10, seed=3) if with_bias else None
+    a, b = leaf(3, 12, seed=4), leaf(10, 3, seed=5)
+    inputs = [t for t in (x, w, bias, a, b) if t is not None]
+    torch.manual_seed(7)
+    y = LowRankLinear.apply(x, w, bias, a, b, 0.7, p)
+    torch.manual_seed(7)
+    keep = dropout_keep_mask(torch.Size([10, 12]), p, x.device).view(2, 5, 12) if p else torch.ones_like(x)
+    ref = F.linear(x, w, bias) + ((x * keep / (1 - p)) @ a.t() @ b.t()) * 0.7
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    for got, want in zip(grads(y, inputs, g), grads(ref, inputs, g), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_low_rank_linear_gradcheck(p: float) -> None:
+    x, w, bias = leaf(6, 8, seed=1), leaf(5, 8, seed=2), leaf(5, seed=3)
+    a, b = leaf(2, 8, seed=4), leaf(5, 2, seed=5)
+
+    def fn(*t: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(3)  # the same mask on every call
+        return LowRankLinear.apply(*t, 1.3, p)
+
+    assert torch.autograd.gradcheck(fn, (x, w, bias, a, b))
+
+
+def test_dropout_low_rank_matches_reference() -> None:
+    res, x = leaf(4, 3, 9, seed=1), leaf(4, 3, 7, seed=2)
+    a, b = leaf(2, 7, seed=3), leaf(9, 2, seed=4)
+    torch.manual_seed(11)
+    y = DropoutLowRank.apply(res, x, a, b, 0.5, 0.2)
+    torch.manual_seed(11)
+    keep = dropout_keep_mask(torch.Size([4, 3, 7]), 0.2, x.device)
+    ref = res + ((x * keep / 0.8) @ a.t() @ b.t()) * 0.5
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    for got, want in zip(grads(y, [res, x, a, b], g), grads(ref, [res, x, a, b], g), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_low_rank_add_under_autocast_keeps_dtypes() -> None:
+    x = torch.randn(6, 8, requires_grad=True)
+    a = torch.randn(2, 8, requires_grad=True)
+    b = torch.randn(4, 2, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = F.linear(x, torch.randn(4, 8))
+        y = low_rank_add(result, x, a, b, 0.5, dropout=0.1)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert a.grad is not None and a.grad.dtype == torch.float32 and b.grad is not None
+
+
+# ---- layers: fused forward equals the generic path ----------------------------------------------------
+def _generic(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    result = layer.base_layer(x)
+    for name in layer.active_adapters:
+        result = result + layer.adapter_output(x, name)
+    return result
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoraConfig(r=3, target_modules=["0"], init_lora_weights=False),
+        AdaLoraConfig(init_r=3, target_r=2, total_step=5, target_modules=["0"], init_lora_weights=False),
+        LoHaConfig(r=3, target_modules=["0"], init_weights=False),
+        LoKrConfig(r=3, target_modules=["0"], init_weights=False),
+    ],
+    ids=["lora", "adalora", "loha", "lokr"],
+)
+def test_fused_forward_equals_generic_path(config: object) -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(24, 20)), config)  # type: ignore[arg-type]
+    layer = model.base_model.model[0]
+    model.train()  # no dropout configured: train mode exercises the gradient-saving paths
+    x = torch.randn(5, 7, 24, requires_grad=True)
+    y = model(x)
+    ref = _generic(layer, x)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
+    g = torch.randn_like(y)
+    for got, want in zip(grads(y, params, g), grads(ref, params, g), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # Inference over many tokens folds ΔW into the weight on the fly (= what merging computes).
+    model.eval()
+    with torch.no_grad():
+        many = torch.randn(64, 7, 24)
+        torch.testing.assert_close(model(many), _generic(layer, many), atol=1e-5, rtol=1e-5)
+        model.merge_adapter()
+        merged = model(many)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(many), merged, atol=1e-6, rtol=1e-6)
+
+
+def test_merged_weight_choice() -> None:
+    x32, w32 = torch.randn(100, 64), torch.randn(64, 64)
+    assert merged_weight_pays(x32, w32, 100, None, 1e5, training=True)  # no factored path: merge
+    assert not merged_weight_pays(x32.bfloat16(), w32.bfloat16(), 100, None, 1e5, training=True)
+    # A factored term far cheaper than the weight-gradient GEMM wins in training...
+    assert not merged_weight_pays(x32, w32, 100, 10.0, 64 * 64, training=True)
+    # ...and in inference with one token, while many tokens amortise building W + ΔW.
+    assert not merged_weight_pays(x32[:1], w32, 1, 500.0, 64 * 64, training=False)
+    assert merged_weight_pays(x32, w32, 100, 500.0, 64 * 64, training=False)
+
+
+def test_module_dropout_skips_in_the_merged_path() -> None:
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(16, 16)),
+        LoHaConfig(r=8, target_modules=["0"], module_dropout=0.5, init_weights=False),
+    )
+    layer = model.base_model.model[0]
+    x = torch.randn(64, 16)
+    base, full = layer.base_layer(x), _generic(layer, x)
+    outcomes = set()
+    for _ in range(40):
+        y = model(x)
+        outcomes.add(
+            "skip" if torch.allclose(y, base) else "full" if torch.allclose(y, full, atol=1e-5) else "?"
+        )
+        y.sum().backward()  # a skipped step still reaches every adapter tensor (zero gradient)
+    assert outcomes == {"skip", "full"}
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_lokr_batched_reshape_matches_kron() -> None:
+    w1, w2 = torch.randn(4, 6, dtype=D64), torch.randn(5, 7, dtype=D64)
+    x = torch.randn(2, 3, 42, dtype=D64)
+    dense = (torch.kron(w1, w2) * 0.5).t()
+    torch.testing.assert_close(lokr_delta_forward(x, w1, 0.5, w2=w2), x @ dense)
+    w2a, w2b = torch.randn(5, 2, dtype=D64), torch.randn(2, 7, dtype=D64)
+    factored = (torch.kron(w1, w2a @ w2b) * 0.5).t()
+    torch.testing.assert_close(lokr_delta_forward(x, w1, 0.5, w2a=w2a, w2b=w2b), x @ factored)
+
+
+# ---- fast image path -------------------------------------------------------------------------------
+STATS = {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3], "size": {"height": 32, "width": 32}}
+
+
+def _jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    if orientation is None:
+        image.save(buffer, "JPEG", quality=95)
+    else:
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        image.save(buffer, "JPEG", quality=95, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_fast_transform_without_draft_equals_reference(train: bool, orientation: int | None) -> None:
+    data = _jpeg(60, 40, orientation)
+    reference = build_transforms(STATS, train)
+    fast = FastImageTransform.from_processor(STATS, train, draft=None)
+    torch.manual_seed(0)
+    want = collate_fn([{"pixel_values": reference(Image.open(io.BytesIO(data))), "labels": 1}])
+    torch.manual_seed(0)
+    got = fast.collate()([{"pixel_values": fast(data), "labels": 1}])
+    torch.testing.assert_close(got["pixel_values"], want["pixel_values"], atol=1e-5, rtol=0)
+    assert torch.equal(got["labels"], want["labels"])
+
+
+def test_fast_transform_draft_decodes_smaller_and_stays_close() -> None:
+    data = _jpeg(256, 256)
+    fast = FastImageTransform.from_processor(STATS, False, draft="image")
+    reference = build_transforms(STATS, False)
+    out = fast(data)
+    assert out.shape == (32, 32, 3) and out.dtype == torch.uint8
+    got = fast.collate()([{"pixel_values": out, "labels": 0}])["pixel_values"][0]
+    want = reference(Image.open(io.BytesIO(data)))
+    # Noise images resample differently at 1/8 scale; the means per channel still agree.
+    torch.testing.assert_close(got.mean(dim=(1, 2)), want.mean(dim=(1, 2)), atol=0.1, rtol=0)
+
+
+def test_fast_dataset_rows_and_collate(tmp_path: object) -> None:
+    from pathlib import Path
+
+    root = Path(str(tmp_path))
+    files = []
+    for i in range(3):
+        path = root / f"{i}.jpg"
+        path.write_bytes(_jpeg(48, 40))
+        files.append(path)
+    fast = FastImageTransform.from_processor(STATS, True)
+    data = TransformedDataset(ImagePathRows(files, [0, 1, 2]), fast)
+    batch = fast.collate()([data[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert batch["labels"].tolist() == [0, 1, 2]
+
+
+def test_fast_collate_rejects_float_pixels() -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        FastCollate([0.5] * 3, [0.5] * 3)([{"pixel_values": torch.zeros(3, 4, 4), "labels": 0}])
+    with pytest.raises(ValueError, match="draft"):
+        FastImageTransform(build_transforms(STATS, True), draft="half")
