@@ -7,23 +7,9 @@ import os
 
 import pytest
 import torch
-from transformers import ViTConfig, ViTForImageClassification
+from tiny import tiny_vit
 
 from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
-
-
-def tiny_vit() -> ViTForImageClassification:
-    torch.manual_seed(0)
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-    )
-    return ViTForImageClassification(cfg)
 
 
 # ---- configs ------------------------------------------------------------------------------------

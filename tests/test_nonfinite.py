@@ -11,41 +11,21 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
+from tiny import Blobs, tiny_vit
+from transformers import TrainerCallback
 
 from deltatune import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 from deltatune.train import DeltaTrainer, NonFiniteLossError, NonFiniteLossGuard, TrainingArguments
 from deltatune.train.resume import latest_complete_checkpoint, resolve_resume_checkpoint
 
 POISON_STEP = 5  # the optimiser step (1-based) whose input holds inf
+
+
+def NoisyBlobs(n: int, seed: int) -> Blobs:
+    return Blobs(n, seed, noise=1.0)
+
+
 SAVE_STEPS = 3  # checkpoint-3 is good; step 6 would save the poisoned state
-
-
-def tiny_vit() -> ViTForImageClassification:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-    )
-    return ViTForImageClassification(config)
-
-
-class Blobs(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, 3, (n,), generator=gen)
-        self.images = torch.randn(n, 3, 32, 32, generator=gen) + self.labels.view(-1, 1, 1, 1) * 0.4
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.images[i], "labels": self.labels[i]}
 
 
 class PoisonInputAt(TrainerCallback):
@@ -102,7 +82,7 @@ def poisoned_trainer(out: str, method: str, **kw: Any) -> tuple[PeftModel, Delta
         "disable_tqdm": True,
     }
     args = TrainingArguments(output_dir=out, **{**values, **kw})
-    trainer = DeltaTrainer(model, args, train_dataset=Blobs(64, 1))
+    trainer = DeltaTrainer(model, args, train_dataset=NoisyBlobs(64, 1))
     trainer.add_callback(PoisonInputAt(model, POISON_STEP))
     return model, trainer
 
@@ -117,7 +97,7 @@ def assert_last_good_checkpoint_loads(out: str) -> None:
     for name, tensor in loaded.state_dict().items():
         assert torch.isfinite(tensor).all(), name
     with torch.no_grad():
-        logits = loaded(pixel_values=Blobs(4, 3).images).logits
+        logits = loaded(pixel_values=NoisyBlobs(4, 3).images).logits
     assert torch.isfinite(logits).all()
 
 

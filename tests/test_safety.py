@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny import tiny_vit
 
 from deltatune import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from deltatune.registry import available_methods, get_method
@@ -39,8 +40,6 @@ def test_pickle_with_payload_is_refused(tmp_path):
 
 
 def test_legacy_bin_with_plain_tensors_loads(tmp_path):
-    from tests.test_errors import tiny_vit
-
     model = get_peft_model(tiny_vit(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
     model.save_pretrained(tmp_path, safe_serialization=False)
     assert (tmp_path / "adapter_model.bin").exists() and not (tmp_path / "adapter_model.safetensors").exists()

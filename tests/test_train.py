@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+from tiny import LABELS, Blobs, tiny_vit
+from transformers import ViTImageProcessor
 
 import deltatune.train.arguments as arguments_module
 from deltatune import AdaLoraConfig, LoHaConfig, LoraConfig, PeftModel, get_peft_model
@@ -24,31 +25,6 @@ from deltatune.train import (
     compute_classification_metrics,
     load_label_maps,
 )
-
-VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
-LABELS = {0: "zero", 1: "one", 2: "two"}
-
-
-def tiny_vit(seed: int = 0, **overrides: int) -> ViTForImageClassification:
-    torch.manual_seed(seed)
-    config = ViTConfig(**{**VIT, **overrides}, image_size=32, patch_size=8, num_labels=3)
-    config.id2label, config.label2id = dict(LABELS), {v: k for k, v in LABELS.items()}
-    return ViTForImageClassification(config)
-
-
-class Blobs(torch.utils.data.Dataset):
-    """(3, 32, 32) images whose mean brightness depends on the class; rows {"pixel_values", "labels"}."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, 3, (n,), generator=gen)
-        self.images = torch.randn(n, 3, 32, 32, generator=gen) * 0.5 + self.labels.view(-1, 1, 1, 1) * 0.4
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.images[i], "labels": self.labels[i]}
 
 
 def make_args(out: str, **kw: object) -> TrainingArguments:

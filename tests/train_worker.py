@@ -26,7 +26,10 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
+from transformers import TrainerCallback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny import Blobs, tiny_vit
 
 from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from deltatune.train import DeltaTrainer, NonFiniteLossError, TrainingArguments
@@ -51,35 +54,6 @@ SCENARIOS: dict[str, tuple[type, dict[str, Any], int | None, dict[str, Any]]] = 
     # inf in the last process's input at step 3: every process must stop there, before checkpoint-4
     "lora_nan": (LoraConfig, {"r": 4, "lora_alpha": 8}, 3, {"save_strategy": "steps", "save_steps": 2}),
 }
-
-
-def tiny_vit() -> ViTForImageClassification:
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-    )
-    return ViTForImageClassification(config)
-
-
-class Blobs(torch.utils.data.Dataset):
-    """(3, 32, 32) images whose brightness depends on the class; rows {"pixel_values", "labels"}."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, 3, (n,), generator=gen)
-        self.images = torch.randn(n, 3, 32, 32, generator=gen) * 0.5 + self.labels.view(-1, 1, 1, 1) * 0.4
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.images[i], "labels": self.labels[i]}
 
 
 def make_args(out: str, **kw: Any) -> TrainingArguments:

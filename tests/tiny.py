@@ -1,0 +1,43 @@
+"""The tiny random ViT and the synthetic "blobs" data the training, error and DDP tests share.
+
+Kept apart from conftest.py so that subprocess scripts (``train_worker.py``) can import it too.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+TINY_VIT_CONFIG = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "image_size": 32,
+    "patch_size": 8,
+    "num_labels": 3,
+}
+LABELS = {0: "zero", 1: "one", 2: "two"}
+
+
+def tiny_vit(seed: int = 0, **overrides: int) -> ViTForImageClassification:
+    """A two-layer random ViT (32 px, 3 labels), bit-identical for the same seed; in train mode."""
+    torch.manual_seed(seed)
+    config = ViTConfig(**{**TINY_VIT_CONFIG, **overrides})
+    config.id2label, config.label2id = dict(LABELS), {v: k for k, v in LABELS.items()}
+    return ViTForImageClassification(config)
+
+
+class Blobs(torch.utils.data.Dataset):
+    """(3, 32, 32) images whose mean brightness depends on the class; rows {"pixel_values", "labels"}."""
+
+    def __init__(self, n: int, seed: int, noise: float = 0.5) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 3, (n,), generator=gen)
+        self.images = torch.randn(n, 3, 32, 32, generator=gen) * noise + self.labels.view(-1, 1, 1, 1) * 0.4
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
