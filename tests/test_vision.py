@@ -209,6 +209,25 @@ def test_saved_hub_dataset_with_classlabel_and_string_labels(tmp_path: Path) -> 
     pickle.loads(pickle.dumps(TransformedDataset(bundle.train, build_transforms(STATS, train=True))))
 
 
+def test_label_outside_the_label_map_is_refused(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    images = [_image("RGB", (8, 8), i) for i in range(6)]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x", "y"])})
+    split = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"image": images[:4], "label": [0, 1, 0, 1]}, features=features
+            ),
+            "test": datasets.Dataset.from_dict({"image": images[4:], "label": [1, -1]}, features=features),
+        }
+    )
+    split.save_to_disk(str(tmp_path / "unlabeled"))
+    with pytest.raises(ValueError) as info:
+        load_image_dataset(str(tmp_path / "unlabeled"))
+    message = str(info.value)
+    assert "[-1]" in message and "outside the label map 0..1" in message and "--label_column" in message
+
+
 # ---- transforms -----------------------------------------------------------------------------------------------
 
 

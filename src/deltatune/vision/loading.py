@@ -290,6 +290,14 @@ def _load_hub(
     label_map: dict[Any, int] | None = None
     if type(feature).__name__ == "ClassLabel":
         class_names = list(feature.names)
+        seen = set(train.unique(label)) | set(evaluation.unique(label))
+        outside = sorted(int(v) for v in seen if not 0 <= int(v) < len(class_names))
+        if outside:
+            raise ValueError(
+                f"label column {label!r} holds {outside[:5]}, outside the label map 0..{len(class_names) - 1} "
+                f"({len(class_names)} classes: {class_names[:5]}...); unlabeled rows (often -1) must be "
+                "dropped before training, or pick another --label_column"
+            )
     else:
         values = sorted(
             set(train.unique(label)) | set(evaluation.unique(label)), key=lambda v: (str(type(v)), v)
