@@ -143,7 +143,7 @@ def test_fused_forward_equals_generic_path(config: object) -> None:
         model.merge_adapter()
         merged = model(many)
         model.unmerge_adapter()
-        torch.testing.assert_close(model(many), merged, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model(many), merged, atol=1e-4, rtol=1e-5)
 
 
 def test_merged_weight_choice() -> None:

@@ -285,9 +285,12 @@ class LoraLayer(AdapterLayer):
         needs_grad = torch.is_grad_enabled() and (a_w.requires_grad or b_w.requires_grad)
         plain = is_plain(self.base_layer, (nn.Linear,))
         if plain and p == 0 and low_rank_merge_pays(x, self.base_weight, a_w.shape[0], needs_grad):
-            # Inference over many tokens: one GEMM with W + ΔW (what merging would compute).
-            delta = self.delta_weight(adapter_name).to(self.base_weight.dtype)
-            return self.base_forward_with_weight(x, self.base_weight + delta, self.base_bias)
+            # Inference over many tokens: one GEMM with W + s B A (what merging computes), built by one addmm.
+            weight = self.base_weight
+            merged = torch.addmm(
+                weight, b_w.to(weight.dtype), a_w.to(weight.dtype), alpha=self.scaling[adapter_name]
+            )
+            return self.base_forward_with_weight(x, merged, self.base_bias)
         return low_rank_linear(self.base_layer, x, a_w, b_w, self.scaling[adapter_name], p)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
