@@ -20,21 +20,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from tiny import TINY_VIT_CONFIG
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
 import deltatune
 from deltatune.layers import AdapterLayer
-
-TINY_VIT_CONFIG = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "image_size": 32,
-    "patch_size": 8,
-    "num_labels": 3,
-}
 
 
 class MLP(nn.Module):
