@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import Blobs, tiny_vit
+from tiny import QUIET_CPU_ARGS, Blobs, tiny_vit
 from transformers import TrainerCallback
 
 from deltatune import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
@@ -74,12 +74,7 @@ def poisoned_trainer(out: str, method: str, **kw: Any) -> tuple[PeftModel, Delta
         "logging_steps": 100,  # nothing logs before the failure: the check before the save must catch it
         "per_device_train_batch_size": 4,
         "learning_rate": 1e-2,
-        "label_names": ["labels"],
-        "remove_unused_columns": False,
-        "report_to": "none",
-        "use_cpu": True,
-        "seed": 0,
-        "disable_tqdm": True,
+        **QUIET_CPU_ARGS,
     }
     args = TrainingArguments(output_dir=out, **{**values, **kw})
     trainer = DeltaTrainer(model, args, train_dataset=NoisyBlobs(64, 1))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from tiny import LABELS, Blobs, tiny_vit
+from tiny import LABELS, QUIET_CPU_ARGS, Blobs, tiny_vit
 from transformers import ViTImageProcessor
 
 import deltatune.train.arguments as arguments_module
@@ -37,12 +37,7 @@ def make_args(out: str, **kw: object) -> TrainingArguments:
         "gradient_accumulation_steps": 2,
         "num_train_epochs": 3,
         "logging_steps": 2,
-        "label_names": ["labels"],
-        "remove_unused_columns": False,
-        "report_to": "none",
-        "use_cpu": True,
-        "seed": 0,
-        "disable_tqdm": True,
+        **QUIET_CPU_ARGS,
     }
     base.update(kw)
     return TrainingArguments(output_dir=out, **base)  # type: ignore[arg-type]

@@ -18,6 +18,15 @@ TINY_VIT_CONFIG = {
     "num_labels": 3,
 }
 LABELS = {0: "zero", 1: "one", 2: "two"}
+#: TrainingArguments every training test shares: deterministic, on the CPU, no reporting or progress bars.
+QUIET_CPU_ARGS = {
+    "label_names": ["labels"],
+    "remove_unused_columns": False,
+    "report_to": "none",
+    "use_cpu": True,
+    "seed": 0,
+    "disable_tqdm": True,
+}
 
 
 def tiny_vit(seed: int = 0, **overrides: int) -> ViTForImageClassification:

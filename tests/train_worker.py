@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny import Blobs, tiny_vit
+from tiny import QUIET_CPU_ARGS, Blobs, tiny_vit
 
 from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
 from deltatune.train import DeltaTrainer, NonFiniteLossError, TrainingArguments
@@ -61,12 +61,7 @@ def make_args(out: str, **kw: Any) -> TrainingArguments:
         "learning_rate": 1e-2,
         "logging_steps": 1,
         "save_strategy": "no",
-        "label_names": ["labels"],
-        "remove_unused_columns": False,
-        "report_to": "none",
-        "use_cpu": True,
-        "seed": 0,
-        "disable_tqdm": True,
+        **QUIET_CPU_ARGS,
         "dataloader_num_workers": 0,
     }
     values.update(kw)
