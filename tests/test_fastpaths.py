@@ -251,3 +251,65 @@ def test_fast_collate_rejects_float_pixels() -> None:
         FastCollate([0.5] * 3, [0.5] * 3)([{"pixel_values": torch.zeros(3, 4, 4), "labels": 0}])
     with pytest.raises(ValueError, match="draft"):
         FastImageTransform(build_transforms(STATS, True), draft="half")
+
+
+def _jpeg_folder(root: object, per_class: int = 3) -> object:
+    from pathlib import Path
+
+    base = Path(str(root))
+    for c in ("a", "b"):
+        (base / c).mkdir(parents=True)
+        for i in range(per_class):
+            (base / c / f"{i}.jpg").write_bytes(_jpeg(64, 48))
+    return base
+
+
+def test_undecoded_keeps_images_lazy_for_every_source(tmp_path: object) -> None:
+    import datasets
+
+    from deltatune.vision import HubSplit, ImageFolderDataset, SubsetDataset, undecoded
+
+    root = _jpeg_folder(tmp_path)
+    folder = ImageFolderDataset.from_directory(root)  # type: ignore[arg-type]
+    rows = undecoded(folder)
+    assert isinstance(rows, ImagePathRows) and rows[4] == {"image": folder.files[4], "label": 1}
+    subset = undecoded(SubsetDataset(folder, [5, 0]))
+    assert isinstance(subset.dataset, ImagePathRows) and subset[0]["image"] == folder.files[5]
+
+    hub = datasets.Dataset.from_dict(
+        {"img": folder.files, "y": folder.labels},
+        features=datasets.Features({"img": datasets.Image(), "y": datasets.Value("int64")}),
+    )
+    split = HubSplit(hub, "img", "y")
+    lazy = undecoded(split)
+    assert lazy is not split and lazy.dataset.features["img"].decode is False
+    image = lazy[2]["image"]
+    assert image.format == "JPEG" and image.tile, "not decoded yet, so draft mode can still shrink it"
+    assert undecoded(lazy) is lazy
+    in_memory = [{"image": Image.new("RGB", (8, 8)), "label": 0}]
+    assert undecoded(in_memory) is in_memory
+
+
+@pytest.mark.parametrize("pipeline", ["fast", "standard"])
+def test_image_datasets_pipelines_agree(tmp_path: object, pipeline: str) -> None:
+    from deltatune.vision import image_datasets, load_image_dataset
+
+    bundle = load_image_dataset(str(_jpeg_folder(tmp_path, per_class=4)), validation_split=0.5)
+    train, evaluation, collate = image_datasets(bundle, STATS, pipeline)
+    batch = collate([evaluation[i] for i in range(len(evaluation))])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
+    assert collate([train[0], train[1]])["pixel_values"].shape == (2, 3, 32, 32)
+    reference = collate_fn(
+        [
+            {"pixel_values": build_transforms(STATS, False)(r["image"]), "labels": r["label"]}
+            for r in bundle.eval
+        ]
+    )
+    assert torch.equal(batch["labels"], reference["labels"])
+    # the fast path decodes at reduced size (64 → 32 px for a 32 px model): close, not equal
+    atol = 1e-5 if pipeline == "standard" else 0.5
+    torch.testing.assert_close(batch["pixel_values"], reference["pixel_values"], atol=atol, rtol=0)
+    with pytest.raises(
+        ValueError, match=r"data pipeline 'turbo' is not valid; choose one of 'fast', 'standard'"
+    ):
+        image_datasets(bundle, STATS, "turbo")

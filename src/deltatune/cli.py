@@ -111,7 +111,9 @@ def _train(argv: list[str]) -> int:
             f"[bold]deltatune train[/] {spec.name} · model {parsed.model} · dataset {parsed.dataset} · "
             f"recipe {parsed.recipe} · output {out}"
         )
-    result = run_training(spec, args, num_threads=parsed.options.num_threads)
+    result = run_training(
+        spec, args, num_threads=parsed.options.num_threads, precision=parsed.options.precision
+    )
     if not main_process:
         return 0
     console.print(_metrics_table([result.metrics], f"{spec.name} on {parsed.dataset}"))
@@ -143,7 +145,13 @@ def _compare(argv: list[str]) -> int:
     with open(os.path.join(out, "deltatune_run.json"), "w", encoding="utf-8") as fh:
         json.dump({"kind": "compare", "model": parsed.model, "dataset": parsed.dataset}, fh)
     runs = plan_runs(lambda m, **kw: run_spec(parsed, m, strict=False, **kw), o.methods, o.baselines)
-    rows = compare_runs(runs, args, full_learning_rate=o.full_learning_rate, num_threads=o.num_threads)
+    rows = compare_runs(
+        runs,
+        args,
+        full_learning_rate=o.full_learning_rate,
+        num_threads=o.num_threads,
+        precision=o.precision,
+    )
     title = f"{os.path.basename(parsed.model.rstrip('/'))} on {parsed.dataset}, seed {args.seed}"
     _console().print(_metrics_table(rows, title))
     paths = write_compare(rows, out, title)

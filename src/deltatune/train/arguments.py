@@ -29,8 +29,11 @@ __all__ = [
     "precision_label",
 ]
 
-#: Below this many parameters a CPU run uses one thread unless told otherwise (see :func:`cpu_threads`).
+#: Below this many parameters a CPU run uses one thread unless told otherwise, when its forward cost is
+#: unknown (see :func:`cpu_threads`).
 SMALL_MODEL_PARAMETERS = 20_000_000
+#: Below this forward cost (GFLOP per example) a CPU run uses one thread unless told otherwise.
+SMALL_MODEL_GFLOP = 0.1
 
 #: Old TrainingArguments keyword → transformers 5 keyword.
 LEGACY_ARGUMENT_NAMES = {"evaluation_strategy": "eval_strategy"}
@@ -70,13 +73,18 @@ def accelerator_name() -> str | None:
 
 
 @contextmanager
-def cpu_threads(model: torch.nn.Module, requested: int | None, use_cpu: bool) -> Iterator[int]:
+def cpu_threads(
+    model: torch.nn.Module, requested: int | None, use_cpu: bool, gflop: float | None = None
+) -> Iterator[int]:
     """Sets torch's CPU thread count for a run and restores it afterwards; yields the count used.
 
-    ``requested`` wins when given. Otherwise a model under 20M parameters trained on the CPU (and with
-    ``OMP_NUM_THREADS`` unset) uses one thread: its matrix products are too small to gain from more, and
-    on a busy machine extra threads spin and wait for cores (measured: 5.5 s vs about 100 s for one
-    epoch of the offline default on two cores shared with other work).
+    ``requested`` wins when given. Otherwise a small model trained on the CPU (and with ``OMP_NUM_THREADS``
+    unset) uses one thread: its matrix products are too small to gain from more, and on a busy machine
+    extra threads spin and wait for cores (measured: 5.5 s vs about 100 s for one epoch of the offline
+    default, 0.03 GFLOP per example, on two cores shared with other work). Small means a forward cost
+    ``gflop`` (per example) under :data:`SMALL_MODEL_GFLOP` (measured on a quiet 2-core machine: a
+    0.16 GFLOP ViT already steps 1.4x faster on two threads), or, when the cost is unknown, fewer than
+    :data:`SMALL_MODEL_PARAMETERS` parameters.
     """
     previous = torch.get_num_threads()
     on_cpu = use_cpu or accelerator_name() is None
@@ -84,10 +92,14 @@ def cpu_threads(model: torch.nn.Module, requested: int | None, use_cpu: bool) ->
         torch.set_num_threads(requested)
     elif on_cpu and "OMP_NUM_THREADS" not in os.environ and previous > 1:
         size = sum(p.numel() for p in model.parameters())
-        if size < SMALL_MODEL_PARAMETERS:
+        small = gflop < SMALL_MODEL_GFLOP if gflop is not None else size < SMALL_MODEL_PARAMETERS
+        if small:
             torch.set_num_threads(1)
+            cost = f"{gflop:.2f} GFLOP per example, " if gflop is not None else ""
             logger.info(
-                "CPU threads: 1 (a %.1fM-parameter model trains fastest single-threaded; --num_threads N changes it)",
+                "CPU threads: 1 (a small model, %s%.1fM parameters, trains fastest single-threaded; "
+                "--num_threads N changes it)",
+                cost,
                 size / 1e6,
             )
     try:

@@ -15,8 +15,10 @@ from transformers import HfArgumentParser
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..registry import available_methods
-from .arguments import TrainingArguments, accelerator_name, map_legacy_kwargs
+from ..vision.fast import DATA_PIPELINES
+from .arguments import TrainingArguments, map_legacy_kwargs
 from .flags import adapter_kwargs_for, add_adapter_flags, closest_flags
+from .precision import PRECISION_CHOICES
 from .recipe import GUIDE_DATASET, GUIDE_MODEL, GUIDE_TRAINING_DEFAULTS, RUN_RECORD_NAME, RunSpec
 from .resume import latest_complete_checkpoint
 
@@ -133,6 +135,26 @@ def build_run_parser(command: str) -> HfArgumentParser:
         default=None,
         help="torch CPU threads; unset: 1 for a small model on a CPU",
     )
+    ours.add_argument(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default="auto",
+        help="auto: bf16 autocast on a CPU with native bfloat16 when the model is big enough to gain, "
+        "bf16 (else fp16) on a CUDA GPU, fp32 otherwise; the choice is logged",
+    )
+    ours.add_argument(
+        "--no_bf16",
+        dest="precision",
+        action="store_const",
+        const="fp32",
+        help="train in fp32 (same as --precision fp32)",
+    )
+    ours.add_argument(
+        "--data_pipeline",
+        choices=DATA_PIPELINES,
+        default="fast",
+        help="fast: JPEGs decoded at reduced size, uint8 until the batch; standard: full decode, float per image",
+    )
     add_adapter_flags(parser)
     return parser
 
@@ -144,9 +166,7 @@ def _recipe_defaults(recipe: str) -> dict[str, Any]:
     if recipe == "offline":
         defaults.update(OFFLINE_TRAINING_DEFAULTS)
         defaults["logging_steps"] = 5
-    elif accelerator_name() == "cuda":
-        defaults["fp16"] = True  # the guide trains in fp16 on a GPU
-    return defaults
+    return defaults  # precision: --precision auto picks bf16/fp16 on a GPU (the guide uses fp16)
 
 
 def parse_run(command: str, argv: list[str]) -> ParsedRun:
@@ -182,6 +202,9 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
     if command == "train":
         adapter_kwargs_for(options.method, options)  # refuse flags of other methods up front
     training_kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
+    mixed = "bf16" if training_kwargs.get("bf16") else "fp16" if training_kwargs.get("fp16") else None
+    if mixed and options.precision not in ("auto", mixed):
+        raise CommandError(f"--{mixed} contradicts --precision {options.precision}; pass only one of them")
     if not training_kwargs.get("output_dir"):
         name = (
             OFFLINE_BACKBONE_NAME
@@ -222,6 +245,7 @@ def run_spec(parsed: ParsedRun, method: str | None, strict: bool = True, **overr
         "validation_split": o.validation_split,
         "max_train_samples": o.max_train_samples,
         "max_eval_samples": o.max_eval_samples,
+        "data_pipeline": o.data_pipeline,
     }
     fields.update(overrides)
     return RunSpec(**fields)

@@ -52,7 +52,9 @@ def _release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _warm_up(spec: RunSpec, args: transformers.TrainingArguments, num_threads: int | None) -> None:
+def _warm_up(
+    spec: RunSpec, args: transformers.TrainingArguments, num_threads: int | None, precision: str
+) -> None:
     """Two unreported steps first, so one-time allocations (thread pools, autograd buffers, allocator
     arenas) do not count as the first run's peak resident memory."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,7 +68,7 @@ def _warm_up(spec: RunSpec, args: transformers.TrainingArguments, num_threads: i
             logging_strategy="no",
             resume_from_checkpoint=None,
         )
-        run_training(spec, warm, write_report=False, num_threads=num_threads)
+        run_training(spec, warm, write_report=False, num_threads=num_threads, precision=precision)
     _release_memory()
 
 
@@ -81,11 +83,14 @@ def compare_runs(
     full_learning_rate: float | None = None,
     progress: bool = True,
     num_threads: int | None = None,
+    precision: str = "auto",
 ) -> list[dict[str, Any]]:
     """Trains every run with the same arguments and seed (each in ``output_dir/<name>``).
 
     Full fine-tuning uses ``full_learning_rate`` (default: the learning rate / 10). Checkpoints are not
     written and the final weights are evaluated. On a CPU, two unreported warm-up steps come first.
+    ``precision`` is resolved per run (see :func:`~deltatune.train.recipe.run_training`); every run shares
+    the base model, so "auto" picks the same for all.
 
     Returns:
         One row per run: name, kind, trainable params and %, accuracy, train time, peak memory.
@@ -93,7 +98,7 @@ def compare_runs(
     from tqdm.auto import tqdm
 
     if runs and not torch.cuda.is_available():
-        _warm_up(runs[0], args, num_threads)
+        _warm_up(runs[0], args, num_threads, precision)
     rows: list[dict[str, Any]] = []
     for spec in tqdm(runs, desc="compare", unit="run", disable=not progress):
         overrides: dict[str, Any] = {
@@ -106,7 +111,9 @@ def compare_runs(
             overrides["learning_rate"] = full_learning_rate or args.learning_rate / 10
         run_args = dataclasses.replace(args, **overrides)
         logger.info("compare: training %s", spec.name)
-        result = run_training(spec, run_args, write_report=spec.baseline is None, num_threads=num_threads)
+        result = run_training(
+            spec, run_args, write_report=spec.baseline is None, num_threads=num_threads, precision=precision
+        )
         m = result.metrics
         rows.append(
             {

@@ -22,9 +22,10 @@ from torch import nn
 
 from .. import get_method, get_peft_model
 from ..model import PeftModel
-from .arguments import cpu_threads
+from .arguments import accelerator_name, cpu_threads
 from .callbacks import rank_summary
 from .checkpoint import is_adalora, save_label_maps
+from .precision import forward_gflop, resolve_precision
 from .report import model_card, rank_heatmap, training_curve
 from .trainer import DeltaTrainer
 
@@ -80,6 +81,8 @@ class RunSpec:
         random_backbone: Start from randomly initialised weights of the same architecture.
         image_column, label_column, validation_split, max_train_samples, max_eval_samples: Data options
             (see :func:`deltatune.vision.load_image_dataset`).
+        data_pipeline: ``"fast"`` (reduced-size JPEG decoding, uint8 until the batch; the default) or
+            ``"standard"`` (see :func:`deltatune.vision.image_datasets`).
     """
 
     method: str | None
@@ -93,6 +96,7 @@ class RunSpec:
     validation_split: float = 0.1
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    data_pipeline: str = "fast"
 
     @property
     def name(self) -> str:
@@ -113,6 +117,7 @@ class RunSpec:
             "validation_split": self.validation_split,
             "max_train_samples": self.max_train_samples,
             "max_eval_samples": self.max_eval_samples,
+            "data_pipeline": self.data_pipeline,
         }
 
 
@@ -278,6 +283,7 @@ def run_training(
     write_report: bool = True,
     callbacks: list[Any] | None = None,
     num_threads: int | None = None,
+    precision: str = "auto",
 ) -> RunResult:
     """Trains ``spec`` with ``args`` and writes the adapter, labels, metrics, plots and model card.
 
@@ -288,8 +294,11 @@ def run_training(
         write_report: Write metrics.json, the PNGs and README.md (``compare`` turns it off for baselines).
         callbacks: Extra Trainer callbacks.
         num_threads: CPU threads for torch (default: see :func:`deltatune.train.arguments.cpu_threads`).
+        precision: ``"auto"`` (bf16/fp16 autocast where it pays, see :mod:`deltatune.train.precision`),
+            ``"fp32"``, ``"bf16"`` or ``"fp16"``; an explicit ``args.bf16``/``args.fp16`` wins. ``args`` is
+            updated in place.
     """
-    from ..vision import TransformedDataset, build_transforms, collate_fn, load_image_dataset
+    from ..vision import image_datasets, load_image_dataset
 
     with args.main_process_first(desc="loading the dataset"):  # one download/cache build under torchrun
         bundle = load_image_dataset(
@@ -302,20 +311,24 @@ def run_training(
             max_eval_samples=spec.max_eval_samples,
         )
     base, processor = build_base_model(spec.model, bundle.id2label, spec.random_backbone, args.seed)
+    train_ds, eval_ds, collate = image_datasets(bundle, processor, spec.data_pipeline)
+    on_cpu = bool(getattr(args, "use_cpu", False)) or accelerator_name() is None
+    gflop = forward_gflop(base, collate([eval_ds[0]])) if on_cpu else None  # decides threads and bf16
+    resolve_precision(args, precision, gflop)
+    if on_cpu:
+        args.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns on every loader)
     head = find_head(base, bundle.num_labels)
     if head is None and spec.method is not None and "modules_to_save" not in spec.adapter_kwargs:
         logger.warning("no classification head found to train; pass --modules_to_save with its module name")
     total_steps = planned_steps(args, len(bundle.train))
     model = _prepare_model(spec, base, head, total_steps)
-    train_ds = TransformedDataset(bundle.train, build_transforms(processor, train=True))
-    eval_ds = TransformedDataset(bundle.eval, build_transforms(processor, train=False))
     trainer = DeltaTrainer(
         model,
         args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=processor,
-        data_collator=collate_fn,
+        data_collator=collate,
         callbacks=callbacks,
     )
     output_dir = str(args.output_dir)
@@ -324,7 +337,7 @@ def run_training(
     if main_process:
         _write_json(os.path.join(output_dir, RUN_RECORD_NAME), {**spec.record(), "seed": args.seed})
     resume = args.resume_from_checkpoint
-    with cpu_threads(base, num_threads, bool(getattr(args, "use_cpu", False))):
+    with cpu_threads(base, num_threads, on_cpu, gflop):
         with PeakMemory() as memory:
             train_output = trainer.train(resume_from_checkpoint=resume)
         eval_metrics = trainer.evaluate()

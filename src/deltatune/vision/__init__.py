@@ -11,6 +11,14 @@ Example:
     >>> evaluation = TransformedDataset(data.eval, build_transforms(processor, train=False))
 """
 
+from .fast import (
+    DATA_PIPELINES,
+    FastCollate,
+    FastImageTransform,
+    ImagePathRows,
+    image_datasets,
+    undecoded,
+)
 from .folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from .loading import (
     HubSplit,
@@ -39,25 +47,31 @@ from .transforms import (
 )
 
 __all__ = [
+    "DATA_PIPELINES",
     "IMAGE_EXTENSIONS",
     "OFFLINE_BACKBONE_DIR",
     "OFFLINE_BACKBONE_NAME",
     "OFFLINE_DEFAULT",
     "OFFLINE_TRAINING_DEFAULTS",
     "DigitsDataset",
+    "FastCollate",
+    "FastImageTransform",
     "HubSplit",
     "ImageDatasetBundle",
     "ImageFolderDataset",
+    "ImagePathRows",
     "ImageTransform",
     "SubsetDataset",
     "TransformedDataset",
     "build_transforms",
     "collate_fn",
     "detect_columns",
+    "image_datasets",
     "is_offline_default",
     "load_image_dataset",
     "offline_default_model_dir",
     "resolve_size",
     "stratified_split",
     "to_rgb",
+    "undecoded",
 ]

@@ -6,6 +6,7 @@ source's own column names, with ``label2id``/``id2label`` built from the class n
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -102,6 +103,17 @@ class HubSplit:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def undecoded(self) -> HubSplit:
+        """This split with a ``datasets.Image`` column left undecoded (rows then hold lazily opened images,
+        which :class:`~deltatune.vision.fast.FastImageTransform` decodes at reduced size); ``self`` when
+        the column is not an ``Image`` feature or is undecoded already."""
+        feature = self.dataset.features.get(self.image_column)
+        if type(feature).__name__ != "Image" or getattr(feature, "decode", True) is False:
+            return self
+        clone = copy.copy(self)
+        clone.dataset = self.dataset.cast_column(self.image_column, type(feature)(decode=False))
+        return clone
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.dataset[int(index)]
