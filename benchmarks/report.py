@@ -101,6 +101,35 @@ def infer_table(infer: dict[str, Any], methods: list[str]) -> str:
     return _table(header, rows)
 
 
+def merged_table(merged: dict[str, Any], methods: list[str]) -> str:
+    header = ["method", "deltatune merged/base", "IQR", "peft merged/base", "IQR", "pairs"]
+    header += ["FLOPs dt/base", "dt bound", "peft bound"]
+    rows = []
+    for m in methods:
+        dt, pf = merged.get(f"deltatune/{m}"), merged.get(f"peft/{m}")
+        if dt is None or pf is None:
+            continue
+        iqr = lambda r: f"{r['p25']:.3f}-{r['p75']:.3f}"  # noqa: E731
+        rows.append(
+            [
+                m,
+                f"{dt['ratio']:.3f}x",
+                iqr(dt),
+                f"{pf['ratio']:.3f}x",
+                iqr(pf),
+                str(dt["pairs"]),
+                f"{dt['flops_ratio']:.6f}",
+                f"{dt['overhead_bound']:.4f}x",
+                f"{pf['overhead_bound']:.4f}x",
+            ]
+        )
+    note = (
+        "bound: 1 + (time the merged adapter wrappers add per forward, measured on one-token inputs) / (base "
+        "forward time); with equal FLOPs this bounds the merged/base ratio independently of machine noise"
+    )
+    return _table(header, rows) + "\n" + note
+
+
 def memory_table(memory: dict[str, Any], methods: list[str]) -> str:
     cuda = "peak_cuda_mib" in memory.get("floor", {})
     key, before_key = ("peak_cuda_mib", "cuda_before_mib") if cuda else ("peak_rss_mib", "rss_before_mib")
@@ -159,6 +188,9 @@ def format_report(result: dict[str, Any], methods: list[str]) -> str:
     if "infer" in result:
         lines += ["", "Inference latency (eval, no grad), ms and ratio to the bare base model"]
         lines.append(infer_table(result["infer"], methods))
+    if "merged" in result:
+        lines += ["", "Merged inference vs the bare base, paired steps (median of per-pair ratios)"]
+        lines.append(merged_table(result["merged"], methods))
     if "memory" in result:
         lines += ["", "Peak memory of a training step"]
         lines.append(memory_table(result["memory"], methods))

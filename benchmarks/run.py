@@ -57,7 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS)
     )
     p.add_argument(
-        "--workloads", default="train,infer,memory", help="comma-separated subset of train,infer,memory"
+        "--workloads",
+        default="train,infer,merged,memory",
+        help="comma-separated subset of train,infer,merged,memory",
+    )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="merged: alternating base/merged pairs (default 30; 6 with --quick)",
     )
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; 2 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round (default 3)")
@@ -79,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch = args.batch or (2 if args.quick else 8)
     args.repeats = args.repeats or (2 if args.quick else 5)
     args.steps = args.steps or (2 if args.quick else 3)
+    args.pairs = args.pairs or (6 if args.quick else 30)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.bf16 = args.device.startswith("cuda") if args.bf16 is None else args.bf16
     args.threads = args.threads or len(os.sched_getaffinity(0))
@@ -176,6 +185,85 @@ def bench_infer(variants: dict[str, Variant], args: argparse.Namespace, settings
         set_merged(variant(key), key.endswith(":merged"))
 
     return interleave(names, lambda k: infer_step(variant(k), pixels, settings), args, settings, prepare)
+
+
+def bench_merged(
+    variants: dict[str, Variant], args: argparse.Namespace, settings: Settings
+) -> dict[str, Any]:
+    """Merged inference vs the bare base, resolved step by step: for each adapter, ``args.pairs`` pairs of
+    one base forward and one merged forward back to back (order flipped every pair), and the median of the
+    per-pair ratios. Adjacent steps share the machine's state, so this resolves ratios near 1.00 that the
+    round-robin ``infer`` workload (whole rounds apart) cannot."""
+    pixels, _ = make_inputs(settings)
+    base = variants["floor"]
+    base.model.eval()
+    clock = time.process_time if args.timer == "cpu" else time.perf_counter
+    out: dict[str, Any] = {}
+    for name, v in variants.items():
+        if v.library not in LIBRARIES:
+            continue
+        v.model.eval()
+        v.optimizer = None
+        set_merged(v, True)
+        for _ in range(args.warmup):
+            infer_step(v, pixels, settings)
+            infer_step(base, pixels, settings)
+        ratios = []
+        for i in range(args.pairs):
+            first, second = (v, base) if i % 2 == 0 else (base, v)
+            t_first = timed(lambda m=first: infer_step(m, pixels, settings), settings, clock)
+            t_second = timed(lambda m=second: infer_step(m, pixels, settings), settings, clock)
+            merged_t, base_t = (t_first, t_second) if i % 2 == 0 else (t_second, t_first)
+            ratios.append(merged_t / base_t)
+        flops = _forward_flops(v.model, pixels) / _forward_flops(base.model, pixels)
+        dispatch_s = _wrapper_overhead_s(v.model)
+        base_s = statistics.median(
+            timed(lambda: infer_step(base, pixels, settings), settings) for _ in range(3)
+        )
+        set_merged(v, False)
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out[name] = {
+            "ratio": statistics.median(ratios),
+            "p25": q[0],
+            "p75": q[2],
+            "pairs": len(ratios),
+            "flops_ratio": flops,
+            "wrapper_overhead_s": dispatch_s,
+            "overhead_bound": 1.0 + dispatch_s / base_s,
+        }
+    return out
+
+
+def _forward_flops(model: torch.nn.Module, pixels: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(pixel_values=pixels)
+    return float(counter.get_total_flops())
+
+
+def _wrapper_overhead_s(model: torch.nn.Module, calls: int = 2000) -> float:
+    """Extra time per forward that the adapter wrappers add on top of their base layers when merged:
+    each wrapper is called on a one-token input (so the Python dispatch is all that is measured) against
+    its own base layer, the difference summed over wrappers."""
+    total = 0.0
+    wrappers = [m for m in model.modules() if isinstance(getattr(m, "base_layer", None), torch.nn.Module)]
+    with torch.inference_mode():
+        for wrapper in wrappers:
+            base_layer = wrapper.base_layer
+            features = getattr(base_layer, "in_features", None)
+            if features is None:
+                continue
+            x = torch.zeros(1, 1, features)
+            best = {}
+            for fn in (wrapper, base_layer, wrapper, base_layer):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn(x)
+                elapsed = (time.perf_counter() - t0) / calls
+                best[id(fn)] = min(best.get(id(fn), elapsed), elapsed)
+            total += max(0.0, best[id(wrapper)] - best[id(base_layer)])
+    return total
 
 
 def reset_peak_rss() -> bool:
@@ -290,20 +378,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "repeats": args.repeats,
             "steps": args.steps,
             "warmup": args.warmup,
+            "pairs": args.pairs,
             "timer": args.timer,
         },
         "environment": environment(args),
     }
     t0 = time.perf_counter()
-    if "train" in args.workloads or "infer" in args.workloads:
+    if {"train", "infer", "merged"} & set(args.workloads):
         base = build_base(settings)
         variants = {n: build_variant(n, base, settings) for n in names}
         del base
         if "train" in args.workloads:
             result["train"] = bench_train(variants, args, settings)
+        keep = variant_names(args.methods, False, "infer")
         if "infer" in args.workloads:
-            keep = variant_names(args.methods, False, "infer")
             result["infer"] = bench_infer({n: variants[n] for n in keep}, args, settings)
+        if "merged" in args.workloads:
+            result["merged"] = bench_merged({n: variants[n] for n in keep}, args, settings)
         del variants
         gc.collect()
     if "memory" in args.workloads:
