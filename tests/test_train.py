@@ -210,6 +210,14 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path: object) -
         assert torch.equal(value, current[key]), key
     for _, p in model.base_model.adapter_layers():
         assert all(t.requires_grad for t in p.adapter_parameters("default"))
+    # run_training reports the logged evaluation of the model it ended with instead of evaluating again
+    from deltatune.train.recipe import logged_final_evaluation
+
+    logged = logged_final_evaluation(trainer)
+    assert logged is not None and logged["epoch"] < 3  # the best checkpoint's evaluation, not the last one
+    fresh = trainer.evaluate()
+    assert logged["eval_loss"] == pytest.approx(fresh["eval_loss"], abs=1e-6)
+    assert logged["eval_accuracy"] == pytest.approx(fresh["eval_accuracy"])
 
 
 # ---- the guide, verbatim ------------------------------------------------------------------------

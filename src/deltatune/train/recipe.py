@@ -42,6 +42,7 @@ __all__ = [
     "adapter_defaults",
     "build_base_model",
     "find_head",
+    "logged_final_evaluation",
     "planned_steps",
     "run_training",
 ]
@@ -340,7 +341,7 @@ def run_training(
     with cpu_threads(base, num_threads, on_cpu, gflop):
         with PeakMemory() as memory:
             train_output = trainer.train(resume_from_checkpoint=resume)
-        eval_metrics = trainer.evaluate()
+        eval_metrics = logged_final_evaluation(trainer) or trainer.evaluate()
     trainer.save_model(output_dir)
     if not isinstance(model, PeftModel):
         save_label_maps(model, output_dir)
@@ -380,6 +381,27 @@ def run_training(
     if write_report and main_process:
         write_run_report(metrics, output_dir)
     return RunResult(model=model, trainer=trainer, metrics=metrics, output_dir=output_dir)
+
+
+def logged_final_evaluation(trainer: transformers.Trainer) -> dict[str, Any] | None:
+    """The evaluation the Trainer already logged for the model it ended with, or None if there is none.
+
+    With ``load_best_model_at_end`` that is the evaluation at the best checkpoint's step; otherwise the one
+    at the last step. Reusing it saves a second pass over the evaluation set (the model, data and eval
+    mode are the same, so the numbers would be too).
+    """
+    state, args = trainer.state, trainer.args
+    if args.load_best_model_at_end and state.best_model_checkpoint:
+        try:
+            step = int(str(state.best_model_checkpoint).rstrip("/").rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            return None
+    else:
+        step = state.global_step
+    for entry in reversed(state.log_history):
+        if entry.get("step") == step and "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k != "step"}
+    return None
 
 
 def write_run_report(metrics: dict[str, Any], output_dir: str) -> None:
