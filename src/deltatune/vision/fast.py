@@ -9,7 +9,9 @@ training, resize + centre crop for evaluation, then ``(x/255 − mean)/std``), r
    which is what pre-resizing a dataset does; ``draft="crop"`` keeps every random crop at full
    detail (its box stays at least output-sized; faster only for large crops and for evaluation);
    ``draft=None`` decodes in full. Other formats decode in full.
-2. **Crop and resize in one call** (``Image.resize(box=...)``), flip by transposition.
+2. **Crop by slicing, resize once** with torch's vectorised uint8 bilinear (antialiased) resampling, which
+   agrees with PIL's to about one intensity level at ~2.5x its speed; flip by a reversed copy. The crop
+   box is rounded to whole pixels of the decoded image (at most half a pixel of it).
 3. **uint8 per example, normalise per batch.** The transform returns a (H, W, 3) uint8 tensor (150 KB
    for 224 px, a quarter of float32); :class:`FastCollate` stacks the batch and converts, permutes and
    normalises it in three vectorised passes instead of three per image.
@@ -174,26 +176,48 @@ class FastImageTransform:
         if spec.train:
             box = spec.random_crop_box(width, height)
             image = decode(image, self._request(width, height, box), orientation)
+            pixels = _pixels(image)
             scale_x, scale_y = image.size[0] / width, image.size[1] / height
-            scaled = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
-            image = image.resize((out_w, out_h), Image.Resampling.BILINEAR, box=scaled)
+            left, top = round(box[0] * scale_x), round(box[1] * scale_y)
+            right = max(left + 1, min(image.size[0], round(box[2] * scale_x)))
+            bottom = max(top + 1, min(image.size[1], round(box[3] * scale_y)))
+            out = _resize(pixels[top:bottom, left:right], out_h, out_w)
             if spec.horizontal_flip and torch.rand(1).item() < 0.5:
-                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                out = out.flip(1)
+            return out
+        if spec.resize_to is None:
+            target = (out_w, out_h)
         else:
-            if spec.resize_to is None:
-                target = (out_w, out_h)
-            else:
-                short = min(width, height)
-                target = (
-                    max(1, round(width * spec.resize_to / short)),
-                    max(1, round(height * spec.resize_to / short)),
-                )
-            image = decode(image, None if self.draft is None else target, orientation)
-            image = image.resize(target, Image.Resampling.BILINEAR)
-            left, top = round((target[0] - out_w) / 2.0), round((target[1] - out_h) / 2.0)
-            if (left, top, target[0], target[1]) != (0, 0, out_w, out_h):
-                image = image.crop((left, top, left + out_w, top + out_h))
-        return torch.from_numpy(np.array(image, dtype=np.uint8))
+            short = min(width, height)
+            target = (
+                max(1, round(width * spec.resize_to / short)),
+                max(1, round(height * spec.resize_to / short)),
+            )
+        image = decode(image, None if self.draft is None else target, orientation)
+        out = _resize(_pixels(image), target[1], target[0])
+        left, top = round((target[0] - out_w) / 2.0), round((target[1] - out_h) / 2.0)
+        return out[top : top + out_h, left : left + out_w]
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """(H, W, 3) uint8 tensor of an RGB image (one copy, writable)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8))
+
+
+def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of an (H, W, 3) uint8 tensor to (height, width, 3) uint8.
+
+    torch's uint8 path (channels-last, vectorised) is ~2.5x faster than PIL's ``resize`` for a 256 → 224
+    px image and agrees with it to about one intensity level; a no-op size returns the input."""
+    if pixels.shape[0] == height and pixels.shape[1] == width:
+        return pixels
+    # (1, 3, H, W) in channels-last memory: a view of a whole image, one compact copy of a crop. The
+    # vectorised uint8 kernel needs it, and then returns channels-last too, i.e. a contiguous (H, W, 3).
+    batch = pixels.permute(2, 0, 1).unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    out = torch.nn.functional.interpolate(
+        batch, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )
+    return out[0].permute(1, 2, 0)
 
 
 class FastCollate:
