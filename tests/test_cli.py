@@ -108,18 +108,41 @@ def test_train_every_method_writes_its_outputs(assets: dict[str, str], method: s
         assert sum(kept) == 4 * len(kept) and min(kept) < config["init_r"]
 
 
-def test_offline_default_runs_without_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_default_runs_without_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
     """``deltatune train`` with no model or dataset uses the bundled digits and backbone (shortened here)."""
     from deltatune.vision import offline_default_model_dir
 
     monkeypatch.chdir(tmp_path)
     argv = ["train", "--max_train_samples", "40", "--max_eval_samples", "40", "--num_train_epochs", "1"]
     assert main([*argv, "--disable_tqdm", "true"]) == 0
+    err = capfd.readouterr().err
+    # the expected head re-initialisation is one line, not transformers' LOAD REPORT table
+    assert "new 10-class head: classifier re-initialised" in err
+    assert "LOAD REPORT" not in err and "incompatible" not in err
+    assert "precision: fp32 (automatic: " in err
     out = tmp_path / f"{os.path.basename(offline_default_model_dir())}-lora"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["dataset"] == "offline-default" and metrics["base_model"] == offline_default_model_dir()
     assert metrics["num_labels"] == 10 and metrics["num_train"] == 40
     assert metrics["precision"] == "fp32" or torch.cuda.is_available()
+
+
+def test_load_report_filter_passes_anything_but_a_head() -> None:
+    import logging
+
+    from deltatune.train.recipe import _HeadOnlyLoadReport
+
+    def record(keys: list[str]) -> logging.LogRecord:
+        table = "\n".join(["Key | Status", "----+-------", *(f"{k} | MISMATCH" for k in keys)])
+        return logging.LogRecord("t", logging.WARNING, "", 0, "ViT LOAD REPORT from: x\n" + table, None, None)
+
+    report = _HeadOnlyLoadReport()
+    assert report.filter(record(["classifier.weight", "classifier.bias"])) is False
+    assert report.heads == {"classifier"}
+    assert report.filter(record(["classifier.weight", "vit.layers.0.attention.q_proj.weight"])) is True
+    assert report.filter(logging.LogRecord("t", logging.WARNING, "", 0, "other", None, None)) is True
 
 
 # ---- predict / merge / evaluate -----------------------------------------------------------------

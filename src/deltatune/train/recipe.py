@@ -240,17 +240,53 @@ def build_base_model(
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
     label2id = {v: k for k, v in id2label.items()}
-    kwargs = {"num_labels": len(id2label), "id2label": id2label, "label2id": label2id}
+    kwargs = {"id2label": id2label, "label2id": label2id}  # id2label sets num_labels (passing both warns)
     transformers.set_seed(seed)
     if random_backbone:
         config = AutoConfig.from_pretrained(model_id, **kwargs)
         model = AutoModelForImageClassification.from_config(config)
     else:
-        model = AutoModelForImageClassification.from_pretrained(
-            model_id, ignore_mismatched_sizes=True, **kwargs
-        )
+        report = _HeadOnlyLoadReport()
+        transformers_logger = logging.getLogger("transformers.modeling_utils")
+        transformers_logger.addFilter(report)
+        try:
+            model = AutoModelForImageClassification.from_pretrained(
+                model_id, ignore_mismatched_sizes=True, **kwargs
+            )
+        finally:
+            transformers_logger.removeFilter(report)
+        if report.heads:
+            logger.info(
+                "new %d-class head: %s re-initialised (the checkpoint's has another size)",
+                len(id2label),
+                ", ".join(sorted(report.heads)),
+            )
     processor = AutoImageProcessor.from_pretrained(model_id)
     return model, processor
+
+
+class _HeadOnlyLoadReport(logging.Filter):
+    """Drops transformers' multi-line LOAD REPORT when every key it lists belongs to a classification head
+    (the expected re-initialisation of a fine-tuning run), remembering the heads; any other report passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        keys = [
+            line.split("|", 1)[0].strip()
+            for line in message.splitlines()
+            if "|" in line and not line.lstrip().startswith(("Key", "-"))
+        ]
+        heads = {key.rsplit(".", 1)[0] for key in keys}
+        if keys and all(h.rsplit(".", 1)[-1] in HEAD_NAMES for h in heads):
+            self.heads |= heads
+            return False
+        return True
 
 
 def _prepare_model(spec: RunSpec, model: nn.Module, head: str | None, total_steps: int) -> nn.Module:
