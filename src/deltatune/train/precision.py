@@ -6,10 +6,11 @@ base model and one example are known:
 - **CUDA**: bf16 mixed precision when the GPU supports it (Ampere and newer), else fp16 (the guide's choice).
 - **CPU**: bf16 autocast when the CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16) *and*
   the model does enough work per example for the faster matrix products to outweigh autocast's casts.
-  Measured on a 2-core AVX512-BF16/AMX CPU (batch 32, LoRA r=16, fwd+bwd+step; see the CHANGELOG):
-  ViT-Small at 224 px (4.6 GFLOP per example) 1.7x faster; a 1.3M-parameter ViT at 224 px (0.5 GFLOP)
-  1.26x; the same at 96 px (0.36 GFLOP) 1.0x; at 32 px (0.04 GFLOP, the offline default) 0.65x, i.e.
-  slower. Hence the threshold :data:`CPU_BF16_MIN_GFLOP` on the forward cost of one example.
+  Measured with ``python -m benchmarks.precision`` on a 2-core AMX CPU (batch 32, LoRA r=16, one training
+  step, fp32 time / bf16 time): ViT-Small shape at 224 px (4.4 GFLOP per example) 1.46x; hidden 256 at
+  224 px (2.0 GFLOP) 1.39x; hidden 128 at 224 px (0.5 GFLOP) 1.21x; at 96 px (0.36 GFLOP) 0.97x; the
+  offline default at 32 px (0.04 GFLOP) 0.51x, i.e. twice as slow. Hence the threshold
+  :data:`CPU_BF16_MIN_GFLOP` on the forward cost of one example, set conservatively.
 - **Other accelerators** (MPS, XPU, NPU): fp32 unless asked (their bf16/fp16 support varies).
 
 An explicit ``--bf16``/``--fp16`` or ``precision="fp32"|"bf16"|"fp16"`` always wins; the choice and its
