@@ -161,6 +161,7 @@ MODEL_SHAPES = {
         "num_attention_heads": 12,
         "intermediate_size": 3072,
     },
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128},
 }
 
 

@@ -1,0 +1,59 @@
+"""Smoke runs of the benchmark harness (tiny shapes), so that the commands the README quotes keep working
+and their results keep their meaning: the merged path counts the base's FLOPs exactly, both whole-run
+recipes train to a reported accuracy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import e2e, run
+
+
+@pytest.mark.slow
+def test_adapter_benchmark_smoke() -> None:
+    result = run.main(
+        [
+            "--quick",
+            "--model",
+            "tiny",
+            "--workloads",
+            "train,infer,merged",
+            "--methods",
+            "lora,lokr",
+            "--threads",
+            "1",
+        ]
+    )
+    for name in ("floor", "deltatune/lora", "peft/lora", "deltatune/lokr", "peft/lokr"):
+        assert result["train"][name]["median"] > 0
+    assert result["infer"]["deltatune/lora:merged"]["median"] > 0
+    for name in ("deltatune/lora", "peft/lora", "deltatune/lokr", "peft/lokr"):
+        merged = result["merged"][name]
+        assert merged["flops_ratio"] == pytest.approx(1.0, abs=1e-12)  # merged = the base's computation
+        assert merged["overhead_bound"] >= 1.0 and merged["pairs"] == 6 and math.isfinite(merged["ratio"])
+
+
+@pytest.mark.slow
+def test_end_to_end_benchmark_smoke(tmp_path: Path) -> None:
+    argv = [
+        "--quick",
+        "--data",
+        str(tmp_path),
+        "--train-images",
+        "20",
+        "--val-images",
+        "10",
+        "--image-size",
+        "96",
+    ]
+    result = e2e.main([*argv, "--model-shape", "tiny", "--batch", "8", "--repeats", "1"])
+    whole = result["whole_run"]
+    for recipe in ("guide", "deltatune"):
+        (only,) = whole["runs"][recipe]
+        assert only["wall_s"] > only["train_runtime_s"] > 0 and 0.0 <= only["accuracy"] <= 1.0
+    assert whole["runs"]["deltatune"][0]["precision"] == "fp32"  # a tiny model: bf16 would not pay
+    assert "too small" in whole["runs"]["deltatune"][0]["precision_reason"]
+    assert result["data_path"]["speedup"]["all"] > 0
