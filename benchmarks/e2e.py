@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .workloads import SHAPES
+
 MEAN, STD, SIZE = [0.5, 0.5, 0.5], [0.5, 0.5, 0.5], 224  # ViTImageProcessor's defaults
 
 
@@ -148,21 +150,7 @@ def epoch_rate(loader: Any) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-MODEL_SHAPES = {
-    "small": {
-        "hidden_size": 384,
-        "num_hidden_layers": 6,
-        "num_attention_heads": 6,
-        "intermediate_size": 1536,
-    },
-    "base": {
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-    },
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128},
-}
+MODEL_SHAPES = SHAPES  # ViT-Small (default), ViT-Base, tiny (smoke runs)
 
 
 def make_model(directory: Path, shape: str, classes: int, seed: int = 0) -> Path:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+from tiny import save_tiny_vit_dir
 
 import deltatune.train.arguments as arguments_module
 from deltatune import available_methods
@@ -49,17 +49,7 @@ def _image(kind: str, rng: np.random.Generator, mode: str) -> Image.Image:
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny ViT directory and an image folder (4 classes × 8 images, in RGB, L, RGBA and P modes)."""
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-    )
-    ViTForImageClassification(config).save_pretrained(root / "model")
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "model")
+    save_tiny_vit_dir(root / "model")
     rng = np.random.default_rng(0)
     for kind in CLASSES:
         (root / "data" / kind).mkdir(parents=True)

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny import QUIET_CPU_ARGS, tiny_vit
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+from tiny import QUIET_CPU_ARGS, save_tiny_vit_dir, tiny_vit
 
 import deltatune.train.arguments as arguments_module
 import deltatune.train.precision as precision_module
@@ -123,17 +122,7 @@ def test_cli_precision_flags(tmp_path: Path) -> None:
 def jpeg_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny ViT directory and a folder of 96 px JPEGs (2 classes × 6), so the draft decoding runs."""
     root = tmp_path_factory.mktemp("jpegs")
-    torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-    )
-    ViTForImageClassification(config).save_pretrained(root / "model")
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "model")
+    save_tiny_vit_dir(root / "model", num_hidden_layers=1)
     rng = np.random.default_rng(0)
     for c, name in enumerate(["dark", "light"]):
         (root / "data" / name).mkdir(parents=True)

@@ -5,8 +5,10 @@ Kept apart from conftest.py so that subprocess scripts (``train_worker.py``) can
 
 from __future__ import annotations
 
+import os
+
 import torch
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 TINY_VIT_CONFIG = {
     "hidden_size": 32,
@@ -35,6 +37,16 @@ def tiny_vit(seed: int = 0, **overrides: int) -> ViTForImageClassification:
     config = ViTConfig(**{**TINY_VIT_CONFIG, **overrides})
     config.id2label, config.label2id = dict(LABELS), {v: k for k, v in LABELS.items()}
     return ViTForImageClassification(config)
+
+
+def save_tiny_vit_dir(directory: str | os.PathLike[str], seed: int = 0, **overrides: int) -> str:
+    """Saves a tiny random ViT (TINY_VIT_CONFIG's shape, transformers' default 2-label head unless
+    ``num_labels`` is given) with its 32 px image processor, as ``from_pretrained`` reads it; returns the path."""
+    torch.manual_seed(seed)
+    shape = {k: v for k, v in TINY_VIT_CONFIG.items() if k != "num_labels"}
+    ViTForImageClassification(ViTConfig(**{**shape, **overrides})).save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return os.fspath(directory)
 
 
 class Blobs(torch.utils.data.Dataset):
