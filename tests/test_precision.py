@@ -16,7 +16,7 @@ import deltatune.train.arguments as arguments_module
 import deltatune.train.precision as precision_module
 from deltatune.train import TrainingArguments
 from deltatune.train.arguments import SMALL_MODEL_GFLOP, cpu_threads
-from deltatune.train.commands import CommandError, parse_run
+from deltatune.train.commands import CommandError, parse_run, run_spec
 from deltatune.train.precision import CPU_BF16_MIN_GFLOP, forward_gflop, resolve_precision
 from deltatune.train.recipe import RunSpec, run_training
 
@@ -114,6 +114,9 @@ def test_cli_precision_flags(tmp_path: Path) -> None:
     assert parse_run("train", [*common, "--precision", "bf16"]).options.precision == "bf16"
     with pytest.raises(CommandError, match=r"--bf16 contradicts --precision fp32"):
         parse_run("train", [*common, "--bf16", "--no_bf16"])
+    assert run_spec(parse_run("train", common), "lora").data_pipeline == "fast"
+    standard = parse_run("train", [*common, "--data_pipeline", "standard"])
+    assert run_spec(standard, "lora").data_pipeline == "standard"
     with pytest.raises(SystemExit):
         parse_run("train", [*common, "--precision", "fp8"])
 
@@ -186,3 +189,4 @@ def test_auto_on_a_tiny_model_trains_in_fp32(
         result = run_training(spec, args, write_report=False)
     assert result.metrics["precision"] == "fp32"
     assert "too small for bf16 autocast to pay off" in caplog.text
+    assert result.trainer.args.dataloader_pin_memory is False  # nothing to pin for on a CPU
