@@ -109,7 +109,7 @@ def test_offline_default_runs_without_arguments(
     assert main([*argv, "--disable_tqdm", "true"]) == 0
     err = capfd.readouterr().err
     # the expected head re-initialisation is one line, not transformers' LOAD REPORT table
-    assert "new 10-class head: classifier re-initialised" in err
+    assert "new 10-class head: classifier initialised (not in the checkpoint, or of another size)" in err
     assert "LOAD REPORT" not in err and "incompatible" not in err
     assert "precision: fp32 (automatic: " in err
     out = tmp_path / f"{os.path.basename(offline_default_model_dir())}-lora"
@@ -133,6 +133,25 @@ def test_load_report_filter_passes_anything_but_a_head() -> None:
     assert report.heads == {"classifier"}
     assert report.filter(record(["classifier.weight", "vit.layers.0.attention.q_proj.weight"])) is True
     assert report.filter(logging.LogRecord("t", logging.WARNING, "", 0, "other", None, None)) is True
+
+    # the guide's base checkpoint: a pooler the classifier does not use, and no head at all (coloured)
+    table = "\n".join(
+        [
+            "Key | Status",
+            "pooler.dense.weight | \x1b[33mUNEXPECTED\x1b[0m",
+            "pooler.dense.bias | \x1b[33mUNEXPECTED\x1b[0m",
+            "classifier.weight | \x1b[31mMISSING\x1b[0m",
+        ]
+    )
+    guide = _HeadOnlyLoadReport()
+    message = "ViTForImageClassification LOAD REPORT from: google/vit-base-patch16-224-in21k\n" + table
+    assert guide.filter(logging.LogRecord("t", logging.WARNING, "", 0, message, None, None)) is False
+    assert guide.heads == {"classifier"} and guide.unused == ["pooler.dense"]
+    # unused weights alone, or a backbone weight missing next to them, are not the expected case
+    only_unused = message.rsplit("\n", 1)[0]
+    assert guide.filter(logging.LogRecord("t", logging.WARNING, "", 0, only_unused, None, None)) is True
+    missing = only_unused + "\nvit.layers.0.mlp.fc1.weight | MISSING"
+    assert guide.filter(logging.LogRecord("t", logging.WARNING, "", 0, missing, None, None)) is True
 
 
 # ---- predict / merge / evaluate -----------------------------------------------------------------

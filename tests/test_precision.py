@@ -80,6 +80,22 @@ def test_explicit_choices_win_and_contradictions_fail(cpu_only: pytest.MonkeyPat
         resolve_precision(_args(tmp_path), "half")
 
 
+def test_accelerate_launch_precision_counts_as_a_choice(cpu_only: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``accelerate launch`` passes its config's mixed precision through the environment: it is kept and
+    said, so a contradicting --precision fp32 fails instead of being logged while accelerate autocasts."""
+    cpu_only.setattr(precision_module, "cpu_bf16_support", lambda: None)
+    cpu_only.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    args = _args(tmp_path)
+    assert args.mixed_precision == "bf16" and not args.bf16
+    reason = resolve_precision(args, "auto", gflop=0.001)
+    assert reason == "bf16 mixed precision (accelerate config (ACCELERATE_MIXED_PRECISION))" and args.bf16
+    with pytest.raises(ValueError, match=r"--bf16 contradicts --precision fp32"):
+        resolve_precision(_args(tmp_path), "fp32")
+    cpu_only.delenv("ACCELERATE_MIXED_PRECISION")
+    args = _args(tmp_path)
+    assert resolve_precision(args, "fp32") == "fp32 (requested)" and args.mixed_precision == "no"
+
+
 def test_forward_gflop_is_per_example() -> None:
     model = tiny_vit()
     one = forward_gflop(model, {"pixel_values": torch.randn(1, 3, 32, 32), "labels": torch.tensor([0])})

@@ -104,7 +104,7 @@ def resolve_precision(
 
     Args:
         args: The run's training arguments; updated in place. When ``args.bf16`` or ``args.fp16`` is already
-            set, that explicit choice is kept.
+            set, or ``accelerate launch`` set a mixed precision through its environment, that choice is kept.
         requested: One of :data:`PRECISION_CHOICES`.
         gflop: The model's forward cost per example (:func:`forward_gflop`); for ``"auto"`` on a CPU it
             decides (None: fp32).
@@ -118,10 +118,15 @@ def resolve_precision(
             f"precision={requested!r} is not valid; choose one of {', '.join(map(repr, PRECISION_CHOICES))}"
         )
     explicit = "bf16" if args.bf16 else "fp16" if args.fp16 else None
+    source = "requested"
+    launcher = getattr(args, "mixed_precision", "no")  # accelerate launch's config, via its environment
+    if explicit is None and launcher in ("bf16", "fp16"):
+        explicit, source = launcher, "accelerate config (ACCELERATE_MIXED_PRECISION)"
     if explicit is not None:
         if requested not in ("auto", explicit):
             raise ValueError(f"--{explicit} contradicts --precision {requested}; pass only one of them")
-        reason = f"{precision_label(args)} (requested)"
+        _apply(args, explicit)
+        reason = f"{precision_label(args)} ({source})"
     elif requested != "auto":
         _apply(args, requested)
         reason = f"{precision_label(args)} (requested)"
@@ -143,8 +148,8 @@ def _apply(args: transformers.TrainingArguments, choice: str) -> None:
             args.use_cpu = True  # bf16 autocast on the CPU (the only device here)
     elif choice == "fp16":
         args.fp16 = True
-    if choice in ("bf16", "fp16") and hasattr(args, "mixed_precision"):
-        args.mixed_precision = choice
+    if hasattr(args, "mixed_precision"):
+        args.mixed_precision = choice if choice in ("bf16", "fp16") else "no"
 
 
 def _automatic(args: transformers.TrainingArguments, gflop: float | None) -> tuple[str, str]:

@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import threading
@@ -256,37 +257,43 @@ def build_base_model(
         finally:
             transformers_logger.removeFilter(report)
         if report.heads:
+            unused = f"; unused checkpoint weights: {', '.join(report.unused)}" if report.unused else ""
             logger.info(
-                "new %d-class head: %s re-initialised (the checkpoint's has another size)",
+                "new %d-class head: %s initialised (not in the checkpoint, or of another size)%s",
                 len(id2label),
                 ", ".join(sorted(report.heads)),
+                unused,
             )
     processor = AutoImageProcessor.from_pretrained(model_id)
     return model, processor
 
 
 class _HeadOnlyLoadReport(logging.Filter):
-    """Drops transformers' multi-line LOAD REPORT when every key it lists belongs to a classification head
-    (the expected re-initialisation of a fine-tuning run), remembering the heads; any other report passes."""
+    """Drops transformers' multi-line LOAD REPORT when every weight the model lacks (MISSING or MISMATCH)
+    belongs to a classification head -- the expected re-initialisation of a fine-tuning run -- and remembers
+    the heads and the checkpoint's UNEXPECTED (unused) weights, e.g. a base model's pooler. A report with
+    any other missing or mismatched key passes unchanged."""
 
     def __init__(self) -> None:
         super().__init__()
         self.heads: set[str] = set()
+        self.unused: list[str] = []
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # the report may be coloured
         if "LOAD REPORT" not in message:
             return True
-        keys = [
-            line.split("|", 1)[0].strip()
+        rows = [
+            [cell.strip() for cell in line.split("|")[:2]]
             for line in message.splitlines()
             if "|" in line and not line.lstrip().startswith(("Key", "-"))
         ]
-        heads = {key.rsplit(".", 1)[0] for key in keys}
-        if keys and all(h.rsplit(".", 1)[-1] in HEAD_NAMES for h in heads):
-            self.heads |= heads
-            return False
-        return True
+        needed = {key.rsplit(".", 1)[0] for key, status in rows if status != "UNEXPECTED"}
+        if not needed or not all(module.rsplit(".", 1)[-1] in HEAD_NAMES for module in needed):
+            return True
+        self.heads |= needed
+        self.unused += sorted({key.rsplit(".", 1)[0] for key, status in rows if status == "UNEXPECTED"})
+        return False
 
 
 def _prepare_model(spec: RunSpec, model: nn.Module, head: str | None, total_steps: int) -> nn.Module:
@@ -350,7 +357,9 @@ def run_training(
     base, processor = build_base_model(spec.model, bundle.id2label, spec.random_backbone, args.seed)
     train_ds, eval_ds, collate = image_datasets(bundle, processor, spec.data_pipeline)
     on_cpu = bool(getattr(args, "use_cpu", False)) or accelerator_name() is None
-    gflop = forward_gflop(base, collate([eval_ds[0]])) if on_cpu else None  # decides threads and bf16
+    # the forward cost per example decides CPU threads and bf16; counted only when one of them is left to us
+    undecided = num_threads is None or (precision == "auto" and not (args.bf16 or args.fp16))
+    gflop = forward_gflop(base, collate([eval_ds[0]])) if on_cpu and undecided else None
     resolve_precision(args, precision, gflop)
     if on_cpu:
         args.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns on every loader)

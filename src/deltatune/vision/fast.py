@@ -178,7 +178,8 @@ class FastImageTransform:
             image = decode(image, self._request(width, height, box), orientation)
             pixels = _pixels(image)
             scale_x, scale_y = image.size[0] / width, image.size[1] / height
-            left, top = round(box[0] * scale_x), round(box[1] * scale_y)
+            left = min(round(box[0] * scale_x), image.size[0] - 1)  # a 1-px-wide box at the edge stays inside
+            top = min(round(box[1] * scale_y), image.size[1] - 1)
             right = max(left + 1, min(image.size[0], round(box[2] * scale_x)))
             bottom = max(top + 1, min(image.size[1], round(box[3] * scale_y)))
             out = _resize(pixels[top:bottom, left:right], out_h, out_w)
