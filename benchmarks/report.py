@@ -182,17 +182,22 @@ def format_report(result: dict[str, Any], methods: list[str]) -> str:
         "ms: median over all timed steps; ratios: median over rounds of the ratio within each round; "
         "noise: interquartile range / median",
     ]
-    if "train" in result:
-        lines += ["", "Training step (forward + backward + optimiser step; AdaLoRA with rank allocation)"]
-        lines.append(train_table(result["train"], methods))
-    if "infer" in result:
-        lines += ["", "Inference latency (eval, no grad), ms and ratio to the bare base model"]
-        lines.append(infer_table(result["infer"], methods))
-    if "merged" in result:
-        lines += ["", "Merged inference vs the bare base, paired steps (median of per-pair ratios)"]
-        lines.append(merged_table(result["merged"], methods))
-    if "memory" in result:
-        lines += ["", "Peak memory of a training step"]
-        lines.append(memory_table(result["memory"], methods))
+    sections = (
+        (
+            "train",
+            "Training step (forward + backward + optimiser step; AdaLoRA with rank allocation)",
+            train_table,
+        ),
+        ("infer", "Inference latency (eval, no grad), ms and ratio to the bare base model", infer_table),
+        (
+            "merged",
+            "Merged inference vs the bare base, paired steps (median of per-pair ratios)",
+            merged_table,
+        ),
+        ("memory", "Peak memory of a training step", memory_table),
+    )
+    for key, title, table in sections:
+        if key in result:
+            lines += ["", title, table(result[key], methods)]
     lines.append(f"\nwall time {result.get('wall_s', 0):.0f} s")
     return "\n".join(lines)
