@@ -82,8 +82,8 @@ def cpu_threads(
     unset) uses one thread: its matrix products are too small to gain from more, and on a busy machine
     extra threads spin and wait for cores (measured: 5.5 s vs about 100 s for one epoch of the offline
     default, 0.03 GFLOP per example, on two cores shared with other work). Small means a forward cost
-    ``gflop`` (per example) under :data:`SMALL_MODEL_GFLOP` (measured on a quiet 2-core machine: a
-    0.16 GFLOP ViT already steps 1.4x faster on two threads), or, when the cost is unknown, fewer than
+    ``gflop`` (per example) under :data:`SMALL_MODEL_GFLOP` (the 0.03 GFLOP offline default is well below
+    it; a 224 px ViT, 0.5 GFLOP and up, gains from every core), or, when the cost is unknown, fewer than
     :data:`SMALL_MODEL_PARAMETERS` parameters.
     """
     previous = torch.get_num_threads()

@@ -18,7 +18,7 @@ from ..registry import available_methods
 from ..vision.fast import DATA_PIPELINES
 from .arguments import TrainingArguments, map_legacy_kwargs
 from .flags import adapter_kwargs_for, add_adapter_flags, closest_flags
-from .precision import PRECISION_CHOICES
+from .precision import PRECISION_CHOICES, check_request
 from .recipe import GUIDE_DATASET, GUIDE_MODEL, GUIDE_TRAINING_DEFAULTS, RUN_RECORD_NAME, RunSpec
 from .resume import latest_complete_checkpoint
 
@@ -202,9 +202,10 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
     if command == "train":
         adapter_kwargs_for(options.method, options)  # refuse flags of other methods up front
     training_kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
-    mixed = "bf16" if training_kwargs.get("bf16") else "fp16" if training_kwargs.get("fp16") else None
-    if mixed and options.precision not in ("auto", mixed):
-        raise CommandError(f"--{mixed} contradicts --precision {options.precision}; pass only one of them")
+    try:  # fail before any data or model is loaded
+        check_request(bool(training_kwargs.get("bf16")), bool(training_kwargs.get("fp16")), options.precision)
+    except ValueError as err:
+        raise CommandError(str(err)) from err
     if not training_kwargs.get("output_dir"):
         name = (
             OFFLINE_BACKBONE_NAME

@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CPU_BF16_MIN_GFLOP",
     "PRECISION_CHOICES",
+    "check_request",
     "cpu_bf16_support",
     "forward_gflop",
     "resolve_precision",
@@ -97,6 +98,19 @@ def forward_gflop(model: torch.nn.Module, batch: dict[str, Any]) -> float | None
         model.train(was_training)
 
 
+def check_request(bf16: bool, fp16: bool, requested: str) -> str | None:
+    """The mixed precision ``--bf16``/``--fp16`` already ask for (None if neither), checked against
+    ``requested``.
+
+    Raises:
+        ValueError: when ``requested`` is neither ``"auto"`` nor that precision.
+    """
+    explicit = "bf16" if bf16 else "fp16" if fp16 else None
+    if explicit is not None and requested not in ("auto", explicit):
+        raise ValueError(f"--{explicit} contradicts --precision {requested}; pass only one of them")
+    return explicit
+
+
 def resolve_precision(
     args: transformers.TrainingArguments, requested: str, gflop: float | None = None
 ) -> str:
@@ -117,14 +131,14 @@ def resolve_precision(
         raise ValueError(
             f"precision={requested!r} is not valid; choose one of {', '.join(map(repr, PRECISION_CHOICES))}"
         )
-    explicit = "bf16" if args.bf16 else "fp16" if args.fp16 else None
     source = "requested"
     launcher = getattr(args, "mixed_precision", "no")  # accelerate launch's config, via its environment
-    if explicit is None and launcher in ("bf16", "fp16"):
-        explicit, source = launcher, "accelerate config (ACCELERATE_MIXED_PRECISION)"
+    if not (args.bf16 or args.fp16) and launcher in ("bf16", "fp16"):
+        source = "accelerate config (ACCELERATE_MIXED_PRECISION)"
+        explicit = check_request(launcher == "bf16", launcher == "fp16", requested)
+    else:
+        explicit = check_request(args.bf16, args.fp16, requested)
     if explicit is not None:
-        if requested not in ("auto", explicit):
-            raise ValueError(f"--{explicit} contradicts --precision {requested}; pass only one of them")
         _apply(args, explicit)
         reason = f"{precision_label(args)} ({source})"
     elif requested != "auto":
