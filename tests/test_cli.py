@@ -122,7 +122,7 @@ def test_offline_default_runs_without_arguments(
 def test_load_report_filter_passes_anything_but_a_head() -> None:
     import logging
 
-    from deltatune.train.recipe import _HeadOnlyLoadReport
+    from deltatune.train.base_model import _HeadOnlyLoadReport
 
     def record(keys: list[str]) -> logging.LogRecord:
         table = "\n".join(["Key | Status", "----+-------", *(f"{k} | MISMATCH" for k in keys)])

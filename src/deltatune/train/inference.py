@@ -16,9 +16,10 @@ from torch import nn
 
 from ..config import CONFIG_NAME, PeftConfig
 from ..model import PeftModel
+from .base_model import build_base_model
 from .checkpoint import LABELS_NAME, load_label_maps
 from .metrics import ClassificationReport, classification_report
-from .recipe import RUN_RECORD_NAME, build_base_model
+from .recipe import RUN_RECORD_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import re
 import shlex
 import sys
 import threading
@@ -24,6 +23,7 @@ from torch import nn
 from .. import get_method, get_peft_model
 from ..model import PeftModel
 from .arguments import accelerator_name, cpu_threads
+from .base_model import build_base_model, find_head
 from .callbacks import rank_summary
 from .checkpoint import is_adalora, save_label_maps
 from .precision import forward_gflop, resolve_precision
@@ -66,7 +66,6 @@ GUIDE_TRAINING_DEFAULTS: dict[str, Any] = {
     "label_names": ["labels"],
     "report_to": "none",
 }
-HEAD_NAMES = ("classifier", "head", "fc", "score")
 
 
 @dataclass
@@ -177,16 +176,6 @@ class PeakMemory:
             self.peak_mb = max(self._peak, self._rss_mb()) - self._start
 
 
-def find_head(model: nn.Module, num_labels: int) -> str | None:
-    """Name of the classification head (a module called classifier/head/fc/score with num_labels outputs)."""
-    for name, module in model.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        out = getattr(module, "out_features", None)
-        if last in HEAD_NAMES and (out is None or out == num_labels):
-            return name
-    return None
-
-
 def adapter_defaults(method: str, head: str | None) -> dict[str, Any]:
     """The guide's adapter settings for ``method``: r=16, alpha=16, query/value, dropout 0.1, head saved
     (AdaLoRA: init_r=12 → target_r=8; its tinit/tfinal/deltaT are fitted to the run's length)."""
@@ -225,75 +214,6 @@ def planned_steps(args: transformers.TrainingArguments, num_train: int) -> int:
     ga = args.gradient_accumulation_steps
     per_epoch = max(batches // ga + int(batches % ga > 0), 1)
     return math.ceil(args.num_train_epochs * per_epoch)
-
-
-def build_base_model(
-    model_id: str, id2label: dict[int, str], random_backbone: bool = False, seed: int = 42
-) -> tuple[nn.Module, Any]:
-    """The base image classifier with a fresh ``len(id2label)``-way head, and its image processor.
-
-    Args:
-        model_id: Hub id or local directory.
-        id2label: Class id → name.
-        random_backbone: Build the same architecture with random weights instead of loading them.
-        seed: Seed of every random initialisation (the head, or the whole model).
-    """
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
-
-    label2id = {v: k for k, v in id2label.items()}
-    kwargs = {"id2label": id2label, "label2id": label2id}  # id2label sets num_labels (passing both warns)
-    transformers.set_seed(seed)
-    if random_backbone:
-        config = AutoConfig.from_pretrained(model_id, **kwargs)
-        model = AutoModelForImageClassification.from_config(config)
-    else:
-        report = _HeadOnlyLoadReport()
-        transformers_logger = logging.getLogger("transformers.modeling_utils")
-        transformers_logger.addFilter(report)
-        try:
-            model = AutoModelForImageClassification.from_pretrained(
-                model_id, ignore_mismatched_sizes=True, **kwargs
-            )
-        finally:
-            transformers_logger.removeFilter(report)
-        if report.heads:
-            unused = f"; unused checkpoint weights: {', '.join(report.unused)}" if report.unused else ""
-            logger.info(
-                "new %d-class head: %s initialised (not in the checkpoint, or of another size)%s",
-                len(id2label),
-                ", ".join(sorted(report.heads)),
-                unused,
-            )
-    processor = AutoImageProcessor.from_pretrained(model_id)
-    return model, processor
-
-
-class _HeadOnlyLoadReport(logging.Filter):
-    """Drops transformers' multi-line LOAD REPORT when every weight the model lacks (MISSING or MISMATCH)
-    belongs to a classification head -- the expected re-initialisation of a fine-tuning run -- and remembers
-    the heads and the checkpoint's UNEXPECTED (unused) weights, e.g. a base model's pooler. A report with
-    any other missing or mismatched key passes unchanged."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.heads: set[str] = set()
-        self.unused: list[str] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # the report may be coloured
-        if "LOAD REPORT" not in message:
-            return True
-        rows = [
-            [cell.strip() for cell in line.split("|")[:2]]
-            for line in message.splitlines()
-            if "|" in line and not line.lstrip().startswith(("Key", "-"))
-        ]
-        needed = {key.rsplit(".", 1)[0] for key, status in rows if status != "UNEXPECTED"}
-        if not needed or not all(module.rsplit(".", 1)[-1] in HEAD_NAMES for module in needed):
-            return True
-        self.heads |= needed
-        self.unused += sorted({key.rsplit(".", 1)[0] for key, status in rows if status == "UNEXPECTED"})
-        return False
 
 
 def _prepare_model(spec: RunSpec, model: nn.Module, head: str | None, total_steps: int) -> nn.Module:

@@ -1,0 +1,99 @@
+"""The base image classifier of a run: loaded with a fresh head sized for the dataset's labels.
+
+transformers reports the head it re-initialises with a multi-line LOAD REPORT table; for that expected
+case (and only that) :func:`build_base_model` logs one line instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import transformers
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["HEAD_NAMES", "build_base_model", "find_head"]
+
+HEAD_NAMES = ("classifier", "head", "fc", "score")
+
+
+def find_head(model: nn.Module, num_labels: int) -> str | None:
+    """Name of the classification head (a module called classifier/head/fc/score with num_labels outputs)."""
+    for name, module in model.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        out = getattr(module, "out_features", None)
+        if last in HEAD_NAMES and (out is None or out == num_labels):
+            return name
+    return None
+
+
+def build_base_model(
+    model_id: str, id2label: dict[int, str], random_backbone: bool = False, seed: int = 42
+) -> tuple[nn.Module, Any]:
+    """The base image classifier with a fresh ``len(id2label)``-way head, and its image processor.
+
+    Args:
+        model_id: Hub id or local directory.
+        id2label: Class id → name.
+        random_backbone: Build the same architecture with random weights instead of loading them.
+        seed: Seed of every random initialisation (the head, or the whole model).
+    """
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    label2id = {v: k for k, v in id2label.items()}
+    kwargs = {"id2label": id2label, "label2id": label2id}  # id2label sets num_labels (passing both warns)
+    transformers.set_seed(seed)
+    if random_backbone:
+        config = AutoConfig.from_pretrained(model_id, **kwargs)
+        model = AutoModelForImageClassification.from_config(config)
+    else:
+        report = _HeadOnlyLoadReport()
+        transformers_logger = logging.getLogger("transformers.modeling_utils")
+        transformers_logger.addFilter(report)
+        try:
+            model = AutoModelForImageClassification.from_pretrained(
+                model_id, ignore_mismatched_sizes=True, **kwargs
+            )
+        finally:
+            transformers_logger.removeFilter(report)
+        if report.heads:
+            unused = f"; unused checkpoint weights: {', '.join(report.unused)}" if report.unused else ""
+            logger.info(
+                "new %d-class head: %s initialised (not in the checkpoint, or of another size)%s",
+                len(id2label),
+                ", ".join(sorted(report.heads)),
+                unused,
+            )
+    processor = AutoImageProcessor.from_pretrained(model_id)
+    return model, processor
+
+
+class _HeadOnlyLoadReport(logging.Filter):
+    """Drops transformers' multi-line LOAD REPORT when every weight the model lacks (MISSING or MISMATCH)
+    belongs to a classification head -- the expected re-initialisation of a fine-tuning run -- and remembers
+    the heads and the checkpoint's UNEXPECTED (unused) weights, e.g. a base model's pooler. A report with
+    any other missing or mismatched key passes unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads: set[str] = set()
+        self.unused: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # the report may be coloured
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [
+            [cell.strip() for cell in line.split("|")[:2]]
+            for line in message.splitlines()
+            if "|" in line and not line.lstrip().startswith(("Key", "-"))
+        ]
+        needed = {key.rsplit(".", 1)[0] for key, status in rows if status != "UNEXPECTED"}
+        if not needed or not all(module.rsplit(".", 1)[-1] in HEAD_NAMES for module in needed):
+            return True
+        self.heads |= needed
+        self.unused += sorted({key.rsplit(".", 1)[0] for key, status in rows if status == "UNEXPECTED"})
+        return False
