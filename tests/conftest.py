@@ -94,26 +94,6 @@ MODEL_KINDS = {
     "vit": ModelKind("vit", make_vit, ["q_proj", "v_proj"], ["classifier"], (2, 3, 32, 32)),
 }
 
-#: Per-method keyword arguments used by the tests: small ranks, and the init flag that makes ΔW non-zero.
-METHOD_KWARGS: dict[str, dict[str, Any]] = {
-    "lora": {"r": 4, "lora_alpha": 8},
-    "loha": {"r": 3, "alpha": 6},
-    "lokr": {"r": 2, "alpha": 4},
-    "adalora": {"init_r": 6, "target_r": 2, "lora_alpha": 8, "total_step": 20},
-}
-NONZERO_INIT: dict[str, dict[str, Any]] = {
-    "lora": {"init_lora_weights": False},
-    "loha": {"init_weights": False},
-    "lokr": {"init_weights": False},
-    "adalora": {"init_lora_weights": False},
-}
-PEFT_CONFIG_NAMES = {
-    "lora": "LoraConfig",
-    "loha": "LoHaConfig",
-    "lokr": "LoKrConfig",
-    "adalora": "AdaLoraConfig",
-}
-
 
 def make_config(
     method: str,
@@ -122,23 +102,26 @@ def make_config(
     nonzero: bool = True,
     **overrides: Any,
 ) -> deltatune.AdapterConfig:
-    """A deltatune config for ``method`` with the tests' small ranks."""
+    """A deltatune config for ``method`` with the small ranks its registry entry suggests for tests
+    (``example_kwargs``), made non-zero at init by its ``nonzero_init`` values."""
     spec = deltatune.get_method(method)
-    kwargs: dict[str, Any] = {**METHOD_KWARGS.get(method, {"r": 4})}
+    kwargs: dict[str, Any] = {**spec.example_kwargs}
     if nonzero:
-        kwargs.update(NONZERO_INIT.get(method, {}))
+        kwargs.update(spec.nonzero_init)
     kwargs.update(overrides)
-    config = spec.config_cls(target_modules=targets, modules_to_save=modules_to_save, **kwargs)
+    config = spec.make_config(target_modules=targets, modules_to_save=modules_to_save, **kwargs)
     assert isinstance(config, deltatune.AdapterConfig)
     return config
 
 
 def make_peft_config(method: str, targets: list[str], modules_to_save: list[str] | None, **kw: Any) -> Any:
-    """The same config for the ``peft`` oracle (non-zero init)."""
+    """The same config for the ``peft`` oracle (non-zero init): the registry names peft's class, and the
+    method's ``config_defaults`` (DoRA's ``use_dora=True``) are PEFT's own fields."""
     import peft
 
-    kwargs: dict[str, Any] = {**METHOD_KWARGS[method], **NONZERO_INIT[method], **kw}
-    cls = getattr(peft, PEFT_CONFIG_NAMES[method])
+    spec = deltatune.get_method(method)
+    kwargs: dict[str, Any] = {**spec.config_defaults, **spec.example_kwargs, **spec.nonzero_init, **kw}
+    cls = getattr(peft, spec.peft_config_name)
     return cls(target_modules=targets, modules_to_save=modules_to_save, **kwargs)
 
 

@@ -18,7 +18,7 @@ from tiny import save_tiny_vit_dir
 import deltatune.train.arguments as arguments_module
 from deltatune import available_methods
 from deltatune.cli import main
-from deltatune.train.commands import parse_run, run_spec
+from deltatune.cli.run_args import parse_run, run_spec
 
 CLASSES = ["bright", "dark", "red", "striped"]
 FAST = [
@@ -122,7 +122,7 @@ def test_offline_default_runs_without_arguments(
 def test_load_report_filter_passes_anything_but_a_head() -> None:
     import logging
 
-    from deltatune.train.base_model import _HeadOnlyLoadReport
+    from deltatune.tasks.classifier import _HeadOnlyLoadReport
 
     def record(keys: list[str]) -> logging.LogRecord:
         table = "\n".join(["Key | Status", "----+-------", *(f"{k} | MISMATCH" for k in keys)])

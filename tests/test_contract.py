@@ -30,7 +30,8 @@ from torch import nn
 
 import deltatune
 from deltatune import PeftModel, get_peft_model
-from deltatune.layers import AdapterLayer, ModulesToSaveWrapper
+from deltatune.layers import AdapterLayer
+from deltatune.modules_to_save import ModulesToSaveWrapper
 
 ATOL = 1e-5
 

@@ -28,7 +28,7 @@ from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftCon
         (lambda: LoraConfig(init_lora_weights="pissa"), ["init_lora_weights='pissa'", "'gaussian'"]),
         (lambda: LoHaConfig(init_weights="lycoris"), ["init_weights='lycoris'", "True", "False"]),
         (lambda: LoKrConfig(init_weights="xavier"), ["init_weights='xavier'", "'lycoris'"]),
-        (lambda: LoraConfig(use_dora=True), ["use_dora", "not supported", "lora_alpha"]),
+        (lambda: LoraConfig(use_qalora=True), ["use_qalora", "not supported", "lora_alpha"]),
         (
             lambda: AdaLoraConfig(tinit=50, tfinal=50, total_step=100),
             ["tinit=50", "total_step - tfinal", "100 - 50"],

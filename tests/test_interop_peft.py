@@ -145,7 +145,7 @@ def test_same_files_as_peft(
         ), key
 
 
-@pytest.mark.parametrize("method", ["lora", "loha", "lokr", "adalora"])
+@pytest.mark.parametrize("method", deltatune.available_methods())
 def test_legacy_target_names_save_as_peft_does(method: str, tmp_path: Path) -> None:
     """``target_modules=["query", "value"]`` on a transformers 5 ViT saves the same files as peft with
     ``["q_proj", "v_proj"]``, and peft loads them."""

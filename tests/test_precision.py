@@ -14,11 +14,11 @@ from tiny import QUIET_CPU_ARGS, save_tiny_vit_dir, tiny_vit
 
 import deltatune.train.arguments as arguments_module
 import deltatune.train.precision as precision_module
+from deltatune.cli.run_args import CommandError, parse_run, run_spec
+from deltatune.tasks.image_classification import RunSpec, run_training
 from deltatune.train import TrainingArguments
 from deltatune.train.arguments import SMALL_MODEL_GFLOP, cpu_threads
-from deltatune.train.commands import CommandError, parse_run, run_spec
 from deltatune.train.precision import CPU_BF16_MIN_GFLOP, forward_gflop, resolve_precision
-from deltatune.train.recipe import RunSpec, run_training
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ def test_forced_bf16_run_really_autocasts(
     def record(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
         seen.append(torch.is_autocast_enabled("cpu") and output.dtype == torch.bfloat16)
 
-    import deltatune.train.recipe as recipe_module
+    import deltatune.tasks.image_classification as recipe_module
 
     original = recipe_module.build_base_model
 

@@ -15,10 +15,9 @@ from tiny import LABELS, QUIET_CPU_ARGS, Blobs, tiny_vit
 from transformers import ViTImageProcessor
 
 import deltatune.train.arguments as arguments_module
-from deltatune import AdaLoraConfig, LoHaConfig, LoraConfig, PeftModel, get_peft_model
+from deltatune import AdaLoraConfig, AdaLoraModel, LoHaConfig, LoraConfig, PeftModel, get_peft_model
 from deltatune.serialization import get_adapter_state_dict
 from deltatune.train import (
-    ADALORA_STATE_NAME,
     DeltaTrainer,
     TrainingArguments,
     classification_report,
@@ -117,10 +116,10 @@ def test_adalora_ranks_change_under_trainer_and_reload(tmp_path: object) -> None
         assert r == kept[f"{name}.lora_E"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=x).logits, expected)
-    assert not os.path.exists(os.path.join(out, ADALORA_STATE_NAME)), (
+    assert not os.path.exists(os.path.join(out, AdaLoraModel.CHECKPOINT_STATE_FILE)), (
         "resume state belongs in checkpoints only"
     )
-    assert os.path.exists(os.path.join(out, "checkpoint-4", ADALORA_STATE_NAME))
+    assert os.path.exists(os.path.join(out, "checkpoint-4", AdaLoraModel.CHECKPOINT_STATE_FILE))
 
 
 @pytest.mark.parametrize("accumulation", [1, 3])
@@ -211,7 +210,7 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path: object) -
     for _, p in model.base_model.adapter_layers():
         assert all(t.requires_grad for t in p.adapter_parameters("default"))
     # run_training reports the logged evaluation of the model it ended with instead of evaluating again
-    from deltatune.train.recipe import logged_final_evaluation
+    from deltatune.train.run import logged_final_evaluation
 
     logged = logged_final_evaluation(trainer)
     assert logged is not None and logged["epoch"] < 3  # the best checkpoint's evaluation, not the last one

@@ -1,22 +1,19 @@
-"""deltatune: parameter-efficient fine-tuning (LoRA, LoHa, LoKr, AdaLoRA), drop-in for PEFT's API and
+"""deltatune: parameter-efficient fine-tuning (LoRA, LoHa, LoKr, AdaLoRA, DoRA), drop-in for PEFT's API and
 file format.
 
     from deltatune import LoraConfig, get_peft_model
     model = get_peft_model(model, LoraConfig(r=16, target_modules=["query", "value"]))
 """
 
-__version__ = "0.1.0"
-
+from . import methods  # registers every built-in method (one module each)
+from ._version import __version__
 from .config import AdapterConfig, PeftConfig, TaskType
-from .methods import (
-    AdaLoraConfig,
-    AdaLoraModel,
-    LoHaConfig,
-    LoKrConfig,
-    LoraConfig,
-)
+from .methods.adalora import AdaLoraConfig, AdaLoraModel
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
+from .methods.lora import LoraConfig
 from .model import PeftModel, PeftModelForSequenceClassification, get_peft_model
-from .registry import available_methods, get_method, register_method
+from .registry import MethodSpec, available_methods, get_method, register_method, spec_for
 
 __all__ = [
     "AdaLoraConfig",
@@ -25,6 +22,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "MethodSpec",
     "PeftConfig",
     "PeftModel",
     "PeftModelForSequenceClassification",
@@ -33,5 +31,7 @@ __all__ = [
     "available_methods",
     "get_method",
     "get_peft_model",
+    "methods",
     "register_method",
+    "spec_for",
 ]

@@ -1,8 +1,10 @@
-"""Adapter configuration: the base dataclass, validation helpers and ``adapter_config.json`` I/O.
+"""Adapter configuration: the base dataclasses and their validation helpers.
 
 The JSON layout is PEFT's: ``json.dumps(asdict(config), indent=2, sort_keys=True)`` with sets written
-as lists and ``inference_mode`` always ``true``. Unknown keys are dropped with a warning when loading,
-and ``peft_type`` selects the config class through the method registry.
+as lists and ``inference_mode`` always ``true``. Unknown keys are dropped with a warning when loading.
+``peft_type`` selects the config class: every subclass that declares its own ``PEFT_TYPE`` is recorded
+when it is defined (:func:`config_class_for`), so this module needs no method registry. Reading and writing
+files goes through :mod:`deltatune._files`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,36 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from . import __version__ as _version
+from ._files import atomic_write_text, read_json, resolve_file
+from ._version import __version__ as _version
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_NAME", "AdapterConfig", "PeftConfig", "TaskType"]
+__all__ = ["CONFIG_NAME", "AdapterConfig", "PeftConfig", "TaskType", "config_class_for", "known_peft_types"]
 
 CONFIG_NAME = "adapter_config.json"
+
+#: ``PEFT_TYPE`` → the config class that declared it (filled by ``PeftConfig.__init_subclass__``).
+_CONFIG_TYPES: dict[str, type[PeftConfig]] = {}
+
+
+def known_peft_types() -> list[str]:
+    """The ``peft_type`` values of every config class defined so far, in definition order."""
+    return list(_CONFIG_TYPES)
+
+
+def config_class_for(peft_type: str) -> type[PeftConfig]:
+    """The config class whose ``PEFT_TYPE`` is ``peft_type`` (case-insensitive).
+
+    Raises:
+        ValueError: for an unknown type, listing the known ones.
+    """
+    cls = _CONFIG_TYPES.get(str(peft_type).upper())
+    if cls is None:
+        raise ValueError(
+            f"unsupported peft_type {peft_type!r}; deltatune supports: {', '.join(_CONFIG_TYPES)}"
+        )
+    return cls
 
 
 class TaskType:
@@ -112,6 +137,17 @@ class PeftConfig:
     auto_mapping: dict[str, Any] | None = None
     peft_version: str | None = field(default=None)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        peft_type = cls.__dict__.get("PEFT_TYPE")
+        if peft_type:
+            previous = _CONFIG_TYPES.get(peft_type)
+            if previous is not None and previous.__qualname__ != cls.__qualname__:
+                raise TypeError(
+                    f"{cls.__name__} declares PEFT_TYPE={peft_type!r}, already {previous.__name__}'s"
+                )
+            _CONFIG_TYPES[peft_type] = cls
+
     def __post_init__(self) -> None:
         if self.task_type is not None:
             check_choice("task_type", self.task_type, (None, *TaskType.ALL))
@@ -140,8 +176,6 @@ class PeftConfig:
             ValueError: if ``data`` is not a dict, lacks ``peft_type``, names an unknown type, or holds
                 invalid values.
         """
-        from .registry import method_for_peft_type
-
         if not isinstance(data, dict):
             raise ValueError(f"an adapter config must be a JSON object, got {type(data).__name__}")
         target: type[PeftConfig] = cls
@@ -149,11 +183,11 @@ class PeftConfig:
         if cls is PeftConfig:
             if peft_type is None:
                 raise ValueError(
-                    "adapter config has no 'peft_type'; expected one of LORA, LOHA, LOKR, ADALORA"
+                    f"adapter config has no 'peft_type'; expected one of {', '.join(known_peft_types())}"
                 )
             if not isinstance(peft_type, str):
                 raise ValueError(f"'peft_type' must be a string, got {peft_type!r}")
-            target = method_for_peft_type(peft_type).config_cls
+            target = config_class_for(peft_type)
         elif peft_type is not None and str(peft_type).upper() != getattr(cls, "PEFT_TYPE", None):
             raise ValueError(f"config says peft_type={peft_type!r} but {cls.__name__} was asked to load it")
         names = {f.name for f in dataclasses.fields(target) if f.init}
@@ -169,8 +203,6 @@ class PeftConfig:
     # ---- files ----------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
         """Writes ``adapter_config.json`` into ``save_directory`` atomically."""
-        from .serialization import atomic_write_text
-
         os.makedirs(save_directory, exist_ok=True)
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
@@ -182,12 +214,7 @@ class PeftConfig:
             FileNotFoundError: if the file is missing.
             ValueError: if it is not valid JSON or not a valid config.
         """
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "adapter config"))
 
     @classmethod
     def from_pretrained(
@@ -197,8 +224,6 @@ class PeftConfig:
         **hub_kwargs: Any,
     ) -> PeftConfig:
         """Loads ``adapter_config.json`` from a local directory or a Hugging Face Hub repo id."""
-        from .serialization import resolve_file
-
         path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         return cls.from_json_file(path)
 
@@ -236,6 +261,15 @@ class AdapterConfig(PeftConfig):
 
     #: Name of the field that holds the scale numerator (``lora_alpha`` or ``alpha``).
     ALPHA_FIELD: ClassVar[str] = "alpha"
+    #: Name of the field the CLI's ``--dropout`` sets (None: the method has no dropout).
+    DROPOUT_FIELD: ClassVar[str | None] = None
+    #: Whether ``rank_pattern`` maps modules to ranks (validated as positive ints); a method whose pattern
+    #: holds something else (AdaLoRA's keep masks) sets False and validates it itself.
+    RANK_PATTERN_IS_RANKS: ClassVar[bool] = True
+    #: Command-line flags this method reads differently: ``{flag: (field, notice logged when used)}``.
+    FLAG_ALIASES: ClassVar[dict[str, tuple[str, str]]] = {}
+    #: The guide's settings for this method (``deltatune train``'s defaults; the user's flags override them).
+    RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16}
     PEFT_TYPE: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
@@ -286,7 +320,7 @@ class AdapterConfig(PeftConfig):
                 raise ValueError(f"{pname} must be a dict of {{module regex: value}}, got {pattern!r}")
         for key, value in (self.alpha_pattern or {}).items():
             check_range(f"alpha_pattern[{key!r}]", value, 0)
-        if isinstance(self.rank_pattern, dict) and self.PEFT_TYPE != "ADALORA":
+        if isinstance(self.rank_pattern, dict) and self.RANK_PATTERN_IS_RANKS:
             for key, value in self.rank_pattern.items():
                 check_positive_int(f"rank_pattern[{key!r}]", value)
 
@@ -295,6 +329,24 @@ class AdapterConfig(PeftConfig):
         r = pattern_value(self.rank_pattern, module_names)
         alpha = pattern_value(self.alpha_pattern, module_names)
         return (self.r if r is None else int(r)), (self.alpha_value if alpha is None else float(alpha))
+
+    @classmethod
+    def recipe_defaults(cls, planned_steps: int, given: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments ``deltatune train`` uses for this method when the user did not give them.
+
+        Args:
+            planned_steps: The optimiser steps the run will take.
+            given: What the user gave (not to be overridden).
+
+        Returns:
+            :attr:`RECIPE_DEFAULTS` by default; a method whose settings depend on the run's length (AdaLoRA's
+            schedule) adds those.
+        """
+        return dict(cls.RECIPE_DEFAULTS)
+
+    def check_fits_run(self, planned_steps: int) -> None:
+        """Raises ``ValueError`` when this config cannot work for a run of ``planned_steps`` optimiser steps
+        (checked before any training; default: always fits)."""
 
     @property
     def alpha_value(self) -> float:

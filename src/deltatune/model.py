@@ -16,14 +16,14 @@ from typing import Any
 from torch import nn
 
 from .config import AdapterConfig, PeftConfig
-from .inject import AdapterModel
-from .registry import method_for_config
+from .registry import available_methods, get_method, spec_for
 from .serialization import (
     get_adapter_state_dict,
     load_adapter_weights,
     save_adapter_weights,
     set_adapter_state_dict,
 )
+from .tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +34,20 @@ def _adapter_config(config: Any) -> AdapterConfig:
     """``config`` itself, checked to be one of deltatune's adapter configs."""
     if not isinstance(config, AdapterConfig):
         raise TypeError(
-            f"expected a deltatune adapter config (LoraConfig, LoHaConfig, ...), got {type(config).__name__}"
+            f"expected a deltatune adapter config ({', '.join(_config_names())}), got {type(config).__name__}"
         )
     return config
 
 
+def _config_names() -> list[str]:
+    return list(dict.fromkeys(get_method(m).config_cls.__name__ for m in available_methods()))
+
+
 def _tuner_class(config: PeftConfig) -> type[AdapterModel]:
-    spec = method_for_config(config)
-    return spec.model_cls or AdapterModel
+    tuner = spec_for(config).tuner_cls or AdapterModel
+    if not issubclass(tuner, AdapterModel):
+        raise TypeError(f"the tuner of {type(config).__name__} is not an AdapterModel: {tuner!r}")
+    return tuner
 
 
 class PeftModel(nn.Module):
@@ -129,10 +135,6 @@ class PeftModel(nn.Module):
                 self.active_adapter
             ].base_model_name_or_path
         self.base_model.inject_adapter(adapter_name, peft_config)
-        resize = getattr(self.base_model, "resize_by_rank_pattern", None)
-        rank_pattern = getattr(peft_config, "rank_pattern", None)
-        if resize is not None and peft_config.peft_type == "ADALORA" and rank_pattern:
-            resize(rank_pattern, adapter_name)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activates ``adapter_name`` and makes it the trainable one."""
@@ -196,15 +198,9 @@ class PeftModel(nn.Module):
         for name in names:
             directory = os.path.join(save_directory, name) if name != "default" else os.fspath(save_directory)
             os.makedirs(directory, exist_ok=True)
+            self.base_model.prepare_save(name)
             tensors = get_adapter_state_dict(self.base_model, name)
-            config = self.peft_config[name]
-            if config.peft_type == "ADALORA" and getattr(config, "total_step", 0) is None:
-                warnings.warn(
-                    "saving an AdaLoRA adapter whose total_step is unset: peft refuses to load such a config; "
-                    "deltatune's Trainer fills it from the planned steps",
-                    stacklevel=2,
-                )
-            if config.rank_pattern and any(t.numel() == 0 for t in tensors.values()):
+            if any(t.numel() == 0 for t in tensors.values()):
                 logger.info(
                     "adapter %r has modules pruned to rank 0 (empty tensors are saved as PEFT does)", name
                 )
@@ -257,7 +253,9 @@ class PeftModel(nn.Module):
         config = _adapter_config(config)
         config.inference_mode = not is_trainable
         peft_model = cls(model, config, adapter_name)
-        peft_model._load_weights(model_id, adapter_name, strict=strict, subfolder=subfolder, **kwargs)
+        peft_model._load_weights(
+            model_id, adapter_name, strict=strict, subfolder=subfolder, saved_config=config, **kwargs
+        )
         if not is_trainable:
             peft_model.eval()
         return peft_model
@@ -273,22 +271,18 @@ class PeftModel(nn.Module):
         """Loads another saved adapter into this model under ``adapter_name`` (or reloads an existing
         one's weights, e.g. when the Trainer resumes)."""
         subfolder = kwargs.pop("subfolder", None)
-        rank_pattern = None
+        saved: AdapterConfig | None = None
         if adapter_name not in self.peft_config:
-            config = _adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
-            config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config)
-        elif getattr(self.base_model, "expand_pruned", None) is not None:
-            # Reloading into AdaLoRA (e.g. the Trainer resuming): a pruned checkpoint fills the full-rank
-            # adapter, so its rank pattern is needed.
+            saved = _adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
+            saved.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, saved)
+        else:  # reloading an existing adapter (the Trainer resuming): the saved config may adapt the tensors
             try:
-                saved = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
+                saved = _adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
             except FileNotFoundError:
                 saved = None
-            if saved is not None and saved.peft_type == "ADALORA":
-                rank_pattern = getattr(saved, "rank_pattern", None)
         self._load_weights(
-            model_id, adapter_name, strict=strict, subfolder=subfolder, rank_pattern=rank_pattern, **kwargs
+            model_id, adapter_name, strict=strict, subfolder=subfolder, saved_config=saved, **kwargs
         )
         if not is_trainable:
             for _, layer in self.base_model.adapter_layers():
@@ -300,13 +294,11 @@ class PeftModel(nn.Module):
         model_id: str | os.PathLike[str],
         adapter_name: str,
         strict: bool,
-        rank_pattern: dict[str, list[bool]] | None = None,
+        saved_config: AdapterConfig | None = None,
         **kwargs: Any,
     ) -> None:
         tensors = load_adapter_weights(model_id, **kwargs)
-        expand = getattr(self.base_model, "expand_pruned", None)
-        if rank_pattern and expand is not None:
-            tensors = expand(tensors, rank_pattern, adapter_name)
+        tensors = self.base_model.adapt_loaded_tensors(tensors, adapter_name, saved_config)
         set_adapter_state_dict(self.base_model, tensors, adapter_name, strict=strict)
 
     def push_to_hub(
@@ -327,14 +319,6 @@ class PeftModel(nn.Module):
                 commit_message=kwargs.get("commit_message", "Upload adapter"),
             )
         return str(info)
-
-    # ---- AdaLoRA convenience ---------------------------------------------------------------------
-    def update_and_allocate(self, global_step: int) -> None:
-        """AdaLoRA only: importance update and pruning for this step (see :class:`AdaLoraModel`)."""
-        fn = getattr(self.base_model, "update_and_allocate", None)
-        if fn is None:
-            raise AttributeError(f"update_and_allocate is AdaLoRA's; this model holds {self.peft_type}")
-        fn(global_step)
 
 
 class PeftModelForSequenceClassification(PeftModel):

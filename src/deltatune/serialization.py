@@ -1,4 +1,4 @@
-"""Adapter files: PEFT's key layout, safetensors I/O, atomic writes and hub resolution — in one place.
+"""Adapter files: PEFT's key layout and safetensors I/O, in one place (writes go through :mod:`._files`).
 
 In memory an adapter tensor is ``base_model.model.<module>.<tensor>.<adapter>[.<rest>]`` (PEFT's
 layout); on disk the adapter name is dropped (``…q_proj.lora_A.weight``, ``…q_proj.hada_w1_a``) and a
@@ -10,27 +10,24 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .layers import AdapterLayer, ModulesToSaveWrapper
-
-if TYPE_CHECKING:
-    from .inject import AdapterModel
+from ._files import atomic_write_bytes, resolve_file
+from .modules_to_save import ModulesToSaveWrapper
+from .registry import available_methods, get_method, specs_for_peft_type
+from .tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "PREFIX",
     "SAFETENSORS_WEIGHTS_NAME",
     "WEIGHTS_NAME",
-    "atomic_write_bytes",
-    "atomic_write_text",
     "get_adapter_state_dict",
     "load_adapter_weights",
-    "resolve_file",
     "save_adapter_weights",
     "set_adapter_state_dict",
 ]
@@ -38,66 +35,6 @@ __all__ = [
 PREFIX = "base_model.model."
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
-
-
-# ---- atomic files -------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Writes ``data`` to a temporary file beside ``path``, fsyncs it, then renames it over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never a torn file.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """:func:`atomic_write_bytes` for UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-# ---- locating files -----------------------------------------------------------------------------
-def resolve_file(
-    path_or_repo: str | os.PathLike[str], filename: str, subfolder: str | None = None, **hub_kwargs: Any
-) -> str:
-    """Returns a local path to ``filename`` in a directory, or downloads it from a Hub repo id.
-
-    Raises:
-        FileNotFoundError: if a local directory lacks the file, or the hub has no such repo/file (the
-            message says which, and that a network is needed for hub ids).
-    """
-    base = os.fspath(path_or_repo)
-    local_dir = os.path.join(base, subfolder) if subfolder else base
-    if os.path.isdir(local_dir):
-        path = os.path.join(local_dir, filename)
-        if not os.path.isfile(path):
-            present = sorted(os.listdir(local_dir))[:10]
-            raise FileNotFoundError(f"{filename} not found in {local_dir} (it contains: {present})")
-        return path
-    if os.path.exists(base) or base.startswith((".", "/")) or os.sep in base.strip("/").replace("/", "", 1):
-        raise FileNotFoundError(f"{base} is not a directory holding {filename}")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        allowed = {"revision", "cache_dir", "token", "force_download", "local_files_only"}
-        kwargs = {k: v for k, v in hub_kwargs.items() if k in allowed and v is not None}
-        return hf_hub_download(base, filename, subfolder=subfolder, **kwargs)
-    except Exception as err:
-        raise FileNotFoundError(
-            f"could not get {filename} from {base!r}: not a local directory, and the Hugging Face Hub did not "
-            f"provide it ({type(err).__name__}: {err}). Pass a local adapter directory, or check the repo id "
-            "and your network"
-        ) from err
 
 
 # ---- weights I/O --------------------------------------------------------------------------------
@@ -173,84 +110,21 @@ def load_adapter_weights(
 
 
 # ---- key mapping --------------------------------------------------------------------------------
-def _layer_export(layer: AdapterLayer, adapter_name: str, keep: list[bool] | None) -> dict[str, torch.Tensor]:
-    export = getattr(layer, "export_tensors", None)
-    if export is not None:
-        mask = torch.tensor(keep, dtype=torch.bool) if keep is not None else None
-        return export(adapter_name, mask)
-    out: dict[str, torch.Tensor] = {}
-    for attr in layer.adapter_param_names:
-        container = getattr(layer, attr)
-        if adapter_name not in container:
-            continue
-        item = container[adapter_name]
-        if isinstance(item, torch.nn.Module):
-            for k, v in item.state_dict().items():
-                out[f"{attr}.{k}"] = v
-        else:
-            out[attr] = item.detach()
-    return out
-
-
 def get_adapter_state_dict(tuner: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The tensors of ``adapter_name`` under PEFT's saved key names (AdaLoRA sliced to its ranks)."""
-    config = tuner.peft_config[adapter_name]
-    rank_pattern = None
-    current = getattr(tuner, "current_rank_pattern", None)
-    if current is not None:
-        rank_pattern = current(adapter_name)
+    """The tensors of ``adapter_name`` under PEFT's saved key names (each layer's through the tuner's
+    :meth:`~deltatune.tuner.AdapterModel.export_layer_tensors` hook, plus its ``extra_saved_tensors``)."""
+    tuner.before_export(adapter_name)
     out: dict[str, torch.Tensor] = {}
     for name, layer in tuner.adapter_layers():
         if adapter_name not in layer.r:
             continue
-        keep = None
-        if rank_pattern:
-            keep = next(
-                (
-                    rank_pattern[f"{v}.lora_E"]
-                    for v in tuner.name_variants(name)
-                    if f"{v}.lora_E" in rank_pattern
-                ),
-                None,
-            )
-        for key, tensor in _layer_export(layer, adapter_name, keep).items():
+        for key, tensor in tuner.export_layer_tensors(name, layer, adapter_name).items():
             out[f"{PREFIX}{name}.{key}"] = tensor
     for name, wrapper in tuner.saved_module_wrappers():
         if adapter_name in wrapper.modules_to_save:
             for key, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
                 out[f"{PREFIX}{name}.{key}"] = tensor
-    bias = getattr(config, "bias", "none")
-    if bias == "all":
-        out.update(_all_bias_tensors(tuner, adapter_name))
-    elif bias == "lora_only":
-        for name, layer in tuner.adapter_layers():
-            layer_bias = layer.base_bias
-            if adapter_name in layer.r and layer_bias is not None:
-                out[f"{PREFIX}{name}.base_layer.bias"] = layer_bias.detach()
-    return out
-
-
-def _all_bias_tensors(tuner: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """``bias="all"``: every state-dict key containing ``bias``, as PEFT selects them.
-
-    PEFT's sweep also picks up the biases inside ``modules_to_save`` wrappers and writes them as
-    ``<module>.original_module.bias`` and ``<module>.modules_to_save.bias`` (besides ``<module>.bias``);
-    they are written here too so that both libraries produce the same key set.
-    """
-    skip = tuple(
-        f"{name}.{attr}."
-        for name, layer in tuner.adapter_layers()
-        for attr in (*layer.adapter_param_names, *layer.other_param_names)
-    )
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in tuner.model.state_dict().items():
-        if "bias" not in key or key.startswith(skip):
-            continue
-        if ".modules_to_save." in key:
-            marker = f".modules_to_save.{adapter_name}."
-            if marker not in key:
-                continue  # another adapter's copy
-            key = key.replace(marker, ".modules_to_save.")
+    for key, tensor in tuner.extra_saved_tensors(adapter_name).items():
         out.setdefault(f"{PREFIX}{key}", tensor)
     return out
 
@@ -287,10 +161,8 @@ def _in_memory_key(key: str, owners: dict[str, Any], adapter_name: str) -> str |
 
 def _raise_if_other_method(tuner: AdapterModel, adapter_name: str, keys: list[str]) -> None:
     """A clearer error when the tensors belong to another method than the config says."""
-    from .registry import available_methods, get_method, method_for_peft_type
-
-    config_type = tuner.peft_config[adapter_name].peft_type
-    own = set(method_for_peft_type(str(config_type)).layer_cls.adapter_param_names)
+    config_type = str(tuner.peft_config[adapter_name].peft_type)
+    own = {a for spec in specs_for_peft_type(config_type) for a in spec.layer_cls.adapter_param_names}
     for name in available_methods():
         spec = get_method(name)
         distinct = set(spec.layer_cls.adapter_param_names) - own

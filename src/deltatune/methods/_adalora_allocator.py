@@ -6,19 +6,19 @@ lowest scores until the total rank fits the budget that ``budget_schedule`` give
 Everything stays on the device; the rank pattern is read back to the host only on request.
 
 ``adalora`` re-exports both names, so ``deltatune.methods.adalora`` remains the public import path.
+The config is read by attribute (``beta1``, ``beta2``, ``target_r``), so this module needs no import of it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .adalora import AdaLoraConfig, SVDLayer
+from ._adalora_layer import SVDLayer
 
-__all__ = ["RankAllocator", "budget_schedule"]
+__all__ = ["RankAllocator", "allocator_state", "budget_schedule", "restore_allocator_state"]
 
 
 def budget_schedule(
@@ -49,7 +49,7 @@ class RankAllocator:
         adapter_name: Which adapter to allocate.
     """
 
-    def __init__(self, layers: list[tuple[str, SVDLayer]], config: AdaLoraConfig, adapter_name: str) -> None:
+    def __init__(self, layers: list[tuple[str, SVDLayer]], config: Any, adapter_name: str) -> None:
         self.layers = layers
         self.config = config
         self.adapter_name = adapter_name
@@ -130,3 +130,54 @@ class RankAllocator:
             out[f"{name}.lora_E"] = [bool(v) for v in flat[offset : offset + mask.numel()]]
             offset += mask.numel()
         return out
+
+
+# ---- resumable state ------------------------------------------------------------------------------
+def allocator_state(trainable: dict[str, nn.Parameter], allocator: RankAllocator) -> dict[str, torch.Tensor]:
+    """What exact resumption needs beyond the pruned PEFT file: ``param:<name>`` for every trainable tensor
+    (unpruned), ``ipt:<i>``/``unc:<i>`` for the importance EMAs (one per factor, in allocator order) and
+    ``mask:<i>`` (uint8, one per layer)."""
+    tensors = {f"param:{name}": p.detach().contiguous().cpu() for name, p in trainable.items()}
+    for kind in ("ipt", "unc"):
+        for i, t in enumerate(getattr(allocator, kind) or []):
+            tensors[f"{kind}:{i}"] = t.detach().contiguous().cpu()
+    for i, mask in enumerate(allocator.masks or []):
+        tensors[f"mask:{i}"] = mask.to(torch.uint8).cpu()
+    return tensors
+
+
+def restore_allocator_state(
+    params: dict[str, nn.Parameter], allocator: RankAllocator, tensors: dict[str, torch.Tensor]
+) -> None:
+    """Copies :func:`allocator_state`'s tensors back into ``params`` (all of the model's, by the same names)
+    and the allocator.
+
+    Raises:
+        ValueError: when the saved tensors do not match the trainable ones by name or shape.
+    """
+    expected = {name for name, p in params.items() if p.requires_grad}
+    saved = {k[len("param:") :] for k in tensors if k.startswith("param:")}
+    if saved != expected:
+        missing, extra = sorted(expected - saved)[:3], sorted(saved - expected)[:3]
+        raise ValueError(
+            f"the checkpoint holds AdaLoRA state for a different adapter layout (missing {missing}, "
+            f"unexpected {extra}); resume with the same model and adapter config"
+        )
+    with torch.no_grad():
+        for name in saved:
+            target, value = params[name], tensors[f"param:{name}"]
+            if target.shape != value.shape:
+                raise ValueError(
+                    f"{name}: checkpoint shape {tuple(value.shape)} but the model has {tuple(target.shape)}; "
+                    "resume with the same adapter config (init_r)"
+                )
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+    device = next(iter(params.values())).device
+
+    def series(kind: str) -> list[torch.Tensor] | None:
+        items = sorted((int(k.split(":")[1]), v) for k, v in tensors.items() if k.startswith(f"{kind}:"))
+        return [v.to(device) for _, v in items] or None
+
+    allocator.ipt, allocator.unc = series("ipt"), series("unc")
+    masks = series("mask")
+    allocator.masks = [m.bool() for m in masks] if masks else None

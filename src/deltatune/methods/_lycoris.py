@@ -1,4 +1,5 @@
-"""What LoHa and LoKr share: the config fields and the dropout behaviour of the LyCORIS family.
+"""What LoHa and LoKr share: the config fields, the dropout behaviour of the LyCORIS family, the CP
+(Tucker) rebuild of a conv kernel, and the fast path that trains through the per-step weight W + ΔW.
 
 - ``module_dropout`` p_m: in training, the whole adapter term is skipped with probability p_m.
 - ``rank_dropout`` p_r: in training, a keep-mask over the output rows of ΔW (``rand(out) > p_r``),
@@ -8,14 +9,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..config import AdapterConfig, check_range
-from ..layers import AdapterLayer
+from ..layers import LowRankLayer
 from ._fused import is_plain, merged_weight_pays
+
+
+def cp_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """rebuild[p, q, k, l] = Σ_ij t[i, j, k, l] · wb[j, q] · wa[i, p]; t (r, r, k1, k2), wa (r, out),
+    wb (r, in) → (out, in, k1, k2)."""
+    return torch.einsum("ijkl,jq,ip->pqkl", t, wb, wa)
 
 
 @dataclass
@@ -39,6 +46,8 @@ class LycorisConfig(AdapterConfig):
     init_weights: bool | str = True
 
     ALPHA_FIELD: ClassVar[str] = "alpha"
+    DROPOUT_FIELD: ClassVar[str | None] = "module_dropout"
+    RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16, "alpha": 16, "module_dropout": 0.1}
     INIT_CHOICES: ClassVar[tuple[bool | str, ...]] = (True, False)
 
     def __post_init__(self) -> None:
@@ -52,8 +61,8 @@ class LycorisConfig(AdapterConfig):
             )
 
 
-class LycorisLayer(AdapterLayer):
-    """Adds module and rank dropout on top of :class:`AdapterLayer` for LoHa and LoKr."""
+class LycorisLayer(LowRankLayer):
+    """Adds module and rank dropout on top of :class:`~deltatune.layers.LowRankLayer` for LoHa and LoKr."""
 
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
     #: Whether the rank-dropout mask is always divided by its mean (LoHa) or per config (LoKr).
@@ -74,9 +83,6 @@ class LycorisLayer(AdapterLayer):
         self.rank_dropout[adapter_name] = float(config.rank_dropout)
         self.module_dropout[adapter_name] = float(config.module_dropout)
         self.rank_dropout_scale[adapter_name] = scale
-
-    def _new_param(self, *shape: int) -> nn.Parameter:
-        return nn.Parameter(torch.empty(*shape, **self._new_dtype_device()))
 
     def rank_dropout_mask(
         self, adapter_name: str, device: torch.device, dtype: torch.dtype

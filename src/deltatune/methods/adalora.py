@@ -21,17 +21,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..config import AdapterConfig, check_positive_int, check_range
-from ..inject import AdapterModel
 from ..layers import AdapterLayer, expect_config
 from ..registry import MethodSpec, register_method
-from ._adalora_allocator import RankAllocator, budget_schedule
+from ._adalora_allocator import RankAllocator, allocator_state, budget_schedule, restore_allocator_state
+from ._adalora_layer import SVDLayer, adalora_delta_weight, adalora_scaling, orthogonal_regularizer
 from ._adalora_patterns import expand_pruned_tensors, masks_by_module
-from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
-from .lora import LoraConfig
+from .lora import LoraConfig, LoraModel
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +38,14 @@ __all__ = [
     "RankAllocator",
     "SVDLayer",
     "adalora_delta_weight",
+    "adalora_scaling",
     "budget_schedule",
     "orthogonal_regularizer",
 ]
+
+#: What ``deltatune train`` uses when the user sets none of these: warm up 10% of the run, prune, fix the
+#: budget for the last 30%, reallocating about 50 times.
+SCHEDULE_FIELDS = ("tinit", "tfinal", "deltaT", "total_step")
 
 
 @dataclass
@@ -79,8 +81,18 @@ class AdaLoraConfig(LoraConfig):
     rank_pattern: dict[str, Any] | None = None
 
     PEFT_TYPE: ClassVar[str] = "ADALORA"
+    RANK_PATTERN_IS_RANKS: ClassVar[bool] = False
+    VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ()
+    RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"init_r": 12, "target_r": 8}
+    FLAG_ALIASES: ClassVar[dict[str, tuple[str, str]]] = {
+        "r": ("target_r", "AdaLoRA: --r sets target_r, the average rank after pruning (init_r starts higher)")
+    }
 
     def __post_init__(self) -> None:
+        if self.use_dora:
+            raise ValueError(
+                "use_dora is not supported by AdaLoraConfig (PEFT rejects it too); use LoraConfig"
+            )
         super().__post_init__()
         check_positive_int("init_r", self.init_r)
         check_positive_int("target_r", self.target_r)
@@ -111,194 +123,160 @@ class AdaLoraConfig(LoraConfig):
                 "more steps"
             )
 
+    @classmethod
+    def recipe_defaults(cls, planned_steps: int, given: dict[str, Any]) -> dict[str, Any]:
+        """The guide's ranks, plus a schedule fitted to the run unless the user set one of
+        tinit/tfinal/deltaT/total_step: warm up 10%, prune, fix the budget for the last 30%, about 50
+        reallocations."""
+        defaults = dict(cls.RECIPE_DEFAULTS)
+        if not set(SCHEDULE_FIELDS) & set(given):
+            defaults.update(
+                tinit=int(0.1 * planned_steps),
+                tfinal=int(0.3 * planned_steps),
+                deltaT=max(1, planned_steps // 50),
+            )
+        return defaults
+
+    def check_fits_run(self, planned_steps: int) -> None:
+        """The schedule must fit ``total_step`` (or the run's planned steps when unset)."""
+        self.check_schedule(self.total_step or planned_steps)
+
     def rank_and_alpha(self, module_names: list[str]) -> tuple[int, float]:
         """Every module starts at ``init_r``; ``alpha_pattern`` may still set alpha per module."""
         _, alpha = super().rank_and_alpha(module_names)
         return self.init_r, alpha
 
 
-# ---- pure maths ---------------------------------------------------------------------------------
-def adalora_scaling(lora_alpha: float, r: int) -> float:
-    """PEFT's numerator: lora_alpha if > 0 else r (divided by ranknum + 1e-5 at use)."""
-    return lora_alpha if lora_alpha > 0 else r
-
-
-def adalora_delta_weight(
-    lora_a: torch.Tensor,
-    lora_e: torch.Tensor,
-    lora_b: torch.Tensor,
-    scaling: float,
-    ranknum: torch.Tensor | float,
-) -> torch.Tensor:
-    """ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5); A (r, in), E (r, 1), B (out, r) → (out, in)."""
-    return (lora_b @ (lora_a * lora_e)) * (scaling / (ranknum + 1e-5))
-
-
-def orthogonal_regularizer(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Mean over all A and B of ‖P − I‖_F with P = A Aᵀ for A (r, in) and P = Bᵀ B for B (out, r).
-
-    Factors of the same shape are batched into one ``bmm``.
-    """
-    groups: dict[tuple[str | int, ...], list[torch.Tensor]] = {}
-    for a, b in factors:
-        groups.setdefault(("A", *a.shape), []).append(a)
-        groups.setdefault(("B", *b.shape), []).append(b.t())
-    total: torch.Tensor | None = None
-    count = 0
-    for _key, mats in groups.items():
-        stack = torch.stack(mats)  # (L, r, n)
-        gram = torch.bmm(stack, stack.transpose(1, 2))
-        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-        norms = torch.linalg.matrix_norm(gram - eye, ord="fro").sum()
-        total = norms if total is None else total + norms
-        count += len(mats)
-    if total is None:
-        raise ValueError("orthogonal_regularizer needs at least one (A, B) pair")
-    return total / count
-
-
-# ---- layer --------------------------------------------------------------------------------------
-class SVDLayer(AdapterLayer):
-    """Wraps a Linear or Conv2d with AdaLoRA triplets (``lora_A``, ``lora_E``, ``lora_B``)."""
-
-    adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_E", "lora_B")
-    other_param_names: ClassVar[tuple[str, ...]] = ("ranknum",)
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.lora_A = nn.ParameterDict()
-        self.lora_E = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.ranknum = nn.ParameterDict()
-        self.lora_dropout = nn.ModuleDict()
-
-    def _fan_in(self) -> int:
-        return int(self.base_weight[0].numel())
-
-    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
-        config = expect_config(config, AdaLoraConfig)
-        kw = self._new_dtype_device()
-        out_dim = self.base_weight.shape[0]
-        self.lora_A[adapter_name] = nn.Parameter(torch.empty(r, self._fan_in(), **kw))
-        self.lora_E[adapter_name] = nn.Parameter(torch.empty(r, 1, **kw))
-        self.lora_B[adapter_name] = nn.Parameter(torch.empty(out_dim, r, **kw))
-        self.ranknum[adapter_name] = nn.Parameter(torch.full((1,), float(r), **kw), requires_grad=False)
-        self.lora_dropout[adapter_name] = (
-            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        )
-        self.r[adapter_name] = r
-        self.scaling[adapter_name] = adalora_scaling(alpha, r)
-        with torch.no_grad():
-            if config.init_lora_weights is False:
-                for p in (self.lora_A, self.lora_E, self.lora_B):
-                    nn.init.normal_(p[adapter_name])
-            else:
-                nn.init.zeros_(self.lora_E[adapter_name])
-                nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
-                nn.init.normal_(self.lora_B[adapter_name], mean=0.0, std=0.02)
-        self._finish_update(adapter_name)
-
-    def resize(self, adapter_name: str, rank: int) -> None:
-        """Rebuilds the triplets at ``rank`` (for loading a pruned adapter); ``ranknum`` keeps init_r."""
-        for name in self.adapter_param_names:
-            container = getattr(self, name)
-            old = container[adapter_name]
-            shape = list(old.shape)
-            shape[1 if name == "lora_B" else 0] = rank
-            container[adapter_name] = nn.Parameter(
-                torch.zeros(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
-            )
-        self.r[adapter_name] = rank
-
-    def _ranknum(self, adapter_name: str) -> torch.Tensor:
-        return self.ranknum[adapter_name]
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        delta = adalora_delta_weight(
-            self.lora_A[adapter_name],
-            self.lora_E[adapter_name],
-            self.lora_B[adapter_name],
-            self.scaling[adapter_name],
-            self._ranknum(adapter_name),
-        )
-        return delta.reshape(self.base_weight.shape)
-
-    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        x = self.lora_dropout[adapter_name](x)
-        a = self.lora_A[adapter_name]
-        if not isinstance(self.base_layer, nn.Linear):
-            return self.base_forward_with_weight(x.to(a.dtype), self.delta_weight(adapter_name))
-        scale = self.scaling[adapter_name] / (self._ranknum(adapter_name) + 1e-5)
-        hidden = F.linear(x.to(a.dtype), a * self.lora_E[adapter_name])
-        return F.linear(hidden, self.lora_B[adapter_name]) * scale
-
-    def _low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A ⊙ E · scale, B, dropout p): the scale and E fold into A (an r×in product), so the term is a
-        plain low-rank GEMM pair."""
-        drop = self.lora_dropout[adapter_name]
-        p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-        scale = self.scaling[adapter_name] / (self._ranknum(adapter_name) + 1e-5)
-        return self.lora_A[adapter_name] * (self.lora_E[adapter_name] * scale), self.lora_B[adapter_name], p
-
-    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        # The base GEMM and the low-rank term in one autograd node (see _fused.LowRankLinear).
-        if not isinstance(self.base_layer, nn.Linear):
-            return None
-        a, b, p = self._low_rank_factors(adapter_name)
-        needs_grad = torch.is_grad_enabled() and a.requires_grad
-        plain = is_plain(self.base_layer, (nn.Linear,))
-        if plain and p == 0 and low_rank_merge_pays(x, self.base_weight, a.shape[0], needs_grad):
-            # Inference over many tokens: one GEMM with W + B (A ⊙ E) s (what merging computes), one addmm.
-            weight = self.base_weight
-            merged = torch.addmm(weight, b.to(weight.dtype), a.to(weight.dtype))
-            return self.base_forward_with_weight(x, merged, self.base_bias)
-        return low_rank_linear(self.base_layer, x, a, b, 1.0, p)
-
-    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        if not isinstance(self.base_layer, nn.Linear):
-            return super().add_adapter_output(result, x, adapter_name)
-        a, b, p = self._low_rank_factors(adapter_name)
-        return low_rank_add(result, x, a, b, 1.0, p)
-
-    def export_tensors(self, adapter_name: str, keep: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The saved tensors, sliced to the kept triplets when ``keep`` (a bool mask over r) is given."""
-        a, e, b = self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name]
-        # A module loaded from a pruned adapter is already resized to the kept triplets: nothing to slice.
-        if keep is not None and keep.numel() == a.shape[0]:
-            a, e, b = a[keep], e[keep], b[:, keep]
-        elif keep is not None and int(keep.sum()) != a.shape[0]:
-            raise ValueError(
-                f"rank_pattern keeps {int(keep.sum())} of {keep.numel()} triplets but the module holds "
-                f"{a.shape[0]}; the rank_pattern does not belong to this adapter"
-            )
-        return {"lora_A": a.detach(), "lora_E": e.detach(), "lora_B": b.detach()}
-
-
-class AdaLoraModel(AdapterModel):
+class AdaLoraModel(LoraModel):
     """The tuner for AdaLoRA: adds the orthogonal regulariser to a training loss and owns the allocator.
 
     ``update_and_allocate(global_step)`` must run after each backward and before ``zero_grad``; the
-    deltatune Trainer integration calls it from ``on_optimizer_step``.
+    deltatune Trainer calls it through :meth:`on_optimizer_step`.
     """
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
-        super().__init__(model, config, adapter_name)
-        self._allocator: RankAllocator | None = None
-        self._apply_loaded_rank_pattern(adapter_name)
+    CHECKPOINT_STATE_FILE: ClassVar[str | None] = "adalora_state.safetensors"
+    _allocator: RankAllocator | None = None
 
-    def inject_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+    # ---- hooks ----------------------------------------------------------------------------------
+    def check_new_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
         trainable = [n for n, c in self.peft_config.items() if not c.inference_mode]
         if trainable and not config.inference_mode:
             raise ValueError(
                 f"AdaLoRA supports one trainable adapter per model; {trainable[0]!r} is already trainable. "
                 "Load additional adapters with is_trainable=False"
             )
-        super().inject_adapter(adapter_name, config)
 
-    def _apply_loaded_rank_pattern(self, adapter_name: str) -> None:
-        config = expect_config(self.peft_config[adapter_name], AdaLoraConfig)
-        if config.rank_pattern:
-            self.resize_by_rank_pattern(config.rank_pattern, adapter_name)
+    def after_inject(self, adapter_name: str, config: AdapterConfig) -> None:
+        """A config that carries a rank pattern (a saved, pruned adapter) shrinks the modules to it."""
+        pattern = expect_config(config, AdaLoraConfig).rank_pattern
+        if pattern:
+            self.resize_by_rank_pattern(pattern, adapter_name)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        config = self._config()
+        if config.orth_reg_weight <= 0 or config.inference_mode:
+            return None
+        return config.orth_reg_weight * self.orthogonal_loss()
+
+    def prepare_training(self, planned_steps: int) -> None:
+        """Fills ``total_step`` from the planned optimiser steps when unset, and checks the schedule."""
+        config = self._config()
+        if config.total_step is None:
+            config.total_step = int(planned_steps)
+            logger.info(
+                "AdaLoRA: total_step set to the trainer's planned %d optimiser steps", config.total_step
+            )
+        elif config.total_step != planned_steps:
+            logger.warning(
+                "AdaLoRA: total_step=%d but the trainer plans %d optimiser steps; the budget schedule follows "
+                "total_step",
+                config.total_step,
+                planned_steps,
+            )
+        config.check_schedule(config.total_step)
+        logger.info(
+            "AdaLoRA: ranks %d → %d on average; pruning between steps %d and %d, every %d steps",
+            config.init_r,
+            config.target_r,
+            config.tinit,
+            config.total_step - config.tfinal,
+            config.deltaT,
+        )
+
+    def on_optimizer_step(self, global_step: int) -> None:
+        self.update_and_allocate(global_step)
+
+    def rank_summary(self, adapter_name: str | None = None) -> dict[str, int] | None:
+        """``{"<module>": kept rank}`` from the current rank pattern (None before any pruning)."""
+        pattern = self.current_rank_pattern(adapter_name)
+        if not pattern:
+            return None
+        return {k.removesuffix(".lora_E"): int(sum(bool(v) for v in keep)) for k, keep in pattern.items()}
+
+    def training_summary(self) -> dict[str, Any]:
+        ranks = self.rank_summary()
+        if not ranks:
+            return {}
+        config = self._config()
+        logger.info(
+            "AdaLoRA: final ranks sum %d over %d modules (min %d, max %d)",
+            sum(ranks.values()),
+            len(ranks),
+            min(ranks.values()),
+            max(ranks.values()),
+        )
+        return {"ranks": ranks, "rank_max": config.init_r}
+
+    def prepare_save(self, adapter_name: str) -> None:
+        if expect_config(self.peft_config[adapter_name], AdaLoraConfig).total_step is None:
+            warnings.warn(
+                "saving an AdaLoRA adapter whose total_step is unset: peft refuses to load such a config; "
+                "deltatune's Trainer fills it from the planned steps",
+                stacklevel=4,
+            )
+
+    def before_export(self, adapter_name: str) -> None:
+        self.current_rank_pattern(adapter_name)  # brings config.rank_pattern up to date with the masks
+
+    def export_layer_tensors(
+        self, module_name: str, layer: AdapterLayer, adapter_name: str
+    ) -> dict[str, Any]:
+        """Triplets sliced to the kept ranks of the rank pattern (PEFT's format; rank 0 allowed)."""
+        pattern = expect_config(self.peft_config[adapter_name], AdaLoraConfig).rank_pattern
+        if not isinstance(layer, SVDLayer):
+            return super().export_layer_tensors(module_name, layer, adapter_name)
+        keep = None
+        if pattern:
+            keep = next(
+                (pattern[f"{v}.lora_E"] for v in self.name_variants(module_name) if f"{v}.lora_E" in pattern),
+                None,
+            )
+        return layer.export_tensors(adapter_name, torch.tensor(keep, dtype=torch.bool) if keep else None)
+
+    def adapt_loaded_tensors(
+        self, tensors: dict[str, torch.Tensor], adapter_name: str, saved_config: AdapterConfig | None
+    ) -> dict[str, torch.Tensor]:
+        """A pruned file loaded into modules that still hold all ``init_r`` triplets (resuming) is scattered
+        back to full rank (see :meth:`expand_pruned`)."""
+        pattern = (
+            getattr(saved_config, "rank_pattern", None) if isinstance(saved_config, AdaLoraConfig) else None
+        )
+        return self.expand_pruned(tensors, pattern, adapter_name) if pattern else tensors
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The unpruned trainable tensors and the allocator's EMAs and masks (see :func:`allocator_state`)."""
+        trainable = {f"base_model.{n}": p for n, p in self.named_parameters() if p.requires_grad}
+        return allocator_state(trainable, self.rank_allocator)
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], saved_config: AdapterConfig) -> None:
+        """Restores :meth:`checkpoint_state` (same adapter layout required) and the saved rank pattern."""
+        params = {f"base_model.{n}": p for n, p in self.named_parameters()}
+        restore_allocator_state(params, self.rank_allocator, tensors)
+        self._config().rank_pattern = getattr(saved_config, "rank_pattern", None)
+
+    # ---- AdaLoRA's own API ----------------------------------------------------------------------
+    def _config(self, adapter_name: str | None = None) -> AdaLoraConfig:
+        return expect_config(self.peft_config[adapter_name or self.active_adapter], AdaLoraConfig)
 
     def resize_by_rank_pattern(self, rank_pattern: dict[str, list[bool]], adapter_name: str) -> None:
         """Shrinks each module to the number of kept triplets in ``rank_pattern`` (before loading)."""
@@ -364,19 +342,6 @@ class AdaLoraModel(AdapterModel):
         n = self.active_adapter
         return orthogonal_regularizer([(layer.lora_A[n], layer.lora_B[n]) for _, layer in self.svd_layers()])
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = self.model(*args, **kwargs)
-        config = expect_config(self.peft_config[self.active_adapter], AdaLoraConfig)
-        loss = getattr(outputs, "loss", None)
-        if (
-            self.training
-            and isinstance(loss, torch.Tensor)
-            and config.orth_reg_weight > 0
-            and not config.inference_mode
-        ):
-            outputs.loss = loss + config.orth_reg_weight * self.orthogonal_loss()
-        return outputs
-
     def update_and_allocate(self, global_step: int) -> None:
         """Updates importances and prunes singular values per the budget schedule.
 
@@ -436,10 +401,13 @@ class AdaLoraModel(AdapterModel):
 register_method(
     MethodSpec(
         name="adalora",
-        peft_type="ADALORA",
         config_cls=AdaLoraConfig,
         layer_cls=SVDLayer,
         prefix="lora_",
-        model_cls=AdaLoraModel,
+        tuner_cls=AdaLoraModel,
+        display_name="AdaLoRA",
+        example_kwargs={"init_r": 6, "target_r": 2, "lora_alpha": 8, "total_step": 20},
+        listing_order=40,
+        nonzero_init={"init_lora_weights": False},
     )
 )

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
-from ..layers import expect_config, kaiming_uniform_
+from ..layers import expect_config
 from ..registry import MethodSpec, register_method
-from ._lycoris import LycorisConfig, LycorisLayer
+from ._lycoris import LycorisConfig, LycorisLayer, cp_rebuild
 
 __all__ = ["LoHaConfig", "LoHaLayer", "loha_delta_forward", "loha_delta_weight", "loha_khatri_rao_factors"]
 
@@ -45,12 +45,6 @@ class LoHaConfig(LycorisConfig):
 
 
 # ---- pure maths ---------------------------------------------------------------------------------
-def cp_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """rebuild[p, q, k, l] = Σ_ij t[i, j, k, l] · wb[j, q] · wa[i, p]; t (r, r, k1, k2), wa (r, out),
-    wb (r, in) → (out, in, k1, k2)."""
-    return torch.einsum("ijkl,jq,ip->pqkl", t, wb, wa)
-
-
 def loha_delta_weight(
     w1a: torch.Tensor,
     w1b: torch.Tensor,
@@ -115,11 +109,6 @@ class LoHaLayer(LycorisLayer):
     hada_t1: nn.ParameterDict
     hada_t2: nn.ParameterDict
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        for name in self.adapter_param_names:
-            setattr(self, name, nn.ParameterDict())
-
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         config = expect_config(config, LycorisConfig)
         base = self.base_layer
@@ -153,12 +142,9 @@ class LoHaLayer(LycorisLayer):
 
     def reset_parameters(self, adapter_name: str, init: bool | str) -> None:
         """``True``: every factor kaiming-uniform except w2b = 0; ``False``: all kaiming-uniform."""
-        with torch.no_grad():
-            for name in self.adapter_param_names:
-                container = getattr(self, name)
-                if adapter_name in container:
-                    kaiming_uniform_(container[adapter_name])
-            if init is True:
+        self.kaiming_init(adapter_name)
+        if init is True:
+            with torch.no_grad():
                 nn.init.zeros_(self.hada_w2_b[adapter_name])
 
     def _factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,5 +196,14 @@ class LoHaLayer(LycorisLayer):
 
 
 register_method(
-    MethodSpec(name="loha", peft_type="LOHA", config_cls=LoHaConfig, layer_cls=LoHaLayer, prefix="hada_")
+    MethodSpec(
+        name="loha",
+        config_cls=LoHaConfig,
+        layer_cls=LoHaLayer,
+        prefix="hada_",
+        display_name="LoHa",
+        example_kwargs={"r": 3, "alpha": 6},
+        listing_order=20,
+        nonzero_init={"init_weights": False},
+    )
 )

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 from ..config import AdapterConfig, check_positive_int
-from ..layers import expect_config, kaiming_uniform_
+from ..layers import expect_config
 from ..registry import MethodSpec, register_method
-from ._lycoris import LycorisConfig, LycorisLayer
-from .loha import cp_rebuild
+from ._lycoris import LycorisConfig, LycorisLayer, cp_rebuild
 
 __all__ = ["LoKrConfig", "LoKrLayer", "factorization", "lokr_delta_forward", "lokr_delta_weight"]
 
@@ -140,11 +139,6 @@ class LoKrLayer(LycorisLayer):
     lokr_w2_b: nn.ParameterDict
     lokr_t2: nn.ParameterDict
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        for name in self.adapter_param_names:
-            setattr(self, name, nn.ParameterDict())
-
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         config = expect_config(config, LoKrConfig)
         shape = tuple(self.base_weight.shape)
@@ -176,11 +170,8 @@ class LoKrLayer(LycorisLayer):
 
     def reset_parameters(self, adapter_name: str, init: bool | str) -> None:
         """``True``: W1 (or W1a) = 0; ``"lycoris"``: W2 (or W2b) = 0; ``False``: all random."""
+        self.kaiming_init(adapter_name)
         with torch.no_grad():
-            for name in self.adapter_param_names:
-                container = getattr(self, name)
-                if adapter_name in container:
-                    kaiming_uniform_(container[adapter_name])
             if init is True:
                 zero = self.lokr_w1 if adapter_name in self.lokr_w1 else self.lokr_w1_a
                 nn.init.zeros_(zero[adapter_name])
@@ -257,5 +248,14 @@ class LoKrLayer(LycorisLayer):
 
 
 register_method(
-    MethodSpec(name="lokr", peft_type="LOKR", config_cls=LoKrConfig, layer_cls=LoKrLayer, prefix="lokr_")
+    MethodSpec(
+        name="lokr",
+        config_cls=LoKrConfig,
+        layer_cls=LoKrLayer,
+        prefix="lokr_",
+        display_name="LoKr",
+        example_kwargs={"r": 2, "alpha": 4},
+        listing_order=30,
+        nonzero_init={"init_weights": False},
+    )
 )

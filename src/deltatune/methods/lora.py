@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -20,9 +21,10 @@ from torch import nn
 from ..config import AdapterConfig, check_choice, check_range
 from ..layers import AdapterLayer, expect_config, kaiming_uniform_, module_bias, module_weight
 from ..registry import MethodSpec, register_method
+from ..tuner import AdapterModel
 from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
 
-__all__ = ["LoraConfig", "LoraLayer", "lora_delta_forward", "lora_delta_weight"]
+__all__ = ["LoraConfig", "LoraLayer", "LoraModel", "lora_delta_forward", "lora_delta_weight"]
 
 INIT_CHOICES = (True, False, "gaussian")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -77,6 +79,10 @@ class LoraConfig(AdapterConfig):
     ensure_weight_tying: bool = False
 
     ALPHA_FIELD: ClassVar[str] = "lora_alpha"
+    DROPOUT_FIELD: ClassVar[str | None] = "lora_dropout"
+    RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.1}
+    #: Fields that select a variant of LoRA implemented by another registered method (PEFT's DoRA flag).
+    VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora",)
     PEFT_TYPE: ClassVar[str] = "LORA"
 
     def __post_init__(self) -> None:
@@ -85,7 +91,6 @@ class LoraConfig(AdapterConfig):
         check_choice("bias", self.bias, BIAS_CHOICES)
         check_choice("init_lora_weights", self.init_lora_weights, INIT_CHOICES)
         unsupported = {
-            "use_dora": self.use_dora,
             "use_qalora": self.use_qalora,
             "loftq_config": self.loftq_config,
             "eva_config": self.eva_config,
@@ -108,8 +113,14 @@ class LoraConfig(AdapterConfig):
                 f"{', '.join(used)} {'is' if len(used) == 1 else 'are'} not supported by deltatune's "
                 f"{type(self).__name__}; supported options: r, lora_alpha, lora_dropout, target_modules, "
                 "exclude_modules, modules_to_save, bias, use_rslora, init_lora_weights, lora_bias, "
-                "fan_in_fan_out, rank_pattern, alpha_pattern, layers_to_transform, layers_pattern"
+                "fan_in_fan_out, rank_pattern, alpha_pattern, layers_to_transform, layers_pattern, "
+                + ", ".join(self.VARIANT_FLAGS)
             )
+
+    @property
+    def selects_variant(self) -> bool:
+        """True when a variant flag (``use_dora``) is set: another registered method handles this config."""
+        return any(getattr(self, flag, False) for flag in self.VARIANT_FLAGS)
 
 
 # ---- pure maths ---------------------------------------------------------------------------------
@@ -302,6 +313,77 @@ class LoraLayer(AdapterLayer):
         return low_rank_add(result, x, a_w, b_w, self.scaling[adapter_name], self._dropout_p(adapter_name))
 
 
+class LoraModel(AdapterModel):
+    """The tuner of LoRA and its variants: adds the ``bias`` option's trainable and saved biases."""
+
+    def extra_trainable_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
+        """``bias="all"``: every bias outside the ``modules_to_save`` copies; ``"lora_only"``: the biases of
+        the layers holding this adapter."""
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        if bias == "all":
+            for name, p in self.model.named_parameters():
+                if (
+                    name.endswith(".bias")
+                    and ".original_module." not in name
+                    and ".modules_to_save." not in name
+                ):
+                    yield p
+        elif bias == "lora_only":
+            for _, layer in self.adapter_layers():
+                layer_bias = layer.base_bias
+                if adapter_name in layer.r and isinstance(layer_bias, nn.Parameter):
+                    yield layer_bias
+
+    def extra_saved_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The trained biases under PEFT's keys (see :func:`all_bias_tensors` for ``bias="all"``)."""
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        if bias == "all":
+            return all_bias_tensors(self, adapter_name)
+        out: dict[str, torch.Tensor] = {}
+        if bias == "lora_only":
+            for name, layer in self.adapter_layers():
+                layer_bias = layer.base_bias
+                if adapter_name in layer.r and layer_bias is not None:
+                    out[f"{name}.base_layer.bias"] = layer_bias.detach()
+        return out
+
+
+def all_bias_tensors(tuner: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``bias="all"``: every state-dict key containing ``bias``, as PEFT selects them.
+
+    PEFT's sweep also picks up the biases inside ``modules_to_save`` wrappers and writes them as
+    ``<module>.original_module.bias`` and ``<module>.modules_to_save.bias`` (besides ``<module>.bias``);
+    they are written here too so that both libraries produce the same key set.
+    """
+    skip = tuple(
+        f"{name}.{attr}."
+        for name, layer in tuner.adapter_layers()
+        for attr in (*layer.adapter_param_names, *layer.other_param_names)
+    )
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tuner.model.state_dict().items():
+        if "bias" not in key or key.startswith(skip):
+            continue
+        if ".modules_to_save." in key:
+            marker = f".modules_to_save.{adapter_name}."
+            if marker not in key:
+                continue  # another adapter's copy
+            key = key.replace(marker, ".modules_to_save.")
+        out.setdefault(key, tensor)
+    return out
+
+
 register_method(
-    MethodSpec(name="lora", peft_type="LORA", config_cls=LoraConfig, layer_cls=LoraLayer, prefix="lora_")
+    MethodSpec(
+        name="lora",
+        config_cls=LoraConfig,
+        layer_cls=LoraLayer,
+        prefix="lora_",
+        tuner_cls=LoraModel,
+        selects=lambda config: not config.selects_variant,
+        display_name="LoRA",
+        example_kwargs={"r": 4, "lora_alpha": 8},
+        listing_order=10,
+        nonzero_init={"init_lora_weights": False},
+    )
 )

@@ -8,8 +8,10 @@ What it changes, and where transformers 5 does it:
   ``_save_checkpoint`` next to it.
 - ``_load_from_checkpoint`` (``train(resume_from_checkpoint=...)``) and ``_load_best_model``
   (``load_best_model_at_end``) read those folders back into the live adapter.
-- AdaLoRA models get :class:`~deltatune.train.callbacks.AdaLoraCallback` automatically; the orthogonal
-  regulariser is added to the loss by ``AdaLoraModel.forward`` whenever the model trains with labels.
+- deltatune models get :class:`~deltatune.train.callbacks.AdapterHooksCallback` automatically, which runs
+  the method's training hooks (AdaLoRA's budget allocation after each optimiser step); a method's extra loss
+  term (AdaLoRA's orthogonal regulariser) is added by the tuner's forward whenever the model trains with
+  labels, and ``compute_loss`` keeps its weight per optimiser step under gradient accumulation and DDP.
 - A :class:`~deltatune.train.guards.NonFiniteLossGuard` is always added: ``training_step`` hands it each
   loss (checked on the device), a NaN/inf loss raises ``NonFiniteLossError`` naming the step before that
   state is logged, evaluated or saved, and ``_save_checkpoint`` refuses a non-finite loss or adapter, so
@@ -30,10 +32,11 @@ import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import can_return_loss, find_labels
 
+from .._files import atomic_write_text
 from ..model import PeftModel
 from .arguments import check_precision
-from .callbacks import AdaLoraCallback
-from .checkpoint import is_adalora, load_adapter_checkpoint, save_adalora_state, save_label_maps
+from .callbacks import AdapterHooksCallback, tuner_of
+from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_state
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
 from .metrics import compute_classification_metrics
 from .resume import resolve_resume_checkpoint
@@ -89,10 +92,10 @@ class DeltaTrainer(transformers.Trainer):
         wants_metrics = default_metrics and kwargs.get("compute_metrics") is None and len(positional) < 6
         if wants_metrics and _has_num_labels(model):
             kwargs["compute_metrics"] = compute_classification_metrics
-        if is_adalora(model):
+        if tuner_of(model) is not None:
             callbacks = list(kwargs.get("callbacks") or [])
-            if not any(isinstance(cb, AdaLoraCallback) for cb in callbacks):
-                callbacks.append(AdaLoraCallback(model))
+            if not any(isinstance(cb, AdapterHooksCallback) for cb in callbacks):
+                callbacks.append(AdapterHooksCallback(model))
             kwargs["callbacks"] = callbacks
         super().__init__(model, args, *positional, **kwargs)
         if not any(isinstance(cb, NonFiniteLossGuard) for cb in self.callback_handler.callbacks):
@@ -148,26 +151,22 @@ class DeltaTrainer(transformers.Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        """``Trainer.compute_loss``; for AdaLoRA with a loss already normalised over the whole accumulated
-        (and, under DDP, all-process) batch, the orthogonal regulariser (added once per forward) is divided
-        by the number of micro-batches, and by the factor transformers multiplies each process's loss with
-        (``average_tokens_across_devices``), so its weight stays ``orth_reg_weight`` per optimiser step."""
-        unwrapped = self._unwrapped()
+        """``Trainer.compute_loss``; with a loss already normalised over the whole accumulated (and, under DDP,
+        all-process) batch, a method's extra loss term (added once per forward, e.g. AdaLoRA's orthogonal
+        regulariser) is divided by the number of micro-batches and by the factor transformers multiplies each
+        process's loss with (``average_tokens_across_devices``), so its weight per optimiser step stays what
+        the config says. Nothing is mutated: the tuner scales the term within the call."""
+        tuner = tuner_of(self._unwrapped())
         steps = int(getattr(self, "current_gradient_accumulation_steps", 1) or 1)
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         if scaled and self.args.average_tokens_across_devices:
             # mirrors the `loss *= ...` at the end of transformers' Trainer.compute_loss
             n_gpu = self.args.n_gpu
             steps *= n_gpu if n_gpu > 1 else max(self.accelerator.num_processes // self.get_tp_size(), 1)
-        if not (is_adalora(unwrapped) and model.training and scaled and steps > 1):
+        if tuner is None or not (model.training and scaled and steps > 1):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        config = unwrapped.peft_config[unwrapped.active_adapter]
-        weight = config.orth_reg_weight
-        config.orth_reg_weight = weight / steps
-        try:
+        with tuner.scaled_extra_loss(1.0 / steps):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        finally:
-            config.orth_reg_weight = weight
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         """``Trainer.training_step``; the loss also goes to the NaN/inf guard (compared on the device)."""
@@ -196,14 +195,11 @@ class DeltaTrainer(transformers.Trainer):
         logger.info("saving adapter to %s", output_dir)
         model.save_pretrained(output_dir)
         save_label_maps(model, output_dir)
-        if is_adalora(model) and os.path.basename(os.path.normpath(output_dir)).startswith(
-            PREFIX_CHECKPOINT_DIR
-        ):
-            save_adalora_state(model, output_dir)  # resumption state: checkpoints only
+        if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
+            save_tuner_state(model, output_dir)  # resumption state: checkpoints only
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as fh:
-            fh.write(self.args.to_json_string())
+        atomic_write_text(os.path.join(output_dir, TRAINING_ARGS_JSON), self.args.to_json_string())
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         target = model if model is not None else self._unwrapped()

@@ -7,52 +7,21 @@ import argparse
 import dataclasses
 import logging
 import os
-import shutil
 import socket
 from typing import Any
 
 from transformers import HfArgumentParser
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..registry import available_methods
+from ..tasks.image_classification import GUIDE_DATASET, GUIDE_MODEL, GUIDE_TRAINING_DEFAULTS, RunSpec
+from ..train.arguments import TrainingArguments, map_legacy_kwargs
+from ..train.precision import PRECISION_CHOICES, check_request
 from ..vision.fast import DATA_PIPELINES
-from .arguments import TrainingArguments, map_legacy_kwargs
 from .flags import adapter_kwargs_for, add_adapter_flags, closest_flags
-from .precision import PRECISION_CHOICES, check_request
-from .recipe import GUIDE_DATASET, GUIDE_MODEL, GUIDE_TRAINING_DEFAULTS, RUN_RECORD_NAME, RunSpec
-from .resume import latest_complete_checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "CommandError",
-    "ParsedRun",
-    "build_run_parser",
-    "check_hub_access",
-    "parse_run",
-    "prepare_output_dir",
-]
-
-#: Files ``deltatune train`` writes; ``--overwrite_output_dir`` removes these (and checkpoint-*) only.
-OUTPUT_FILES = (
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "labels.json",
-    "preprocessor_config.json",
-    "training_args.json",
-    "metrics.json",
-    "training_curve.png",
-    "adalora_ranks.png",
-    "README.md",
-    RUN_RECORD_NAME,
-    "model.safetensors",
-    "config.json",
-    "compare.md",
-    "compare.png",
-    "compare.json",
-    "eval_results.json",
-    "confusion_matrix.png",
-)
+__all__ = ["CommandError", "ParsedRun", "build_run_parser", "check_hub_access", "parse_run", "run_spec"]
 
 
 class CommandError(ValueError):
@@ -88,7 +57,7 @@ def build_run_parser(command: str) -> HfArgumentParser:
     ours = parser.add_argument_group("deltatune options")
     methods = available_methods()
     if command == "train":
-        ours.add_argument("--method", choices=methods, default="lora", help="adapter method")
+        ours.add_argument("--method", choices=methods, default=methods[0], help="adapter method")
     else:
         ours.add_argument("--methods", nargs="+", choices=methods, default=methods, help="methods to compare")
         ours.add_argument(
@@ -250,66 +219,6 @@ def run_spec(parsed: ParsedRun, method: str | None, strict: bool = True, **overr
     }
     fields.update(overrides)
     return RunSpec(**fields)
-
-
-def _same_run(record: dict[str, Any], spec: RunSpec | None) -> bool:
-    if spec is None:
-        return record.get("kind") == "compare"
-    mine = spec.record()
-    keys = ("method", "baseline", "model", "dataset", "random_backbone", "adapter_kwargs")
-    return all(record.get(k) == mine.get(k) for k in keys)
-
-
-def prepare_output_dir(
-    directory: str, spec: RunSpec | None, overwrite: bool, resume: Any, main_process: bool = True
-) -> str | None:
-    """Refuses a directory holding a different run unless ``overwrite``; resolves ``resume``.
-
-    With ``main_process=False`` (the other processes of a torchrun/accelerate run) the directory is
-    neither checked nor cleaned: only ``resume`` is resolved.
-
-    Returns:
-        The checkpoint to resume from (None to start fresh).
-
-    Raises:
-        CommandError: when the directory holds another run (or unknown files) and ``overwrite`` is off.
-    """
-    import json
-
-    entries = os.listdir(directory) if os.path.isdir(directory) and main_process else []
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise CommandError(f"--output_dir {directory!r} is a file; pass a directory")
-    if entries and not overwrite:
-        record_path = os.path.join(directory, RUN_RECORD_NAME)
-        record = None
-        if os.path.isfile(record_path):
-            with open(record_path, encoding="utf-8") as fh:
-                record = json.load(fh)
-        if record is None or not _same_run(record, spec):
-            what = "files not written by deltatune" if record is None else "a different run"
-            raise CommandError(
-                f"--output_dir {directory!r} already holds {what} ({', '.join(sorted(entries)[:4])}...); pass "
-                "--overwrite_output_dir to replace it, or choose another --output_dir"
-            )
-    if entries and overwrite:
-        for entry in entries:
-            path = os.path.join(directory, entry)
-            if entry.startswith(PREFIX_CHECKPOINT_DIR) and os.path.isdir(path):
-                shutil.rmtree(path)
-            elif entry in OUTPUT_FILES or entry == "adalora_state.safetensors":
-                os.remove(path)
-    if resume in (None, "", False):
-        return None
-    if str(resume).lower() in ("true", "last", "latest"):
-        last = latest_complete_checkpoint(directory)  # skips a checkpoint a kill left half-written
-        if last is None:
-            raise CommandError(
-                f"--resume_from_checkpoint: no complete checkpoint-N folder in {directory!r} to resume from"
-            )
-        return last
-    if not os.path.isdir(str(resume)):
-        raise CommandError(f"--resume_from_checkpoint {resume!r} is not a directory")
-    return str(resume)
 
 
 def check_hub_access(repo_id: str | None) -> None:

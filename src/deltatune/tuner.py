@@ -1,60 +1,49 @@
-"""Finding target modules, wrapping them in adapter layers, trainability and unwrapping.
+"""The tuner: wraps the targets of an adapter config in adapter layers, and unwraps them; trainability;
+merging; and the hooks through which a method adds behaviour (generic code calls hooks, never names).
 
-Matching follows PEFT: ``exclude_modules`` first; modules named by ``modules_to_save`` are never
-targets; a string ``target_modules`` is a regex full match, a list matches a name exactly or as a
-``.name`` suffix, ``"all-linear"`` takes every Linear except the output head. Every name is also tried
-in its transformers 4.x spelling (see :mod:`deltatune.names`).
+Target matching is :mod:`deltatune.matching`; the layer class comes from the method's registry entry
+(:func:`deltatune.registry.spec_for`). A method that needs more than layers — an extra loss term, work
+after each optimiser step, tensors adapted on save or load, resumable state — subclasses
+:class:`AdapterModel` and overrides the hooks of :class:`~deltatune.hooks.MethodHooks`; every hook has a
+no-op default.
 """
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 import logging
-import re
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import AdapterConfig, TaskType
-from .layers import AdapterLayer, ModulesToSaveWrapper
+from .config import AdapterConfig
+from .hooks import MethodHooks
+from .layers import AdapterLayer
+from .matching import (
+    ALL_LINEAR,
+    SEQ_CLS_HEADS,
+    closest_names,
+    match_list_entry,
+    match_target,
+    matching_entry,
+    modules_to_save_entries,
+)
+from .modules_to_save import ModulesToSaveWrapper
 from .names import NameAliases
-from .registry import method_for_config
+from .registry import spec_for
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterModel", "closest_names", "match_list_entry"]
-
-ALL_LINEAR = "all-linear"
+__all__ = ["AdapterModel"]
 
 
-def match_list_entry(name: str, entry: str) -> bool:
-    """PEFT list semantics: exact name or ``.entry`` suffix."""
-    return name == entry or name.endswith("." + entry)
-
-
-def closest_names(wanted: str, names: list[str], n: int = 5) -> list[str]:
-    """Module names (full or last component) closest to ``wanted``, for error messages."""
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in names if name})
-    pool = leaves + [name for name in names if name]
-    return list(dict.fromkeys(difflib.get_close_matches(wanted, pool, n=n, cutoff=0.4)))
-
-
-def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-    if not patterns:
-        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
-        return int(m.group(1)) if m else None
-    for pattern in patterns:
-        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
-        if m:
-            return int(m.group(1))
-    return None
-
-
-class AdapterModel(nn.Module):
+class AdapterModel(MethodHooks, nn.Module):
     """The tuner: holds the user's model (changed in place) and the adapter configs.
+
+    A method customises it by overriding the :class:`~deltatune.hooks.MethodHooks` it inherits.
 
     Its ``model`` attribute is the user's model, so state-dict keys of a :class:`~deltatune.PeftModel`
     start with ``base_model.model.`` exactly as in PEFT.
@@ -71,15 +60,24 @@ class AdapterModel(nn.Module):
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapter: str = adapter_name
         self.aliases = NameAliases(model)
-        self._legacy_hits: list[tuple[str, str]] = []
         #: adapter name → {target entry written in a legacy spelling: modern entry}
         self.renamed_targets: dict[str, dict[str, str]] = {}
+        self._extra_loss_scale = 1.0
         self.inject_adapter(adapter_name, config)
         self._mark_trainable()
 
     # ---- plumbing ---------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        """The model's forward; in training, :meth:`extra_loss` is added to a returned ``loss`` (PEFT's place
+        for AdaLoRA's regulariser, so plain training loops get it too)."""
+        outputs = self.model(*args, **kwargs)
+        if self.training:
+            loss = getattr(outputs, "loss", None)
+            if isinstance(loss, torch.Tensor):
+                extra = self.extra_loss()
+                if extra is not None:
+                    outputs.loss = loss + self._extra_loss_scale * extra
+        return outputs
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -122,57 +120,24 @@ class AdapterModel(nn.Module):
         legacy = self.aliases.legacy(name)
         return [name] if legacy == name else [name, legacy]
 
-    # ---- matching ---------------------------------------------------------------------------
-    def _modules_to_save(self, config: AdapterConfig) -> list[str]:
-        entries = list(config.modules_to_save or [])
-        if config.task_type == TaskType.SEQ_CLS:
-            entries += [e for e in ("classifier", "score") if e not in entries]
-        return entries
-
-    def _is_target(self, config: AdapterConfig, name: str, module: nn.Module) -> tuple[bool, str | None]:
-        """Whether ``name`` is a target; also returns the spelling that matched (for logging)."""
-        variants = self.name_variants(name)
-        exclude = config.exclude_modules
-        if exclude:
-            if isinstance(exclude, str):
-                if any(re.fullmatch(exclude, v) for v in variants):
-                    return False, None
-            elif any(match_list_entry(v, e) for v in variants for e in exclude):
-                return False, None
-        for entry in self._modules_to_save(config):
-            if any(re.match(rf"(^|.*\.){re.escape(entry)}($|\..*)", v) for v in variants):
-                return False, None
-        targets = config.target_modules
-        hit: str | None = None
-        if targets == ALL_LINEAR:
-            base = module.base_layer if isinstance(module, AdapterLayer) else module
-            if isinstance(base, nn.Linear) and not self._is_output_head(name, config):
-                hit = name
-        elif isinstance(targets, str):
-            return (hit := next((v for v in variants if re.fullmatch(targets, v)), None)) is not None, hit
-        elif targets:
-            hit = next((v for v in variants for e in targets if match_list_entry(v, e)), None)
-            if hit is not None and hit != name:
-                self._legacy_hits.append((next(e for e in targets if match_list_entry(hit, e)), name))
-        if hit is not None and config.layers_to_transform is not None:
-            layers = config.layers_to_transform
-            wanted = [layers] if isinstance(layers, int) else list(layers)
-            index = _layer_index(hit, config.layers_pattern)
-            if index is None:
-                index = next(
-                    (i for v in variants if (i := _layer_index(v, config.layers_pattern)) is not None),
-                    None,
-                )
-            if index is None or index not in wanted:
-                return False, None
-        return hit is not None, hit
-
     def _is_output_head(self, name: str, config: AdapterConfig) -> bool:
         get_out = getattr(self.model, "get_output_embeddings", None)
         head = get_out() if callable(get_out) else None
         if head is not None and self.model.get_submodule(name) is head:
             return True
-        return config.task_type == TaskType.SEQ_CLS and name.rsplit(".", 1)[-1] in ("classifier", "score")
+        task_type = getattr(config.task_type, "value", config.task_type)
+        return task_type == "SEQ_CLS" and name.rsplit(".", 1)[-1] in SEQ_CLS_HEADS
+
+    @contextlib.contextmanager
+    def scaled_extra_loss(self, factor: float) -> Iterator[None]:
+        """Within the block, :meth:`extra_loss` is added multiplied by ``factor`` (the Trainer divides it by
+        the micro-batches and processes whose losses it sums, so its weight per optimiser step stays put)."""
+        previous = self._extra_loss_scale
+        self._extra_loss_scale = previous * factor
+        try:
+            yield
+        finally:
+            self._extra_loss_scale = previous
 
     # ---- injection --------------------------------------------------------------------------
     def inject_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
@@ -184,11 +149,11 @@ class AdapterModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name")
-        spec = method_for_config(config)
-        existing = {str(c.peft_type) for c in self.peft_config.values()}
-        if existing and config.peft_type not in existing:
+        spec = spec_for(config)
+        existing = {spec_for(c).name for c in self.peft_config.values()}
+        if existing and spec.name not in existing:
             raise ValueError(
-                f"this model holds {', '.join(sorted(existing))} adapters; adding a {config.peft_type} adapter "
+                f"this model holds {', '.join(sorted(existing))} adapters; adding a {spec.name} adapter "
                 "is not supported (merge_and_unload() first, then wrap the merged model)"
             )
         if config.target_modules is None:
@@ -196,17 +161,19 @@ class AdapterModel(nn.Module):
                 "target_modules is required (no default is known for this model); e.g. "
                 "target_modules=['query', 'value'] or 'all-linear'"
             )
+        self.check_new_adapter(adapter_name, config)
         candidates = self._candidate_modules()
-        names = [n for n, _ in candidates]
         plan: list[tuple[str, nn.Module]] = []
-        via_legacy: list[tuple[str, str]] = []
+        legacy: list[tuple[str, str]] = []  # (target entry, module) matched through a legacy spelling
         wrong_type: list[str] = []
-        self._legacy_hits = []
         for name, module in candidates:
-            is_target, hit = self._is_target(config, name, module)
-            if not is_target:
-                continue
             base = module.base_layer if isinstance(module, AdapterLayer) else module
+            variants = self.name_variants(name)
+            hit = match_target(
+                config, variants, isinstance(base, nn.Linear), partial(self._is_output_head, name, config)
+            )
+            if hit is None:
+                continue
             if not isinstance(base, spec.layer_cls.supported_layers):
                 if config.target_modules != ALL_LINEAR:
                     wrong_type.append(f"{name} ({type(base).__name__})")
@@ -214,8 +181,9 @@ class AdapterModel(nn.Module):
             if isinstance(module, AdapterLayer) and not isinstance(module, spec.layer_cls):
                 raise ValueError(f"{name} already holds a {type(module).__name__}; cannot add {spec.name}")
             plan.append((name, module))
-            if hit is not None and hit != name:
-                via_legacy.append((hit, name))
+            entry = matching_entry(config, hit)
+            if hit != name and entry is not None:
+                legacy.append((entry, name))
         if wrong_type:
             supported = ", ".join(t.__name__ for t in spec.layer_cls.supported_layers)
             raise ValueError(
@@ -223,19 +191,18 @@ class AdapterModel(nn.Module):
                 f"supported layer types: {supported}. Narrow target_modules to layers of those types."
             )
         if not plan:
-            raise ValueError(self._no_match_message(config, names))
+            raise ValueError(self._no_match_message(config, [n for n, _ in candidates]))
         self._modules_to_save_targets(config)  # raises before anything is changed
         matched = self._build_layers(plan, adapter_name, config)
-        if via_legacy:
+        if legacy:
             logger.info(
                 "target_modules matched %d modules through their transformers 4.x names, e.g. %s -> %s",
-                len(via_legacy),
-                via_legacy[0][0],
-                via_legacy[0][1],
+                len(legacy),
+                legacy[0][0],
+                legacy[0][1],
             )
         self._wrap_modules_to_save(adapter_name, config)
-        self.renamed_targets[adapter_name] = self._modern_entries(self._legacy_hits, matched)
-        self._legacy_hits = []
+        self.renamed_targets[adapter_name] = self._modern_entries(legacy, matched)
         self.peft_config[adapter_name] = config
         # A new adapter stays inactive (PEFT semantics) unless it is the first one.
         if adapter_name != self.active_adapter:
@@ -244,13 +211,14 @@ class AdapterModel(nn.Module):
                     layer.active_adapters.remove(adapter_name)
                 for p in layer.adapter_parameters(adapter_name):
                     p.requires_grad_(False)
+        self.after_inject(adapter_name, config)
 
     def _build_layers(
         self, plan: list[tuple[str, nn.Module]], adapter_name: str, config: AdapterConfig
     ) -> list[str]:
         """Creates ``adapter_name`` in every planned module, then swaps the new layers in. If any layer
         refuses (e.g. a grouped conv for LoRA), the model is left exactly as it was."""
-        spec = method_for_config(config)
+        layer_cls = spec_for(config).layer_cls
         created: list[tuple[str, AdapterLayer]] = []
         updated: list[AdapterLayer] = []
         try:
@@ -260,13 +228,12 @@ class AdapterModel(nn.Module):
                     updated.append(module)
                     module.update_layer(adapter_name, config, r, alpha)
                 else:
-                    layer = spec.layer_cls(module)
+                    layer = layer_cls(module)
                     layer.update_layer(adapter_name, config, r, alpha)
                     created.append((name, layer))
         except Exception:
             for layer in updated:
                 layer.delete_adapter(adapter_name)
-            self._legacy_hits = []
             raise
         for name, layer in created:
             self.model.set_submodule(name, layer)
@@ -295,16 +262,14 @@ class AdapterModel(nn.Module):
         hint_text = "; ".join(
             f"{e!r}: closest {h}" if h else f"{e!r}: no similar name" for e, h in hints.items()
         )
+        supported = spec_for(config).layer_cls.supported_layers
         leaves = sorted(
-            {
-                n.rsplit(".", 1)[-1]
-                for n, m in self.model.named_modules()
-                if isinstance(m, nn.Linear | nn.Conv2d)
-            }
+            {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, supported)}
         )
+        kinds = "/".join(t.__name__ for t in supported)
         return (
             f"target_modules={entries} matched no module of {type(self.model).__name__} ({hint_text}). "
-            f"Linear/Conv2d module names in this model: {leaves[:20]}"
+            f"{kinds} module names in this model: {leaves[:20]}"
         )
 
     def _modules_to_save_targets(self, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
@@ -316,8 +281,10 @@ class AdapterModel(nn.Module):
         """
         candidates = self._candidate_modules()
         names = [n for n, _ in candidates]
+        task_type = getattr(config.task_type, "value", config.task_type)
+        optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
         found: list[tuple[str, nn.Module]] = []
-        for entry in self._modules_to_save(config):
+        for entry in modules_to_save_entries(config):
             hits = [
                 (name, module)
                 for name, module in candidates
@@ -326,7 +293,7 @@ class AdapterModel(nn.Module):
             for name, module in hits:
                 if isinstance(module, AdapterLayer):
                     raise ValueError(f"{name} is both a target module and in modules_to_save")
-            if not hits and not (config.task_type == TaskType.SEQ_CLS and entry in ("classifier", "score")):
+            if not hits and entry not in optional:
                 raise ValueError(
                     f"modules_to_save entry {entry!r} names no module of {type(self.model).__name__}; "
                     f"closest names: {closest_names(entry, names)}"
@@ -345,7 +312,8 @@ class AdapterModel(nn.Module):
 
     # ---- trainability -----------------------------------------------------------------------
     def _mark_trainable(self) -> None:
-        """Freezes everything except the active adapter, its modules_to_save copies and its biases."""
+        """Freezes everything except the active adapter, its modules_to_save copies and whatever
+        :meth:`extra_trainable_parameters` adds."""
         config = self.peft_config[self.active_adapter]
         self.model.requires_grad_(False)
         inference = bool(config.inference_mode)
@@ -360,20 +328,8 @@ class AdapterModel(nn.Module):
                 wrapper.requires_grad_(False)
         if inference:
             return
-        bias = getattr(config, "bias", "none")
-        if bias == "all":
-            for name, p in self.model.named_parameters():
-                if (
-                    name.endswith(".bias")
-                    and ".original_module." not in name
-                    and ".modules_to_save." not in name
-                ):
-                    p.requires_grad_(True)
-        elif bias == "lora_only":
-            for _, layer in self.adapter_layers():
-                layer_bias = layer.base_bias
-                if self.active_adapter in layer.r and layer_bias is not None:
-                    layer_bias.requires_grad_(True)
+        for p in self.extra_trainable_parameters(self.active_adapter):
+            p.requires_grad_(True)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Makes ``adapter_name`` the active (and only trainable) adapter."""

@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import dataclasses
 import gc
-import json
 import logging
 import os
 import tempfile
@@ -16,7 +15,8 @@ from typing import Any
 import torch
 import transformers
 
-from .recipe import RunSpec, run_training
+from .._files import atomic_write_text, write_json
+from .image_classification import RunSpec, run_training
 from .report import compare_chart
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def compare_runs(
 
     Full fine-tuning uses ``full_learning_rate`` (default: the learning rate / 10). Checkpoints are not
     written and the final weights are evaluated. On a CPU, two unreported warm-up steps come first.
-    ``precision`` is resolved per run (see :func:`~deltatune.train.recipe.run_training`); every run shares
+    ``precision`` is resolved per run (see :func:`~deltatune.tasks.image_classification.run_training`); every run shares
     the base model, so "auto" picks the same for all.
 
     Returns:
@@ -155,9 +155,7 @@ def write_compare(rows: Sequence[dict[str, Any]], output_dir: str, title: str) -
     """Writes compare.md, compare.json and compare.png into ``output_dir``; returns their paths."""
     os.makedirs(output_dir, exist_ok=True)
     paths = [os.path.join(output_dir, n) for n in ("compare.md", "compare.json", "compare.png")]
-    with open(paths[0], "w", encoding="utf-8") as fh:
-        fh.write(compare_markdown(rows, title))
-    with open(paths[1], "w", encoding="utf-8") as fh:
-        json.dump(list(rows), fh, indent=2)
+    atomic_write_text(paths[0], compare_markdown(rows, title))
+    write_json(paths[1], list(rows))
     compare_chart(rows, paths[2], title=title)
     return paths

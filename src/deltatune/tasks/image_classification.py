@@ -1,56 +1,53 @@
-"""The guide's recipe as one function: data → base model → adapter → ``DeltaTrainer`` → files for people.
+"""Image classification, the guide's recipe as one function: data → base model → adapter → ``DeltaTrainer``
+→ files for people.
 
-``deltatune train`` and ``deltatune compare`` are thin layers over :func:`run_training`.
+``deltatune train`` and ``deltatune compare`` are thin layers over :func:`run_training`. The training engine
+(:mod:`deltatune.train`) knows nothing of images; this module brings the data (:mod:`deltatune.vision`), the
+classification head and the report. A second task is a new module beside this one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shlex
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import transformers
 from torch import nn
 
-from .. import get_method, get_peft_model
-from ..model import PeftModel
-from .arguments import accelerator_name, cpu_threads
-from .base_model import build_base_model, find_head
-from .callbacks import rank_summary
-from .checkpoint import is_adalora, save_label_maps
-from .precision import forward_gflop, resolve_precision
+from .._files import atomic_write_text, write_json
+from ..model import PeftModel, get_peft_model
+from ..registry import get_method
+from ..train.arguments import accelerator_name, cpu_threads
+from ..train.checkpoint import save_label_maps
+from ..train.outputs import RUN_RECORD_NAME
+from ..train.precision import forward_gflop, resolve_precision
+from ..train.run import PeakMemory, logged_final_evaluation, planned_steps
+from ..train.trainer import DeltaTrainer
+from .classifier import build_base_model, find_head
 from .report import model_card, rank_heatmap, training_curve
-from .trainer import DeltaTrainer
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "GUIDE_DATASET",
     "GUIDE_MODEL",
+    "GUIDE_TARGETS",
     "GUIDE_TRAINING_DEFAULTS",
-    "RUN_RECORD_NAME",
-    "PeakMemory",
     "RunResult",
     "RunSpec",
     "adapter_defaults",
-    "build_base_model",
-    "find_head",
-    "logged_final_evaluation",
-    "planned_steps",
     "run_training",
 ]
 
 GUIDE_MODEL = "google/vit-base-patch16-224-in21k"
 GUIDE_DATASET = "food101"
-RUN_RECORD_NAME = "deltatune_run.json"
+#: The guide's targets: attention query and value (transformers 4 names; they also find q_proj/v_proj).
+GUIDE_TARGETS = ["query", "value"]
 #: The guide's TrainingArguments (fp16 is added on a GPU only).
 GUIDE_TRAINING_DEFAULTS: dict[str, Any] = {
     "remove_unused_columns": False,
@@ -104,6 +101,15 @@ class RunSpec:
         base = self.method or str(self.baseline)
         return f"{base} (random backbone)" if self.random_backbone else base
 
+    def identity(self) -> dict[str, Any]:
+        """The parts of :meth:`record` that make two runs the same run (a folder holding a run with other
+        values is refused)."""
+        record = self.record()
+        return {
+            k: record[k]
+            for k in ("method", "baseline", "model", "dataset", "random_backbone", "adapter_kwargs")
+        }
+
     def record(self) -> dict[str, Any]:
         """What identifies the run (written to ``deltatune_run.json``)."""
         return {
@@ -132,88 +138,17 @@ class RunResult:
     output_dir: str
 
 
-class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak on a GPU, else the process's peak resident set size
-    (sampled every 20 ms) above its size at entry. ``peak_mb`` holds the result in MiB."""
-
-    def __init__(self) -> None:
-        self.peak_mb = 0.0
-        self.kind = "cuda" if torch.cuda.is_available() else "rss"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @staticmethod
-    def _rss_mb() -> float:
-        try:
-            with open("/proc/self/statm", encoding="ascii") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except (OSError, ValueError, IndexError):
-            return 0.0
-
-    def __enter__(self) -> PeakMemory:
-        if self.kind == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated() / 2**20
-        else:
-            self._start = self._rss_mb()
-            self._peak = self._start
-
-            def sample() -> None:
-                while not self._stop.wait(0.02):
-                    self._peak = max(self._peak, self._rss_mb())
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.kind == "cuda":
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self._start
-        else:
-            self._stop.set()
-            if self._thread is not None:
-                self._thread.join()
-            self.peak_mb = max(self._peak, self._rss_mb()) - self._start
-
-
-def adapter_defaults(method: str, head: str | None) -> dict[str, Any]:
-    """The guide's adapter settings for ``method``: r=16, alpha=16, query/value, dropout 0.1, head saved
-    (AdaLoRA: init_r=12 → target_r=8; its tinit/tfinal/deltaT are fitted to the run's length)."""
-    common: dict[str, Any] = {"target_modules": ["query", "value"]}
+def adapter_defaults(
+    method: str, head: str | None, planned: int = 0, given: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The guide's adapter settings for ``method``: query/value, the head saved, and the method's own recipe
+    defaults (LoRA: r=16, alpha=16, dropout 0.1; AdaLoRA: init_r=12 → target_r=8 with a schedule fitted to
+    the run's ``planned`` steps; see ``AdapterConfig.recipe_defaults``), for what ``given`` leaves unset."""
+    spec = get_method(method)
+    common: dict[str, Any] = {"target_modules": list(GUIDE_TARGETS)}
     if head:
         common["modules_to_save"] = [head]
-    per_method: dict[str, dict[str, Any]] = {
-        "lora": {"r": 16, "lora_alpha": 16, "lora_dropout": 0.1},
-        "loha": {"r": 16, "alpha": 16, "module_dropout": 0.1},
-        "lokr": {"r": 16, "alpha": 16, "module_dropout": 0.1},
-        "adalora": {"init_r": 12, "target_r": 8},
-    }
-    return {**common, **per_method.get(method, {"r": 16})}
-
-
-def adalora_schedule(total_steps: int) -> dict[str, int]:
-    """Default AdaLoRA schedule for a run of ``total_steps``: warm up 10%, prune, fix the budget for the
-    last 30%, reallocating about 50 times."""
-    return {
-        "tinit": int(0.1 * total_steps),
-        "tfinal": int(0.3 * total_steps),
-        "deltaT": max(1, total_steps // 50),
-    }
-
-
-def planned_steps(args: transformers.TrainingArguments, num_train: int) -> int:
-    """The optimiser steps ``Trainer`` will plan for ``num_train`` examples (its own formula)."""
-    if args.max_steps > 0:
-        return int(args.max_steps)
-    per_process = math.ceil(num_train / max(args.world_size, 1))
-    batches = (
-        per_process // args.train_batch_size
-        if args.dataloader_drop_last
-        else math.ceil(per_process / args.train_batch_size)
-    )
-    ga = args.gradient_accumulation_steps
-    per_epoch = max(batches // ga + int(batches % ga > 0), 1)
-    return math.ceil(args.num_train_epochs * per_epoch)
+    return {**common, **spec.config_cls.recipe_defaults(planned, dict(given or {}))}
 
 
 def _prepare_model(spec: RunSpec, model: nn.Module, head: str | None, total_steps: int) -> nn.Module:
@@ -224,17 +159,12 @@ def _prepare_model(spec: RunSpec, model: nn.Module, head: str | None, total_step
         for name, p in model.named_parameters():
             p.requires_grad_(train_all or (head is not None and name.startswith(f"{head}.")))
         return model
-    assert spec.method is not None
+    if spec.method is None:
+        raise ValueError("a run needs a method or a baseline")
     method = get_method(spec.method)
-    kwargs = adapter_defaults(method.name, head)
-    if method.name == "adalora" and not {"tinit", "tfinal", "deltaT", "total_step"} & set(
-        spec.adapter_kwargs
-    ):
-        kwargs.update(adalora_schedule(total_steps))
-    kwargs.update(spec.adapter_kwargs)
-    config = method.config_cls(**kwargs)
-    if method.name == "adalora":
-        config.check_schedule(getattr(config, "total_step", None) or total_steps)  # type: ignore[attr-defined]
+    kwargs = {**adapter_defaults(method.name, head, total_steps, spec.adapter_kwargs), **spec.adapter_kwargs}
+    config = method.make_config(**kwargs)
+    config.check_fits_run(total_steps)
     config.base_model_name_or_path = spec.model
     return get_peft_model(model, config)
 
@@ -301,7 +231,7 @@ def run_training(
     os.makedirs(output_dir, exist_ok=True)
     main_process = trainer.is_world_process_zero()  # under torchrun/accelerate only rank 0 writes files
     if main_process:
-        _write_json(os.path.join(output_dir, RUN_RECORD_NAME), {**spec.record(), "seed": args.seed})
+        write_json(os.path.join(output_dir, RUN_RECORD_NAME), {**spec.record(), "seed": args.seed})
     resume = args.resume_from_checkpoint
     with cpu_threads(base, num_threads, on_cpu, gflop):
         with PeakMemory() as memory:
@@ -337,50 +267,25 @@ def run_training(
         "command": command or " ".join(shlex.quote(a) for a in sys.argv),
     }
     if isinstance(model, PeftModel):
-        config = model.peft_config[model.active_adapter]
         saved = json.loads(model._config_to_save(model.active_adapter).to_json_string())
         metrics["adapter_config_json"] = json.dumps(_compact(saved), indent=2, sort_keys=True)
-        if is_adalora(model):
-            metrics["ranks"] = rank_summary(model.base_model.current_rank_pattern())
-            metrics["init_r"] = getattr(config, "init_r", None)
+        metrics.update(model.base_model.training_summary())  # e.g. AdaLoRA's final ranks
     if write_report and main_process:
         write_run_report(metrics, output_dir)
     return RunResult(model=model, trainer=trainer, metrics=metrics, output_dir=output_dir)
 
 
-def logged_final_evaluation(trainer: transformers.Trainer) -> dict[str, Any] | None:
-    """The evaluation the Trainer already logged for the model it ended with, or None if there is none.
-
-    With ``load_best_model_at_end`` that is the evaluation at the best checkpoint's step; otherwise the one
-    at the last step. Reusing it saves a second pass over the evaluation set (the model, data and eval
-    mode are the same, so the numbers would be too).
-    """
-    state, args = trainer.state, trainer.args
-    if args.load_best_model_at_end and state.best_model_checkpoint:
-        try:
-            step = int(str(state.best_model_checkpoint).rstrip("/").rsplit("-", 1)[1])
-        except (IndexError, ValueError):
-            return None
-    else:
-        step = state.global_step
-    for entry in reversed(state.log_history):
-        if entry.get("step") == step and "eval_loss" in entry:
-            return {k: v for k, v in entry.items() if k != "step"}
-    return None
-
-
 def write_run_report(metrics: dict[str, Any], output_dir: str) -> None:
-    """metrics.json, training_curve.png, README.md and (AdaLoRA) adalora_ranks.png in ``output_dir``."""
-    _write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    """metrics.json, training_curve.png, README.md and, for a method whose ranks were allocated during
+    training (AdaLoRA), ``<method>_ranks.png`` in ``output_dir``."""
+    write_json(os.path.join(output_dir, "metrics.json"), metrics)
     title = f"{metrics['name']} on {os.path.basename(str(metrics['dataset']).rstrip('/'))}"
     training_curve(metrics["history"], os.path.join(output_dir, "training_curve.png"), title=title)
     if metrics.get("ranks"):
-        rank_heatmap(
-            metrics["ranks"], os.path.join(output_dir, "adalora_ranks.png"), init_r=metrics.get("init_r")
-        )
+        path = os.path.join(output_dir, f"{metrics['method']}_ranks.png")
+        rank_heatmap(metrics["ranks"], path, rank_max=metrics.get("rank_max"))
     if metrics["kind"] == "adapter":
-        with open(os.path.join(output_dir, "README.md"), "w", encoding="utf-8") as fh:
-            fh.write(model_card(metrics))
+        atomic_write_text(os.path.join(output_dir, "README.md"), model_card(metrics))
 
 
 def _compact(config: dict[str, Any]) -> dict[str, Any]:
@@ -395,10 +300,3 @@ def _compact(config: dict[str, Any]) -> dict[str, Any]:
         and not (isinstance(v, dict | list) and not v)
         and not (k == "rank_pattern" and isinstance(v, dict))
     }
-
-
-def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.replace(tmp, path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -14,12 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._files import atomic_write_text, read_json
 from ..config import CONFIG_NAME, PeftConfig
 from ..model import PeftModel
-from .base_model import build_base_model
-from .checkpoint import LABELS_NAME, load_label_maps
-from .metrics import ClassificationReport, classification_report
-from .recipe import RUN_RECORD_NAME
+from ..train.checkpoint import LABELS_NAME, load_label_maps
+from ..train.metrics import ClassificationReport, classification_report
+from ..train.outputs import RUN_RECORD_NAME
+from .classifier import build_base_model
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ def load_trained(adapter_dir: str, model: str | None = None) -> TrainedAdapter:
     record: dict[str, Any] = {}
     record_path = os.path.join(adapter_dir, RUN_RECORD_NAME)
     if os.path.isfile(record_path):
-        with open(record_path, encoding="utf-8") as fh:
-            record = json.load(fh)
+        record = read_json(record_path, "run record")
     base_id = model or config.base_model_name_or_path
     if not base_id:
         raise ValueError(f"{adapter_dir}/{CONFIG_NAME} names no base_model_name_or_path; pass --model")
@@ -196,8 +195,6 @@ def merge_adapter(trained: TrainedAdapter, output_dir: str) -> nn.Module:
     Returns:
         The merged model.
     """
-    from ..serialization import atomic_write_text
-
     merged = trained.model.merge_and_unload()
     config = getattr(merged, "config", None)
     if config is not None:

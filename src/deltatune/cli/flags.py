@@ -37,7 +37,6 @@ SKIPPED_FIELDS = frozenset(
     }
 )
 ALIASES = {"alpha": "scale numerator", "dropout": "dropout"}
-DROPOUT_FIELDS = ("lora_dropout", "module_dropout")
 
 
 @dataclass
@@ -168,17 +167,24 @@ def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
             names.append("--rank")
             kwargs["help"] += " (also --rank)"
         group.add_argument(*names, **kwargs)
+    alpha_fields: dict[str, list[str]] = {}
+    by_field: dict[str, list[str]] = {}
+    for method in available_methods():
+        config_cls = get_method(method).config_cls
+        alpha_fields.setdefault(config_cls.ALPHA_FIELD, []).append(method)
+        if config_cls.DROPOUT_FIELD:
+            by_field.setdefault(config_cls.DROPOUT_FIELD, []).append(method)
     group.add_argument(
         "--alpha",
         type=float,
         default=argparse.SUPPRESS,
-        help="scale numerator: lora_alpha or alpha, per method",
+        help="scale numerator: " + " or ".join(f"{f} ({', '.join(m)})" for f, m in alpha_fields.items()),
     )
     group.add_argument(
         "--dropout",
         type=float,
         default=argparse.SUPPRESS,
-        help="dropout: lora_dropout (lora, adalora) or module_dropout (loha, lokr)",
+        help="dropout: " + " or ".join(f"{f} ({', '.join(m)})" for f, m in by_field.items()),
     )
 
 
@@ -213,11 +219,10 @@ def adapter_kwargs_for(method: str, namespace: argparse.Namespace, strict: bool 
     }
     out: dict[str, Any] = {}
     for name, value in given.items():
-        if name == "r" and method == "adalora" and not hasattr(namespace, "target_r"):
-            logger.warning(
-                "AdaLoRA: --r %s sets target_r, the average rank after pruning (init_r starts higher)", value
-            )
-            out["target_r"] = value
+        alias = spec.config_cls.FLAG_ALIASES.get(name)
+        if alias is not None and not hasattr(namespace, alias[0]):
+            logger.warning("%s (--%s %s)", alias[1], name, value)
+            out[alias[0]] = value
             continue
         if name not in fields:
             if not strict:
@@ -232,7 +237,7 @@ def adapter_kwargs_for(method: str, namespace: argparse.Namespace, strict: bool 
     if hasattr(namespace, "alpha"):
         out[spec.config_cls.ALPHA_FIELD] = namespace.alpha  # type: ignore[attr-defined]
     if hasattr(namespace, "dropout"):
-        field = next((f for f in DROPOUT_FIELDS if f in fields), None)
+        field = spec.config_cls.DROPOUT_FIELD
         if field is None:
             if strict:
                 raise ValueError(f"--dropout: {method} has no dropout field")

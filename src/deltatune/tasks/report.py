@@ -5,11 +5,14 @@ Plots use matplotlib's Agg backend (no display needed).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from .._files import atomic_path
 
 __all__ = [
     "compare_chart",
@@ -19,6 +22,16 @@ __all__ = [
     "rank_heatmap",
     "training_curve",
 ]
+
+
+def _save(fig: Any, path: str) -> None:
+    """Writes the figure atomically (a kill never leaves a torn PNG) and frees it."""
+    plt = _pyplot()
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format=os.path.splitext(path)[1].lstrip(".") or "png")
+    finally:
+        plt.close(fig)
 
 
 def _pyplot() -> Any:
@@ -68,8 +81,7 @@ def training_curve(log_history: Sequence[dict[str, Any]], path: str, title: str 
         ax_acc.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[str], np.ndarray]:
@@ -92,19 +104,19 @@ def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[str], np.ndarray]:
     return rows, cols, grid
 
 
-def rank_heatmap(ranks: dict[str, int], path: str, init_r: int | None = None, title: str = "") -> None:
+def rank_heatmap(ranks: dict[str, int], path: str, rank_max: int | None = None, title: str = "") -> None:
     """A heatmap of AdaLoRA's final rank per layer (rows) and module (columns), as a PNG.
 
     Args:
-        ranks: Module name → kept rank (see :func:`deltatune.train.rank_summary`).
+        ranks: Module name → kept rank (the tuner's ``rank_summary``).
         path: Where to write the PNG.
-        init_r: The starting rank (colour-scale maximum).
+        rank_max: The largest possible rank (colour-scale maximum), e.g. AdaLoRA's ``init_r``.
         title: Figure title.
     """
     plt = _pyplot()
     rows, cols, grid = rank_grid(ranks)
     fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(cols), 1.2 + 0.45 * len(rows)))
-    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=init_r or np.nanmax(grid), aspect="auto")
+    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=rank_max or np.nanmax(grid), aspect="auto")
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), [f"layer {r}" if r.isdigit() else r for r in rows])
     for i in range(len(rows)):
@@ -112,10 +124,9 @@ def rank_heatmap(ranks: dict[str, int], path: str, init_r: int | None = None, ti
             if not np.isnan(grid[i, j]):
                 ax.text(j, i, str(int(grid[i, j])), ha="center", va="center", color="white", fontsize=9)
     fig.colorbar(image, ax=ax, label="rank")
-    ax.set_title(title or "AdaLoRA final rank per layer and module")
+    ax.set_title(title or "final rank per layer and module")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path: str, title: str = "") -> None:
@@ -137,8 +148,7 @@ def confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path: str,
     ax.set_title(title or "confusion matrix")
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def compare_chart(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
@@ -167,8 +177,7 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str, title: str = "") ->
     ax.set_ylabel("eval accuracy")
     ax.set_title(title or "methods and baselines on the same data and seed")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _fmt(value: Any) -> str:
@@ -212,9 +221,9 @@ def model_card(info: dict[str, Any]) -> str:
     lines += ["", "## Adapter config", "", "```json", info.get("adapter_config_json", "{}"), "```", ""]
     if info.get("ranks"):
         lines += [
-            "## AdaLoRA final ranks",
+            "## Final ranks (allocated during training)",
             "",
-            "![ranks](adalora_ranks.png)",
+            f"![ranks]({info['method']}_ranks.png)",
             "",
             "| module | rank |",
             "|---|---|",

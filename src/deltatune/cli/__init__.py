@@ -1,0 +1,119 @@
+"""The ``deltatune`` command line: thin parsing over library calls.
+
+deltatune train                        # offline default: bundled digits + bundled pretrained ViT
+deltatune train --method adalora --model google/vit-base-patch16-224-in21k --dataset food101
+deltatune evaluate --adapter DIR       deltatune predict IMG_OR_DIR... --adapter DIR [--json]
+deltatune merge --adapter DIR --output DIR
+deltatune compare                      # every method + linear probe, full fine-tuning, random backbone
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+COMMANDS = ("train", "evaluate", "predict", "merge", "compare", "quickstart")
+
+
+def _setup_logging(verbose: bool = True) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("[deltatune] %(message)s"))
+    root = logging.getLogger("deltatune")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_warning()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..registry import available_methods, get_method
+    from . import commands
+
+    parser = argparse.ArgumentParser(
+        prog="deltatune",
+        description="Parameter-efficient fine-tuning: "
+        + ", ".join(get_method(m).display_name for m in available_methods()),
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    sub.add_parser("train", help="fine-tune with an adapter (see `deltatune train --help`)", add_help=False)
+    sub.add_parser(
+        "compare",
+        help="methods vs baselines on the same data (see `deltatune compare --help`)",
+        add_help=False,
+    )
+    for name, func, text in (
+        (
+            "evaluate",
+            commands.evaluate,
+            "accuracy, top-5, per-class accuracy and a confusion matrix of an adapter",
+        ),
+        ("predict", commands.predict, "top-k labels of images with a trained adapter"),
+        (
+            "merge",
+            commands.merge,
+            "fold an adapter into its base model and save a standalone transformers model",
+        ),
+    ):
+        p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
+        p.set_defaults(func=func)
+        p.add_argument("--adapter", required=True, help="adapter directory written by `deltatune train`")
+        p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
+        if name == "predict":
+            p.add_argument("images", nargs="+", help="image files or directories")
+            p.add_argument("--top_k", type=int, default=5, help="labels per image (default 5)")
+            p.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
+        if name == "merge":
+            p.add_argument("--output", required=True, help="directory of the merged model")
+            p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
+        if name == "evaluate":
+            p.add_argument(
+                "--dataset", default=None, help="dataset (default: the one the adapter was trained on)"
+            )
+            p.add_argument("--image_column", default=None)
+            p.add_argument("--label_column", default=None)
+            p.add_argument("--validation_split", type=float, default=None)
+            p.add_argument("--max_eval_samples", type=int, default=None)
+            p.add_argument(
+                "--output_dir", default=None, help="where to write results (default: the adapter dir)"
+            )
+        if name in ("predict", "evaluate"):
+            p.add_argument("--batch_size", type=int, default=32)
+    quick = sub.add_parser(
+        "quickstart", help="apply every method to a ViT-base-shaped model and print what trains"
+    )
+    quick.add_argument("--num_labels", type=int, default=101)
+    quick.set_defaults(func=commands.quickstart)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (2 for usage errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    package_logger = logging.getLogger("deltatune")
+    saved = (list(package_logger.handlers), package_logger.level)
+    _setup_logging(verbose="--json" not in argv)
+    from . import commands
+
+    try:
+        if argv and argv[0] in ("train", "compare"):
+            return commands.train(argv[1:]) if argv[0] == "train" else commands.compare(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get("DELTATUNE_DEBUG"):
+            raise
+        print(f"deltatune: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        package_logger.handlers[:] = saved[0]
+        package_logger.setLevel(saved[1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

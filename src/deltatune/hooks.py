@@ -1,0 +1,97 @@
+"""The hooks through which a method adds behaviour to the tuner; generic code calls these, never a method's name.
+
+Every hook has a no-op default here. A method that needs one subclasses :class:`~deltatune.tuner.AdapterModel`
+(which inherits :class:`MethodHooks`) and names that class as ``tuner_cls`` in its registry entry. Who calls
+each hook:
+
+- the tuner: :meth:`~MethodHooks.check_new_adapter`, :meth:`~MethodHooks.after_inject`,
+  :meth:`~MethodHooks.extra_trainable_parameters`, :meth:`~MethodHooks.extra_loss` (added to a returned
+  loss in training, as PEFT does, so plain loops get it);
+- saving and loading (:mod:`deltatune.serialization`, :class:`~deltatune.PeftModel`):
+  :meth:`~MethodHooks.prepare_save`, :meth:`~MethodHooks.before_export`,
+  :meth:`~MethodHooks.export_layer_tensors`, :meth:`~MethodHooks.extra_saved_tensors`,
+  :meth:`~MethodHooks.adapt_loaded_tensors`;
+- the Trainer (:mod:`deltatune.train`): :meth:`~MethodHooks.prepare_training`,
+  :meth:`~MethodHooks.on_optimizer_step`, :meth:`~MethodHooks.training_summary`,
+  :meth:`~MethodHooks.checkpoint_state` / :meth:`~MethodHooks.load_checkpoint_state`;
+- the run record and reports: :meth:`~MethodHooks.rank_summary`, :meth:`~MethodHooks.training_summary`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import AdapterConfig
+from .layers import AdapterLayer
+
+__all__ = ["MethodHooks"]
+
+
+class MethodHooks:
+    """No-op defaults of every hook a method may override."""
+
+    #: File in a Trainer checkpoint that holds :meth:`checkpoint_state` (None: the method has none).
+    CHECKPOINT_STATE_FILE: ClassVar[str | None] = None
+
+    def check_new_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Raises ``ValueError`` before anything is injected when ``config`` cannot be added here."""
+
+    def after_inject(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Runs once the adapter's layers exist (e.g. shrink them to a saved rank pattern before loading)."""
+
+    def extra_trainable_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
+        """Parameters outside the adapter layers that train with ``adapter_name`` (e.g. LoRA's biases)."""
+        return ()
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A term added to the model's loss in training (e.g. AdaLoRA's orthogonal regulariser), or None."""
+        return None
+
+    def prepare_training(self, planned_steps: int) -> None:
+        """Called before the first step of a run of ``planned_steps`` optimiser steps."""
+
+    def on_optimizer_step(self, global_step: int) -> None:
+        """Called after each optimiser step while the gradients still exist (``global_step`` is 0-based)."""
+
+    def training_summary(self) -> dict[str, Any]:
+        """What to report about the adapter after training (logged, and kept in the run's metrics)."""
+        return {}
+
+    def rank_summary(self, adapter_name: str | None = None) -> dict[str, int] | None:
+        """Module → rank, for methods whose ranks change during training (None: fixed ranks)."""
+        return None
+
+    def prepare_save(self, adapter_name: str) -> None:
+        """Called by ``save_pretrained`` before ``adapter_name`` is written (e.g. to warn about its config)."""
+
+    def before_export(self, adapter_name: str) -> None:
+        """Called before the tensors of ``adapter_name`` are collected for saving (e.g. to bring its config's
+        rank pattern up to date)."""
+
+    def export_layer_tensors(
+        self, module_name: str, layer: AdapterLayer, adapter_name: str
+    ) -> dict[str, Any]:
+        """The tensors saved for one layer, named relative to it (``lora_A.weight``); methods may slice them."""
+        return layer.export_tensors(adapter_name)
+
+    def extra_saved_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Further tensors saved with the adapter, keyed by their name in the user's model."""
+        return {}
+
+    def adapt_loaded_tensors(
+        self, tensors: dict[str, torch.Tensor], adapter_name: str, saved_config: AdapterConfig | None
+    ) -> dict[str, torch.Tensor]:
+        """Saved tensors made to fit the live adapter before they are copied in (e.g. re-expanding ranks)."""
+        return tensors
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Extra state a Trainer checkpoint must hold to resume exactly (written to
+        :attr:`CHECKPOINT_STATE_FILE`); empty when the adapter files suffice."""
+        return {}
+
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], saved_config: AdapterConfig) -> None:
+        """Restores what :meth:`checkpoint_state` wrote."""

@@ -1,0 +1,137 @@
+"""Which modules an adapter config targets: PEFT's matching rules as pure functions (no model changes).
+
+Rules (PEFT's ``check_target_module_exists``):
+
+1. ``exclude_modules`` first: a string is a regex full match, a list an exact name or ``.entry`` suffix;
+2. modules named by ``modules_to_save`` (and their children) are never targets;
+3. a string ``target_modules`` is a regex full match on the module name; a list matches a name exactly or
+   as a ``.entry`` suffix; ``"all-linear"`` takes every linear layer except the output head;
+4. ``layers_to_transform`` keeps only modules whose layer index (the first numbered segment, or the one
+   after ``layers_pattern``) is listed.
+
+Every rule is tried on each spelling of a module's name (its current name and its transformers 4.x name,
+see :mod:`deltatune.names`), so ``["query", "value"]`` finds ``q_proj``/``v_proj`` on transformers 5.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = [
+    "ALL_LINEAR",
+    "SEQ_CLS_HEADS",
+    "closest_names",
+    "layer_index",
+    "match_list_entry",
+    "match_target",
+    "matching_entry",
+    "modules_to_save_entries",
+    "safe_fullmatch",
+]
+
+ALL_LINEAR = "all-linear"
+#: Heads PEFT adds to ``modules_to_save`` for ``task_type="SEQ_CLS"``.
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def match_list_entry(name: str, entry: str) -> bool:
+    """PEFT list semantics: ``name`` is ``entry`` or ends with ``.entry``."""
+    return name == entry or name.endswith("." + entry)
+
+
+def safe_fullmatch(pattern: str, name: str) -> bool:
+    """``re.fullmatch(pattern, name)``, with an invalid regex reported as ``ValueError`` naming it."""
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error as err:
+        raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from err
+
+
+def closest_names(wanted: str, names: Sequence[str], n: int = 5) -> list[str]:
+    """Module names (full or last component) closest to ``wanted``, for error messages."""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names if name})
+    pool = leaves + [name for name in names if name]
+    return list(dict.fromkeys(difflib.get_close_matches(wanted, pool, n=n, cutoff=0.4)))
+
+
+def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The layer index in a module name: the first numbered segment, or the one after ``layers_pattern``."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if not patterns:
+        m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(m.group(1)) if m else None
+    for pattern in patterns:
+        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def modules_to_save_entries(config: Any) -> list[str]:
+    """``config.modules_to_save`` plus, for ``task_type="SEQ_CLS"``, the classifier heads PEFT adds."""
+    entries = list(getattr(config, "modules_to_save", None) or [])
+    task_type = getattr(config, "task_type", None)
+    if getattr(task_type, "value", task_type) == "SEQ_CLS":
+        entries += [e for e in SEQ_CLS_HEADS if e not in entries]
+    return entries
+
+
+def _excluded(config: Any, variants: Sequence[str]) -> bool:
+    exclude = getattr(config, "exclude_modules", None)
+    if exclude:
+        if isinstance(exclude, str):
+            if any(safe_fullmatch(exclude, v) for v in variants):
+                return True
+        elif any(match_list_entry(v, e) for v in variants for e in exclude):
+            return True
+    for entry in modules_to_save_entries(config):
+        if any(re.match(rf"(^|.*\.){re.escape(entry)}($|\..*)", v) for v in variants):
+            return True
+    return False
+
+
+def match_target(
+    config: Any,
+    variants: Sequence[str],
+    is_linear: bool,
+    is_output_head: Callable[[], bool],
+) -> str | None:
+    """The spelling of a module's name through which ``config`` targets it, or None when it is no target.
+
+    Args:
+        config: The adapter config (``target_modules``, ``exclude_modules``, ``modules_to_save``,
+            ``layers_to_transform``, ``layers_pattern``).
+        variants: The module's names: its current name first, then other spellings.
+        is_linear: Whether the module is a linear layer (for ``"all-linear"``).
+        is_output_head: Called only for ``"all-linear"``: whether the module is the model's output head.
+    """
+    if _excluded(config, variants):
+        return None
+    targets = config.target_modules
+    hit: str | None = None
+    if targets == ALL_LINEAR:
+        if is_linear and not is_output_head():
+            hit = variants[0]
+    elif isinstance(targets, str):
+        return next((v for v in variants if safe_fullmatch(targets, v)), None)
+    elif targets:
+        hit = next((v for v in variants for e in targets if match_list_entry(v, e)), None)
+    if hit is None or config.layers_to_transform is None:
+        return hit
+    layers = config.layers_to_transform
+    wanted = [layers] if isinstance(layers, int) else list(layers)
+    index = layer_index(hit, config.layers_pattern)
+    if index is None:
+        index = next((i for v in variants if (i := layer_index(v, config.layers_pattern)) is not None), None)
+    return hit if index is not None and index in wanted else None
+
+
+def matching_entry(config: Any, hit: str) -> str | None:
+    """The ``target_modules`` list entry that matched the spelling ``hit`` (None for regex/all-linear)."""
+    targets = config.target_modules
+    if isinstance(targets, str) or not targets:
+        return None
+    return next((e for e in targets if match_list_entry(hit, e)), None)

@@ -1,0 +1,177 @@
+"""AdaLoRA's maths and layer: the SVD-like triplet ΔW = B (A ⊙ E) · alpha / (ranknum + 1e-5), the orthogonal
+regulariser, and :class:`SVDLayer`, which wraps a Linear or Conv2d (see :mod:`deltatune.methods.adalora`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig
+from ..layers import LowRankLayer, expect_config
+from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
+from .lora import LoraConfig
+
+__all__ = ["SVDLayer", "adalora_delta_weight", "adalora_scaling", "orthogonal_regularizer"]
+
+
+# ---- pure maths ---------------------------------------------------------------------------------
+def adalora_scaling(lora_alpha: float, r: int) -> float:
+    """PEFT's numerator: lora_alpha if > 0 else r (divided by ranknum + 1e-5 at use)."""
+    return lora_alpha if lora_alpha > 0 else r
+
+
+def adalora_delta_weight(
+    lora_a: torch.Tensor,
+    lora_e: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    ranknum: torch.Tensor | float,
+) -> torch.Tensor:
+    """ΔW = B (A ⊙ E) · scaling / (ranknum + 1e-5); A (r, in), E (r, 1), B (out, r) → (out, in)."""
+    return (lora_b @ (lora_a * lora_e)) * (scaling / (ranknum + 1e-5))
+
+
+def orthogonal_regularizer(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Mean over all A and B of ‖P − I‖_F with P = A Aᵀ for A (r, in) and P = Bᵀ B for B (out, r).
+
+    Factors of the same shape are batched into one ``bmm``.
+    """
+    groups: dict[tuple[str | int, ...], list[torch.Tensor]] = {}
+    for a, b in factors:
+        groups.setdefault(("A", *a.shape), []).append(a)
+        groups.setdefault(("B", *b.shape), []).append(b.t())
+    total: torch.Tensor | None = None
+    count = 0
+    for _key, mats in groups.items():
+        stack = torch.stack(mats)  # (L, r, n)
+        gram = torch.bmm(stack, stack.transpose(1, 2))
+        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+        norms = torch.linalg.matrix_norm(gram - eye, ord="fro").sum()
+        total = norms if total is None else total + norms
+        count += len(mats)
+    if total is None:
+        raise ValueError("orthogonal_regularizer needs at least one (A, B) pair")
+    return total / count
+
+
+# ---- layer --------------------------------------------------------------------------------------
+class SVDLayer(LowRankLayer):
+    """Wraps a Linear or Conv2d with AdaLoRA triplets (``lora_A``, ``lora_E``, ``lora_B``)."""
+
+    adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_E", "lora_B")
+    other_param_names: ClassVar[tuple[str, ...]] = ("ranknum",)
+
+    lora_A: nn.ParameterDict
+    lora_E: nn.ParameterDict
+    lora_B: nn.ParameterDict
+    ranknum: nn.ParameterDict
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_dropout = nn.ModuleDict()
+
+    def _fan_in(self) -> int:
+        return int(self.base_weight[0].numel())
+
+    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
+        config = expect_config(config, LoraConfig)  # an AdaLoraConfig (a LoraConfig subclass)
+        out_dim = self.base_weight.shape[0]
+        self.lora_A[adapter_name] = self._new_param(r, self._fan_in())
+        self.lora_E[adapter_name] = self._new_param(r, 1)
+        self.lora_B[adapter_name] = self._new_param(out_dim, r)
+        self.ranknum[adapter_name] = self._new_param(1, requires_grad=False)
+        with torch.no_grad():
+            self.ranknum[adapter_name].fill_(float(r))
+        self.lora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = adalora_scaling(alpha, r)
+        with torch.no_grad():
+            if config.init_lora_weights is False:
+                for p in (self.lora_A, self.lora_E, self.lora_B):
+                    nn.init.normal_(p[adapter_name])
+            else:
+                nn.init.zeros_(self.lora_E[adapter_name])
+                nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
+                nn.init.normal_(self.lora_B[adapter_name], mean=0.0, std=0.02)
+        self._finish_update(adapter_name)
+
+    def resize(self, adapter_name: str, rank: int) -> None:
+        """Rebuilds the triplets at ``rank`` (for loading a pruned adapter); ``ranknum`` keeps init_r."""
+        for name in self.adapter_param_names:
+            container = getattr(self, name)
+            old = container[adapter_name]
+            shape = list(old.shape)
+            shape[1 if name == "lora_B" else 0] = rank
+            container[adapter_name] = nn.Parameter(
+                torch.zeros(shape, dtype=old.dtype, device=old.device), requires_grad=old.requires_grad
+            )
+        self.r[adapter_name] = rank
+
+    def _ranknum(self, adapter_name: str) -> torch.Tensor:
+        return self.ranknum[adapter_name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        delta = adalora_delta_weight(
+            self.lora_A[adapter_name],
+            self.lora_E[adapter_name],
+            self.lora_B[adapter_name],
+            self.scaling[adapter_name],
+            self._ranknum(adapter_name),
+        )
+        return delta.reshape(self.base_weight.shape)
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        x = self.lora_dropout[adapter_name](x)
+        a = self.lora_A[adapter_name]
+        if not isinstance(self.base_layer, nn.Linear):
+            return self.base_forward_with_weight(x.to(a.dtype), self.delta_weight(adapter_name))
+        scale = self.scaling[adapter_name] / (self._ranknum(adapter_name) + 1e-5)
+        hidden = F.linear(x.to(a.dtype), a * self.lora_E[adapter_name])
+        return F.linear(hidden, self.lora_B[adapter_name]) * scale
+
+    def _low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A ⊙ E · scale, B, dropout p): the scale and E fold into A (an r×in product), so the term is a
+        plain low-rank GEMM pair."""
+        drop = self.lora_dropout[adapter_name]
+        p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        scale = self.scaling[adapter_name] / (self._ranknum(adapter_name) + 1e-5)
+        return self.lora_A[adapter_name] * (self.lora_E[adapter_name] * scale), self.lora_B[adapter_name], p
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        # The base GEMM and the low-rank term in one autograd node (see _fused.LowRankLinear).
+        if not isinstance(self.base_layer, nn.Linear):
+            return None
+        a, b, p = self._low_rank_factors(adapter_name)
+        needs_grad = torch.is_grad_enabled() and a.requires_grad
+        plain = is_plain(self.base_layer, (nn.Linear,))
+        if plain and p == 0 and low_rank_merge_pays(x, self.base_weight, a.shape[0], needs_grad):
+            # Inference over many tokens: one GEMM with W + B (A ⊙ E) s (what merging computes), one addmm.
+            weight = self.base_weight
+            merged = torch.addmm(weight, b.to(weight.dtype), a.to(weight.dtype))
+            return self.base_forward_with_weight(x, merged, self.base_bias)
+        return low_rank_linear(self.base_layer, x, a, b, 1.0, p)
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not isinstance(self.base_layer, nn.Linear):
+            return super().add_adapter_output(result, x, adapter_name)
+        a, b, p = self._low_rank_factors(adapter_name)
+        return low_rank_add(result, x, a, b, 1.0, p)
+
+    def export_tensors(self, adapter_name: str, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The saved tensors, sliced to the kept triplets when ``keep`` (a bool mask over r) is given."""
+        a, e, b = self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name]
+        # A module loaded from a pruned adapter is already resized to the kept triplets: nothing to slice.
+        if keep is not None and keep.numel() == a.shape[0]:
+            a, e, b = a[keep], e[keep], b[:, keep]
+        elif keep is not None and int(keep.sum()) != a.shape[0]:
+            raise ValueError(
+                f"rank_pattern keeps {int(keep.sum())} of {keep.numel()} triplets but the module holds "
+                f"{a.shape[0]}; the rank_pattern does not belong to this adapter"
+            )
+        return {"lora_A": a.detach(), "lora_E": e.detach(), "lora_B": b.detach()}
