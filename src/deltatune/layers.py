@@ -201,10 +201,10 @@ class AdapterLayer(nn.Module):
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Folds the deltas into the base weight: W += ΔW.
+        """Folds the adapters into the base weight (W ← :meth:`merged_weight`, W + ΔW by default).
 
         Args:
-            safe_merge: Compute on a copy and raise ``ValueError`` if it is not finite (W untouched).
+            safe_merge: Check the merged weight for NaN/inf first and raise ``ValueError`` (W untouched).
             adapter_names: Adapters to merge; default the active ones. Already merged ones are skipped.
         """
         names = self.active_adapters if adapter_names is None else adapter_names
@@ -212,31 +212,36 @@ class AdapterLayer(nn.Module):
         for name in names:
             if name not in self.r or name in self.merged_adapters:
                 continue
-            delta = self.delta_weight(name).to(weight.dtype)
             with torch.no_grad():
-                if safe_merge:
-                    merged = weight.data + delta
-                    if not torch.isfinite(merged).all():
-                        raise ValueError(
-                            f"merging adapter {name!r} would put NaN/inf into the base weight; the weight was "
-                            "left unchanged"
-                        )
-                    weight.data.copy_(merged)
-                else:
-                    weight.data += delta
+                merged = self.merged_weight(name, weight.data)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(
+                        f"merging adapter {name!r} would put NaN/inf into the base weight; the weight was "
+                        "left unchanged"
+                    )
+                weight.data.copy_(merged)
                 self._merge_bias(name, sign=1.0)
             self.merged_adapters.append(name)
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with ``adapter_name`` folded in, as a new tensor (default W + ΔW); a method whose
+        merge is not additive (DoRA's column rescaling) overrides this and :meth:`unmerged_weight`."""
+        return weight + self.delta_weight(adapter_name).to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`merged_weight` (default W − ΔW)."""
+        return weight - self.delta_weight(adapter_name).to(weight.dtype)
 
     def _merge_bias(self, adapter_name: str, sign: float) -> None:
         """Hook for methods that also change the bias when merging (LoRA's ``lora_bias``)."""
 
     def unmerge(self) -> None:
-        """Undoes every merge in reverse order: W -= ΔW."""
+        """Undoes every merge in reverse order (W ← :meth:`unmerged_weight`)."""
         weight = self.base_weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                weight.data -= self.delta_weight(name).to(weight.dtype)
+                weight.data.copy_(self.unmerged_weight(name, weight.data))
                 self._merge_bias(name, sign=-1.0)
 
     def base_forward_with_weight(
