@@ -16,7 +16,7 @@ from PIL import Image
 from tiny import save_tiny_vit_dir
 
 import deltatune.train.arguments as arguments_module
-from deltatune import available_methods
+from deltatune import available_methods, get_method
 from deltatune.cli import main
 from deltatune.cli.run_args import parse_run, run_spec
 
@@ -86,9 +86,10 @@ def test_train_every_method_writes_its_outputs(assets: dict[str, str], method: s
     assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["eval"]["eval_accuracy"] == metrics["accuracy"]
     assert 0 < metrics["trainable_params"] < metrics["all_params"]
     card = Path(out, "README.md").read_text()
-    assert method.upper() in card and "How to load" in card and "PeftModel.from_pretrained" in card
+    peft_type = get_method(method).peft_type
+    assert peft_type in card and "How to load" in card and "PeftModel.from_pretrained" in card
     config = json.loads(Path(out, "adapter_config.json").read_text())
-    assert config["peft_type"] == method.upper() and config["modules_to_save"] == ["classifier"]
+    assert config["peft_type"] == peft_type and config["modules_to_save"] == ["classifier"]
     labels = json.loads(Path(out, "labels.json").read_text())
     assert sorted(labels["label2id"]) == CLASSES
     if method == "adalora":
@@ -270,10 +271,10 @@ def test_adapter_flags_map_to_each_method(assets: dict[str, str]) -> None:
 # ---- errors -------------------------------------------------------------------------------------
 def test_unknown_method_lists_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", "--method", "dora"])
+        main(["train", "--method", "vera"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "invalid choice: 'dora'" in err and all(m in err for m in available_methods())
+    assert "invalid choice: 'vera'" in err and all(m in err for m in available_methods())
 
 
 def test_unknown_flag_suggests_the_closest(

@@ -32,9 +32,20 @@ peft = pytest.importorskip("peft")
 
 TOL = 1e-5
 
-# (id, method, extra kwargs for both libraries, model kind)
-CASES: list[tuple[str, str, dict[str, Any], str]] = [
-    ("lora", "lora", {}, "vit"),
+
+def _supports(method: str, layer: type) -> bool:
+    return issubclass(layer, deltatune.get_method(method).layer_cls.supported_layers)
+
+
+# (id, method, extra kwargs for both libraries, model kind): every registered method on the ViT and, where it
+# adapts convolutions, the conv net; then options worth checking one by one.
+BASE_CASES: list[tuple[str, str, dict[str, Any], str]] = [
+    (f"{method}{'' if kind == 'vit' else '-' + kind}", method, {}, kind)
+    for method in deltatune.available_methods()
+    for kind in ("vit", "conv")
+    if kind == "vit" or _supports(method, torch.nn.Conv2d)
+]
+OPTION_CASES: list[tuple[str, str, dict[str, Any], str]] = [
     (
         "lora-rslora-patterns",
         "lora",
@@ -47,16 +58,11 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ),
     ("lora-bias-lora_only", "lora", {"bias": "lora_only", "lora_dropout": 0.1}, "vit"),
     ("lora-bias-all", "lora", {"bias": "all"}, "mlp"),
-    ("loha", "loha", {}, "vit"),
-    ("lokr", "lokr", {}, "vit"),
     ("lokr-decompose-both", "lokr", {"r": 1, "decompose_both": True, "rank_dropout_scale": True}, "vit"),
-    ("adalora", "adalora", {}, "vit"),
-    ("lora-conv", "lora", {}, "conv"),
-    ("loha-conv", "loha", {}, "conv"),
     ("loha-conv-effective", "loha", {"use_effective_conv2d": True}, "conv"),
-    ("lokr-conv", "lokr", {}, "conv"),
     ("lokr-conv-effective", "lokr", {"use_effective_conv2d": True, "r": 1}, "conv"),
 ]
+CASES = BASE_CASES + OPTION_CASES
 IDS = [c[0] for c in CASES]
 
 

@@ -62,3 +62,22 @@ class Blobs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+def write_image_folder(root: str | os.PathLike[str], per_class: int = 6, seed: int = 0) -> str:
+    """An image folder of three learnable classes (bright, dark, red 40 px PNGs); returns its path."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for kind in ("bright", "dark", "red"):
+        folder = os.path.join(root, kind)
+        os.makedirs(folder, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (40, 40, 3)).astype(np.uint8)
+            if kind == "bright":
+                pixels += 150
+            elif kind == "red":
+                pixels[..., 0] += 180
+            Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+    return os.fspath(root)
