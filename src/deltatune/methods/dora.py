@@ -1,0 +1,234 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., ICML 2024, "DoRA: Weight-Decomposed Low-Rank
+Adaptation"), as PEFT defines it (``LoraConfig(use_dora=True)``).
+
+    W' = m ⊙ (W + s·B A) / ‖W + s·B A‖_c,   y = W' x + b
+
+The adapted weight is split into a learned magnitude ``m`` (one per output channel, initialised to the norm
+of each output row of W + ΔW) and a direction, LoRA's W + s·B A normalised row by row. As in the paper
+(§4.3) and in PEFT, the norm is treated as a constant in backward (it is detached), so ``m`` and the LoRA
+factors learn through ``(m / ‖·‖) ⊙ (x Wᵀ + s·x Aᵀ Bᵀ)``. With input dropout p > 0 in training, PEFT's
+formula is kept exactly: ``base(x) + (m/‖·‖ − 1) ⊙ base₀(x_d) + (m/‖·‖) ⊙ s·B A x_d`` (x_d the dropped
+input, base₀ the base op without bias).
+
+Saved like PEFT: LoRA's ``lora_A``/``lora_B`` plus ``lora_magnitude_vector`` of shape (out,) for a Linear and
+(1, out, 1, 1) for a Conv2d.
+
+Cost: the row norm comes from the identity
+
+    ‖W + s B A‖²_row = ‖W‖²_row + 2s · rowsum((W Aᵀ) ⊙ B) + s² · rowsum((B (A Aᵀ)) ⊙ B)
+
+(out·in·r MACs, no out×in temporary), and without dropout the output is a row rescaling of the fused LoRA
+GEMM, so a training step runs one base GEMM per layer, not PEFT's two plus a materialised ΔW.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AdapterConfig
+from ..layers import expect_config
+from ..registry import MethodSpec, register_method
+from ._fused import LowRankLinear, is_plain, low_rank_merge_pays
+from .lora import LoraConfig, LoraLayer, LoraModel
+
+__all__ = ["DoraLayer", "dora_forward", "dora_merged_weight", "dora_row_norm"]
+
+
+# ---- pure maths ---------------------------------------------------------------------------------
+def dora_row_norm(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """‖W + s·B A‖ of every output row, without forming the out×in sum.
+
+    Args:
+        weight: W as (out, in) (a conv kernel flattened to (out, in·k…)).
+        lora_a: A as (r, in) (flattened likewise).
+        lora_b: B as (out, r).
+        scaling: s.
+
+    Returns:
+        (out,) norms, computed in the inputs' dtype (callers pass fp32).
+    """
+    wa = weight @ lora_a.t()  # (out, r)
+    gram = lora_a @ lora_a.t()  # (r, r)
+    squared = (
+        weight.square().sum(1)
+        + (2.0 * scaling) * (wa * lora_b).sum(1)
+        + (scaling * scaling) * ((lora_b @ gram) * lora_b).sum(1)
+    )
+    return squared.clamp_min(0).sqrt()
+
+
+def dora_merged_weight(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', norm): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ by output row, and the norm (kept to undo the merge).
+
+    Shapes: weight and delta (out, …); magnitude with ``out`` elements (any PEFT shape).
+    """
+    combined = weight + delta
+    norm = combined.reshape(combined.shape[0], -1).norm(dim=1)
+    factor = (magnitude.reshape(-1) / norm).reshape(-1, *([1] * (weight.dim() - 1)))
+    return factor * combined, norm
+
+
+def dora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """y = (m / ‖W + s B A‖) ⊙ (x Wᵀ + s · x Aᵀ Bᵀ) + b for a Linear (no dropout), the norm detached.
+
+    Shapes: x (..., in), weight (out, in), lora_a (r, in), lora_b (out, r), magnitude (out,).
+    """
+    with torch.no_grad():
+        norm = dora_row_norm(weight.float(), lora_a.float(), lora_b.float(), scaling)
+    scale = magnitude / norm.to(magnitude.dtype)
+    out = (F.linear(x, weight) + scaling * F.linear(F.linear(x, lora_a), lora_b)) * scale
+    return out if bias is None else out + bias
+
+
+# ---- layer --------------------------------------------------------------------------------------
+class DoraLayer(LoraLayer):
+    """LoRA's layer plus a magnitude per output channel (``lora_magnitude_vector``); see the module doc."""
+
+    adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
+    lora_magnitude_vector: nn.ParameterDict
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        #: adapter → the row norms of W + ΔW at merge time (unmerging divides by them again)
+        self._merge_norms: dict[str, torch.Tensor] = {}
+        self._extra_per_adapter = {"merge_norms": self._merge_norms}
+
+    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
+        """LoRA's factors, then ``m`` = ‖W + ΔW‖ by output row (so the output starts as LoRA's).
+
+        Raises:
+            ValueError: for ``lora_bias=True`` (PEFT refuses it with DoRA too).
+        """
+        config = expect_config(config, LoraConfig)
+        if config.lora_bias:
+            raise ValueError("lora_bias=True is not supported with DoRA (use_dora=True); PEFT refuses it too")
+        super().update_layer(adapter_name, config, r, alpha)
+        norm = self.row_norm(adapter_name)
+        shape = (
+            (norm.numel(),)
+            if self.base_weight.dim() == 2
+            else (1, norm.numel(), *[1] * (self.base_weight.dim() - 2))
+        )
+        magnitude = norm.reshape(shape).to(**self._new_dtype_device())
+        self.lora_magnitude_vector[adapter_name] = nn.Parameter(magnitude)
+
+    def row_norm(self, adapter_name: str) -> torch.Tensor:
+        """‖W + ΔW‖ of every output row as (out,), in fp32, detached (see :func:`dora_row_norm`)."""
+        a, b = self.factor_weights(adapter_name)
+        out_dim = self.base_weight.shape[0]
+        with torch.no_grad(), torch.autocast(self.base_weight.device.type, enabled=False):
+            return dora_row_norm(
+                self.base_weight.reshape(out_dim, -1).float(),
+                a.reshape(a.shape[0], -1).float(),
+                b.reshape(out_dim, -1).float(),
+                self.scaling[adapter_name],
+            )
+
+    def magnitude_scale(self, adapter_name: str) -> torch.Tensor:
+        """m / ‖W + ΔW‖ in the magnitude's shape (gradients reach m, not the norm)."""
+        magnitude = self.lora_magnitude_vector[adapter_name]
+        return magnitude / self.row_norm(adapter_name).reshape(magnitude.shape).to(magnitude.dtype)
+
+    # ---- merging: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ -------------------------------------------------------
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight(adapter_name).to(torch.float32)
+        magnitude = self.lora_magnitude_vector[adapter_name].detach().float()
+        merged, norm = dora_merged_weight(weight.float(), delta, magnitude)
+        self._merge_norms[adapter_name] = norm
+        return merged.to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        norm = self._merge_norms.pop(adapter_name, None)
+        if norm is None:
+            raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        magnitude = self.lora_magnitude_vector[adapter_name].detach().float().reshape(-1)
+        factor = (magnitude / norm).reshape(-1, *([1] * (weight.dim() - 1)))
+        delta = self.delta_weight(adapter_name).to(torch.float32)
+        return (weight.float() / factor - delta).to(weight.dtype)
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def _bias_view(self, result: torch.Tensor) -> torch.Tensor | None:
+        bias = self.base_bias
+        if bias is None or isinstance(self.base_layer, nn.Linear):
+            return bias
+        return bias.view(1, -1, *([1] * (result.dim() - 2)))
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """PEFT's DoRA term added to ``result`` (the base output): (m/‖·‖ − 1)·base₀ + (m/‖·‖)·s·B A x, with
+        base₀ = result − bias unless input dropout is active (then the base op on the dropped input)."""
+        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dropout = self.lora_dropout[adapter_name]
+        scale = self.magnitude_scale(adapter_name)
+        if isinstance(dropout, nn.Dropout) and self.training:
+            x = dropout(x)
+            base = self.base_forward_with_weight(x, self.base_weight)
+        else:
+            bias = self._bias_view(result)
+            base = result if bias is None else result - bias
+        lora = b(a(x.to(self.factor_weights(adapter_name)[0].dtype))) * self.scaling[adapter_name]
+        term = (scale - 1) * base + scale * lora
+        return result + term.to(result.dtype)
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """Without dropout, on a plain Linear with matching dtypes and no autocast: the LoRA GEMM fused with
+        the base one (:class:`~deltatune.methods._fused.LowRankLinear`), scaled by m/‖·‖ row by row — or, in
+        inference over many tokens, one GEMM with the merged W'. Else the generic path."""
+        base = self.base_layer
+        a_w, b_w = self.factor_weights(adapter_name)
+        if (
+            not isinstance(base, nn.Linear)
+            or self._dropout_p(adapter_name) > 0
+            or not is_plain(base, (nn.Linear,))
+        ):
+            return None
+        weight = self.base_weight
+        if torch.is_autocast_enabled(x.device.type) or not (
+            x.dtype == weight.dtype == a_w.dtype == b_w.dtype
+        ):
+            return None
+        scale = self.magnitude_scale(adapter_name)
+        s = self.scaling[adapter_name]
+        needs_grad = torch.is_grad_enabled() and any(
+            p.requires_grad for p in self.adapter_parameters(adapter_name)
+        )
+        if low_rank_merge_pays(x, weight, a_w.shape[0], needs_grad):
+            merged = torch.addmm(weight, b_w, a_w, alpha=s) * scale.unsqueeze(1)
+            return F.linear(x, merged, self.base_bias)
+        out = LowRankLinear.apply(x, weight, None, a_w, b_w, s, 0.0) * scale
+        bias = self.base_bias
+        return out if bias is None else out + bias
+
+
+register_method(
+    MethodSpec(
+        name="dora",
+        config_cls=LoraConfig,
+        layer_cls=DoraLayer,
+        prefix="lora_",
+        tuner_cls=LoraModel,
+        selects=lambda config: bool(config.use_dora),
+        config_defaults={"use_dora": True},
+        display_name="DoRA",
+        peft_config_name="LoraConfig",
+        example_kwargs={"r": 4, "lora_alpha": 8},
+        nonzero_init={"init_lora_weights": False},
+        listing_order=50,
+    )
+)
