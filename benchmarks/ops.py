@@ -10,8 +10,10 @@ library makes the host do per step. On CUDA the script also counts the kernels l
 
 Columns: ``ops`` = ATen operator calls per step (every dispatcher-level call, nested ones included, as the
 profiler records them), ``copies`` = ``aten::copy_`` + ``aten::_to_copy`` calls (casts and copies),
-``kernels`` (CUDA only) = device kernels launched, ``host ms`` = median wall time of a step (CPU: the whole
-step; CUDA: until the step is issued, without synchronising), and the deltatune / peft ratio of each.
+``kernels`` (CUDA only) = device kernels launched, ``host ms`` = median host time of a step (CPU: process
+time of the whole step; CUDA: wall time until the step is issued, without synchronising), ``saved MiB`` =
+what autograd keeps for backward (unique storages, parameters excluded: the step's activation memory, the
+same on any device), and the deltatune / peft ratio of each.
 """
 
 from __future__ import annotations
@@ -62,6 +64,23 @@ def count_ops(step: Any, device_type: str) -> dict[str, int]:
     return out
 
 
+def saved_mib(step: Any, model: torch.nn.Module) -> float:
+    """MiB of the tensors autograd saves for backward during ``step`` (unique storages, parameters
+    excluded): the activation memory a step holds at its peak, on any device."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values()) / 2**20
+
+
 def host_ms(step: Any, repeats: int, device_type: str) -> float:
     """Median host time of ``step`` in ms: on the CPU the process's CPU time (steady on a shared machine with
     one thread), on CUDA the wall time to issue the step (no synchronisation)."""
@@ -88,6 +107,8 @@ def measure(names: list[str], settings: Settings, repeats: int, warmup: int) -> 
             step()
         torch.manual_seed(0)
         results[name] = {**count_ops(step, settings.device_type)}
+        torch.manual_seed(0)
+        results[name]["saved_mib"] = saved_mib(step, variant.model)
     for _ in range(3):  # interleaved timing rounds
         for name, variant in variants.items():
             t = host_ms(
@@ -104,29 +125,24 @@ def table(results: dict[str, dict[str, float]], methods: list[str], title: str) 
     head = (
         ["variant", "ops", "copies"]
         + (["kernels"] if cuda else [])
-        + ["host ms", "ops dt/peft", "host dt/peft"]
+        + ["host ms", "saved MiB", "ops dt/peft", "host dt/peft", "saved dt/peft"]
     )
     lines = [f"#### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def row(name: str, ratio_ops: str = "", ratio_host: str = "") -> str:
+    def row(name: str, *ratios: str) -> str:
         r = results[name]
         cells = [name, f"{r['ops']:.0f}", f"{r['copies']:.0f}"]
         if cuda:
             cells.append(f"{r['kernels']:.0f}")
-        cells += [f"{r['host_ms']:.2f}", ratio_ops, ratio_host]
+        cells += [f"{r['host_ms']:.2f}", f"{r['saved_mib']:.2f}", *(ratios or ("", "", ""))]
         return "| " + " | ".join(cells) + " |"
 
     lines.append(row("floor"))
     for m in methods:
         ours, theirs = results[f"deltatune/{m}"], results[f"peft/{m}"]
         lines.append(row(f"peft/{m}"))
-        lines.append(
-            row(
-                f"deltatune/{m}",
-                f"{ours['ops'] / theirs['ops']:.2f}",
-                f"{ours['host_ms'] / theirs['host_ms']:.2f}",
-            )
-        )
+        ratios = [ours[k] / theirs[k] if theirs[k] else float("nan") for k in ("ops", "host_ms", "saved_mib")]
+        lines.append(row(f"deltatune/{m}", *(f"{r:.2f}" for r in ratios)))
     return "\n".join(lines) + "\n"
 
 

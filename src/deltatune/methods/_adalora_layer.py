@@ -4,7 +4,7 @@ regulariser, and :class:`SVDLayer`, which wraps a Linear or Conv2d (see :mod:`de
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ def adalora_delta_weight(
 def orthogonal_regularizer(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Mean over all A and B of ‖P − I‖_F with P = A Aᵀ for A (r, in) and P = Bᵀ B for B (out, r).
 
-    Factors of the same shape are batched into one ``bmm``.
+    Factors of the same shape are batched into one ``bmm`` (see :class:`GramDeviationNorms`).
     """
     groups: dict[tuple[str | int, ...], list[torch.Tensor]] = {}
     for a, b in factors:
@@ -46,16 +46,35 @@ def orthogonal_regularizer(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> 
         groups.setdefault(("B", *b.shape), []).append(b.t())
     total: torch.Tensor | None = None
     count = 0
-    for _key, mats in groups.items():
-        stack = torch.stack(mats)  # (L, r, n)
-        gram = torch.bmm(stack, stack.transpose(1, 2))
-        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-        norms = torch.linalg.matrix_norm(gram - eye, ord="fro").sum()
+    for mats in groups.values():
+        norms = GramDeviationNorms.apply(*mats)
         total = norms if total is None else total + norms
         count += len(mats)
     if total is None:
         raise ValueError("orthogonal_regularizer needs at least one (A, B) pair")
     return total / count
+
+
+class GramDeviationNorms(torch.autograd.Function):
+    """Σᵢ ‖Mᵢ Mᵢᵀ − I‖_F over matrices of one shape (r, n), batched, with its closed-form gradient
+    ∂/∂Mᵢ = 2 Dᵢ Mᵢ / ‖Dᵢ‖_F (Dᵢ = Mᵢ Mᵢᵀ − I, symmetric). Only the r×r deviations and their norms are saved:
+    the stacked (L, r, n) copy of the factors that a plain ``bmm`` graph would keep is rebuilt in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, *mats: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        stack = torch.stack(mats)  # (L, r, n), freed after this call
+        dev = torch.bmm(stack, stack.transpose(1, 2))
+        dev.diagonal(dim1=1, dim2=2).sub_(1.0)
+        norms = torch.linalg.matrix_norm(dev)
+        ctx.save_for_backward(*mats, dev, norms)
+        return norms.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        *mats, dev, norms = ctx.saved_tensors
+        coef = (2.0 * grad) / norms.clamp_min(torch.finfo(norms.dtype).tiny)  # D = 0 gives a zero gradient
+        grads = torch.bmm(dev * coef.view(-1, 1, 1), torch.stack(mats))
+        return tuple(grads.unbind(0))
 
 
 # ---- layer --------------------------------------------------------------------------------------
@@ -149,7 +168,7 @@ class SVDLayer(LowRankLayer):
         return a, self.lora_B[adapter_name], self.rank_scale[adapter_name], p
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        # The base GEMM and the low-rank term in one autograd node (see _fused.LowRankLinear).
+        # The base GEMM and the low-rank term, fused (see _fused.low_rank_linear).
         if not isinstance(self.base_layer, nn.Linear):
             return None
         a, b, scale, p = self._low_rank_factors(adapter_name)

@@ -4,41 +4,37 @@ factored adapter term and a per-step merged weight W + ΔW.
 Everything here computes the adapter maths of the method modules exactly (up to floating-point rounding
 order); the methods decide when a path applies, and fall back to their plain formulas otherwise.
 
-On a GPU an adapter's cost is mostly the operations it issues, so the fused paths issue as few as they can:
+On a GPU an adapter step is mostly host-bound: its cost is the operations it issues (each a dispatcher call
+and usually a kernel launch), not its FLOPs. So the low-rank paths issue as few operations as they can, and
+only built-in ones, whose backward runs in C++ (a Python ``autograd.Function`` saves a few kernels but costs
+more host time than it saves: measured with ``python -m benchmarks.ops``):
 
-- :class:`LowRankLinear` (LoRA, AdaLoRA, DoRA on a plain ``nn.Linear``): the base GEMM and
-  ``s · (dropout(x) Aᵀ) Bᵀ`` in one autograd node. The low-rank term accumulates in place into the base
-  output (``addmm_``, scale folded into its ``alpha``) and, in backward, the adapter's input gradient into the
-  base's, so no N×in or N×out temporaries are written or summed separately.
-- **Autocast is handled inside**, once: under ``torch.autocast`` each input is cast to the autocast dtype a
-  single time (the frozen weight, the small factors, and the layer input once for both GEMMs, where an
-  unfused adapter casts it for the base GEMM and again for its own), the casts are saved for backward instead
-  of being redone there, and the output has the dtype autocast would give.
-- **Dropout is one op** (``torch.native_dropout``: a fused kernel on CUDA) and none at all when p = 0 or in
-  eval. The dropped input is what the A-gradient needs, so it is saved instead of the layer input (same
-  size), with a 1-byte mask for the input gradient (``native_dropout_backward``). No dtype views of bool
-  masks: everything here compiles with ``torch.compile``.
-- :class:`LowRankAdd`: the same term added to an existing base output (a base layer with hooks or a
-  subclass with its own forward), as one node.
+- :func:`low_rank_linear` (LoRA, AdaLoRA, DoRA on a plain ``nn.Linear``): ``y = x Wᵀ + bias``, then
+  ``y += s · (drop(x) Aᵀ) Bᵀ`` accumulated in place by one ``addmm_`` with the scale as its ``alpha`` (no
+  N×out temporary, no separate multiply or add).
+- **Autocast**: the layer input is cast to the autocast dtype once, for both GEMMs (an unfused adapter casts
+  it for the base GEMM and again for its own); the weights are cast by autocast as for the base model.
+- **Dropout is one op** (``torch.native_dropout``: a fused kernel on CUDA, a 1-byte mask) and none at all
+  when p = 0 or in eval. No dtype views of bool masks: everything here compiles with ``torch.compile``.
+- :func:`low_rank_add`: the same term added to an existing base output (a base layer with hooks or a
+  subclass with its own forward) by one ``addmm``.
 - :func:`merged_weight_pays`: whether ``base_op(x, W + ΔW)`` (one GEMM, plus one weight-gradient GEMM in
   training) beats the method's factored term for this call; used by LoHa and LoKr.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "LOW_RANK_BANDWIDTH_FACTOR",
-    "LowRankAdd",
-    "LowRankLinear",
     "autocast_dtype",
     "dropout_keep_mask",
     "fused_dtype",
     "is_plain",
     "low_rank_add",
+    "low_rank_gemms",
     "low_rank_linear",
     "low_rank_merge_pays",
     "merged_weight_pays",
@@ -62,146 +58,9 @@ def dropout_keep_mask(
     return torch.native_dropout(torch.zeros(shape, device=device), p, True)[1]
 
 
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-def _dropped(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x with dropout applied and scaled by 1/(1−p), the bool keep-mask) — or (x, None) when p = 0."""
-    if p <= 0:
-        return x2, None
-    out, keep = torch.native_dropout(x2, p, True)
-    return out, keep
-
-
-def _dropout_backward(grad: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
-    """``grad ⊙ keep · scale`` in one op (the backward of ``native_dropout``)."""
-    return torch.ops.aten.native_dropout_backward(grad, keep, scale)  # type: ignore[no-any-return]
-
-
-def _addmm_scaled(m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha · m1 @ m2`` as one GEMM (``addmm`` with ``beta=0`` reads no input: an empty one is passed)."""
-    return torch.addmm(m1.new_empty((1,)), m1, m2, beta=0, alpha=alpha)
-
-
-class LowRankLinear(torch.autograd.Function):
-    """A whole adapted Linear in one node: ``y = x Wᵀ + bias + s · (drop(x) Aᵀ) Bᵀ``, computed in ``dtype``.
-
-    Shapes: x (..., in), weight (out, in), bias (out,) or None, a (r, in), b (out, r). ``drop`` is input dropout
-    with probability p (identity when p = 0). Inputs of another dtype are cast to ``dtype`` once (autocast's
-    dtype, or x's own); the casts are what backward reuses. Saves: the (dropped) input in ``dtype``, the
-    weight in ``dtype`` (only when the input needs a gradient), the (N, r) hidden product, the factors and,
-    with dropout, a bool mask.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: float,
-        p: float,
-        dtype: torch.dtype,
-    ) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = _cast(x.reshape(-1, x.shape[-1]), dtype)
-            w, ac, bc = _cast(weight, dtype), _cast(a, dtype), _cast(b, dtype)
-            cb = _cast(bias, dtype)
-            assert x2 is not None and w is not None and ac is not None and bc is not None
-            y = torch.mm(x2, w.t()) if cb is None else torch.addmm(cb, x2, w.t())
-            xd, keep = _dropped(x2, p)
-            hidden = torch.mm(xd, ac.t())
-            y.addmm_(hidden, bc.t(), alpha=scale)
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.save_for_backward(
-            xd if ctx.needs_input_grad[3] else None,
-            x2 if need_w else None,
-            w if need_x else None,
-            keep,
-            hidden,
-            ac,
-            bc,
-        )
-        ctx.scale, ctx.p, ctx.x_shape = scale, p, x.shape
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        xd, x2, w, keep, hidden, ac, bc = ctx.saved_tensors
-        s, p = ctx.scale, ctx.p
-        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
-        g = grad.reshape(-1, grad.shape[-1]).to(hidden.dtype)
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if need_b:
-            grad_b = _addmm_scaled(g.t(), hidden, s)
-        if need_x or need_a:
-            gh = _addmm_scaled(g, bc, s)  # (N, r): s · g B
-            if need_a:
-                grad_a = torch.mm(gh.t(), xd)
-            if need_x:
-                grad_x = torch.mm(g, w)
-                if keep is None:
-                    grad_x.addmm_(gh, ac)
-                else:
-                    grad_x.add_(_dropout_backward(torch.mm(gh, ac), keep, 1.0 / (1.0 - p)))
-                grad_x = grad_x.view(ctx.x_shape)
-        if need_w:
-            grad_w = torch.mm(g.t(), x2)
-        if need_bias:
-            grad_bias = g.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
-
-
-class LowRankAdd(torch.autograd.Function):
-    """``result + s · (drop(x) Aᵀ) Bᵀ`` in one node, computed in ``result``'s dtype (one cast per input).
-
-    Shapes: result (..., out), x (..., in), a (r, in), b (out, r).
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        result: torch.Tensor,
-        x: torch.Tensor,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: float,
-        p: float,
-    ) -> torch.Tensor:
-        dtype = result.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            x2 = _cast(x.reshape(-1, x.shape[-1]), dtype)
-            ac, bc = _cast(a, dtype), _cast(b, dtype)
-            assert x2 is not None and ac is not None and bc is not None
-            xd, keep = _dropped(x2, p)
-            hidden = torch.mm(xd, ac.t())
-            out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, bc.t(), alpha=scale)
-        ctx.save_for_backward(xd if ctx.needs_input_grad[2] else None, keep, hidden, ac, bc)
-        ctx.scale, ctx.p, ctx.x_shape = scale, p, x.shape
-        return out.view(result.shape)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        xd, keep, hidden, ac, bc = ctx.saved_tensors
-        s, p = ctx.scale, ctx.p
-        need_result, need_x, need_a, need_b = ctx.needs_input_grad[:4]
-        g = grad.reshape(-1, grad.shape[-1]).to(hidden.dtype)
-        grad_x = grad_a = grad_b = None
-        if need_b:
-            grad_b = _addmm_scaled(g.t(), hidden, s)
-        if need_x or need_a:
-            gh = _addmm_scaled(g, bc, s)
-            if need_a:
-                grad_a = torch.mm(gh.t(), xd)
-            if need_x:
-                grad_x = torch.mm(gh, ac)
-                if keep is not None:
-                    grad_x = _dropout_backward(grad_x, keep, 1.0 / (1.0 - p))
-                grad_x = grad_x.view(ctx.x_shape)
-        return grad if need_result else None, grad_x, grad_a, grad_b, None, None
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Input dropout as one op (scaled by 1/(1−p)); x itself when p = 0."""
+    return torch.native_dropout(x, p, True)[0] if p > 0 else x
 
 
 def is_plain(layer: torch.nn.Module, types: tuple[type[torch.nn.Module], ...]) -> bool:
@@ -216,7 +75,7 @@ def fused_dtype(x: torch.Tensor, *tensors: torch.Tensor | None) -> torch.dtype |
     casts as PEFT does)."""
     autocast = autocast_dtype(x.device.type)
     if autocast is not None:
-        return autocast if x.is_floating_point() and x.dtype in (torch.float32, *_LOW_PRECISION) else None
+        return autocast if x.dtype in (torch.float32, *_LOW_PRECISION) else None
     if all(t is None or t.dtype == x.dtype for t in tensors):
         return x.dtype
     return None
@@ -225,14 +84,42 @@ def fused_dtype(x: torch.Tensor, *tensors: torch.Tensor | None) -> torch.dtype |
 def low_rank_linear(
     layer: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dropout: float
 ) -> torch.Tensor | None:
-    """:class:`LowRankLinear` for a plain ``nn.Linear`` base, or None where it does not apply (another layer
-    type, hooks on the base, or mixed dtypes outside autocast: the caller then takes the generic path)."""
+    """``x Wᵀ + bias + scale · (dropout(x) Aᵀ) Bᵀ`` for a plain ``nn.Linear`` base, in three GEMMs (the last
+    accumulating in place), or None where it does not apply (another layer type, hooks on the base, or mixed
+    dtypes outside autocast: the caller then takes the generic path).
+
+    Shapes: x (..., in), a (r, in) (any per-rank factor folded in), b (out, r).
+    """
     if not isinstance(layer, torch.nn.Linear) or not is_plain(layer, (torch.nn.Linear,)):
         return None
     dtype = fused_dtype(x, layer.weight, a, b)
     if dtype is None:
         return None
-    return LowRankLinear.apply(x, layer.weight, layer.bias, a, b, scale, dropout, dtype)  # type: ignore[no-any-return]
+    return low_rank_gemms(x, layer.weight, layer.bias, a, b, scale, dropout, dtype)
+
+
+def low_rank_gemms(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    dropout: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``x Wᵀ + bias + scale · (dropout(x) Aᵀ) Bᵀ`` with x cast to ``dtype`` once (see :func:`fused_dtype`).
+
+    Shapes: x (..., in), weight (out, in), bias (out,) or None, a (r, in), b (out, r) → (..., out).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])  # 2-D, so the accumulation below is in place on a tensor, not a view
+    x2 = x2 if x2.dtype == dtype else x2.to(dtype)  # once, for both GEMMs
+    y = F.linear(x2, weight, bias)
+    hidden = F.linear(_dropout(x2, dropout), a)
+    b = b if b.dtype == y.dtype else b.to(y.dtype)  # in-place ops are not autocast
+    y.addmm_(hidden, b.t(), alpha=scale)
+    return y.view(*lead, y.shape[-1])
 
 
 def low_rank_add(
@@ -243,12 +130,12 @@ def low_rank_add(
     scale: float,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """``result + scale · (dropout(x) Aᵀ) Bᵀ`` for a Linear, as one node where the dtypes allow.
+    """``result + scale · (dropout(x) Aᵀ) Bᵀ`` for a Linear, by one ``addmm`` where the dtypes allow.
 
     Args:
         result: The base output (..., out).
         x: The layer input (..., in).
-        a: (r, in), already including any per-rank factor (AdaLoRA's E and 1/ranknum).
+        a: (r, in), already including any per-rank factor (AdaLoRA's E).
         b: (out, r).
         scale: The scalar s.
         dropout: Dropout probability on the adapter's input, applied only when > 0 (callers pass 0 in eval).
@@ -258,11 +145,12 @@ def low_rank_add(
     """
     dtype = fused_dtype(x, a, b)
     if dtype is None or result.dtype != dtype:  # mixed dtypes: PEFT's order (cast x to the adapter dtype)
-        if dropout > 0:
-            x = torch.nn.functional.dropout(x, dropout, training=True)
-        delta = torch.nn.functional.linear(torch.nn.functional.linear(x.to(a.dtype), a), b) * scale
+        delta = F.linear(F.linear(_dropout(x, dropout).to(a.dtype), a), b) * scale
         return result + delta.to(result.dtype)
-    return LowRankAdd.apply(result, x, a, b, scale, dropout)  # type: ignore[no-any-return]
+    x2 = x.reshape(-1, x.shape[-1])
+    hidden = F.linear(_dropout(x2 if x2.dtype == dtype else x2.to(dtype), dropout), a)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scale)
+    return out.view(result.shape)
 
 
 def merged_weight_pays(
@@ -313,7 +201,7 @@ def low_rank_merge_pays(x: torch.Tensor, weight: torch.Tensor, rank: int, adapte
 
     Building ΔW costs r·out·in once; the low-rank pair costs r·(in+out) per token (bandwidth-weighted),
     so merging on the fly wins from a few hundred tokens on (a ViT batch), and never for one-token
-    decoding. Training keeps :class:`LowRankLinear`, whose weight gradient stays low-rank.
+    decoding. Training keeps :func:`low_rank_linear`, whose weight gradient stays low-rank.
     """
     if adapter_needs_grad or weight.dim() != 2:
         return False

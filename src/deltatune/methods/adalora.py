@@ -357,9 +357,13 @@ class AdaLoraModel(LoraModel):
         return self._allocator
 
     def orthogonal_loss(self) -> torch.Tensor:
-        """The orthogonal regulariser over the active adapter's factors."""
+        """The orthogonal regulariser over the active adapter's factors, in their own precision (fp32) also
+        under autocast: it is a handful of r×r Gram matrices, and rounding them to bf16 only adds casts."""
         n = self.active_adapter
-        return orthogonal_regularizer([(layer.lora_A[n], layer.lora_B[n]) for _, layer in self.svd_layers()])
+        factors = [(layer.lora_A[n], layer.lora_B[n]) for _, layer in self.svd_layers()]
+        device = factors[0][0].device.type if factors else "cpu"
+        with torch.autocast(device, enabled=False):
+            return orthogonal_regularizer(factors)
 
     def update_and_allocate(self, global_step: int) -> None:
         """Updates importances and prunes singular values per the budget schedule.

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layers import expect_config
 from ..registry import MethodSpec, register_method
-from ._fused import LowRankLinear, fused_dtype, is_plain, low_rank_merge_pays
+from ._fused import fused_dtype, is_plain, low_rank_gemms, low_rank_merge_pays
 from .lora import LoraConfig, LoraLayer, LoraModel
 
 __all__ = ["DoraLayer", "dora_forward", "dora_merged_weight", "dora_row_norm"]
@@ -216,7 +216,7 @@ class DoraLayer(LoraLayer):
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
         """Without dropout, on a plain Linear: the LoRA GEMM fused with the base one
-        (:class:`~deltatune.methods._fused.LowRankLinear`, autocast handled inside), scaled by m/‖·‖ row by
+        (:func:`~deltatune.methods._fused.low_rank_gemms`, one cast of the input), scaled by m/‖·‖ row by
         row — or, in inference over many tokens, one GEMM with the merged W'. Else the generic path."""
         base = self.base_layer
         if (
@@ -238,9 +238,10 @@ class DoraLayer(LoraLayer):
         if dtype == weight.dtype and low_rank_merge_pays(x, weight, a_w.shape[0], needs_grad):
             merged = torch.addmm(weight, b_w, a_w, alpha=s) * scale.unsqueeze(1)
             return F.linear(x, merged, self.base_bias)
-        out = LowRankLinear.apply(x, weight, None, a_w, b_w, s, 0.0, dtype) * scale.to(dtype)
+        out = low_rank_gemms(x, weight, None, a_w, b_w, s, 0.0, dtype)
         bias = self.base_bias
-        return out if bias is None else out + bias.to(dtype)
+        scale = _as(scale, dtype)
+        return out * scale if bias is None else torch.addcmul(_as(bias, dtype), out, scale)
 
 
 register_method(
