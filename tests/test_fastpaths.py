@@ -329,7 +329,7 @@ def test_image_datasets_pipelines_agree(tmp_path: object, pipeline: str) -> None
     atol = 1e-5 if pipeline == "standard" else 0.5
     torch.testing.assert_close(batch["pixel_values"], reference["pixel_values"], atol=atol, rtol=0)
     with pytest.raises(
-        ValueError, match=r"data pipeline 'turbo' is not valid; choose one of 'fast', 'standard'"
+        ValueError, match=r"data pipeline 'turbo' is not valid; choose one of 'fast', 'standard', 'gpu'"
     ):
         image_datasets(bundle, STATS, "turbo")
 

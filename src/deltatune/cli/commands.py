@@ -90,8 +90,17 @@ def train(argv: list[str]) -> int:
             f"[bold]deltatune train[/] {spec.name} · model {parsed.model} · dataset {parsed.dataset} · "
             f"recipe {parsed.recipe} · output {out}"
         )
+    loader_flags = (
+        "--dataloader_num_workers",
+        "--dataloader_persistent_workers",
+        "--dataloader_prefetch_factor",
+    )
     result = run_training(
-        spec, args, num_threads=parsed.options.num_threads, precision=parsed.options.precision
+        spec,
+        args,
+        num_threads=parsed.options.num_threads,
+        precision=parsed.options.precision,
+        dataloader="keep" if any(a.split("=", 1)[0] in loader_flags for a in argv) else "auto",
     )
     if not main_process:
         return 0

@@ -16,7 +16,7 @@ from ..registry import available_methods
 from ..tasks.image_classification import GUIDE_DATASET, GUIDE_MODEL, GUIDE_TRAINING_DEFAULTS, RunSpec
 from ..train.arguments import TrainingArguments, map_legacy_kwargs
 from ..train.precision import PRECISION_CHOICES, check_request
-from ..vision.fast import DATA_PIPELINES
+from ..vision.pipelines import DATA_PIPELINES
 from .flags import adapter_kwargs_for, add_adapter_flags, closest_flags
 
 logger = logging.getLogger(__name__)
@@ -121,8 +121,10 @@ def build_run_parser(command: str) -> HfArgumentParser:
     ours.add_argument(
         "--data_pipeline",
         choices=DATA_PIPELINES,
-        default="fast",
-        help="fast: JPEGs decoded at reduced size, uint8 until the batch; standard: full decode, float per image",
+        default="auto",
+        help="auto: gpu when training on a GPU the CPU cannot feed, else fast; fast: JPEGs decoded at reduced "
+        "size, uint8 until the batch; gpu: decoded and augmented on the GPU (nvJPEG); standard: full decode, "
+        "float per image",
     )
     add_adapter_flags(parser)
     return parser

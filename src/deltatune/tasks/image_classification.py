@@ -13,6 +13,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..model import PeftModel, get_peft_model
 from ..registry import get_method
 from ..train.arguments import accelerator_name, cpu_threads
 from ..train.checkpoint import save_label_maps
+from ..train.dataloading import apply_accelerator_defaults, loader_settings_left_alone
 from ..train.outputs import RUN_RECORD_NAME
 from ..train.precision import forward_gflop, resolve_precision
 from ..train.run import PeakMemory, logged_final_evaluation, planned_steps
@@ -79,7 +81,9 @@ class RunSpec:
         random_backbone: Start from randomly initialised weights of the same architecture.
         image_column, label_column, validation_split, max_train_samples, max_eval_samples: Data options
             (see :func:`deltatune.vision.load_image_dataset`).
-        data_pipeline: ``"fast"`` (reduced-size JPEG decoding, uint8 until the batch; the default) or
+        data_pipeline: ``"auto"`` (the default: ``"gpu"`` when training on a GPU that the CPU cannot feed,
+            else ``"fast"``), ``"gpu"`` (decoding and augmentation on the device, see
+            :mod:`deltatune.vision.gpu`), ``"fast"`` (reduced-size JPEG decoding, uint8 until the batch) or
             ``"standard"`` (see :func:`deltatune.vision.image_datasets`).
     """
 
@@ -94,7 +98,7 @@ class RunSpec:
     validation_split: float = 0.1
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
-    data_pipeline: str = "fast"
+    data_pipeline: str = "auto"
 
     @property
     def name(self) -> str:
@@ -178,6 +182,7 @@ def run_training(
     callbacks: list[Any] | None = None,
     num_threads: int | None = None,
     precision: str = "auto",
+    dataloader: str = "auto",
 ) -> RunResult:
     """Trains ``spec`` with ``args`` and writes the adapter, labels, metrics, plots and model card.
 
@@ -191,8 +196,12 @@ def run_training(
         precision: ``"auto"`` (bf16/fp16 autocast where it pays, see :mod:`deltatune.train.precision`),
             ``"fp32"``, ``"bf16"`` or ``"fp16"``; an explicit ``args.bf16``/``args.fp16`` wins. ``args`` is
             updated in place.
+        dataloader: ``"auto"``: on an accelerator, when ``args`` keeps transformers' loader defaults, use
+            worker processes from the cores this process has (see
+            :func:`deltatune.train.dataloading.apply_accelerator_defaults`); ``"keep"``: leave ``args`` alone.
     """
     from ..vision import image_datasets, load_image_dataset
+    from ..vision.gpu import choose_pipeline
 
     with args.main_process_first(desc="loading the dataset"):  # one download/cache build under torchrun
         bundle = load_image_dataset(
@@ -205,12 +214,30 @@ def run_training(
             max_eval_samples=spec.max_eval_samples,
         )
     base, processor = build_base_model(spec.model, bundle.id2label, spec.random_backbone, args.seed)
-    train_ds, eval_ds, collate = image_datasets(bundle, processor, spec.data_pipeline)
     on_cpu = bool(getattr(args, "use_cpu", False)) or accelerator_name() is None
-    # the forward cost per example decides CPU threads and bf16; counted only when one of them is left to us
+    if not on_cpu and dataloader == "auto" and loader_settings_left_alone(args):
+        apply_accelerator_defaults(args)
+    pipeline = spec.data_pipeline
+    probe_ds, _, probe_collate = image_datasets(
+        bundle, processor, "fast" if pipeline in ("auto", "gpu") else pipeline
+    )
+    # the forward cost per example decides CPU threads and bf16 on a CPU, and the data path on a GPU; it is
+    # counted only when one of them is left to us
     undecided = num_threads is None or (precision == "auto" and not (args.bf16 or args.fp16))
-    gflop = forward_gflop(base, collate([eval_ds[0]])) if on_cpu and undecided else None
-    resolve_precision(args, precision, gflop)
+    needs_cost = (on_cpu and undecided) or (not on_cpu and pipeline == "auto")
+    gflop = forward_gflop(base, probe_collate([probe_ds[0]])) if needs_cost else None
+    resolve_precision(args, precision, gflop if on_cpu else None)
+    if pipeline == "auto" and not on_cpu:
+        rate = cpu_images_per_second(probe_ds)
+        pipeline, why = choose_pipeline(
+            "auto", args.device, bundle.train, rate, args.dataloader_num_workers, gflop
+        )
+        logger.info("data pipeline: %s", why)
+    elif pipeline == "auto":
+        pipeline = "fast"
+    elif pipeline == "gpu":
+        pipeline, _ = choose_pipeline("gpu", args.device, bundle.train, None, 0, None)
+    train_ds, eval_ds, collate = image_datasets(bundle, processor, pipeline)
     if on_cpu:
         args.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns on every loader)
     head = find_head(base, bundle.num_labels)
@@ -226,6 +253,7 @@ def run_training(
         processing_class=processor,
         data_collator=collate,
         callbacks=callbacks,
+        device_batch_transform=getattr(collate, "device_transform", None),
     )
     output_dir = str(args.output_dir)
     os.makedirs(output_dir, exist_ok=True)
@@ -300,3 +328,16 @@ def _compact(config: dict[str, Any]) -> dict[str, Any]:
         and not (isinstance(v, dict | list) and not v)
         and not (k == "rank_pattern" and isinstance(v, dict))
     }
+
+
+def cpu_images_per_second(dataset: Any, samples: int = 16) -> float | None:
+    """Images one CPU core prepares per second on the fast path (timed on up to ``samples`` examples of
+    ``dataset``, rows through its transform), or None when the dataset is empty."""
+    n = min(samples, len(dataset))
+    if n == 0:
+        return None
+    dataset[0]  # warm-up: file cache, lazy imports
+    start = time.perf_counter()
+    for i in range(n):
+        dataset[i % len(dataset)]
+    return n / max(time.perf_counter() - start, 1e-9)

@@ -40,6 +40,7 @@ from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_sta
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
 from .metrics import compute_classification_metrics
 from .resume import resolve_resume_checkpoint
+from .throughput import ThroughputCallback
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ class DeltaTrainer(transformers.Trainer):
         tokenizer: The guide's (transformers 4) name for ``processing_class``; mapped with a notice.
         default_metrics: When ``compute_metrics`` is None and the model is a classifier, report accuracy
             (and top-5 accuracy above 5 classes) at each evaluation (default True).
+        device_batch_transform: ``(batch, device) -> batch`` run on each collated batch before it is moved to
+            the device and given to the model (a task's device-side preprocessing, e.g. GPU image decoding).
 
     Raises:
         ValueError: if fp16/bf16 is requested where it cannot run, or ``tokenizer`` and
@@ -75,8 +78,10 @@ class DeltaTrainer(transformers.Trainer):
         *positional: Any,
         tokenizer: Any = None,
         default_metrics: bool = True,
+        device_batch_transform: Any = None,
         **kwargs: Any,
     ) -> None:
+        self.device_batch_transform = device_batch_transform
         if tokenizer is not None:
             existing = kwargs.get("processing_class")
             if existing is not None and existing is not tokenizer:
@@ -100,6 +105,8 @@ class DeltaTrainer(transformers.Trainer):
         super().__init__(model, args, *positional, **kwargs)
         if not any(isinstance(cb, NonFiniteLossGuard) for cb in self.callback_handler.callbacks):
             self.add_callback(NonFiniteLossGuard())
+        if not any(isinstance(cb, ThroughputCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(ThroughputCallback())
         self.precision = check_precision(self.args)
         if isinstance(self.model, PeftModel):
             self._inspect_base_model(self.model.get_base_model())
@@ -167,6 +174,13 @@ class DeltaTrainer(transformers.Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with tuner.scaled_extra_loss(1.0 / steps):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _prepare_inputs(self, inputs: Any) -> Any:
+        """``Trainer._prepare_inputs``, after the ``device_batch_transform`` (if any) turned the collated batch
+        into model inputs on the training device (e.g. images decoded and augmented on the GPU)."""
+        if self.device_batch_transform is not None and isinstance(inputs, dict):
+            inputs = self.device_batch_transform(inputs, self.args.device)
+        return super()._prepare_inputs(inputs)
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         """``Trainer.training_step``; the loss also goes to the NaN/inf guard (compared on the device)."""

@@ -11,14 +11,7 @@ Example:
     >>> evaluation = TransformedDataset(data.eval, build_transforms(processor, train=False))
 """
 
-from .fast import (
-    DATA_PIPELINES,
-    FastCollate,
-    FastImageTransform,
-    ImagePathRows,
-    image_datasets,
-    undecoded,
-)
+from .fast import FastCollate, FastImageTransform, ImagePathRows, undecoded
 from .folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from .loading import (
     HubSplit,
@@ -37,6 +30,7 @@ from .offline import (
     is_offline_default,
     offline_default_model_dir,
 )
+from .pipelines import DATA_PIPELINES, image_datasets
 from .transforms import (
     ImageTransform,
     TransformedDataset,
