@@ -1,5 +1,7 @@
 """Argument parsing for ``deltatune train`` and ``deltatune compare``: our options, the generated adapter
-options and every ``TrainingArguments`` field (through ``HfArgumentParser``) in one parser and one --help."""
+options and every ``TrainingArguments`` field (through ``HfArgumentParser``) in one parser, with transformers'
+``run_image_classification.py`` spellings as aliases. The help and the one-line errors: :mod:`.run_parser`;
+the checks made before anything loads: :mod:`.checks`."""
 
 from __future__ import annotations
 
@@ -7,30 +9,53 @@ import argparse
 import dataclasses
 import logging
 import os
-import socket
+import shlex
 from typing import Any
-
-from transformers import HfArgumentParser
 
 from ..registry import available_methods
 from ..tasks.image_classification import GUIDE_DATASET, GUIDE_MODEL, GUIDE_TRAINING_DEFAULTS, RunSpec
 from ..train.arguments import TrainingArguments, map_legacy_kwargs
 from ..train.precision import PRECISION_CHOICES, check_request
 from ..vision.fast import DATA_PIPELINES
-from .flags import adapter_kwargs_for, add_adapter_flags, closest_flags
+from .checks import (
+    check_dataset_source,
+    check_folder,
+    check_model_source,
+    check_report_to,
+    hub_status,
+    positive_int,
+)
+from .flags import ALIASES, _bool, adapter_flags, adapter_kwargs_for, add_adapter_flags, closest_flags
+from .run_parser import CommandError, RunParser
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CommandError", "ParsedRun", "build_run_parser", "check_hub_access", "parse_run", "run_spec"]
-
-
-class CommandError(ValueError):
-    """A command-line mistake; the CLI prints the message and exits with status 2."""
+__all__ = [
+    "CommandError",
+    "ParsedRun",
+    "build_run_parser",
+    "check_hub_access",
+    "check_sources",
+    "parse_run",
+    "run_spec",
+    "typed_command",
+]
 
 
 @dataclasses.dataclass
 class ParsedRun:
-    """What ``deltatune train``/``compare`` parsed."""
+    """What ``deltatune train``/``compare`` parsed.
+
+    Attributes:
+        options: deltatune's own options (``method``, data options, ...).
+        training_args: The ``TrainingArguments`` of the run (recipe defaults under the user's flags).
+        recipe: ``"offline"`` or ``"guide"``.
+        model: The base model as the user named it (the bundled backbone by its id
+            ``deltatune/vit-glyphs-32``); loaders resolve it.
+        dataset: Dataset id, image folder or ``"offline-default"``.
+        push_to_hub: Upload the adapter when done.
+        command: The command line as the user typed it (``deltatune train ...``), for the model card.
+    """
 
     options: argparse.Namespace
     training_args: TrainingArguments
@@ -38,34 +63,108 @@ class ParsedRun:
     model: str
     dataset: str
     push_to_hub: bool
+    command: str = ""
 
 
-def build_run_parser(command: str) -> HfArgumentParser:
-    """The parser of ``deltatune train`` (``command="train"``) or ``deltatune compare``."""
-    parser = HfArgumentParser(
-        TrainingArguments,  # type: ignore[arg-type]
-        prog=f"deltatune {command}",
-        allow_abbrev=False,
+#: transformers' run_image_classification.py spellings accepted as aliases: alias → our flag.
+EXAMPLE_SCRIPT_ALIASES = {
+    "--model_name_or_path": "--model",
+    "--dataset_name": "--dataset",
+    "--image_column_name": "--image_column",
+    "--label_column_name": "--label_column",
+    "--train_val_split": "--validation_split",
+}
+
+
+def _adapter_help() -> tuple[
+    dict[str, list[str]], dict[str, dict[str, Any]], dict[str, dict[str, str]], set[str]
+]:
+    """For the help: method → its adapter dests (rank and the ``--alpha``/``--dropout`` aliases first),
+    method → the values the recipe uses, method → help texts of its aliases, and the dests left to
+    ``--help-all`` (JSON-valued or undocumented)."""
+    from ..registry import get_method
+    from ..tasks.image_classification import adapter_defaults
+
+    flags = adapter_flags()
+    dests: dict[str, list[str]] = {}
+    recipe: dict[str, dict[str, Any]] = {}
+    notes: dict[str, dict[str, str]] = {}
+    for method in available_methods():
+        config_cls = get_method(method).config_cls
+        own = [name for name, flag in flags.items() if method in flag.methods and name not in ALIASES]
+        first = [d for d in ("r",) if d in own]
+        aliases = ["alpha", "dropout"] if config_cls.DROPOUT_FIELD else ["alpha"]
+        dests[method] = [*first, *aliases, *(d for d in own if d not in first)]
+        notes[method] = {flag: text for flag, (_, text) in config_cls.FLAG_ALIASES.items()}
+        notes[method]["alpha"] = f"scale numerator (sets {config_cls.ALPHA_FIELD})"
+        if config_cls.DROPOUT_FIELD:
+            notes[method]["dropout"] = f"dropout (sets {config_cls.DROPOUT_FIELD})"
+        values = {**adapter_defaults(method, "classifier"), **config_cls.RECIPE_DEFAULTS}
+        values = {k: v for k, v in values.items() if k in flags}
+        for flag, (field, _) in config_cls.FLAG_ALIASES.items():
+            if field in values:
+                values[flag] = values[field]
+        if config_cls.ALPHA_FIELD in values:
+            values["alpha"] = values[config_cls.ALPHA_FIELD]
+        if config_cls.DROPOUT_FIELD in values:
+            values["dropout"] = values[config_cls.DROPOUT_FIELD]
+        recipe[method] = values
+    hidden = {name for name, flag in flags.items() if not flag.help or "dict" in str(flag.hint)}
+    return dests, recipe, notes, hidden
+
+
+def build_run_parser(command: str, help_method: str | None = None) -> RunParser:
+    """The parser of ``deltatune train`` (``command="train"``) or ``deltatune compare``.
+
+    Args:
+        command: ``"train"`` or ``"compare"``.
+        help_method: The method whose adapter options ``--help`` lists (default: the first registered).
+    """
+    from ..vision import OFFLINE_BACKBONE_ID, OFFLINE_DEFAULT
+
+    methods = available_methods()
+    dests, adapter_recipe, notes, hidden = _adapter_help()
+    recipes = {
+        "offline": {"model": OFFLINE_BACKBONE_ID, "dataset": OFFLINE_DEFAULT, **_recipe_defaults("offline")},
+        "guide": {"model": GUIDE_MODEL, "dataset": GUIDE_DATASET, **_recipe_defaults("guide")},
+    }
+    parser = RunParser(
+        command,
+        TrainingArguments,
         description=(
-            "Fine-tune an image classifier with an adapter (the PEFT guide's recipe). With no options: the bundled "
-            "offline default (handwritten digits, a small pretrained ViT)."
+            "Fine-tune an image classifier with an adapter (the PEFT guide's recipe). With no options: the "
+            "bundled offline recipe (handwritten digits, a small pretrained ViT); with --model or --dataset: "
+            "the guide's recipe. transformers' run_image_classification.py flags work too "
+            "(--model_name_or_path, --dataset_name, --train_dir, --do_train, ...)."
             if command == "train"
             else "Train several methods and the baselines on the same data and seed; print and save a table."
         ),
-        epilog="Every transformers TrainingArguments option is accepted as well (listed above).",
+        recipe_defaults=recipes,
+        help_method=help_method if help_method in methods else methods[0],
+        adapter_dests=dests,
+        adapter_recipe=adapter_recipe,
+        adapter_notes=notes,
+        adapter_hidden=hidden,
     )
     ours = parser.add_argument_group("deltatune options")
-    methods = available_methods()
     if command == "train":
         ours.add_argument("--method", choices=methods, default=methods[0], help="adapter method")
     else:
-        ours.add_argument("--methods", nargs="+", choices=methods, default=methods, help="methods to compare")
+        ours.add_argument(
+            "--methods",
+            nargs="+",
+            choices=methods,
+            default=methods,
+            metavar="METHOD",
+            help="methods to compare",
+        )
         ours.add_argument(
             "--baselines",
             nargs="*",
             choices=("linear_probe", "full", "random"),
             default=["linear_probe", "full", "random"],
-            help="baselines: linear probe, full fine-tuning, every method on a random backbone",
+            metavar="BASELINE",
+            help="baselines: linear_probe, full (fine-tuning), random (every method on a random backbone)",
         )
         ours.add_argument(
             "--full_learning_rate",
@@ -73,43 +172,91 @@ def build_run_parser(command: str) -> HfArgumentParser:
             default=None,
             help="learning rate of full fine-tuning; unset: --learning_rate / 10",
         )
-    ours.add_argument("--model", default=None, help=f"base model id or directory (guide: {GUIDE_MODEL})")
+    ours.add_argument(
+        "--model",
+        "--model_name_or_path",
+        dest="model",
+        default=None,
+        metavar="ID|DIR",
+        help="base model: hub id or folder",
+    )
     ours.add_argument(
         "--dataset",
+        "--dataset_name",
+        dest="dataset",
         default=None,
-        help=f"dataset id, image folder or offline-default (guide: {GUIDE_DATASET})",
+        metavar="ID|DIR",
+        help="hub dataset id, image folder (one subfolder per class) or offline-default",
+    )
+    ours.add_argument(
+        "--train_dir",
+        default=None,
+        metavar="DIR",
+        help="image folder to train on (the same as --dataset DIR)",
+    )
+    ours.add_argument(
+        "--validation_dir",
+        default=None,
+        metavar="DIR",
+        help="image folder to evaluate on (default: the dataset's validation split, else carved from train)",
     )
     ours.add_argument(
         "--recipe",
         choices=("offline", "guide"),
         default=None,
-        help="which defaults: offline (bundled data and backbone) or guide; unset: offline without --model/--dataset",
-    )
-    ours.add_argument("--image_column", default=None, help="image column of a hub dataset (auto-detected)")
-    ours.add_argument("--label_column", default=None, help="label column of a hub dataset (auto-detected)")
-    ours.add_argument(
-        "--validation_split", type=float, default=0.1, help="eval share carved from train if needed"
+        help="which defaults; unset: offline without --model/--dataset/--train_dir, guide otherwise",
     )
     ours.add_argument(
-        "--max_train_samples", type=int, default=None, help="use at most this many training images"
+        "--image_column",
+        "--image_column_name",
+        dest="image_column",
+        default=None,
+        help="image column of a hub dataset (auto-detected)",
     )
-    ours.add_argument("--max_eval_samples", type=int, default=None, help="use at most this many eval images")
+    ours.add_argument(
+        "--label_column",
+        "--label_column_name",
+        dest="label_column",
+        default=None,
+        help="label column of a hub dataset (auto-detected)",
+    )
+    ours.add_argument(
+        "--validation_split",
+        "--train_val_split",
+        dest="validation_split",
+        type=float,
+        default=0.1,
+        help="share of the training images evaluated on when the dataset has no validation split",
+    )
+    ours.add_argument(
+        "--max_train_samples", type=positive_int, default=None, help="use at most N training images"
+    )
+    ours.add_argument("--max_eval_samples", type=positive_int, default=None, help="use at most N eval images")
     ours.add_argument("--random_backbone", action="store_true", help="start from random weights (a baseline)")
+    ours.add_argument(
+        "--ignore_mismatched_sizes",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="re-initialise a checkpoint head of another size (false: such a checkpoint is an error)",
+    )
     ours.add_argument(
         "--overwrite_output_dir", action="store_true", help="replace a different run found in --output_dir"
     )
     ours.add_argument(
         "--num_threads",
-        type=int,
+        type=positive_int,
         default=None,
-        help="torch CPU threads; unset: 1 for a small model on a CPU",
+        help="torch CPU threads (unset: 1 for a small model on a CPU)",
     )
     ours.add_argument(
         "--precision",
         choices=PRECISION_CHOICES,
         default="auto",
-        help="auto: bf16 autocast on a CPU with native bfloat16 when the model is big enough to gain, "
-        "bf16 (else fp16) on a CUDA GPU, fp32 otherwise; the choice is logged",
+        help="auto: bf16 autocast where it pays (a big enough model on a CPU with bfloat16), bf16 (else fp16) on "
+        "a GPU, fp32 otherwise; the choice is logged. --no_bf16 = fp32",
     )
     ours.add_argument(
         "--no_bf16",
@@ -125,6 +272,7 @@ def build_run_parser(command: str) -> HfArgumentParser:
         help="fast: JPEGs decoded at reduced size, uint8 until the batch; standard: full decode, float per image",
     )
     add_adapter_flags(parser)
+    parser.set_defaults(do_train=None, do_eval=None)  # None: not given (both default to on)
     return parser
 
 
@@ -138,23 +286,76 @@ def _recipe_defaults(recipe: str) -> dict[str, Any]:
     return defaults  # precision: --precision auto picks bf16/fp16 on a GPU (the guide uses fp16)
 
 
-def parse_run(command: str, argv: list[str]) -> ParsedRun:
-    """Parses ``deltatune train``/``compare`` arguments.
+def _given(argv: list[str], *flags: str) -> str | None:
+    """The spelling of the first of ``flags`` present in ``argv`` (``--flag`` or ``--flag=value``), if any."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            return name
+    return None
+
+
+def _help_method(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def typed_command(command: str, argv: list[str]) -> str:
+    """The command line as the user typed it, for files people share: ``deltatune <command> <args>``
+    (never the path of the ``deltatune`` script or of the Python interpreter)."""
+    return shlex.join(["deltatune", command, *argv])
+
+
+def _do_flags(training_kwargs: dict[str, Any]) -> tuple[bool, bool]:
+    """``--do_train``/``--do_eval`` as transformers' example scripts read them, except that both default to
+    on (a run without either flag trains and evaluates); ``--do_eval false`` turns every evaluation off.
 
     Raises:
-        CommandError: for unknown flags (with the closest known ones) or invalid values.
-        SystemExit: from argparse for --help and malformed values.
+        CommandError: when both are false.
     """
-    from ..vision import OFFLINE_BACKBONE_NAME, OFFLINE_DEFAULT, is_offline_default, offline_default_model_dir
+    do_train = training_kwargs.get("do_train")
+    do_eval = training_kwargs.get("do_eval")
+    do_train = True if do_train is None else bool(do_train)
+    do_eval = True if do_eval is None else bool(do_eval)
+    if not do_train and not do_eval:
+        raise CommandError("--do_train false and --do_eval false leave nothing to do; drop one of them")
+    if not do_eval:
+        training_kwargs.update(eval_strategy="no", load_best_model_at_end=False)
+        training_kwargs.pop("evaluation_strategy", None)
+    training_kwargs.update(do_train=do_train, do_eval=do_eval)
+    return do_train, do_eval
 
-    parser = build_run_parser(command)
+
+def parse_run(command: str, argv: list[str]) -> ParsedRun:
+    """Parses ``deltatune train``/``compare`` arguments (nothing is loaded; see :func:`check_sources`).
+
+    Raises:
+        CommandError: for unknown flags (with the closest known ones), invalid values or choices, and
+            contradictory flags, as one line.
+        SystemExit: for --help and --help-all (status 0).
+    """
+    from ..vision import OFFLINE_BACKBONE_ID, OFFLINE_BACKBONE_NAME, OFFLINE_DEFAULT, is_bundled_backbone
+
+    parser = build_run_parser(command, _help_method(argv))
     probe, _ = parser.parse_known_args(argv)
-    recipe = probe.recipe or ("offline" if probe.model is None and probe.dataset is None else "guide")
+    if probe.train_dir is not None and probe.dataset is not None:
+        raise CommandError(
+            f"pass either {_given(argv, '--dataset', '--dataset_name')} or --train_dir, not both (both name the "
+            "training images)"
+        )
+    dataset_given = probe.dataset or probe.train_dir
+    recipe = probe.recipe or ("offline" if probe.model is None and dataset_given is None else "guide")
     if recipe == "offline":
-        model = probe.model or OFFLINE_DEFAULT
-        dataset = probe.dataset or OFFLINE_DEFAULT
+        model = probe.model or OFFLINE_BACKBONE_ID
+        dataset = dataset_given or OFFLINE_DEFAULT
     else:
-        model, dataset = probe.model or GUIDE_MODEL, probe.dataset or GUIDE_DATASET
+        model, dataset = probe.model or GUIDE_MODEL, dataset_given or GUIDE_DATASET
+    if is_bundled_backbone(model):
+        model = OFFLINE_BACKBONE_ID  # the portable name; loaders resolve it to the installed copy
     parser.set_defaults(**_recipe_defaults(recipe))
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -163,29 +364,35 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         near = closest_flags(bad, known)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise CommandError(
-            f"unknown option {bad!r}{hint} See `deltatune {command} --help` for the deltatune, adapter and "
-            "TrainingArguments options"
+            f"unknown option {bad!r}{hint} (see `deltatune {command} --help`; `--help-all` lists every "
+            "adapter and TrainingArguments option)"
         )
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     options = argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in fields})
+    if options.validation_dir is not None and dataset_given is None:
+        raise CommandError(
+            "--validation_dir needs the training images too: pass --train_dir (or --dataset) DIR"
+        )
     if command == "train":
         adapter_kwargs_for(options.method, options)  # refuse flags of other methods up front
     training_kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
+    _do_flags(training_kwargs)
     try:  # fail before any data or model is loaded
         check_request(bool(training_kwargs.get("bf16")), bool(training_kwargs.get("fp16")), options.precision)
     except ValueError as err:
         raise CommandError(str(err)) from err
+    check_report_to(training_kwargs.get("report_to"))
     if not training_kwargs.get("output_dir"):
         name = (
             OFFLINE_BACKBONE_NAME
-            if is_offline_default(model)
+            if model == OFFLINE_BACKBONE_ID
             else os.path.basename(model.rstrip("/")) or "model"
         )
         training_kwargs["output_dir"] = (
             f"{name}-{namespace.method}" if command == "train" else f"{name}-compare"
         )
     if training_kwargs.get("evaluation_strategy") is not None:
-        explicit = any(a == "--eval_strategy" or a.startswith("--eval_strategy=") for a in argv)
+        explicit = _given(argv, "--eval_strategy", "--eval-strategy") is not None
         if not explicit:
             training_kwargs.pop("eval_strategy", None)  # a recipe default gives way to the old spelling
         training_kwargs = map_legacy_kwargs(training_kwargs)
@@ -195,9 +402,22 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         training_args = TrainingArguments(**training_kwargs)
     except ValueError as err:
         raise CommandError(str(err)) from err
-    if is_offline_default(model):
-        model = offline_default_model_dir()
-    return ParsedRun(options, training_args, recipe, model, dataset, push)
+    return ParsedRun(options, training_args, recipe, model, dataset, push, typed_command(command, argv))
+
+
+def check_sources(parsed: ParsedRun, argv: list[str]) -> None:
+    """Checks the model and data arguments before anything is loaded (the model first), naming the flag
+    as typed; see :mod:`deltatune.cli.checks`.
+
+    Raises:
+        CommandError: for a missing folder, an invalid id, or a hub id that is neither cached nor reachable.
+    """
+    o = parsed.options
+    check_folder(o.train_dir, "--train_dir")
+    check_folder(o.validation_dir, "--validation_dir")
+    check_model_source(parsed.model, _given(argv, "--model", "--model_name_or_path") or "--model")
+    if o.train_dir is None:
+        check_dataset_source(parsed.dataset, _given(argv, "--dataset", "--dataset_name") or "--dataset")
 
 
 def run_spec(parsed: ParsedRun, method: str | None, strict: bool = True, **overrides: Any) -> RunSpec:
@@ -216,6 +436,8 @@ def run_spec(parsed: ParsedRun, method: str | None, strict: bool = True, **overr
         "max_train_samples": o.max_train_samples,
         "max_eval_samples": o.max_eval_samples,
         "data_pipeline": o.data_pipeline,
+        "validation_dir": o.validation_dir,
+        "ignore_mismatched_sizes": o.ignore_mismatched_sizes,
     }
     fields.update(overrides)
     return RunSpec(**fields)
@@ -227,15 +449,14 @@ def check_hub_access(repo_id: str | None) -> None:
     Raises:
         CommandError: naming what is missing and how to fix it.
     """
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import get_token
 
-    hint = "train without --push_to_hub and upload the output_dir later with `huggingface-cli upload`"
-    if constants.HF_HUB_OFFLINE:
-        raise CommandError(f"--push_to_hub needs the network but HF_HUB_OFFLINE is set; {hint}")
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=5).close()
-    except OSError as err:
-        raise CommandError(f"--push_to_hub: cannot reach huggingface.co ({err}); {hint}") from err
+    hint = "train without --push_to_hub and upload the output_dir later with `hf upload`"
+    reachable, status = hub_status()
+    if not reachable:
+        raise CommandError(
+            f"--push_to_hub needs the network, but the Hugging Face Hub is not reachable ({status}); {hint}"
+        )
     if get_token() is None:
         raise CommandError(
             "--push_to_hub needs a Hugging Face token: run `huggingface-cli login` or set HF_TOKEN"

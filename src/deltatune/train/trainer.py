@@ -23,6 +23,7 @@ What it changes, and where transformers 5 does it:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -187,12 +188,17 @@ class DeltaTrainer(transformers.Trainer):
         model = self._unwrapped()
         if not isinstance(model, PeftModel):
             super()._save(output_dir, state_dict)
+            if self.args.should_save:  # JSON, not transformers' pickled training_args.bin
+                folder = str(output_dir if output_dir is not None else self.args.output_dir)
+                atomic_write_text(os.path.join(folder, TRAINING_ARGS_JSON), self.args.to_json_string())
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(folder, "training_args.bin"))
             return
         output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        logger.info("saving adapter to %s", output_dir)
+        logger.debug("saving adapter to %s", output_dir)  # every checkpoint: train.log only
         model.save_pretrained(output_dir)
         save_label_maps(model, output_dir)
         if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
