@@ -15,9 +15,10 @@ import functools
 import logging
 import os
 import socket
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from .run_parser import CommandError
 
@@ -93,10 +94,13 @@ def check_report_to(report_to: Any) -> None:
 
 # ---- the Hub ----------------------------------------------------------------------------------------
 def hub_status() -> tuple[bool, str]:
-    """(whether the Hub can be reached, what was tried): ``HF_HUB_OFFLINE`` first, then one TCP connection
-    to the Hub's endpoint with a :data:`HUB_TIMEOUT_S` timeout, made once per process and endpoint."""
+    """(whether the Hub can be reached, what was tried): ``HF_HUB_OFFLINE`` first, then one HTTP request to
+    the Hub's endpoint with a :data:`HUB_TIMEOUT_S` timeout, made once per process and endpoint (any HTTP
+    answer counts as reachable; a failed name lookup, a refused or silent connection does not)."""
     from huggingface_hub import constants
 
+    if _switched_offline:
+        return False, _switched_offline[0]
     if constants.HF_HUB_OFFLINE:
         return False, "HF_HUB_OFFLINE is set"
     return _probe(constants.ENDPOINT)
@@ -104,26 +108,31 @@ def hub_status() -> tuple[bool, str]:
 
 @functools.lru_cache(maxsize=4)
 def _probe(url: str) -> tuple[bool, str]:
-    endpoint = urlparse(url)
-    host = endpoint.hostname or "huggingface.co"
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
     try:
-        socket.create_connection((host, port), timeout=HUB_TIMEOUT_S).close()
-    except OSError as err:
-        reason = (
-            "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err) or type(err).__name__)
-        )
-        return False, f"connecting to {host}:{port} failed: {reason} ({HUB_TIMEOUT_S:g} s timeout)"
-    return True, f"{host}:{port} reachable"
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        return True, f"{url} answered"
+    except (OSError, ValueError) as err:  # URLError and timeouts are OSErrors
+        reason = getattr(err, "reason", None) or err
+        if isinstance(reason, TimeoutError | socket.timeout) or "timed out" in str(reason):
+            reason = "timed out"
+        return False, f"{url} could not be reached: {reason} ({HUB_TIMEOUT_S:g} s timeout)"
+    return True, f"{url} answered"
 
 
-def use_offline_mode() -> None:
+#: Why this process switched to offline mode (see :func:`use_offline_mode`); empty while online.
+_switched_offline: list[str] = []
+
+
+def use_offline_mode(reason: str) -> None:
     """Switches huggingface_hub, transformers and datasets to their cache only (no request, no retry), as
-    ``HF_HUB_OFFLINE=1`` does at start-up."""
+    ``HF_HUB_OFFLINE=1`` does at start-up; ``reason`` is what :func:`hub_status` reports from then on."""
     import sys
 
     from huggingface_hub import constants
 
+    _switched_offline[:] = [reason]
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants.HF_HUB_OFFLINE = True
     datasets_config = sys.modules.get("datasets.config")
@@ -180,7 +189,7 @@ def check_model_source(value: str, flag: str = "--model") -> None:
             ) from None
         reachable, status = hub_status()
         if not reachable:
-            use_offline_mode()
+            use_offline_mode(status)
     try:
         AutoConfig.from_pretrained(resolve_model_path(value))
     except Exception as err:
@@ -232,7 +241,7 @@ def check_dataset_source(value: str, flag: str = "--dataset") -> None:
     if reachable:
         return
     if _dataset_cached(value):
-        use_offline_mode()
+        use_offline_mode(status)
         return
     raise CommandError(
         f"{tried}not a local folder, not in the Hugging Face caches ({constants.HF_HUB_CACHE}), and "

@@ -199,14 +199,14 @@ class EpochReporter(TrainerCallback):
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("steps ·"),
+                TextColumn("{task.fields[unit]} ·"),
                 TimeRemainingColumn(),
                 console=self.screen,
                 transient=True,
             )
             self._progress.start()
             self._train_task = self._progress.add_task(
-                "training", total=state.max_steps, completed=state.global_step
+                "training", total=state.max_steps, completed=state.global_step, unit="steps"
             )
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -263,7 +263,7 @@ class EpochReporter(TrainerCallback):
                 if eval_dataloader is not None and hasattr(eval_dataloader, "__len__")
                 else None
             )
-            self._eval_task = self._progress.add_task("evaluating", total=total)
+            self._eval_task = self._progress.add_task("evaluating", total=total, unit="batches")
         self._progress.advance(self._eval_task)
 
     def on_evaluate(

@@ -89,6 +89,15 @@ def build_base_model(
             model = AutoModelForImageClassification.from_pretrained(
                 model_id, ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs
             )
+        except RuntimeError as err:
+            if ignore_mismatched_sizes or "ignore_mismatched_sizes" not in str(err):
+                raise
+            heads = ", ".join(sorted(report.heads)) or "its head"
+            raise ValueError(
+                f"ignore_mismatched_sizes=False: {model_id!r} has weights of another shape than a "
+                f"{len(id2label)}-class classifier needs ({heads}); pass --ignore_mismatched_sizes true (the "
+                "default) to start that head afresh"
+            ) from None
         finally:
             transformers_logger.removeFilter(report)
         if report.heads and not trained_head:
