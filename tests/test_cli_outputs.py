@@ -69,7 +69,9 @@ def test_example_script_run_writes_its_result_files(assets: dict[str, str], tmp_
     assert combined["train_loss"] == train["train_loss"]
     assert combined["eval_accuracy"] == evaluation["eval_accuracy"]
     state = _json(out / "trainer_state.json")
-    assert state["global_step"] == 6 and state["best_model_checkpoint"] == f"{out}/checkpoint-6"  # 18 images, batch 8
+    assert (
+        state["global_step"] == 6 and state["best_model_checkpoint"] == f"{out}/checkpoint-6"
+    )  # 18 images, batch 8
     assert [h["eval_accuracy"] for h in state["log_history"] if "eval_accuracy" in h][-1] == evaluation[
         "eval_accuracy"
     ]

@@ -56,8 +56,9 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 class WarningDigest:
-    """Shows each distinct warning once on the console and counts its repeats; every occurrence goes to the
-    run's log. Warnings that differ only in numbers (an index, a running count) are the same warning.
+    """Shows each kind of warning once on the console and counts its repeats; every occurrence goes to the
+    run's log. Warnings that differ only in numbers (an index, a running count) or quoted names (a file)
+    are the same kind.
 
     Args:
         file_logger: Logger that writes to ``train.log`` only (None: nothing is logged).
@@ -66,6 +67,7 @@ class WarningDigest:
     def __init__(self, file_logger: logging.Logger | None = None) -> None:
         self.counts: dict[tuple[str, str], int] = {}
         self.first: dict[tuple[str, str], str] = {}
+        self.variants: dict[tuple[str, str], set[str]] = {}
         self.file_logger = file_logger
 
     def show(
@@ -73,8 +75,10 @@ class WarningDigest:
     ) -> None:
         """A ``warnings.showwarning`` replacement."""
         text = str(message)
-        key = (category.__name__, re.sub(r"\d+", "#", text))
+        quoted = re.findall(r"'[^']*'|\"[^\"]*\"", text)
+        key = (category.__name__, re.sub(r"\d+", "#", re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)))
         self.counts[key] = self.counts.get(key, 0) + 1
+        self.variants.setdefault(key, set()).add("".join(quoted))
         if self.file_logger is not None:
             self.file_logger.warning("%s: %s (%s:%d)", category.__name__, text, filename, lineno)
         if self.counts[key] == 1:
@@ -83,11 +87,13 @@ class WarningDigest:
 
     def summary(self) -> list[str]:
         """One line per warning that came more than once: how many times, and its first text."""
-        return [
-            f"warning shown once above, {count} times in all: {self.first[key]}"
-            for key, count in self.counts.items()
-            if count > 1
-        ]
+        lines = []
+        for key, count in self.counts.items():
+            if count > 1:
+                variants = len(self.variants[key])
+                about = f", about {variants} different names" if variants > 1 else ""
+                lines.append(f"warning shown once above, {count} times in all{about}: {self.first[key]}")
+        return lines
 
 
 @contextlib.contextmanager
