@@ -208,7 +208,9 @@ def test_hub_models_are_named_by_their_id_and_the_guide_code_loads_them(
 
 # ---- item 5: JSON only; a card for the merged model ----------------------------------------------
 @pytest.mark.slow
-def test_compare_writes_json_only(assets: dict[str, str], tmp_path: Path) -> None:
+def test_compare_writes_json_only(
+    assets: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "compare"
     argv = ["compare", "--methods", "lora", "--baselines", "full", "linear_probe", "--model", assets["model"]]
     argv += ["--train_dir", assets["train"], "--output_dir", str(out), *FAST, "--num_train_epochs", "1"]
@@ -217,6 +219,23 @@ def test_compare_writes_json_only(assets: dict[str, str], tmp_path: Path) -> Non
     assert not [p for p in written if p.endswith((".bin", ".pkl", ".pt", ".pth"))], written
     assert (out / "full" / "training_args.json").is_file()
     assert json.loads((out / "full" / "training_args.json").read_text())["learning_rate"] > 0
+    # the console (item 6): a title line per run, no output from the warm-up, no raw log dicts
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("deltatune compare · 3 runs · model ")
+    assert [line for line in lines if line.startswith("[")] == [
+        "[1/3] lora",
+        "[2/3] linear_probe",
+        "[3/3] full",
+    ]
+    assert (
+        sum(
+            line.split()
+            == ["epoch", "loss", "eval", "loss", "accuracy", "top-5", "images/s", "elapsed", "ETA"]
+            for line in lines
+        )
+        == 1
+    )
+    assert not [line for line in lines if "train_runtime" in line or line.startswith("{")]
 
 
 def test_merged_model_gets_a_model_card(assets: dict[str, str], tmp_path: Path) -> None:

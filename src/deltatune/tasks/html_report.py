@@ -210,7 +210,7 @@ def render_html_report(
         matrix = _data_uri(os.path.join(output_dir, "confusion_matrix.png"))
         parts += ["<h2>Confusion matrix</h2>"]
         if matrix:
-            parts.append(f'<img class="plot" src="{matrix}" alt="confusion matrix" style="max-width:620px">')
+            parts.append(f'<img class="plot" src="{matrix}" alt="confusion matrix" style="max-width:720px">')
         parts += ["<h2>Accuracy per class</h2>", _per_class(metrics)]
     class_names = metrics.get("class_names") or []
     parts += ["<h2>Misclassified validation images</h2>", _mistakes(predictions, eval_rows, class_names)]

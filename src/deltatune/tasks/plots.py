@@ -203,10 +203,12 @@ def confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path: str,
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if n <= 40:
-        ax.set_xticks(range(n), class_names, rotation=90 if max(len(c) for c in class_names) > 3 else 0)
-        ax.set_yticks(range(n), class_names)
+        labels = 13 if n <= 10 else 10
+        rotation = 90 if max(len(c) for c in class_names) > 3 else 0
+        ax.set_xticks(range(n), class_names, rotation=rotation, fontsize=labels)
+        ax.set_yticks(range(n), class_names, fontsize=labels)
     if n <= 20:
-        fontsize = 11 if n <= 10 else 8
+        fontsize = 13 if n <= 10 else 9
         for i in range(n):
             for j in range(n):
                 count = int(confusion[i, j])
@@ -220,9 +222,9 @@ def confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path: str,
                         fontsize=fontsize,
                         color=_text_colour(share[i, j]),
                     )
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title or "confusion matrix")
+    ax.set_xlabel("predicted class", fontsize=12)
+    ax.set_ylabel("true class", fontsize=12)
+    ax.set_title(title or "confusion matrix", fontsize=13)
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
     fig.tight_layout()
     _save(fig, path)
