@@ -221,5 +221,8 @@ class DeltaTrainer(transformers.Trainer):
         if not isinstance(model, PeftModel) or best is None:
             super()._load_best_model()
             return
-        logger.info("loading the best adapter from %s (score: %s)", best, self.state.best_metric)
+        metric = self.args.metric_for_best_model or "loss"
+        score = self.state.best_metric
+        shown = f"{score:.4f}" if isinstance(score, float) else str(score)
+        logger.info("the best adapter is %s (eval %s %s); loading it", best, metric.removeprefix("eval_"), shown)
         load_adapter_checkpoint(model, best)
