@@ -229,6 +229,9 @@ class EpochReporter(TrainerCallback):
             self._progress.update(self._train_task, completed=state.global_step)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # the loss since the last log, so the epoch's loss is complete; on every process (logging gathers
+        # the loss across processes, so all of them must log at the same step)
+        control.should_log = True
         if not state.is_world_process_zero:
             return
         seconds = max(time.perf_counter() - getattr(self, "_epoch_start", self._start), 1e-9)
@@ -243,7 +246,6 @@ class EpochReporter(TrainerCallback):
             "max_steps": state.max_steps,
             "wait_eval": str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "epoch",
         }
-        control.should_log = True  # the loss since the last log, so the epoch's loss is complete
 
     def on_log(
         self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any

@@ -224,5 +224,7 @@ class DeltaTrainer(transformers.Trainer):
         metric = self.args.metric_for_best_model or "loss"
         score = self.state.best_metric
         shown = f"{score:.4f}" if isinstance(score, float) else str(score)
-        logger.info("the best adapter is %s (eval %s %s); loading it", best, metric.removeprefix("eval_"), shown)
+        logger.info(
+            "the best adapter is %s (eval %s %s); loading it", best, metric.removeprefix("eval_"), shown
+        )
         load_adapter_checkpoint(model, best)
