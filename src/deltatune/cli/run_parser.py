@@ -199,7 +199,7 @@ class RunParser(HfArgumentParser):
             return
         names = [_plain(c) for c in choices]  # type: ignore[union-attr]
         near = difflib.get_close_matches(_plain(value), names, n=1, cutoff=0.6)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
+        hint = f"; did you mean {near[0]!r}?" if near else "."
         raise argparse.ArgumentError(
             action, f"invalid choice: {_plain(value)!r}{hint} Valid choices: {', '.join(names)}"
         )
