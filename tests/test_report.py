@@ -84,7 +84,13 @@ def test_compare_chart_has_a_legend_and_readable_labels(figures: list[Any]) -> N
     ]
     values = [t for t in ax.texts if t.get_text() in ("0.977", "0.982", "0.930")]
     assert len(values) == 3 and min(t.get_fontsize() for t in values) >= 10
-    assert min(t.get_fontsize() for t in ax.texts) >= 9
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == [
+        "lora\n5.77% trained",
+        "full\n100.00% trained",
+        "lora\n(random\nbackbone)\n5.77% trained",
+    ]
+    assert min(t.get_fontsize() for t in ax.get_xticklabels()) >= 9
     colours = {bar.get_facecolor()[:3] for bar in ax.patches}
     assert len(colours) == 3
 

@@ -142,7 +142,7 @@ def compare(argv: list[str]) -> int:
     from .._files import write_json
     from ..tasks.compare import compare_runs, plan_runs, write_compare
     from ..train.outputs import RUN_RECORD_NAME, prepare_output_dir
-    from .output import EpochReporter, run_log
+    from .output import EpochReporter, OnceFilter, run_log
     from .run_args import check_sources, parse_run, run_spec
 
     parsed = parse_run("compare", argv)
@@ -160,8 +160,10 @@ def compare(argv: list[str]) -> int:
     screen = console()
     package_logger = logging.getLogger("deltatune")
 
+    once = OnceFilter()  # the warm-up and the first run explain the same choices: once is enough
+
     def reporter(index: int, spec: Any) -> Any:
-        if index == 1:  # the automatic choices were explained for the first run; the log keeps the rest
+        if index == 1:  # the choices were explained for the first run; train.log keeps every run's
             for handler in package_logger.handlers:
                 handler.setLevel(max(handler.level, logging.WARNING))
         return EpochReporter(screen, title=f"[{index + 1}/{len(runs)}] {spec.name}", header=index == 0)
@@ -173,6 +175,8 @@ def compare(argv: list[str]) -> int:
             style="bold",
         )
         levels = [h.level for h in package_logger.handlers]
+        for handler in package_logger.handlers:
+            handler.addFilter(once)
         try:
             rows = compare_runs(
                 runs,
@@ -185,6 +189,7 @@ def compare(argv: list[str]) -> int:
         finally:
             for handler, level in zip(package_logger.handlers, levels, strict=False):
                 handler.setLevel(level)
+                handler.removeFilter(once)
         title = f"{os.path.basename(parsed.model.rstrip('/'))} on {parsed.dataset}, seed {args.seed}"
         screen.print(_metrics_table(rows, title))
         paths = write_compare(rows, out, title)

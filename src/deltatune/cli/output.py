@@ -21,7 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-__all__ = ["LOG_NAME", "EpochReporter", "StderrHandler", "WarningDigest", "console", "run_log"]
+__all__ = ["LOG_NAME", "EpochReporter", "OnceFilter", "StderrHandler", "WarningDigest", "console", "run_log"]
 
 #: The full log of a run, in its output folder.
 LOG_NAME = "train.log"
@@ -53,6 +53,21 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     @stream.setter
     def stream(self, value: Any) -> None:  # logging.StreamHandler assigns it; the property wins
         pass
+
+
+class OnceFilter(logging.Filter):
+    """Lets each message through once (``compare`` explains the automatic choices once, not per run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
 
 
 class WarningDigest:

@@ -112,7 +112,7 @@ def compare_runs(
         if spec.baseline == "full":
             overrides["learning_rate"] = full_learning_rate or args.learning_rate / 10
         run_args = dataclasses.replace(args, **overrides)
-        logger.info("compare: training %s", spec.name)
+        logger.debug("compare: training %s", spec.name)  # the CLI prints a title per run
         result = run_training(
             spec,
             run_args,

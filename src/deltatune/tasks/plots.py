@@ -231,15 +231,19 @@ def confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path: str,
 
 
 def compare_chart(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-    """Accuracy per run (bars, labelled with the accuracy and the trainable-parameter share), as a PNG:
-    adapters on the pretrained backbone, on a random backbone, and the baselines in three colours with a
-    legend."""
+    """Accuracy per run as bars labelled with the accuracy, each run's name with its trainable-parameter
+    share below it, as a PNG: adapters on the pretrained backbone, on a random backbone, and the baselines in
+    three colours with a legend."""
     plt = _pyplot()
     from matplotlib.patches import Patch
 
-    names = [str(r["name"]).replace(" (random backbone)", "\n(random backbone)") for r in rows]
+    names = [
+        str(r["name"]).replace(" (random backbone)", "\n(random\nbackbone)")
+        + f"\n{r['trainable_percent']:.2f}% trained"
+        for r in rows
+    ]
     accuracy = [float(r["accuracy"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(2.5 + 1.25 * len(rows), 5.2))
+    fig, ax = plt.subplots(figsize=(2.5 + 1.45 * len(rows), 5.6))
     colours = [
         BASELINE_COLOUR
         if r.get("kind") != "adapter"
@@ -249,7 +253,7 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str, title: str = "") ->
         for r in rows
     ]
     bars = ax.bar(range(len(rows)), accuracy, color=colours, width=0.7)
-    for bar, r in zip(bars, rows, strict=True):
+    for bar in bars:
         x = bar.get_x() + bar.get_width() / 2
         ax.text(
             x,
@@ -260,16 +264,7 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str, title: str = "") ->
             fontsize=11,
             fontweight="bold",
         )
-        ax.text(
-            x,
-            0.03,
-            f"{r['trainable_percent']:.2f}%\nparams",
-            ha="center",
-            va="bottom",
-            fontsize=9.5,
-            color="white",
-        )
-    ax.set_xticks(range(len(rows)), names, rotation=0, fontsize=9.5)
+    ax.set_xticks(range(len(rows)), names, fontsize=9.5)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("eval accuracy")
     ax.grid(axis="y", alpha=0.3)
@@ -279,11 +274,11 @@ def compare_chart(rows: Sequence[dict[str, Any]], path: str, title: str = "") ->
         Patch(color=RANDOM_COLOUR, label="adapter, random backbone"),
         Patch(color=BASELINE_COLOUR, label="baseline (linear probe, full fine-tuning)"),
     ]
-    used = {c for c in colours}
+    used = set(colours)
     ax.legend(
-        handles=[p for p in legend if p.get_facecolor() and _hex(p) in used],
+        handles=[p for p in legend if _hex(p) in used],
         loc="upper center",
-        bbox_to_anchor=(0.5, -0.16),
+        bbox_to_anchor=(0.5, -0.24),
         ncol=3,
         frameon=False,
         fontsize=10,
