@@ -133,7 +133,9 @@ def train(argv: list[str]) -> int:
         repo = args.hub_model_id or os.path.basename(os.path.abspath(out))
         api = HfApi(token=args.hub_token)
         api.create_repo(repo, private=args.hub_private_repo, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=out, ignore_patterns=["checkpoint-*", "*.tmp*", ".tmp-*"])
+        api.upload_folder(
+            repo_id=repo, folder_path=out, ignore_patterns=["checkpoint-*", "*.tmp*", ".tmp-*", "train.log"]
+        )
         screen.print(f"pushed the adapter to https://huggingface.co/{repo}", markup=False)
     return 0
 

@@ -113,8 +113,9 @@ class WarningDigest:
 
 @contextlib.contextmanager
 def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDigest]:
-    """Saves the full log of a run to ``output_dir/train.log`` (deltatune's and transformers' messages at
-    every level, each warning, the per-step training logs) and shows warnings once with a count.
+    """Saves the full log of a run to ``output_dir/train.log`` (deltatune's messages at every level,
+    transformers' at its verbosity, each warning, the per-step training logs) and shows warnings once with
+    a count.
 
     The log is a stream, appended line by line (a killed run keeps what it logged), unlike the atomic
     result files. Yields the :class:`WarningDigest`; its summary is printed when the block ends.
@@ -134,6 +135,7 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
     library = transformers.utils.logging.get_logger("transformers")
     file_only = logging.getLogger("deltatune.run_log")
     saved_level, saved_propagate = package.level, file_only.propagate
+    saved_handlers = [(h, h.level) for h in package.handlers]
     for existing in package.handlers:
         if existing.level == logging.NOTSET:
             existing.setLevel(package.getEffectiveLevel())  # the console keeps its level when ours drops
@@ -152,6 +154,8 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
             logger.removeHandler(handler)
         handler.close()
         package.setLevel(saved_level)
+        for existing, level in saved_handlers:
+            existing.setLevel(level)
         file_only.propagate = saved_propagate
         for line in digest.summary():
             sys.stderr.write(f"[deltatune] {line}\n")
