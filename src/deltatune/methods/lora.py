@@ -287,7 +287,7 @@ class LoraLayer(AdapterLayer):
         return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        # The base GEMM and the low-rank term in one autograd node (see _fused.LowRankLinear).
+        # The base GEMM and the low-rank term, fused (see _fused.low_rank_linear).
         a_layer, b_layer = self.lora_A[adapter_name], self.lora_B[adapter_name]
         if not isinstance(a_layer, nn.Linear) or module_bias(b_layer) is not None:
             return None
