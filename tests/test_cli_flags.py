@@ -245,6 +245,7 @@ def test_unreachable_hub_is_found_out_once_and_named(
     checks.check_model_source(assets["model"])  # a local folder needs no Hub
 
 
+@pytest.mark.slow
 def test_model_is_named_before_the_default_dataset_offline(tmp_path: Path) -> None:
     """``--model nope`` alone (the guide recipe's food101 as data) names the model, at once, offline."""
     env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
@@ -262,6 +263,7 @@ def test_model_is_named_before_the_default_dataset_offline(tmp_path: Path) -> No
     assert "Retrying" not in done.stderr
 
 
+@pytest.mark.slow
 def test_silent_hub_times_out_once(tmp_path: Path) -> None:
     """A Hub that accepts the connection and never answers costs one short request, not minutes of retries."""
     server = socket.socket()

@@ -37,6 +37,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {"root": str(root), "model": str(root / "model"), "data": str(root / "data")}
 
 
+@pytest.mark.slow
 def test_piped_train_prints_plain_lines_one_per_epoch(assets: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / ("a-folder-name-long-enough-that-an-eighty-column-console-would-wrap-it" * 2) / "run"
     argv = ["train", "--model", assets["model"], "--dataset", assets["data"], "--output_dir", str(out)]
