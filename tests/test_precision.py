@@ -135,7 +135,7 @@ def test_cli_precision_flags(tmp_path: Path) -> None:
     )  # gpu on a GPU the CPU cannot feed, else fast
     standard = parse_run("train", [*common, "--data_pipeline", "standard"])
     assert run_spec(standard, "lora").data_pipeline == "standard"
-    with pytest.raises(SystemExit):
+    with pytest.raises(CommandError, match=r"invalid choice: 'fp8'\. Valid choices: auto, fp32, bf16, fp16"):
         parse_run("train", [*common, "--precision", "fp8"])
 
 

@@ -23,6 +23,7 @@ What it changes, and where transformers 5 does it:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -201,12 +202,17 @@ class DeltaTrainer(transformers.Trainer):
         model = self._unwrapped()
         if not isinstance(model, PeftModel):
             super()._save(output_dir, state_dict)
+            if self.args.should_save:  # JSON, not transformers' pickled training_args.bin
+                folder = str(output_dir if output_dir is not None else self.args.output_dir)
+                atomic_write_text(os.path.join(folder, TRAINING_ARGS_JSON), self.args.to_json_string())
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(folder, "training_args.bin"))
             return
         output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        logger.info("saving adapter to %s", output_dir)
+        logger.debug("saving adapter to %s", output_dir)  # every checkpoint: train.log only
         model.save_pretrained(output_dir)
         save_label_maps(model, output_dir)
         if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
@@ -229,5 +235,10 @@ class DeltaTrainer(transformers.Trainer):
         if not isinstance(model, PeftModel) or best is None:
             super()._load_best_model()
             return
-        logger.info("loading the best adapter from %s (score: %s)", best, self.state.best_metric)
+        metric = self.args.metric_for_best_model or "loss"
+        score = self.state.best_metric
+        shown = f"{score:.4f}" if isinstance(score, float) else str(score)
+        logger.info(
+            "the best adapter is %s (eval %s %s); loading it", best, metric.removeprefix("eval_"), shown
+        )
         load_adapter_checkpoint(model, best)

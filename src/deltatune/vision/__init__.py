@@ -23,12 +23,15 @@ from .loading import (
 )
 from .offline import (
     OFFLINE_BACKBONE_DIR,
+    OFFLINE_BACKBONE_ID,
     OFFLINE_BACKBONE_NAME,
     OFFLINE_DEFAULT,
     OFFLINE_TRAINING_DEFAULTS,
     DigitsDataset,
+    is_bundled_backbone,
     is_offline_default,
     offline_default_model_dir,
+    resolve_model_path,
 )
 from .pipelines import DATA_PIPELINES, image_datasets
 from .transforms import (
@@ -44,6 +47,7 @@ __all__ = [
     "DATA_PIPELINES",
     "IMAGE_EXTENSIONS",
     "OFFLINE_BACKBONE_DIR",
+    "OFFLINE_BACKBONE_ID",
     "OFFLINE_BACKBONE_NAME",
     "OFFLINE_DEFAULT",
     "OFFLINE_TRAINING_DEFAULTS",
@@ -61,9 +65,11 @@ __all__ = [
     "collate_fn",
     "detect_columns",
     "image_datasets",
+    "is_bundled_backbone",
     "is_offline_default",
     "load_image_dataset",
     "offline_default_model_dir",
+    "resolve_model_path",
     "resolve_size",
     "stratified_split",
     "to_rgb",
