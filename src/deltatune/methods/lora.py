@@ -44,7 +44,7 @@ class LoraConfig(AdapterConfig):
         init_lora_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r²), B = 0) or
             ``False`` (both random: the adapter starts as a non-zero delta).
         lora_bias: Give B a trainable bias.
-        use_dora: Not supported (rejected).
+        use_dora: Weight-decomposed LoRA (DoRA): handled by the ``dora`` method (:mod:`deltatune.methods.dora`).
 
     The remaining fields exist so that configs written by PEFT round-trip unchanged; values other
     than their defaults are rejected with a clear error when they would change behaviour.
