@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "LOW_RANK_BANDWIDTH_FACTOR",
+    "adapter_input",
     "autocast_dtype",
     "dropout_keep_mask",
     "fused_dtype",
@@ -48,6 +49,15 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
+
+
+def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` for an adapter's own matrix products: as is under autocast (which casts it in each product,
+    so an explicit up-cast to the fp32 factors' dtype would only add a copy and then a down-cast), else cast
+    to the adapter's ``dtype`` as PEFT does."""
+    if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)
 
 
 def dropout_keep_mask(
