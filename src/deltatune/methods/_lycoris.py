@@ -25,6 +25,11 @@ def cp_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Ten
     return torch.einsum("ijkl,jq,ip->pqkl", t, wb, wa)
 
 
+def cp_core_shape(kernel: tuple[int, ...]) -> tuple[int, int]:
+    """The spatial shape of a CP core: the kernel of a Conv2d, (k, 1) for a Conv1d (PEFT's layout)."""
+    return (kernel[0], kernel[1]) if len(kernel) == 2 else (kernel[0], 1)
+
+
 @dataclass
 class LycorisConfig(AdapterConfig):
     """Fields common to LoHa and LoKr.
@@ -64,7 +69,7 @@ class LycorisConfig(AdapterConfig):
 class LycorisLayer(LowRankLayer):
     """Adds module and rank dropout on top of :class:`~deltatune.layers.LowRankLayer` for LoHa and LoKr."""
 
-    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv1d, nn.Conv2d)
     #: Whether the rank-dropout mask is always divided by its mean (LoHa) or per config (LoKr).
     always_rescale_rank_dropout: ClassVar[bool] = True
 

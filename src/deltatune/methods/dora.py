@@ -30,12 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
+from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, to_out_in
 from ..layers import expect_config
 from ..registry import MethodSpec, register_method
 from ._fused import LowRankLinear, is_plain, low_rank_merge_pays
 from .lora import LoraConfig, LoraLayer, LoraModel
+from .lora_layers import LoraEmbeddingLayer
 
-__all__ = ["DoraLayer", "dora_forward", "dora_merged_weight", "dora_row_norm"]
+__all__ = ["DoraEmbeddingLayer", "DoraLayer", "dora_forward", "dora_merged_weight", "dora_row_norm"]
 
 
 # ---- pure maths ---------------------------------------------------------------------------------
@@ -101,6 +103,8 @@ class DoraLayer(LoraLayer):
     """LoRA's layer plus a magnitude per output channel (``lora_magnitude_vector``); see the module doc."""
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
+    #: As PEFT: no ``nn.MultiheadAttention``; ``nn.Embedding`` is :class:`._dora_embedding.DoraEmbeddingLayer`.
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Conv1D, *CONV_TYPES, nn.Embedding)
     lora_magnitude_vector: nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -119,6 +123,12 @@ class DoraLayer(LoraLayer):
         config = expect_config(config, LoraConfig)
         if config.lora_bias:
             raise ValueError("lora_bias=True is not supported with DoRA (use_dora=True); PEFT refuses it too")
+        if conv_groups(self.base_layer) > 1:
+            raise ValueError(
+                f"DoRA cannot adapt a grouped {type(self.base_layer).__name__} "
+                f"(groups={conv_groups(self.base_layer)}): "
+                "its LoRA term is no grouped kernel, so the adapted weight has no row norms; use plain LoRA"
+            )
         super().update_layer(adapter_name, config, r, alpha)
         norm = self.row_norm(adapter_name)
         shape = (
@@ -132,10 +142,11 @@ class DoraLayer(LoraLayer):
     def row_norm(self, adapter_name: str) -> torch.Tensor:
         """‖W + ΔW‖ of every output row as (out,), in fp32, detached (see :func:`dora_row_norm`)."""
         a, b = self.factor_weights(adapter_name)
-        out_dim = self.base_weight.shape[0]
+        weight = to_out_in(self.base_layer, self.base_weight)  # (out, in…): a Conv1D's is transposed
+        out_dim = weight.shape[0]
         with torch.no_grad(), torch.autocast(self.base_weight.device.type, enabled=False):
             return dora_row_norm(
-                self.base_weight.reshape(out_dim, -1).float(),
+                weight.reshape(out_dim, -1).float(),
                 a.reshape(a.shape[0], -1).float(),
                 b.reshape(out_dim, -1).float(),
                 self.scaling[adapter_name],
@@ -148,20 +159,28 @@ class DoraLayer(LoraLayer):
 
     # ---- merging: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ -------------------------------------------------------
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        delta = self.delta_weight(adapter_name).to(torch.float32)
+        base = self.base_layer
+        delta = to_out_in(base, self.delta_weight(adapter_name).to(torch.float32))
         magnitude = self.lora_magnitude_vector[adapter_name].detach().float()
-        merged, norm = dora_merged_weight(weight.float(), delta, magnitude)
+        merged, norm = dora_merged_weight(to_out_in(base, weight.float()), delta, magnitude)
         self._merge_norms[adapter_name] = norm
-        return merged.to(weight.dtype)
+        return from_out_in(base, merged).to(weight.dtype)
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         norm = self._merge_norms.pop(adapter_name, None)
         if norm is None:
             raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        base = self.base_layer
         magnitude = self.lora_magnitude_vector[adapter_name].detach().float().reshape(-1)
         factor = (magnitude / norm).reshape(-1, *([1] * (weight.dim() - 1)))
-        delta = self.delta_weight(adapter_name).to(torch.float32)
-        return (weight.float() / factor - delta).to(weight.dtype)
+        delta = to_out_in(base, self.delta_weight(adapter_name).to(torch.float32))
+        return from_out_in(base, to_out_in(base, weight.float()) / factor - delta).to(weight.dtype)
+
+    def check_mixed_batch(self, x: torch.Tensor, row_adapters: list[str]) -> None:
+        """PEFT refuses mixed batches that use a DoRA adapter (``ValueError``)."""
+        super().check_mixed_batch(x, row_adapters)
+        if any(name in self.r for name in row_adapters):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
 
     # ---- forward ------------------------------------------------------------------------------------
     def _bias_view(self, result: torch.Tensor) -> torch.Tensor | None:
@@ -214,6 +233,69 @@ class DoraLayer(LoraLayer):
         out = LowRankLinear.apply(x, weight, None, a_w, b_w, s, 0.0) * scale
         bias = self.base_bias
         return out if bias is None else out + bias
+
+
+class DoraEmbeddingLayer(LoraEmbeddingLayer):
+    """DoRA on an ``nn.Embedding`` (PEFT's layout): a magnitude per embedding dimension (``lora_magnitude_vector``,
+    (dim,)), the norm taken over the vocabulary, as PEFT treats an embedding's weight as (dim, num_embeddings):
+
+        E' = (m / ‖E + ΔE‖_col) ⊙ (E + ΔE),   y = (m / ‖·‖) ⊙ (E[x] + s · Aᵀ[x] Bᵀ)
+    """
+
+    adapter_param_names: ClassVar[tuple[str, ...]] = (
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+    )
+    lora_magnitude_vector: nn.ParameterDict
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._merge_norms: dict[str, torch.Tensor] = {}
+        self._extra_per_adapter = {"merge_norms": self._merge_norms}
+
+    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
+        super().update_layer(adapter_name, config, r, alpha)
+        magnitude = self.column_norm(adapter_name).to(**self._new_dtype_device())
+        self.lora_magnitude_vector[adapter_name] = nn.Parameter(magnitude)
+
+    def column_norm(self, adapter_name: str) -> torch.Tensor:
+        """‖E + ΔE‖ over the vocabulary, one per embedding dimension (dim,), fp32, detached."""
+        with torch.no_grad():
+            return (self.base_weight.float() + self.delta_weight(adapter_name).float()).norm(dim=0)
+
+    def magnitude_scale(self, adapter_name: str) -> torch.Tensor:
+        """m / ‖E + ΔE‖ (gradients reach m, not the norm)."""
+        magnitude = self.lora_magnitude_vector[adapter_name]
+        return magnitude / self.column_norm(adapter_name).to(magnitude.dtype)
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        scale = self.magnitude_scale(adapter_name)
+        term = self.adapter_output(x, adapter_name)
+        return (scale * result + scale * term).to(result.dtype)
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight(adapter_name).float()
+        magnitude = self.lora_magnitude_vector[adapter_name].detach().float()
+        merged, norm = dora_merged_weight(weight.float().t(), delta.t(), magnitude)
+        self._merge_norms[adapter_name] = norm
+        return merged.t().to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        norm = self._merge_norms.pop(adapter_name, None)
+        if norm is None:
+            raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        factor = self.lora_magnitude_vector[adapter_name].detach().float() / norm
+        return (weight.float() / factor - self.delta_weight(adapter_name).float()).to(weight.dtype)
+
+    def check_mixed_batch(self, x: torch.Tensor, row_adapters: list[str]) -> None:
+        super().check_mixed_batch(x, row_adapters)
+        if any(name in self.r for name in row_adapters):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+
+
+DoraLayer.register_layer_kind(nn.Embedding, DoraEmbeddingLayer)
 
 
 register_method(
