@@ -243,14 +243,44 @@ def _names_other_method(value, depth=0):
     return False
 
 
+#: LoRA options deltatune does not implement (its LoraConfig rejects them with a clear ValueError).
+UNSUPPORTED_OPTIONS = {
+    "target_parameters", "trainable_token_indices", "use_qalora", "layer_replication", "alora_invocation_tokens",
+    "kasa_config", "arrow_config", "velora_config", "monteclora_config", "use_bdlora", "megatron_config",
+    "eva_config", "corda_config", "lora_ga_config", "loftq_config",
+}
+UNSUPPORTED_INITS = {"mica", "pissa", "olora", "eva", "corda", "loftq", "orthogonal", "lora_ga"}
+
+
+def _uses_unsupported_option(value, depth=0):
+    if depth > 3:
+        return False
+    if isinstance(value, dict):
+        if any(k in UNSUPPORTED_OPTIONS and v not in (None, False, {}, []) for k, v in value.items()):
+            return True
+        init = value.get("init_lora_weights")
+        if isinstance(init, str) and init.split("_niter")[0] in UNSUPPORTED_INITS:
+            return True
+        return any(_uses_unsupported_option(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_uses_unsupported_option(v, depth + 1) for v in value)
+    return False
+
+
 def pytest_collection_modifyitems(config, items):
-    keep, drop = [], []
+    keep, other, unsupported = [], [], []
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        (drop if any(_names_other_method(v) for v in params.values()) else keep).append(item)
-    config.hook.pytest_deselected(items=drop)
+        if any(_names_other_method(v) for v in params.values()):
+            other.append(item)
+        elif any(_uses_unsupported_option(v) for v in params.values()):
+            unsupported.append(item)
+        else:
+            keep.append(item)
+    config.hook.pytest_deselected(items=other + unsupported)
     items[:] = keep
-    RESULTS["__deselected_other_methods__"] = len(drop)
+    RESULTS["__deselected_other_methods__"] = len(other)
+    RESULTS["__deselected_unsupported_options__"] = len(unsupported)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -258,6 +288,15 @@ def pytest_runtest_protocol(item, nextitem):
     _m.CURRENT["test"] = item.nodeid
     yield
     _m.CURRENT["test"] = None
+
+
+#: Attributes of PEFT's layer and config classes that are implementation details (not its public API).
+PRIVATE_ATTRIBUTES = ("adapter_layer_names", "_restore_weights", "_register_custom_module", "_active_adapter")
+
+
+def _private_attribute(excinfo):
+    text = str(excinfo.value)
+    return excinfo.typename == "AttributeError" and any(f"attribute '{a}'" in text for a in PRIVATE_ATTRIBUTES)
 
 
 def _needs_network(excinfo):
@@ -279,8 +318,10 @@ def pytest_runtest_makereport(item, call):
             status = "passed"
         elif call.excinfo is not None and _needs_network(call.excinfo):
             status = "needs_network"
-        elif nodeid in _m.INTERNAL_USED:
+        elif nodeid in _m.INTERNAL_USED or (call.excinfo is not None and _private_attribute(call.excinfo)):
             status = "internal"
+        elif call.excinfo is not None and "is not supported by deltatune's" in str(call.excinfo.value):
+            status = "unsupported_option"
         else:
             status = "failed"
         message = ""
@@ -298,6 +339,40 @@ def pytest_sessionfinish(session, exitstatus):
     if out:
         with open(out, "w", encoding="utf-8") as fh:
             json.dump(RESULTS, fh, indent=1, sort_keys=True)
+'''
+
+
+_ORACLE_PLUGIN = '''
+"""pytest plugin for the oracle run (the real peft): keep only the listed cases, record each outcome."""
+import json
+import os
+import sys
+import types
+
+import pytest
+
+sys.modules.setdefault("diffusers", types.SimpleNamespace(StableDiffusionPipeline=None))
+KEEP = set(json.load(open(os.environ["PARITY_KEEP"], encoding="utf-8")))
+RESULTS = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    drop = [i for i in items if i.nodeid not in KEEP]
+    config.hook.pytest_deselected(items=drop)
+    items[:] = [i for i in items if i.nodeid in KEEP]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "call" or (rep.when == "setup" and not rep.passed):
+        RESULTS[item.nodeid] = {"status": "skipped" if rep.skipped else ("passed" if rep.passed else "failed")}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    with open(os.environ["PARITY_RESULTS"], "w", encoding="utf-8") as fh:
+        json.dump(RESULTS, fh, indent=1, sort_keys=True)
 '''
 
 
@@ -322,6 +397,7 @@ def build_workdir(source: Path, workdir: Path) -> Path:
 def summarise(results: dict[str, dict[str, str]]) -> dict[str, object]:
     """Counts per status, pass rate in scope, and the failing ids."""
     deselected = results.pop("__deselected_other_methods__", 0)
+    unsupported = results.pop("__deselected_unsupported_options__", 0)
     counts: dict[str, int] = {}
     for entry in results.values():
         counts[entry["status"]] = counts.get(entry["status"], 0) + 1
@@ -330,6 +406,7 @@ def summarise(results: dict[str, dict[str, str]]) -> dict[str, object]:
     return {
         "counts": counts,
         "deselected_other_methods": deselected,
+        "deselected_unsupported_lora_options": unsupported,
         "public_api_cases": public,
         "public_api_pass_rate": round(counts.get("passed", 0) / public, 4) if public else None,
         "in_scope_cases_incl_internal": in_scope,
@@ -338,15 +415,53 @@ def summarise(results: dict[str, dict[str, str]]) -> dict[str, object]:
     }
 
 
+def run_oracle(deltatune_results: Path, workdir: Path, tests: Path, pytest_args: list[str]) -> int:
+    """Runs the in-scope cases of a deltatune run with the real peft; prints how each status compares."""
+    ours = json.loads(deltatune_results.read_text(encoding="utf-8"))
+    ours = {k: v for k, v in ours.items() if isinstance(v, dict)}
+    keep = [k for k, v in ours.items() if v["status"] in ("passed", "failed", "internal", "skipped")]
+    oracle_dir = workdir / "oracle"
+    oracle_dir.mkdir(exist_ok=True)
+    (oracle_dir / "_parity_oracle.py").write_text(textwrap.dedent(_ORACLE_PLUGIN), encoding="utf-8")
+    (workdir / "keep.json").write_text(json.dumps(keep), encoding="utf-8")
+    results_path = workdir / "oracle_results.json"
+    results_path.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(oracle_dir), PARITY_KEEP=str(workdir / "keep.json"), PARITY_RESULTS=str(results_path))
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd = [
+        sys.executable, "-m", "pytest", str(tests / "test_custom_models.py"), "-p", "_parity_oracle", "-q",
+        "-p", "no:cacheprovider", "--rootdir", str(workdir), "-o", "addopts=", "--tb=no", "-W", "ignore",
+    ]  # fmt: skip
+    subprocess.run(cmd + pytest_args, cwd=workdir, env=env, check=False)
+    theirs = json.loads(results_path.read_text(encoding="utf-8"))
+    table: dict[str, int] = {}
+    for key in keep:
+        pair = f"deltatune {ours[key]['status']} / peft {theirs.get(key, {}).get('status', 'not run')}"
+        table[pair] = table.get(pair, 0) + 1
+    print(json.dumps(dict(sorted(table.items())), indent=1))
+    fails = sorted(k for k in keep if ours[k]["status"] == "failed" and theirs.get(k, {}).get("status") == "passed")
+    (workdir / "fail_here_pass_in_peft.json").write_text(json.dumps(fails, indent=1), encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("peft_tests", type=Path, help="folder holding PEFT's test_custom_models.py and helpers")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="write the per-case results here")
     parser.add_argument("-k", default=None, help="pytest -k expression")
+    parser.add_argument(
+        "--oracle",
+        type=Path,
+        default=None,
+        help="run the cases of this results JSON (a deltatune run) with the real peft instead, and compare",
+    )
     args, pytest_args = parser.parse_known_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="peft-parity-"))
     tests = build_workdir(args.peft_tests, workdir)
+    if args.oracle is not None:
+        return run_oracle(args.oracle, workdir, tests, pytest_args)
     results_path = workdir / "results.json"
     results_path.unlink(missing_ok=True)
     env = dict(os.environ)

@@ -10,6 +10,7 @@ from typing import Any
 __all__ = [
     "AdapterConfigNotFoundError",
     "MissingConfigKeysError",
+    "PeftTypeName",
     "PeftWarning",
     "TaskType",
     "check_choice",
@@ -31,6 +32,15 @@ class TaskType(str, enum.Enum):
 
     def __str__(self) -> str:
         return str(self.value)
+
+
+class PeftTypeName(str):
+    """A ``peft_type`` string that also answers ``.value`` (PEFT's ``peft_type`` is a string Enum member)."""
+
+    @property
+    def value(self) -> str:
+        """The type as a plain string (``"LORA"``)."""
+        return str.__str__(self)
 
 
 class PeftWarning(UserWarning):

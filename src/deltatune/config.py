@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from ._config_types import (
     AdapterConfigNotFoundError,
     MissingConfigKeysError,
+    PeftTypeName,
     PeftWarning,
     TaskType,
     check_choice,
@@ -289,7 +290,7 @@ class AdapterConfig(PeftConfig):
             raise ValueError(
                 f"peft_type={self.peft_type!r} does not match {type(self).__name__} ({self.PEFT_TYPE})"
             )
-        self.peft_type = self.PEFT_TYPE  # canonical spelling ("lora" is written back as "LORA")
+        self.peft_type = PeftTypeName(self.PEFT_TYPE)  # canonical spelling ("lora" → "LORA"), with .value
         check_positive_int("r", self.r)
         alpha = getattr(self, self.ALPHA_FIELD)
         check_range(self.ALPHA_FIELD, alpha, 0)

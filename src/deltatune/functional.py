@@ -89,8 +89,9 @@ def inject_adapter_in_model(
     """Wraps the targets of ``peft_config`` in adapter layers, in place, and returns ``model``.
 
     The model keeps its class and forward; ``model.peft_config`` maps adapter names to configs. Calling it
-    again with another name adds an adapter. ``low_cpu_mem_usage`` and ``state_dict`` are accepted for
-    PEFT's signature (deltatune creates adapter tensors directly on the base layer's device).
+    again with another name adds an adapter. With ``low_cpu_mem_usage`` the adapter tensors are created on the
+    ``meta`` device (:func:`set_peft_model_state_dict` materialises them); ``state_dict`` is accepted for
+    PEFT's signature.
 
     Raises:
         TypeError: for a config that is not one of deltatune's adapter configs.
@@ -100,9 +101,11 @@ def inject_adapter_in_model(
         raise TypeError(f"expected a deltatune adapter config, got {type(peft_config).__name__}")
     tuner = model.__dict__.get("_deltatune_tuner")
     if isinstance(tuner, AdapterModel):
-        tuner.inject_adapter(adapter_name, peft_config)
+        tuner.inject_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
     else:
-        tuner = tuner_class(peft_config)(model, peft_config, adapter_name)
+        tuner = tuner_class(peft_config)(
+            model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
+        )
         # kept outside the module tree (a plain attribute), so the model's modules and state dict are unchanged
         object.__setattr__(model, "_deltatune_tuner", tuner)
     object.__setattr__(model, "peft_config", tuner.peft_config)

@@ -24,7 +24,7 @@ from ._layer_helpers import (
     module_weight,
 )
 from .config import AdapterConfig
-from .layer_types import apply_with_weight, in_out_features
+from .layer_types import apply_with_weight, in_out_features, is_linear_like
 from .mixed_batch import MixedBatchMixin
 
 __all__ = [
@@ -57,6 +57,8 @@ class AdapterLayer(MixedBatchMixin, nn.Module):
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
     #: Names of per-adapter attributes that hold non-trainable state (e.g. AdaLoRA's ``ranknum``).
     other_param_names: ClassVar[tuple[str, ...]] = ()
+    #: The method's short name in ``repr`` (``"lora"`` gives ``lora.Linear(...)``, as in PEFT).
+    repr_prefix: ClassVar[str] = ""
     #: Module types this method can adapt.
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
 
@@ -149,6 +151,11 @@ class AdapterLayer(MixedBatchMixin, nn.Module):
     def bias(self) -> torch.Tensor | None:
         """The base layer's bias."""
         return self.base_bias
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the adapters can be folded into the base weight (not so for LoRA on a grouped conv)."""
+        return True
 
     @property
     def merged(self) -> bool:
@@ -343,6 +350,29 @@ class AdapterLayer(MixedBatchMixin, nn.Module):
                 item.to(dtype)
             else:
                 item.data = item.data.to(dtype)
+
+    def adapter_to_meta(self, adapter_name: str) -> None:
+        """Replaces the trainable tensors of ``adapter_name`` by storage-free ``meta`` tensors
+        (``low_cpu_mem_usage``: they are materialised by the loaded weights)."""
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Module):
+                item.to_empty(device="meta")
+            else:
+                container[adapter_name] = nn.Parameter(
+                    torch.empty_like(item, device="meta"), requires_grad=item.requires_grad
+                )
+
+    def _get_name(self) -> str:
+        """The name in ``repr``: PEFT's ``<method>.<layer kind>`` (``lora.Linear``) when the method sets
+        :attr:`repr_prefix`, else the class name."""
+        if not self.repr_prefix:
+            return type(self).__name__
+        kind = "Linear" if is_linear_like(self.base_layer) else type(self.base_layer).__name__
+        return f"{self.repr_prefix}.{kind}"
 
     def unwrapped(self) -> nn.Module:
         """The module to put back when the adapter layer is removed (the base layer)."""

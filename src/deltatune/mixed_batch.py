@@ -41,7 +41,7 @@ class MixedBatchMixin(nn.Module):
             TypeError: when this layer cannot mix adapters in a batch.
         """
         if not self.supports_mixed_batch:
-            raise TypeError(f"{type(self).__name__} does not support mixed adapter batches")
+            raise TypeError(f"{self._get_name()} does not support mixed adapter batches.")
         if len(x) != len(row_adapters):
             raise ValueError(
                 "Length of `adapter_names` should be the same as the number of inputs, but got "

@@ -38,7 +38,8 @@ class PeftModel(SaveLoadMixin):
         adapter_name: Its name (default ``"default"``).
         autocast_adapter_dtype: Keep adapters in fp32 over an fp16/bf16 base (default, as PEFT); False keeps
             them in the base weight's dtype.
-        low_cpu_mem_usage: Accepted for PEFT's signature.
+        low_cpu_mem_usage: Create the adapter tensors on the ``meta`` device, to be materialised by loading
+            weights (what ``from_pretrained(..., low_cpu_mem_usage=True)`` does).
 
     Attributes:
         base_model: The tuner (:class:`~deltatune.tuner.AdapterModel`); ``base_model.model`` is the
@@ -58,9 +59,12 @@ class PeftModel(SaveLoadMixin):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         self.base_model: AdapterModel = tuner_class(config)(
-            model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype
+            model,
+            config,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
         )
-        self.modules_to_save = set(config.modules_to_save or [])
 
     # ---- fall-through ---------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -118,16 +122,22 @@ class PeftModel(SaveLoadMixin):
     def active_adapter(self) -> str:
         """The (first) active adapter; :attr:`active_adapters` lists them all (PEFT returns a list here when
         several are active)."""
-        return self.base_model.active_adapter
+        return self.base_model.current_adapter
 
     @property
     def active_adapters(self) -> list[str]:
         return self.base_model.active_adapters
 
     @property
+    def modules_to_save(self) -> set[str] | None:
+        """The ``modules_to_save`` entries of all adapters together (None when there are none)."""
+        names = {m for c in self.peft_config.values() for m in (c.modules_to_save or [])}
+        return names or None
+
+    @property
     def active_peft_config(self) -> AdapterConfig:
         """The config of the (first) active adapter."""
-        return self.peft_config[self.base_model.active_adapter]
+        return self.peft_config[self.base_model.current_adapter]
 
     @property
     def peft_type(self) -> str | None:
@@ -168,7 +178,12 @@ class PeftModel(SaveLoadMixin):
         config = adapter_config(peft_config)
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = self.active_peft_config.base_model_name_or_path
-        self.base_model.inject_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.base_model.inject_adapter(
+            adapter_name,
+            config,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Activates ``adapter_name`` and makes it the trainable one (frozen with ``inference_mode``); several
@@ -262,7 +277,11 @@ class PeftModel(SaveLoadMixin):
         config = adapter_config(config)
         config.inference_mode = not is_trainable
         peft_model = (PeftModelForSequenceClassification if config.task_type == "SEQ_CLS" else cls)(
-            model, config, adapter_name, autocast_adapter_dtype=options.get("autocast_adapter_dtype", True)
+            model,
+            config,
+            adapter_name,
+            autocast_adapter_dtype=options.get("autocast_adapter_dtype", True),
+            low_cpu_mem_usage=bool(options.get("low_cpu_mem_usage", False)),
         )
         peft_model._load_weights(
             model_id,
@@ -303,4 +322,10 @@ def get_peft_model(
     if revision is not None:
         peft_config.revision = revision
     cls = PeftModelForSequenceClassification if peft_config.task_type == "SEQ_CLS" else PeftModel
-    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    return cls(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )

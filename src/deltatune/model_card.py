@@ -54,14 +54,14 @@ Report the metrics measured, on which split, and how they compare with the base 
 """
 
 
-def card_metadata(config: Any) -> dict[str, Any]:
-    """Front-matter keys for an adapter ``config``: library, base model and tags."""
-    base = getattr(config, "base_model_name_or_path", None)
-    tags = ["base_model:adapter:" + base] if base else []
+def card_metadata(config: Any, base_model: str | None = None) -> dict[str, Any]:
+    """Front-matter keys for an adapter ``config``: library, tags and, for a Hub/transformers base model,
+    ``base_model`` (a plain ``nn.Module`` has no such id, so none is written)."""
+    tags = ["base_model:adapter:" + base_model] if base_model else []
     tags += [str(getattr(config, "peft_type", "")).lower(), "deltatune", "peft"]
     data: dict[str, Any] = {"library_name": "peft", "tags": [t for t in tags if t]}
-    if base:
-        data["base_model"] = base
+    if base_model:
+        data["base_model"] = base_model
     return data
 
 
@@ -82,8 +82,11 @@ def _yaml_lines(key: str, value: Any) -> list[str]:
     return [f"{key}: {value}"]
 
 
-def update_model_card(directory: str | os.PathLike[str], config: Any, version: str) -> str:
-    """Writes or completes ``directory/README.md`` for an adapter saved with ``config``; returns its path."""
+def update_model_card(
+    directory: str | os.PathLike[str], config: Any, version: str, base_model: str | None = None
+) -> str:
+    """Writes or completes ``directory/README.md`` for an adapter saved with ``config`` on ``base_model`` (a
+    transformers model's name or path, if any); returns its path."""
     path = os.path.join(directory, MODEL_CARD_NAME)
     existing = ""
     if os.path.isfile(path):
@@ -93,7 +96,7 @@ def update_model_card(directory: str | os.PathLike[str], config: Any, version: s
     present = {
         line.split(":", 1)[0].strip() for line in lines if ":" in line and not line.startswith((" ", "-"))
     }
-    for key, value in card_metadata(config).items():
+    for key, value in card_metadata(config, base_model).items():
         if key not in present:
             lines.extend(_yaml_lines(key, value))
     if not existing:

@@ -106,7 +106,15 @@ class SaveLoadMixin(nn.Module):
             save_adapter_weights(tensors, directory, safe_serialization=safe_serialization)
             config = self._config_to_save(name)
             config.save_pretrained(directory, inference_mode=True)
-            update_model_card(directory, config, __version__)
+            update_model_card(directory, config, __version__, self._base_model_id())
+
+    def _base_model_id(self) -> str | None:
+        """The transformers base model's name or path (``config._name_or_path``), None for other models."""
+        model_config = getattr(self.base_model.model, "config", None)
+        to_dict = getattr(model_config, "to_dict", None)
+        data = to_dict() if callable(to_dict) else {}
+        name = data.get("_name_or_path") if isinstance(data, dict) else None
+        return str(name) if name else None
 
     def _config_to_save(self, adapter_name: str) -> AdapterConfig:
         """The config as written: legacy target names replaced by the ones this model uses (so PEFT can
@@ -150,7 +158,8 @@ class SaveLoadMixin(nn.Module):
                 frozen) and the model is put in eval mode.
             strict: Refuse tensors that match nothing and adapter tensors the file lacks.
             **kwargs: ``autocast_adapter_dtype`` (default True), ``ignore_mismatched_sizes``,
-                ``low_cpu_mem_usage`` (accepted), ``subfolder`` and Hub download options.
+                ``low_cpu_mem_usage`` (no memory for the tensors until the file fills them), ``subfolder`` and
+                Hub download options.
 
         Returns:
             PEFT's load result: ``missing_keys`` (this adapter's tensors the file lacked) and
@@ -163,7 +172,10 @@ class SaveLoadMixin(nn.Module):
             saved = adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
             saved.inference_mode = not is_trainable
             self.add_adapter(
-                adapter_name, saved, autocast_adapter_dtype=options.get("autocast_adapter_dtype", True)
+                adapter_name,
+                saved,
+                low_cpu_mem_usage=bool(options.get("low_cpu_mem_usage", False)),
+                autocast_adapter_dtype=options.get("autocast_adapter_dtype", True),
             )
             if is_trainable:
                 self.base_model.set_requires_grad(adapter_name, True)

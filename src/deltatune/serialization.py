@@ -147,9 +147,13 @@ def _owner(key: str, owners: dict[str, Any]) -> tuple[str, Any] | None:
 
 
 def _in_memory_key(key: str, owners: dict[str, Any], adapter_name: str) -> str | None:
+    """The state-dict key (in the user's model) a saved key loads into; ``owners`` maps module paths to adapter
+    layers and wrappers, and its :data:`DIRECT_KEYS` entry lists the keys that load as they are (base weights
+    an adapter saves: trained biases, embeddings)."""
     found = _owner(key, owners)
+    direct: _DirectKeys = owners[DIRECT_KEYS]
     if found is None:
-        return key if key.startswith(tuple(owners.get(EMBEDDING_OWNERS, ()))) else None
+        return key if direct.covers(key) else None
     path, module = found
     rest = key[len(path) + 1 :]
     if isinstance(module, ModulesToSaveWrapper):
@@ -166,12 +170,21 @@ def _in_memory_key(key: str, owners: dict[str, Any], adapter_name: str) -> str |
     return key  # e.g. "<path>.base_layer.bias"
 
 
+def _assign(
+    tuner: AdapterModel, target: str, tensor: torch.Tensor, param: torch.Tensor, owners: dict[str, Any]
+) -> None:
+    """Puts ``tensor`` in place of the ``meta`` parameter ``target`` (on its layer's base device)."""
+    parent, _, leaf = target.rpartition(".")
+    found = _owner(target, owners)
+    layer = found[1] if found is not None else None
+    device = layer.base_weight.device if isinstance(layer, AdapterLayer) else tensor.device
+    value = torch.nn.Parameter(tensor.to(dtype=param.dtype, device=device), requires_grad=param.requires_grad)
+    setattr(tuner.model.get_submodule(parent), leaf, value)
+
+
 def saved_to_memory_key(tuner: AdapterModel, saved_key: str, adapter_name: str) -> str | None:
     """The key in the user's model's state dict that a saved key of ``adapter_name`` loads into (None: none)."""
-    owners: dict[str, Any] = dict(tuner.adapter_layers())
-    owners.update(dict(tuner.saved_module_wrappers()))
-    owners[EMBEDDING_OWNERS] = [n + "." for n in embedding_module_names(tuner.model)]
-    return _in_memory_key(saved_key.removeprefix(PREFIX), owners, adapter_name)
+    return _in_memory_key(saved_key.removeprefix(PREFIX), _owners(tuner, adapter_name), adapter_name)
 
 
 def _raise_if_other_method(tuner: AdapterModel, adapter_name: str, keys: list[str]) -> None:
@@ -233,8 +246,31 @@ def embedding_tensors(tuner: AdapterModel) -> dict[str, torch.Tensor]:
     return out
 
 
-#: Key of the owners table that lists the embedding module prefixes whose saved weights may be loaded.
-EMBEDDING_OWNERS = "\x00embeddings"
+#: Key of the owners table (:func:`_owners`) holding the keys that load as they are.
+DIRECT_KEYS = "\x00direct"
+
+
+class _DirectKeys:
+    """Saved keys that name base-model tensors directly: the extra tensors the method saves, any bias (PEFT's
+    ``bias="all"``/``"lora_only"`` files hold them, whatever the loading config says) and anything under the
+    model's embedding modules (``save_embedding_layers``). Other base weights are never overwritten."""
+
+    def __init__(self, keys: set[str], prefixes: list[str]) -> None:
+        self.keys, self.prefixes = keys, tuple(prefixes)
+
+    def covers(self, key: str) -> bool:
+        if key in self.keys or key.endswith(".bias"):
+            return True
+        return bool(self.prefixes) and key.startswith(self.prefixes)
+
+
+def _owners(tuner: AdapterModel, adapter_name: str) -> dict[str, Any]:
+    """Module path → adapter layer or wrapper, plus the :data:`DIRECT_KEYS` entry."""
+    owners: dict[str, Any] = dict(tuner.adapter_layers())
+    owners.update(dict(tuner.saved_module_wrappers()))
+    extra = set(tuner.extra_saved_tensors(adapter_name)) if adapter_name in tuner.peft_config else set()
+    owners[DIRECT_KEYS] = _DirectKeys(extra, [n + "." for n in embedding_module_names(tuner.model)])
+    return owners
 
 
 def set_adapter_state_dict(
@@ -260,9 +296,7 @@ def set_adapter_state_dict(
         AdapterShapeMismatchError: on a shape mismatch (naming the module and both shapes).
         ValueError: with ``strict``, when keys match nothing in the model or adapter tensors are missing.
     """
-    owners: dict[str, Any] = dict(tuner.adapter_layers())
-    owners.update(dict(tuner.saved_module_wrappers()))
-    owners[EMBEDDING_OWNERS] = [n + "." for n in embedding_module_names(tuner.model)]
+    owners = _owners(tuner, adapter_name)
     params: dict[str, torch.Tensor] = dict(tuner.model.named_parameters())
     params.update(dict(tuner.model.named_buffers()))
     unexpected: list[str] = []
@@ -290,8 +324,11 @@ def set_adapter_state_dict(
                 warnings.warn(message + "; skipped (ignore_mismatched_sizes=True)", stacklevel=3)
                 continue
             raise AdapterShapeMismatchError(message)
-        with torch.no_grad():
-            param.copy_(tensor.to(dtype=param.dtype, device=param.device))
+        if param.is_meta:  # created with low_cpu_mem_usage: the loaded tensor becomes the parameter
+            _assign(tuner, target, tensor, param, owners)
+        else:
+            with torch.no_grad():
+                param.copy_(tensor.to(dtype=param.dtype, device=param.device))
         loaded.add(target)
     if legacy_used:
         logger.info("loaded %d adapter tensors saved under transformers 4.x module names", legacy_used)
@@ -303,6 +340,12 @@ def set_adapter_state_dict(
         raise ValueError(
             f"{len(unexpected)} adapter tensors match nothing in the model, e.g. {unexpected[:3]}; the adapter "
             "was made for another model (pass strict=False to load the rest)"
+        )
+    still_meta = sorted(t for t in expected_memory if t in params and params[t].is_meta and t not in loaded)
+    if still_meta:
+        raise ValueError(
+            f"{len(still_meta)} adapter tensors created with low_cpu_mem_usage=True got no value from the file, "
+            f"e.g. {still_meta[:3]}"
         )
     if strict and missing and not ignore_mismatched_sizes:
         raise ValueError(f"the adapter file lacks {len(missing)} tensors, e.g. {missing[:3]}")

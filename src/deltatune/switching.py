@@ -45,16 +45,20 @@ class AdapterSwitching(MethodHooks):
         return list(self._active)
 
     @property
-    def active_adapter(self) -> str:
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter, or the list of them when several are active (PEFT's tuner attribute); code
+        that needs one name uses :attr:`current_adapter`."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def current_adapter(self) -> str:
         """The (first) active adapter; ``""`` when none is."""
         return self._active[0] if self._active else ""
 
-    def _check_names(self, names: Sequence[str]) -> None:
+    def _check_names(self, names: Sequence[str], verb: str = "not found") -> None:
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(
-                f"Adapter {unknown[0]} not found; no adapter named {unknown}; adapters: {sorted(self.peft_config)}"
-            )
+            raise ValueError(f"Adapter {unknown[0]} {verb}; adapters: {sorted(self.peft_config)}")
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Makes ``adapter_name`` (one name or a list) the active adapters, trainable unless ``inference_mode``;
@@ -105,7 +109,7 @@ class AdapterSwitching(MethodHooks):
         Raises:
             ValueError: for an unknown name.
         """
-        self._check_names([adapter_name])
+        self._check_names([adapter_name], "does not exist")
         del self.peft_config[adapter_name]
         for _, layer in self.adapter_layers():
             layer.delete_adapter(adapter_name)

@@ -61,6 +61,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
         config: AdapterConfig,
         adapter_name: str = "default",
         autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -72,7 +73,12 @@ class AdapterModel(AdapterSwitching, nn.Module):
         #: Names (relative to the user's model) of every module an adapter wraps, in wrapping order.
         self.targeted_module_names: list[str] = []
         self._extra_loss_scale = 1.0
-        self.inject_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.inject_adapter(
+            adapter_name,
+            config,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         self._mark_trainable()
 
     @property
@@ -152,7 +158,11 @@ class AdapterModel(AdapterSwitching, nn.Module):
 
     # ---- injection --------------------------------------------------------------------------
     def inject_adapter(
-        self, adapter_name: str, config: AdapterConfig, autocast_adapter_dtype: bool = True
+        self,
+        adapter_name: str,
+        config: AdapterConfig,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         """Wraps every target of ``config`` (and its ``modules_to_save``) for ``adapter_name``.
 
@@ -161,13 +171,15 @@ class AdapterModel(AdapterSwitching, nn.Module):
             config: Its config; ``target_modules=None`` takes PEFT's default for the model type.
             autocast_adapter_dtype: Keep the adapter in fp32 over an fp16/bf16 base (PEFT's default); False
                 keeps it in the base weight's dtype.
+            low_cpu_mem_usage: Create the adapter tensors on the ``meta`` device (no memory): loading its
+                weights materialises them (``from_pretrained``/``load_adapter`` with the same flag).
 
         Raises:
             ValueError: if the name is taken, the method differs from the model's, nothing matches, a
                 match cannot be adapted, or a ``modules_to_save`` entry names nothing.
         """
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another name")
         spec = spec_for(config)
         existing = {spec_for(c).name for c in self.peft_config.values()}
         if existing and spec.name not in existing:
@@ -224,6 +236,8 @@ class AdapterModel(AdapterSwitching, nn.Module):
         for _, layer in self.adapter_layers():
             if not autocast_adapter_dtype:
                 layer.cast_adapter(adapter_name, layer.base_weight.dtype)
+            if low_cpu_mem_usage:
+                layer.adapter_to_meta(adapter_name)
             # A new adapter stays inactive and frozen (PEFT semantics) unless it is the first one; every layer
             # lists the model's active adapters, held here or not.
             if adapter_name not in self._active:

@@ -65,6 +65,8 @@ class SVDLayer(LowRankLayer):
     """Wraps a Linear, transformers ``Conv1D`` (GPT-2; ``fan_in_fan_out``) or Conv2d with AdaLoRA triplets
     (``lora_A``, ``lora_E``, ``lora_B``)."""
 
+    repr_prefix: ClassVar[str] = "adalora"
+
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_E", "lora_B")
     other_param_names: ClassVar[tuple[str, ...]] = ("ranknum",)
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import AdapterConfig
 from ..tuner import AdapterModel
 from ._lora_weighted import add_weighted_adapter
 
@@ -41,6 +42,20 @@ class LoraModel(AdapterModel):
                 layer_bias = layer.base_bias
                 if adapter_name in layer.r and isinstance(layer_bias, nn.Parameter):
                     yield layer_bias
+
+    def check_new_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """PEFT's rule: several adapters on one model cannot train biases (the base biases are shared).
+
+        Raises:
+            ValueError: when this or an existing adapter has ``bias`` other than ``"none"``.
+        """
+        super().check_new_adapter(adapter_name, config)
+        configs = [*self.peft_config.values(), config]
+        if len(configs) > 1 and any(getattr(c, "bias", "none") != "none" for c in configs):
+            raise ValueError(
+                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias "
+                "to 'none' for all adapters."
+            )
 
     def disable_adapter_layers(self) -> None:
         """Disables every adapter layer; warns, as PEFT does, when the active adapters trained biases (those stay

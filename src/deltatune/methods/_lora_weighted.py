@@ -242,10 +242,17 @@ def add_weighted_adapter(
         target_modules=_union_targets(tuner, adapters),
         rank_pattern={},
         alpha_pattern={},
-        modules_to_save=None,
+        modules_to_save=sorted({m for a in adapters for m in (tuner.peft_config[a].modules_to_save or [])})
+        or None,
         inference_mode=True,
     )
     tuner.inject_adapter(adapter_name, config)
+    for _, wrapper in tuner.saved_module_wrappers():  # the one adapter's trained copy carries over
+        sources = [a for a in adapters if a in wrapper.modules_to_save]
+        if sources and adapter_name in wrapper.modules_to_save:
+            wrapper.modules_to_save[adapter_name].load_state_dict(
+                wrapper.modules_to_save[sources[0]].state_dict()
+            )
     for _, layer in tuner.adapter_layers():
         new = _factors(layer, adapter_name)
         if new is None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ from torch import nn
 from ..config import AdapterConfig, check_range
 from ..layers import LowRankLayer
 from ._fused import is_plain, merged_weight_pays
+from ._target_defaults import LORA_DEFAULT_TARGETS
 
 
 def cp_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -54,6 +56,7 @@ class LycorisConfig(AdapterConfig):
     DROPOUT_FIELD: ClassVar[str | None] = "module_dropout"
     RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16, "alpha": 16, "module_dropout": 0.1}
     INIT_CHOICES: ClassVar[tuple[bool | str, ...]] = (True, False)
+    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = LORA_DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()

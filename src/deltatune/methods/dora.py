@@ -37,7 +37,14 @@ from ._fused import LowRankLinear, is_plain, low_rank_merge_pays
 from .lora import LoraConfig, LoraLayer, LoraModel
 from .lora_layers import LoraEmbeddingLayer
 
-__all__ = ["DoraEmbeddingLayer", "DoraLayer", "dora_forward", "dora_merged_weight", "dora_row_norm"]
+__all__ = [
+    "DoraEmbeddingLayer",
+    "DoraLayer",
+    "dora_forward",
+    "dora_grouped_row_norm",
+    "dora_merged_weight",
+    "dora_row_norm",
+]
 
 
 # ---- pure maths ---------------------------------------------------------------------------------
@@ -63,6 +70,33 @@ def dora_row_norm(
         + (scaling * scaling) * ((lora_b @ gram) * lora_b).sum(1)
     )
     return squared.clamp_min(0).sqrt()
+
+
+def dora_grouped_row_norm(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, groups: int, scaling: float
+) -> torch.Tensor:
+    """Row norms of W + s·B A for a grouped conv, where the LoRA term is a full (ungrouped) kernel: W is placed
+    on its block diagonal (output group j sees input group j only).
+
+    Args:
+        weight: W (out, in/groups, *kernel).
+        lora_a: A (r, in, *kernel) (groups 1).
+        lora_b: B (out, r/groups, 1…) (the base's groups).
+        groups: The base's groups.
+        scaling: s.
+
+    Returns:
+        (out,) norms.
+    """
+    out_dim, rank, in_dim = weight.shape[0], lora_a.shape[0], lora_a.shape[1]
+    og, rg, ig = out_dim // groups, rank // groups, in_dim // groups
+    a2 = lora_a.reshape(groups, rg, -1)  # (g, r/g, in·k)
+    b2 = lora_b.reshape(groups, og, rg)  # (g, out/g, r/g)
+    full = (torch.bmm(b2, a2) * scaling).reshape(out_dim, in_dim, -1)
+    blocks = weight.reshape(groups, og, ig, -1)
+    for j in range(groups):
+        full[j * og : (j + 1) * og, j * ig : (j + 1) * ig] += blocks[j]
+    return full.reshape(out_dim, -1).norm(dim=1)
 
 
 def dora_merged_weight(
@@ -123,12 +157,6 @@ class DoraLayer(LoraLayer):
         config = expect_config(config, LoraConfig)
         if config.lora_bias:
             raise ValueError("lora_bias=True is not supported with DoRA (use_dora=True); PEFT refuses it too")
-        if conv_groups(self.base_layer) > 1:
-            raise ValueError(
-                f"DoRA cannot adapt a grouped {type(self.base_layer).__name__} "
-                f"(groups={conv_groups(self.base_layer)}): "
-                "its LoRA term is no grouped kernel, so the adapted weight has no row norms; use plain LoRA"
-            )
         super().update_layer(adapter_name, config, r, alpha)
         norm = self.row_norm(adapter_name)
         shape = (
@@ -144,7 +172,11 @@ class DoraLayer(LoraLayer):
         a, b = self.factor_weights(adapter_name)
         weight = to_out_in(self.base_layer, self.base_weight)  # (out, in…): a Conv1D's is transposed
         out_dim = weight.shape[0]
+        groups = conv_groups(self.base_layer)
         with torch.no_grad(), torch.autocast(self.base_weight.device.type, enabled=False):
+            if groups > 1:
+                scaling = self.scaling[adapter_name]
+                return dora_grouped_row_norm(weight.float(), a.float(), b.float(), groups, scaling)
             return dora_row_norm(
                 weight.reshape(out_dim, -1).float(),
                 a.reshape(a.shape[0], -1).float(),
@@ -185,7 +217,7 @@ class DoraLayer(LoraLayer):
     # ---- forward ------------------------------------------------------------------------------------
     def _bias_view(self, result: torch.Tensor) -> torch.Tensor | None:
         bias = self.base_bias
-        if bias is None or isinstance(self.base_layer, nn.Linear):
+        if bias is None or not isinstance(self.base_layer, CONV_TYPES):  # a Linear/Conv1D bias broadcasts
             return bias
         return bias.view(1, -1, *([1] * (result.dim() - 2)))
 

@@ -95,6 +95,8 @@ def khatri_rao_is_cheaper(r1: int, r2: int, fan_in: int, fan_out: int) -> bool:
 class LoHaLayer(LycorisLayer):
     """Wraps a Linear, Conv1d or Conv2d with LoHa adapters."""
 
+    repr_prefix: ClassVar[str] = "loha"
+
     adapter_param_names: ClassVar[tuple[str, ...]] = (
         "hada_w1_a",
         "hada_w1_b",

@@ -123,6 +123,8 @@ def lokr_delta_forward(
 class LoKrLayer(LycorisLayer):
     """Wraps a Linear, Conv1d or Conv2d with LoKr adapters."""
 
+    repr_prefix: ClassVar[str] = "lokr"
+
     adapter_param_names: ClassVar[tuple[str, ...]] = (
         "lokr_w1",
         "lokr_w1_a",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -23,6 +24,7 @@ from ..layers import AdapterLayer, expect_config, kaiming_uniform_, module_bias,
 from ..registry import MethodSpec, register_method
 from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
 from ._lora_model import LoraBiasMergeError, LoraModel
+from ._target_defaults import LORA_DEFAULT_TARGETS
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraModel", "lora_delta_forward", "lora_delta_weight"]
 
@@ -84,6 +86,7 @@ class LoraConfig(AdapterConfig):
     #: Fields that select a variant of LoRA implemented by another registered method (PEFT's DoRA flag).
     VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora",)
     PEFT_TYPE: ClassVar[str] = "LORA"
+    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = LORA_DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -191,6 +194,8 @@ class LoraLayer(AdapterLayer):
     ``lora_B[name]`` a 1×…×1 conv (r → out, the base's groups: a grouped conv cannot be merged).
     """
 
+    repr_prefix: ClassVar[str] = "lora"
+
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (
         nn.Linear,
@@ -208,6 +213,11 @@ class LoraLayer(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+
+    @property
+    def mergeable(self) -> bool:
+        """False on a grouped conv: the LoRA term mixes channels across groups, which no grouped kernel holds."""
+        return conv_groups(self.base_layer) == 1
 
     @property
     def fan_in_fan_out(self) -> bool:

@@ -11,13 +11,15 @@ MultiheadAttention (``kdim == vdim == embed_dim``): ``lora_A`` Linear(E, r) and 
 the packed ``in_proj_weight`` (3E × E), and ``out_proj`` is wrapped in a LoRA Linear layer of its own, so the
 keys are PEFT's (``mha.lora_A.weight``, ``mha.base_layer.out_proj.lora_A.weight``). ``nn.MultiheadAttention``
 reads those weights directly instead of calling its submodules, so the forward runs the attention with the
-adapted weights W + ΔW passed in functionally (``torch.func.functional_call``): gradients reach A and B and the
-module itself is never modified. As in PEFT, LoRA dropout does not apply inside attention and mixed-adapter
+adapted weights W + ΔW shadowing the stored ones for the duration of the call: gradients reach A and B, and
+the module's parameters are never replaced or modified (PEFT merges and unmerges around every forward). As in PEFT, LoRA dropout does not apply inside attention and mixed-adapter
 batches are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -36,6 +38,29 @@ def lora_embedding_delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scal
     return (lora_b @ lora_a).t() * scaling
 
 
+@contextlib.contextmanager
+def _shadowed(shadows: list[tuple[nn.Module, str, torch.Tensor]]) -> Iterator[None]:
+    """Within the block, ``module.<name>`` reads the given tensor: it is put in the instance ``__dict__``,
+    which attribute lookup consults before ``nn.Module``'s parameter table (and which also wins over the
+    views FSDP installs there); the previous entries come back afterwards. Nothing is registered, so the
+    module's parameters, state dict and ``requires_grad`` flags never change."""
+    saved: list[tuple[nn.Module, str, Any]] = []
+    try:
+        for module, name, tensor in shadows:
+            saved.append((module, name, module.__dict__.get(name, _MISSING)))
+            module.__dict__[name] = tensor
+        yield
+    finally:
+        for module, name, previous in reversed(saved):
+            if previous is _MISSING:
+                module.__dict__.pop(name, None)
+            else:
+                module.__dict__[name] = previous
+
+
+_MISSING = object()
+
+
 def _plus_deltas(layer: LoraLayer, names: list[str]) -> torch.Tensor:
     """The layer's base weight plus the ΔW of each adapter in ``names`` (differentiable in the factors)."""
     weight = layer.base_weight
@@ -46,6 +71,8 @@ def _plus_deltas(layer: LoraLayer, names: list[str]) -> torch.Tensor:
 
 class LoraEmbeddingLayer(AdapterLayer):
     """Wraps an ``nn.Embedding`` with LoRA adapters (see the module docstring)."""
+
+    repr_prefix: ClassVar[str] = "lora"
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_embedding_A", "lora_embedding_B")
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Embedding,)
@@ -68,16 +95,16 @@ class LoraEmbeddingLayer(AdapterLayer):
             raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding.")
         kw = self._new_dtype_device()
         num, dim = self.in_features, self.out_features
-        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, num, **kw))
-        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r, **kw))
+        # Drawn in PEFT's order (A, then B, then B again), so a given seed gives PEFT's tensors.
+        a = torch.randn(r, num)
+        b = torch.randn(dim, r)
+        if config.init_lora_weights is not False:
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+        self.lora_embedding_A[adapter_name] = nn.Parameter(a.to(**kw))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(b.to(**kw))
         self.r[adapter_name] = r
         self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
-        with torch.no_grad():
-            nn.init.normal_(self.lora_embedding_B[adapter_name])
-            if config.init_lora_weights is False:
-                nn.init.normal_(self.lora_embedding_A[adapter_name])
-            else:
-                nn.init.zeros_(self.lora_embedding_A[adapter_name])
         self._finish_update(adapter_name)
 
     def factor_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +129,6 @@ class LoraMultiheadAttentionLayer(LoraLayer):
     nested LoRA Linear layer, on ``out_proj`` (see the module docstring)."""
 
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.MultiheadAttention,)
-    kind_name: ClassVar[str] = "lora.MultiheadAttention"
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -162,21 +188,22 @@ class LoraMultiheadAttentionLayer(LoraLayer):
         names, out_names = self._adapted(self), self._adapted(out_layer)
         if not names and not out_names:
             return self.base_layer(query, *args, **kwargs)
-        weights: dict[str, torch.Tensor] = {}
+        shadows: list[tuple[nn.Module, str, torch.Tensor]] = []
         if names:
-            weights["in_proj_weight"] = _plus_deltas(self, names)
+            shadows.append((self.base_layer, "in_proj_weight", _plus_deltas(self, names)))
             bias = self.base_bias
             for n in names:
                 lora_bias = module_bias(self.lora_B[n])
                 if bias is not None and lora_bias is not None:
                     bias = bias + lora_bias * self.scaling[n]
-                    weights["in_proj_bias"] = bias
+                    shadows.append((self.base_layer, "in_proj_bias", bias))
         if out_names:
-            weights["out_proj.base_layer.weight"] = _plus_deltas(out_layer, out_names)
-        return torch.func.functional_call(self.base_layer, weights, (query, *args), kwargs)
+            shadows.append((out_layer.base_layer, "weight", _plus_deltas(out_layer, out_names)))
+        with _shadowed(shadows):
+            return self.base_layer(query, *args, **kwargs)
 
     def check_mixed_batch(self, x: torch.Tensor, row_adapters: list[str]) -> None:
-        raise TypeError(f"{self.kind_name} does not support mixed adapter batches.")
+        raise TypeError(f"{self._get_name()} does not support mixed adapter batches.")
 
 
 LoraLayer.register_layer_kind(nn.Embedding, LoraEmbeddingLayer)
