@@ -74,7 +74,7 @@ def test_modules_to_save_naming_nothing():
 
 def test_missing_target_modules_is_explained():
     # A plain module has no model type to take PEFT's default targets from (a ViT has: see test_peft_api.py).
-    with pytest.raises(ValueError, match="Please specify `target_modules`.*target_modules is required"):
+    with pytest.raises(ValueError, match=r"Please specify `target_modules`.*target_modules is required"):
         get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig())
 
 
