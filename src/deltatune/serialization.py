@@ -225,7 +225,10 @@ def embedding_module_names(model: torch.nn.Module) -> list[str]:
     names: list[str] = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         fn = getattr(model, getter, None)
-        layer = fn() if callable(fn) else None
+        try:
+            layer = fn() if callable(fn) else None
+        except (NotImplementedError, AttributeError):  # transformers vision models have no embeddings
+            layer = None
         if layer is None:
             continue
         held = layer.base_layer if isinstance(layer, AdapterLayer) else layer

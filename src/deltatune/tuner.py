@@ -139,7 +139,10 @@ class AdapterModel(AdapterSwitching, nn.Module):
     def _is_output_head(self, name: str, config: AdapterConfig) -> bool:
         """Whether ``name`` is the output embedding or (SEQ_CLS) the classifier head: ``"all-linear"`` skips it."""
         get_out = getattr(self.model, "get_output_embeddings", None)
-        head = get_out() if callable(get_out) else None
+        try:
+            head = get_out() if callable(get_out) else None
+        except (NotImplementedError, AttributeError):  # a model without embeddings (vision) has no such head
+            head = None
         if head is not None and self.model.get_submodule(name) is head:
             return True
         task_type = getattr(config.task_type, "value", config.task_type)
