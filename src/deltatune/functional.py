@@ -218,7 +218,7 @@ def set_peft_model_state_dict(
     )
 
 
-def _base_key(key: str, adapter_names: set[str]) -> str | None:
+def _base_key(key: str) -> str | None:
     """A state-dict key of the adapted model as the base model had it (None for adapter tensors)."""
     parts = key.split(".")
     if "modules_to_save" in parts:
@@ -235,7 +235,7 @@ def get_base_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for key, value in tuner.model.state_dict().items():
         if key in skip:
             continue
-        base = _base_key(key, set(tuner.peft_config))
+        base = _base_key(key)
         if base is not None:
             out[base] = value
     return out
@@ -264,7 +264,7 @@ def set_base_model_state_dict(
     mapping = {
         base: key
         for key in tuner.model.state_dict()
-        if key not in skip and (base := _base_key(key, set(tuner.peft_config))) is not None
+        if key not in skip and (base := _base_key(key)) is not None
     }
     renamed = {mapping[k]: v for k, v in state_dict.items() if k in mapping}
     unexpected = [k for k in state_dict if k not in mapping]

@@ -24,6 +24,7 @@ from ._layer_helpers import (
     module_weight,
 )
 from .config import AdapterConfig
+from .layer_registry import LayerKinds
 from .layer_types import apply_with_weight, in_out_features, is_linear_like
 from .mixed_batch import MixedBatchMixin
 
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 
-class AdapterLayer(MixedBatchMixin, nn.Module):
+class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
     """Base class of the layers that wrap a targeted module.
 
     Args:
@@ -81,41 +82,6 @@ class AdapterLayer(MixedBatchMixin, nn.Module):
         self.disable_adapters = False
         #: Further per-adapter dicts of a method (name → {adapter → value}), cleaned on deletion.
         self._extra_per_adapter: dict[str, dict[str, Any]] = {}
-
-    @classmethod
-    def register_layer_kind(cls, base_type: type[nn.Module], layer_cls: type[AdapterLayer]) -> None:
-        """Makes :meth:`layer_class_for` answer ``layer_cls`` for modules of ``base_type``: a method's layer
-        kinds that hold other tensors (LoRA's ``nn.Embedding``: ``lora_embedding_A``) register this way from
-        their own module. Subclasses inherit the registrations and may override them."""
-        kinds = cls.__dict__.get("_layer_kinds")
-        if kinds is None:
-            kinds = {}
-            setattr(cls, "_layer_kinds", kinds)  # noqa: B010  (a per-class table, not inherited by assignment)
-        kinds[base_type] = layer_cls
-
-    @classmethod
-    def layer_class_for(cls, base_layer: nn.Module) -> type[AdapterLayer]:
-        """The class of this method that wraps ``base_layer``: a registered kind, else this class."""
-        for klass in cls.__mro__:
-            for base_type, layer_cls in klass.__dict__.get("_layer_kinds", {}).items():
-                if isinstance(base_layer, base_type):
-                    return layer_cls  # type: ignore[no-any-return]
-        return cls
-
-    @classmethod
-    def layer_classes(cls) -> tuple[type[AdapterLayer], ...]:
-        """This class and every kind :meth:`layer_class_for` may return (for listings of tensor names)."""
-        found: list[type[AdapterLayer]] = [cls]
-        for klass in cls.__mro__:
-            for base_type, layer_cls in klass.__dict__.get("_layer_kinds", {}).items():
-                if layer_cls not in found and issubclass(base_type, cls.supported_layers):
-                    found.append(layer_cls)
-        return tuple(found)
-
-    @classmethod
-    def all_adapter_param_names(cls) -> tuple[str, ...]:
-        """The adapter tensor names of every layer class of this method."""
-        return tuple(dict.fromkeys(n for c in cls.layer_classes() for n in c.adapter_param_names))
 
     # ---- to be provided by each method ------------------------------------------------------
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
