@@ -19,19 +19,24 @@ COMMANDS = ("train", "evaluate", "predict", "merge", "compare", "quickstart")
 
 
 def _setup_logging(verbose: bool = True) -> None:
-    handler = logging.StreamHandler()
+    from .output import StderrHandler
+
+    handler = StderrHandler()  # follows sys.stderr, so lines land above a live progress bar
     handler.setFormatter(logging.Formatter("[deltatune] %(message)s"))
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
     root = logging.getLogger("deltatune")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     import transformers
 
     transformers.logging.set_verbosity_warning()
+    transformers.utils.logging.disable_progress_bar()  # its weight-loading bar; the commands draw their own
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ..registry import available_methods, get_method
     from . import commands
+    from .checks import positive_int
 
     parser = argparse.ArgumentParser(
         prog="deltatune",
@@ -65,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
         if name == "predict":
             p.add_argument("images", nargs="+", help="image files or directories")
-            p.add_argument("--top_k", type=int, default=5, help="labels per image (default 5)")
+            p.add_argument("--top_k", type=positive_int, default=5, help="labels per image (default 5)")
             p.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
         if name == "merge":
             p.add_argument("--output", required=True, help="directory of the merged model")
@@ -82,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--output_dir", default=None, help="where to write results (default: the adapter dir)"
             )
         if name in ("predict", "evaluate"):
-            p.add_argument("--batch_size", type=int, default=32)
+            p.add_argument("--batch_size", type=positive_int, default=32)
     quick = sub.add_parser(
         "quickstart", help="apply every method to a ViT-base-shaped model and print what trains"
     )

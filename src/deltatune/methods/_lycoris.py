@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import AdapterConfig, check_range
 from ..layers import LowRankLayer
-from ._fused import is_plain, merged_weight_pays
+from ._fused import adapter_input, is_plain, merged_weight_pays
 from ._target_defaults import LORA_DEFAULT_TARGETS
 
 
@@ -119,8 +119,14 @@ class LycorisLayer(LowRankLayer):
         return float(torch.rand(1)) > p
 
     def skipped_output(self, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``result`` plus a zero-valued term that keeps every adapter tensor in the autograd graph, so
-        DistributedDataParallel never sees "unused parameters" on a step where the module drops out."""
+        """The output of a step where the module drops out: ``result`` itself, as in PEFT (the adapter's
+        tensors get no gradient, so the optimiser leaves them alone). Under ``torch.distributed`` with several
+        processes, a zero-valued term keeps every adapter tensor in the autograd graph instead, so
+        DistributedDataParallel (``find_unused_parameters=False``) never sees "unused parameters"."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return result
+        if torch.distributed.get_world_size() <= 1:
+            return result
         firsts = [t.reshape(-1)[0] for t in self.adapter_parameters(adapter_name)]
         zero = torch.stack(firsts).sum() * 0.0
         return result + zero.to(result.dtype)
@@ -175,4 +181,4 @@ class LycorisLayer(LowRankLayer):
         mask = self.rank_dropout_mask(adapter_name, delta.device, delta.dtype)
         if mask is not None:
             delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
-        return self.base_forward_with_weight(x.to(delta.dtype), delta)
+        return self.base_forward_with_weight(adapter_input(x, delta.dtype), delta)

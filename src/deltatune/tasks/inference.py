@@ -20,6 +20,7 @@ from ..train.checkpoint import LABELS_NAME, load_label_maps
 from ..train.metrics import ClassificationReport, classification_report
 from ..train.outputs import RUN_RECORD_NAME
 from .classifier import build_base_model
+from .report import write_merged_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +79,12 @@ def load_trained(adapter_dir: str, model: str | None = None) -> TrainedAdapter:
     base_id = model or config.base_model_name_or_path
     if not base_id:
         raise ValueError(f"{adapter_dir}/{CONFIG_NAME} names no base_model_name_or_path; pass --model")
-    if not os.path.exists(base_id) and os.path.isabs(base_id):
-        from ..vision import OFFLINE_BACKBONE_NAME, offline_default_model_dir
-
-        if os.path.basename(base_id.rstrip("/")) == OFFLINE_BACKBONE_NAME:
-            base_id = offline_default_model_dir()  # the bundled backbone, installed somewhere else now
     seed = int(record.get("seed", 42))
-    base, processor = build_base_model(base_id, id2label, bool(record.get("random_backbone")), seed)
+    # the bundled backbone's id (or an install path from another machine) resolves to the installed copy;
+    # the head is the trained one, restored from the adapter next
+    base, processor = build_base_model(
+        base_id, id2label, bool(record.get("random_backbone")), seed, trained_head=True
+    )
     peft_model = PeftModel.from_pretrained(base, adapter_dir)
     if os.path.isfile(os.path.join(adapter_dir, "preprocessor_config.json")):
         processor = AutoImageProcessor.from_pretrained(adapter_dir)
@@ -141,7 +141,9 @@ def predict_images(
 
     from ..vision import to_rgb
 
-    k = max(1, min(top_k, len(trained.id2label)))
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    k = min(top_k, len(trained.id2label))
     results: list[dict[str, Any]] = []
     device = next(trained.model.parameters()).device
     bar = tqdm(
@@ -205,4 +207,5 @@ def merge_adapter(trained: TrainedAdapter, output_dir: str) -> nn.Module:
     trained.image_processor.save_pretrained(output_dir)
     with open(os.path.join(trained.directory, LABELS_NAME), encoding="utf-8") as fh:
         atomic_write_text(os.path.join(output_dir, LABELS_NAME), fh.read())
+    write_merged_model_card(output_dir, trained.directory, trained.model.peft_config, len(trained.id2label))
     return merged
