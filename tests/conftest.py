@@ -1,10 +1,12 @@
 """Shared test helpers: tiny models built from code (no network), per-method configs and small utilities.
 
-Three model kinds cover both layer types every method must adapt:
+Model kinds, one per layer type (``MODEL_KINDS``):
 
 - ``mlp``: ``fc1``/``fc2`` Linear layers and a ``head`` (the ``modules_to_save`` entry);
 - ``conv``: ``conv1`` (3×3), ``conv2`` (1×1) and ``conv3`` (3×3, stride 2) Conv2d layers and a ``head``;
-- ``vit``: a two-layer random ViT (transformers 5 names its attention ``q_proj``/``v_proj``).
+- ``vit``: a two-layer random ViT (transformers 5 names its attention ``q_proj``/``v_proj``);
+- ``conv1d``, ``conv3d``, ``grouped`` (grouped Conv2d), ``gpt2`` (transformers ``Conv1D``), ``embedding``
+  and ``mha`` (``nn.MultiheadAttention``): see ``layer_kinds.py``.
 
 Each kind is rebuilt from a fixed seed, so two calls give bit-identical base weights (which is how the
 interop tests compare a peft-wrapped and a deltatune-wrapped copy of the same model).
@@ -19,10 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from layer_kinds import Conv1dNet, Conv3dNet, EmbeddingNet, Gpt2StyleNet, GroupedConvNet, MhaNet, seeded
 from safetensors.torch import load_file
 from tiny import TINY_VIT_CONFIG
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
+from transformers.pytorch_utils import Conv1D
 
 import deltatune
 from deltatune.layers import AdapterLayer
@@ -75,24 +79,49 @@ def make_vit(seed: int = 0) -> ViTForImageClassification:
 
 @dataclass(frozen=True)
 class ModelKind:
-    """A tiny model family: how to build it, what to target and an input batch."""
+    """A tiny model family: how to build it, what to target, the layer type it exercises and an input batch.
+
+    ``token_ids`` > 0 makes the input integer ids in [0, token_ids) (embedding models).
+    """
 
     name: str
     build: Callable[[int], nn.Module]
     targets: list[str]
     modules_to_save: list[str]
     input_shape: tuple[int, ...]
+    layer_type: type[nn.Module] = nn.Linear
+    token_ids: int = 0
 
     def inputs(self, seed: int = 1) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
+        if self.token_ids:
+            return torch.randint(0, self.token_ids, self.input_shape, generator=gen)
         return torch.randn(*self.input_shape, generator=gen)
 
 
+def _kind(
+    name: str, build: Any, targets: list[str], shape: tuple[int, ...], layer: type, ids: int = 0
+) -> ModelKind:
+    return ModelKind(name, build, targets, ["head"], shape, layer, ids)
+
+
+#: One line per model; methods run on the kinds whose ``layer_type`` their layer class supports.
 MODEL_KINDS = {
     "mlp": ModelKind("mlp", make_mlp, ["fc1", "fc2"], ["head"], (5, 16)),
-    "conv": ModelKind("conv", make_convnet, ["conv1", "conv2", "conv3"], ["head"], (2, 3, 8, 8)),
+    "conv": ModelKind("conv", make_convnet, ["conv1", "conv2", "conv3"], ["head"], (2, 3, 8, 8), nn.Conv2d),
     "vit": ModelKind("vit", make_vit, ["q_proj", "v_proj"], ["classifier"], (2, 3, 32, 32)),
+    "conv1d": _kind("conv1d", seeded(Conv1dNet), ["conv1", "conv2"], (2, 3, 10), nn.Conv1d),
+    "conv3d": _kind("conv3d", seeded(Conv3dNet), ["conv1", "conv2"], (2, 2, 4, 4, 4), nn.Conv3d),
+    "grouped": _kind("grouped", seeded(GroupedConvNet), ["conv1", "conv2"], (2, 4, 6, 6), nn.Conv2d),
+    "gpt2": _kind("gpt2", seeded(Gpt2StyleNet), ["c_fc", "c_proj"], (2, 5, 8), Conv1D),
+    "embedding": _kind("embedding", seeded(EmbeddingNet), ["wte", "wpe"], (2, 6), nn.Embedding, ids=20),
+    "mha": _kind("mha", seeded(MhaNet), ["attn"], (2, 5, 8), nn.MultiheadAttention),
 }
+
+
+def supports(method: str, kind: str) -> bool:
+    """Whether ``method``'s layers can wrap the layer type of model kind ``kind``."""
+    return issubclass(MODEL_KINDS[kind].layer_type, deltatune.get_method(method).layer_cls.supported_layers)
 
 
 def make_config(

@@ -1,4 +1,6 @@
-"""The contract every registered method keeps, on an MLP, a small conv net and a tiny ViT.
+"""The contract every registered method keeps, on every layer type it supports: a tiny model per layer type
+(``MODEL_KINDS`` in conftest.py: Linear MLP, Conv2d, ViT, Conv1d, Conv3d, grouped conv, transformers Conv1D,
+Embedding, MultiheadAttention), so a new method or layer type is covered by registering it or adding a line.
 
 For each (method, model): the output at init equals the base; only adapter and ``modules_to_save``
 tensors train; merge → unmerge restores W; merged logits equal unmerged; merging twice is a no-op;
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pickle
+import re
 from typing import Any
 
 import pytest
@@ -25,6 +28,7 @@ from conftest import (
     max_abs_diff,
     perturb_modules_to_save,
     read_adapter,
+    supports,
 )
 from torch import nn
 
@@ -42,15 +46,19 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _cases() -> list[Any]:
+    """Every registered method on every model kind whose layer type it supports (``MODEL_KINDS`` holds one
+    kind per layer type), plus the CP form of conv kernels where the method has one."""
     cases = []
     for method in deltatune.available_methods():
         fields = {f.name for f in dataclasses.fields(deltatune.get_method(method).config_cls)}
         for kind in MODEL_KINDS:
-            cases.append(pytest.param(method, kind, {}, id=f"{method}-{kind}"))
+            if supports(method, kind):
+                cases.append(pytest.param(method, kind, {}, id=f"{method}-{kind}"))
         if "use_effective_conv2d" in fields:
-            cases.append(
-                pytest.param(method, "conv", {"use_effective_conv2d": True}, id=f"{method}-conv-effective")
-            )
+            for kind in ("conv", "conv1d"):
+                if supports(method, kind):
+                    extra = {"use_effective_conv2d": True}
+                    cases.append(pytest.param(method, kind, extra, id=f"{method}-{kind}-effective"))
     return cases
 
 
@@ -71,7 +79,7 @@ def _build(
 
 
 def _base_weights(model: PeftModel) -> dict[str, torch.Tensor]:
-    return {n: layer.base_layer.weight.detach().clone() for n, layer in adapter_layers(model)}
+    return {n: layer.base_weight.detach().clone() for n, layer in adapter_layers(model)}
 
 
 @pytest.mark.parametrize(("method", "kind_name", "extra"), CASES)
@@ -86,7 +94,7 @@ def test_output_at_init_equals_base(method: str, kind_name: str, extra: dict[str
 def test_only_adapter_and_modules_to_save_train(method: str, kind_name: str, extra: dict[str, Any]) -> None:
     kind, _, model = _build(method, kind_name, extra)
     layer_cls = deltatune.get_method(method).layer_cls
-    adapter_attrs = layer_cls.adapter_param_names
+    adapter_attrs = layer_cls.all_adapter_param_names()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = set()
     for name, _ in model.named_parameters():
@@ -99,7 +107,8 @@ def test_only_adapter_and_modules_to_save_train(method: str, kind_name: str, ext
     assert trainable == expected
     assert any(".modules_to_save.default." in n for n in trainable)
     # The base weights of targeted layers and the original head are frozen.
-    assert not any(".base_layer." in n or ".original_module." in n for n in trainable)
+    base_tensor = re.compile(r"\.base_layer\.(weight|bias|in_proj_weight|in_proj_bias)$")
+    assert not any(base_tensor.search(n) or ".original_module." in n for n in trainable)
     # Gradients reach every trainable tensor, and only those.
     model.train()
     out = model(kind.inputs())
@@ -115,6 +124,11 @@ def test_merge_unmerge_and_idempotent_merge(method: str, kind_name: str, extra: 
     x = kind.inputs()
     before = _base_weights(model)
     unmerged = logits(model, x)
+    if not all(layer.mergeable for _, layer in adapter_layers(model)):  # LoRA on grouped convs, as in PEFT
+        with pytest.raises(NotImplementedError, match="groups > 1"):
+            model.merge_adapter()
+        assert all(torch.equal(w, before[n]) for n, w in _base_weights(model).items())
+        return
     model.merge_adapter()
     merged_weights = _base_weights(model)
     for name, w in merged_weights.items():
@@ -125,7 +139,7 @@ def test_merge_unmerge_and_idempotent_merge(method: str, kind_name: str, extra: 
     model.merge_adapter()
     for name, layer in adapter_layers(model):
         assert layer.merged_adapters == ["default"]
-        torch.testing.assert_close(layer.base_layer.weight, merged_weights[name], atol=0.0, rtol=0.0)
+        torch.testing.assert_close(layer.base_weight, merged_weights[name], atol=0.0, rtol=0.0)
     torch.testing.assert_close(logits(model, x), merged, atol=0.0, rtol=0.0)
     model.unmerge_adapter()
     for name, w in _base_weights(model).items():
@@ -147,6 +161,8 @@ def test_disable_adapter_equals_base(method: str, kind_name: str, extra: dict[st
         torch.testing.assert_close(logits(model, x), expected, atol=0.0, rtol=0.0)
     assert max_abs_diff(logits(model, x), adapted) == 0.0
     # Disabling a merged model unmerges it first (PEFT semantics), so it still equals the base.
+    if not all(layer.mergeable for _, layer in adapter_layers(model)):
+        return
     model.merge_adapter()
     with model.disable_adapter():
         assert rel_diff(logits(model, x), expected) < ATOL
@@ -170,6 +186,10 @@ def test_unload_and_merge_and_unload_restore_types(
             torch.testing.assert_close(p, q, atol=1e-6, rtol=0.0, msg=name)
 
     _, _, model = _build(method, kind_name, extra)
+    if not all(layer.mergeable for _, layer in adapter_layers(model)):
+        with pytest.raises(NotImplementedError):
+            model.merge_and_unload(safe_merge=True)
+        return
     merged = model.merge_and_unload(safe_merge=True)
     assert {n: type(m) for n, m in merged.named_modules()} == types
     assert rel_diff(logits(merged, x), adapted) < ATOL
@@ -286,7 +306,7 @@ class _Grouped(nn.Module):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"target_modules": ["conv", "grouped"]}, "grouped Conv2d"),
+        ({"target_modules": ["conv", "grouped"], "r": 3}, "divisible by groups"),
         ({"target_modules": ["conv"], "modules_to_save": ["nonexistent"]}, "names no module"),
     ],
 )
@@ -295,11 +315,11 @@ def test_failed_injection_leaves_the_model_unchanged(kwargs: dict[str, Any], mes
     model = _Grouped()
     types = {n: type(m) for n, m in model.named_modules()}
     with pytest.raises(ValueError, match=message):
-        get_peft_model(model, deltatune.LoraConfig(r=2, **kwargs))
+        get_peft_model(model, deltatune.LoraConfig(**{"r": 2, **kwargs}))
     assert {n: type(m) for n, m in model.named_modules()} == types
     # A failing second adapter leaves the first one intact.
     peft_model = get_peft_model(model, deltatune.LoraConfig(r=2, target_modules=["conv"]))
     with pytest.raises(ValueError, match=message):
-        peft_model.add_adapter("other", deltatune.LoraConfig(r=2, **kwargs))
+        peft_model.add_adapter("other", deltatune.LoraConfig(**{"r": 2, **kwargs}))
     layer = peft_model.base_model.model.conv
     assert layer.adapter_names == ["default"] and set(peft_model.peft_config) == {"default"}

@@ -1,4 +1,4 @@
-"""Interop with ``peft`` (the test oracle), both directions, every method.
+"""Interop with ``peft`` (the test oracle), both directions, every method on every layer type.
 
 An adapter saved by peft loads into deltatune with identical logits, and one saved by deltatune loads
 into peft likewise (max abs diff < 1e-5); for the same config both libraries write the same tensor
@@ -24,6 +24,7 @@ from conftest import (
     max_abs_diff,
     perturb_modules_to_save,
     read_adapter,
+    supports,
 )
 
 import deltatune
@@ -33,17 +34,26 @@ peft = pytest.importorskip("peft")
 TOL = 1e-5
 
 
-def _supports(method: str, layer: type) -> bool:
-    return issubclass(layer, deltatune.get_method(method).layer_cls.supported_layers)
+#: (method, model kind) pairs whose adapters are deliberately not PEFT-compatible, and why.
+NOT_PEFT_COMPATIBLE = {
+    (
+        "dora",
+        "grouped",
+    ): "DoRA's row norms on a grouped conv use the real (ungrouped) LoRA kernel; peft's do not",
+    (
+        "adalora",
+        "grouped",
+    ): "peft sizes an AdaLoRA conv's A by all input channels, which a grouped conv cannot take",
+    ("lora", "mha"): "peft 0.21 adds out_proj's ΔW twice (see test_mha_same_files_peft_doubles_out_proj)",
+}
 
-
-# (id, method, extra kwargs for both libraries, model kind): every registered method on the ViT and, where it
-# adapts convolutions, the conv net; then options worth checking one by one.
+# (id, method, extra kwargs for both libraries, model kind): every registered method on every layer type it
+# supports (the model kinds of conftest.py), then options worth checking one by one.
 BASE_CASES: list[tuple[str, str, dict[str, Any], str]] = [
     (f"{method}{'' if kind == 'vit' else '-' + kind}", method, {}, kind)
     for method in deltatune.available_methods()
-    for kind in ("vit", "conv")
-    if kind == "vit" or _supports(method, torch.nn.Conv2d)
+    for kind in MODEL_KINDS
+    if kind != "mlp" and supports(method, kind) and (method, kind) not in NOT_PEFT_COMPATIBLE
 ]
 OPTION_CASES: list[tuple[str, str, dict[str, Any], str]] = [
     (
@@ -61,6 +71,10 @@ OPTION_CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("lokr-decompose-both", "lokr", {"r": 1, "decompose_both": True, "rank_dropout_scale": True}, "vit"),
     ("loha-conv-effective", "loha", {"use_effective_conv2d": True}, "conv"),
     ("lokr-conv-effective", "lokr", {"use_effective_conv2d": True, "r": 1}, "conv"),
+    ("loha-conv1d-effective", "loha", {"use_effective_conv2d": True}, "conv1d"),
+    ("lokr-conv1d-effective", "lokr", {"use_effective_conv2d": True, "r": 1}, "conv1d"),
+    ("lokr-conv1d-full-w2", "lokr", {"r": 8}, "conv1d"),
+    ("lora-embedding-rslora", "lora", {"use_rslora": True}, "embedding"),
 ]
 CASES = BASE_CASES + OPTION_CASES
 IDS = [c[0] for c in CASES]
@@ -166,6 +180,37 @@ def test_legacy_target_names_save_as_peft_does(method: str, tmp_path: Path) -> N
     assert our_tensors.keys() == peft_tensors.keys()
     loaded = peft.PeftModel.from_pretrained(kind.build(0), str(tmp_path / "ours")).eval()
     assert max_abs_diff(logits(loaded, x), logits(ours, x)) < TOL
+
+
+def test_mha_same_files_peft_doubles_out_proj(tmp_path: Path) -> None:
+    """LoRA on ``nn.MultiheadAttention``: both libraries write the same keys and shapes and load each other's
+    files, but peft 0.21 adds the out_proj's ΔW twice in forward and merge (its MultiheadAttention merges it by
+    hand and then through the nested layer's own merge). deltatune computes the attention with W + ΔW for
+    both projections: its output equals the base module run with those weights, and peft's equals it with
+    2·ΔW on out_proj. If peft fixes this, the second assertion fails and the pair can join the matrix."""
+    kind = MODEL_KINDS["mha"]
+    x = kind.inputs()
+    reference = _peft_model("lora", "mha", {})
+    reference.save_pretrained(tmp_path)
+    ours = deltatune.PeftModel.from_pretrained(kind.build(0), tmp_path)
+    attn = ours.base_model.model.attn
+    expected = {1: kind.build(0), 2: kind.build(0)}
+    with torch.no_grad():
+        for factor, model in expected.items():
+            model.attn.in_proj_weight += attn.delta_weight("default")
+            model.attn.out_proj.weight += factor * attn.base_layer.out_proj.delta_weight("default")
+            perturbed = dict(reference.named_parameters())[
+                "base_model.model.head.modules_to_save.default.weight"
+            ]
+            model.head.weight.copy_(perturbed)
+            model.head.bias.copy_(
+                dict(reference.named_parameters())["base_model.model.head.modules_to_save.default.bias"]
+            )
+    assert max_abs_diff(logits(ours, x), logits(expected[1], x)) < TOL
+    assert max_abs_diff(logits(reference, x), logits(expected[2], x)) < TOL
+    assert max_abs_diff(logits(ours, x), logits(reference, x)) > 1e-3
+    ours.save_pretrained(tmp_path / "ours")
+    assert read_adapter(tmp_path / "ours")[1].keys() == read_adapter(tmp_path)[1].keys()
 
 
 # ---- AdaLoRA after pruning -----------------------------------------------------------------------

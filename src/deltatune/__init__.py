@@ -7,7 +7,14 @@ file format.
 
 from . import methods  # registers every built-in method (one module each)
 from ._version import __version__
-from .config import AdapterConfig, PeftConfig, TaskType
+from .config import AdapterConfig, PeftConfig, PeftWarning, TaskType
+from .functional import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from .methods.adalora import AdaLoraConfig, AdaLoraModel
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
@@ -26,12 +33,18 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftModelForSequenceClassification",
+    "PeftWarning",
     "TaskType",
     "__version__",
     "available_methods",
+    "get_base_model_state_dict",
     "get_method",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "methods",
     "register_method",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
     "spec_for",
 ]

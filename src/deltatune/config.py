@@ -13,16 +13,41 @@ import dataclasses
 import json
 import logging
 import os
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ._config_types import (
+    AdapterConfigNotFoundError,
+    MissingConfigKeysError,
+    PeftTypeName,
+    PeftWarning,
+    TaskType,
+    check_choice,
+    check_positive_int,
+    check_range,
+    pattern_value,
+)
 from ._files import atomic_write_text, read_json, resolve_file
 from ._version import __version__ as _version
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIG_NAME", "AdapterConfig", "PeftConfig", "TaskType", "config_class_for", "known_peft_types"]
+__all__ = [
+    "CONFIG_NAME",
+    "AdapterConfig",
+    "AdapterConfigNotFoundError",
+    "MissingConfigKeysError",
+    "PeftConfig",
+    "PeftWarning",
+    "TaskType",
+    "check_choice",
+    "check_positive_int",
+    "check_range",
+    "config_class_for",
+    "known_peft_types",
+    "pattern_value",
+]
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -49,52 +74,6 @@ def config_class_for(peft_type: str) -> type[PeftConfig]:
     return cls
 
 
-class TaskType:
-    """The ``task_type`` strings PEFT knows."""
-
-    SEQ_CLS = "SEQ_CLS"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    CAUSAL_LM = "CAUSAL_LM"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-
-    ALL: ClassVar[tuple[str, ...]] = (
-        "SEQ_CLS",
-        "SEQ_2_SEQ_LM",
-        "CAUSAL_LM",
-        "TOKEN_CLS",
-        "QUESTION_ANS",
-        "FEATURE_EXTRACTION",
-    )
-
-
-def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
-    """Raises ``ValueError`` unless ``value`` is one of ``choices``, naming the field and the choices."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
-
-
-def check_range(
-    name: str, value: Any, low: float | None = None, high: float | None = None, *, high_open: bool = True
-) -> None:
-    """Raises ``ValueError`` unless ``low <= value`` and ``value < high`` (``<=`` if not ``high_open``)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise ValueError(f"{name}={value!r} must be a number")
-    too_low = low is not None and value < low
-    too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
-        bound = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{')' if high_open else ']'}"
-        raise ValueError(f"{name}={value!r} is out of range; it must lie in {bound}")
-
-
-def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
-    """Raises ``ValueError`` unless ``value`` is an int > 0 (or >= 0 with ``allow_zero``)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        need = "a non-negative integer" if allow_zero else "a positive integer"
-        raise ValueError(f"{name}={value!r} must be {need}")
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, set | frozenset):
         return sorted(value)
@@ -103,15 +82,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-def pattern_value(pattern: dict[str, Any] | None, names: list[str]) -> Any:
-    """First value of ``pattern`` whose key matches one of ``names`` as ``(.*\\.)?key$`` (PEFT's rule)."""
-    for key, value in (pattern or {}).items():
-        for name in names:
-            if re.match(rf"(.*\.)?({key})$", name):
-                return value
-    return None
 
 
 @dataclass
@@ -150,19 +120,30 @@ class PeftConfig:
 
     def __post_init__(self) -> None:
         if self.task_type is not None:
-            check_choice("task_type", self.task_type, (None, *TaskType.ALL))
+            if self.task_type not in list(TaskType):
+                raise ValueError(
+                    f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
+                    f"{', '.join(TaskType)}. (task_type={self.task_type!r})"
+                )
+            self.task_type = TaskType(self.task_type).value
+        if self.peft_version is None:  # PEFT fills it when the config is created; a loaded one keeps its own
+            self.peft_version = f"deltatune-{_version}"
 
     # ---- dict / JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Returns the config as a JSON-ready dict (sets become sorted lists)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    def to_json_string(self) -> str:
-        """The exact text written to ``adapter_config.json``."""
+    def to_json_string(self, inference_mode: bool | None = None) -> str:
+        """The exact text of ``adapter_config.json`` (sorted keys, sets as sorted lists).
+
+        Args:
+            inference_mode: Value to write instead of the config's (``PeftModel.save_pretrained`` writes
+                ``True``, as PEFT does; ``PeftConfig.save_pretrained`` writes the config's own value).
+        """
         data = self.to_dict()
-        data["inference_mode"] = True
-        if data.get("peft_version") is None:
-            data["peft_version"] = f"deltatune-{_version}"
+        if inference_mode is not None:
+            data["inference_mode"] = inference_mode
         return json.dumps(data, indent=2, sort_keys=True)
 
     @classmethod
@@ -180,11 +161,13 @@ class PeftConfig:
             raise ValueError(f"an adapter config must be a JSON object, got {type(data).__name__}")
         target: type[PeftConfig] = cls
         peft_type = data.get("peft_type")
-        if cls is PeftConfig:
-            if peft_type is None:
-                raise ValueError(
-                    f"adapter config has no 'peft_type'; expected one of {', '.join(known_peft_types())}"
-                )
+        foreign = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if peft_type is None and (cls is PeftConfig or foreign):
+            raise MissingConfigKeysError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+                f"It has no 'peft_type' (expected one of {', '.join(known_peft_types())}): not an adapter config."
+            )
+        if cls is PeftConfig and peft_type is not None:
             if not isinstance(peft_type, str):
                 raise ValueError(f"'peft_type' must be a string, got {peft_type!r}")
             target = config_class_for(peft_type)
@@ -201,20 +184,36 @@ class PeftConfig:
             raise ValueError(f"invalid adapter config: {err}") from err
 
     # ---- files ----------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
-        """Writes ``adapter_config.json`` into ``save_directory`` atomically."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], inference_mode: bool | None = None, **kwargs: Any
+    ) -> None:
+        """Writes ``adapter_config.json`` into ``save_directory`` atomically (``inference_mode`` as the config
+        has it, unless given).
+
+        Raises:
+            ValueError: if ``save_directory`` is a file.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")
         os.makedirs(save_directory, exist_ok=True)
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string(inference_mode))
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike[str]) -> PeftConfig:
-        """Reads a config from a JSON file path.
+    def from_json_file(cls, path: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
+        """The JSON object in ``path`` as a dict (PEFT's contract; :meth:`from_dict` builds the config). A
+        ``runtime_config`` entry, which is never meant to be saved, is dropped.
 
         Raises:
             FileNotFoundError: if the file is missing.
-            ValueError: if it is not valid JSON or not a valid config.
+            ValueError: if it is not valid JSON or not a JSON object.
         """
-        return cls.from_dict(read_json(path, "adapter config"))
+        data = read_json(path, "adapter config")
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{os.fspath(path)} holds a JSON {type(data).__name__}, not an adapter config object"
+            )
+        data.pop("runtime_config", None)
+        return data
 
     @classmethod
     def from_pretrained(
@@ -223,9 +222,20 @@ class PeftConfig:
         subfolder: str | None = None,
         **hub_kwargs: Any,
     ) -> PeftConfig:
-        """Loads ``adapter_config.json`` from a local directory or a Hugging Face Hub repo id."""
-        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
-        return cls.from_json_file(path)
+        """Loads ``adapter_config.json`` from a local directory or a Hugging Face Hub repo id.
+
+        Raises:
+            AdapterConfigNotFoundError: when there is no such file (a ``FileNotFoundError`` and ``ValueError``).
+            MissingConfigKeysError: when the JSON is not an adapter config (no ``peft_type``).
+            ValueError: for invalid values.
+        """
+        try:
+            path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
+        except FileNotFoundError as err:
+            raise AdapterConfigNotFoundError(
+                f"Can't find '{CONFIG_NAME}' at '{os.fspath(pretrained_model_name_or_path)}': {err}"
+            ) from err
+        return cls.from_dict(cls.from_json_file(path))
 
     # ---- helpers for subclasses -----------------------------------------------------------------
     @property
@@ -251,8 +261,8 @@ class AdapterConfig(PeftConfig):
     """
 
     r: int = 8
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
     modules_to_save: list[str] | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
@@ -268,6 +278,8 @@ class AdapterConfig(PeftConfig):
     RANK_PATTERN_IS_RANKS: ClassVar[bool] = True
     #: Command-line flags this method reads differently: ``{flag: (field, notice logged when used)}``.
     FLAG_ALIASES: ClassVar[dict[str, tuple[str, str]]] = {}
+    #: ``target_modules`` used when none are given, per transformers ``model_type`` (PEFT's defaults).
+    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = {}
     #: The guide's settings for this method (``deltatune train``'s defaults; the user's flags override them).
     RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16}
     PEFT_TYPE: ClassVar[str] = ""
@@ -278,7 +290,7 @@ class AdapterConfig(PeftConfig):
             raise ValueError(
                 f"peft_type={self.peft_type!r} does not match {type(self).__name__} ({self.PEFT_TYPE})"
             )
-        self.peft_type = self.PEFT_TYPE  # canonical spelling ("lora" is written back as "LORA")
+        self.peft_type = PeftTypeName(self.PEFT_TYPE)  # canonical spelling ("lora" → "LORA"), with .value
         check_positive_int("r", self.r)
         alpha = getattr(self, self.ALPHA_FIELD)
         check_range(self.ALPHA_FIELD, alpha, 0)

@@ -8,18 +8,30 @@ layer subclass only creates its parameters (:meth:`AdapterLayer.update_layer`), 
 
 from __future__ import annotations
 
-import math
-from typing import Any, ClassVar, TypeVar
+import warnings
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AdapterConfig, PeftConfig
+from ._layer_helpers import (
+    adapter_dtype,
+    base_weight_shape,
+    expect_config,
+    kaiming_uniform_,
+    module_bias,
+    module_weight,
+)
+from .config import AdapterConfig
+from .layer_registry import LayerKinds
+from .layer_types import apply_with_weight, in_out_features, is_linear_like
+from .mixed_batch import MixedBatchMixin
 
 __all__ = [
     "AdapterLayer",
     "LowRankLayer",
+    "adapter_dtype",
     "base_weight_shape",
     "expect_config",
     "kaiming_uniform_",
@@ -28,55 +40,7 @@ __all__ = [
 ]
 
 
-ConfigT = TypeVar("ConfigT", bound=PeftConfig)
-
-
-def expect_config(config: PeftConfig, cls: type[ConfigT]) -> ConfigT:
-    """``config``, checked to be a ``cls`` (a layer was handed another method's config otherwise).
-
-    Raises:
-        TypeError: naming both classes.
-    """
-    if not isinstance(config, cls):
-        raise TypeError(f"expected a {cls.__name__}, got a {type(config).__name__}")
-    return config
-
-
-def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:
-    """``nn.init.kaiming_uniform_(a=√5)``: U(±1/√fan_in), fan_in = shape[1]·∏shape[2:]."""
-    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
-
-
-def module_weight(module: nn.Module) -> torch.Tensor:
-    """``module.weight`` as a tensor (Linear (out, in), Conv (out, in/groups, *kernel), ...).
-
-    Raises:
-        TypeError: if the module has no tensor ``weight``.
-    """
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{type(module).__name__} has no weight tensor")
-    return weight
-
-
-def module_bias(module: nn.Module) -> torch.Tensor | None:
-    """``module.bias`` as a tensor, or None when the module has no bias."""
-    bias = getattr(module, "bias", None)
-    return bias if isinstance(bias, torch.Tensor) else None
-
-
-def base_weight_shape(layer: nn.Module) -> tuple[int, ...]:
-    """The weight shape of a Linear (out, in) or Conv (out, in/groups, *kernel) layer."""
-    return tuple(module_weight(layer).shape)
-
-
-def adapter_dtype(layer: nn.Module) -> torch.dtype:
-    """Adapters are kept in fp32 when the base weight is fp16/bf16 (PEFT's ``autocast_adapter_dtype``)."""
-    dtype = module_weight(layer).dtype
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-class AdapterLayer(nn.Module):
+class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
     """Base class of the layers that wrap a targeted module.
 
     Args:
@@ -94,6 +58,8 @@ class AdapterLayer(nn.Module):
     adapter_param_names: ClassVar[tuple[str, ...]] = ()
     #: Names of per-adapter attributes that hold non-trainable state (e.g. AdaLoRA's ``ranknum``).
     other_param_names: ClassVar[tuple[str, ...]] = ()
+    #: The method's short name in ``repr`` (``"lora"`` gives ``lora.Linear(...)``, as in PEFT).
+    repr_prefix: ClassVar[str] = ""
     #: Module types this method can adapt.
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
 
@@ -105,6 +71,10 @@ class AdapterLayer(nn.Module):
                 f"{type(self).__name__} cannot adapt a {type(base_layer).__name__}; supported layer types: {names}"
             )
         self.base_layer = base_layer
+        #: PEFT's names for the adapted sizes (see :func:`deltatune.layer_types.in_out_features`).
+        self.in_features, self.out_features = in_out_features(base_layer)
+        #: During ``PeftModel.forward(adapter_names=[...])``: the adapter of each row of the batch.
+        self.batch_adapter_names: list[str] | None = None
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
@@ -149,6 +119,11 @@ class AdapterLayer(nn.Module):
         return self.base_bias
 
     @property
+    def mergeable(self) -> bool:
+        """Whether the adapters can be folded into the base weight (not so for LoRA on a grouped conv)."""
+        return True
+
+    @property
     def merged(self) -> bool:
         """True when at least one adapter is merged into the base weight."""
         return bool(self.merged_adapters)
@@ -179,18 +154,41 @@ class AdapterLayer(nn.Module):
                 params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
         return params
 
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Activates ``adapter_names`` (only those held here) and makes exactly their tensors trainable."""
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activates ``adapter_names`` (only those held here) and makes exactly their tensors trainable (none
+        with ``inference_mode``)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.adapter_names:
             for p in self.adapter_parameters(name):
-                p.requires_grad_(name in names)
-        self.active_adapters = [n for n in names if n in self.r]
+                p.requires_grad_(name in names and not inference_mode)
+        self.active_adapters = (
+            names  # as in PEFT, names this layer does not hold stay listed (and are skipped)
+        )
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turns gradients of the named adapters' tensors on or off (active or not)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(requires_grad)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Enables or disables this layer's adapters; disabled, its adapter tensors are frozen as in PEFT (and
+        forward gives the base output)."""
+        if not enabled:
+            for name in self.adapter_names:
+                for p in self.adapter_parameters(name):
+                    p.requires_grad_(False)
+        self.disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Removes ``adapter_name`` (unmerging it first if merged)."""
         if adapter_name in self.merged_adapters:
             self.unmerge()
+        self._delete_tensors(adapter_name)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    def _delete_tensors(self, adapter_name: str) -> None:
         for container in self._adapter_containers():
             if adapter_name in container:
                 del container[adapter_name]
@@ -198,7 +196,6 @@ class AdapterLayer(nn.Module):
         self.scaling.pop(adapter_name, None)
         for per_adapter in self._extra_per_adapter.values():
             per_adapter.pop(adapter_name, None)
-        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Folds the adapters into the base weight (W ← :meth:`merged_weight`, W + ΔW by default).
@@ -208,6 +205,9 @@ class AdapterLayer(nn.Module):
             adapter_names: Adapters to merge; default the active ones. Already merged ones are skipped.
         """
         names = self.active_adapters if adapter_names is None else adapter_names
+        if isinstance(names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {names!r}")
+        self._warn_if_merged(names)
         weight = self.base_weight
         for name in names:
             if name not in self.r or name in self.merged_adapters:
@@ -223,6 +223,20 @@ class AdapterLayer(nn.Module):
                 self._merge_bias(name, sign=1.0)
             self.merged_adapters.append(name)
 
+    def _warn_if_merged(self, names: list[str]) -> None:
+        """PEFT's warnings when merging into a layer that already holds merged adapters."""
+        if not self.merged:
+            return
+        pending = [n for n in names if n in self.r and n not in self.merged_adapters]
+        if pending:
+            warnings.warn(
+                f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                f"You are now additionally merging {','.join(pending)}.",
+                stacklevel=4,
+            )
+        else:
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=4)
+
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         """The base weight with ``adapter_name`` folded in, as a new tensor (default W + ΔW); a method whose
         merge is not additive (DoRA's column rescaling) overrides this and :meth:`unmerged_weight`."""
@@ -236,7 +250,11 @@ class AdapterLayer(nn.Module):
         """Hook for methods that also change the bias when merging (LoRA's ``lora_bias``)."""
 
     def unmerge(self) -> None:
-        """Undoes every merge in reverse order (W ← :meth:`unmerged_weight`)."""
+        """Undoes every merge in reverse order (W ← :meth:`unmerged_weight`); warns, as PEFT does, when
+        nothing is merged."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
         weight = self.base_weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
@@ -247,19 +265,18 @@ class AdapterLayer(nn.Module):
     def base_forward_with_weight(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Applies the base layer's operation with ``weight`` instead of its own (and ``bias``, default none)."""
+        """Applies the base layer's operation with ``weight`` (in the base's stored layout) instead of its own
+        (and ``bias``, default none); see :func:`deltatune.layer_types.apply_with_weight`."""
         base = self.base_layer
         if isinstance(base, nn.Linear):
             return F.linear(x, weight, bias)
-        if isinstance(base, nn.Conv2d | nn.Conv1d) and base.padding_mode != "zeros":
-            return base._conv_forward(x, weight, bias)  # pads as the base does ("reflect", ...)
-        if isinstance(base, nn.Conv2d):
-            return F.conv2d(x, weight, bias, base.stride, base.padding, base.dilation, base.groups)
-        if isinstance(base, nn.Conv1d):
-            return F.conv1d(x, weight, bias, base.stride, base.padding, base.dilation, base.groups)
-        raise TypeError(f"no weight-swapped forward for {type(base).__name__}")
+        return apply_with_weight(base, x, weight, bias)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.batch_adapter_names is not None:
+            # A mixed batch (PeftModel.forward(adapter_names=...)): a separate path, so the fast paths below
+            # never see it.
+            return self.mixed_batch_forward(x, self.batch_adapter_names, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -286,6 +303,46 @@ class AdapterLayer(nn.Module):
         """Returns ``result`` plus the adapter's term (methods may fuse this)."""
         delta = self.adapter_output(x, adapter_name)
         return result + delta.to(result.dtype)
+
+    def cast_adapter(self, adapter_name: str, dtype: torch.dtype) -> None:
+        """Casts the tensors of ``adapter_name`` to ``dtype`` (``autocast_adapter_dtype=False``: the base's)."""
+        if not dtype.is_floating_point:
+            return
+        for container in self._adapter_containers():
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Module):
+                item.to(dtype)
+            else:
+                item.data = item.data.to(dtype)
+
+    def adapter_to_meta(self, adapter_name: str) -> None:
+        """Replaces the trainable tensors of ``adapter_name`` by storage-free ``meta`` tensors
+        (``low_cpu_mem_usage``: they are materialised by the loaded weights)."""
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, nn.Module):
+                item.to_empty(device="meta")
+            else:
+                container[adapter_name] = nn.Parameter(
+                    torch.empty_like(item, device="meta"), requires_grad=item.requires_grad
+                )
+
+    def _get_name(self) -> str:
+        """The name in ``repr``: PEFT's ``<method>.<layer kind>`` (``lora.Linear``) when the method sets
+        :attr:`repr_prefix`, else the class name."""
+        if not self.repr_prefix:
+            return type(self).__name__
+        kind = "Linear" if is_linear_like(self.base_layer) else type(self.base_layer).__name__
+        return f"{self.repr_prefix}.{kind}"
+
+    def unwrapped(self) -> nn.Module:
+        """The module to put back when the adapter layer is removed (the base layer)."""
+        return self.base_layer
 
     def export_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The tensors of ``adapter_name`` under their saved names relative to this layer (``lora_A.weight``

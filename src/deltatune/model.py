@@ -1,4 +1,5 @@
-"""``PeftModel``: the user-facing wrapper — adapters, save/load, merge, counting.
+"""``PeftModel``: the user-facing wrapper — adapters, mixed-adapter batches, merge, counting; saving and
+loading come from :class:`~deltatune.model_io.SaveLoadMixin`.
 
 Attribute access falls through to the wrapped model, so ``model.config``, ``main_input_name`` and
 friends work, and ``transformers.Trainer`` and pipelines can drive it.
@@ -9,68 +10,61 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 
 from .config import AdapterConfig, PeftConfig
-from .registry import available_methods, get_method, spec_for
-from .serialization import (
-    get_adapter_state_dict,
-    load_adapter_weights,
-    save_adapter_weights,
-    set_adapter_state_dict,
-)
+from .functional import tuner_class
+from .model_io import SaveLoadMixin, adapter_config
 from .tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PeftModel", "get_peft_model"]
+__all__ = ["PeftModel", "PeftModelForSequenceClassification", "get_peft_model"]
+
+#: The name that sends a row of a mixed batch through the base model only.
+BASE_ROW = "__base__"
 
 
-def _adapter_config(config: Any) -> AdapterConfig:
-    """``config`` itself, checked to be one of deltatune's adapter configs."""
-    if not isinstance(config, AdapterConfig):
-        raise TypeError(
-            f"expected a deltatune adapter config ({', '.join(_config_names())}), got {type(config).__name__}"
-        )
-    return config
-
-
-def _config_names() -> list[str]:
-    return list(dict.fromkeys(get_method(m).config_cls.__name__ for m in available_methods()))
-
-
-def _tuner_class(config: PeftConfig) -> type[AdapterModel]:
-    tuner = spec_for(config).tuner_cls or AdapterModel
-    if not issubclass(tuner, AdapterModel):
-        raise TypeError(f"the tuner of {type(config).__name__} is not an AdapterModel: {tuner!r}")
-    return tuner
-
-
-class PeftModel(nn.Module):
+class PeftModel(SaveLoadMixin):
     """A model with one or more named adapters.
 
     Args:
         model: The base model (changed in place: targeted modules are wrapped).
         peft_config: Config of the first adapter.
         adapter_name: Its name (default ``"default"``).
+        autocast_adapter_dtype: Keep adapters in fp32 over an fp16/bf16 base (default, as PEFT); False keeps
+            them in the base weight's dtype.
+        low_cpu_mem_usage: Create the adapter tensors on the ``meta`` device, to be materialised by loading
+            weights (what ``from_pretrained(..., low_cpu_mem_usage=True)`` does).
 
     Attributes:
-        base_model: The tuner (:class:`~deltatune.inject.AdapterModel`); ``base_model.model`` is the
+        base_model: The tuner (:class:`~deltatune.tuner.AdapterModel`); ``base_model.model`` is the
             user's model.
     """
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         super().__init__()
-        if not isinstance(peft_config, AdapterConfig):
-            raise TypeError(f"expected a deltatune adapter config, got {type(peft_config).__name__}")
-        if peft_config.base_model_name_or_path is None:
-            peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-        self.base_model: AdapterModel = _tuner_class(peft_config)(model, peft_config, adapter_name)
-        self.modules_to_save = set(peft_config.modules_to_save or [])
+        config = adapter_config(peft_config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        self.base_model: AdapterModel = tuner_class(config)(
+            model,
+            config,
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
 
     # ---- fall-through ---------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -81,25 +75,73 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The model's forward. With ``adapter_names`` (one per row of the batch, ``"__base__"`` for none), each
+        row runs through its own adapter: many fine-tunes served from one base in one batch (inference only).
 
-    @property
-    def peft_config(self) -> dict[str, AdapterConfig]:
-        """Adapter name → config."""
-        return self.base_model.peft_config
+        Raises:
+            ValueError: for ``adapter_names`` in training mode, unknown names, a length that does not match
+                the batch, or merged adapters.
+        """
+        with self._mixed_batch(adapter_names):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate``, with ``adapter_names`` as in :meth:`forward`."""
+        with self._mixed_batch(adapter_names):
+            generate = getattr(self.base_model.model, "generate", None)
+            if not callable(generate):
+                raise AttributeError(f"{type(self.base_model.model).__name__} has no generate()")
+            return generate(*args, **kwargs)
+
+    @contextmanager
+    def _mixed_batch(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+        """Within the block, every adapter layer and ``modules_to_save`` wrapper sends each row of the batch
+        through the adapter named for it."""
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = {n for _, layer in self.base_model.adapter_layers() for n in layer.r}
+        unknown = sorted({n for n in adapter_names if n != BASE_ROW} - known)
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        names = list(adapter_names)
+        modules: list[Any] = [m for _, m in self.base_model.adapter_layers()]
+        modules += [m for _, m in self.base_model.saved_module_wrappers()]
+        for module in modules:
+            module.batch_adapter_names = names
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.batch_adapter_names = None
 
     @property
     def active_adapter(self) -> str:
-        return self.base_model.active_adapter
+        """The (first) active adapter; :attr:`active_adapters` lists them all (PEFT returns a list here when
+        several are active)."""
+        return self.base_model.current_adapter
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self.base_model.active_adapter]
+        return self.base_model.active_adapters
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The ``modules_to_save`` entries of all adapters together (None when there are none)."""
+        names = {m for c in self.peft_config.values() for m in (c.modules_to_save or [])}
+        return names or None
+
+    @property
+    def active_peft_config(self) -> AdapterConfig:
+        """The config of the (first) active adapter."""
+        return self.peft_config[self.base_model.current_adapter]
 
     @property
     def peft_type(self) -> str | None:
-        return self.peft_config[self.active_adapter].peft_type
+        return self.active_peft_config.peft_type
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with adapter layers still in place)."""
@@ -125,37 +167,68 @@ class PeftModel(nn.Module):
 
     # ---- adapters -------------------------------------------------------------------------------
     def add_adapter(
-        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Adds a new adapter (not activated; call :meth:`set_adapter`)."""
-        if not isinstance(peft_config, AdapterConfig):
-            raise TypeError(f"expected a deltatune adapter config, got {type(peft_config).__name__}")
-        if peft_config.base_model_name_or_path is None:
-            peft_config.base_model_name_or_path = self.peft_config[
-                self.active_adapter
-            ].base_model_name_or_path
-        self.base_model.inject_adapter(adapter_name, peft_config)
+        """Adds a new adapter, inactive and frozen (:meth:`set_adapter` activates it); the trainability of the
+        others is unchanged."""
+        config = adapter_config(peft_config)
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = self.active_peft_config.base_model_name_or_path
+        self.base_model.inject_adapter(
+            adapter_name,
+            config,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Activates ``adapter_name`` and makes it the trainable one."""
-        self.base_model.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Activates ``adapter_name`` and makes it the trainable one (frozen with ``inference_mode``); several
+        active adapters at once: ``model.base_model.set_adapter([...])``."""
+        if not isinstance(adapter_name, str):
+            raise TypeError(
+                f"PeftModel.set_adapter takes one name, got {adapter_name!r}; activate several with "
+                "model.base_model.set_adapter([...])"
+            )
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turns gradients of the named adapters on or off (active or not)."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Deletes ``adapter_name`` from the model."""
+        """Deletes ``adapter_name``; a merged one is unmerged first (peft refuses instead)."""
         self.base_model.delete_adapter(adapter_name)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Context in which the model behaves exactly like the base model."""
-        self.base_model.enable_adapter_layers(False)
+        """Context in which the model behaves exactly like the base model; adapter tensors are frozen inside
+        and get their previous trainability and enabled state back on exit."""
+        state = self.base_model.adapter_layers_enabled()
+        if state == "irregular":
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. This is "
+                "most likely unintentional. After exiting the disable_adapter context, all adapters will be "
+                "enabled",
+                stacklevel=3,
+            )
+        grads = {id(p): p.requires_grad for p in self.parameters()}
+        self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers(True)
+            if state is not False:
+                self.base_model.enable_adapter_layers()
+            for p in self.parameters():
+                p.requires_grad_(grads.get(id(p), p.requires_grad))
 
     # ---- merge ----------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Folds the adapter into the base weights in place (undo with :meth:`unmerge_adapter`)."""
+        """Folds the adapters (default: the active ones) into the base weights in place (undo with
+        :meth:`unmerge_adapter`)."""
         self.base_model.merge_adapter(adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
@@ -173,59 +246,7 @@ class PeftModel(nn.Module):
         """Removes every adapter without merging and returns the base model."""
         return self.base_model.unload_and_optionally_merge(False)
 
-    # ---- save / load ----------------------------------------------------------------------------
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike[str],
-        safe_serialization: bool = True,
-        selected_adapters: list[str] | None = None,
-        is_main_process: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        """Writes ``adapter_config.json`` and ``adapter_model.safetensors`` (PEFT's format).
-
-        The default adapter goes into ``save_directory``, others into ``save_directory/<name>``. Files
-        are written atomically: an interrupted save leaves any previous files intact.
-        """
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")
-        if not is_main_process:
-            return
-        names = selected_adapters or list(self.peft_config)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ValueError(f"no adapters named {unknown}; adapters: {sorted(self.peft_config)}")
-        for name in names:
-            directory = os.path.join(save_directory, name) if name != "default" else os.fspath(save_directory)
-            os.makedirs(directory, exist_ok=True)
-            self.base_model.prepare_save(name)
-            tensors = get_adapter_state_dict(self.base_model, name)
-            if any(t.numel() == 0 for t in tensors.values()):
-                logger.info(
-                    "adapter %r has modules pruned to rank 0 (empty tensors are saved as PEFT does)", name
-                )
-            save_adapter_weights(tensors, directory, safe_serialization=safe_serialization)
-            self._config_to_save(name).save_pretrained(directory)
-
-    def _config_to_save(self, adapter_name: str) -> AdapterConfig:
-        """The config as written: legacy target names replaced by the ones this model uses (so PEFT can
-        load the file on the same transformers version), and ``auto_mapping`` filled as PEFT does."""
-        config = self.peft_config[adapter_name]
-        data = config.to_dict()
-        renamed = self.base_model.renamed_targets.get(adapter_name, {})
-        if renamed and isinstance(config.target_modules, set):
-            targets: set[str] = set()
-            for entry in config.target_modules:
-                targets.update(renamed[entry].split(",") if entry in renamed else [entry])
-            data["target_modules"] = sorted(targets)
-        if config.task_type is None and config.auto_mapping is None:
-            base = self.base_model.model
-            data["auto_mapping"] = {
-                "base_model_class": type(base).__name__,
-                "parent_library": type(base).__module__,
-            }
-        return _adapter_config(type(config).from_dict(data))
-
+    # ---- load -----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls,
@@ -246,79 +267,34 @@ class PeftModel(nn.Module):
             is_trainable: Keep the adapter trainable; otherwise it is frozen and the model put in eval.
             config: Use this config instead of the saved one.
             strict: Refuse adapter tensors that match nothing in the model (default True).
+            **kwargs: ``autocast_adapter_dtype``, ``ignore_mismatched_sizes``, ``low_cpu_mem_usage``,
+                ``subfolder`` and Hub download options (``revision``, ``token``, ...).
         """
+        options = cls._split_load_options(kwargs)
         subfolder = kwargs.pop("subfolder", None)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
-        config = _adapter_config(config)
+        config = adapter_config(config)
         config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name)
+        peft_model = (PeftModelForSequenceClassification if config.task_type == "SEQ_CLS" else cls)(
+            model,
+            config,
+            adapter_name,
+            autocast_adapter_dtype=options.get("autocast_adapter_dtype", True),
+            low_cpu_mem_usage=bool(options.get("low_cpu_mem_usage", False)),
+        )
         peft_model._load_weights(
-            model_id, adapter_name, strict=strict, subfolder=subfolder, saved_config=config, **kwargs
+            model_id,
+            adapter_name,
+            strict=strict,
+            subfolder=subfolder,
+            saved_config=config,
+            ignore_mismatched_sizes=bool(options.get("ignore_mismatched_sizes", False)),
+            **kwargs,
         )
         if not is_trainable:
             peft_model.eval()
         return peft_model
-
-    def load_adapter(
-        self,
-        model_id: str | os.PathLike[str],
-        adapter_name: str,
-        is_trainable: bool = False,
-        strict: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        """Loads another saved adapter into this model under ``adapter_name`` (or reloads an existing
-        one's weights, e.g. when the Trainer resumes)."""
-        subfolder = kwargs.pop("subfolder", None)
-        saved: AdapterConfig | None = None
-        if adapter_name not in self.peft_config:
-            saved = _adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
-            saved.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, saved)
-        else:  # reloading an existing adapter (the Trainer resuming): the saved config may adapt the tensors
-            try:
-                saved = _adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
-            except FileNotFoundError:
-                saved = None
-        self._load_weights(
-            model_id, adapter_name, strict=strict, subfolder=subfolder, saved_config=saved, **kwargs
-        )
-        if not is_trainable:
-            for _, layer in self.base_model.adapter_layers():
-                for p in layer.adapter_parameters(adapter_name):
-                    p.requires_grad_(False)
-
-    def _load_weights(
-        self,
-        model_id: str | os.PathLike[str],
-        adapter_name: str,
-        strict: bool,
-        saved_config: AdapterConfig | None = None,
-        **kwargs: Any,
-    ) -> None:
-        tensors = load_adapter_weights(model_id, **kwargs)
-        tensors = self.base_model.adapt_loaded_tensors(tensors, adapter_name, saved_config)
-        set_adapter_state_dict(self.base_model, tensors, adapter_name, strict=strict)
-
-    def push_to_hub(
-        self, repo_id: str, private: bool | None = None, token: str | None = None, **kwargs: Any
-    ) -> str:
-        """Saves the adapter to a temporary directory and uploads it to the Hub; returns the commit URL."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=tmp,
-                commit_message=kwargs.get("commit_message", "Upload adapter"),
-            )
-        return str(info)
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -341,10 +317,15 @@ def get_peft_model(
     """
     if mixed:
         raise ValueError("mixed adapter types in one model are not supported by deltatune (mixed=True)")
-    if any(isinstance(m, PeftModel) for m in [model]):
+    if isinstance(model, PeftModel):
         warnings.warn("the model is already a PeftModel; wrapping it again nests adapters", stacklevel=2)
     if revision is not None:
         peft_config.revision = revision
-    if peft_config.task_type == "SEQ_CLS":
-        return PeftModelForSequenceClassification(model, peft_config, adapter_name)
-    return PeftModel(model, peft_config, adapter_name)
+    cls = PeftModelForSequenceClassification if peft_config.task_type == "SEQ_CLS" else PeftModel
+    return cls(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )

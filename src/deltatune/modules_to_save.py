@@ -4,7 +4,6 @@ per adapter, the original kept frozen."""
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any
 
 import torch
@@ -12,7 +11,10 @@ from torch import nn
 
 from .layers import module_weight
 
-__all__ = ["ModulesToSaveWrapper"]
+__all__ = ["MIXED_BATCH_TYPES", "ModulesToSaveWrapper"]
+
+#: Module types whose rows a mixed batch may send through different copies.
+MIXED_BATCH_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -39,20 +41,37 @@ class ModulesToSaveWrapper(nn.Module):
             clone.requires_grad_(True)
             self.modules_to_save[adapter_name] = clone
 
-    def set_adapter(self, adapter_name: str | list[str] | None) -> None:
-        """Makes the copy of ``adapter_name`` the one used (and trainable); others freeze."""
-        if isinstance(adapter_name, list):
+    def set_adapter(self, adapter_name: str | list[str] | None, inference_mode: bool = False) -> None:
+        """Makes the copy of ``adapter_name`` the one used (and trainable unless ``inference_mode``); others
+        freeze. Of a list, the one adapter that holds a copy here is used.
+
+        Raises:
+            ValueError: when several of the listed adapters hold a copy of this module (copies replace the
+                module, they cannot be added up; PEFT's error).
+        """
+        if isinstance(adapter_name, list | tuple):
             held = [n for n in adapter_name if n in self.modules_to_save]
             if len(held) > 1:
-                warnings.warn(
-                    f"several adapters with modules_to_save are active ({held}); using {held[0]!r}",
-                    stacklevel=2,
+                raise ValueError(
+                    f"Only one adapter can be set at a time for ModulesToSaveWrapper, got {held}: these "
+                    "adapters each hold a copy of this module"
                 )
             adapter_name = held[0] if held else None
         for name, module in self.modules_to_save.items():
-            module.requires_grad_(name == adapter_name)
+            module.requires_grad_(name == adapter_name and not inference_mode)
         held_name = adapter_name is not None and adapter_name in self.modules_to_save
         self.active_adapter = adapter_name if held_name else None
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapter whose copy is used, as a list (empty when the original is used)."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Disabled, forward uses the original module and the copies are frozen."""
+        if not enabled:
+            self.modules_to_save.requires_grad_(False)
+        self.disable_adapters = not enabled
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
@@ -88,5 +107,33 @@ class ModulesToSaveWrapper(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active_adapter]
 
+    #: During ``PeftModel.forward(adapter_names=[...])``: the adapter of each row of the batch.
+    batch_adapter_names: list[str] | None = None
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rows = self.batch_adapter_names
+        if rows is not None and not self.disable_adapters:
+            return self._mixed_batch_forward(rows, *args, **kwargs)
         return self.active_module(*args, **kwargs)
+
+    def _mixed_batch_forward(
+        self, rows: list[str], x: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Each row of ``x`` through its adapter's copy (the original for ``"__base__"`` or an adapter without
+        one), for plain layers as PEFT allows.
+
+        Raises:
+            TypeError: for a module type whose rows cannot be split this way.
+        """
+        if not isinstance(self.original_module, MIXED_BATCH_TYPES):
+            names = ", ".join(t.__name__ for t in MIXED_BATCH_TYPES)
+            raise TypeError(f"Mixed batching is only supported for the following modules: {names}.")
+        out: list[torch.Tensor | None] = [None] * len(x)
+        copies: dict[str, nn.Module] = dict(self.modules_to_save.items())
+        for name in dict.fromkeys(rows):
+            index = [i for i, n in enumerate(rows) if n == name]
+            module = copies.get(name, self.original_module)
+            result = module(x[index], *args, **kwargs)
+            for j, i in enumerate(index):
+                out[i] = result[j]
+        return torch.stack([t for t in out if t is not None])

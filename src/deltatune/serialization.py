@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ._files import atomic_write_bytes, resolve_file
+from .layers import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import available_methods, get_method, specs_for_peft_type
 from .tuner import AdapterModel
@@ -26,9 +28,14 @@ __all__ = [
     "PREFIX",
     "SAFETENSORS_WEIGHTS_NAME",
     "WEIGHTS_NAME",
+    "AdapterShapeMismatchError",
+    "LoadResult",
+    "embedding_module_names",
+    "embedding_tensors",
     "get_adapter_state_dict",
     "load_adapter_weights",
     "save_adapter_weights",
+    "saved_to_memory_key",
     "set_adapter_state_dict",
 ]
 
@@ -140,9 +147,13 @@ def _owner(key: str, owners: dict[str, Any]) -> tuple[str, Any] | None:
 
 
 def _in_memory_key(key: str, owners: dict[str, Any], adapter_name: str) -> str | None:
+    """The state-dict key (in the user's model) a saved key loads into; ``owners`` maps module paths to adapter
+    layers and wrappers, and its :data:`DIRECT_KEYS` entry lists the keys that load as they are (base weights
+    an adapter saves: trained biases, embeddings)."""
     found = _owner(key, owners)
+    direct: _DirectKeys = owners[DIRECT_KEYS]
     if found is None:
-        return None
+        return key if direct.covers(key) else None
     path, module = found
     rest = key[len(path) + 1 :]
     if isinstance(module, ModulesToSaveWrapper):
@@ -151,7 +162,7 @@ def _in_memory_key(key: str, owners: dict[str, Any], adapter_name: str) -> str |
         rest = rest.removeprefix("modules_to_save.")
         return f"{path}.modules_to_save.{adapter_name}.{rest}"
     attr, _, tail = rest.partition(".")
-    if attr in module.adapter_param_names:
+    if isinstance(module, AdapterLayer) and attr in module.adapter_param_names:
         container = getattr(module, attr)
         if isinstance(container, torch.nn.ModuleDict):
             return f"{path}.{attr}.{adapter_name}.{tail}"
@@ -159,13 +170,30 @@ def _in_memory_key(key: str, owners: dict[str, Any], adapter_name: str) -> str |
     return key  # e.g. "<path>.base_layer.bias"
 
 
+def _assign(
+    tuner: AdapterModel, target: str, tensor: torch.Tensor, param: torch.Tensor, owners: dict[str, Any]
+) -> None:
+    """Puts ``tensor`` in place of the ``meta`` parameter ``target`` (on its layer's base device)."""
+    parent, _, leaf = target.rpartition(".")
+    found = _owner(target, owners)
+    layer = found[1] if found is not None else None
+    device = layer.base_weight.device if isinstance(layer, AdapterLayer) else tensor.device
+    value = torch.nn.Parameter(tensor.to(dtype=param.dtype, device=device), requires_grad=param.requires_grad)
+    setattr(tuner.model.get_submodule(parent), leaf, value)
+
+
+def saved_to_memory_key(tuner: AdapterModel, saved_key: str, adapter_name: str) -> str | None:
+    """The key in the user's model's state dict that a saved key of ``adapter_name`` loads into (None: none)."""
+    return _in_memory_key(saved_key.removeprefix(PREFIX), _owners(tuner, adapter_name), adapter_name)
+
+
 def _raise_if_other_method(tuner: AdapterModel, adapter_name: str, keys: list[str]) -> None:
     """A clearer error when the tensors belong to another method than the config says."""
     config_type = str(tuner.peft_config[adapter_name].peft_type)
-    own = {a for spec in specs_for_peft_type(config_type) for a in spec.layer_cls.adapter_param_names}
+    own = {a for spec in specs_for_peft_type(config_type) for a in spec.layer_cls.all_adapter_param_names()}
     for name in available_methods():
         spec = get_method(name)
-        distinct = set(spec.layer_cls.adapter_param_names) - own
+        distinct = set(spec.layer_cls.all_adapter_param_names()) - own
         if spec.peft_type == config_type or not distinct:
             continue
         if any(f".{a}" in k for k in keys for a in distinct):
@@ -175,17 +203,103 @@ def _raise_if_other_method(tuner: AdapterModel, adapter_name: str, keys: list[st
             )
 
 
-def set_adapter_state_dict(
-    tuner: AdapterModel, state_dict: Mapping[str, torch.Tensor], adapter_name: str, strict: bool = True
-) -> list[str]:
-    """Copies saved adapter tensors into ``adapter_name``; returns the keys that matched nothing.
+class LoadResult(NamedTuple):
+    """What loading adapter tensors matched: PEFT's (and torch's) ``missing_keys`` / ``unexpected_keys``.
 
-    Raises:
-        ValueError: on a shape mismatch (naming the module and both shapes); with ``strict``, when keys
-            match nothing in the model or adapter tensors are missing from the file.
+    ``missing_keys`` lists the adapter's in-memory keys that the file did not provide (empty for a complete
+    file); ``unexpected_keys`` the file's keys that match nothing in the model.
     """
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class AdapterShapeMismatchError(RuntimeError, ValueError):
+    """An adapter tensor's shape differs from the model's. A ``RuntimeError`` with "size mismatch" like torch's
+    ``load_state_dict`` (what ``peft`` raises) and a ``ValueError`` (what deltatune raised before)."""
+
+
+def embedding_module_names(model: torch.nn.Module) -> list[str]:
+    """Names of the input/output embedding modules of a transformers-style model (``get_input_embeddings``),
+    as the module that holds the weight (``embed_tokens.base_layer`` when an adapter wraps it)."""
+    names: list[str] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            layer = fn() if callable(fn) else None
+        except (NotImplementedError, AttributeError):  # transformers vision models have no embeddings
+            layer = None
+        if layer is None:
+            continue
+        held = layer.base_layer if isinstance(layer, AdapterLayer) else layer
+        for name, module in model.named_modules():
+            if module is held and name and name not in names:
+                names.append(name)
+    return names
+
+
+def embedding_tensors(tuner: AdapterModel) -> dict[str, torch.Tensor]:
+    """The full weights of the model's input/output embedding modules under PEFT's keys (for
+    ``save_embedding_layers``)."""
+    out: dict[str, torch.Tensor] = {}
+    state = tuner.model.state_dict()
+    for name in embedding_module_names(tuner.model):
+        prefix = name + "."
+        out.update({f"{PREFIX}{k}": v for k, v in state.items() if k.startswith(prefix)})
+    return out
+
+
+#: Key of the owners table (:func:`_owners`) holding the keys that load as they are.
+DIRECT_KEYS = "\x00direct"
+
+
+class _DirectKeys:
+    """Saved keys that name base-model tensors directly: the extra tensors the method saves, any bias (PEFT's
+    ``bias="all"``/``"lora_only"`` files hold them, whatever the loading config says) and anything under the
+    model's embedding modules (``save_embedding_layers``). Other base weights are never overwritten."""
+
+    def __init__(self, keys: set[str], prefixes: list[str]) -> None:
+        self.keys, self.prefixes = keys, tuple(prefixes)
+
+    def covers(self, key: str) -> bool:
+        if key in self.keys or key.endswith(".bias"):
+            return True
+        return bool(self.prefixes) and key.startswith(self.prefixes)
+
+
+def _owners(tuner: AdapterModel, adapter_name: str) -> dict[str, Any]:
+    """Module path → adapter layer or wrapper, plus the :data:`DIRECT_KEYS` entry."""
     owners: dict[str, Any] = dict(tuner.adapter_layers())
     owners.update(dict(tuner.saved_module_wrappers()))
+    extra = set(tuner.extra_saved_tensors(adapter_name)) if adapter_name in tuner.peft_config else set()
+    owners[DIRECT_KEYS] = _DirectKeys(extra, [n + "." for n in embedding_module_names(tuner.model)])
+    return owners
+
+
+def set_adapter_state_dict(
+    tuner: AdapterModel,
+    state_dict: Mapping[str, torch.Tensor],
+    adapter_name: str,
+    strict: bool = True,
+    ignore_mismatched_sizes: bool = False,
+) -> LoadResult:
+    """Copies saved adapter tensors into ``adapter_name``.
+
+    Args:
+        tuner: The tuner holding the adapter.
+        state_dict: Tensors under PEFT's saved keys (``base_model.model.`` prefix optional).
+        adapter_name: The adapter to fill.
+        strict: Refuse keys that match nothing and adapter tensors the file lacks.
+        ignore_mismatched_sizes: Skip (with a warning) tensors whose shape differs instead of raising.
+
+    Returns:
+        The in-memory keys left unfilled and the saved keys that matched nothing.
+
+    Raises:
+        AdapterShapeMismatchError: on a shape mismatch (naming the module and both shapes).
+        ValueError: with ``strict``, when keys match nothing in the model or adapter tensors are missing.
+    """
+    owners = _owners(tuner, adapter_name)
     params: dict[str, torch.Tensor] = dict(tuner.model.named_parameters())
     params.update(dict(tuner.model.named_buffers()))
     unexpected: list[str] = []
@@ -205,12 +319,19 @@ def set_adapter_state_dict(
         param = params[target]
         if tuple(param.shape) != tuple(tensor.shape):
             module = target.rsplit(".", 1)[0]
-            raise ValueError(
-                f"adapter tensor {saved_key} has shape {tuple(tensor.shape)} but {module} expects "
-                f"{tuple(param.shape)}: the adapter was trained for a different base model or config"
+            message = (
+                f"size mismatch for {saved_key}: adapter tensor of shape {tuple(tensor.shape)} but {module} "
+                f"expects {tuple(param.shape)}: the adapter was trained for a different base model or config"
             )
-        with torch.no_grad():
-            param.copy_(tensor.to(dtype=param.dtype, device=param.device))
+            if ignore_mismatched_sizes:
+                warnings.warn(message + "; skipped (ignore_mismatched_sizes=True)", stacklevel=3)
+                continue
+            raise AdapterShapeMismatchError(message)
+        if param.is_meta:  # created with low_cpu_mem_usage: the loaded tensor becomes the parameter
+            _assign(tuner, target, tensor, param, owners)
+        else:
+            with torch.no_grad():
+                param.copy_(tensor.to(dtype=param.dtype, device=param.device))
         loaded.add(target)
     if legacy_used:
         logger.info("loaded %d adapter tensors saved under transformers 4.x module names", legacy_used)
@@ -223,10 +344,16 @@ def set_adapter_state_dict(
             f"{len(unexpected)} adapter tensors match nothing in the model, e.g. {unexpected[:3]}; the adapter "
             "was made for another model (pass strict=False to load the rest)"
         )
-    if strict and missing:
+    still_meta = sorted(t for t in expected_memory if t in params and params[t].is_meta and t not in loaded)
+    if still_meta:
+        raise ValueError(
+            f"{len(still_meta)} adapter tensors created with low_cpu_mem_usage=True got no value from the file, "
+            f"e.g. {still_meta[:3]}"
+        )
+    if strict and missing and not ignore_mismatched_sizes:
         raise ValueError(f"the adapter file lacks {len(missing)} tensors, e.g. {missing[:3]}")
     if unexpected:
         logger.warning(
             "ignored %d adapter tensors that match nothing, e.g. %s", len(unexpected), unexpected[:3]
         )
-    return unexpected
+    return LoadResult([f"{PREFIX}{k}" for k in missing], unexpected)

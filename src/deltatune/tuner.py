@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import AdapterConfig
-from .hooks import MethodHooks
+from .layer_types import is_linear_like
 from .layers import AdapterLayer
 from .matching import (
     ALL_LINEAR,
@@ -34,13 +34,14 @@ from .matching import (
 from .modules_to_save import ModulesToSaveWrapper
 from .names import NameAliases
 from .registry import spec_for
+from .switching import AdapterSwitching
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AdapterModel"]
 
 
-class AdapterModel(MethodHooks, nn.Module):
+class AdapterModel(AdapterSwitching, nn.Module):
     """The tuner: holds the user's model (changed in place) and the adapter configs.
 
     A method customises it by overriding the :class:`~deltatune.hooks.MethodHooks` it inherits.
@@ -54,17 +55,36 @@ class AdapterModel(MethodHooks, nn.Module):
         adapter_name: Name of the first adapter.
     """
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AdapterConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, AdapterConfig] = {}
-        self.active_adapter: str = adapter_name
+        self._active = [adapter_name]
         self.aliases = NameAliases(model)
         #: adapter name → {target entry written in a legacy spelling: modern entry}
         self.renamed_targets: dict[str, dict[str, str]] = {}
+        #: Names (relative to the user's model) of every module an adapter wraps, in wrapping order.
+        self.targeted_module_names: list[str] = []
         self._extra_loss_scale = 1.0
-        self.inject_adapter(adapter_name, config)
+        self.inject_adapter(
+            adapter_name,
+            config,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
         self._mark_trainable()
+
+    @property
+    def prefix(self) -> str:
+        """The prefix shared by the adapter tensors' names (``"lora_"``), from the method's registry entry."""
+        return spec_for(next(iter(self.peft_config.values()))).prefix
 
     # ---- plumbing ---------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -86,10 +106,6 @@ class AdapterModel(MethodHooks, nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return [self.active_adapter]
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         """(name, layer) for every adapter layer, names relative to the user's model."""
@@ -121,8 +137,12 @@ class AdapterModel(MethodHooks, nn.Module):
         return [name] if legacy == name else [name, legacy]
 
     def _is_output_head(self, name: str, config: AdapterConfig) -> bool:
+        """Whether ``name`` is the output embedding or (SEQ_CLS) the classifier head: ``"all-linear"`` skips it."""
         get_out = getattr(self.model, "get_output_embeddings", None)
-        head = get_out() if callable(get_out) else None
+        try:
+            head = get_out() if callable(get_out) else None
+        except (NotImplementedError, AttributeError):  # a model without embeddings (vision) has no such head
+            head = None
         if head is not None and self.model.get_submodule(name) is head:
             return True
         task_type = getattr(config.task_type, "value", config.task_type)
@@ -140,15 +160,29 @@ class AdapterModel(MethodHooks, nn.Module):
             self._extra_loss_scale = previous
 
     # ---- injection --------------------------------------------------------------------------
-    def inject_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+    def inject_adapter(
+        self,
+        adapter_name: str,
+        config: AdapterConfig,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         """Wraps every target of ``config`` (and its ``modules_to_save``) for ``adapter_name``.
+
+        Args:
+            adapter_name: Name of the new adapter.
+            config: Its config; ``target_modules=None`` takes PEFT's default for the model type.
+            autocast_adapter_dtype: Keep the adapter in fp32 over an fp16/bf16 base (PEFT's default); False
+                keeps it in the base weight's dtype.
+            low_cpu_mem_usage: Create the adapter tensors on the ``meta`` device (no memory): loading its
+                weights materialises them (``from_pretrained``/``load_adapter`` with the same flag).
 
         Raises:
             ValueError: if the name is taken, the method differs from the model's, nothing matches, a
                 match cannot be adapted, or a ``modules_to_save`` entry names nothing.
         """
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name")
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another name")
         spec = spec_for(config)
         existing = {spec_for(c).name for c in self.peft_config.values()}
         if existing and spec.name not in existing:
@@ -157,10 +191,7 @@ class AdapterModel(MethodHooks, nn.Module):
                 "is not supported (merge_and_unload() first, then wrap the merged model)"
             )
         if config.target_modules is None:
-            raise ValueError(
-                "target_modules is required (no default is known for this model); e.g. "
-                "target_modules=['query', 'value'] or 'all-linear'"
-            )
+            self._fill_default_targets(config)
         self.check_new_adapter(adapter_name, config)
         candidates = self._candidate_modules()
         plan: list[tuple[str, nn.Module]] = []
@@ -170,7 +201,7 @@ class AdapterModel(MethodHooks, nn.Module):
             base = module.base_layer if isinstance(module, AdapterLayer) else module
             variants = self.name_variants(name)
             hit = match_target(
-                config, variants, isinstance(base, nn.Linear), partial(self._is_output_head, name, config)
+                config, variants, is_linear_like(base), partial(self._is_output_head, name, config)
             )
             if hit is None:
                 continue
@@ -178,7 +209,7 @@ class AdapterModel(MethodHooks, nn.Module):
                 if config.target_modules != ALL_LINEAR:
                     wrong_type.append(f"{name} ({type(base).__name__})")
                 continue
-            if isinstance(module, AdapterLayer) and not isinstance(module, spec.layer_cls):
+            if isinstance(module, AdapterLayer) and not isinstance(module, spec.layer_cls.layer_classes()):
                 raise ValueError(f"{name} already holds a {type(module).__name__}; cannot add {spec.name}")
             plan.append((name, module))
             entry = matching_entry(config, hit)
@@ -204,21 +235,45 @@ class AdapterModel(MethodHooks, nn.Module):
         self._wrap_modules_to_save(adapter_name, config)
         self.renamed_targets[adapter_name] = self._modern_entries(legacy, matched)
         self.peft_config[adapter_name] = config
-        # A new adapter stays inactive (PEFT semantics) unless it is the first one.
-        if adapter_name != self.active_adapter:
-            for _, layer in self.adapter_layers():
-                if adapter_name in layer.active_adapters:
-                    layer.active_adapters.remove(adapter_name)
+        self.targeted_module_names.extend(n for n in matched if n not in self.targeted_module_names)
+        for _, layer in self.adapter_layers():
+            if not autocast_adapter_dtype:
+                layer.cast_adapter(adapter_name, layer.base_weight.dtype)
+            if low_cpu_mem_usage:
+                layer.adapter_to_meta(adapter_name)
+            # A new adapter stays inactive and frozen (PEFT semantics) unless it is the first one; every layer
+            # lists the model's active adapters, held here or not.
+            if adapter_name not in self._active:
+                layer.active_adapters = list(self._active)
                 for p in layer.adapter_parameters(adapter_name):
                     p.requires_grad_(False)
         self.after_inject(adapter_name, config)
+
+    def _fill_default_targets(self, config: AdapterConfig) -> None:
+        """``target_modules`` from the config class's table of defaults per transformers model type (PEFT's).
+
+        Raises:
+            ValueError: when the model has no known type or the method has no default for it.
+        """
+        model_config = getattr(self.model, "config", None)
+        to_dict = getattr(model_config, "to_dict", None)
+        data = to_dict() if callable(to_dict) else {}
+        model_type = data.get("model_type") if isinstance(data, dict) else None
+        defaults = type(config).DEFAULT_TARGET_MODULES.get(str(model_type)) if model_type else None
+        if defaults is None:
+            known = f" (no default is known for model_type={model_type!r})" if model_type else ""
+            raise ValueError(
+                f"Please specify `target_modules` in `peft_config`: target_modules is required{known}; e.g. "
+                "target_modules=['q_proj', 'v_proj'], a regex string, or 'all-linear'"
+            )
+        config.target_modules = defaults if isinstance(defaults, str) else set(defaults)
 
     def _build_layers(
         self, plan: list[tuple[str, nn.Module]], adapter_name: str, config: AdapterConfig
     ) -> list[str]:
         """Creates ``adapter_name`` in every planned module, then swaps the new layers in. If any layer
         refuses (e.g. a grouped conv for LoRA), the model is left exactly as it was."""
-        layer_cls = spec_for(config).layer_cls
+        layer_cls: type[AdapterLayer] = spec_for(config).layer_cls
         created: list[tuple[str, AdapterLayer]] = []
         updated: list[AdapterLayer] = []
         try:
@@ -228,7 +283,7 @@ class AdapterModel(MethodHooks, nn.Module):
                     updated.append(module)
                     module.update_layer(adapter_name, config, r, alpha)
                 else:
-                    layer = layer_cls(module)
+                    layer = layer_cls.layer_class_for(module)(module)
                     layer.update_layer(adapter_name, config, r, alpha)
                     created.append((name, layer))
         except Exception:
@@ -302,96 +357,21 @@ class AdapterModel(MethodHooks, nn.Module):
         return found
 
     def _wrap_modules_to_save(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Adds a trainable copy for ``adapter_name`` to each ``modules_to_save`` module; the copy of an adapter
+        that is not active stays frozen and unused (the module keeps what it ran before)."""
         for name, module in self._modules_to_save_targets(config):
             if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name)
-                if adapter_name != self.active_adapter:
-                    module.set_adapter(module.active_adapter)
+                wrapper = module
+                wrapper.update(adapter_name)
             elif self.model.get_submodule(name) is module:  # not already wrapped via another entry
-                self.model.set_submodule(name, ModulesToSaveWrapper(module, adapter_name))
-
-    # ---- trainability -----------------------------------------------------------------------
-    def _mark_trainable(self) -> None:
-        """Freezes everything except the active adapter, its modules_to_save copies and whatever
-        :meth:`extra_trainable_parameters` adds."""
-        config = self.peft_config[self.active_adapter]
-        self.model.requires_grad_(False)
-        inference = bool(config.inference_mode)
-        for _, layer in self.adapter_layers():
-            layer.set_adapter(self.active_adapter)
-            if inference:
-                for p in layer.adapter_parameters(self.active_adapter):
-                    p.requires_grad_(False)
-        for _, wrapper in self.saved_module_wrappers():
-            wrapper.set_adapter(self.active_adapter)
-            if inference:
-                wrapper.requires_grad_(False)
-        if inference:
-            return
-        for p in self.extra_trainable_parameters(self.active_adapter):
-            p.requires_grad_(True)
-
-    def set_adapter(self, adapter_name: str) -> None:
-        """Makes ``adapter_name`` the active (and only trainable) adapter."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
-        self.active_adapter = adapter_name
-        self._mark_trainable()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Removes ``adapter_name`` from every layer and wrapper."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
-        del self.peft_config[adapter_name]
-        for _, layer in self.adapter_layers():
-            layer.delete_adapter(adapter_name)
-        for _, wrapper in self.saved_module_wrappers():
-            wrapper.delete_adapter(adapter_name)
-        if self.active_adapter == adapter_name:
-            remaining = list(self.peft_config)
-            if remaining:
-                self.set_adapter(remaining[-1])
-
-    # ---- enable / disable / merge -----------------------------------------------------------
-    def enable_adapter_layers(self, enabled: bool = True) -> None:
-        for _, layer in self.adapter_layers():
-            layer.disable_adapters = not enabled
-        for _, wrapper in self.saved_module_wrappers():
-            wrapper.disable_adapters = not enabled
-
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = adapter_names or [self.active_adapter]
-        for _, layer in self.adapter_layers():
-            layer.merge(safe_merge=safe_merge, adapter_names=names)
-
-    def unmerge_adapter(self) -> None:
-        for _, layer in self.adapter_layers():
-            layer.unmerge()
-
-    def unload_and_optionally_merge(
-        self,
-        merge: bool,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-        progressbar: bool = False,
-    ) -> nn.Module:
-        """Puts the base modules back (after merging when ``merge``) and returns the user's model."""
-        layers = list(self.adapter_layers())
-        iterator: Any = layers
-        if progressbar:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(layers, desc="Unloading" + (" and merging" if merge else ""))
-        for name, layer in iterator:
-            if merge:
-                layer.merge(safe_merge=safe_merge, adapter_names=adapter_names or [self.active_adapter])
-                layer.merged_adapters.clear()
+                wrapper = ModulesToSaveWrapper(module, adapter_name)
+                self.model.set_submodule(name, wrapper)
             else:
-                layer.unmerge()
-            self.model.set_submodule(name, layer.base_layer)
-        for name, wrapper in list(self.saved_module_wrappers()):
-            self.model.set_submodule(name, wrapper.active_module)
-        return self.model
+                continue
+            if adapter_name not in self._active:
+                wrapper.modules_to_save[adapter_name].requires_grad_(False)
+                if wrapper.active_adapter == adapter_name:
+                    wrapper.active_adapter = None
 
     @torch.no_grad()
     def adapter_parameter_count(self, adapter_name: str) -> int:

@@ -4,6 +4,7 @@ regulariser, and :class:`SVDLayer`, which wraps a Linear or Conv2d (see :mod:`de
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
+from ..layer_types import Conv1D, is_transposed, to_out_in
 from ..layers import LowRankLayer, expect_config
 from ._fused import adapter_input, is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
 from .lora import LoraConfig
@@ -79,7 +81,10 @@ class GramDeviationNorms(torch.autograd.Function):
 
 # ---- layer --------------------------------------------------------------------------------------
 class SVDLayer(LowRankLayer):
-    """Wraps a Linear or Conv2d with AdaLoRA triplets (``lora_A``, ``lora_E``, ``lora_B``)."""
+    """Wraps a Linear, transformers ``Conv1D`` (GPT-2; ``fan_in_fan_out``) or Conv2d with AdaLoRA triplets
+    (``lora_A``, ``lora_E``, ``lora_B``)."""
+
+    repr_prefix: ClassVar[str] = "adalora"
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_E", "lora_B")
     other_param_names: ClassVar[tuple[str, ...]] = ("ranknum",)
@@ -96,12 +101,23 @@ class SVDLayer(LowRankLayer):
         self.rank_scale: dict[str, float] = {}
         self._extra_per_adapter = {"rank_scale": self.rank_scale}
 
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Conv1D, nn.Conv2d)
+
     def _fan_in(self) -> int:
-        return int(self.base_weight[0].numel())
+        return int(to_out_in(self.base_layer, self.base_weight)[0].numel())
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         config = expect_config(config, LoraConfig)  # an AdaLoraConfig (a LoraConfig subclass)
-        out_dim = self.base_weight.shape[0]
+        out_dim = self.out_features
+        if isinstance(self.base_layer, Conv1D | nn.Linear) and config.fan_in_fan_out != is_transposed(
+            self.base_layer
+        ):
+            warnings.warn(
+                f"fan_in_fan_out={config.fan_in_fan_out} does not match the target "
+                f"({type(self.base_layer).__name__}); setting it to {not config.fan_in_fan_out}",
+                stacklevel=4,
+            )
+            config.fan_in_fan_out = is_transposed(self.base_layer)
         self.lora_A[adapter_name] = self._new_param(r, self._fan_in())
         self.lora_E[adapter_name] = self._new_param(r, 1)
         self.lora_B[adapter_name] = self._new_param(out_dim, r)
@@ -147,12 +163,14 @@ class SVDLayer(LowRankLayer):
             self.scaling[adapter_name],
             self._ranknum(adapter_name),
         )
+        if is_transposed(self.base_layer):  # Conv1D stores (in, out)
+            return delta.t()
         return delta.reshape(self.base_weight.shape)
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         x = self.lora_dropout[adapter_name](x)
         a = self.lora_A[adapter_name]
-        if not isinstance(self.base_layer, nn.Linear):
+        if not isinstance(self.base_layer, nn.Linear | Conv1D):
             return self.base_forward_with_weight(adapter_input(x, a.dtype), self.delta_weight(adapter_name))
         hidden = F.linear(adapter_input(x, a.dtype), a * self.lora_E[adapter_name])
         return F.linear(hidden, self.lora_B[adapter_name]) * self.rank_scale[adapter_name]

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,12 +18,18 @@ from torch import nn
 from ..config import AdapterConfig, check_range
 from ..layers import LowRankLayer
 from ._fused import adapter_input, is_plain, merged_weight_pays
+from ._target_defaults import LORA_DEFAULT_TARGETS
 
 
 def cp_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     """rebuild[p, q, k, l] = Σ_ij t[i, j, k, l] · wb[j, q] · wa[i, p]; t (r, r, k1, k2), wa (r, out),
     wb (r, in) → (out, in, k1, k2)."""
     return torch.einsum("ijkl,jq,ip->pqkl", t, wb, wa)
+
+
+def cp_core_shape(kernel: tuple[int, ...]) -> tuple[int, int]:
+    """The spatial shape of a CP core: the kernel of a Conv2d, (k, 1) for a Conv1d (PEFT's layout)."""
+    return (kernel[0], kernel[1]) if len(kernel) == 2 else (kernel[0], 1)
 
 
 @dataclass
@@ -49,6 +56,7 @@ class LycorisConfig(AdapterConfig):
     DROPOUT_FIELD: ClassVar[str | None] = "module_dropout"
     RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16, "alpha": 16, "module_dropout": 0.1}
     INIT_CHOICES: ClassVar[tuple[bool | str, ...]] = (True, False)
+    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = LORA_DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,7 +72,7 @@ class LycorisConfig(AdapterConfig):
 class LycorisLayer(LowRankLayer):
     """Adds module and rank dropout on top of :class:`~deltatune.layers.LowRankLayer` for LoHa and LoKr."""
 
-    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv1d, nn.Conv2d)
     #: Whether the rank-dropout mask is always divided by its mean (LoHa) or per config (LoKr).
     always_rescale_rank_dropout: ClassVar[bool] = True
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -29,6 +30,7 @@ from ..registry import MethodSpec, register_method
 from ._adalora_allocator import RankAllocator, allocator_state, budget_schedule, restore_allocator_state
 from ._adalora_layer import SVDLayer, adalora_delta_weight, adalora_scaling, orthogonal_regularizer
 from ._adalora_patterns import expand_pruned_tensors, masks_by_module
+from ._target_defaults import ADALORA_DEFAULT_TARGETS
 from .lora import LoraConfig, LoraModel
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class AdaLoraConfig(LoraConfig):
     rank_pattern: dict[str, Any] | None = None
 
     PEFT_TYPE: ClassVar[str] = "ADALORA"
+    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = ADALORA_DEFAULT_TARGETS
     RANK_PATTERN_IS_RANKS: ClassVar[bool] = False
     VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ()
     RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"init_r": 12, "target_r": 8}
@@ -163,9 +166,10 @@ class AdaLoraModel(LoraModel):
         trainable = [n for n, c in self.peft_config.items() if not c.inference_mode]
         if trainable and not config.inference_mode:
             raise ValueError(
-                f"AdaLoRA supports one trainable adapter per model; {trainable[0]!r} is already trainable. "
-                "Load additional adapters with is_trainable=False"
+                f"AdaLoraModel supports only 1 trainable adapter: {trainable[0]!r} is already trainable. "
+                "Load additional adapters with is_trainable=False (inference_mode=True)"
             )
+        super().check_new_adapter(adapter_name, config)
 
     def after_inject(self, adapter_name: str, config: AdapterConfig) -> None:
         """A config that carries a rank pattern (a saved, pruned adapter) shrinks the modules to it."""
@@ -278,7 +282,7 @@ class AdaLoraModel(LoraModel):
 
     # ---- AdaLoRA's own API ----------------------------------------------------------------------
     def _config(self, adapter_name: str | None = None) -> AdaLoraConfig:
-        return expect_config(self.peft_config[adapter_name or self.active_adapter], AdaLoraConfig)
+        return expect_config(self.peft_config[adapter_name or self.current_adapter], AdaLoraConfig)
 
     def resize_by_rank_pattern(self, rank_pattern: dict[str, list[bool]], adapter_name: str) -> None:
         """Shrinks each module to the number of kept triplets in ``rank_pattern`` (before loading)."""
@@ -326,7 +330,7 @@ class AdaLoraModel(LoraModel):
     def svd_layers(self, adapter_name: str | None = None) -> list[tuple[str, SVDLayer]]:
         """The SVD layers holding ``adapter_name`` (default: the active one). Kept between calls (the
         regulariser asks on every forward); injecting, deleting or unloading an adapter refreshes it."""
-        name = adapter_name or self.active_adapter
+        name = adapter_name or self.current_adapter
         cache = self.__dict__.setdefault("_svd_layers", {})
         if name not in cache:
             cache[name] = [
@@ -351,15 +355,15 @@ class AdaLoraModel(LoraModel):
     @property
     def rank_allocator(self) -> RankAllocator:
         """The allocator of the active adapter (created on first use)."""
-        config = expect_config(self.peft_config[self.active_adapter], AdaLoraConfig)
-        if self._allocator is None or self._allocator.adapter_name != self.active_adapter:
-            self._allocator = RankAllocator(self.svd_layers(), config, self.active_adapter)
+        config = expect_config(self.peft_config[self.current_adapter], AdaLoraConfig)
+        if self._allocator is None or self._allocator.adapter_name != self.current_adapter:
+            self._allocator = RankAllocator(self.svd_layers(), config, self.current_adapter)
         return self._allocator
 
     def orthogonal_loss(self) -> torch.Tensor:
         """The orthogonal regulariser over the active adapter's factors, in their own precision (fp32) also
         under autocast: it is a handful of r×r Gram matrices, and rounding them to bf16 only adds casts."""
-        n = self.active_adapter
+        n = self.current_adapter
         factors = [(layer.lora_A[n], layer.lora_B[n]) for _, layer in self.svd_layers()]
         device = factors[0][0].device.type if factors else "cpu"
         with torch.autocast(device, enabled=False):
@@ -373,7 +377,7 @@ class AdaLoraModel(LoraModel):
         Raises:
             ValueError: if ``total_step`` is not set on the config.
         """
-        config = expect_config(self.peft_config[self.active_adapter], AdaLoraConfig)
+        config = expect_config(self.peft_config[self.current_adapter], AdaLoraConfig)
         if config.total_step is None:
             raise ValueError(
                 "AdaLoraConfig.total_step is not set; set it to the number of optimiser steps, or train with "
@@ -410,7 +414,7 @@ class AdaLoraModel(LoraModel):
 
     def current_rank_pattern(self, adapter_name: str | None = None) -> dict[str, list[bool]] | None:
         """The rank pattern to save: the final one, or the latest masks during training."""
-        name = adapter_name or self.active_adapter
+        name = adapter_name or self.current_adapter
         config = expect_config(self.peft_config[name], AdaLoraConfig)
         if (
             self._allocator is not None

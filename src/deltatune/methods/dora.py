@@ -30,12 +30,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import AdapterConfig
+from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, to_out_in
 from ..layers import expect_config
 from ..registry import MethodSpec, register_method
 from ._fused import fused_dtype, is_plain, low_rank_gemms, low_rank_merge_pays
 from .lora import LoraConfig, LoraLayer, LoraModel
+from .lora_layers import LoraEmbeddingLayer
 
-__all__ = ["DoraLayer", "dora_forward", "dora_merged_weight", "dora_row_norm"]
+__all__ = [
+    "DoraEmbeddingLayer",
+    "DoraLayer",
+    "dora_forward",
+    "dora_grouped_row_norm",
+    "dora_merged_weight",
+    "dora_row_norm",
+]
 
 
 # ---- pure maths ---------------------------------------------------------------------------------
@@ -72,6 +81,33 @@ def dora_row_norm(
     # 2s·W Aᵀ + s²·B (A Aᵀ) in one GEMM, then its row-wise dot product with B
     cross = torch.addmm(weight @ lora_a.t(), lora_b, gram, beta=2.0 * scaling, alpha=scaling * scaling)
     return (cross * lora_b).sum(1).add_(weight_sq).clamp_min_(0).sqrt_()
+
+
+def dora_grouped_row_norm(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, groups: int, scaling: float
+) -> torch.Tensor:
+    """Row norms of W + s·B A for a grouped conv, where the LoRA term is a full (ungrouped) kernel: W is placed
+    on its block diagonal (output group j sees input group j only).
+
+    Args:
+        weight: W (out, in/groups, *kernel).
+        lora_a: A (r, in, *kernel) (groups 1).
+        lora_b: B (out, r/groups, 1…) (the base's groups).
+        groups: The base's groups.
+        scaling: s.
+
+    Returns:
+        (out,) norms.
+    """
+    out_dim, rank, in_dim = weight.shape[0], lora_a.shape[0], lora_a.shape[1]
+    og, rg, ig = out_dim // groups, rank // groups, in_dim // groups
+    a2 = lora_a.reshape(groups, rg, -1)  # (g, r/g, in·k)
+    b2 = lora_b.reshape(groups, og, rg)  # (g, out/g, r/g)
+    full = (torch.bmm(b2, a2) * scaling).reshape(out_dim, in_dim, -1)
+    blocks = weight.reshape(groups, og, ig, -1)
+    for j in range(groups):
+        full[j * og : (j + 1) * og, j * ig : (j + 1) * ig] += blocks[j]
+    return full.reshape(out_dim, -1).norm(dim=1)
 
 
 def dora_merged_weight(
@@ -112,6 +148,8 @@ class DoraLayer(LoraLayer):
     """LoRA's layer plus a magnitude per output channel (``lora_magnitude_vector``); see the module doc."""
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
+    #: As PEFT: no ``nn.MultiheadAttention``; ``nn.Embedding`` is :class:`._dora_embedding.DoraEmbeddingLayer`.
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Conv1D, *CONV_TYPES, nn.Embedding)
     lora_magnitude_vector: nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -143,9 +181,13 @@ class DoraLayer(LoraLayer):
     def row_norm(self, adapter_name: str) -> torch.Tensor:
         """‖W + ΔW‖ of every output row as (out,), in fp32, detached (see :func:`dora_row_norm`)."""
         a, b = self.factor_weights(adapter_name)
-        weight = self.base_weight
+        weight = to_out_in(self.base_layer, self.base_weight)  # (out, in…): a Conv1D's is transposed
         out_dim = weight.shape[0]
+        groups = conv_groups(self.base_layer)
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            if groups > 1:
+                w, fa, fb = (_fp32(t) for t in (weight, a, b))
+                return dora_grouped_row_norm(w, fa, fb, groups, self.scaling[adapter_name])
             w2, a2, b2 = weight, a, b
             if weight.dim() != 2:  # a conv kernel: rows of (in · k…)
                 w2, a2, b2 = weight.reshape(out_dim, -1), a.reshape(a.shape[0], -1), b.reshape(out_dim, -1)
@@ -162,25 +204,33 @@ class DoraLayer(LoraLayer):
 
     # ---- merging: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ -------------------------------------------------------
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        delta = self.delta_weight(adapter_name).to(torch.float32)
+        base = self.base_layer
+        delta = to_out_in(base, self.delta_weight(adapter_name).to(torch.float32))
         magnitude = self.lora_magnitude_vector[adapter_name].detach().float()
-        merged, norm = dora_merged_weight(weight.float(), delta, magnitude)
+        merged, norm = dora_merged_weight(to_out_in(base, weight.float()), delta, magnitude)
         self._merge_norms[adapter_name] = norm
-        return merged.to(weight.dtype)
+        return from_out_in(base, merged).to(weight.dtype)
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
         norm = self._merge_norms.pop(adapter_name, None)
         if norm is None:
             raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        base = self.base_layer
         magnitude = self.lora_magnitude_vector[adapter_name].detach().float().reshape(-1)
         factor = (magnitude / norm).reshape(-1, *([1] * (weight.dim() - 1)))
-        delta = self.delta_weight(adapter_name).to(torch.float32)
-        return (weight.float() / factor - delta).to(weight.dtype)
+        delta = to_out_in(base, self.delta_weight(adapter_name).to(torch.float32))
+        return from_out_in(base, to_out_in(base, weight.float()) / factor - delta).to(weight.dtype)
+
+    def check_mixed_batch(self, x: torch.Tensor, row_adapters: list[str]) -> None:
+        """PEFT refuses mixed batches that use a DoRA adapter (``ValueError``)."""
+        super().check_mixed_batch(x, row_adapters)
+        if any(name in self.r for name in row_adapters):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
 
     # ---- forward ------------------------------------------------------------------------------------
     def _bias_view(self, result: torch.Tensor) -> torch.Tensor | None:
         bias = self.base_bias
-        if bias is None or isinstance(self.base_layer, nn.Linear):
+        if bias is None or not isinstance(self.base_layer, CONV_TYPES):  # a Linear/Conv1D bias broadcasts
             return bias
         return bias.view(1, -1, *([1] * (result.dim() - 2)))
 
@@ -230,6 +280,69 @@ class DoraLayer(LoraLayer):
         bias = self.base_bias
         scale = _as(scale, dtype)
         return out * scale if bias is None else torch.addcmul(_as(bias, dtype), out, scale)
+
+
+class DoraEmbeddingLayer(LoraEmbeddingLayer):
+    """DoRA on an ``nn.Embedding`` (PEFT's layout): a magnitude per embedding dimension (``lora_magnitude_vector``,
+    (dim,)), the norm taken over the vocabulary, as PEFT treats an embedding's weight as (dim, num_embeddings):
+
+        E' = (m / ‖E + ΔE‖_col) ⊙ (E + ΔE),   y = (m / ‖·‖) ⊙ (E[x] + s · Aᵀ[x] Bᵀ)
+    """
+
+    adapter_param_names: ClassVar[tuple[str, ...]] = (
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+    )
+    lora_magnitude_vector: nn.ParameterDict
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._merge_norms: dict[str, torch.Tensor] = {}
+        self._extra_per_adapter = {"merge_norms": self._merge_norms}
+
+    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
+        super().update_layer(adapter_name, config, r, alpha)
+        magnitude = self.column_norm(adapter_name).to(**self._new_dtype_device())
+        self.lora_magnitude_vector[adapter_name] = nn.Parameter(magnitude)
+
+    def column_norm(self, adapter_name: str) -> torch.Tensor:
+        """‖E + ΔE‖ over the vocabulary, one per embedding dimension (dim,), fp32, detached."""
+        with torch.no_grad():
+            return (self.base_weight.float() + self.delta_weight(adapter_name).float()).norm(dim=0)
+
+    def magnitude_scale(self, adapter_name: str) -> torch.Tensor:
+        """m / ‖E + ΔE‖ (gradients reach m, not the norm)."""
+        magnitude = self.lora_magnitude_vector[adapter_name]
+        return magnitude / self.column_norm(adapter_name).to(magnitude.dtype)
+
+    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        scale = self.magnitude_scale(adapter_name)
+        term = self.adapter_output(x, adapter_name)
+        return (scale * result + scale * term).to(result.dtype)
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight(adapter_name).float()
+        magnitude = self.lora_magnitude_vector[adapter_name].detach().float()
+        merged, norm = dora_merged_weight(weight.float().t(), delta.t(), magnitude)
+        self._merge_norms[adapter_name] = norm
+        return merged.t().to(weight.dtype)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        norm = self._merge_norms.pop(adapter_name, None)
+        if norm is None:
+            raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        factor = self.lora_magnitude_vector[adapter_name].detach().float() / norm
+        return (weight.float() / factor - self.delta_weight(adapter_name).float()).to(weight.dtype)
+
+    def check_mixed_batch(self, x: torch.Tensor, row_adapters: list[str]) -> None:
+        super().check_mixed_batch(x, row_adapters)
+        if any(name in self.r for name in row_adapters):
+            raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
+
+
+DoraLayer.register_layer_kind(nn.Embedding, DoraEmbeddingLayer)
 
 
 register_method(

@@ -13,6 +13,7 @@ with rebuild[p, q, k, l] = Σ_ij t[i, j, k, l] · wb[j, q] · wa[i, p] (wa is (r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,7 +25,7 @@ from ..config import AdapterConfig
 from ..layers import expect_config
 from ..registry import MethodSpec, register_method
 from ._fused import adapter_input
-from ._lycoris import LycorisConfig, LycorisLayer, cp_rebuild
+from ._lycoris import LycorisConfig, LycorisLayer, cp_core_shape, cp_rebuild
 
 __all__ = ["LoHaConfig", "LoHaLayer", "loha_delta_forward", "loha_delta_weight", "loha_khatri_rao_factors"]
 
@@ -57,8 +58,8 @@ def loha_delta_weight(
     t2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ΔW = s · (w1a w1b) ⊙ (w2a w2b), reshaped to ``shape`` (or the CP form when t1/t2 are given)."""
-    if t1 is not None and t2 is not None:
-        return cp_rebuild(t1, w1a, w1b) * cp_rebuild(t2, w2a, w2b) * scaling
+    if t1 is not None and t2 is not None:  # (out, in, k1, k2); a Conv1d's (out, in, k, 1) is reshaped to 3-D
+        return (cp_rebuild(t1, w1a, w1b) * cp_rebuild(t2, w2a, w2b) * scaling).reshape(shape)
     return HadamardProduct.apply(w1a, w1b, w2a, w2b, scaling).reshape(shape)  # type: ignore[no-any-return]
 
 
@@ -119,7 +120,9 @@ def khatri_rao_is_cheaper(r1: int, r2: int, fan_in: int, fan_out: int) -> bool:
 
 # ---- layer --------------------------------------------------------------------------------------
 class LoHaLayer(LycorisLayer):
-    """Wraps a Linear or Conv2d with LoHa adapters."""
+    """Wraps a Linear, Conv1d or Conv2d with LoHa adapters."""
+
+    repr_prefix: ClassVar[str] = "loha"
 
     adapter_param_names: ClassVar[tuple[str, ...]] = (
         "hada_w1_a",
@@ -141,18 +144,18 @@ class LoHaLayer(LycorisLayer):
         base = self.base_layer
         shape = tuple(self.base_weight.shape)
         out_dim, in_dim = shape[0], shape[1]
-        if isinstance(base, nn.Conv2d):
+        if isinstance(base, nn.Conv1d | nn.Conv2d):
             kernel = shape[2:]
-            if config.use_effective_conv2d and tuple(kernel) != (1, 1):
-                self.hada_t1[adapter_name] = self._new_param(r, r, *kernel)
-                self.hada_t2[adapter_name] = self._new_param(r, r, *kernel)
+            if config.use_effective_conv2d and any(k != 1 for k in kernel):
+                core = cp_core_shape(kernel)  # a Conv1d's kernel k becomes (k, 1), as in PEFT
+                self.hada_t1[adapter_name] = self._new_param(r, r, *core)
+                self.hada_t2[adapter_name] = self._new_param(r, r, *core)
                 self.hada_w1_a[adapter_name] = self._new_param(r, out_dim)
                 self.hada_w2_a[adapter_name] = self._new_param(r, out_dim)
                 self.hada_w1_b[adapter_name] = self._new_param(r, in_dim)
                 self.hada_w2_b[adapter_name] = self._new_param(r, in_dim)
             else:
-                flat_in = in_dim * kernel[0] * kernel[1]
-                self._create_plain(adapter_name, r, out_dim, flat_in)
+                self._create_plain(adapter_name, r, out_dim, in_dim * math.prod(kernel))
         else:
             self._create_plain(adapter_name, r, out_dim, in_dim)
         self.r[adapter_name] = r

@@ -12,6 +12,7 @@ and ΔW is never formed in training.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,7 +23,7 @@ from ..config import AdapterConfig, check_positive_int
 from ..layers import expect_config
 from ..registry import MethodSpec, register_method
 from ._fused import adapter_input
-from ._lycoris import LycorisConfig, LycorisLayer, cp_rebuild
+from ._lycoris import LycorisConfig, LycorisLayer, cp_core_shape, cp_rebuild
 
 __all__ = ["LoKrConfig", "LoKrLayer", "factorization", "lokr_delta_forward", "lokr_delta_weight"]
 
@@ -84,7 +85,8 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
 def lokr_delta_weight(
     w1: torch.Tensor, w2: torch.Tensor, scaling: float, shape: tuple[int, ...]
 ) -> torch.Tensor:
-    """ΔW = s · kron(w1, w2), reshaped to ``shape``; a 4-D w2 makes w1 (a, c, 1, 1)."""
+    """ΔW = s · kron(w1, w2), reshaped to ``shape``; a 4-D w2 makes w1 (a, c, 1, 1). A Conv1d's full 3-D w2
+    (b, d, k) is kept as PEFT has it: ``torch.kron`` then treats w1 as (1, a, c), and the result is reshaped."""
     if w2.dim() == 4 and w1.dim() == 2:
         w1 = w1.unsqueeze(2).unsqueeze(2)
     # torch.kron views its inputs; a CP-rebuilt w2 (an einsum result) is not contiguous.
@@ -120,7 +122,9 @@ def lokr_delta_forward(
 
 # ---- layer --------------------------------------------------------------------------------------
 class LoKrLayer(LycorisLayer):
-    """Wraps a Linear or Conv2d with LoKr adapters."""
+    """Wraps a Linear, Conv1d or Conv2d with LoKr adapters."""
+
+    repr_prefix: ClassVar[str] = "lokr"
 
     adapter_param_names: ClassVar[tuple[str, ...]] = (
         "lokr_w1",
@@ -156,13 +160,13 @@ class LoKrLayer(LycorisLayer):
         elif not kernel:
             self.lokr_w2_a[adapter_name] = self._new_param(b, r)
             self.lokr_w2_b[adapter_name] = self._new_param(r, d)
-        elif config.use_effective_conv2d and tuple(kernel) != (1, 1):
-            self.lokr_t2[adapter_name] = self._new_param(r, r, *kernel)
+        elif config.use_effective_conv2d and any(k != 1 for k in kernel):
+            self.lokr_t2[adapter_name] = self._new_param(r, r, *cp_core_shape(kernel))
             self.lokr_w2_a[adapter_name] = self._new_param(r, b)
             self.lokr_w2_b[adapter_name] = self._new_param(r, d)
         else:
             self.lokr_w2_a[adapter_name] = self._new_param(b, r)
-            self.lokr_w2_b[adapter_name] = self._new_param(r, d * kernel[0] * kernel[1])
+            self.lokr_w2_b[adapter_name] = self._new_param(r, d * math.prod(kernel))
         self.r[adapter_name] = r
         self.scaling[adapter_name] = alpha / r
         self._set_dropouts(adapter_name, config, scale=config.rank_dropout_scale)

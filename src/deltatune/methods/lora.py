@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, check_choice, check_range
+from ..config import AdapterConfig, PeftWarning, check_choice, check_range
+from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, is_transposed
 from ..layers import AdapterLayer, expect_config, kaiming_uniform_, module_bias, module_weight
 from ..registry import MethodSpec, register_method
-from ..tuner import AdapterModel
 from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
+from ._lora_model import LoraBiasMergeError, LoraModel
+from ._target_defaults import LORA_DEFAULT_TARGETS
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraModel", "lora_delta_forward", "lora_delta_weight"]
 
@@ -84,6 +86,7 @@ class LoraConfig(AdapterConfig):
     #: Fields that select a variant of LoRA implemented by another registered method (PEFT's DoRA flag).
     VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora",)
     PEFT_TYPE: ClassVar[str] = "LORA"
+    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = LORA_DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -153,20 +156,54 @@ def lora_delta_forward(
 
 
 # ---- layer --------------------------------------------------------------------------------------
-def _pair(values: tuple[int, ...]) -> tuple[int, int]:
-    """A Conv2d's (height, width) setting as the 2-tuple ``nn.Conv2d`` takes."""
-    return values[0], values[1]
+def lora_conv_factors(base: nn.Module, r: int, lora_bias: bool, **kw: Any) -> tuple[nn.Module, nn.Module]:
+    """(A, B) for a ConvNd base: A a conv with the base's kernel, stride, padding, dilation and padding mode
+    (in → r, groups 1), B a 1×…×1 conv (r → out) with the base's groups.
+
+    Raises:
+        ValueError: when r is not a multiple of the base's groups (PEFT's rule).
+    """
+    conv: Any = base
+    if r % conv.groups:
+        raise ValueError(
+            f"Targeting a {type(base).__name__} with groups={conv.groups} and rank {r}: LoRA needs a rank "
+            "divisible by groups; choose another rank or leave this layer out"
+        )
+    ones = (1,) * len(conv.kernel_size)
+    lora_a = type(base)(
+        conv.in_channels,
+        r,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        bias=False,
+        padding_mode=conv.padding_mode,
+        **kw,
+    )
+    lora_b = type(base)(r, conv.out_channels, ones, ones, groups=conv.groups, bias=lora_bias, **kw)
+    return lora_a, lora_b
 
 
 class LoraLayer(AdapterLayer):
-    """Wraps a Linear or Conv2d with LoRA adapters (``lora_A``/``lora_B`` module dicts).
+    """Wraps a Linear, transformers ``Conv1D`` or ConvNd with LoRA adapters (``lora_A``/``lora_B`` module
+    dicts); ``nn.Embedding`` and ``nn.MultiheadAttention`` are kinds of their own (:mod:`.lora_layers`).
 
-    For a Linear, ``lora_A[name]`` is Linear(in, r) and ``lora_B[name]`` Linear(r, out); for a Conv2d,
-    ``lora_A[name]`` is a conv with the base's kernel, stride, padding and dilation (in → r) and
-    ``lora_B[name]`` a 1×1 conv (r → out).
+    For a Linear or Conv1D, ``lora_A[name]`` is Linear(in, r) and ``lora_B[name]`` Linear(r, out); for a
+    ConvNd, ``lora_A[name]`` is a conv with the base's kernel, stride, padding and dilation (in → r) and
+    ``lora_B[name]`` a 1×…×1 conv (r → out, the base's groups: a grouped conv cannot be merged).
     """
 
+    repr_prefix: ClassVar[str] = "lora"
+
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (
+        nn.Linear,
+        Conv1D,
+        *CONV_TYPES,
+        nn.Embedding,
+        nn.MultiheadAttention,
+    )
     lora_A: nn.ModuleDict
     lora_B: nn.ModuleDict
     lora_dropout: nn.ModuleDict
@@ -177,42 +214,43 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
 
+    @property
+    def mergeable(self) -> bool:
+        """False on a grouped conv: the LoRA term mixes channels across groups, which no grouped kernel holds."""
+        return conv_groups(self.base_layer) == 1
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """True when the base stores its weight (in, out) (transformers ``Conv1D``)."""
+        return is_transposed(self.base_layer)
+
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         config = expect_config(config, LoraConfig)
         base = self.base_layer
         kw = self._new_dtype_device()
+        if config.lora_bias and self.base_bias is None:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type {type(base).__name__} has no bias. "
+                "This means that merging LoRA weights won't be possible.",
+                PeftWarning,
+                stacklevel=4,
+            )
         lora_a: nn.Module
         lora_b: nn.Module
-        if isinstance(base, nn.Conv2d):
-            if base.groups != 1:
-                raise ValueError(
-                    f"LoRA cannot adapt a grouped Conv2d (groups={base.groups}); use LoHa or LoKr"
-                )
-            padding = base.padding if isinstance(base.padding, str) else _pair(base.padding)
-            lora_a = nn.Conv2d(
-                base.in_channels,
-                r,
-                _pair(base.kernel_size),
-                _pair(base.stride),
-                padding,
-                _pair(base.dilation),
-                bias=False,
-                padding_mode=base.padding_mode,
-                **kw,
-            )
-            lora_b = nn.Conv2d(r, base.out_channels, 1, 1, bias=config.lora_bias, **kw)
-        elif isinstance(base, nn.Linear):
-            if config.fan_in_fan_out:  # as PEFT: an nn.Linear stores (out, in), so the flag cannot apply
+        if isinstance(base, CONV_TYPES):
+            if conv_groups(base) > 1:
                 warnings.warn(
-                    "fan_in_fan_out=True, but the target is an nn.Linear whose weight is (out, in); "
-                    "setting fan_in_fan_out=False",
+                    f"LoRA adapter added to {type(base).__name__} layer with groups > 1. Merging is not supported.",
                     stacklevel=4,
                 )
-                config.fan_in_fan_out = False
-            lora_a = nn.Linear(base.in_features, r, bias=False, **kw)
-            lora_b = nn.Linear(r, base.out_features, bias=config.lora_bias, **kw)
+            lora_a, lora_b = lora_conv_factors(base, r, config.lora_bias, **kw)
+        elif isinstance(base, nn.Linear | Conv1D):
+            self._check_fan_in_fan_out(config)
+            in_dim, out_dim = self.in_features, self.out_features
+            lora_a = nn.Linear(in_dim, r, bias=False, **kw)
+            lora_b = nn.Linear(r, out_dim, bias=config.lora_bias, **kw)
         else:
-            raise TypeError(f"LoRA adapts Linear and Conv2d layers, not {type(base).__name__}")
+            raise TypeError(f"LoraLayer adapts Linear, Conv1D and ConvNd layers, not {type(base).__name__}")
         self.lora_A[adapter_name] = lora_a
         self.lora_B[adapter_name] = lora_b
         self.lora_dropout[adapter_name] = (
@@ -222,6 +260,20 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
         self.reset_parameters(adapter_name, config.init_lora_weights)
         self._finish_update(adapter_name)
+
+    def _check_fan_in_fan_out(self, config: LoraConfig) -> None:
+        """PEFT's correction of ``fan_in_fan_out`` to the layer's real layout, with its warning."""
+        if config.fan_in_fan_out == self.fan_in_fan_out:
+            return
+        if self.fan_in_fan_out:
+            message = "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
+        else:
+            message = (
+                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out "
+                "to False."
+            )
+        warnings.warn(message, stacklevel=5)
+        config.fan_in_fan_out = self.fan_in_fan_out
 
     def reset_parameters(self, adapter_name: str, init: bool | str) -> None:
         """Initialises A and B as PEFT does for ``init_lora_weights``."""
@@ -248,13 +300,24 @@ class LoraLayer(AdapterLayer):
         return module_weight(self.lora_A[adapter_name]), module_weight(self.lora_B[adapter_name])
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW in the base weight's layout ((in, out) for a Conv1D).
+
+        Raises:
+            NotImplementedError: for a grouped conv, whose LoRA term is no grouped kernel (it cannot be merged).
+        """
+        if conv_groups(self.base_layer) > 1:
+            raise NotImplementedError(
+                f"Merging is not supported for {type(self.base_layer).__name__} layers with groups > 1: the LoRA term "
+                "mixes channels across groups, which a grouped kernel cannot hold"
+            )
         a, b = self.factor_weights(adapter_name)
         compute = (
             torch.float32
             if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16)
             else a.dtype
         )
-        return lora_delta_weight(a.to(compute), b.to(compute), self.scaling[adapter_name])
+        delta = lora_delta_weight(a.to(compute), b.to(compute), self.scaling[adapter_name])
+        return from_out_in(self.base_layer, delta)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W += ΔW (and bias += s·B.bias with ``lora_bias``); see :meth:`AdapterLayer.merge`.
@@ -263,12 +326,14 @@ class LoraLayer(AdapterLayer):
             ValueError: if an adapter has a ``lora_bias`` but the base layer has no bias to fold it into.
         """
         names = self.active_adapters if adapter_names is None else adapter_names
+        if conv_groups(self.base_layer) > 1 and any(n in self.r for n in names):
+            self.delta_weight(names[0])  # raises NotImplementedError, as PEFT does
         if self.base_bias is None:
             biased = [n for n in names if n in self.lora_B and module_bias(self.lora_B[n]) is not None]
             if biased:
-                raise ValueError(
-                    f"cannot merge adapter(s) {biased}: they have lora_bias=True but the base layer has no "
-                    "bias to fold it into; keep the adapter unmerged"
+                raise LoraBiasMergeError(
+                    f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias (adapters "
+                    f"{biased}); keep them unmerged"
                 )
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -311,66 +376,6 @@ class LoraLayer(AdapterLayer):
         # One GEMM-accumulate (result + s · hidden Bᵀ); dropout, when on, runs inside without an N×in copy.
         a_w, b_w = self.factor_weights(adapter_name)
         return low_rank_add(result, x, a_w, b_w, self.scaling[adapter_name], self._dropout_p(adapter_name))
-
-
-class LoraModel(AdapterModel):
-    """The tuner of LoRA and its variants: adds the ``bias`` option's trainable and saved biases."""
-
-    def extra_trainable_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
-        """``bias="all"``: every bias outside the ``modules_to_save`` copies; ``"lora_only"``: the biases of
-        the layers holding this adapter."""
-        bias = getattr(self.peft_config[adapter_name], "bias", "none")
-        if bias == "all":
-            for name, p in self.model.named_parameters():
-                if (
-                    name.endswith(".bias")
-                    and ".original_module." not in name
-                    and ".modules_to_save." not in name
-                ):
-                    yield p
-        elif bias == "lora_only":
-            for _, layer in self.adapter_layers():
-                layer_bias = layer.base_bias
-                if adapter_name in layer.r and isinstance(layer_bias, nn.Parameter):
-                    yield layer_bias
-
-    def extra_saved_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The trained biases under PEFT's keys (see :func:`all_bias_tensors` for ``bias="all"``)."""
-        bias = getattr(self.peft_config[adapter_name], "bias", "none")
-        if bias == "all":
-            return all_bias_tensors(self, adapter_name)
-        out: dict[str, torch.Tensor] = {}
-        if bias == "lora_only":
-            for name, layer in self.adapter_layers():
-                layer_bias = layer.base_bias
-                if adapter_name in layer.r and layer_bias is not None:
-                    out[f"{name}.base_layer.bias"] = layer_bias.detach()
-        return out
-
-
-def all_bias_tensors(tuner: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:
-    """``bias="all"``: every state-dict key containing ``bias``, as PEFT selects them.
-
-    PEFT's sweep also picks up the biases inside ``modules_to_save`` wrappers and writes them as
-    ``<module>.original_module.bias`` and ``<module>.modules_to_save.bias`` (besides ``<module>.bias``);
-    they are written here too so that both libraries produce the same key set.
-    """
-    skip = tuple(
-        f"{name}.{attr}."
-        for name, layer in tuner.adapter_layers()
-        for attr in (*layer.adapter_param_names, *layer.other_param_names)
-    )
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in tuner.model.state_dict().items():
-        if "bias" not in key or key.startswith(skip):
-            continue
-        if ".modules_to_save." in key:
-            marker = f".modules_to_save.{adapter_name}."
-            if marker not in key:
-                continue  # another adapter's copy
-            key = key.replace(marker, ".modules_to_save.")
-        out.setdefault(key, tensor)
-    return out
 
 
 register_method(

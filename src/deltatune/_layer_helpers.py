@@ -1,0 +1,68 @@
+"""Small helpers of the adapter layers: config checks, kaiming init, base weight/bias access and the
+adapter dtype (re-exported by :mod:`deltatune.layers`)."""
+
+from __future__ import annotations
+
+import math
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .layer_types import layer_weight
+
+__all__ = [
+    "adapter_dtype",
+    "base_weight_shape",
+    "expect_config",
+    "kaiming_uniform_",
+    "module_bias",
+    "module_weight",
+]
+
+
+ConfigT = TypeVar("ConfigT", bound=PeftConfig)
+
+
+def expect_config(config: PeftConfig, cls: type[ConfigT]) -> ConfigT:
+    """``config``, checked to be a ``cls`` (a layer was handed another method's config otherwise).
+
+    Raises:
+        TypeError: naming both classes.
+    """
+    if not isinstance(config, cls):
+        raise TypeError(f"expected a {cls.__name__}, got a {type(config).__name__}")
+    return config
+
+
+def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:
+    """``nn.init.kaiming_uniform_(a=√5)``: U(±1/√fan_in), fan_in = shape[1]·∏shape[2:]."""
+    return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as a tensor (Linear (out, in), Conv (out, in/groups, *kernel), ...; a
+    ``MultiheadAttention``'s ``in_proj_weight``, see :mod:`deltatune.layer_types`).
+
+    Raises:
+        TypeError: if the module has no such tensor.
+    """
+    return layer_weight(module)
+
+
+def module_bias(module: nn.Module) -> torch.Tensor | None:
+    """``module.bias`` as a tensor, or None when the module has no bias."""
+    bias = getattr(module, "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def base_weight_shape(layer: nn.Module) -> tuple[int, ...]:
+    """The weight shape of a Linear (out, in) or Conv (out, in/groups, *kernel) layer."""
+    return tuple(module_weight(layer).shape)
+
+
+def adapter_dtype(layer: nn.Module) -> torch.dtype:
+    """Adapters are kept in fp32 when the base weight is fp16/bf16 (PEFT's ``autocast_adapter_dtype``)."""
+    dtype = module_weight(layer).dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -1,0 +1,117 @@
+"""LoRA's tuner: the ``bias`` option's trainable and saved biases, ``add_weighted_adapter`` and PEFT's warning
+when disabling adapters whose biases were trained (the layer lives in :mod:`.lora`)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import AdapterConfig
+from ..tuner import AdapterModel
+from ._lora_weighted import add_weighted_adapter
+
+__all__ = ["LoraBiasMergeError", "LoraModel", "all_bias_tensors"]
+
+
+class LoraBiasMergeError(RuntimeError, ValueError):
+    """``lora_bias`` cannot be merged into a layer without bias (a ``RuntimeError`` as in PEFT, and a
+    ``ValueError`` as deltatune raised before)."""
+
+
+class LoraModel(AdapterModel):
+    """The tuner of LoRA and its variants: adds the ``bias`` option's trainable and saved biases."""
+
+    def extra_trainable_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
+        """``bias="all"``: every bias outside the ``modules_to_save`` copies; ``"lora_only"``: the biases of
+        the layers holding this adapter."""
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        if bias == "all":
+            for name, p in self.model.named_parameters():
+                if (
+                    name.endswith(".bias")
+                    and ".original_module." not in name
+                    and ".modules_to_save." not in name
+                ):
+                    yield p
+        elif bias == "lora_only":
+            for _, layer in self.adapter_layers():
+                layer_bias = layer.base_bias
+                if adapter_name in layer.r and isinstance(layer_bias, nn.Parameter):
+                    yield layer_bias
+
+    def check_new_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """PEFT's rule: several adapters on one model cannot train biases (the base biases are shared).
+
+        Raises:
+            ValueError: when this or an existing adapter has ``bias`` other than ``"none"``.
+        """
+        super().check_new_adapter(adapter_name, config)
+        configs = [*self.peft_config.values(), config]
+        if len(configs) > 1 and any(getattr(c, "bias", "none") != "none" for c in configs):
+            raise ValueError(
+                f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias "
+                "to 'none' for all adapters."
+            )
+
+    def disable_adapter_layers(self) -> None:
+        """Disables every adapter layer; warns, as PEFT does, when the active adapters trained biases (those stay
+        in the base layers, so the output is not the base model's)."""
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config[name], "bias", "none")
+            if bias != "none":
+                warnings.warn(
+                    f"Careful, disabling adapter layers with bias configured to be '{bias}' does not produce the "
+                    "same output as the base model would without adaption.",
+                    stacklevel=3,
+                )
+        super().disable_adapter_layers()
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any
+    ) -> None:
+        """Adds ``adapter_name``, a weighted combination of ``adapters`` (PEFT's ``add_weighted_adapter``:
+        ``combination_type`` ``"svd"`` (default), ``"cat"``, ``"linear"``, ``"ties"``, ``"dare_linear"``,
+        ``"dare_ties"``, ``"magnitude_prune"`` and the ``*_svd`` forms; see :mod:`._lora_weighted`)."""
+        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
+
+    def extra_saved_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The trained biases under PEFT's keys (see :func:`all_bias_tensors` for ``bias="all"``)."""
+        bias = getattr(self.peft_config[adapter_name], "bias", "none")
+        if bias == "all":
+            return all_bias_tensors(self, adapter_name)
+        out: dict[str, torch.Tensor] = {}
+        if bias == "lora_only":
+            for name, layer in self.adapter_layers():
+                layer_bias = layer.base_bias
+                if adapter_name in layer.r and layer_bias is not None:
+                    out[f"{name}.base_layer.bias"] = layer_bias.detach()
+        return out
+
+
+def all_bias_tensors(tuner: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``bias="all"``: every state-dict key containing ``bias``, as PEFT selects them.
+
+    PEFT's sweep also picks up the biases inside ``modules_to_save`` wrappers and writes them as
+    ``<module>.original_module.bias`` and ``<module>.modules_to_save.bias`` (besides ``<module>.bias``);
+    they are written here too so that both libraries produce the same key set.
+    """
+    skip = tuple(
+        f"{name}.{attr}."
+        for name, layer in tuner.adapter_layers()
+        for attr in (*layer.adapter_param_names, *layer.other_param_names)
+    )
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tuner.model.state_dict().items():
+        if "bias" not in key or key.startswith(skip):
+            continue
+        if ".modules_to_save." in key:
+            marker = f".modules_to_save.{adapter_name}."
+            if marker not in key:
+                continue  # another adapter's copy
+            key = key.replace(marker, ".modules_to_save.")
+        out.setdefault(key, tensor)
+    return out

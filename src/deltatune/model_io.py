@@ -1,0 +1,237 @@
+"""Saving and loading for :class:`~deltatune.PeftModel` (a mixin): PEFT's files, model card, embeddings,
+``load_adapter``'s result, trainability and dtype of loaded adapters.
+
+Files: ``adapter_config.json`` (``inference_mode`` written ``true`` as PEFT does), ``adapter_model.safetensors``
+(or ``.bin``), ``README.md``. The default adapter goes into the directory, others into ``<dir>/<name>/``.
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from torch import nn
+
+from ._version import __version__
+from .config import AdapterConfig, PeftConfig
+from .functional import get_peft_model_state_dict
+from .model_card import update_model_card
+from .registry import available_methods, get_method
+from .serialization import LoadResult, load_adapter_weights, save_adapter_weights, set_adapter_state_dict
+from .tuner import AdapterModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SaveLoadMixin", "adapter_config"]
+
+#: ``from_pretrained``/``load_adapter`` options that are not Hub download options.
+_LOAD_OPTIONS = ("autocast_adapter_dtype", "low_cpu_mem_usage", "ignore_mismatched_sizes", "torch_device")
+
+
+def adapter_config(config: Any) -> AdapterConfig:
+    """``config`` itself, checked to be one of deltatune's adapter configs.
+
+    Raises:
+        TypeError: naming the class that was given.
+    """
+    if not isinstance(config, AdapterConfig):
+        names = ", ".join(dict.fromkeys(get_method(m).config_cls.__name__ for m in available_methods()))
+        raise TypeError(f"expected a deltatune adapter config ({names}), got {type(config).__name__}")
+    return config
+
+
+class SaveLoadMixin(nn.Module):
+    """``save_pretrained``, ``from_pretrained`` and ``load_adapter`` of :class:`~deltatune.PeftModel`."""
+
+    base_model: AdapterModel
+
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        """Adapter name → config."""
+        return self.base_model.peft_config
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:  # defined in model.py
+        raise NotImplementedError
+
+    # ---- save -----------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Writes each adapter in PEFT's format, with a model card.
+
+        Args:
+            save_directory: Target directory (created); non-default adapters go to ``<dir>/<name>``.
+            safe_serialization: safetensors (default) or a legacy ``adapter_model.bin``.
+            selected_adapters: Adapters to save (default all).
+            save_embedding_layers: Also save the full input/output embedding weights: ``"auto"`` when an
+                embedding layer is targeted (``embed_tokens``, ``lm_head``), ``True`` or ``False``.
+            is_main_process: Only the main process writes (distributed training).
+
+        Raises:
+            ValueError: if ``save_directory`` is a file or an adapter name is unknown.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")
+        if not is_main_process:
+            return
+        names = selected_adapters or list(self.peft_config)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapters named {unknown}; adapters: {sorted(self.peft_config)}")
+        for name in names:
+            directory = os.path.join(save_directory, name) if name != "default" else os.fspath(save_directory)
+            os.makedirs(directory, exist_ok=True)
+            self.base_model.prepare_save(name)
+            tensors = get_peft_model_state_dict(
+                self, adapter_name=name, save_embedding_layers=save_embedding_layers
+            )
+            if any(t.numel() == 0 for t in tensors.values()):
+                logger.info(
+                    "adapter %r has modules pruned to rank 0 (empty tensors are saved as PEFT does)", name
+                )
+            save_adapter_weights(tensors, directory, safe_serialization=safe_serialization)
+            config = self._config_to_save(name)
+            config.save_pretrained(directory, inference_mode=True)
+            update_model_card(directory, config, __version__, self._base_model_id())
+
+    def _base_model_id(self) -> str | None:
+        """The transformers base model's name or path (``config._name_or_path``), None for other models."""
+        model_config = getattr(self.base_model.model, "config", None)
+        to_dict = getattr(model_config, "to_dict", None)
+        data = to_dict() if callable(to_dict) else {}
+        name = data.get("_name_or_path") if isinstance(data, dict) else None
+        return str(name) if name else None
+
+    def _config_to_save(self, adapter_name: str) -> AdapterConfig:
+        """The config as written: legacy target names replaced by the ones this model uses (so PEFT can
+        load the file on the same transformers version), and ``auto_mapping`` filled as PEFT does."""
+        config = self.peft_config[adapter_name]
+        data = config.to_dict()
+        renamed = self.base_model.renamed_targets.get(adapter_name, {})
+        if renamed and isinstance(config.target_modules, set):
+            targets: set[str] = set()
+            for entry in config.target_modules:
+                targets.update(renamed[entry].split(",") if entry in renamed else [entry])
+            data["target_modules"] = sorted(targets)
+        if config.task_type is None and config.auto_mapping is None:
+            base = self.base_model.model
+            data["auto_mapping"] = {
+                "base_model_class": type(base).__name__,
+                "parent_library": type(base).__module__,
+            }
+        return adapter_config(type(config).from_dict(data))
+
+    # ---- load -----------------------------------------------------------------------------------
+    @classmethod
+    def _split_load_options(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {k: kwargs.pop(k) for k in _LOAD_OPTIONS if k in kwargs}
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> LoadResult:
+        """Loads a saved adapter into this model under ``adapter_name`` (a new one, inactive; or, for an existing
+        name, its weights, as the Trainer does when resuming).
+
+        Args:
+            model_id: Local directory or Hub repo id.
+            adapter_name: Name for the adapter.
+            is_trainable: Make the loaded adapter trainable; otherwise it is frozen (and a frozen model stays
+                frozen) and the model is put in eval mode.
+            strict: Refuse tensors that match nothing and adapter tensors the file lacks.
+            **kwargs: ``autocast_adapter_dtype`` (default True), ``ignore_mismatched_sizes``,
+                ``low_cpu_mem_usage`` (no memory for the tensors until the file fills them), ``subfolder`` and
+                Hub download options.
+
+        Returns:
+            PEFT's load result: ``missing_keys`` (this adapter's tensors the file lacked) and
+            ``unexpected_keys``.
+        """
+        options = self._split_load_options(kwargs)
+        subfolder = kwargs.pop("subfolder", None)
+        saved: AdapterConfig | None = None
+        if adapter_name not in self.peft_config:
+            saved = adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
+            saved.inference_mode = not is_trainable
+            self.add_adapter(
+                adapter_name,
+                saved,
+                low_cpu_mem_usage=bool(options.get("low_cpu_mem_usage", False)),
+                autocast_adapter_dtype=options.get("autocast_adapter_dtype", True),
+            )
+            if is_trainable:
+                self.base_model.set_requires_grad(adapter_name, True)
+        else:  # reloading an existing adapter (the Trainer resuming): the saved config may adapt the tensors
+            try:
+                saved = adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
+            except FileNotFoundError:
+                saved = None
+        result = self._load_weights(
+            model_id,
+            adapter_name,
+            strict=strict,
+            subfolder=subfolder,
+            saved_config=saved,
+            ignore_mismatched_sizes=bool(options.get("ignore_mismatched_sizes", False)),
+            **kwargs,
+        )
+        if not is_trainable:
+            self.base_model.set_requires_grad(adapter_name, False)
+            self.eval()
+        return result
+
+    def _load_weights(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        strict: bool,
+        saved_config: AdapterConfig | None = None,
+        ignore_mismatched_sizes: bool = False,
+        **kwargs: Any,
+    ) -> LoadResult:
+        tensors = load_adapter_weights(model_id, **kwargs)
+        tensors = self.base_model.adapt_loaded_tensors(tensors, adapter_name, saved_config)
+        return set_adapter_state_dict(
+            self.base_model,
+            tensors,
+            adapter_name,
+            strict=strict,
+            ignore_mismatched_sizes=ignore_mismatched_sizes,
+        )
+
+    def push_to_hub(
+        self, repo_id: str, private: bool | None = None, token: str | None = None, **kwargs: Any
+    ) -> str:
+        """Saves the adapter to a temporary directory and uploads it to the Hub; returns the commit URL."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                commit_message=kwargs.get("commit_message", "Upload adapter"),
+            )
+        return str(info)
