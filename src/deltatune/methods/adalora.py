@@ -224,13 +224,13 @@ class AdaLoraModel(LoraModel):
         if not ranks:
             return {}
         config = self._config()
-        logger.info(
-            "AdaLoRA: final ranks sum %d over %d modules (min %d, max %d)",
-            sum(ranks.values()),
-            len(ranks),
-            min(ranks.values()),
-            max(ranks.values()),
+        line = (
+            f"AdaLoRA: final ranks sum {sum(ranks.values())} over {len(ranks)} modules "
+            f"(min {min(ranks.values())}, max {max(ranks.values())})"
         )
+        if self.__dict__.get("_logged_summary") != line:  # the Trainer and the recipe both ask: say it once
+            logger.info(line)
+            self.__dict__["_logged_summary"] = line
         return {"ranks": ranks, "rank_max": config.init_r}
 
     def prepare_save(self, adapter_name: str) -> None:

@@ -90,7 +90,11 @@ def peak_tflops(device: torch.device | str) -> float | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     major, minor = torch.cuda.get_device_capability(device)
-    return float(_PEAK_BF16_TFLOPS.get((major, minor), 2250 if major >= 10 else 100))
+    if (major, minor) in _PEAK_BF16_TFLOPS:
+        return float(_PEAK_BF16_TFLOPS[(major, minor)])
+    if major == 10:  # data-centre Blackwell
+        return 2250.0
+    return 210.0 if major >= 12 else 100.0  # consumer Blackwell and anything unknown: modest
 
 
 def choose_pipeline(
