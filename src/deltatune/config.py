@@ -13,10 +13,10 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from . import _regex
 from ._files import atomic_write_text, read_json, resolve_file
 from ._version import __version__ as _version
 
@@ -109,7 +109,7 @@ def pattern_value(pattern: dict[str, Any] | None, names: list[str]) -> Any:
     """First value of ``pattern`` whose key matches one of ``names`` as ``(.*\\.)?key$`` (PEFT's rule)."""
     for key, value in (pattern or {}).items():
         for name in names:
-            if re.match(rf"(.*\.)?({key})$", name):
+            if _regex.match(rf"(.*\.)?({key})$", name, "a rank_pattern/alpha_pattern key"):
                 return value
     return None
 
@@ -343,6 +343,16 @@ class AdapterConfig(PeftConfig):
             schedule) adds those.
         """
         return dict(cls.RECIPE_DEFAULTS)
+
+    def allocated_ranks(self) -> dict[str, int]:
+        """The config values that size the adapter's tensors (``r`` and the ``rank_pattern`` ranks), by field
+        name. Loading checks each against the dimensions in the weights file before allocating anything, so a
+        hostile ``"r": 4000000`` fails at once. A method whose tensors are not sized by one of these (or by
+        others) overrides it."""
+        ranks = {"r": int(self.r)}
+        if self.RANK_PATTERN_IS_RANKS and isinstance(self.rank_pattern, dict):
+            ranks.update({f"rank_pattern[{k!r}]": int(v) for k, v in self.rank_pattern.items()})
+        return ranks
 
     def check_fits_run(self, planned_steps: int) -> None:
         """Raises ``ValueError`` when this config cannot work for a run of ``planned_steps`` optimiser steps

@@ -18,6 +18,7 @@ from torch import nn
 from .config import AdapterConfig, PeftConfig
 from .registry import available_methods, get_method, spec_for
 from .serialization import (
+    check_config_fits_file,
     get_adapter_state_dict,
     load_adapter_weights,
     save_adapter_weights,
@@ -246,12 +247,19 @@ class PeftModel(nn.Module):
             is_trainable: Keep the adapter trainable; otherwise it is frozen and the model put in eval.
             config: Use this config instead of the saved one.
             strict: Refuse adapter tensors that match nothing in the model (default True).
+            **kwargs: Hub options (``revision``, ``token``, ...) and ``allow_base_weights=True`` to load a file
+                whose tensors overwrite frozen base-model weights (refused by default).
+
+        Raises:
+            ValueError: for a config that does not fit its weights file (checked before allocating), tensors
+                holding NaN/inf, or tensors that would overwrite base weights.
         """
         subfolder = kwargs.pop("subfolder", None)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
         config = _adapter_config(config)
         config.inference_mode = not is_trainable
+        check_config_fits_file(config, model_id, subfolder=subfolder, **kwargs)  # before allocating anything
         peft_model = cls(model, config, adapter_name)
         peft_model._load_weights(
             model_id, adapter_name, strict=strict, subfolder=subfolder, saved_config=config, **kwargs
@@ -275,6 +283,9 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             saved = _adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
             saved.inference_mode = not is_trainable
+            check_config_fits_file(
+                saved, model_id, subfolder=subfolder, **kwargs
+            )  # before allocating anything
             self.add_adapter(adapter_name, saved)
         else:  # reloading an existing adapter (the Trainer resuming): the saved config may adapt the tensors
             try:
@@ -297,9 +308,12 @@ class PeftModel(nn.Module):
         saved_config: AdapterConfig | None = None,
         **kwargs: Any,
     ) -> None:
+        allow_base_weights = bool(kwargs.pop("allow_base_weights", False))
         tensors = load_adapter_weights(model_id, **kwargs)
         tensors = self.base_model.adapt_loaded_tensors(tensors, adapter_name, saved_config)
-        set_adapter_state_dict(self.base_model, tensors, adapter_name, strict=strict)
+        set_adapter_state_dict(
+            self.base_model, tensors, adapter_name, strict=strict, allow_base_weights=allow_base_weights
+        )
 
     def push_to_hub(
         self, repo_id: str, private: bool | None = None, token: str | None = None, **kwargs: Any

@@ -38,6 +38,8 @@ class ParsedRun:
     model: str
     dataset: str
     push_to_hub: bool
+    #: The batch size and accumulation are the recipe's, not the user's (run_training may fit them to the data).
+    batch_from_recipe: bool = False
 
 
 def build_run_parser(command: str) -> HfArgumentParser:
@@ -95,6 +97,11 @@ def build_run_parser(command: str) -> HfArgumentParser:
     )
     ours.add_argument("--max_eval_samples", type=int, default=None, help="use at most this many eval images")
     ours.add_argument("--random_backbone", action="store_true", help="start from random weights (a baseline)")
+    ours.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="allow the Python code a model or processor folder ships (auto_map) to run; off by default",
+    )
     ours.add_argument(
         "--overwrite_output_dir", action="store_true", help="replace a different run found in --output_dir"
     )
@@ -197,7 +204,9 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         raise CommandError(str(err)) from err
     if is_offline_default(model):
         model = offline_default_model_dir()
-    return ParsedRun(options, training_args, recipe, model, dataset, push)
+    batch_flags = ("--per_device_train_batch_size", "--gradient_accumulation_steps", "--auto_find_batch_size")
+    from_recipe = not any(a.split("=", 1)[0] in batch_flags for a in argv)
+    return ParsedRun(options, training_args, recipe, model, dataset, push, from_recipe)
 
 
 def run_spec(parsed: ParsedRun, method: str | None, strict: bool = True, **overrides: Any) -> RunSpec:

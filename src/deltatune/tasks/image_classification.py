@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import sys
@@ -24,9 +25,9 @@ from ..model import PeftModel, get_peft_model
 from ..registry import get_method
 from ..train.arguments import accelerator_name, cpu_threads
 from ..train.checkpoint import save_label_maps
-from ..train.outputs import RUN_RECORD_NAME
+from ..train.outputs import training_identity, write_run_record
 from ..train.precision import forward_gflop, resolve_precision
-from ..train.run import PeakMemory, logged_final_evaluation, planned_steps
+from ..train.run import PeakMemory, fit_batch, logged_final_evaluation, planned_steps
 from ..train.trainer import DeltaTrainer
 from .classifier import build_base_model, find_head
 from .report import model_card, rank_heatmap, training_curve
@@ -41,6 +42,7 @@ __all__ = [
     "RunResult",
     "RunSpec",
     "adapter_defaults",
+    "run_record",
     "run_training",
 ]
 
@@ -60,6 +62,7 @@ GUIDE_TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 5,
     "logging_steps": 10,
     "load_best_model_at_end": True,
+    "save_total_limit": 2,  # with load_best_model_at_end: the best checkpoint and the last one
     "label_names": ["labels"],
     "report_to": "none",
 }
@@ -128,6 +131,15 @@ class RunSpec:
         }
 
 
+def run_record(
+    spec: RunSpec, args: transformers.TrainingArguments, precision: str = "auto"
+) -> dict[str, Any]:
+    """What identifies a run, as written to ``deltatune_run.json`` and compared before a run writes into a
+    folder: the :class:`RunSpec`, the seed, the precision asked for and every training argument that can
+    change the result (see :func:`deltatune.train.outputs.training_identity`)."""
+    return {**spec.record(), "seed": args.seed, "precision": precision, "training": training_identity(args)}
+
+
 @dataclass
 class RunResult:
     """What :func:`run_training` returns: the trained model, the trainer and the metrics record."""
@@ -178,6 +190,8 @@ def run_training(
     callbacks: list[Any] | None = None,
     num_threads: int | None = None,
     precision: str = "auto",
+    fit_batch_to_data: bool = False,
+    trust_remote_code: bool = False,
 ) -> RunResult:
     """Trains ``spec`` with ``args`` and writes the adapter, labels, metrics, plots and model card.
 
@@ -191,8 +205,16 @@ def run_training(
         precision: ``"auto"`` (bf16/fp16 autocast where it pays, see :mod:`deltatune.train.precision`),
             ``"fp32"``, ``"bf16"`` or ``"fp16"``; an explicit ``args.bf16``/``args.fp16`` wins. ``args`` is
             updated in place.
+        fit_batch_to_data: The batch size and accumulation are a recipe's, not the user's: shrink them when
+            they would leave fewer than a few optimiser steps per epoch on this data (said in one line).
+        trust_remote_code: Let a model or processor folder run the Python code it ships (``auto_map``).
+
+    The run record (:func:`run_record`) is written first, marked ``"running"``, and ``"finished"`` once
+    everything else is written.
     """
     from ..vision import image_datasets, load_image_dataset
+
+    record = run_record(spec, args, precision)  # before anything below adapts args
 
     with args.main_process_first(desc="loading the dataset"):  # one download/cache build under torchrun
         bundle = load_image_dataset(
@@ -204,8 +226,12 @@ def run_training(
             max_train_samples=spec.max_train_samples,
             max_eval_samples=spec.max_eval_samples,
         )
-    base, processor = build_base_model(spec.model, bundle.id2label, spec.random_backbone, args.seed)
-    train_ds, eval_ds, collate = image_datasets(bundle, processor, spec.data_pipeline)
+    base, processor = build_base_model(
+        spec.model, bundle.id2label, spec.random_backbone, args.seed, trust_remote_code=trust_remote_code
+    )
+    train_ds, eval_ds, collate = image_datasets(bundle, processor, spec.data_pipeline, seed=args.seed)
+    if fit_batch_to_data:
+        fit_batch(args, len(bundle.train))
     on_cpu = bool(getattr(args, "use_cpu", False)) or accelerator_name() is None
     # the forward cost per example decides CPU threads and bf16; counted only when one of them is left to us
     undecided = num_threads is None or (precision == "auto" and not (args.bf16 or args.fp16))
@@ -231,7 +257,7 @@ def run_training(
     os.makedirs(output_dir, exist_ok=True)
     main_process = trainer.is_world_process_zero()  # under torchrun/accelerate only rank 0 writes files
     if main_process:
-        write_json(os.path.join(output_dir, RUN_RECORD_NAME), {**spec.record(), "seed": args.seed})
+        write_run_record(output_dir, record, "running")
     resume = args.resume_from_checkpoint
     with cpu_threads(base, num_threads, on_cpu, gflop):
         with PeakMemory() as memory:
@@ -270,8 +296,12 @@ def run_training(
         saved = json.loads(model._config_to_save(model.active_adapter).to_json_string())
         metrics["adapter_config_json"] = json.dumps(_compact(saved), indent=2, sort_keys=True)
         metrics.update(model.base_model.training_summary())  # e.g. AdaLoRA's final ranks
+    if not math.isfinite(metrics["accuracy"]):  # written as null (strict JSON), with the reason beside it
+        metrics["accuracy_note"] = "no evaluation reported a finite accuracy for the final model"
     if write_report and main_process:
         write_run_report(metrics, output_dir)
+    if main_process:
+        write_run_record(output_dir, record, "finished")
     return RunResult(model=model, trainer=trainer, metrics=metrics, output_dir=output_dir)
 
 

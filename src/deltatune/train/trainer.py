@@ -32,10 +32,10 @@ import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import can_return_loss, find_labels
 
-from .._files import atomic_write_text
+from .._files import apply_umask, atomic_write_text
 from ..model import PeftModel
 from .arguments import check_precision
-from .callbacks import AdapterHooksCallback, tuner_of
+from .callbacks import AdapterHooksCallback, DatasetEpochCallback, tuner_of
 from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_state
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
 from .metrics import compute_classification_metrics
@@ -100,6 +100,8 @@ class DeltaTrainer(transformers.Trainer):
         super().__init__(model, args, *positional, **kwargs)
         if not any(isinstance(cb, NonFiniteLossGuard) for cb in self.callback_handler.callbacks):
             self.add_callback(NonFiniteLossGuard())
+        if not any(isinstance(cb, DatasetEpochCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(DatasetEpochCallback())
         self.precision = check_precision(self.args)
         if isinstance(self.model, PeftModel):
             self._inspect_base_model(self.model.get_base_model())
@@ -187,6 +189,11 @@ class DeltaTrainer(transformers.Trainer):
         model = self._unwrapped()
         if not isinstance(model, PeftModel):
             super()._save(output_dir, state_dict)
+            target = str(output_dir if output_dir is not None else self.args.output_dir)
+            if self.args.should_save and os.path.isdir(target):
+                for name in os.listdir(target):  # safetensors creates its files 0600, whatever the umask
+                    if name.endswith(".safetensors"):
+                        apply_umask(os.path.join(target, name))
             return
         output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
         if not self.args.should_save:

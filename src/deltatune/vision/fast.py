@@ -164,8 +164,12 @@ class FastImageTransform:
             return -(-width * out_w // max(1, int(box_w))), -(-height * out_h // max(1, int(box_h)))
         return out_w, out_h
 
-    def __call__(self, source: Any) -> torch.Tensor:
-        """Args: source: see :func:`open_image`. Returns: uint8 tensor (height, width, 3)."""
+    #: Draws its crop and flip from the ``generator`` it is called with (see ``TransformedDataset``).
+    accepts_generator = True
+
+    def __call__(self, source: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Args: source: see :func:`open_image`; generator: the randomness of the training crop and flip
+        (torch's global generator when None). Returns: uint8 tensor (height, width, 3)."""
         spec = self.spec
         out_h, out_w = spec.size
         image = open_image(source)
@@ -174,7 +178,7 @@ class FastImageTransform:
         if orientation in _SWAPS_AXES:
             width, height = height, width
         if spec.train:
-            box = spec.random_crop_box(width, height)
+            box = spec.random_crop_box(width, height, generator=generator)
             image = decode(image, self._request(width, height, box), orientation)
             pixels = _pixels(image)
             scale_x, scale_y = image.size[0] / width, image.size[1] / height
@@ -183,7 +187,7 @@ class FastImageTransform:
             right = max(left + 1, min(image.size[0], round(box[2] * scale_x)))
             bottom = max(top + 1, min(image.size[1], round(box[3] * scale_y)))
             out = _resize(pixels[top:bottom, left:right], out_h, out_w)
-            if spec.horizontal_flip and torch.rand(1).item() < 0.5:
+            if spec.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5:
                 out = out.flip(1)
             return out
         if spec.resize_to is None:
@@ -303,6 +307,7 @@ def image_datasets(
     image_processor_or_stats: Any,
     pipeline: str = "fast",
     draft: str | None = "image",
+    seed: int | None = None,
 ) -> tuple[TransformedDataset, TransformedDataset, Any]:
     """Training and evaluation datasets of ``{"pixel_values", "labels"}`` rows plus their collate function.
 
@@ -311,6 +316,8 @@ def image_datasets(
         image_processor_or_stats: Size and normalisation source (see :func:`build_transforms`).
         pipeline: One of :data:`DATA_PIPELINES`.
         draft: The fast pipeline's JPEG draft mode (see :class:`FastImageTransform`).
+        seed: Seed of the training augmentation, drawn per (seed, epoch, index) so that a resumed run sees the
+            crops the uninterrupted one did (None: torch's global generator).
 
     Raises:
         ValueError: for an unknown ``pipeline`` or ``draft``.
@@ -320,11 +327,13 @@ def image_datasets(
             f"data pipeline {pipeline!r} is not valid; choose one of {', '.join(map(repr, DATA_PIPELINES))}"
         )
     if pipeline == "standard":
-        train = TransformedDataset(bundle.train, build_transforms(image_processor_or_stats, train=True))
+        train = TransformedDataset(
+            bundle.train, build_transforms(image_processor_or_stats, train=True), seed=seed
+        )
         evaluation = TransformedDataset(bundle.eval, build_transforms(image_processor_or_stats, train=False))
         return train, evaluation, collate_fn
     train_tf = FastImageTransform.from_processor(image_processor_or_stats, train=True, draft=draft)
     eval_tf = FastImageTransform.from_processor(image_processor_or_stats, train=False, draft=draft)
-    train = TransformedDataset(undecoded(bundle.train), train_tf)
+    train = TransformedDataset(undecoded(bundle.train), train_tf, seed=seed)
     evaluation = TransformedDataset(undecoded(bundle.eval), eval_tf)
     return train, evaluation, train_tf.collate()
