@@ -125,9 +125,13 @@ def load_trained(
                 adapter_dir, trust_remote_code=bool(trust_remote_code)
             )
         except (OSError, ValueError) as err:
-            reason = " ".join(str(err).split())[:400]
-            hint = "; pass --trust_remote_code only if you trust it" if "trust_remote_code" in reason else ""
-            raise ValueError(f"cannot load the image processor {processor_file}: {reason}{hint}") from err
+            reason = " ".join(str(err).split())
+            if "trust_remote_code" in reason or "custom code" in reason:
+                raise ValueError(
+                    f"{processor_file} asks to run the Python code the folder ships (auto_map); deltatune does not "
+                    "run it unless you pass --trust_remote_code (only for folders you trust)"
+                ) from err
+            raise ValueError(f"cannot load the image processor {processor_file}: {reason[:400]}") from err
         check_image_processor(processor, processor_file)
     peft_model.eval()
     return TrainedAdapter(peft_model, processor, id2label, record, adapter_dir)
@@ -305,6 +309,25 @@ def check_merge_output(adapter_dir: str, output_dir: str, overwrite: bool) -> No
         logger.info("removed %d temporary folders a killed process left in %s", len(removed), parent)
 
 
+@torch.no_grad()
+def _check_forward(model: nn.Module, trained: TrainedAdapter) -> None:
+    """One forward pass on a blank image: a merged model whose outputs are NaN/inf is refused."""
+    from ..vision import resolve_size
+
+    size = resolve_size(trained.image_processor)
+    height, width = (size, size) if isinstance(size, int) else size
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logits = model(pixel_values=torch.zeros(1, 3, height, width, device=device)).logits.float()
+    model.train(was_training)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(
+            f"merging {trained.directory} gives a model whose outputs are NaN/inf (its weights are finite but "
+            "too large: check the scaling values in adapter_config.json); nothing was written"
+        )
+
+
 def merge_adapter(trained: TrainedAdapter, output_dir: str) -> nn.Module:
     """Folds the adapter into the base weights and writes a standalone transformers model directory
     (``config.json`` with the label maps, safetensors weights, ``preprocessor_config.json``, ``labels.json``).
@@ -320,6 +343,7 @@ def merge_adapter(trained: TrainedAdapter, output_dir: str) -> nn.Module:
     """
     merged = trained.model.merge_and_unload()
     check_finite(dict(merged.state_dict()), f"merging {trained.directory}")
+    _check_forward(merged, trained)
     config = getattr(merged, "config", None)
     if config is not None:
         config.id2label = dict(trained.id2label)
