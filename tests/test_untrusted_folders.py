@@ -139,7 +139,7 @@ def test_silent_behaviours_are_said(
     from deltatune.vision import stratified_split
 
     with caplog.at_level(logging.WARNING, logger="deltatune"):
-        train, evaluation = stratified_split([0, 0, 0, 0, 1, 2], 0.25, seed=0)
+        train, _ = stratified_split([0, 0, 0, 0, 1, 2], 0.25, seed=0)
     assert "single image" in caplog.text and {4, 5} <= set(train)
     with pytest.raises(ValueError, match="single image"):  # one image per class: no class may leave training
         stratified_split([0, 1, 2], 0.25, seed=0)
@@ -206,7 +206,7 @@ def test_a_huge_rank_is_refused_before_anything_is_allocated(
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(deltatune.tuner.AdapterModel, "__init__", counting_init)
-    with pytest.raises(ValueError, match="r=200000.*largest"):
+    with pytest.raises(ValueError, match=r"r=200000.*largest"):
         PeftModel.from_pretrained(tiny_vit(), str(adapter))
     assert not built, "the adapter layers must not be built (allocated) before the sizes are checked"
 
