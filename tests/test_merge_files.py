@@ -29,7 +29,15 @@ FLAGS = [
 
 
 def train(root: Path, out: Path) -> None:
-    argv = ["train", "--model", str(root / "model"), "--dataset", str(root / "data"), "--output_dir", str(out)]
+    argv = [
+        "train",
+        "--model",
+        str(root / "model"),
+        "--dataset",
+        str(root / "data"),
+        "--output_dir",
+        str(out),
+    ]
     assert main([*argv, *FLAGS]) == 0
 
 
@@ -47,7 +55,9 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_file(tensors, second / "adapter_model.safetensors")
     labels = json.loads((second / "labels.json").read_text())
     renamed = {k: f"new-{v}" for k, v in labels["id2label"].items()}
-    (second / "labels.json").write_text(json.dumps({"id2label": renamed, "label2id": {v: int(k) for k, v in renamed.items()}}))
+    (second / "labels.json").write_text(
+        json.dumps({"id2label": renamed, "label2id": {v: int(k) for k, v in renamed.items()}})
+    )
     return {"root": root, "first": first, "second": second}
 
 

@@ -174,31 +174,6 @@ def test_second_process_fails_at_once_naming_the_holder_and_a_dead_holder_is_tak
     assert not (out / LOCK_NAME).exists(), "a released lock leaves no file"
 
 
-def test_the_cli_holds_the_lock_for_the_whole_run(
-    assets: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """While `deltatune train` trains, another process is refused the folder; afterwards the lock is gone."""
-    from deltatune.train.lock import LOCK_NAME
-
-    seen: list[bool] = []
-    original = DeltaTrainer.train
-
-    def checking_train(self: DeltaTrainer, *args: Any, **kwargs: Any) -> Any:
-        seen.append(_other_process_lock(Path(self.args.output_dir)))  # another process is refused now
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(DeltaTrainer, "train", checking_train)
-    assert train(assets, tmp_path / "out", "--num_train_epochs", "1") == 0
-    assert seen == [True] and not (tmp_path / "out" / LOCK_NAME).exists()
-
-
-def _other_process_lock(out: Path) -> bool:
-    """Whether a fresh process is refused ``out``'s lock (naming this process as the holder)."""
-    code = "import sys; from deltatune.train.lock import RunLock; RunLock(sys.argv[1]).acquire(); print('ok')"
-    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
-    return "OutputDirLockedError" in done.stderr and f"pid {os.getpid()}" in done.stderr
-
-
 # ---- item 5 -------------------------------------------------------------------------------------
 def interrupt_after(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Ctrl-C right after checkpoint-``step`` is complete (as if pressed then)."""
@@ -243,6 +218,7 @@ def test_ctrl_c_stops_cleanly_with_the_resume_command_and_a_plain_rerun_is_refus
     argv = shlex.split(command)[1:]
     assert main(argv) == 0
     assert json.loads((out / "deltatune_run.json").read_text())["status"] == "finished"
+    assert not (out / ".deltatune.lock").exists(), "the lock is released when a run ends, interrupted or not"
 
 
 # ---- items 4 and 7 ------------------------------------------------------------------------------
@@ -306,3 +282,42 @@ def test_default_run_keeps_only_the_best_and_the_last_checkpoint(
     names = {p.name for p in checkpoints}
     assert len(names) <= 2 and os.path.basename(state["best_model_checkpoint"]) in names, names
     assert_same_adapter(Path(state["best_model_checkpoint"]), out)
+
+
+@pytest.mark.slow
+def test_real_processes_second_run_refused_and_ctrl_c_prints_the_resume_command(
+    assets: dict[str, str], tmp_path: Path
+) -> None:
+    """Two `deltatune train` processes into one folder: the second fails at once naming the first; SIGINT
+    (Ctrl-C) stops the first without a traceback and prints the command that resumes it."""
+    out = tmp_path / "out"
+    argv = ["train", "--model", assets["model"], "--dataset", assets["data"], "--output_dir", str(out)]
+    argv += [*QUICK, "--num_train_epochs", "400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "deltatune", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("checkpoint-*/trainer_state.json")) and time.monotonic() < deadline:
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.1)
+        second = subprocess.run(
+            [sys.executable, "-m", "deltatune", *argv], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert second.returncode == 2, second.stderr[-3000:]
+        line = one_error_line(second.stderr)
+        assert "in use by another deltatune run" in line and f"pid {first.pid}" in line, line
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 130, err[-3000:]
+    line = one_error_line(err)
+    assert "resume with: deltatune train" in line and "--resume_from_checkpoint true" in line, line

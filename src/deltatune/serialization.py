@@ -95,6 +95,8 @@ def load_adapter_weights(
 
         try:
             tensors = load_file(path, device=device)
+        except PermissionError:
+            raise
         except Exception as err:
             raise ValueError(
                 f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"

@@ -68,13 +68,17 @@ def build_base_model(
     transformers.set_seed(seed)
     try:
         processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=bool(trust_remote_code))
-    except (OSError, ValueError) as err:
+    except PermissionError:
+        raise
+    except (OSError, ValueError, RecursionError) as err:
         raise _load_error("image processor", model_id, err) from err
     check_image_processor(processor, f"{model_id} (preprocessor_config.json)")
     if random_backbone:
         try:
             config = AutoConfig.from_pretrained(model_id, **kwargs)
-        except (OSError, ValueError) as err:
+        except PermissionError:
+            raise
+        except (OSError, ValueError, RecursionError) as err:
             raise _load_error("model config", model_id, err) from err
         model = AutoModelForImageClassification.from_config(config, trust_remote_code=bool(trust_remote_code))
     else:
@@ -85,7 +89,9 @@ def build_base_model(
             model = AutoModelForImageClassification.from_pretrained(
                 model_id, ignore_mismatched_sizes=True, **kwargs
             )
-        except (OSError, ValueError) as err:
+        except PermissionError:
+            raise
+        except (OSError, ValueError, RecursionError) as err:
             raise _load_error("model", model_id, err) from err
         finally:
             transformers_logger.removeFilter(report)
@@ -108,7 +114,7 @@ def _load_error(what: str, model_id: str, err: Exception) -> Exception:
             f"{model_id!r} ships its own Python code (auto_map) to build its {what}; deltatune does not run it "
             "unless you pass --trust_remote_code (only for folders you trust)"
         )
-    if isinstance(err, ValueError) and not isinstance(err, OSError):
+    if isinstance(err, ValueError | RecursionError) and not isinstance(err, OSError):
         return ValueError(f"cannot load the {what} of {model_id!r}: {reason}")
     hint = (
         "the folder does not exist (was it moved, or the adapter copied from another machine?); pass --model"

@@ -124,7 +124,9 @@ def load_trained(
             processor = AutoImageProcessor.from_pretrained(
                 adapter_dir, trust_remote_code=bool(trust_remote_code)
             )
-        except (OSError, ValueError) as err:
+        except PermissionError:
+            raise
+        except (OSError, ValueError, RecursionError) as err:
             reason = " ".join(str(err).split())
             if "trust_remote_code" in reason or "custom code" in reason:
                 raise ValueError(
