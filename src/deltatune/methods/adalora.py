@@ -137,8 +137,7 @@ class AdaLoraConfig(LoraConfig):
             )
         return defaults
 
-    def allocated_ranks(self) -> dict[str, int]:
-        """Every module starts at ``init_r`` (``r`` is unused)."""
+    def allocated_ranks(self) -> dict[str, int]:  # every module starts at init_r (r is unused)
         return {"init_r": int(self.init_r)}
 
     def check_fits_run(self, planned_steps: int) -> None:
@@ -199,13 +198,8 @@ class AdaLoraModel(LoraModel):
             )
         config.check_schedule(config.total_step)
         if planned_steps <= config.tinit:
-            logger.warning(
-                "AdaLoRA: this run ends at step %d, before pruning starts (tinit=%d): the adapter keeps all "
-                "init_r=%d ranks and is saved unpruned",
-                planned_steps,
-                config.tinit,
-                config.init_r,
-            )
+            msg = "AdaLoRA: this run ends at step %d, before pruning starts (tinit=%d): all init_r=%d ranks are kept"
+            logger.warning(msg + " and saved unpruned", planned_steps, config.tinit, config.init_r)
             return
         logger.info(
             "AdaLoRA: ranks %d → %d on average; pruning between steps %d and %d, every %d steps",

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["SharedEpoch", "sample_generator"]
+__all__ = ["SharedEpoch", "apply_seeded", "sample_generator"]
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -45,3 +45,13 @@ class SharedEpoch:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._value = state["_value"]
+
+
+def apply_seeded(transform: Any, image: Any, generator: torch.Generator) -> Any:
+    """``transform(image)`` drawing its randomness from ``generator``: passed along when the transform takes
+    one (``accepts_generator``), else torch's global generator is seeded from it for the call and restored."""
+    if getattr(transform, "accepts_generator", False):
+        return transform(image, generator=generator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        return transform(image)

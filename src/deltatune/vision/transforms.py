@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .randomness import SharedEpoch, sample_generator
+from .randomness import SharedEpoch, apply_seeded, sample_generator
 
 logger = logging.getLogger(__name__)
 
@@ -357,15 +357,7 @@ class TransformedDataset(torch.utils.data.Dataset):
     def _transform(self, image: Any, index: int) -> Any:
         if self.seed is None or self._epoch is None:
             return self.transform(image)
-        generator = sample_generator(self.seed, self._epoch.get(), index)
-        if getattr(self.transform, "accepts_generator", False):
-            return self.transform(image, generator=generator)
-        with torch.random.fork_rng(devices=[]):  # a transform of its own: seed the global generator instead
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            return self.transform(image)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+        return apply_seeded(self.transform, image, sample_generator(self.seed, self._epoch.get(), index))
 
     def load(self, index: int) -> dict[str, Any]:
         """The transformed example at ``index``, raising on an unreadable image."""
