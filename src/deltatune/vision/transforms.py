@@ -359,6 +359,9 @@ class TransformedDataset(torch.utils.data.Dataset):
             return self.transform(image)
         return apply_seeded(self.transform, image, sample_generator(self.seed, self._epoch.get(), index))
 
+    def __len__(self) -> int:
+        return len(self.dataset)
+
     def load(self, index: int) -> dict[str, Any]:
         """The transformed example at ``index``, raising on an unreadable image."""
         row = self.dataset[index]
