@@ -99,7 +99,11 @@ class RunLock:
 
     def __init__(self, directory: str | os.PathLike[str], command: str | None = None) -> None:
         self.directory = os.fspath(directory)
-        self.command = command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)
+        if command is None:
+            program = os.path.basename(sys.argv[0]) if sys.argv else "python"
+            program = "deltatune" if program in ("__main__.py", "deltatune") else program
+            command = " ".join(shlex.quote(a) for a in [program, *sys.argv[1:]])
+        self.command = command
         self._fd: int | None = None
         self.took_over: dict[str, Any] | None = None
 
