@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 import transformers
 from safetensors.torch import load_file, save_file
-from tiny import save_tiny_vit_dir, write_image_folder
+from tiny import save_tiny_vit_dir, tiny_vit, write_image_folder
 
 from deltatune.cli import main
+from deltatune.train import DeltaTrainer, TrainingArguments
 
 FLAGS = [
     "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--use_cpu", "--disable_tqdm", "true",
@@ -120,6 +121,7 @@ _SLOW_MERGE = """
 import sys, time
 import transformers
 from deltatune.cli import main
+from deltatune.train import DeltaTrainer, TrainingArguments
 original = transformers.PreTrainedModel.save_pretrained
 def slow(self, *args, **kwargs):
     original(self, *args, **kwargs)
@@ -164,10 +166,13 @@ def test_every_written_file_honours_the_umask(adapters: dict[str, Path], tmp_pat
         train(adapters["root"], run)
         assert main(["merge", "--adapter", str(run), "--output", str(merged)]) == 0
         assert main(["evaluate", "--adapter", str(run)]) == 0
+        full = tmp_path / "full"  # a baseline without adapter: the Trainer saves the whole model
+        args = TrainingArguments(str(full), report_to="none", use_cpu=True)
+        DeltaTrainer(tiny_vit(), args).save_model(str(full))
     finally:
         os.umask(previous)
     wrong = []
-    for folder in (run, merged):
+    for folder in (run, merged, full):
         for path in [folder, *folder.rglob("*")]:
             mode = stat.S_IMODE(path.stat().st_mode)
             expected = 0o775 if path.is_dir() else 0o664
@@ -175,3 +180,4 @@ def test_every_written_file_honours_the_umask(adapters: dict[str, Path], tmp_pat
                 wrong.append(f"{path.relative_to(tmp_path)}: {oct(mode)} (expected {oct(expected)})")
     assert not wrong, wrong
     assert (merged / "model.safetensors").exists() and any(run.glob("checkpoint-*/optimizer.pt"))
+    assert (full / "model.safetensors").exists()

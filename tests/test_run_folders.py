@@ -215,8 +215,18 @@ def test_ctrl_c_stops_cleanly_with_the_resume_command_and_a_plain_rerun_is_refus
     line = one_error_line(capsys.readouterr().err)
     assert "unfinished" in line and "--resume_from_checkpoint" in line and "--overwrite_output_dir" in line
     assert listing(out) == before
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = [
+        out / f".tmp-{dead.stdout.strip()}-adapter",
+        out / "checkpoint-5" / f".tmp-{dead.stdout.strip()}-x",
+    ]
+    for path in stale:  # what a save killed mid-write leaves behind
+        path.write_bytes(b"partial")
     argv = shlex.split(command)[1:]
     assert main(argv) == 0
+    assert not any(path.exists() for path in stale), "the next run removes a killed save's temporaries"
     assert json.loads((out / "deltatune_run.json").read_text())["status"] == "finished"
     assert not (out / ".deltatune.lock").exists(), "the lock is released when a run ends, interrupted or not"
 

@@ -177,9 +177,9 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{os.fspath(path)} is not valid JSON (expected a {what}): {err}") from err
+        raise ValueError(f"{os.fspath(path)} is not valid JSON (expected: {what}): {err}") from err
     except RecursionError as err:
-        raise ValueError(f"{os.fspath(path)} is nested too deeply to be a {what}") from err
+        raise ValueError(f"{os.fspath(path)} is nested too deeply to read (expected: {what})") from err
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
