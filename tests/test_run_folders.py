@@ -88,6 +88,16 @@ def test_overwrite_with_resume_is_refused_before_anything_is_removed(
     assert train(assets, run, "--resume_from_checkpoint", str(run / "checkpoint-404")) == 2
     assert "cannot resume" in capsys.readouterr().err
     assert listing(run) == before
+    fresh = tmp_path / "fresh"
+    assert train(assets, fresh, "--resume_from_checkpoint", "true") == 2
+    assert "no complete checkpoint" in one_error_line(capsys.readouterr().err)
+    assert not fresh.exists(), "a refused run leaves no empty folder behind"
+    legacy = copy_of(finished, tmp_path / "legacy")  # a record written before the training arguments were
+    record = json.loads((legacy / "deltatune_run.json").read_text())
+    del record["training"]
+    (legacy / "deltatune_run.json").write_text(json.dumps(record))
+    assert train(assets, legacy, "--resume_from_checkpoint", "true") == 2
+    assert "earlier deltatune version" in one_error_line(capsys.readouterr().err)
 
 
 # ---- item 2 -------------------------------------------------------------------------------------

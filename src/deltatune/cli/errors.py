@@ -26,20 +26,21 @@ class RunInterrupted(KeyboardInterrupt):
         self.hint = hint
 
 
+#: Bidirectional overrides and isolates: they reorder what follows on screen (a spoofing tool).
+_BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A)))
+
+
+def _visible(char: str) -> str:
+    if char in "\n\t" or (unicodedata.category(char) != "Cc" and char not in _BIDI_CONTROLS):
+        return char
+    return f"\\x{ord(char):02x}" if ord(char) < 256 else f"\\u{ord(char):04x}"
+
+
 def printable(text: Any) -> str:
-    """``text`` with control characters (ESC, BEL, CR, C1 codes ...) written as visible ``\\xNN`` escapes, so
-    a label, path or message cannot drive the terminal; tabs and newlines are kept."""
+    """``text`` with control characters (ESC, BEL, CR, C1 codes, bidirectional overrides) written as visible
+    ``\\xNN`` escapes, so a label, path or message cannot drive the terminal; tabs and newlines are kept."""
     value = str(text)
-    if value.isprintable():
-        return value
-    return "".join(
-        c
-        if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf")
-        else f"\\x{ord(c):02x}"
-        if ord(c) < 256
-        else f"\\u{ord(c):04x}"
-        for c in value
-    )
+    return value if value.isprintable() else "".join(map(_visible, value))
 
 
 def one_line(text: Any) -> str:
@@ -94,20 +95,8 @@ def describe_error(err: BaseException) -> tuple[str, int]:
     if isinstance(err, OSError):
         message, code = _oserror(err)
         return one_line(message), code
-    if isinstance(err, ValueError | LookupError | TypeError) and _is_user_input(err):
+    if isinstance(err, ValueError):  # our errors about a flag, a config or a file (peft's type for them)
         return one_line(err), USAGE
-    name = type(err).__name__
-    if type(err).__module__.startswith("deltatune") or isinstance(err, RuntimeError):
-        text = str(err) or name
-        if name == "NonFiniteLossError" or type(err).__module__.startswith("deltatune"):
-            return one_line(text), FAILURE
-        return one_line(f"{name}: {text}; run again with --debug for the traceback"), FAILURE
-    return one_line(f"{name}: {err}; run again with --debug for the traceback"), FAILURE
-
-
-def _is_user_input(err: BaseException) -> bool:
-    """ValueErrors (and the KeyError/TypeError of a malformed file) come from what the user passed: a flag,
-    a config, a file. Errors raised from inside torch's kernels are not."""
-    if isinstance(err, ValueError):
-        return True
-    return type(err).__module__.startswith("deltatune")
+    if type(err).__module__.startswith("deltatune"):  # e.g. NonFiniteLossError: its message says what to do
+        return one_line(str(err) or type(err).__name__), FAILURE
+    return one_line(f"{type(err).__name__}: {err}; run again with --debug for the traceback"), FAILURE

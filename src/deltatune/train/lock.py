@@ -105,6 +105,7 @@ class RunLock:
             command = " ".join(shlex.quote(a) for a in [program, *sys.argv[1:]])
         self.command = command
         self._fd: int | None = None
+        self._created = False
         self.took_over: dict[str, Any] | None = None
 
     @property
@@ -118,6 +119,7 @@ class RunLock:
         """Takes the lock (at once or not at all); returns ``self``."""
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise OutputDirError(f"--output_dir {self.directory!r} is a file; pass a directory")
+        self._created = not os.path.exists(self.directory)
         os.makedirs(self.directory, exist_ok=True)
         key = self._key()
         if key in RunLock._held:  # this process already holds it (e.g. compare → its runs)
@@ -212,6 +214,9 @@ class RunLock:
             os.unlink(owner.path)  # before unlocking: a waiting process then retries on a new file
         with contextlib.suppress(OSError):
             os.close(fd)  # closing drops the flock
+        if owner._created:  # a run refused before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                os.rmdir(owner.directory)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

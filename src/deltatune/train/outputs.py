@@ -284,6 +284,12 @@ def prepare_output_dir(
             _remove_run_files(directory, entries)
         else:
             differences = run_differences(previous, record)
+            if "training" in record and "training" not in previous:
+                raise OutputDirError(
+                    f"--output_dir {directory!r} holds a run recorded by an earlier deltatune version, without its "
+                    "training arguments, so it cannot be checked to be this run: pass --overwrite_output_dir to "
+                    "replace it, or choose another --output_dir"
+                )
             if differences:
                 listed = "; ".join(differences[:4]) + (
                     f"; and {len(differences) - 4} more" if len(differences) > 4 else ""

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import transformers
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["MIN_STEPS_PER_EPOCH", "PeakMemory", "fit_batch", "logged_final_evaluation", "planned_steps"]
 
 
@@ -126,5 +128,5 @@ def fit_batch(args: transformers.TrainingArguments, num_train: int) -> str | Non
         f"step{'s' if steps != 1 else ''} per epoch, so it is fitted to {fitted} x 1 ({new_steps} steps per "
         "epoch); pass --per_device_train_batch_size and --gradient_accumulation_steps to choose yourself"
     )
-    logging.getLogger("deltatune.train").warning(message)
+    logger.warning(message)
     return message
