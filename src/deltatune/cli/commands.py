@@ -76,9 +76,8 @@ def train(argv: list[str]) -> int:
     spec = run_spec(parsed, parsed.options.method)
     if parsed.push_to_hub:
         check_hub_access(args.hub_model_id)
-    main_process = (
-        args.process_index == 0
-    )  # torchrun / accelerate launch: rank 0 locks, checks, cleans, reports
+    # torchrun / accelerate launch: rank 0 locks, checks, cleans, reports
+    main_process = args.process_index == 0
     record = run_record(spec, args, parsed.options.precision)
     with run_lock(out, enabled=main_process):
         with args.main_process_first(desc="preparing the output directory"):
@@ -105,9 +104,9 @@ def train(argv: list[str]) -> int:
                 trust_remote_code=parsed.options.trust_remote_code,
             )
         except KeyboardInterrupt:
-            from .errors import RunInterrupted
+            from .errors import RunInterrupted, resume_hint
 
-            raise RunInterrupted(_resume_hint(argv, out)) from None
+            raise RunInterrupted(resume_hint(argv, out)) from None
     if not main_process:
         return 0
     screen.print(_metrics_table([result.metrics], f"{spec.name} on {parsed.dataset}"))
@@ -126,35 +125,6 @@ def train(argv: list[str]) -> int:
         )
         screen.print(f"pushed the adapter to https://huggingface.co/{esc(repo)}")
     return 0
-
-
-def _resume_hint(argv: list[str], out: str) -> str:
-    """What to tell someone who pressed Ctrl-C: the one command that resumes, or that nothing was saved."""
-    import shlex
-
-    from ..train.resume import latest_complete_checkpoint
-
-    last = latest_complete_checkpoint(out)
-    if last is None:
-        return "no checkpoint was written yet, so there is nothing to resume; run the same command again to start over"
-    kept: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg == "--overwrite_output_dir":
-            continue
-        if arg.startswith("--resume_from_checkpoint"):
-            skip = "=" not in arg
-            continue
-        kept.append(arg)
-    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in kept):
-        kept += ["--output_dir", out]
-    command = " ".join(
-        shlex.quote(a) for a in ["deltatune", "train", *kept, "--resume_from_checkpoint", "true"]
-    )
-    return f"the last complete checkpoint is {last}; resume with: {command}"
 
 
 def compare(argv: list[str]) -> int:

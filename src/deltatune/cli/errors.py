@@ -2,7 +2,7 @@
 file, what to do) and an exit status -- 2 for a usage error (an argument, a file or a setting the user can
 fix), 1 for a failure while running (permissions, a full disk, a diverging run, a bug) and 130 for Ctrl-C.
 
-Nothing here imports torch or transformers: the boundary must work whatever failed to import.
+Importing this module imports neither torch nor transformers: the boundary must work whatever failed to import.
 """
 
 from __future__ import annotations
@@ -11,7 +11,16 @@ import errno
 import unicodedata
 from typing import Any
 
-__all__ = ["FAILURE", "INTERRUPTED", "USAGE", "RunInterrupted", "describe_error", "one_line", "printable"]
+__all__ = [
+    "FAILURE",
+    "INTERRUPTED",
+    "USAGE",
+    "RunInterrupted",
+    "describe_error",
+    "one_line",
+    "printable",
+    "resume_hint",
+]
 
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130
 _MAX_LINE = 2000
@@ -100,3 +109,34 @@ def describe_error(err: BaseException) -> tuple[str, int]:
     if type(err).__module__.startswith("deltatune"):  # e.g. NonFiniteLossError: its message says what to do
         return one_line(str(err) or type(err).__name__), FAILURE
     return one_line(f"{type(err).__name__}: {err}; run again with --debug for the traceback"), FAILURE
+
+
+def resume_hint(argv: list[str], out: str) -> str:
+    """What to tell someone who pressed Ctrl-C during ``deltatune train ARGV``: the one command that resumes
+    (the same arguments, ``--resume_from_checkpoint true`` instead of ``--overwrite_output_dir``), or that no
+    checkpoint was saved yet."""
+    import shlex
+
+    from ..train.resume import latest_complete_checkpoint
+
+    last = latest_complete_checkpoint(out)
+    if last is None:
+        return "no checkpoint was written yet, so there is nothing to resume; run the same command again to start over"
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--overwrite_output_dir":
+            continue
+        if arg.startswith("--resume_from_checkpoint"):
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in kept):
+        kept += ["--output_dir", out]
+    command = " ".join(
+        shlex.quote(a) for a in ["deltatune", "train", *kept, "--resume_from_checkpoint", "true"]
+    )
+    return f"the last complete checkpoint is {last}; resume with: {command}"
