@@ -22,7 +22,9 @@ from tiny import save_tiny_vit_dir, write_image_folder
 
 import deltatune._files
 import deltatune.tasks.inference
+from deltatune._files import write_json
 from deltatune.cli import main
+from deltatune.train.metrics import classification_report
 
 FLAGS = [
     "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--use_cpu", "--disable_tqdm", "true",
@@ -89,6 +91,10 @@ def test_one_class_is_refused_and_json_output_is_strict(
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
     for name in ("metrics.json", "deltatune_run.json", "labels.json"):
         strict_loads((Path(assets["run"]) / name).read_text())
+    report = classification_report(np.array([[2.0, 0.0, 0.0]]), np.array([0]), ["a", "b", "c"])
+    write_json(tmp_path / "eval.json", report.to_dict())
+    written = strict_loads((tmp_path / "eval.json").read_text())
+    assert written["per_class_accuracy"]["b"] is None and "'b'" in " ".join(written["notes"])
     nan_result = [{"image": "a.png", "predictions": [{"label": "red", "score": math.nan}]}]
     monkeypatch.setattr(deltatune.tasks.inference, "predict_images", lambda *a, **k: nan_result)
     image = str(Path(assets["data"]) / "red" / "0.png")
