@@ -144,6 +144,8 @@ def test_overwrite_removes_what_the_previous_run_wrote_and_runs_never_share_chec
     capsys.readouterr()
     assert train(assets, run, "--resume_from_checkpoint", str(checkpoint)) == 2
     assert "different run" in one_error_line(capsys.readouterr().err)
+    assert train(assets, tmp_path / "fresh", "--resume_from_checkpoint", str(checkpoint), "--seed", "3") == 2
+    assert "belongs to a different run" in one_error_line(capsys.readouterr().err)
 
 
 # ---- item 3 -------------------------------------------------------------------------------------

@@ -318,7 +318,8 @@ def prepare_output_dir(
     if explicit:
         inside = os.path.realpath(os.path.dirname(os.path.normpath(str(resume))))
         if inside != os.path.realpath(directory) and previous is None and not entries:
-            return str(resume)  # a checkpoint from elsewhere, into a fresh folder: the user's choice
+            _check_foreign_checkpoint(str(resume), inside, record)  # into a fresh folder: the same run only
+            return str(resume)
         if inside != os.path.realpath(directory):
             raise OutputDirError(
                 f"--resume_from_checkpoint {resume!r} is not a checkpoint of the run in --output_dir "
@@ -326,6 +327,21 @@ def prepare_output_dir(
             )
         return str(resume)
     return _resolve(directory, resume)
+
+
+def _check_foreign_checkpoint(checkpoint: str, run_dir: str, record: dict[str, Any]) -> None:
+    """A checkpoint of another folder may start a fresh folder only when its run is this run (when its
+    folder's run record says so; a checkpoint without one is the user's call)."""
+    path = os.path.join(run_dir, RUN_RECORD_NAME)
+    owner = read_json(path, "run record") if os.path.isfile(path) else None
+    if not isinstance(owner, dict):
+        return
+    differences = run_differences(owner, record)
+    if differences:
+        raise OutputDirError(
+            f"--resume_from_checkpoint {checkpoint!r} belongs to a different run ({'; '.join(differences[:4])}); "
+            "a run resumes only its own checkpoints"
+        )
 
 
 def _resolve(directory: str, resume: Any) -> str:
