@@ -179,29 +179,39 @@ def make_model(directory: Path, shape: str, classes: int, seed: int = 0) -> Path
 
 
 def run_recipe(
-    recipe: str, data: Path, model: Path, work: Path, batch: int, epochs: float, seed: int
+    recipe: str,
+    data: Path,
+    model: Path,
+    work: Path,
+    batch: int,
+    epochs: float,
+    seed: int,
+    extra: tuple[str, ...] = (),
+    tag: str | None = None,
 ) -> dict[str, Any]:
-    """Runs one recipe in a fresh process; returns its wall time, accuracy and what it reported."""
-    out = work / f"{recipe}-run"
-    result_file = work / f"{recipe}.json"
+    """Runs one recipe in a fresh process (``extra`` arguments appended); returns its wall time, accuracy and
+    what it reported."""
+    tag = tag or recipe
+    out = work / f"{tag}-run"
+    result_file = work / f"{tag}.json"
     result_file.unlink(missing_ok=True)
     common = ["--per_device_train_batch_size", str(batch), "--per_device_eval_batch_size", str(batch)]
     if recipe == "guide":
         cmd = [sys.executable, str(Path(__file__).with_name("guide_recipe.py")), "--data", str(data)]
         cmd += ["--model", str(model), "--output", str(out), "--batch", str(batch), "--epochs", str(epochs)]
-        cmd += ["--seed", str(seed), "--json", str(result_file)]
+        cmd += ["--seed", str(seed), "--json", str(result_file), *extra]
     else:
         cmd = [sys.executable, "-m", "deltatune", "train", "--model", str(model), "--dataset", str(data)]
         cmd += ["--output_dir", str(out), "--overwrite_output_dir", "--num_train_epochs", str(epochs)]
-        cmd += [*common, "--gradient_accumulation_steps", "1", "--seed", str(seed)]
+        cmd += [*common, "--gradient_accumulation_steps", "1", "--seed", str(seed), *extra]
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    log = work / f"{recipe}.log"
+    log = work / f"{tag}.log"
     log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
     if proc.returncode != 0:
-        raise RuntimeError(f"{recipe} recipe failed (exit {proc.returncode}); see {log}")
+        raise RuntimeError(f"{tag} recipe failed (exit {proc.returncode}); see {log}")
     if recipe == "guide":
         reported = json.loads(result_file.read_text())
     else:
@@ -209,7 +219,9 @@ def run_recipe(
         reported = {
             "accuracy": metrics["accuracy"],
             "train_runtime_s": metrics["train_time_s"],
+            "train_samples_per_second": metrics["train"].get("train_samples_per_second"),
             "precision": metrics["precision"],
+            "epochs": [h for h in metrics["history"] if "train_samples_per_second_epoch" in h],
         }
         precision_line = next(
             (ln for ln in proc.stderr.splitlines() if "precision: " in ln and "automatic" in ln), ""

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-METHODS = ("lora", "loha", "lokr", "adalora")
+METHODS = ("lora", "loha", "lokr", "adalora", "dora")
 LIBRARIES = ("deltatune", "peft")
 
 #: ViT shapes: ``small`` is ViT-Small/16 (the default), ``base`` ViT-Base/16, ``tiny`` for smoke tests.
@@ -116,6 +116,8 @@ def adapter_config(library: str, method: str) -> Any:
         return lib.LoKrConfig(r=16, alpha=16, module_dropout=0.1, **common)
     if method == "adalora":
         return lib.AdaLoraConfig(init_r=12, target_r=8, **ADALORA_SCHEDULE, **common)
+    if method == "dora":  # LoRA's guide settings with DoRA on (PEFT's LoraConfig(use_dora=True))
+        return lib.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, bias="none", use_dora=True, **common)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 

@@ -136,7 +136,7 @@ def test_predict_skips_unreadable_images_and_refuses_bad_sizes(
         with pytest.raises(SystemExit) as exit_info:
             main(["predict", str(folder), "--adapter", assets["run"], "--batch_size", size])
         assert exit_info.value.code == 2
-        assert "positive integer" in capsys.readouterr().err
+        assert "at least 1" in capsys.readouterr().err
 
 
 # ---- item 16 ------------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def test_overwrite_removes_what_the_previous_run_wrote_and_runs_never_share_chec
     run = copy_of(finished, tmp_path)
     (run / "eval_results.json").write_text("{}")
     (run / "confusion_matrix.png").write_bytes(b"old")
+    (run / "compare.md").write_text("old")  # written by runs, but not by this one
     (run / "checkpoint-99").mkdir()
     (run / "notes.txt").write_text("mine")
     old_checkpoints = {p.name for p in run.glob("checkpoint-*")}
@@ -132,7 +133,9 @@ def test_overwrite_removes_what_the_previous_run_wrote_and_runs_never_share_chec
         train(assets, run, "--learning_rate", "0.01", "--num_train_epochs", "1", "--overwrite_output_dir")
         == 0
     )
-    assert not (run / "eval_results.json").exists() and not (run / "confusion_matrix.png").exists()
+    for name, old in (("eval_results.json", b"{}"), ("confusion_matrix.png", b"old"), ("compare.md", b"old")):
+        assert not (run / name).exists() or (run / name).read_bytes() != old, f"the old {name} is left"
+    assert not (run / "compare.md").exists()
     assert (run / "notes.txt").read_text() == "mine", "files deltatune did not write stay"
     new_checkpoints = {p.name for p in run.glob("checkpoint-*")}
     assert "checkpoint-99" not in new_checkpoints and new_checkpoints != old_checkpoints
@@ -343,3 +346,29 @@ def test_real_processes_second_run_refused_and_ctrl_c_prints_the_resume_command(
     assert first.returncode == 130, err[-3000:]
     line = one_error_line(err)
     assert "resume with: deltatune train" in line and "--resume_from_checkpoint true" in line, line
+
+
+def test_checkpoints_are_rotated_by_step_not_by_modification_time(tmp_path: Path) -> None:
+    """A checkpoint whose folder looks newer (copied, restored from a backup) must not make rotation delete
+    the checkpoint just written."""
+    from tiny import QUIET_CPU_ARGS, Blobs, tiny_vit
+    from transformers import TrainerCallback
+
+    from deltatune import LoraConfig, get_peft_model
+    from deltatune.train import TrainingArguments
+
+    class TouchFirst(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            first = tmp_path / "checkpoint-1"
+            if first.exists():
+                future = time.time() + 3600
+                os.utime(first, (future, future))
+
+    model = get_peft_model(
+        tiny_vit(), LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"])
+    )
+    args = TrainingArguments(
+        str(tmp_path), max_steps=3, save_strategy="steps", save_steps=1, save_total_limit=1, **QUIET_CPU_ARGS
+    )
+    DeltaTrainer(model, args, train_dataset=Blobs(24, 1), callbacks=[TouchFirst()]).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3"]

@@ -14,7 +14,9 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 COMMANDS = ("train", "evaluate", "predict", "merge", "compare", "quickstart")
 
@@ -28,31 +30,40 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
+def _show_warnings_printably() -> None:
+    """Python warnings print with their control characters shown as escapes (a label in a warning, e.g.
+    matplotlib's missing glyph, cannot drive the terminal)."""
+    from .errors import printable
+
+    shown = warnings.showwarning
+
+    def show(
+        message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        shown(printable(message), category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def _setup_logging(verbose: bool = True) -> None:
-    handler = logging.StreamHandler()
+    from .output import StderrHandler
+
+    handler = StderrHandler()  # follows sys.stderr, so lines land above a live progress bar
     handler.setFormatter(_PrintableFormatter("[deltatune] %(message)s"))
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
     root = logging.getLogger("deltatune")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     import transformers
 
     transformers.logging.set_verbosity_warning()
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+    transformers.utils.logging.disable_progress_bar()  # its weight-loading bar; the commands draw their own
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ..registry import available_methods, get_method
     from . import commands
+    from .checks import positive_int
 
     parser = argparse.ArgumentParser(
         prog="deltatune",
@@ -91,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if name == "predict":
             p.add_argument("images", nargs="+", help="image files or directories")
-            p.add_argument("--top_k", type=_positive_int, default=5, help="labels per image (default 5)")
+            p.add_argument("--top_k", type=positive_int, default=5, help="labels per image (default 5)")
             p.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
         if name == "merge":
             p.add_argument("--output", required=True, help="directory of the merged model")
@@ -108,9 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "--output_dir", default=None, help="where to write results (default: the adapter dir)"
             )
         if name in ("predict", "evaluate"):
-            p.add_argument(
-                "--batch_size", type=_positive_int, default=32, help="images per batch (default 32)"
-            )
+            p.add_argument("--batch_size", type=positive_int, default=32)
     quick = sub.add_parser(
         "quickstart", help="apply every method to a ViT-base-shaped model and print what trains"
     )
@@ -151,7 +160,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = debug or bool(os.environ.get("DELTATUNE_DEBUG"))
     package_logger = logging.getLogger("deltatune")
     saved = (list(package_logger.handlers), package_logger.level)
+    saved_showwarning = warnings.showwarning
     try:
+        _show_warnings_printably()
         _setup_logging(verbose="--json" not in argv)
         from . import commands
 
@@ -172,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{label} {message}", file=sys.stderr)
         return status
     finally:
+        warnings.showwarning = saved_showwarning
         package_logger.handlers[:] = saved[0]
         package_logger.setLevel(saved[1])
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from typing import Any
 
+from .errors import printable
 from .output import console, esc
 
 __all__ = ["compare", "evaluate", "merge", "predict", "quickstart", "train"]
+
+#: Loader flags whose presence means the user chose the DataLoader settings (no automatic workers).
+LOADER_FLAGS = ("--dataloader_num_workers", "--dataloader_persistent_workers", "--dataloader_prefetch_factor")
 
 
 # ---- quickstart ---------------------------------------------------------------------------------
@@ -64,22 +69,34 @@ def _metrics_table(rows: list[dict[str, Any]], title: str) -> Any:
     return table
 
 
+def _written(out: str) -> str:
+    """The files a run left in ``out`` (not its checkpoints), for the closing line."""
+    names = sorted(
+        n
+        for n in os.listdir(out)
+        if not n.startswith(("checkpoint-", ".")) and os.path.isfile(os.path.join(out, n))
+    )
+    return ", ".join(names)
+
+
 def train(argv: list[str]) -> int:
     from ..tasks.image_classification import run_record, run_training
     from ..train.lock import run_lock
     from ..train.outputs import prepare_output_dir
-    from .run_args import check_hub_access, parse_run, run_spec
+    from .output import EpochReporter, run_log
+    from .run_args import check_hub_access, check_sources, parse_run, run_spec
 
     parsed = parse_run("train", argv)
+    check_sources(parsed, argv)  # the model first: a wrong --model is named before any data loads
     args = parsed.training_args
     out = str(args.output_dir)
     spec = run_spec(parsed, parsed.options.method)
     if parsed.push_to_hub:
         check_hub_access(args.hub_model_id)
-    # torchrun / accelerate launch: rank 0 locks, checks, cleans, reports
-    main_process = args.process_index == 0
+    main_process = args.process_index == 0  # torchrun / accelerate launch: rank 0 locks, checks, reports
     record = run_record(spec, args, parsed.options.precision)
-    with run_lock(out, enabled=main_process):
+    screen = console()
+    with run_lock(out, enabled=main_process):  # one run per folder, for the whole run
         with args.main_process_first(desc="preparing the output directory"):
             args.resume_from_checkpoint = prepare_output_dir(
                 out,
@@ -88,32 +105,50 @@ def train(argv: list[str]) -> int:
                 args.resume_from_checkpoint,
                 main_process,
             )
-        screen = console()
-        if main_process:
-            screen.print(
-                f"[bold]deltatune train[/] {esc(spec.name)} · model {esc(parsed.model)} · dataset "
-                f"{esc(parsed.dataset)} · recipe {parsed.recipe} · output {esc(out)}"
-            )
-        try:
-            result = run_training(
-                spec,
-                args,
-                num_threads=parsed.options.num_threads,
-                precision=parsed.options.precision,
-                fit_batch_to_data=parsed.batch_from_recipe,
-                trust_remote_code=parsed.options.trust_remote_code,
-            )
-        except KeyboardInterrupt:
-            from .errors import RunInterrupted, resume_hint
+        with run_log(out, enabled=main_process):
+            if main_process:
+                screen.print(
+                    printable(
+                        f"deltatune train {spec.name} · model {parsed.model} · dataset {parsed.dataset} · "
+                        f"recipe {parsed.recipe} · output {out}"
+                    ),
+                    markup=False,
+                    style="bold",
+                )
+            try:
+                result = run_training(
+                    spec,
+                    args,
+                    command=parsed.command,
+                    num_threads=parsed.options.num_threads,
+                    precision=parsed.options.precision,
+                    progress=EpochReporter(screen),
+                    do_train=bool(args.do_train),
+                    do_eval=bool(args.do_eval),
+                    dataloader="keep" if any(a.split("=", 1)[0] in LOADER_FLAGS for a in argv) else "auto",
+                    fit_batch_to_data=parsed.batch_from_recipe,
+                    trust_remote_code=parsed.options.trust_remote_code,
+                )
+            except KeyboardInterrupt:
+                from .errors import RunInterrupted, resume_hint
 
-            raise RunInterrupted(resume_hint(argv, out)) from None
-    if not main_process:
-        return 0
-    screen.print(_metrics_table([result.metrics], f"{spec.name} on {parsed.dataset}"))
-    if result.metrics.get("ranks"):
-        screen.print(f"final ranks (allocated during training): {esc(result.metrics['ranks'])}")
-    written = sorted(n for n in os.listdir(out) if not n.startswith("checkpoint-"))
-    screen.print(f"wrote {esc(out)}/: {esc(', '.join(written))}")
+                raise RunInterrupted(resume_hint(argv, out)) from None
+            if not main_process:
+                return 0
+            screen.print(_metrics_table([result.metrics], f"{spec.name} on {parsed.dataset}"))
+            if result.metrics.get("ranks"):
+                screen.print(
+                    printable(f"final ranks (allocated during training): {result.metrics['ranks']}"),
+                    markup=False,
+                )
+            screen.print(printable(f"wrote {out}/: {_written(out)}"), markup=False)
+            screen.print(
+                printable(
+                    f"open {os.path.join(out, 'report.html')} in a browser for the curves, the confusion matrix "
+                    "and the mistakes"
+                ),
+                markup=False,
+            )
     if parsed.push_to_hub:
         from huggingface_hub import HfApi
 
@@ -121,22 +156,26 @@ def train(argv: list[str]) -> int:
         api = HfApi(token=args.hub_token)
         api.create_repo(repo, private=args.hub_private_repo, exist_ok=True)
         api.upload_folder(
-            repo_id=repo, folder_path=out, ignore_patterns=["checkpoint-*", "*.tmp*", ".deltatune.lock"]
+            repo_id=repo,
+            folder_path=out,
+            ignore_patterns=["checkpoint-*", "*.tmp*", ".tmp-*", "train.log", ".deltatune.lock"],
         )
-        screen.print(f"pushed the adapter to https://huggingface.co/{esc(repo)}")
+        screen.print(printable(f"pushed the adapter to https://huggingface.co/{repo}"), markup=False)
     return 0
 
 
 def compare(argv: list[str]) -> int:
-    from ..tasks.compare import compare_markdown, compare_runs, plan_runs, write_compare
-    from ..train.lock import run_lock
+    from ..train.lock import RunLock
     from ..train.outputs import prepare_output_dir, training_identity, write_run_record
-    from .run_args import parse_run, run_spec
+    from .run_args import check_sources, parse_run
 
     parsed = parse_run("compare", argv)
+    check_sources(parsed, argv)
     args = parsed.training_args
     out = str(args.output_dir)
     o = parsed.options
+    if args.resume_from_checkpoint:
+        raise ValueError("deltatune compare does not resume; drop --resume_from_checkpoint")
     record = {
         "kind": "compare",
         "model": parsed.model,
@@ -145,36 +184,71 @@ def compare(argv: list[str]) -> int:
         "baselines": list(o.baselines),
         "training": training_identity(args),
     }
-    with run_lock(out):
-        if args.resume_from_checkpoint:
-            raise ValueError("deltatune compare does not resume; drop --resume_from_checkpoint")
+    lock = RunLock(out).acquire()  # one writer per folder, released when compare returns or fails
+    try:
         prepare_output_dir(out, record, o.overwrite_output_dir, None)
-        os.makedirs(out, exist_ok=True)
         write_run_record(out, record, "running")
-        runs = plan_runs(lambda m, **kw: run_spec(parsed, m, strict=False, **kw), o.methods, o.baselines)
-        rows = compare_runs(
-            runs,
-            args,
-            full_learning_rate=o.full_learning_rate,
-            num_threads=o.num_threads,
-            precision=o.precision,
-        )
-        title = f"{os.path.basename(parsed.model.rstrip('/'))} on {parsed.dataset}, seed {args.seed}"
-        console().print(_metrics_table(rows, title))
-        paths = write_compare(rows, out, title)
+        _compare_runs(parsed, out)
         write_run_record(out, record, "finished")
-    from .errors import printable
-
-    print(printable(compare_markdown(rows, title)))
-    console().print(f"wrote {esc(', '.join(paths))}")
+    finally:
+        lock.release()
     return 0
+
+
+def _compare_runs(parsed: Any, out: str) -> None:
+    from ..tasks.compare import compare_runs, plan_runs, write_compare
+    from .output import EpochReporter, OnceFilter, run_log
+    from .run_args import run_spec
+
+    args, o = parsed.training_args, parsed.options
+    runs = plan_runs(lambda m, **kw: run_spec(parsed, m, strict=False, **kw), o.methods, o.baselines)
+    screen = console()
+    package_logger = logging.getLogger("deltatune")
+
+    once = OnceFilter()  # the warm-up and the first run explain the same choices: once is enough
+
+    def reporter(index: int, spec: Any) -> Any:
+        if index == 1:  # the choices were explained for the first run; train.log keeps every run's
+            for handler in package_logger.handlers:
+                handler.setLevel(max(handler.level, logging.WARNING))
+        return EpochReporter(screen, title=f"[{index + 1}/{len(runs)}] {spec.name}", header=index == 0)
+
+    with run_log(out):
+        screen.print(
+            printable(
+                f"deltatune compare · {len(runs)} runs · model {parsed.model} · dataset {parsed.dataset} · "
+                f"output {out}"
+            ),
+            markup=False,
+            style="bold",
+        )
+        levels = [h.level for h in package_logger.handlers]
+        for handler in package_logger.handlers:
+            handler.addFilter(once)
+        try:
+            rows = compare_runs(
+                runs,
+                args,
+                full_learning_rate=o.full_learning_rate,
+                num_threads=o.num_threads,
+                precision=o.precision,
+                reporter=reporter,
+            )
+        finally:
+            for handler, level in zip(package_logger.handlers, levels, strict=False):
+                handler.setLevel(level)
+                handler.removeFilter(once)
+        title = f"{os.path.basename(parsed.model.rstrip('/'))} on {parsed.dataset}, seed {args.seed}"
+        screen.print(_metrics_table(rows, title))
+        paths = write_compare(rows, out, title)
+        screen.print(printable(f"wrote {', '.join(paths)} (the table as markdown: {paths[0]})"), markup=False)
 
 
 # ---- evaluate / predict / merge -----------------------------------------------------------------
 def evaluate(args: argparse.Namespace) -> int:
-    from .._files import write_json
     from ..tasks.inference import evaluate_adapter, load_trained
-    from ..tasks.report import confusion_plot
+    from ..tasks.plots import confusion_plot
+    from ..tasks.results import write_split_results
     from ..vision import load_image_dataset
 
     trained = load_trained(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
@@ -191,6 +265,7 @@ def evaluate(args: argparse.Namespace) -> int:
         else args.validation_split,
         seed=int(record.get("seed", 42)),
         max_eval_samples=args.max_eval_samples,
+        validation_dir=record.get("validation_dir") if args.dataset is None else None,
     )
     if bundle.num_labels != len(trained.id2label):
         raise ValueError(
@@ -199,7 +274,19 @@ def evaluate(args: argparse.Namespace) -> int:
     report = evaluate_adapter(trained, bundle.eval, batch_size=args.batch_size)
     out = args.output_dir or args.adapter
     os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, "eval_results.json"), {"dataset": dataset, **report.to_dict()})
+    results = {  # the schema of a training run's eval_results.json (transformers' keys, then the details)
+        "eval_accuracy": report.accuracy,
+        "eval_top5_accuracy": report.top5_accuracy,
+        "eval_samples": report.num_examples,
+        "dataset": dataset,
+        "per_class_accuracy": report.per_class_accuracy,
+        "confusion_matrix": report.confusion.tolist(),
+        "class_names": report.class_names,
+    }
+    notes = report.to_dict().get("notes")  # why a value is null (strict JSON has no NaN)
+    if notes:
+        results["notes"] = notes
+    write_split_results(out, "eval", results)
     confusion_plot(report.confusion, report.class_names, os.path.join(out, "confusion_matrix.png"))
     from rich.table import Table
 
@@ -212,7 +299,11 @@ def evaluate(args: argparse.Namespace) -> int:
     screen.print(table)
     top5 = "" if report.top5_accuracy is None else f" · top-5 {report.top5_accuracy:.4f}"
     screen.print(
-        f"[bold]accuracy {report.accuracy:.4f}[/]{top5} · wrote {esc(out)}/eval_results.json, confusion_matrix.png"
+        printable(
+            f"accuracy {report.accuracy:.4f}{top5} · wrote {out}/eval_results.json, all_results.json, "
+            "confusion_matrix.png"
+        ),
+        markup=False,
     )
     return 0
 
@@ -253,7 +344,10 @@ def merge(args: argparse.Namespace) -> int:
     trained = load_trained(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
     merge_adapter(trained, args.output)
     console().print(
-        f"merged {esc(args.adapter)} into {esc(args.output)}: load it with "
-        f'transformers.pipeline("image-classification", model={esc(repr(args.output))})'
+        printable(
+            f"merged {args.adapter} into {args.output}: load it with "
+            f'transformers.pipeline("image-classification", model={args.output!r})'
+        ),
+        markup=False,
     )
     return 0

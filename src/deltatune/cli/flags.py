@@ -165,7 +165,6 @@ def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
         names = [f"--{flag.name}"]
         if flag.name == "r":  # torchrun rejects --r after the script as ambiguous with its own --r* options
             names.append("--rank")
-            kwargs["help"] += " (also --rank)"
         group.add_argument(*names, **kwargs)
     alpha_fields: dict[str, list[str]] = {}
     by_field: dict[str, list[str]] = {}

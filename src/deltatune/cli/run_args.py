@@ -1,5 +1,7 @@
 """Argument parsing for ``deltatune train`` and ``deltatune compare``: our options, the generated adapter
-options and every ``TrainingArguments`` field (through ``HfArgumentParser``) in one parser and one --help."""
+options and every ``TrainingArguments`` field (through ``HfArgumentParser``) in one parser, with transformers'
+``run_image_classification.py`` spellings as aliases. The help and the one-line errors: :mod:`.run_parser`;
+the checks made before anything loads: :mod:`.checks`."""
 
 from __future__ import annotations
 
@@ -7,30 +9,47 @@ import argparse
 import dataclasses
 import logging
 import os
-import socket
+import shlex
 from typing import Any
 
-from transformers import HfArgumentParser
-
-from ..registry import available_methods
-from ..tasks.image_classification import GUIDE_DATASET, GUIDE_MODEL, GUIDE_TRAINING_DEFAULTS, RunSpec
+from ..tasks.image_classification import GUIDE_DATASET, GUIDE_MODEL, RunSpec
 from ..train.arguments import TrainingArguments, map_legacy_kwargs
-from ..train.precision import PRECISION_CHOICES, check_request
-from ..vision.fast import DATA_PIPELINES
-from .flags import adapter_kwargs_for, add_adapter_flags, closest_flags
+from ..train.precision import check_request
+from .checks import check_dataset_source, check_folder, check_model_source, check_report_to, hub_status
+from .flags import adapter_kwargs_for, closest_flags
+from .run_options import build_run_parser, recipe_defaults
+from .run_parser import CommandError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CommandError", "ParsedRun", "build_run_parser", "check_hub_access", "parse_run", "run_spec"]
-
-
-class CommandError(ValueError):
-    """A command-line mistake; the CLI prints the message and exits with status 2."""
+__all__ = [
+    "CommandError",
+    "ParsedRun",
+    "build_run_parser",
+    "check_hub_access",
+    "check_sources",
+    "parse_run",
+    "run_spec",
+    "typed_command",
+]
 
 
 @dataclasses.dataclass
 class ParsedRun:
-    """What ``deltatune train``/``compare`` parsed."""
+    """What ``deltatune train``/``compare`` parsed.
+
+    Attributes:
+        options: deltatune's own options (``method``, data options, ...).
+        training_args: The ``TrainingArguments`` of the run (recipe defaults under the user's flags).
+        recipe: ``"offline"`` or ``"guide"``.
+        model: The base model as the user named it (the bundled backbone by its id
+            ``deltatune/vit-glyphs-32``); loaders resolve it.
+        dataset: Dataset id, image folder or ``"offline-default"``.
+        push_to_hub: Upload the adapter when done.
+        command: The command line as the user typed it (``deltatune train ...``), for the model card.
+        batch_from_recipe: The batch size and accumulation are the recipe's, not the user's (``run_training``
+            may fit them to small data).
+    """
 
     options: argparse.Namespace
     training_args: TrainingArguments
@@ -38,131 +57,81 @@ class ParsedRun:
     model: str
     dataset: str
     push_to_hub: bool
-    #: The batch size and accumulation are the recipe's, not the user's (run_training may fit them to the data).
+    command: str = ""
     batch_from_recipe: bool = False
 
 
-def build_run_parser(command: str) -> HfArgumentParser:
-    """The parser of ``deltatune train`` (``command="train"``) or ``deltatune compare``."""
-    parser = HfArgumentParser(
-        TrainingArguments,  # type: ignore[arg-type]
-        prog=f"deltatune {command}",
-        allow_abbrev=False,
-        description=(
-            "Fine-tune an image classifier with an adapter (the PEFT guide's recipe). With no options: the bundled "
-            "offline default (handwritten digits, a small pretrained ViT)."
-            if command == "train"
-            else "Train several methods and the baselines on the same data and seed; print and save a table."
-        ),
-        epilog="Every transformers TrainingArguments option is accepted as well (listed above).",
-    )
-    ours = parser.add_argument_group("deltatune options")
-    methods = available_methods()
-    if command == "train":
-        ours.add_argument("--method", choices=methods, default=methods[0], help="adapter method")
-    else:
-        ours.add_argument("--methods", nargs="+", choices=methods, default=methods, help="methods to compare")
-        ours.add_argument(
-            "--baselines",
-            nargs="*",
-            choices=("linear_probe", "full", "random"),
-            default=["linear_probe", "full", "random"],
-            help="baselines: linear probe, full fine-tuning, every method on a random backbone",
-        )
-        ours.add_argument(
-            "--full_learning_rate",
-            type=float,
-            default=None,
-            help="learning rate of full fine-tuning; unset: --learning_rate / 10",
-        )
-    ours.add_argument("--model", default=None, help=f"base model id or directory (guide: {GUIDE_MODEL})")
-    ours.add_argument(
-        "--dataset",
-        default=None,
-        help=f"dataset id, image folder or offline-default (guide: {GUIDE_DATASET})",
-    )
-    ours.add_argument(
-        "--recipe",
-        choices=("offline", "guide"),
-        default=None,
-        help="which defaults: offline (bundled data and backbone) or guide; unset: offline without --model/--dataset",
-    )
-    ours.add_argument("--image_column", default=None, help="image column of a hub dataset (auto-detected)")
-    ours.add_argument("--label_column", default=None, help="label column of a hub dataset (auto-detected)")
-    ours.add_argument(
-        "--validation_split", type=float, default=0.1, help="eval share carved from train if needed"
-    )
-    ours.add_argument(
-        "--max_train_samples", type=int, default=None, help="use at most this many training images"
-    )
-    ours.add_argument("--max_eval_samples", type=int, default=None, help="use at most this many eval images")
-    ours.add_argument("--random_backbone", action="store_true", help="start from random weights (a baseline)")
-    ours.add_argument(
-        "--trust_remote_code",
-        action="store_true",
-        help="allow the Python code a model or processor folder ships (auto_map) to run; off by default",
-    )
-    ours.add_argument(
-        "--overwrite_output_dir", action="store_true", help="replace a different run found in --output_dir"
-    )
-    ours.add_argument(
-        "--num_threads",
-        type=int,
-        default=None,
-        help="torch CPU threads; unset: 1 for a small model on a CPU",
-    )
-    ours.add_argument(
-        "--precision",
-        choices=PRECISION_CHOICES,
-        default="auto",
-        help="auto: bf16 autocast on a CPU with native bfloat16 when the model is big enough to gain, "
-        "bf16 (else fp16) on a CUDA GPU, fp32 otherwise; the choice is logged",
-    )
-    ours.add_argument(
-        "--no_bf16",
-        dest="precision",
-        action="store_const",
-        const="fp32",
-        help="train in fp32 (same as --precision fp32)",
-    )
-    ours.add_argument(
-        "--data_pipeline",
-        choices=DATA_PIPELINES,
-        default="fast",
-        help="fast: JPEGs decoded at reduced size, uint8 until the batch; standard: full decode, float per image",
-    )
-    add_adapter_flags(parser)
-    return parser
+def _given(argv: list[str], *flags: str) -> str | None:
+    """The spelling of the first of ``flags`` present in ``argv`` (``--flag`` or ``--flag=value``), if any."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            return name
+    return None
 
 
-def _recipe_defaults(recipe: str) -> dict[str, Any]:
-    from ..vision import OFFLINE_TRAINING_DEFAULTS
+def _help_method(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return None
 
-    defaults = dict(GUIDE_TRAINING_DEFAULTS)
-    if recipe == "offline":
-        defaults.update(OFFLINE_TRAINING_DEFAULTS)
-        defaults["logging_steps"] = 5
-    return defaults  # precision: --precision auto picks bf16/fp16 on a GPU (the guide uses fp16)
+
+def typed_command(command: str, argv: list[str]) -> str:
+    """The command line as the user typed it, for files people share: ``deltatune <command> <args>``
+    (never the path of the ``deltatune`` script or of the Python interpreter)."""
+    return shlex.join(["deltatune", command, *argv])
+
+
+def _do_flags(training_kwargs: dict[str, Any]) -> tuple[bool, bool]:
+    """``--do_train``/``--do_eval`` as transformers' example scripts read them, except that both default to
+    on (a run without either flag trains and evaluates); ``--do_eval false`` turns every evaluation off.
+
+    Raises:
+        CommandError: when both are false.
+    """
+    do_train = training_kwargs.get("do_train")
+    do_eval = training_kwargs.get("do_eval")
+    do_train = True if do_train is None else bool(do_train)
+    do_eval = True if do_eval is None else bool(do_eval)
+    if not do_train and not do_eval:
+        raise CommandError("--do_train false and --do_eval false leave nothing to do; drop one of them")
+    if not do_eval:
+        training_kwargs.update(eval_strategy="no", load_best_model_at_end=False)
+        training_kwargs.pop("evaluation_strategy", None)
+    training_kwargs.update(do_train=do_train, do_eval=do_eval)
+    return do_train, do_eval
 
 
 def parse_run(command: str, argv: list[str]) -> ParsedRun:
-    """Parses ``deltatune train``/``compare`` arguments.
+    """Parses ``deltatune train``/``compare`` arguments (nothing is loaded; see :func:`check_sources`).
 
     Raises:
-        CommandError: for unknown flags (with the closest known ones) or invalid values.
-        SystemExit: from argparse for --help and malformed values.
+        CommandError: for unknown flags (with the closest known ones), invalid values or choices, and
+            contradictory flags, as one line.
+        SystemExit: for --help and --help-all (status 0).
     """
-    from ..vision import OFFLINE_BACKBONE_NAME, OFFLINE_DEFAULT, is_offline_default, offline_default_model_dir
+    from ..vision import OFFLINE_BACKBONE_ID, OFFLINE_BACKBONE_NAME, OFFLINE_DEFAULT, is_bundled_backbone
 
-    parser = build_run_parser(command)
+    parser = build_run_parser(command, _help_method(argv))
     probe, _ = parser.parse_known_args(argv)
-    recipe = probe.recipe or ("offline" if probe.model is None and probe.dataset is None else "guide")
+    if probe.train_dir is not None and probe.dataset is not None:
+        raise CommandError(
+            f"pass either {_given(argv, '--dataset', '--dataset_name')} or --train_dir, not both (both name the "
+            "training images)"
+        )
+    dataset_given = probe.dataset or probe.train_dir
+    recipe = probe.recipe or ("offline" if probe.model is None and dataset_given is None else "guide")
     if recipe == "offline":
-        model = probe.model or OFFLINE_DEFAULT
-        dataset = probe.dataset or OFFLINE_DEFAULT
+        model = probe.model or OFFLINE_BACKBONE_ID
+        dataset = dataset_given or OFFLINE_DEFAULT
     else:
-        model, dataset = probe.model or GUIDE_MODEL, probe.dataset or GUIDE_DATASET
-    parser.set_defaults(**_recipe_defaults(recipe))
+        model, dataset = probe.model or GUIDE_MODEL, dataset_given or GUIDE_DATASET
+    if is_bundled_backbone(model):
+        model = OFFLINE_BACKBONE_ID  # the portable name; loaders resolve it to the installed copy
+    parser.set_defaults(**recipe_defaults(recipe))
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         known = [s for action in parser._actions for s in action.option_strings]
@@ -170,29 +139,35 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         near = closest_flags(bad, known)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise CommandError(
-            f"unknown option {bad!r}{hint} See `deltatune {command} --help` for the deltatune, adapter and "
-            "TrainingArguments options"
+            f"unknown option {bad!r}{hint} (see `deltatune {command} --help`; `--help-all` lists every "
+            "adapter and TrainingArguments option)"
         )
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     options = argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in fields})
+    if options.validation_dir is not None and dataset_given is None:
+        raise CommandError(
+            "--validation_dir needs the training images too: pass --train_dir (or --dataset) DIR"
+        )
     if command == "train":
         adapter_kwargs_for(options.method, options)  # refuse flags of other methods up front
     training_kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
+    _do_flags(training_kwargs)
     try:  # fail before any data or model is loaded
         check_request(bool(training_kwargs.get("bf16")), bool(training_kwargs.get("fp16")), options.precision)
     except ValueError as err:
         raise CommandError(str(err)) from err
+    check_report_to(training_kwargs.get("report_to"))
     if not training_kwargs.get("output_dir"):
         name = (
             OFFLINE_BACKBONE_NAME
-            if is_offline_default(model)
+            if model == OFFLINE_BACKBONE_ID
             else os.path.basename(model.rstrip("/")) or "model"
         )
         training_kwargs["output_dir"] = (
             f"{name}-{namespace.method}" if command == "train" else f"{name}-compare"
         )
     if training_kwargs.get("evaluation_strategy") is not None:
-        explicit = any(a == "--eval_strategy" or a.startswith("--eval_strategy=") for a in argv)
+        explicit = _given(argv, "--eval_strategy", "--eval-strategy") is not None
         if not explicit:
             training_kwargs.pop("eval_strategy", None)  # a recipe default gives way to the old spelling
         training_kwargs = map_legacy_kwargs(training_kwargs)
@@ -202,11 +177,29 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         training_args = TrainingArguments(**training_kwargs)
     except ValueError as err:
         raise CommandError(str(err)) from err
-    if is_offline_default(model):
-        model = offline_default_model_dir()
-    batch_flags = ("--per_device_train_batch_size", "--gradient_accumulation_steps", "--auto_find_batch_size")
-    from_recipe = not any(a.split("=", 1)[0] in batch_flags for a in argv)
-    return ParsedRun(options, training_args, recipe, model, dataset, push, from_recipe)
+    batch_flags = ("per_device_train_batch_size", "gradient_accumulation_steps", "auto_find_batch_size")
+    from_recipe = (
+        _given(argv, *(f"--{f}" for f in batch_flags), *(f"--{f.replace('_', '-')}" for f in batch_flags))
+        is None
+    )
+    return ParsedRun(
+        options, training_args, recipe, model, dataset, push, typed_command(command, argv), from_recipe
+    )
+
+
+def check_sources(parsed: ParsedRun, argv: list[str]) -> None:
+    """Checks the model and data arguments before anything is loaded (the model first), naming the flag
+    as typed; see :mod:`deltatune.cli.checks`.
+
+    Raises:
+        CommandError: for a missing folder, an invalid id, or a hub id that is neither cached nor reachable.
+    """
+    o = parsed.options
+    check_folder(o.train_dir, "--train_dir")
+    check_folder(o.validation_dir, "--validation_dir")
+    check_model_source(parsed.model, _given(argv, "--model", "--model_name_or_path") or "--model")
+    if o.train_dir is None:
+        check_dataset_source(parsed.dataset, _given(argv, "--dataset", "--dataset_name") or "--dataset")
 
 
 def run_spec(parsed: ParsedRun, method: str | None, strict: bool = True, **overrides: Any) -> RunSpec:
@@ -225,6 +218,8 @@ def run_spec(parsed: ParsedRun, method: str | None, strict: bool = True, **overr
         "max_train_samples": o.max_train_samples,
         "max_eval_samples": o.max_eval_samples,
         "data_pipeline": o.data_pipeline,
+        "validation_dir": o.validation_dir,
+        "ignore_mismatched_sizes": o.ignore_mismatched_sizes,
     }
     fields.update(overrides)
     return RunSpec(**fields)
@@ -236,15 +231,14 @@ def check_hub_access(repo_id: str | None) -> None:
     Raises:
         CommandError: naming what is missing and how to fix it.
     """
-    from huggingface_hub import constants, get_token
+    from huggingface_hub import get_token
 
-    hint = "train without --push_to_hub and upload the output_dir later with `huggingface-cli upload`"
-    if constants.HF_HUB_OFFLINE:
-        raise CommandError(f"--push_to_hub needs the network but HF_HUB_OFFLINE is set; {hint}")
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=5).close()
-    except OSError as err:
-        raise CommandError(f"--push_to_hub: cannot reach huggingface.co ({err}); {hint}") from err
+    hint = "train without --push_to_hub and upload the output_dir later with `hf upload`"
+    reachable, status = hub_status()
+    if not reachable:
+        raise CommandError(
+            f"--push_to_hub needs the network, but the Hugging Face Hub is not reachable ({status}); {hint}"
+        )
     if get_token() is None:
         raise CommandError(
             "--push_to_hub needs a Hugging Face token: run `huggingface-cli login` or set HF_TOKEN"

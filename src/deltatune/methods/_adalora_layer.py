@@ -4,7 +4,7 @@ regulariser, and :class:`SVDLayer`, which wraps a Linear or Conv2d (see :mod:`de
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ def adalora_delta_weight(
 def orthogonal_regularizer(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Mean over all A and B of ‖P − I‖_F with P = A Aᵀ for A (r, in) and P = Bᵀ B for B (out, r).
 
-    Factors of the same shape are batched into one ``bmm``.
+    Factors of the same shape are batched into one ``bmm`` (see :class:`GramDeviationNorms`).
     """
     groups: dict[tuple[str | int, ...], list[torch.Tensor]] = {}
     for a, b in factors:
@@ -46,16 +46,35 @@ def orthogonal_regularizer(factors: list[tuple[torch.Tensor, torch.Tensor]]) -> 
         groups.setdefault(("B", *b.shape), []).append(b.t())
     total: torch.Tensor | None = None
     count = 0
-    for _key, mats in groups.items():
-        stack = torch.stack(mats)  # (L, r, n)
-        gram = torch.bmm(stack, stack.transpose(1, 2))
-        eye = torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
-        norms = torch.linalg.matrix_norm(gram - eye, ord="fro").sum()
+    for mats in groups.values():
+        norms = GramDeviationNorms.apply(*mats)
         total = norms if total is None else total + norms
         count += len(mats)
     if total is None:
         raise ValueError("orthogonal_regularizer needs at least one (A, B) pair")
     return total / count
+
+
+class GramDeviationNorms(torch.autograd.Function):
+    """Σᵢ ‖Mᵢ Mᵢᵀ − I‖_F over matrices of one shape (r, n), batched, with its closed-form gradient
+    ∂/∂Mᵢ = 2 Dᵢ Mᵢ / ‖Dᵢ‖_F (Dᵢ = Mᵢ Mᵢᵀ − I, symmetric). Only the r×r deviations and their norms are saved:
+    the stacked (L, r, n) copy of the factors that a plain ``bmm`` graph would keep is rebuilt in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, *mats: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        stack = torch.stack(mats)  # (L, r, n), freed after this call
+        dev = torch.bmm(stack, stack.transpose(1, 2))
+        dev.diagonal(dim1=1, dim2=2).sub_(1.0)
+        norms = torch.linalg.matrix_norm(dev)
+        ctx.save_for_backward(*mats, dev, norms)
+        return norms.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        *mats, dev, norms = ctx.saved_tensors
+        coef = (2.0 * grad) / norms.clamp_min(torch.finfo(norms.dtype).tiny)  # D = 0 gives a zero gradient
+        grads = torch.bmm(dev * coef.view(-1, 1, 1), torch.stack(mats))
+        return tuple(grads.unbind(0))
 
 
 # ---- layer --------------------------------------------------------------------------------------
@@ -73,6 +92,9 @@ class SVDLayer(LowRankLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_dropout = nn.ModuleDict()
+        #: adapter → scaling / (ranknum + 1e-5), the factor the triplet term is multiplied by
+        self.rank_scale: dict[str, float] = {}
+        self._extra_per_adapter = {"rank_scale": self.rank_scale}
 
     def _fan_in(self) -> int:
         return int(self.base_weight[0].numel())
@@ -91,6 +113,7 @@ class SVDLayer(LowRankLayer):
         )
         self.r[adapter_name] = r
         self.scaling[adapter_name] = adalora_scaling(alpha, r)
+        self.rank_scale[adapter_name] = self.scaling[adapter_name] / (float(r) + 1e-5)
         with torch.no_grad():
             if config.init_lora_weights is False:
                 for p in (self.lora_A, self.lora_E, self.lora_B):
@@ -131,37 +154,38 @@ class SVDLayer(LowRankLayer):
         a = self.lora_A[adapter_name]
         if not isinstance(self.base_layer, nn.Linear):
             return self.base_forward_with_weight(x.to(a.dtype), self.delta_weight(adapter_name))
-        scale = self.scaling[adapter_name] / (self._ranknum(adapter_name) + 1e-5)
         hidden = F.linear(x.to(a.dtype), a * self.lora_E[adapter_name])
-        return F.linear(hidden, self.lora_B[adapter_name]) * scale
+        return F.linear(hidden, self.lora_B[adapter_name]) * self.rank_scale[adapter_name]
 
-    def _low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(A ⊙ E · scale, B, dropout p): the scale and E fold into A (an r×in product), so the term is a
-        plain low-rank GEMM pair."""
+    def _low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """(A ⊙ E, B, the scale alpha / (ranknum + 1e-5), dropout p): E folds into A (one r×in product) and
+        the scale into the GEMM's alpha, so the term is a plain low-rank GEMM pair. ``ranknum`` is fixed at
+        ``init_r`` when the adapter is created (also when a pruned adapter is resized), so the scale is a
+        Python number: no tensor op and no host read per step."""
         drop = self.lora_dropout[adapter_name]
         p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-        scale = self.scaling[adapter_name] / (self._ranknum(adapter_name) + 1e-5)
-        return self.lora_A[adapter_name] * (self.lora_E[adapter_name] * scale), self.lora_B[adapter_name], p
+        a = self.lora_A[adapter_name] * self.lora_E[adapter_name]
+        return a, self.lora_B[adapter_name], self.rank_scale[adapter_name], p
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        # The base GEMM and the low-rank term in one autograd node (see _fused.LowRankLinear).
+        # The base GEMM and the low-rank term, fused (see _fused.low_rank_linear).
         if not isinstance(self.base_layer, nn.Linear):
             return None
-        a, b, p = self._low_rank_factors(adapter_name)
-        needs_grad = torch.is_grad_enabled() and a.requires_grad
-        plain = is_plain(self.base_layer, (nn.Linear,))
-        if plain and p == 0 and low_rank_merge_pays(x, self.base_weight, a.shape[0], needs_grad):
-            # Inference over many tokens: one GEMM with W + B (A ⊙ E) s (what merging computes), one addmm.
+        a, b, scale, p = self._low_rank_factors(adapter_name)
+        inference = p == 0 and not (torch.is_grad_enabled() and a.requires_grad)
+        plain = inference and is_plain(self.base_layer, (nn.Linear,))
+        if plain and low_rank_merge_pays(x, self.base_weight, a.shape[0], False):
+            # Inference over many tokens: one GEMM with W + s B (A ⊙ E) (what merging computes).
             weight = self.base_weight
-            merged = torch.addmm(weight, b.to(weight.dtype), a.to(weight.dtype))
+            merged = torch.addmm(weight, b.to(weight.dtype), a.to(weight.dtype), alpha=scale)
             return self.base_forward_with_weight(x, merged, self.base_bias)
-        return low_rank_linear(self.base_layer, x, a, b, 1.0, p)
+        return low_rank_linear(self.base_layer, x, a, b, scale, p)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         if not isinstance(self.base_layer, nn.Linear):
             return super().add_adapter_output(result, x, adapter_name)
-        a, b, p = self._low_rank_factors(adapter_name)
-        return low_rank_add(result, x, a, b, 1.0, p)
+        a, b, scale, p = self._low_rank_factors(adapter_name)
+        return low_rank_add(result, x, a, b, scale, p)
 
     def export_tensors(self, adapter_name: str, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The saved tensors, sliced to the kept triplets when ``keep`` (a bool mask over r) is given."""

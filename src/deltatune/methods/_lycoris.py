@@ -111,8 +111,14 @@ class LycorisLayer(LowRankLayer):
         return float(torch.rand(1)) > p
 
     def skipped_output(self, result: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``result`` plus a zero-valued term that keeps every adapter tensor in the autograd graph, so
-        DistributedDataParallel never sees "unused parameters" on a step where the module drops out."""
+        """The output of a step where the module drops out: ``result`` itself, as in PEFT (the adapter's
+        tensors get no gradient, so the optimiser leaves them alone). Under ``torch.distributed`` with several
+        processes, a zero-valued term keeps every adapter tensor in the autograd graph instead, so
+        DistributedDataParallel (``find_unused_parameters=False``) never sees "unused parameters"."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return result
+        if torch.distributed.get_world_size() <= 1:
+            return result
         firsts = [t.reshape(-1)[0] for t in self.adapter_parameters(adapter_name)]
         zero = torch.stack(firsts).sum() * 0.0
         return result + zero.to(result.dtype)

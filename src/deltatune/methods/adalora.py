@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..config import AdapterConfig, check_positive_int, check_range
 from ..layers import AdapterLayer, expect_config
@@ -171,6 +172,7 @@ class AdaLoraModel(LoraModel):
 
     def after_inject(self, adapter_name: str, config: AdapterConfig) -> None:
         """A config that carries a rank pattern (a saved, pruned adapter) shrinks the modules to it."""
+        self._forget_layers()
         pattern = expect_config(config, AdaLoraConfig).rank_pattern
         if pattern:
             self.resize_by_rank_pattern(pattern, adapter_name)
@@ -329,12 +331,29 @@ class AdaLoraModel(LoraModel):
         return masks
 
     def svd_layers(self, adapter_name: str | None = None) -> list[tuple[str, SVDLayer]]:
+        """The SVD layers holding ``adapter_name`` (default: the active one). Kept between calls (the
+        regulariser asks on every forward); injecting, deleting or unloading an adapter refreshes it."""
         name = adapter_name or self.active_adapter
-        return [
-            (n, layer)
-            for n, layer in self.adapter_layers()
-            if isinstance(layer, SVDLayer) and name in layer.r
-        ]
+        cache = self.__dict__.setdefault("_svd_layers", {})
+        if name not in cache:
+            cache[name] = [
+                (n, layer)
+                for n, layer in self.adapter_layers()
+                if isinstance(layer, SVDLayer) and name in layer.r
+            ]
+        return list(cache[name])
+
+    def _forget_layers(self) -> None:
+        self.__dict__.pop("_svd_layers", None)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._forget_layers()
+        super().delete_adapter(adapter_name)
+        self._forget_layers()
+
+    def unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        self._forget_layers()
+        return super().unload_and_optionally_merge(*args, **kwargs)
 
     @property
     def rank_allocator(self) -> RankAllocator:
@@ -345,9 +364,13 @@ class AdaLoraModel(LoraModel):
         return self._allocator
 
     def orthogonal_loss(self) -> torch.Tensor:
-        """The orthogonal regulariser over the active adapter's factors."""
+        """The orthogonal regulariser over the active adapter's factors, in their own precision (fp32) also
+        under autocast: it is a handful of r×r Gram matrices, and rounding them to bf16 only adds casts."""
         n = self.active_adapter
-        return orthogonal_regularizer([(layer.lora_A[n], layer.lora_B[n]) for _, layer in self.svd_layers()])
+        factors = [(layer.lora_A[n], layer.lora_B[n]) for _, layer in self.svd_layers()]
+        device = factors[0][0].device.type if factors else "cpu"
+        with torch.autocast(device, enabled=False):
+            return orthogonal_regularizer(factors)
 
     def update_and_allocate(self, global_step: int) -> None:
         """Updates importances and prunes singular values per the budget schedule.

@@ -32,15 +32,27 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layers import expect_config
 from ..registry import MethodSpec, register_method
-from ._fused import LowRankLinear, is_plain, low_rank_merge_pays
+from ._fused import fused_dtype, is_plain, low_rank_gemms, low_rank_merge_pays
 from .lora import LoraConfig, LoraLayer, LoraModel
 
 __all__ = ["DoraLayer", "dora_forward", "dora_merged_weight", "dora_row_norm"]
 
 
 # ---- pure maths ---------------------------------------------------------------------------------
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    return _as(t, torch.float32)
+
+
 def dora_row_norm(
-    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    weight_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """‖W + s·B A‖ of every output row, without forming the out×in sum.
 
@@ -49,18 +61,17 @@ def dora_row_norm(
         lora_a: A as (r, in) (flattened likewise).
         lora_b: B as (out, r).
         scaling: s.
+        weight_sq: ‖W‖² by row, (out,), when the caller has it (W is frozen, so it can be kept).
 
     Returns:
         (out,) norms, computed in the inputs' dtype (callers pass fp32).
     """
-    wa = weight @ lora_a.t()  # (out, r)
+    if weight_sq is None:
+        weight_sq = weight.square().sum(1)
     gram = lora_a @ lora_a.t()  # (r, r)
-    squared = (
-        weight.square().sum(1)
-        + (2.0 * scaling) * (wa * lora_b).sum(1)
-        + (scaling * scaling) * ((lora_b @ gram) * lora_b).sum(1)
-    )
-    return squared.clamp_min(0).sqrt()
+    # 2s·W Aᵀ + s²·B (A Aᵀ) in one GEMM, then its row-wise dot product with B
+    cross = torch.addmm(weight @ lora_a.t(), lora_b, gram, beta=2.0 * scaling, alpha=scaling * scaling)
+    return (cross * lora_b).sum(1).add_(weight_sq).clamp_min_(0).sqrt_()
 
 
 def dora_merged_weight(
@@ -109,6 +120,7 @@ class DoraLayer(LoraLayer):
         #: adapter → the row norms of W + ΔW at merge time (unmerging divides by them again)
         self._merge_norms: dict[str, torch.Tensor] = {}
         self._extra_per_adapter = {"merge_norms": self._merge_norms}
+        self._weight_sq_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         """LoRA's factors, then ``m`` = ‖W + ΔW‖ by output row (so the output starts as LoRA's).
@@ -132,19 +144,33 @@ class DoraLayer(LoraLayer):
     def row_norm(self, adapter_name: str) -> torch.Tensor:
         """‖W + ΔW‖ of every output row as (out,), in fp32, detached (see :func:`dora_row_norm`)."""
         a, b = self.factor_weights(adapter_name)
-        out_dim = self.base_weight.shape[0]
-        with torch.no_grad(), torch.autocast(self.base_weight.device.type, enabled=False):
-            return dora_row_norm(
-                self.base_weight.reshape(out_dim, -1).float(),
-                a.reshape(a.shape[0], -1).float(),
-                b.reshape(out_dim, -1).float(),
-                self.scaling[adapter_name],
-            )
+        weight = self.base_weight
+        out_dim = weight.shape[0]
+        with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+            w2, a2, b2 = weight, a, b
+            if weight.dim() != 2:  # a conv kernel: rows of (in · k…)
+                w2, a2, b2 = weight.reshape(out_dim, -1), a.reshape(a.shape[0], -1), b.reshape(out_dim, -1)
+            w2, a2, b2 = (_fp32(t) for t in (w2, a2, b2))
+            return dora_row_norm(w2, a2, b2, self.scaling[adapter_name], self._weight_square(w2))
+
+    def _weight_square(self, w2: torch.Tensor) -> torch.Tensor:
+        """‖W‖² by row, kept while the frozen weight is unchanged (its version counter says so)."""
+        if torch.compiler.is_compiling():
+            return w2.square().sum(1)
+        weight = self.base_weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        cached = self._weight_sq_cache
+        if cached is None or cached[0] != key:
+            cached = self._weight_sq_cache = (key, w2.square().sum(1))
+        return cached[1]
 
     def magnitude_scale(self, adapter_name: str) -> torch.Tensor:
         """m / ‖W + ΔW‖ in the magnitude's shape (gradients reach m, not the norm)."""
         magnitude = self.lora_magnitude_vector[adapter_name]
-        return magnitude / self.row_norm(adapter_name).reshape(magnitude.shape).to(magnitude.dtype)
+        norm = self.row_norm(adapter_name)
+        if magnitude.dim() != 1:
+            norm = norm.reshape(magnitude.shape)
+        return magnitude / (norm if norm.dtype == magnitude.dtype else norm.to(magnitude.dtype))
 
     # ---- merging: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ -------------------------------------------------------
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -182,16 +208,17 @@ class DoraLayer(LoraLayer):
         else:
             bias = self._bias_view(result)
             base = result if bias is None else result - bias
-        lora = b(a(x.to(self.factor_weights(adapter_name)[0].dtype))) * self.scaling[adapter_name]
-        term = (scale - 1) * base + scale * lora
-        return result + term.to(result.dtype)
+        dtype = result.dtype
+        lora = b(a(_as(x, self.factor_weights(adapter_name)[0].dtype)))
+        scale = _as(scale, dtype)
+        out = torch.addcmul(result, _as(base, dtype), scale - 1)
+        return out.addcmul_(_as(lora, dtype), scale, value=self.scaling[adapter_name])
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        """Without dropout, on a plain Linear with matching dtypes and no autocast: the LoRA GEMM fused with
-        the base one (:class:`~deltatune.methods._fused.LowRankLinear`), scaled by m/‖·‖ row by row — or, in
-        inference over many tokens, one GEMM with the merged W'. Else the generic path."""
+        """Without dropout, on a plain Linear: the LoRA GEMM fused with the base one
+        (:func:`~deltatune.methods._fused.low_rank_gemms`, one cast of the input), scaled by m/‖·‖ row by
+        row — or, in inference over many tokens, one GEMM with the merged W'. Else the generic path."""
         base = self.base_layer
-        a_w, b_w = self.factor_weights(adapter_name)
         if (
             not isinstance(base, nn.Linear)
             or self._dropout_p(adapter_name) > 0
@@ -199,21 +226,22 @@ class DoraLayer(LoraLayer):
         ):
             return None
         weight = self.base_weight
-        if torch.is_autocast_enabled(x.device.type) or not (
-            x.dtype == weight.dtype == a_w.dtype == b_w.dtype
-        ):
+        a_w, b_w = self.factor_weights(adapter_name)
+        dtype = fused_dtype(x, weight, a_w, b_w)
+        if dtype is None:
             return None
         scale = self.magnitude_scale(adapter_name)
         s = self.scaling[adapter_name]
         needs_grad = torch.is_grad_enabled() and any(
             p.requires_grad for p in self.adapter_parameters(adapter_name)
         )
-        if low_rank_merge_pays(x, weight, a_w.shape[0], needs_grad):
+        if dtype == weight.dtype and low_rank_merge_pays(x, weight, a_w.shape[0], needs_grad):
             merged = torch.addmm(weight, b_w, a_w, alpha=s) * scale.unsqueeze(1)
             return F.linear(x, merged, self.base_bias)
-        out = LowRankLinear.apply(x, weight, None, a_w, b_w, s, 0.0) * scale
+        out = low_rank_gemms(x, weight, None, a_w, b_w, s, 0.0, dtype)
         bias = self.base_bias
-        return out if bias is None else out + bias
+        scale = _as(scale, dtype)
+        return out * scale if bias is None else torch.addcmul(_as(bias, dtype), out, scale)
 
 
 register_method(

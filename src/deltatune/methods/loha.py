@@ -14,7 +14,7 @@ with rebuild[p, q, k, l] = Σ_ij t[i, j, k, l] · wb[j, q] · wa[i, p] (wa is (r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +58,33 @@ def loha_delta_weight(
     """ΔW = s · (w1a w1b) ⊙ (w2a w2b), reshaped to ``shape`` (or the CP form when t1/t2 are given)."""
     if t1 is not None and t2 is not None:
         return cp_rebuild(t1, w1a, w1b) * cp_rebuild(t2, w2a, w2b) * scaling
-    return ((w1a @ w1b) * (w2a @ w2b) * scaling).reshape(shape)
+    return HadamardProduct.apply(w1a, w1b, w2a, w2b, scaling).reshape(shape)  # type: ignore[no-any-return]
+
+
+class HadamardProduct(torch.autograd.Function):
+    """s · (w1a w1b) ⊙ (w2a w2b) that saves only the four factors for backward, recomputing the two out×in
+    products there (an autograd graph of plain ops would keep both: two extra out×in tensors per layer and
+    step). Computed in the factors' dtype with autocast off, so a merged W + ΔW keeps ΔW's precision.
+
+    Shapes: w1a, w2a (out, r); w1b, w2b (r, in) → (out, in).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        ctx.scale = scale
+        with torch.autocast(w1a.device.type, enabled=False):
+            return torch.mm(w1a, w1b).mul_(torch.mm(w2a, w2b)).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        g = grad.to(w1a.dtype) * ctx.scale
+        g1 = g * torch.mm(w2a, w2b)  # ∂/∂(w1a w1b)
+        g2 = g.mul_(torch.mm(w1a, w1b))  # ∂/∂(w2a w2b)
+        return g1 @ w1b.t(), w1a.t() @ g1, g2 @ w2b.t(), w2a.t() @ g2, None
 
 
 def loha_khatri_rao_factors(

@@ -44,7 +44,7 @@ class LoraConfig(AdapterConfig):
         init_lora_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r²), B = 0) or
             ``False`` (both random: the adapter starts as a non-zero delta).
         lora_bias: Give B a trainable bias.
-        use_dora: Not supported (rejected).
+        use_dora: Weight-decomposed LoRA (DoRA): handled by the ``dora`` method (:mod:`deltatune.methods.dora`).
 
     The remaining fields exist so that configs written by PEFT round-trip unchanged; values other
     than their defaults are rejected with a clear error when they would change behaviour.
@@ -287,7 +287,7 @@ class LoraLayer(AdapterLayer):
         return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        # The base GEMM and the low-rank term in one autograd node (see _fused.LowRankLinear).
+        # The base GEMM and the low-rank term, fused (see _fused.low_rank_linear).
         a_layer, b_layer = self.lora_A[adapter_name], self.lora_B[adapter_name]
         if not isinstance(a_layer, nn.Linear) or module_bias(b_layer) is not None:
             return None

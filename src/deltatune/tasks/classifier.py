@@ -16,7 +16,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEAD_NAMES", "build_base_model", "find_head"]
+__all__ = ["HEAD_NAMES", "build_base_model", "find_head", "portable_model_name"]
 
 HEAD_NAMES = ("classifier", "head", "fc", "score")
 
@@ -31,20 +31,46 @@ def find_head(model: nn.Module, num_labels: int) -> str | None:
     return None
 
 
+_HUB_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
+
+
+def portable_model_name(name_or_path: str) -> str:
+    """The name of a base model to write into files people share (``adapter_config.json``, model cards):
+    ``deltatune/vit-glyphs-32`` for the bundled backbone (wherever it is installed), the hub id for a
+    folder of the Hugging Face cache (``.../models--org--name/snapshots/<rev>`` → ``org/name``), anything
+    else as given (a hub id, or a local folder as the user typed it)."""
+    from ..vision import OFFLINE_BACKBONE_ID, is_bundled_backbone
+
+    if is_bundled_backbone(name_or_path):
+        return OFFLINE_BACKBONE_ID
+    match = _HUB_CACHE_SNAPSHOT.search(str(name_or_path).replace("\\", "/"))
+    if match:
+        return f"{match.group(1)}/{match.group(2)}"
+    return name_or_path
+
+
 def build_base_model(
     model_id: str,
     id2label: dict[int, str],
     random_backbone: bool = False,
     seed: int = 42,
+    *,
+    trained_head: bool = False,
+    ignore_mismatched_sizes: bool = True,
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, Any]:
     """The base image classifier with a fresh ``len(id2label)``-way head, and its image processor.
 
     Args:
-        model_id: Hub id or local directory.
+        model_id: Hub id or local directory; the bundled backbone's id ``deltatune/vit-glyphs-32`` loads
+            the installed copy (see :func:`deltatune.vision.resolve_model_path`).
         id2label: Class id → name.
         random_backbone: Build the same architecture with random weights instead of loading them.
         seed: Seed of every random initialisation (the head, or the whole model).
+        trained_head: The caller restores a trained head next (loading an adapter), so the fresh head is
+            not announced.
+        ignore_mismatched_sizes: Re-initialise checkpoint weights whose shape differs (a head for another
+            number of classes); False makes such a checkpoint an error, as in transformers.
         trust_remote_code: Let the folder run the Python code it ships (``auto_map``); False is passed to
             transformers explicitly otherwise, so it never asks or runs it.
 
@@ -55,8 +81,10 @@ def build_base_model(
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
+    from ..vision import resolve_model_path
     from ..vision.limits import check_image_processor
 
+    model_id = resolve_model_path(model_id)
     label2id = {v: k for k, v in id2label.items()}
     kwargs: dict[str, Any] = {"id2label": id2label, "label2id": label2id}  # id2label sets num_labels
     kwargs["trust_remote_code"] = bool(trust_remote_code)
@@ -87,15 +115,24 @@ def build_base_model(
         transformers_logger.addFilter(report)
         try:
             model = AutoModelForImageClassification.from_pretrained(
-                model_id, ignore_mismatched_sizes=True, **kwargs
+                model_id, ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs
             )
         except PermissionError:
             raise
         except (OSError, ValueError, RecursionError) as err:
             raise _load_error("model", model_id, err) from err
+        except RuntimeError as err:
+            if ignore_mismatched_sizes or "ignore_mismatched_sizes" not in str(err):
+                raise
+            heads = ", ".join(sorted(report.heads)) or "its head"
+            raise ValueError(
+                f"ignore_mismatched_sizes=False: {model_id!r} has weights of another shape than a "
+                f"{len(id2label)}-class classifier needs ({heads}); pass --ignore_mismatched_sizes true (the "
+                "default) to start that head afresh"
+            ) from None
         finally:
             transformers_logger.removeFilter(report)
-        if report.heads:
+        if report.heads and not trained_head:
             unused = f"; unused checkpoint weights: {', '.join(report.unused)}" if report.unused else ""
             logger.info(
                 "new %d-class head: %s initialised (not in the checkpoint, or of another size)%s",

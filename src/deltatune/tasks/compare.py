@@ -17,7 +17,7 @@ import transformers
 
 from .._files import atomic_write_text, write_json
 from .image_classification import RunSpec, run_training
-from .report import compare_chart
+from .plots import compare_chart
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,10 @@ def _warm_up(
             logging_strategy="no",
             resume_from_checkpoint=None,
         )
-        run_training(spec, warm, write_report=False, num_threads=num_threads, precision=precision)
+        silent = transformers.TrainerCallback()  # no bar, no printed result: the warm-up is not a run
+        run_training(
+            spec, warm, write_report=False, num_threads=num_threads, precision=precision, progress=silent
+        )
     _release_memory()
 
 
@@ -81,26 +84,25 @@ def compare_runs(
     args: transformers.TrainingArguments,
     *,
     full_learning_rate: float | None = None,
-    progress: bool = True,
     num_threads: int | None = None,
     precision: str = "auto",
+    reporter: Callable[[int, RunSpec], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Trains every run with the same arguments and seed (each in ``output_dir/<name>``).
 
     Full fine-tuning uses ``full_learning_rate`` (default: the learning rate / 10). Checkpoints are not
     written and the final weights are evaluated. On a CPU, two unreported warm-up steps come first.
     ``precision`` is resolved per run (see :func:`~deltatune.tasks.image_classification.run_training`); every run shares
-    the base model, so "auto" picks the same for all.
+    the base model, so "auto" picks the same for all. ``reporter(i, spec)`` builds the progress callback of
+    the ``i``-th run (the CLI's console; see ``run_training(progress=...)``); None keeps transformers' own.
 
     Returns:
         One row per run: name, kind, trainable params and %, accuracy, train time, peak memory.
     """
-    from tqdm.auto import tqdm
-
     if runs and not torch.cuda.is_available():
         _warm_up(runs[0], args, num_threads, precision)
     rows: list[dict[str, Any]] = []
-    for spec in tqdm(runs, desc="compare", unit="run", disable=not progress):
+    for index, spec in enumerate(runs):
         overrides: dict[str, Any] = {
             "output_dir": os.path.join(str(args.output_dir), _slug(spec.name)),
             "save_strategy": "no",
@@ -110,9 +112,14 @@ def compare_runs(
         if spec.baseline == "full":
             overrides["learning_rate"] = full_learning_rate or args.learning_rate / 10
         run_args = dataclasses.replace(args, **overrides)
-        logger.info("compare: training %s", spec.name)
+        logger.debug("compare: training %s", spec.name)  # the CLI prints a title per run
         result = run_training(
-            spec, run_args, write_report=spec.baseline is None, num_threads=num_threads, precision=precision
+            spec,
+            run_args,
+            write_report=spec.baseline is None,
+            num_threads=num_threads,
+            precision=precision,
+            progress=reporter(index, spec) if reporter is not None else None,
         )
         m = result.metrics
         rows.append(

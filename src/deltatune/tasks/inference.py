@@ -21,6 +21,7 @@ from ..train.checkpoint import LABELS_NAME, load_label_maps
 from ..train.metrics import ClassificationReport, classification_report
 from ..train.outputs import RUN_RECORD_NAME
 from .classifier import build_base_model
+from .report import write_merged_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +96,10 @@ def load_trained(
     base_id = model or config.base_model_name_or_path
     if not base_id:
         raise ValueError(f"{adapter_dir}/{CONFIG_NAME} names no base_model_name_or_path; pass --model")
-    if not os.path.exists(base_id) and os.path.isabs(base_id):
-        from ..vision import OFFLINE_BACKBONE_NAME, offline_default_model_dir
+    if model is None and os.path.isabs(base_id) and not os.path.exists(base_id):
+        from ..vision import resolve_model_path
 
-        if os.path.basename(base_id.rstrip("/")) == OFFLINE_BACKBONE_NAME:
-            base_id = offline_default_model_dir()  # the bundled backbone, installed somewhere else now
-        elif model is None:
+        if resolve_model_path(base_id) == base_id:  # not the bundled backbone installed elsewhere
             raise FileNotFoundError(
                 f"the adapter's base model {base_id!r} (base_model_name_or_path in {adapter_dir}/{CONFIG_NAME}) "
                 "does not exist on this machine (was the adapter copied from another one?); pass --model with "
@@ -116,7 +115,11 @@ def load_trained(
             seed,
             base_id,
         )
-    base, processor = build_base_model(base_id, id2label, random_backbone, seed, trust_remote_code)
+    # the bundled backbone's id (or an install path from another machine) resolves to the installed copy;
+    # the head is the trained one, restored from the adapter next
+    base, processor = build_base_model(
+        base_id, id2label, random_backbone, seed, trained_head=True, trust_remote_code=trust_remote_code
+    )
     peft_model = PeftModel.from_pretrained(base, adapter_dir)
     processor_file = os.path.join(adapter_dir, "preprocessor_config.json")
     if os.path.isfile(processor_file):
@@ -209,9 +212,11 @@ def predict_images(
     from ..vision import to_rgb
     from ..vision.limits import check_image_pixels
 
-    if batch_size < 1 or top_k < 1:
-        raise ValueError(f"batch_size and top_k must be positive integers, got {batch_size} and {top_k}")
-    k = max(1, min(top_k, len(trained.id2label)))
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    k = min(top_k, len(trained.id2label))
     results: list[dict[str, Any]] = []
     skipped = 0
     device = next(trained.model.parameters()).device
@@ -266,7 +271,7 @@ def evaluate_adapter(
     from ..vision import TransformedDataset, build_transforms, collate_fn
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     data = TransformedDataset(dataset, build_transforms(trained.image_processor, train=False))
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate_fn)
     device = next(trained.model.parameters()).device
@@ -355,5 +360,6 @@ def merge_adapter(trained: TrainedAdapter, output_dir: str) -> nn.Module:
         trained.image_processor.save_pretrained(build)
         with open(os.path.join(trained.directory, LABELS_NAME), encoding="utf-8") as fh:
             atomic_write_text(os.path.join(build, LABELS_NAME), fh.read())
+        write_merged_model_card(build, trained.directory, trained.model.peft_config, len(trained.id2label))
         apply_umask(build)  # safetensors creates its files 0600
     return merged

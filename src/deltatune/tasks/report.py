@@ -1,187 +1,151 @@
-"""What a run leaves for people: training-curve, rank-heatmap, confusion and comparison PNGs, and the model card.
+"""What a run leaves for people: the result files, the plots, ``report.html`` and the model cards (the
+adapter's README.md, and the merged model's).
 
-Plots use matplotlib's Agg backend (no display needed).
+Every file written here is shareable: the base model is named portably (``deltatune/vit-glyphs-32`` for the
+bundled backbone, the hub id for a hub model), a local dataset folder by its name, and the command as the
+user typed it, so no path of this machine ends up in them.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .._files import atomic_path
+from .._files import atomic_write_text, write_json
+from .html_report import dataset_name, write_html_report
+from .plots import compare_chart, confusion_plot, rank_grid, rank_heatmap, training_curve
+from .results import EvalPredictions, write_split_results, write_trainer_state
 
 __all__ = [
+    "card_config",
     "compare_chart",
     "confusion_plot",
+    "merged_model_card",
     "model_card",
     "rank_grid",
     "rank_heatmap",
     "training_curve",
+    "write_merged_model_card",
+    "write_results",
+    "write_run_report",
 ]
 
 
-def _save(fig: Any, path: str) -> None:
-    """Writes the figure atomically (a kill never leaves a torn PNG) and frees it."""
-    plt = _pyplot()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100, format=os.path.splitext(path)[1].lstrip(".") or "png")
-    finally:
-        plt.close(fig)
+def write_results(trainer: Any, metrics: dict[str, Any], output_dir: str) -> None:
+    """The files transformers' example scripts write: ``train_results.json`` and ``trainer_state.json``
+    after training, ``eval_results.json`` after evaluating (with the per-class accuracy and the confusion
+    matrix when known) and ``all_results.json`` with both."""
+    if metrics.get("do_train", True) and metrics.get("train"):
+        write_split_results(output_dir, "train", metrics["train"])
+        write_trainer_state(trainer.state, output_dir)
+    if metrics.get("do_eval", True) and metrics.get("eval"):
+        details: dict[str, Any] = {
+            k: metrics[k] for k in ("per_class_accuracy", "confusion_matrix", "class_names") if k in metrics
+        }
+        write_split_results(
+            output_dir, "eval", {**metrics["eval"], "eval_samples": metrics["num_eval"], **details}
+        )
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def training_curve(log_history: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-    """Training loss per logging step and evaluation loss/accuracy per evaluation, as a PNG.
+def write_run_report(
+    metrics: dict[str, Any],
+    output_dir: str,
+    predictions: EvalPredictions | None = None,
+    eval_rows: Any = None,
+) -> None:
+    """metrics.json, training_curve.png, confusion_matrix.png, report.html, the model card README.md (for an
+    adapter that trained) and, for a method whose ranks were allocated during training (AdaLoRA),
+    ``<method>_ranks.png``, in ``output_dir``.
 
     Args:
-        log_history: ``trainer.state.log_history``.
-        path: Where to write the PNG.
-        title: Figure title.
+        metrics: The run's metrics record (see :func:`~deltatune.tasks.image_classification.run_training`).
+        output_dir: Where the files go.
+        predictions: The final evaluation's predictions (the misclassified images of ``report.html``).
+        eval_rows: The evaluation split (rows ``{"image", "label"}``) in the predictions' order.
     """
-    plt = _pyplot()
-    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
-    evals = [h for h in log_history if "eval_loss" in h and "step" in h]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    if train:
-        ax_loss.plot(*zip(*train, strict=True), label="train loss", color="tab:blue")
-    if evals:
-        ax_loss.plot(
-            [h["step"] for h in evals],
-            [h["eval_loss"] for h in evals],
-            "o-",
-            label="eval loss",
-            color="tab:orange",
+    write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    title = f"{metrics['name']} on {dataset_name(str(metrics['dataset']))}"
+    training_curve(
+        metrics["history"],
+        os.path.join(output_dir, "training_curve.png"),
+        title=title,
+        logging_steps=metrics.get("logging_steps"),
+    )
+    if "confusion_matrix" in metrics:
+        confusion_plot(
+            np.asarray(metrics["confusion_matrix"]),
+            metrics["class_names"],
+            os.path.join(output_dir, "confusion_matrix.png"),
+            title=f"confusion matrix: {title}",
         )
-        for key, style in (("eval_accuracy", "o-"), ("eval_top5_accuracy", "s--")):
-            points = [(h["step"], h[key]) for h in evals if key in h]
-            if points:
-                ax_acc.plot(
-                    *zip(*points, strict=True), style, label=key.removeprefix("eval_").replace("_", " ")
-                )
-    ax_loss.set_xlabel("optimiser step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_acc.set_xlabel("optimiser step")
-    ax_acc.set_ylabel("accuracy")
-    ax_acc.set_ylim(0, 1.02)
-    if ax_acc.has_data():
-        ax_acc.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    _save(fig, path)
+    if metrics.get("ranks"):
+        path = os.path.join(output_dir, f"{metrics['method']}_ranks.png")
+        rank_heatmap(metrics["ranks"], path, rank_max=metrics.get("rank_max"))
+    if metrics["kind"] == "adapter" and metrics.get("do_train", True):
+        atomic_write_text(os.path.join(output_dir, "README.md"), model_card(metrics))
+    write_html_report(metrics, output_dir, predictions=predictions, eval_rows=eval_rows)
 
 
-def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[str], np.ndarray]:
-    """Arranges ``{"<...>.<layer index>.<...>.<module>": rank}`` as (row labels, column labels, grid).
-
-    Rows are layer indices (the last number in the module path, or the path itself when it has none);
-    columns are the module's last name component. Missing cells are NaN.
-    """
-    cells: dict[tuple[str, str], int] = {}
-    for name, rank in ranks.items():
-        numbers = re.findall(r"\.(\d+)\.", f".{name}.")
-        row = numbers[-1] if numbers else name.rsplit(".", 1)[0]
-        col = name.rsplit(".", 1)[-1]
-        cells[(row, col)] = rank
-    rows = sorted({r for r, _ in cells}, key=lambda r: (not r.isdigit(), int(r) if r.isdigit() else 0, r))
-    cols = sorted({c for _, c in cells})
-    grid = np.full((len(rows), len(cols)), np.nan)
-    for (r, c), rank in cells.items():
-        grid[rows.index(r), cols.index(c)] = rank
-    return rows, cols, grid
-
-
-def rank_heatmap(ranks: dict[str, int], path: str, rank_max: int | None = None, title: str = "") -> None:
-    """A heatmap of AdaLoRA's final rank per layer (rows) and module (columns), as a PNG.
-
-    Args:
-        ranks: Module name → kept rank (the tuner's ``rank_summary``).
-        path: Where to write the PNG.
-        rank_max: The largest possible rank (colour-scale maximum), e.g. AdaLoRA's ``init_r``.
-        title: Figure title.
-    """
-    plt = _pyplot()
-    rows, cols, grid = rank_grid(ranks)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * len(cols), 1.2 + 0.45 * len(rows)))
-    image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=rank_max or np.nanmax(grid), aspect="auto")
-    ax.set_xticks(range(len(cols)), cols)
-    ax.set_yticks(range(len(rows)), [f"layer {r}" if r.isdigit() else r for r in rows])
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            if not np.isnan(grid[i, j]):
-                ax.text(j, i, str(int(grid[i, j])), ha="center", va="center", color="white", fontsize=9)
-    fig.colorbar(image, ax=ax, label="rank")
-    ax.set_title(title or "final rank per layer and module")
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path: str, title: str = "") -> None:
-    """The confusion matrix (rows true, columns predicted) as a PNG; labels are hidden above 30 classes."""
-    plt = _pyplot()
-    n = len(class_names)
-    size = min(4 + 0.35 * n, 16)
-    fig, ax = plt.subplots(figsize=(size, size))
-    image = ax.imshow(confusion, cmap="Blues")
-    if n <= 30:
-        ax.set_xticks(range(n), class_names, rotation=90)
-        ax.set_yticks(range(n), class_names)
-        if n <= 15:
-            for i in range(n):
-                for j in range(n):
-                    ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title or "confusion matrix")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    _save(fig, path)
-
-
-def compare_chart(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
-    """Accuracy per run (bars) with the trainable-parameter share written on each, as a PNG: adapters on the
-    pretrained backbone in blue, on a random backbone in orange, baselines in grey."""
-    plt = _pyplot()
-    names = [str(r["name"]) for r in rows]
-    accuracy = [float(r["accuracy"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(rows), 4.5))
-    colours = [
-        "tab:gray" if r.get("kind") != "adapter" else "tab:orange" if r.get("random_backbone") else "tab:blue"
-        for r in rows
-    ]
-    bars = ax.bar(range(len(rows)), accuracy, color=colours)
-    for bar, r in zip(bars, rows, strict=True):
-        ax.text(
-            bar.get_x() + bar.get_width() / 2,
-            bar.get_height() + 0.01,
-            f"{bar.get_height():.3f}\n{r['trainable_percent']:.2f}% params",
-            ha="center",
-            va="bottom",
-            fontsize=7,
-        )
-    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
-    ax.set_ylim(0, 1.15)
-    ax.set_ylabel("eval accuracy")
-    ax.set_title(title or "methods and baselines on the same data and seed")
-    fig.tight_layout()
-    _save(fig, path)
+def card_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The adapter-config keys worth reading in a model card: set, non-empty, not bookkeeping."""
+    skip = {"peft_version", "auto_mapping", "inference_mode", "megatron_core", "qalora_group_size"}
+    return {
+        k: v
+        for k, v in config.items()
+        if k not in skip
+        and v is not None
+        and v is not False
+        and not (isinstance(v, dict | list) and not v)
+        and not (k == "rank_pattern" and isinstance(v, dict))
+    }
 
 
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _bundled(base_model: str) -> bool:
+    from ..vision import OFFLINE_BACKBONE_ID
+
+    return base_model == OFFLINE_BACKBONE_ID
+
+
+def load_snippet(base_model: str, adapter_dir: str = "ADAPTER_DIR") -> list[str]:
+    """The "How to load" code of an adapter's card: the PEFT guide's (the base model from
+    ``config.base_model_name_or_path``), with the bundled backbone's id resolved to its installed copy."""
+    bundled = _bundled(base_model)
+    base_arg = (
+        "resolve_model_path(config.base_model_name_or_path)" if bundled else "config.base_model_name_or_path"
+    )
+    lines = [
+        "import json",
+        "",
+        "from transformers import AutoImageProcessor, AutoModelForImageClassification",
+        "",
+        "from deltatune import PeftConfig, PeftModel  # or: from peft import PeftConfig, PeftModel",
+    ]
+    if bundled:
+        lines.append(
+            "from deltatune.vision import resolve_model_path  # the bundled backbone's installed copy"
+        )
+    lines += [
+        "",
+        f'adapter = "{adapter_dir}"',
+        "config = PeftConfig.from_pretrained(adapter)",
+        'with open(f"{adapter}/labels.json", encoding="utf-8") as fh:',
+        "    labels = json.load(fh)",
+        "base = AutoModelForImageClassification.from_pretrained(",
+        f"    {base_arg},",
+        '    id2label={int(k): v for k, v in labels["id2label"].items()},',
+        '    label2id=labels["label2id"],',
+        "    ignore_mismatched_sizes=True,",
+        ")",
+        "model = PeftModel.from_pretrained(base, adapter)",
+        "image_processor = AutoImageProcessor.from_pretrained(adapter)",
+    ]
+    return lines
 
 
 def model_card(info: dict[str, Any]) -> str:
@@ -192,25 +156,29 @@ def model_card(info: dict[str, Any]) -> str:
             evaluation metrics, adapter config, the command line and, for AdaLoRA, the final ranks.
     """
     method = str(info["method"])
+    base = str(info["base_model"])
+    dataset = dataset_name(str(info["dataset"]))
     eval_metrics = {
         k.removeprefix("eval_"): v for k, v in info.get("eval", {}).items() if k.startswith("eval_")
     }
     lines = [
         "---",
         "library_name: deltatune",
-        f"base_model: {info['base_model']}",
+        f"base_model: {base}",
+        "pipeline_tag: image-classification",
         "tags: [deltatune, peft, image-classification, " + method + "]",
         "---",
         "",
-        f"# {method.upper()} adapter for `{info['base_model']}` on `{info['dataset']}`",
+        f"# {method.upper()} adapter for `{base}` on `{dataset}`",
         "",
-        f"Trained with `deltatune train` ({info.get('precision', 'fp32')}, {info.get('train_time_s', 0):.1f} s).",
+        f"Trained with `deltatune train` ({info.get('precision', 'fp32')}, {info.get('train_time_s', 0):.1f} s). "
+        "`report.html` in this folder shows the curves, the confusion matrix and the misclassified images.",
         "",
         "| | |",
         "|---|---|",
         f"| method | {method} |",
-        f"| base model | `{info['base_model']}` |",
-        f"| dataset | `{info['dataset']}` ({info.get('num_train', '?')} train / {info.get('num_eval', '?')} eval images) |",
+        f"| base model | `{base}` |",
+        f"| dataset | `{dataset}` ({info.get('num_train', '?')} train / {info.get('num_eval', '?')} eval images) |",
         f"| classes | {info.get('num_labels', '?')} |",
         f"| trainable params | {info['trainable_params']:,} of {info['all_params']:,} "
         f"({info['trainable_percent']:.4f}%) |",
@@ -230,33 +198,15 @@ def model_card(info: dict[str, Any]) -> str:
         ]
         lines += [f"| `{name}` | {rank} |" for name, rank in info["ranks"].items()]
         lines.append("")
+    lines += ["## Training curve", "", "![training curve](training_curve.png)", "", "## How to load", ""]
+    if _bundled(base):
+        lines += [
+            f"The base model `{base}` is the backbone bundled with deltatune (`pip install deltatune`); "
+            "`resolve_model_path` finds its installed copy and passes hub ids through unchanged.",
+            "",
+        ]
+    lines += ["```python", *load_snippet(base), "```", "", "Or from the command line:", "", "```bash"]
     lines += [
-        "## Training curve",
-        "",
-        "![training curve](training_curve.png)",
-        "",
-        "## How to load",
-        "",
-        "```python",
-        "import json",
-        "from transformers import AutoImageProcessor, AutoModelForImageClassification",
-        "from deltatune import PeftModel  # or: from peft import PeftModel",
-        "",
-        'labels = json.load(open("ADAPTER_DIR/labels.json"))',
-        'id2label = {int(k): v for k, v in labels["id2label"].items()}',
-        "base = AutoModelForImageClassification.from_pretrained(",
-        f'    "{info["base_model"]}",',
-        "    id2label=id2label,",
-        '    label2id=labels["label2id"],',
-        "    ignore_mismatched_sizes=True,",
-        ")",
-        'model = PeftModel.from_pretrained(base, "ADAPTER_DIR")',
-        'image_processor = AutoImageProcessor.from_pretrained("ADAPTER_DIR")',
-        "```",
-        "",
-        "Or from the command line:",
-        "",
-        "```bash",
         "deltatune predict image.png --adapter ADAPTER_DIR",
         "deltatune merge --adapter ADAPTER_DIR --output merged/   # a plain transformers model",
         "```",
@@ -265,3 +215,72 @@ def model_card(info: dict[str, Any]) -> str:
     if info.get("command"):
         lines += ["## Command", "", "```bash", str(info["command"]), "```", ""]
     return "\n".join(lines)
+
+
+def merged_model_card(info: dict[str, Any]) -> str:
+    """The README.md of a merged model folder (``deltatune merge``): a plain transformers classifier.
+
+    Args:
+        info: ``base_model`` (portable name), ``method``, ``adapter`` (the adapter folder's name),
+            ``num_labels`` and, when known, ``accuracy`` and ``dataset``.
+    """
+    base = str(info["base_model"])
+    method = str(info.get("method") or "adapter")
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"base_model: {base}",
+        "pipeline_tag: image-classification",
+        f"tags: [deltatune, image-classification, {method}, merged]",
+        "---",
+        "",
+        f"# `{base}` with a {method.upper()} adapter merged in",
+        "",
+        f"The adapter `{info.get('adapter', '?')}` was folded into the base weights by `deltatune merge`: this is a "
+        "plain transformers image classifier (no deltatune or peft needed to run it), "
+        f"{info.get('num_labels', '?')} classes.",
+        "",
+    ]
+    if info.get("accuracy") is not None:
+        dataset = dataset_name(str(info.get("dataset", "?")))
+        lines += [f"Evaluation accuracy of the adapter on `{dataset}`: {_fmt(float(info['accuracy']))}.", ""]
+    lines += [
+        "## How to use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'classify = pipeline("image-classification", model="MODEL_DIR")',
+        'print(classify("image.png", top_k=3))',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_merged_model_card(output_dir: str, adapter_dir: str, peft_config: Any, num_labels: int) -> None:
+    """Writes the merged model's README.md (see :func:`merged_model_card`), naming the base model portably
+    and quoting the adapter's accuracy from its ``metrics.json`` when there is one.
+
+    Args:
+        output_dir: The merged model's folder.
+        adapter_dir: The adapter folder that was merged.
+        peft_config: The adapter's configs (``{name: config}``) or one config.
+        num_labels: Classes of the classifier.
+    """
+    from .._files import read_json
+    from .classifier import portable_model_name
+
+    config = next(iter(peft_config.values())) if isinstance(peft_config, dict) else peft_config
+    info: dict[str, Any] = {
+        "base_model": portable_model_name(str(getattr(config, "base_model_name_or_path", None) or "?")),
+        "method": str(getattr(config, "peft_type", "adapter")).rsplit(".", 1)[-1].lower(),
+        "adapter": os.path.basename(os.path.normpath(adapter_dir)),
+        "num_labels": num_labels,
+    }
+    metrics_path = os.path.join(adapter_dir, "metrics.json")
+    if os.path.isfile(metrics_path):
+        recorded = read_json(metrics_path, "metrics.json")
+        if isinstance(recorded, dict):
+            info.update(accuracy=recorded.get("accuracy"), dataset=recorded.get("dataset"))
+    atomic_write_text(os.path.join(output_dir, "README.md"), merged_model_card(info))

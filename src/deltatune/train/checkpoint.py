@@ -145,4 +145,4 @@ def load_adapter_checkpoint(model: PeftModel, directory: str | os.PathLike[str])
         if not isinstance(saved, AdapterConfig):
             raise ValueError(f"{directory}/{CONFIG_NAME} is not an adapter config")
         tuner.load_checkpoint_state(load_file(path), saved)
-    logger.info("restored adapter %r from %s", model.active_adapter, directory)
+    logger.debug("restored adapter %r from %s", model.active_adapter, directory)

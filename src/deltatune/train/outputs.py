@@ -77,10 +77,11 @@ OUTPUT_FILES = (
     "compare.json",
     "eval_results.json",
     "confusion_matrix.png",
-    "all_results.json",
     "train_results.json",
+    "all_results.json",
     "trainer_state.json",
     "report.html",
+    "train.log",
 )
 #: Suffixes of further files runs write (a method's rank heatmap ``<method>_ranks.png``, its resumable state).
 OUTPUT_SUFFIXES = ("_ranks.png", "_state.safetensors")

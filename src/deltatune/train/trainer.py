@@ -23,13 +23,14 @@ What it changes, and where transformers 5 does it:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 from typing import Any
 
 import transformers
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import can_return_loss, find_labels
 
 from .._files import apply_umask, atomic_write_text
@@ -40,6 +41,7 @@ from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_sta
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
 from .metrics import compute_classification_metrics
 from .resume import resolve_resume_checkpoint
+from .throughput import ThroughputCallback
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class DeltaTrainer(transformers.Trainer):
         tokenizer: The guide's (transformers 4) name for ``processing_class``; mapped with a notice.
         default_metrics: When ``compute_metrics`` is None and the model is a classifier, report accuracy
             (and top-5 accuracy above 5 classes) at each evaluation (default True).
+        device_batch_transform: ``(batch, device) -> batch`` run on each collated batch before it is moved to
+            the device and given to the model (a task's device-side preprocessing, e.g. GPU image decoding).
 
     Raises:
         ValueError: if fp16/bf16 is requested where it cannot run, or ``tokenizer`` and
@@ -75,8 +79,10 @@ class DeltaTrainer(transformers.Trainer):
         *positional: Any,
         tokenizer: Any = None,
         default_metrics: bool = True,
+        device_batch_transform: Any = None,
         **kwargs: Any,
     ) -> None:
+        self.device_batch_transform = device_batch_transform
         if tokenizer is not None:
             existing = kwargs.get("processing_class")
             if existing is not None and existing is not tokenizer:
@@ -102,6 +108,8 @@ class DeltaTrainer(transformers.Trainer):
             self.add_callback(NonFiniteLossGuard())
         if not any(isinstance(cb, DatasetEpochCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(DatasetEpochCallback())
+        if not any(isinstance(cb, ThroughputCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(ThroughputCallback())
         self.precision = check_precision(self.args)
         if isinstance(self.model, PeftModel):
             self._inspect_base_model(self.model.get_base_model())
@@ -170,6 +178,13 @@ class DeltaTrainer(transformers.Trainer):
         with tuner.scaled_extra_loss(1.0 / steps):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def _prepare_inputs(self, inputs: Any) -> Any:
+        """``Trainer._prepare_inputs``, after the ``device_batch_transform`` (if any) turned the collated batch
+        into model inputs on the training device (e.g. images decoded and augmented on the GPU)."""
+        if self.device_batch_transform is not None and isinstance(inputs, dict):
+            inputs = self.device_batch_transform(inputs, self.args.device)
+        return super()._prepare_inputs(inputs)
+
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
         """``Trainer.training_step``; the loss also goes to the NaN/inf guard (compared on the device)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -178,9 +193,22 @@ class DeltaTrainer(transformers.Trainer):
 
     # ---- saving -----------------------------------------------------------------------------------
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """``Trainer._save_checkpoint``, refused (``NonFiniteLossError``) for a non-finite loss or adapter."""
+        """``Trainer._save_checkpoint``, refused (``NonFiniteLossError``) for a non-finite loss or adapter.
+
+        Old checkpoints beyond ``save_total_limit`` are rotated by step number, not by modification time as
+        transformers does: a copied or restored folder's mtime says nothing of its step, and could get the
+        newest checkpoint deleted."""
         refuse_non_finite_checkpoint(self)
-        super()._save_checkpoint(model, trial)
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotated below, by step
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate_checkpoints(
+                self._get_output_dir(trial=trial), limit, self.state.best_model_checkpoint, use_mtime=False
+            )
 
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -189,17 +217,20 @@ class DeltaTrainer(transformers.Trainer):
         model = self._unwrapped()
         if not isinstance(model, PeftModel):
             super()._save(output_dir, state_dict)
-            target = str(output_dir if output_dir is not None else self.args.output_dir)
-            if self.args.should_save and os.path.isdir(target):
-                for name in os.listdir(target):  # safetensors creates its files 0600, whatever the umask
+            if self.args.should_save:  # JSON, not transformers' pickled training_args.bin
+                folder = str(output_dir if output_dir is not None else self.args.output_dir)
+                atomic_write_text(os.path.join(folder, TRAINING_ARGS_JSON), self.args.to_json_string())
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(folder, "training_args.bin"))
+                for name in os.listdir(folder):  # safetensors creates its files 0600, whatever the umask
                     if name.endswith(".safetensors"):
-                        apply_umask(os.path.join(target, name))
+                        apply_umask(os.path.join(folder, name))
             return
         output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        logger.info("saving adapter to %s", output_dir)
+        logger.debug("saving adapter to %s", output_dir)  # every checkpoint: train.log only
         model.save_pretrained(output_dir)
         save_label_maps(model, output_dir)
         if os.path.basename(os.path.normpath(output_dir)).startswith(PREFIX_CHECKPOINT_DIR):
@@ -222,5 +253,10 @@ class DeltaTrainer(transformers.Trainer):
         if not isinstance(model, PeftModel) or best is None:
             super()._load_best_model()
             return
-        logger.info("loading the best adapter from %s (score: %s)", best, self.state.best_metric)
+        metric = self.args.metric_for_best_model or "loss"
+        score = self.state.best_metric
+        shown = f"{score:.4f}" if isinstance(score, float) else str(score)
+        logger.info(
+            "the best adapter is %s (eval %s %s); loading it", best, metric.removeprefix("eval_"), shown
+        )
         load_adapter_checkpoint(model, best)

@@ -11,14 +11,7 @@ Example:
     >>> evaluation = TransformedDataset(data.eval, build_transforms(processor, train=False))
 """
 
-from .fast import (
-    DATA_PIPELINES,
-    FastCollate,
-    FastImageTransform,
-    ImagePathRows,
-    image_datasets,
-    undecoded,
-)
+from .fast import FastCollate, FastImageTransform, ImagePathRows, undecoded
 from .folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from .loading import (
     HubSplit,
@@ -30,13 +23,17 @@ from .loading import (
 )
 from .offline import (
     OFFLINE_BACKBONE_DIR,
+    OFFLINE_BACKBONE_ID,
     OFFLINE_BACKBONE_NAME,
     OFFLINE_DEFAULT,
     OFFLINE_TRAINING_DEFAULTS,
     DigitsDataset,
+    is_bundled_backbone,
     is_offline_default,
     offline_default_model_dir,
+    resolve_model_path,
 )
+from .pipelines import DATA_PIPELINES, image_datasets
 from .transforms import (
     ImageTransform,
     TransformedDataset,
@@ -50,6 +47,7 @@ __all__ = [
     "DATA_PIPELINES",
     "IMAGE_EXTENSIONS",
     "OFFLINE_BACKBONE_DIR",
+    "OFFLINE_BACKBONE_ID",
     "OFFLINE_BACKBONE_NAME",
     "OFFLINE_DEFAULT",
     "OFFLINE_TRAINING_DEFAULTS",
@@ -67,9 +65,11 @@ __all__ = [
     "collate_fn",
     "detect_columns",
     "image_datasets",
+    "is_bundled_backbone",
     "is_offline_default",
     "load_image_dataset",
     "offline_default_model_dir",
+    "resolve_model_path",
     "resolve_size",
     "stratified_split",
     "to_rgb",

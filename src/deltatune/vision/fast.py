@@ -37,25 +37,20 @@ import torch
 from PIL import Image, ImageOps
 
 from .folder import ImageFolderDataset
-from .loading import HubSplit, ImageDatasetBundle, SubsetDataset
-from .transforms import ImageTransform, TransformedDataset, build_transforms, collate_fn, to_rgb
+from .loading import HubSplit, SubsetDataset
+from .transforms import ImageTransform, build_transforms, to_rgb
 
 __all__ = [
-    "DATA_PIPELINES",
     "DRAFT_MODES",
     "FastCollate",
     "FastImageTransform",
     "ImagePathRows",
     "decode",
-    "image_datasets",
     "open_image",
     "undecoded",
 ]
 
 DRAFT_MODES = ("image", "crop", None)
-#: ``fast``: this module (reduced-size JPEG decoding, uint8 until the batch); ``standard``:
-#: :class:`~deltatune.vision.transforms.ImageTransform` on fully decoded images (float per example).
-DATA_PIPELINES = ("fast", "standard")
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90°
 
@@ -300,40 +295,3 @@ def undecoded(split: Any) -> Any:
         inner = undecoded(split.dataset)
         return split if inner is split.dataset else SubsetDataset(inner, split.indices)
     return split
-
-
-def image_datasets(
-    bundle: ImageDatasetBundle,
-    image_processor_or_stats: Any,
-    pipeline: str = "fast",
-    draft: str | None = "image",
-    seed: int | None = None,
-) -> tuple[TransformedDataset, TransformedDataset, Any]:
-    """Training and evaluation datasets of ``{"pixel_values", "labels"}`` rows plus their collate function.
-
-    Args:
-        bundle: From :func:`~deltatune.vision.loading.load_image_dataset`.
-        image_processor_or_stats: Size and normalisation source (see :func:`build_transforms`).
-        pipeline: One of :data:`DATA_PIPELINES`.
-        draft: The fast pipeline's JPEG draft mode (see :class:`FastImageTransform`).
-        seed: Seed of the training augmentation, drawn per (seed, epoch, index) so that a resumed run sees the
-            crops the uninterrupted one did (None: torch's global generator).
-
-    Raises:
-        ValueError: for an unknown ``pipeline`` or ``draft``.
-    """
-    if pipeline not in DATA_PIPELINES:
-        raise ValueError(
-            f"data pipeline {pipeline!r} is not valid; choose one of {', '.join(map(repr, DATA_PIPELINES))}"
-        )
-    if pipeline == "standard":
-        train = TransformedDataset(
-            bundle.train, build_transforms(image_processor_or_stats, train=True), seed=seed
-        )
-        evaluation = TransformedDataset(bundle.eval, build_transforms(image_processor_or_stats, train=False))
-        return train, evaluation, collate_fn
-    train_tf = FastImageTransform.from_processor(image_processor_or_stats, train=True, draft=draft)
-    eval_tf = FastImageTransform.from_processor(image_processor_or_stats, train=False, draft=draft)
-    train = TransformedDataset(undecoded(bundle.train), train_tf, seed=seed)
-    evaluation = TransformedDataset(undecoded(bundle.eval), eval_tf)
-    return train, evaluation, train_tf.collate()

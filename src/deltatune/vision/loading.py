@@ -196,11 +196,14 @@ def _label_maps(class_names: Sequence[str]) -> tuple[dict[str, int], dict[int, s
     return {n: i for i, n in enumerate(names)}, dict(enumerate(names))
 
 
-def _load_folder(root: Path, validation_split: float, seed: int) -> tuple[Any, Any, list[str]]:
+def _load_folder(
+    root: Path, validation_split: float, seed: int, validation_dir: Path | None = None
+) -> tuple[Any, Any, list[str]]:
     layout = find_split_directories(root)
     if layout is not None:
         train_dir, eval_dir = layout
         train = ImageFolderDataset.from_directory(train_dir)
+        eval_dir = validation_dir or eval_dir
         if eval_dir is not None:
             return train, ImageFolderDataset.from_directory(eval_dir, train.class_names), train.class_names
     else:
@@ -210,6 +213,8 @@ def _load_folder(root: Path, validation_split: float, seed: int) -> tuple[Any, A
                 f"class) or root/train/<class>/... with root/validation/<class>/... ({'/'.join(EVAL_SPLIT_NAMES)})"
             )
         train = ImageFolderDataset.from_directory(root)
+    if validation_dir is not None:
+        return train, ImageFolderDataset.from_directory(validation_dir, train.class_names), train.class_names
     train_idx, eval_idx = stratified_split(train.labels, validation_split, seed)
     return train.subset(train_idx), train.subset(eval_idx), train.class_names
 
@@ -320,6 +325,7 @@ def load_image_dataset(
     seed: int = 42,
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    validation_dir: str | None = None,
 ) -> ImageDatasetBundle:
     """Loads an image-classification dataset as train/eval splits with label maps.
 
@@ -335,6 +341,8 @@ def load_image_dataset(
         seed: Seed of the carved split and of the ``max_*_samples`` subsets.
         max_train_samples: Keep a random subset of this many training rows.
         max_eval_samples: Keep a random subset of this many evaluation rows.
+        validation_dir: A separate image folder (one subfolder per class, named as in training) to
+            evaluate on, for a folder ``name_or_path``; nothing is then carved from the training images.
 
     Returns:
         An :class:`ImageDatasetBundle`; rows are ``{"image": PIL.Image, "label": int}``.
@@ -346,12 +354,22 @@ def load_image_dataset(
         raise ValueError(f"name_or_path must be a dataset id or a directory, got {name_or_path!r}")
     image_source, label_source = "image", "label"
     path = Path(name_or_path).expanduser()
-    if is_offline_default(name_or_path) and not path.exists():
+    offline = is_offline_default(name_or_path) and not path.exists()
+    folder = path.is_dir() and not _is_saved_hf_dataset(path) and not _holds_data_files(path)
+    if validation_dir is not None and (offline or not folder):
+        raise ValueError(
+            f"validation_dir needs a local image folder to train on, not {name_or_path!r} (a hub dataset or "
+            "the bundled digits bring their own validation split)"
+        )
+    if offline:
         train: Any = DigitsDataset("train")
         evaluation: Any = DigitsDataset("validation")
         class_names = train.class_names
-    elif path.is_dir() and not _is_saved_hf_dataset(path) and not _holds_data_files(path):
-        train, evaluation, class_names = _load_folder(path, validation_split, seed)
+    elif folder:
+        eval_dir = None if validation_dir is None else Path(validation_dir).expanduser()
+        if eval_dir is not None and not eval_dir.is_dir():
+            raise ValueError(f"validation_dir {validation_dir!r} is not a directory")
+        train, evaluation, class_names = _load_folder(path, validation_split, seed, eval_dir)
     elif path.is_file():
         raise ValueError(f"{name_or_path!r} is a file; pass a directory of class folders or a dataset id")
     else:

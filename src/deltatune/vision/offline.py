@@ -22,6 +22,9 @@ from PIL import Image
 OFFLINE_DEFAULT = "offline-default"
 OFFLINE_ALIASES = frozenset({"offline-default", "offline_default", "offline"})
 OFFLINE_BACKBONE_NAME = "vit-glyphs-32"
+#: The bundled backbone's portable name: written into shareable files (adapter_config.json, model cards) and
+#: resolved to the installed copy by :func:`resolve_model_path`, so they carry no path of this machine.
+OFFLINE_BACKBONE_ID = f"deltatune/{OFFLINE_BACKBONE_NAME}"
 _PACKAGE_DIR = Path(str(resources.files("deltatune.vision")))
 OFFLINE_BACKBONE_DIR = _PACKAGE_DIR / "assets" / OFFLINE_BACKBONE_NAME
 DIGITS_FILE = _PACKAGE_DIR / "data" / "digits.npz"
@@ -57,6 +60,35 @@ def offline_default_model_dir() -> str:
             "`python scripts/pretrain_backbone.py` from a source checkout"
         )
     return str(OFFLINE_BACKBONE_DIR)
+
+
+def is_bundled_backbone(name_or_path: str) -> bool:
+    """True for the bundled backbone's id, the offline aliases, or a path to a (possibly moved) install of it.
+
+    A path counts when its last component is the backbone's name and it does not exist here, or it is the
+    installed copy itself; a user folder that happens to share the name is left alone.
+    """
+    text = str(name_or_path).strip()
+    if text in (OFFLINE_BACKBONE_ID, OFFLINE_BACKBONE_NAME) or is_offline_default(text):
+        return not Path(text).exists()
+    path = Path(text).expanduser()
+    if path.name != OFFLINE_BACKBONE_NAME:
+        return False
+    if not path.exists():
+        return path.is_absolute() and path.parent.name == "assets"  # an install elsewhere (another machine)
+    return path.resolve() == OFFLINE_BACKBONE_DIR.resolve()
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Where to load ``name_or_path`` from: the installed bundled backbone for its id
+    (``deltatune/vit-glyphs-32``), the offline aliases or a moved install path; anything else unchanged.
+
+    Example:
+        >>> from transformers import AutoModelForImageClassification
+        >>> from deltatune.vision import resolve_model_path
+        >>> model = AutoModelForImageClassification.from_pretrained(resolve_model_path("deltatune/vit-glyphs-32"))
+    """
+    return offline_default_model_dir() if is_bundled_backbone(name_or_path) else name_or_path
 
 
 def digit_to_image(values: np.ndarray) -> Image.Image:
