@@ -57,3 +57,26 @@ def test_end_to_end_benchmark_smoke(tmp_path: Path) -> None:
     assert whole["runs"]["deltatune"][0]["precision"] == "fp32"  # a tiny model: bf16 would not pay
     assert "too small" in whole["runs"]["deltatune"][0]["precision_reason"]
     assert result["data_path"]["speedup"]["all"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path: Path) -> None:
+    """``python -m benchmarks.gpu`` is prepared on the CPU before a GPU is lent: the same code on tiny shapes
+    (steps in bf16 and fp16 with ops and issue times, and whole runs of the guide vs deltatune train)."""
+    from benchmarks import gpu, ops
+
+    report = gpu.main(
+        ["--quick", "--device", "cpu", "--parts", "step,e2e", "--methods", "lora", "--out", str(tmp_path)]
+    )
+    for precision in ("bf16", "fp16"):
+        rows = report["step"][precision]
+        assert set(rows) == {"floor", "peft/lora", "deltatune/lora"}
+        assert all(r["ms"] > 0 and r["ops"] > 0 and r["issue_ms"] > 0 for r in rows.values())
+    runs = report["e2e"]["runs"]
+    assert set(runs) == {"guide", "deltatune", "deltatune-fast", "deltatune-gpu"}
+    assert all(
+        "error" not in r and 0.0 <= r["accuracy"] <= 1.0 and r["images_per_second"] > 0 for r in runs.values()
+    )
+    assert (tmp_path / "gpu_bench.md").read_text().count("| deltatune") >= 3
+    table = ops.main(["--methods", "lora", "--precisions", "fp32", "--repeats", "2", "--warmup", "1"])
+    assert table == 0

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..layers import LowRankLayer, expect_config
-from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
+from ._fused import adapter_input, is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
 from .lora import LoraConfig
 
 __all__ = ["SVDLayer", "adalora_delta_weight", "adalora_scaling", "orthogonal_regularizer"]
@@ -153,8 +153,8 @@ class SVDLayer(LowRankLayer):
         x = self.lora_dropout[adapter_name](x)
         a = self.lora_A[adapter_name]
         if not isinstance(self.base_layer, nn.Linear):
-            return self.base_forward_with_weight(x.to(a.dtype), self.delta_weight(adapter_name))
-        hidden = F.linear(x.to(a.dtype), a * self.lora_E[adapter_name])
+            return self.base_forward_with_weight(adapter_input(x, a.dtype), self.delta_weight(adapter_name))
+        hidden = F.linear(adapter_input(x, a.dtype), a * self.lora_E[adapter_name])
         return F.linear(hidden, self.lora_B[adapter_name]) * self.rank_scale[adapter_name]
 
     def _low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:

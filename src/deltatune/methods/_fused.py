@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "LOW_RANK_BANDWIDTH_FACTOR",
+    "adapter_input",
     "autocast_dtype",
     "dropout_keep_mask",
     "fused_dtype",
@@ -50,6 +51,15 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` for an adapter's own matrix products: as is under autocast (which casts it in each product,
+    so an explicit up-cast to the fp32 factors' dtype would only add a copy and then a down-cast), else cast
+    to the adapter's ``dtype`` as PEFT does."""
+    if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(dtype)
+
+
 def dropout_keep_mask(
     shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str
 ) -> torch.Tensor:
@@ -64,9 +74,21 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def is_plain(layer: torch.nn.Module, types: tuple[type[torch.nn.Module], ...]) -> bool:
-    """True when ``layer`` is exactly one of ``types`` (not a subclass with its own forward, e.g. a
-    quantised Linear) and has no forward hooks, so its output can be computed from its weight directly."""
-    return type(layer) in types and not layer._forward_hooks and not layer._forward_pre_hooks
+    """True when ``layer``'s output can be computed from its weight directly, skipping its ``forward``: it is
+    exactly one of ``types`` (not a subclass with its own forward, e.g. a quantised Linear), has no forward
+    or backward hooks (its own or global), no forward replaced on the instance (accelerate's offloading
+    hooks do that, and ``_hf_hook`` marks them) and no weight still on the meta device."""
+    if type(layer) not in types or "forward" in layer.__dict__ or hasattr(layer, "_hf_hook"):
+        return False
+    if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks:
+        return False
+    hooks = torch.nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks:
+        return False
+    if hooks._global_backward_pre_hooks:
+        return False
+    weight = getattr(layer, "weight", None)
+    return not (isinstance(weight, torch.Tensor) and weight.is_meta)
 
 
 def fused_dtype(x: torch.Tensor, *tensors: torch.Tensor | None) -> torch.dtype | None:

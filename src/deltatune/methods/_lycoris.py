@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import AdapterConfig, check_range
 from ..layers import LowRankLayer
-from ._fused import is_plain, merged_weight_pays
+from ._fused import adapter_input, is_plain, merged_weight_pays
 
 
 def cp_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -173,4 +173,4 @@ class LycorisLayer(LowRankLayer):
         mask = self.rank_dropout_mask(adapter_name, delta.device, delta.dtype)
         if mask is not None:
             delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
-        return self.base_forward_with_weight(x.to(delta.dtype), delta)
+        return self.base_forward_with_weight(adapter_input(x, delta.dtype), delta)

@@ -61,7 +61,7 @@ def dora_row_norm(
         lora_a: A as (r, in) (flattened likewise).
         lora_b: B as (out, r).
         scaling: s.
-        weight_sq: ‖W‖² by row, (out,), when the caller has it (W is frozen, so it can be kept).
+        weight_sq: ‖W‖² by row, (out,), when the caller has it.
 
     Returns:
         (out,) norms, computed in the inputs' dtype (callers pass fp32).
@@ -120,7 +120,6 @@ class DoraLayer(LoraLayer):
         #: adapter → the row norms of W + ΔW at merge time (unmerging divides by them again)
         self._merge_norms: dict[str, torch.Tensor] = {}
         self._extra_per_adapter = {"merge_norms": self._merge_norms}
-        self._weight_sq_cache: tuple[tuple[object, ...], torch.Tensor] | None = None
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         """LoRA's factors, then ``m`` = ‖W + ΔW‖ by output row (so the output starts as LoRA's).
@@ -151,18 +150,7 @@ class DoraLayer(LoraLayer):
             if weight.dim() != 2:  # a conv kernel: rows of (in · k…)
                 w2, a2, b2 = weight.reshape(out_dim, -1), a.reshape(a.shape[0], -1), b.reshape(out_dim, -1)
             w2, a2, b2 = (_fp32(t) for t in (w2, a2, b2))
-            return dora_row_norm(w2, a2, b2, self.scaling[adapter_name], self._weight_square(w2))
-
-    def _weight_square(self, w2: torch.Tensor) -> torch.Tensor:
-        """‖W‖² by row, kept while the frozen weight is unchanged (its version counter says so)."""
-        if torch.compiler.is_compiling():
-            return w2.square().sum(1)
-        weight = self.base_weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
-        cached = self._weight_sq_cache
-        if cached is None or cached[0] != key:
-            cached = self._weight_sq_cache = (key, w2.square().sum(1))
-        return cached[1]
+            return dora_row_norm(w2, a2, b2, self.scaling[adapter_name])
 
     def magnitude_scale(self, adapter_name: str) -> torch.Tensor:
         """m / ‖W + ΔW‖ in the magnitude's shape (gradients reach m, not the norm)."""

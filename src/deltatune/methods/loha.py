@@ -23,6 +23,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layers import expect_config
 from ..registry import MethodSpec, register_method
+from ._fused import adapter_input
 from ._lycoris import LycorisConfig, LycorisLayer, cp_rebuild
 
 __all__ = ["LoHaConfig", "LoHaLayer", "loha_delta_forward", "loha_delta_weight", "loha_khatri_rao_factors"]
@@ -216,7 +217,7 @@ class LoHaLayer(LycorisLayer):
             if khatri_rao_is_cheaper(w1a.shape[1], w2a.shape[1], in_dim, out_dim):
                 mask = self.rank_dropout_mask(adapter_name, w1a.device, w1a.dtype)
                 return loha_delta_forward(
-                    x.to(w1a.dtype), w1a, w1b, w2a, w2b, self.scaling[adapter_name], mask
+                    adapter_input(x, w1a.dtype), w1a, w1b, w2a, w2b, self.scaling[adapter_name], mask
                 )
         return self.materialized_output(x, adapter_name)
 

@@ -21,6 +21,7 @@ from torch import nn
 from ..config import AdapterConfig, check_positive_int
 from ..layers import expect_config
 from ..registry import MethodSpec, register_method
+from ._fused import adapter_input
 from ._lycoris import LycorisConfig, LycorisLayer, cp_rebuild
 
 __all__ = ["LoKrConfig", "LoKrLayer", "factorization", "lokr_delta_forward", "lokr_delta_weight"]
@@ -237,7 +238,7 @@ class LoKrLayer(LycorisLayer):
             return self.materialized_output(x, adapter_name)
         w1 = self._w1(adapter_name)
         mask = self.rank_dropout_mask(adapter_name, w1.device, w1.dtype)
-        x = x.to(w1.dtype)
+        x = adapter_input(x, w1.dtype)
         if adapter_name in self.lokr_w2:
             return lokr_delta_forward(
                 x, w1, self.scaling[adapter_name], w2=self.lokr_w2[adapter_name], row_mask=mask

@@ -62,8 +62,17 @@ class AdapterHooksCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         tuner = self._tuner(kwargs)
-        if tuner is not None:
-            tuner.on_optimizer_step(state.global_step)
+        if tuner is None:
+            return
+        # fp16: a GradScaler skips the step when a gradient overflowed; those gradients hold inf/NaN and
+        # must not reach the method (AdaLoRA would fold them into its importance scores for good).
+        # accelerate knows already (it read the scale to decide), so asking costs no device sync.
+        if bool(getattr(kwargs.get("optimizer"), "step_was_skipped", False)):
+            logger.info(
+                "optimizer step %d was skipped (gradient overflow): no adapter update", state.global_step
+            )
+            return
+        tuner.on_optimizer_step(state.global_step)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -30,9 +30,12 @@ def gpu_utilization(device: int | None = None) -> float | None:
 
 
 class _Sampler:
-    """Polls :func:`gpu_utilization` in a daemon thread (every ``interval`` seconds) and averages it."""
+    """Polls :func:`gpu_utilization` of ``device`` in a daemon thread (every ``interval`` seconds) and
+    averages it. The device is fixed when the sampler is made: a new thread's current CUDA device is 0,
+    not the training process's."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, device: int, interval: float = 0.5) -> None:
+        self.device = device
         self.interval = interval
         self.samples: list[float] = []
         self._stop = threading.Event()
@@ -40,7 +43,7 @@ class _Sampler:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            value = gpu_utilization()
+            value = gpu_utilization(self.device)
             if value is None:
                 return
             self.samples.append(value)
@@ -59,8 +62,10 @@ class ThroughputCallback(TrainerCallback):
     """Logs each epoch's training samples per second (and the mean GPU utilisation on CUDA) and appends
     ``{"epoch", "step", "train_samples_per_second_epoch", "gpu_utilization"}`` to ``state.log_history``.
 
-    Samples are counted from the optimiser steps taken (per-device batch × accumulation × processes), so
-    the rate covers data loading, forward, backward and the optimiser, not evaluation.
+    Samples are counted from the optimiser steps taken (per-device batch × accumulation × processes), over
+    the epoch's wall time: data loading, forward, backward and the optimiser, and any evaluation or saving
+    that ``eval_strategy="steps"``/``save_strategy="steps"`` run inside the epoch (an ``"epoch"`` strategy runs
+    them after ``on_epoch_end``, so they are not counted).
     """
 
     def __init__(self) -> None:
@@ -74,7 +79,9 @@ class ThroughputCallback(TrainerCallback):
     ) -> None:
         self._start = time.perf_counter()
         self._first_step = state.global_step
-        self._sampler = _Sampler().start() if gpu_utilization() is not None else None
+        self._sampler = None
+        if gpu_utilization() is not None:
+            self._sampler = _Sampler(torch.cuda.current_device()).start()
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
