@@ -338,6 +338,6 @@ def test_edge_crop_after_draft_scaling_stays_inside_the_image() -> None:
     """A one-pixel box at the far edge, scaled by the draft decode, must not round past the last pixel."""
     data = _jpeg(512, 512)
     fast = FastImageTransform.from_processor(STATS, True, draft="image")
-    fast.spec.random_crop_box = lambda width, height: (width - 1, height - 1, width, height)  # type: ignore[method-assign]
+    fast.spec.random_crop_box = lambda width, height, generator=None: (width - 1, height - 1, width, height)  # type: ignore[method-assign]
     out = fast(data)
     assert out.shape == (32, 32, 3) and out.dtype == torch.uint8

@@ -4,8 +4,9 @@ validation helpers every config uses (errors that name the field, the value and 
 from __future__ import annotations
 
 import enum
-import re
 from typing import Any
+
+from . import _regex
 
 __all__ = [
     "AdapterConfigNotFoundError",
@@ -86,6 +87,6 @@ def pattern_value(pattern: dict[str, Any] | None, names: list[str]) -> Any:
     """First value of ``pattern`` whose key matches one of ``names`` as ``(.*\\.)?key$`` (PEFT's rule)."""
     for key, value in (pattern or {}).items():
         for name in names:
-            if re.match(rf"(.*\.)?({key})$", name):
+            if _regex.match(rf"(.*\.)?({key})$", name, "a rank_pattern/alpha_pattern key"):
                 return value
     return None

@@ -4,8 +4,9 @@ and locating a file in a local folder or on the Hugging Face Hub.
 Every write goes to a temporary name beside its target and is renamed over it once complete and synced, so
 a crash or a kill leaves either the old file or the new one, never a torn one. New files get the mode a
 plain ``open(path, "w")`` would give them (``0666`` minus the umask), not the ``0600`` of ``mkstemp``.
-Temporary names start with :data:`TMP_PREFIX`; :func:`remove_stale_temporaries` cleans what a killed
-process left behind.
+Temporary names start with :data:`TMP_PREFIX` followed by the writer's pid; :func:`remove_stale_temporaries`
+cleans what a killed process left behind. Files written by other libraries (``safetensors.torch.save_file``
+creates its files ``0600``) are given the umask's mode with :func:`apply_umask`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "TMP_PREFIX",
+    "apply_umask",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -55,6 +57,30 @@ def _file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+def _tmp_prefix() -> str:
+    """Prefix of this process's temporary names: ``.tmp-<pid>-`` (so a later run can tell a dead writer's)."""
+    return f"{TMP_PREFIX}{os.getpid()}-"
+
+
+def apply_umask(path: str | os.PathLike[str]) -> None:
+    """Gives ``path`` (every file and folder under it, for a folder) the mode a plain ``open``/``mkdir``
+    would have given it under the current umask: ``0666``/``0777`` minus the umask. For files written by
+    libraries that create them ``0600`` (safetensors)."""
+    mask = current_umask()
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        os.chmod(path, 0o666 & ~mask)
+        return
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            full = os.path.join(root, name)
+            if not os.path.islink(full):
+                os.chmod(full, 0o666 & ~mask)
+
+
 def _fsync_directory(directory: str) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened or synced
         fd = os.open(directory, os.O_RDONLY)
@@ -73,7 +99,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.splitext(path)[1], dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), suffix=os.path.splitext(path)[1], dir=directory)
     os.close(fd)
     try:
         yield tmp
@@ -91,7 +117,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Writes ``data`` to ``path`` atomically (temporary file, fsync, rename), with the umask's file mode."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(), dir=directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -151,26 +177,56 @@ def read_json(path: str | os.PathLike[str], what: str = "JSON file") -> Any:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{os.fspath(path)} is not valid JSON (expected a {what}): {err}") from err
+        raise ValueError(f"{os.fspath(path)} is not valid JSON (expected: {what}): {err}") from err
     except RecursionError as err:
-        raise ValueError(f"{os.fspath(path)} is nested too deeply to be a {what}") from err
+        raise ValueError(f"{os.fspath(path)} is nested too deeply to read (expected: {what})") from err
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swaps the paths ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the filesystem cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
 
 
 @contextlib.contextmanager
 def build_directory(target: str | os.PathLike[str]) -> Iterator[str]:
     """Yields an empty folder beside ``target`` to build a whole directory in; on success it replaces
-    ``target`` (the old one is renamed aside, then removed), so a kill leaves either the old folder or the new
-    one complete, never a mix. On an error the partial build is removed and ``target`` is untouched."""
+    ``target``, so a kill leaves either the old folder or the new one complete, never a mix. On an error the
+    partial build is removed and ``target`` is untouched.
+
+    Where Linux allows it the two folders are swapped in one atomic step (``RENAME_EXCHANGE``); elsewhere the
+    old folder is renamed aside, then the new one into place (a kill between the two leaves the old folder
+    under a temporary name beside the new one's, both complete)."""
     target = os.fspath(target).rstrip(os.sep) or os.sep
     parent = os.path.dirname(os.path.abspath(target))
     os.makedirs(parent, exist_ok=True)
-    build = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent)
+    build = tempfile.mkdtemp(prefix=_tmp_prefix(), dir=parent)
     os.chmod(build, 0o777 & ~current_umask())
     try:
         yield build
+        if os.path.isdir(target) and not os.path.islink(target) and _exchange(build, target):
+            _fsync_directory(parent)
+            shutil.rmtree(build, ignore_errors=True)  # now the old folder
+            return
         old = None
         if os.path.lexists(target):
-            old = os.path.join(parent, f"{TMP_PREFIX}old-{os.getpid()}-{time.monotonic_ns()}")
+            old = os.path.join(parent, f"{_tmp_prefix()}old-{time.monotonic_ns()}")
             os.replace(target, old)
         os.replace(build, target)
         _fsync_directory(parent)
@@ -181,10 +237,31 @@ def build_directory(target: str | os.PathLike[str]) -> Iterator[str]:
             shutil.rmtree(build, ignore_errors=True)
 
 
-def remove_stale_temporaries(directory: str | os.PathLike[str], older_than_s: float = 0.0) -> list[str]:
+def _writer_pid(entry: str) -> int | None:
+    head = entry[len(TMP_PREFIX) :].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(
+    directory: str | os.PathLike[str], older_than_s: float = 0.0, dead_writers_only: bool = False
+) -> list[str]:
     """Removes :data:`TMP_PREFIX` files and folders a killed process left in ``directory``; returns their names.
 
-    Only entries older than ``older_than_s`` seconds are removed (another live writer's temporary is young).
+    Args:
+        directory: Where to look (not recursive).
+        older_than_s: Only entries older than this are removed (another live writer's temporary is young).
+        dead_writers_only: Remove only temporaries whose writer (the pid in the name) no longer runs, for
+            folders other processes may be writing into; names without a pid then follow ``older_than_s``.
     """
     directory = os.fspath(directory)
     removed: list[str] = []
@@ -195,8 +272,14 @@ def remove_stale_temporaries(directory: str | os.PathLike[str], older_than_s: fl
         if not entry.startswith(TMP_PREFIX):
             continue
         path = os.path.join(directory, entry)
+        pid = _writer_pid(entry)
+        if pid == os.getpid():
+            continue  # this process's own write in progress
         try:
-            if now - os.lstat(path).st_mtime < older_than_s:
+            if dead_writers_only and pid is not None:
+                if _alive(pid):
+                    continue
+            elif now - os.lstat(path).st_mtime < older_than_s:
                 continue
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path)

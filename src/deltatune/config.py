@@ -356,6 +356,16 @@ class AdapterConfig(PeftConfig):
         """
         return dict(cls.RECIPE_DEFAULTS)
 
+    def allocated_ranks(self) -> dict[str, int]:
+        """The config values that size the adapter's tensors (``r`` and the ``rank_pattern`` ranks), by field
+        name. Loading checks each against the dimensions in the weights file before allocating anything, so a
+        hostile ``"r": 4000000`` fails at once. A method whose tensors are not sized by one of these (or by
+        others) overrides it."""
+        ranks = {"r": int(self.r)}
+        if self.RANK_PATTERN_IS_RANKS and isinstance(self.rank_pattern, dict):
+            ranks.update({f"rank_pattern[{k!r}]": int(v) for k, v in self.rank_pattern.items()})
+        return ranks
+
     def check_fits_run(self, planned_steps: int) -> None:
         """Raises ``ValueError`` when this config cannot work for a run of ``planned_steps`` optimiser steps
         (checked before any training; default: always fits)."""

@@ -20,6 +20,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from . import _regex
+
 __all__ = [
     "ALL_LINEAR",
     "SEQ_CLS_HEADS",
@@ -42,12 +44,10 @@ def match_list_entry(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def safe_fullmatch(pattern: str, name: str) -> bool:
-    """``re.fullmatch(pattern, name)``, with an invalid regex reported as ``ValueError`` naming it."""
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error as err:
-        raise ValueError(f"{pattern!r} is not a valid regular expression: {err}") from err
+def safe_fullmatch(pattern: str, name: str, what: str = "target_modules") -> bool:
+    """``re.fullmatch(pattern, name)`` under a time limit; an invalid or catastrophically slow regex is
+    reported as ``ValueError`` naming it (see :mod:`deltatune._regex`)."""
+    return _regex.fullmatch(pattern, name, what) is not None
 
 
 def closest_names(wanted: str, names: Sequence[str], n: int = 5) -> list[str]:
@@ -64,7 +64,7 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
         m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
         return int(m.group(1)) if m else None
     for pattern in patterns:
-        m = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        m = _regex.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name, "layers_pattern")
         if m:
             return int(m.group(1))
     return None
@@ -83,7 +83,7 @@ def _excluded(config: Any, variants: Sequence[str]) -> bool:
     exclude = getattr(config, "exclude_modules", None)
     if exclude:
         if isinstance(exclude, str):
-            if any(safe_fullmatch(exclude, v) for v in variants):
+            if any(safe_fullmatch(exclude, v, "exclude_modules") for v in variants):
                 return True
         elif any(match_list_entry(v, e) for v in variants for e in exclude):
             return True

@@ -19,6 +19,7 @@ from torch import nn
 from .config import AdapterConfig, PeftConfig
 from .functional import tuner_class
 from .model_io import SaveLoadMixin, adapter_config
+from .serialization import check_config_fits_file
 from .tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
@@ -269,6 +270,12 @@ class PeftModel(SaveLoadMixin):
             strict: Refuse adapter tensors that match nothing in the model (default True).
             **kwargs: ``autocast_adapter_dtype``, ``ignore_mismatched_sizes``, ``low_cpu_mem_usage``,
                 ``subfolder`` and Hub download options (``revision``, ``token``, ...).
+                ``allow_base_weights=True`` loads a file whose tensors overwrite frozen base-model weights
+                (refused by default).
+
+        Raises:
+            ValueError: for a config that does not fit its weights file (checked before allocating), tensors
+                holding NaN/inf, or tensors that would overwrite base weights.
         """
         options = cls._split_load_options(kwargs)
         subfolder = kwargs.pop("subfolder", None)
@@ -276,6 +283,7 @@ class PeftModel(SaveLoadMixin):
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs)
         config = adapter_config(config)
         config.inference_mode = not is_trainable
+        check_config_fits_file(config, model_id, subfolder=subfolder, **kwargs)  # before allocating
         peft_model = (PeftModelForSequenceClassification if config.task_type == "SEQ_CLS" else cls)(
             model,
             config,

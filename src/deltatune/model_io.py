@@ -19,7 +19,13 @@ from .config import AdapterConfig, PeftConfig
 from .functional import get_peft_model_state_dict
 from .model_card import update_model_card
 from .registry import available_methods, get_method
-from .serialization import LoadResult, load_adapter_weights, save_adapter_weights, set_adapter_state_dict
+from .serialization import (
+    LoadResult,
+    check_config_fits_file,
+    load_adapter_weights,
+    save_adapter_weights,
+    set_adapter_state_dict,
+)
 from .tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
@@ -171,6 +177,9 @@ class SaveLoadMixin(nn.Module):
         if adapter_name not in self.peft_config:
             saved = adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
             saved.inference_mode = not is_trainable
+            check_config_fits_file(
+                saved, model_id, subfolder=subfolder, **kwargs
+            )  # before allocating anything
             self.add_adapter(
                 adapter_name,
                 saved,
@@ -207,6 +216,7 @@ class SaveLoadMixin(nn.Module):
         ignore_mismatched_sizes: bool = False,
         **kwargs: Any,
     ) -> LoadResult:
+        allow_base_weights = bool(kwargs.pop("allow_base_weights", False))
         tensors = load_adapter_weights(model_id, **kwargs)
         tensors = self.base_model.adapt_loaded_tensors(tensors, adapter_name, saved_config)
         return set_adapter_state_dict(
@@ -215,6 +225,7 @@ class SaveLoadMixin(nn.Module):
             adapter_name,
             strict=strict,
             ignore_mismatched_sizes=ignore_mismatched_sizes,
+            allow_base_weights=allow_base_weights,
         )
 
     def push_to_hub(

@@ -30,6 +30,8 @@ __all__ = [
     "WEIGHTS_NAME",
     "AdapterShapeMismatchError",
     "LoadResult",
+    "check_config_fits_file",
+    "check_finite",
     "embedding_module_names",
     "embedding_tensors",
     "get_adapter_state_dict",
@@ -99,11 +101,15 @@ def load_adapter_weights(
         from safetensors.torch import load_file
 
         try:
-            return load_file(path, device=device)
+            tensors = load_file(path, device=device)
+        except PermissionError:
+            raise
         except Exception as err:
             raise ValueError(
                 f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
             ) from err
+        check_finite(tensors, path)
+        return tensors
     try:
         data = torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
@@ -113,7 +119,72 @@ def load_adapter_weights(
         ) from err
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{path} does not hold a dict of tensors")
+    check_finite(data, path)
     return data
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raises ``ValueError`` naming the first tensor of ``tensors`` that holds NaN or ±inf.
+
+    Args:
+        tensors: Name → tensor (floating tensors are checked; others cannot hold NaN).
+        source: The file (or thing) they came from, for the message.
+    """
+    floats = [(k, t) for k, t in tensors.items() if t.is_floating_point() and t.numel()]
+    if not floats:
+        return
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floats])
+    if bool(finite.all()):
+        return
+    bad = [k for (k, _), ok in zip(floats, finite.tolist(), strict=True) if not ok]
+    raise ValueError(
+        f"{source}: tensor {bad[0]!r} holds NaN or inf values ({len(bad)} such tensor(s)); the adapter is "
+        "corrupt or its training diverged, so its outputs would be meaningless. Use an earlier checkpoint"
+    )
+
+
+def _file_shapes(path_or_repo: str | os.PathLike[str], subfolder: str | None, **hub_kwargs: Any) -> Any:
+    """(path, {key: shape}) of a safetensors adapter file, read from its header only; None without one."""
+    try:
+        path = resolve_file(path_or_repo, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
+    except FileNotFoundError:
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return path, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+
+
+def check_config_fits_file(
+    config: Any, path_or_repo: str | os.PathLike[str], subfolder: str | None = None, **hub_kwargs: Any
+) -> None:
+    """Refuses a config whose sizes cannot belong to the adapter file beside it, *before* anything is
+    allocated: every rank that sizes the adapter's tensors (``config.allocated_ranks()``) must be at most the
+    largest dimension of any tensor in ``adapter_model.safetensors`` (read from its header). A config with
+    ``"r": 4000000`` next to a small file would otherwise allocate gigabytes before the shapes disagree.
+
+    Raises:
+        ValueError: naming the config field, its value and the file.
+    """
+    ranks = getattr(config, "allocated_ranks", None)
+    if not callable(ranks):
+        return
+    found = _file_shapes(path_or_repo, subfolder, **hub_kwargs)
+    if found is None:
+        return
+    path, shapes = found
+    largest = max((max(shape) for shape in shapes.values() if shape), default=0)
+    if largest == 0:
+        return
+    for name, value in ranks().items():
+        if int(value) > largest:
+            raise ValueError(
+                f"the adapter config says {name}={value}, larger than any tensor dimension in {path} (largest: "
+                f"{largest}); the config does not belong to these weights, refused before allocating anything"
+            )
 
 
 # ---- key mapping --------------------------------------------------------------------------------
@@ -203,6 +274,26 @@ def _raise_if_other_method(tuner: AdapterModel, adapter_name: str, keys: list[st
             )
 
 
+def _adapter_owned(
+    key: str, target: str, owners: dict[str, Any], adapter_name: str, saved_extras: set[str]
+) -> bool:
+    """Whether the saved ``key`` (in-memory ``target``) is a tensor an adapter file may write: an adapter
+    parameter of an adapter layer, this adapter's ``modules_to_save`` copy, an extra tensor the method saves
+    itself, or a key PEFT's files hold directly (any bias, for ``bias="all"``/``"lora_only"`` files; the
+    embedding modules' weights, for ``save_embedding_layers``; see :class:`_DirectKeys`)."""
+    if target in saved_extras or f".modules_to_save.{adapter_name}." in f".{target}":
+        return True
+    direct = owners.get(DIRECT_KEYS)
+    if direct is not None and direct.covers(key):
+        return True
+    found = _owner(target, owners)
+    if found is None:
+        return False
+    path, module = found
+    attr = target[len(path) + 1 :].split(".", 1)[0]
+    return attr in getattr(module, "adapter_param_names", ())
+
+
 class LoadResult(NamedTuple):
     """What loading adapter tensors matched: PEFT's (and torch's) ``missing_keys`` / ``unexpected_keys``.
 
@@ -282,8 +373,15 @@ def set_adapter_state_dict(
     adapter_name: str,
     strict: bool = True,
     ignore_mismatched_sizes: bool = False,
+    allow_base_weights: bool = False,
 ) -> LoadResult:
     """Copies saved adapter tensors into ``adapter_name``.
+
+    A key that would overwrite a frozen weight of the base model (``…base_layer.weight``,
+    ``…original_module.weight``: anything the method does not save itself and PEFT's files do not hold
+    directly) is refused, since ``disable_adapter()`` and ``unload()`` could then no longer give the original
+    model back; ``allow_base_weights=True`` loads such keys anyway (``strict=False`` alone skips them with a
+    warning).
 
     Args:
         tuner: The tuner holding the adapter.
@@ -291,17 +389,23 @@ def set_adapter_state_dict(
         adapter_name: The adapter to fill.
         strict: Refuse keys that match nothing and adapter tensors the file lacks.
         ignore_mismatched_sizes: Skip (with a warning) tensors whose shape differs instead of raising.
+        allow_base_weights: Load keys that overwrite frozen base-model weights (refused by default).
 
     Returns:
         The in-memory keys left unfilled and the saved keys that matched nothing.
 
     Raises:
         AdapterShapeMismatchError: on a shape mismatch (naming the module and both shapes).
-        ValueError: with ``strict``, when keys match nothing in the model or adapter tensors are missing.
+        ValueError: with ``strict``, when keys match nothing in the model, would overwrite base weights, or
+            adapter tensors are missing.
     """
     owners = _owners(tuner, adapter_name)
     params: dict[str, torch.Tensor] = dict(tuner.model.named_parameters())
     params.update(dict(tuner.model.named_buffers()))
+    saved_extras = {
+        t for k in tuner.extra_saved_tensors(adapter_name) if (t := _in_memory_key(k, owners, adapter_name))
+    }
+    base_keys: list[str] = []
     unexpected: list[str] = []
     loaded: set[str] = set()
     legacy_used = 0
@@ -315,6 +419,9 @@ def set_adapter_state_dict(
                 legacy_used += target is not None
         if target is None or target not in params:
             unexpected.append(saved_key)
+            continue
+        if not allow_base_weights and not _adapter_owned(key, target, owners, adapter_name, saved_extras):
+            base_keys.append(saved_key)
             continue
         param = params[target]
         if tuple(param.shape) != tuple(tensor.shape):
@@ -338,6 +445,15 @@ def set_adapter_state_dict(
     expected = {k[len(PREFIX) :] for k in get_adapter_state_dict(tuner, adapter_name)}
     expected_memory = {t for k in expected if (t := _in_memory_key(k, owners, adapter_name)) is not None}
     missing = sorted(expected_memory - loaded)
+    if base_keys:
+        message = (
+            f"{len(base_keys)} tensor(s) in the adapter file would overwrite frozen base-model weights, e.g. "
+            f"{base_keys[:3]}; an adapter only holds its own tensors, so this file would change the base model "
+            "for good (disable_adapter()/unload() would no longer restore it)"
+        )
+        if strict:
+            raise ValueError(f"{message}. Refused; pass allow_base_weights=True if you trust the file")
+        logger.warning("%s; skipped (pass allow_base_weights=True to load them)", message)
     if strict and unexpected:
         _raise_if_other_method(tuner, adapter_name, unexpected)
         raise ValueError(

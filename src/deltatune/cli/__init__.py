@@ -13,16 +13,43 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 COMMANDS = ("train", "evaluate", "predict", "merge", "compare", "quickstart")
+
+
+class _PrintableFormatter(logging.Formatter):
+    """``[deltatune] message`` with control characters of user-supplied names shown as escapes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from .errors import printable
+
+        return printable(super().format(record))
+
+
+def _show_warnings_printably() -> None:
+    """Python warnings print with their control characters shown as escapes (a label in a warning, e.g.
+    matplotlib's missing glyph, cannot drive the terminal)."""
+    from .errors import printable
+
+    shown = warnings.showwarning
+
+    def show(
+        message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
+        shown(printable(message), category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _setup_logging(verbose: bool = True) -> None:
     from .output import StderrHandler
 
     handler = StderrHandler()  # follows sys.stderr, so lines land above a live progress bar
-    handler.setFormatter(logging.Formatter("[deltatune] %(message)s"))
+    handler.setFormatter(_PrintableFormatter("[deltatune] %(message)s"))
     handler.setLevel(logging.INFO if verbose else logging.WARNING)
     root = logging.getLogger("deltatune")
     root.handlers[:] = [handler]
@@ -68,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         p.add_argument("--adapter", required=True, help="adapter directory written by `deltatune train`")
         p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
+        p.add_argument(
+            "--trust_remote_code",
+            action="store_true",
+            help="allow the Python code a model or processor folder ships (auto_map) to run; off by default",
+        )
         if name == "predict":
             p.add_argument("images", nargs="+", help="image files or directories")
             p.add_argument("--top_k", type=positive_int, default=5, help="labels per image (default 5)")
@@ -96,26 +128,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: transformers' ``--debug`` takes one of these values; a bare ``--debug`` (or one before another flag) is ours.
+_TRANSFORMERS_DEBUG_VALUES = ("underflow_overflow", "tpu_metrics_debug")
+
+
+def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``argv`` without deltatune's ``--debug`` flag, and whether it was there (``--debug underflow_overflow``
+    stays: that is transformers' own option)."""
+    kept: list[str] = []
+    debug = False
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if arg == "--debug" and not any(v in value for v in _TRANSFORMERS_DEBUG_VALUES):
+            debug = True
+            continue
+        kept.append(arg)
+    return kept, debug
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status (2 for usage errors)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Runs the command line; returns the exit status.
+
+    Every failure ends here as one line on stderr (``deltatune: error: ...``: what, which argument or file,
+    what to do) and a status: 2 for usage errors, 1 for failures while running, 130 for Ctrl-C (with the
+    command that resumes an interrupted run). ``--debug`` (or ``DELTATUNE_DEBUG=1``) prints the traceback
+    first.
+    """
+    from .errors import describe_error
+
+    argv, debug = _pop_debug(list(sys.argv[1:] if argv is None else argv))
+    debug = debug or bool(os.environ.get("DELTATUNE_DEBUG"))
     package_logger = logging.getLogger("deltatune")
     saved = (list(package_logger.handlers), package_logger.level)
-    _setup_logging(verbose="--json" not in argv)
-    from . import commands
-
+    saved_showwarning = warnings.showwarning
     try:
+        _show_warnings_printably()
+        _setup_logging(verbose="--json" not in argv)
+        from . import commands
+
         if argv and argv[0] in ("train", "compare"):
             return commands.train(argv[1:]) if argv[0] == "train" else commands.compare(argv[1:])
         parser = build_parser()
         args = parser.parse_args(argv)
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as err:
-        if os.environ.get("DELTATUNE_DEBUG"):
+    except SystemExit:
+        raise  # argparse: --help (0) and malformed arguments (2), already printed
+    except BaseException as err:  # the boundary: one line, never a traceback unless asked
+        if not isinstance(err, Exception | KeyboardInterrupt):
             raise
-        print(f"deltatune: error: {err}", file=sys.stderr)
-        return 2
+        if debug:
+            traceback.print_exc()
+        message, status = describe_error(err)
+        label = "deltatune:" if isinstance(err, KeyboardInterrupt) else "deltatune: error:"
+        print(f"{label} {message}", file=sys.stderr)
+        return status
     finally:
+        warnings.showwarning = saved_showwarning
         package_logger.handlers[:] = saved[0]
         package_logger.setLevel(saved[1])
 

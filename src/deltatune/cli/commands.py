@@ -9,7 +9,8 @@ import os
 import sys
 from typing import Any
 
-from .output import console
+from .errors import printable
+from .output import console, esc
 
 __all__ = ["compare", "evaluate", "merge", "predict", "quickstart", "train"]
 
@@ -41,10 +42,9 @@ def quickstart(args: argparse.Namespace) -> int:
 
 # ---- train / compare ----------------------------------------------------------------------------
 def _metrics_table(rows: list[dict[str, Any]], title: str) -> Any:
-    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=escape(title))
+    table = Table(title=esc(title))
     for column in (
         "method",
         "trainable params",
@@ -58,7 +58,7 @@ def _metrics_table(rows: list[dict[str, Any]], title: str) -> Any:
     for r in rows:
         top5 = r.get("top5_accuracy")
         table.add_row(
-            str(r["name"]),
+            esc(r["name"]),
             f"{r['trainable_params']:,}",
             f"{r['trainable_percent']:.2f}",
             f"{r['accuracy']:.4f}",
@@ -80,7 +80,8 @@ def _written(out: str) -> str:
 
 
 def train(argv: list[str]) -> int:
-    from ..tasks.image_classification import run_training
+    from ..tasks.image_classification import run_record, run_training
+    from ..train.lock import run_lock
     from ..train.outputs import prepare_output_dir
     from .output import EpochReporter, run_log
     from .run_args import check_hub_access, check_sources, parse_run, run_spec
@@ -92,45 +93,62 @@ def train(argv: list[str]) -> int:
     spec = run_spec(parsed, parsed.options.method)
     if parsed.push_to_hub:
         check_hub_access(args.hub_model_id)
-    main_process = args.process_index == 0  # torchrun / accelerate launch: rank 0 checks, cleans, reports
-    with args.main_process_first(desc="preparing the output directory"):
-        args.resume_from_checkpoint = prepare_output_dir(
-            out,
-            spec.identity(),
-            parsed.options.overwrite_output_dir,
-            args.resume_from_checkpoint,
-            main_process,
-        )
+    main_process = args.process_index == 0  # torchrun / accelerate launch: rank 0 locks, checks, reports
+    record = run_record(spec, args, parsed.options.precision)
     screen = console()
-    with run_log(out, enabled=main_process):
-        if main_process:
-            screen.print(
-                f"deltatune train {spec.name} · model {parsed.model} · dataset {parsed.dataset} · "
-                f"recipe {parsed.recipe} · output {out}",
-                markup=False,
-                style="bold",
+    with run_lock(out, enabled=main_process):  # one run per folder, for the whole run
+        with args.main_process_first(desc="preparing the output directory"):
+            args.resume_from_checkpoint = prepare_output_dir(
+                out,
+                record,
+                parsed.options.overwrite_output_dir,
+                args.resume_from_checkpoint,
+                main_process,
             )
-        result = run_training(
-            spec,
-            args,
-            command=parsed.command,
-            num_threads=parsed.options.num_threads,
-            precision=parsed.options.precision,
-            progress=EpochReporter(screen),
-            do_train=bool(args.do_train),
-            do_eval=bool(args.do_eval),
-            dataloader="keep" if any(a.split("=", 1)[0] in LOADER_FLAGS for a in argv) else "auto",
-        )
-        if not main_process:
-            return 0
-        screen.print(_metrics_table([result.metrics], f"{spec.name} on {parsed.dataset}"))
-        if result.metrics.get("ranks"):
-            screen.print(f"final ranks (allocated during training): {result.metrics['ranks']}", markup=False)
-        screen.print(f"wrote {out}/: {_written(out)}", markup=False)
-        screen.print(
-            f"open {os.path.join(out, 'report.html')} in a browser for the curves, the confusion matrix and the mistakes",
-            markup=False,
-        )
+        with run_log(out, enabled=main_process):
+            if main_process:
+                screen.print(
+                    printable(
+                        f"deltatune train {spec.name} · model {parsed.model} · dataset {parsed.dataset} · "
+                        f"recipe {parsed.recipe} · output {out}"
+                    ),
+                    markup=False,
+                    style="bold",
+                )
+            try:
+                result = run_training(
+                    spec,
+                    args,
+                    command=parsed.command,
+                    num_threads=parsed.options.num_threads,
+                    precision=parsed.options.precision,
+                    progress=EpochReporter(screen),
+                    do_train=bool(args.do_train),
+                    do_eval=bool(args.do_eval),
+                    dataloader="keep" if any(a.split("=", 1)[0] in LOADER_FLAGS for a in argv) else "auto",
+                    fit_batch_to_data=parsed.batch_from_recipe,
+                    trust_remote_code=parsed.options.trust_remote_code,
+                )
+            except KeyboardInterrupt:
+                from .errors import RunInterrupted, resume_hint
+
+                raise RunInterrupted(resume_hint(argv, out)) from None
+            if not main_process:
+                return 0
+            screen.print(_metrics_table([result.metrics], f"{spec.name} on {parsed.dataset}"))
+            if result.metrics.get("ranks"):
+                screen.print(
+                    printable(f"final ranks (allocated during training): {result.metrics['ranks']}"),
+                    markup=False,
+                )
+            screen.print(printable(f"wrote {out}/: {_written(out)}"), markup=False)
+            screen.print(
+                printable(
+                    f"open {os.path.join(out, 'report.html')} in a browser for the curves, the confusion matrix "
+                    "and the mistakes"
+                ),
+                markup=False,
+            )
     if parsed.push_to_hub:
         from huggingface_hub import HfApi
 
@@ -138,30 +156,51 @@ def train(argv: list[str]) -> int:
         api = HfApi(token=args.hub_token)
         api.create_repo(repo, private=args.hub_private_repo, exist_ok=True)
         api.upload_folder(
-            repo_id=repo, folder_path=out, ignore_patterns=["checkpoint-*", "*.tmp*", ".tmp-*", "train.log"]
+            repo_id=repo,
+            folder_path=out,
+            ignore_patterns=["checkpoint-*", "*.tmp*", ".tmp-*", "train.log", ".deltatune.lock"],
         )
-        screen.print(f"pushed the adapter to https://huggingface.co/{repo}", markup=False)
+        screen.print(printable(f"pushed the adapter to https://huggingface.co/{repo}"), markup=False)
     return 0
 
 
 def compare(argv: list[str]) -> int:
-    from .._files import write_json
-    from ..tasks.compare import compare_runs, plan_runs, write_compare
-    from ..train.outputs import RUN_RECORD_NAME, prepare_output_dir
-    from .output import EpochReporter, OnceFilter, run_log
-    from .run_args import check_sources, parse_run, run_spec
+    from ..train.lock import RunLock
+    from ..train.outputs import prepare_output_dir, training_identity, write_run_record
+    from .run_args import check_sources, parse_run
 
     parsed = parse_run("compare", argv)
     check_sources(parsed, argv)
     args = parsed.training_args
     out = str(args.output_dir)
     o = parsed.options
-    prepare_output_dir(out, {"kind": "compare"}, o.overwrite_output_dir, None)
-    os.makedirs(out, exist_ok=True)
-    write_json(
-        os.path.join(out, RUN_RECORD_NAME),
-        {"kind": "compare", "model": parsed.model, "dataset": parsed.dataset},
-    )
+    if args.resume_from_checkpoint:
+        raise ValueError("deltatune compare does not resume; drop --resume_from_checkpoint")
+    record = {
+        "kind": "compare",
+        "model": parsed.model,
+        "dataset": parsed.dataset,
+        "methods": list(o.methods),
+        "baselines": list(o.baselines),
+        "training": training_identity(args),
+    }
+    lock = RunLock(out).acquire()  # one writer per folder, released when compare returns or fails
+    try:
+        prepare_output_dir(out, record, o.overwrite_output_dir, None)
+        write_run_record(out, record, "running")
+        _compare_runs(parsed, out)
+        write_run_record(out, record, "finished")
+    finally:
+        lock.release()
+    return 0
+
+
+def _compare_runs(parsed: Any, out: str) -> None:
+    from ..tasks.compare import compare_runs, plan_runs, write_compare
+    from .output import EpochReporter, OnceFilter, run_log
+    from .run_args import run_spec
+
+    args, o = parsed.training_args, parsed.options
     runs = plan_runs(lambda m, **kw: run_spec(parsed, m, strict=False, **kw), o.methods, o.baselines)
     screen = console()
     package_logger = logging.getLogger("deltatune")
@@ -176,7 +215,10 @@ def compare(argv: list[str]) -> int:
 
     with run_log(out):
         screen.print(
-            f"deltatune compare · {len(runs)} runs · model {parsed.model} · dataset {parsed.dataset} · output {out}",
+            printable(
+                f"deltatune compare · {len(runs)} runs · model {parsed.model} · dataset {parsed.dataset} · "
+                f"output {out}"
+            ),
             markup=False,
             style="bold",
         )
@@ -199,20 +241,17 @@ def compare(argv: list[str]) -> int:
         title = f"{os.path.basename(parsed.model.rstrip('/'))} on {parsed.dataset}, seed {args.seed}"
         screen.print(_metrics_table(rows, title))
         paths = write_compare(rows, out, title)
-        screen.print(f"wrote {', '.join(paths)} (the table as markdown: {paths[0]})", markup=False)
-    return 0
+        screen.print(printable(f"wrote {', '.join(paths)} (the table as markdown: {paths[0]})"), markup=False)
 
 
 # ---- evaluate / predict / merge -----------------------------------------------------------------
 def evaluate(args: argparse.Namespace) -> int:
-    from rich.markup import escape
-
     from ..tasks.inference import evaluate_adapter, load_trained
     from ..tasks.plots import confusion_plot
     from ..tasks.results import write_split_results
     from ..vision import load_image_dataset
 
-    trained = load_trained(args.adapter, args.model)
+    trained = load_trained(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
     record = trained.record
     dataset = args.dataset or record.get("dataset")
     if not dataset:
@@ -244,41 +283,47 @@ def evaluate(args: argparse.Namespace) -> int:
         "confusion_matrix": report.confusion.tolist(),
         "class_names": report.class_names,
     }
+    notes = report.to_dict().get("notes")  # why a value is null (strict JSON has no NaN)
+    if notes:
+        results["notes"] = notes
     write_split_results(out, "eval", results)
     confusion_plot(report.confusion, report.class_names, os.path.join(out, "confusion_matrix.png"))
     from rich.table import Table
 
-    table = Table(title=escape(f"{args.adapter} on {dataset} ({report.num_examples} images)"))
+    table = Table(title=esc(f"{args.adapter} on {dataset} ({report.num_examples} images)"))
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, value in report.per_class_accuracy.items():
-        table.add_row(escape(name), f"{value:.4f}")
+        table.add_row(esc(name), f"{value:.4f}")
     screen = console()
     screen.print(table)
     top5 = "" if report.top5_accuracy is None else f" · top-5 {report.top5_accuracy:.4f}"
     screen.print(
-        f"accuracy {report.accuracy:.4f}{top5} · wrote {out}/eval_results.json, all_results.json, "
-        "confusion_matrix.png",
+        printable(
+            f"accuracy {report.accuracy:.4f}{top5} · wrote {out}/eval_results.json, all_results.json, "
+            "confusion_matrix.png"
+        ),
         markup=False,
     )
     return 0
 
 
 def predict(args: argparse.Namespace) -> int:
+    from .._files import strict_json
     from ..tasks.inference import collect_images, load_trained, predict_images
 
     images = collect_images(args.images)
-    trained = load_trained(args.adapter, args.model)
+    trained = load_trained(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
     results = predict_images(
         trained, images, top_k=args.top_k, batch_size=args.batch_size, progress=not args.json
     )
     if args.json:
-        json.dump(results, sys.stdout, indent=2)
+        json.dump(strict_json(results), sys.stdout, indent=2, allow_nan=False)
         sys.stdout.write("\n")
         return 0
     from rich.table import Table
 
-    table = Table(title=f"predictions ({args.adapter})")
+    table = Table(title=esc(f"predictions ({args.adapter})"))
     table.add_column("image", overflow="fold")
     table.add_column("rank", justify="right", no_wrap=True)
     table.add_column("label", overflow="fold")
@@ -286,21 +331,23 @@ def predict(args: argparse.Namespace) -> int:
     for item in results:
         for rank, pred in enumerate(item["predictions"], start=1):
             table.add_row(
-                item["image"] if rank == 1 else "", str(rank), pred["label"], f"{pred['score']:.4f}"
+                esc(item["image"]) if rank == 1 else "", str(rank), esc(pred["label"]), f"{pred['score']:.4f}"
             )
     console().print(table)
     return 0
 
 
 def merge(args: argparse.Namespace) -> int:
-    from ..tasks.inference import load_trained, merge_adapter
+    from ..tasks.inference import check_merge_output, load_trained, merge_adapter
 
-    if os.path.isdir(args.output) and os.listdir(args.output) and not args.overwrite:
-        raise ValueError(f"--output {args.output!r} is not empty; pass --overwrite to write into it")
-    trained = load_trained(args.adapter, args.model)
+    check_merge_output(args.adapter, args.output, args.overwrite)
+    trained = load_trained(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
     merge_adapter(trained, args.output)
     console().print(
-        f"merged {args.adapter} into {args.output}: load it with "
-        f'transformers.pipeline("image-classification", model="{args.output}")'
+        printable(
+            f"merged {args.adapter} into {args.output}: load it with "
+            f'transformers.pipeline("image-classification", model={args.output!r})'
+        ),
+        markup=False,
     )
     return 0

@@ -1,5 +1,6 @@
 """Output for people: the console the commands print to, one line per epoch with a progress bar per phase,
-warnings shown once with a count, and the full log of a run saved as ``train.log`` in its output folder.
+warnings shown once with a count, and the full log of a run saved as ``train.log`` in its output folder;
+:func:`esc` for everything user-supplied that goes into rich markup.
 
 On a terminal a transient progress bar runs while training (and one while evaluating); every epoch leaves
 one line (train loss, eval loss, accuracy, top-5, images/s, elapsed, ETA). When stdout is not a terminal
@@ -21,7 +22,18 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-__all__ = ["LOG_NAME", "EpochReporter", "OnceFilter", "StderrHandler", "WarningDigest", "console", "run_log"]
+from .errors import printable
+
+__all__ = [
+    "LOG_NAME",
+    "EpochReporter",
+    "OnceFilter",
+    "StderrHandler",
+    "WarningDigest",
+    "console",
+    "esc",
+    "run_log",
+]
 
 #: The full log of a run, in its output folder.
 LOG_NAME = "train.log"
@@ -98,7 +110,7 @@ class WarningDigest:
             self.file_logger.warning("%s: %s (%s:%d)", category.__name__, text, filename, lineno)
         if self.counts[key] == 1:
             self.first[key] = text
-            sys.stderr.write(f"[deltatune] warning: {text}\n")
+            sys.stderr.write(f"[deltatune] warning: {printable(text)}\n")
 
     def summary(self) -> list[str]:
         """One line per warning that came more than once: how many times, and its first text."""
@@ -158,7 +170,7 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
             existing.setLevel(level)
         file_only.propagate = saved_propagate
         for line in digest.summary():
-            sys.stderr.write(f"[deltatune] {line}\n")
+            sys.stderr.write(f"[deltatune] {printable(line)}\n")
 
 
 def _clock(seconds: float) -> str:
@@ -213,7 +225,7 @@ class EpochReporter(TrainerCallback):
         self._epochs = max(1, math.ceil(args.num_train_epochs)) if args.max_steps <= 0 else None
         self._last_logged_step = state.global_step
         if self.title:
-            self.screen.print(self.title, markup=False)
+            self.screen.print(printable(self.title), markup=False)
         if self.header:
             self.screen.print(self.HEADER, markup=False, style="bold")
         self.file_logger.info("%s", self.HEADER)
@@ -350,3 +362,12 @@ class EpochReporter(TrainerCallback):
         )
         self.screen.print(line, markup=False)
         self.file_logger.info("%s", line)
+
+
+def esc(value: Any) -> str:
+    """``value`` safe to embed in rich markup: control characters (ESC sequences, BEL ...) shown as visible
+    escapes and ``[`` escaped, so a label, path or folder name prints as written and never as markup or
+    terminal commands."""
+    from rich.markup import escape
+
+    return escape(printable(value))

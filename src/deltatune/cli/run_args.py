@@ -47,6 +47,8 @@ class ParsedRun:
         dataset: Dataset id, image folder or ``"offline-default"``.
         push_to_hub: Upload the adapter when done.
         command: The command line as the user typed it (``deltatune train ...``), for the model card.
+        batch_from_recipe: The batch size and accumulation are the recipe's, not the user's (``run_training``
+            may fit them to small data).
     """
 
     options: argparse.Namespace
@@ -56,6 +58,7 @@ class ParsedRun:
     dataset: str
     push_to_hub: bool
     command: str = ""
+    batch_from_recipe: bool = False
 
 
 def _given(argv: list[str], *flags: str) -> str | None:
@@ -174,7 +177,14 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         training_args = TrainingArguments(**training_kwargs)
     except ValueError as err:
         raise CommandError(str(err)) from err
-    return ParsedRun(options, training_args, recipe, model, dataset, push, typed_command(command, argv))
+    batch_flags = ("per_device_train_batch_size", "gradient_accumulation_steps", "auto_find_batch_size")
+    from_recipe = (
+        _given(argv, *(f"--{f}" for f in batch_flags), *(f"--{f.replace('_', '-')}" for f in batch_flags))
+        is None
+    )
+    return ParsedRun(
+        options, training_args, recipe, model, dataset, push, typed_command(command, argv), from_recipe
+    )
 
 
 def check_sources(parsed: ParsedRun, argv: list[str]) -> None:

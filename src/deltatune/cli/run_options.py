@@ -176,6 +176,11 @@ def build_run_parser(command: str, help_method: str | None = None) -> RunParser:
     ours.add_argument("--max_eval_samples", type=positive_int, default=None, help="use at most N eval images")
     ours.add_argument("--random_backbone", action="store_true", help="start from random weights (a baseline)")
     ours.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="allow the Python code a model or processor folder ships (auto_map) to run; off by default",
+    )
+    ours.add_argument(
         "--ignore_mismatched_sizes",
         type=_bool,
         nargs="?",

@@ -141,6 +141,9 @@ class AdaLoraConfig(LoraConfig):
             )
         return defaults
 
+    def allocated_ranks(self) -> dict[str, int]:  # every module starts at init_r (r is unused)
+        return {"init_r": int(self.init_r)}
+
     def check_fits_run(self, planned_steps: int) -> None:
         """The schedule must fit ``total_step`` (or the run's planned steps when unset)."""
         self.check_schedule(self.total_step or planned_steps)
@@ -200,6 +203,10 @@ class AdaLoraModel(LoraModel):
                 planned_steps,
             )
         config.check_schedule(config.total_step)
+        if planned_steps <= config.tinit:
+            msg = "AdaLoRA: this run ends at step %d, before pruning starts (tinit=%d): all init_r=%d ranks are kept"
+            logger.warning(msg + " and saved unpruned", planned_steps, config.tinit, config.init_r)
+            return
         logger.info(
             "AdaLoRA: ranks %d → %d on average; pruning between steps %d and %d, every %d steps",
             config.init_r,

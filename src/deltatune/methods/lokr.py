@@ -56,6 +56,11 @@ class LoKrConfig(LycorisConfig):
         if self.decompose_factor != -1:
             check_positive_int("decompose_factor (or -1)", self.decompose_factor)
 
+    def allocated_ranks(self) -> dict[str, int]:
+        """None: a Kronecker factor is factored at rank r only when r < half its size, and kept whole
+        otherwise, so r never makes a factor larger than the layer it adapts."""
+        return {}
+
 
 # ---- pure maths ---------------------------------------------------------------------------------
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:

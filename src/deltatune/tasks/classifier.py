@@ -7,6 +7,7 @@ case (and only that) :func:`build_base_model` logs one line instead.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any
 
@@ -56,6 +57,7 @@ def build_base_model(
     *,
     trained_head: bool = False,
     ignore_mismatched_sizes: bool = True,
+    trust_remote_code: bool = False,
 ) -> tuple[nn.Module, Any]:
     """The base image classifier with a fresh ``len(id2label)``-way head, and its image processor.
 
@@ -69,18 +71,44 @@ def build_base_model(
             not announced.
         ignore_mismatched_sizes: Re-initialise checkpoint weights whose shape differs (a head for another
             number of classes); False makes such a checkpoint an error, as in transformers.
+        trust_remote_code: Let the folder run the Python code it ships (``auto_map``); False is passed to
+            transformers explicitly otherwise, so it never asks or runs it.
+
+    Raises:
+        OSError: when the model cannot be loaded (the message names it and what to do).
+        ValueError: when its processor config asks for something unsafe (see
+            :func:`deltatune.vision.limits.check_image_processor`).
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
     from ..vision import resolve_model_path
+    from ..vision.limits import check_image_processor
 
     model_id = resolve_model_path(model_id)
     label2id = {v: k for k, v in id2label.items()}
-    kwargs = {"id2label": id2label, "label2id": label2id}  # id2label sets num_labels (passing both warns)
+    kwargs: dict[str, Any] = {"id2label": id2label, "label2id": label2id}  # id2label sets num_labels
+    kwargs["trust_remote_code"] = bool(trust_remote_code)
+    if len(id2label) < 2:
+        raise ValueError(
+            f"a classifier needs at least 2 classes, got {len(id2label)} ({list(id2label.values())}); with one "
+            "output transformers treats the head as regression"
+        )
     transformers.set_seed(seed)
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_id, trust_remote_code=bool(trust_remote_code))
+    except PermissionError:
+        raise
+    except (OSError, ValueError, RecursionError) as err:
+        raise _load_error("image processor", model_id, err) from err
+    check_image_processor(processor, f"{model_id} (preprocessor_config.json)")
     if random_backbone:
-        config = AutoConfig.from_pretrained(model_id, **kwargs)
-        model = AutoModelForImageClassification.from_config(config)
+        try:
+            config = AutoConfig.from_pretrained(model_id, **kwargs)
+        except PermissionError:
+            raise
+        except (OSError, ValueError, RecursionError) as err:
+            raise _load_error("model config", model_id, err) from err
+        model = AutoModelForImageClassification.from_config(config, trust_remote_code=bool(trust_remote_code))
     else:
         report = _HeadOnlyLoadReport()
         transformers_logger = logging.getLogger("transformers.modeling_utils")
@@ -89,6 +117,10 @@ def build_base_model(
             model = AutoModelForImageClassification.from_pretrained(
                 model_id, ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs
             )
+        except PermissionError:
+            raise
+        except (OSError, ValueError, RecursionError) as err:
+            raise _load_error("model", model_id, err) from err
         except RuntimeError as err:
             if ignore_mismatched_sizes or "ignore_mismatched_sizes" not in str(err):
                 raise
@@ -108,8 +140,25 @@ def build_base_model(
                 ", ".join(sorted(report.heads)),
                 unused,
             )
-    processor = AutoImageProcessor.from_pretrained(model_id)
     return model, processor
+
+
+def _load_error(what: str, model_id: str, err: Exception) -> Exception:
+    """One clear error for a base model (or its processor/config) that transformers could not load."""
+    reason = " ".join(str(err).split())
+    if "trust_remote_code" in reason or "custom code" in reason:
+        return ValueError(
+            f"{model_id!r} ships its own Python code (auto_map) to build its {what}; deltatune does not run it "
+            "unless you pass --trust_remote_code (only for folders you trust)"
+        )
+    if isinstance(err, ValueError | RecursionError) and not isinstance(err, OSError):
+        return ValueError(f"cannot load the {what} of {model_id!r}: {reason}")
+    hint = (
+        "the folder does not exist (was it moved, or the adapter copied from another machine?); pass --model"
+        if model_id.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(model_id))
+        else "check the path or hub id; a hub id needs the network (and HF_HUB_OFFLINE unset) or a local copy"
+    )
+    return OSError(f"cannot load the {what} {model_id!r}: {reason[:600]}; {hint}")
 
 
 class _HeadOnlyLoadReport(logging.Filter):

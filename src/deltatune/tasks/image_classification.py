@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,16 +20,15 @@ import transformers
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-from .._files import write_json
 from ..model import PeftModel, get_peft_model
 from ..registry import get_method
 from ..train.arguments import accelerator_name, cpu_threads
 from ..train.checkpoint import save_label_maps
 from ..train.dataloading import apply_accelerator_defaults, loader_settings_left_alone
 from ..train.metrics import compute_classification_metrics
-from ..train.outputs import RUN_RECORD_NAME
+from ..train.outputs import training_identity, write_run_record
 from ..train.precision import forward_gflop, resolve_precision
-from ..train.run import PeakMemory, logged_final_evaluation, planned_steps
+from ..train.run import PeakMemory, fit_batch, logged_final_evaluation, planned_steps
 from ..train.trainer import DeltaTrainer
 from .classifier import build_base_model, find_head, portable_model_name
 from .report import card_config, write_results, write_run_report
@@ -44,6 +44,7 @@ __all__ = [
     "RunResult",
     "RunSpec",
     "adapter_defaults",
+    "run_record",
     "run_training",
     "write_run_report",
 ]
@@ -64,6 +65,7 @@ GUIDE_TRAINING_DEFAULTS: dict[str, Any] = {
     "num_train_epochs": 5,
     "logging_steps": 10,
     "load_best_model_at_end": True,
+    "save_total_limit": 2,  # with load_best_model_at_end: the best checkpoint and the last one
     "label_names": ["labels"],
     "report_to": "none",
 }
@@ -139,6 +141,15 @@ class RunSpec:
         }
 
 
+def run_record(
+    spec: RunSpec, args: transformers.TrainingArguments, precision: str = "auto"
+) -> dict[str, Any]:
+    """What identifies a run, as written to ``deltatune_run.json`` and compared before a run writes into a
+    folder: the :class:`RunSpec`, the seed, the precision asked for and every training argument that can
+    change the result (see :func:`deltatune.train.outputs.training_identity`)."""
+    return {**spec.record(), "seed": args.seed, "precision": precision, "training": training_identity(args)}
+
+
 @dataclass
 class RunResult:
     """What :func:`run_training` returns: the trained model, the trainer and the metrics record."""
@@ -193,6 +204,8 @@ def run_training(
     progress: TrainerCallback | None = None,
     do_train: bool = True,
     do_eval: bool = True,
+    fit_batch_to_data: bool = False,
+    trust_remote_code: bool = False,
 ) -> RunResult:
     """Trains ``spec`` with ``args`` and writes the adapter, labels, metrics, plots and model card.
 
@@ -214,9 +227,17 @@ def run_training(
             (the CLI's console; a bare ``TrainerCallback()`` for silence).
         do_train: Train (False: only evaluate the model as loaded, as ``--do_train false`` asks).
         do_eval: Evaluate at the end (False: no evaluation; the caller turns ``eval_strategy`` off too).
+        fit_batch_to_data: The batch size and accumulation are a recipe's, not the user's: shrink them when
+            they would leave fewer than a few optimiser steps per epoch on this data (said in one line).
+        trust_remote_code: Let a model or processor folder run the Python code it ships (``auto_map``).
+
+    The run record (:func:`run_record`) is written first, marked ``"running"``, and ``"finished"`` once
+    everything else is written.
     """
     from ..vision import image_datasets, load_image_dataset
     from ..vision.gpu import choose_pipeline
+
+    record = run_record(spec, args, precision)  # before anything below adapts args
 
     with args.main_process_first(desc="loading the dataset"):  # one download/cache build under torchrun
         bundle = load_image_dataset(
@@ -235,6 +256,7 @@ def run_training(
         spec.random_backbone,
         args.seed,
         ignore_mismatched_sizes=spec.ignore_mismatched_sizes,
+        trust_remote_code=trust_remote_code,
     )
     on_cpu = bool(getattr(args, "use_cpu", False)) or accelerator_name() is None
     if not on_cpu and dataloader == "auto" and loader_settings_left_alone(args):
@@ -259,7 +281,9 @@ def run_training(
         pipeline = "fast"
     elif pipeline == "gpu":
         pipeline, _ = choose_pipeline("gpu", args.device, bundle.train, None, 0, None)
-    train_ds, eval_ds, collate = image_datasets(bundle, processor, pipeline)
+    train_ds, eval_ds, collate = image_datasets(bundle, processor, pipeline, seed=args.seed)
+    if fit_batch_to_data:
+        fit_batch(args, len(bundle.train))
     if on_cpu:
         args.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns on every loader)
     head = find_head(base, bundle.num_labels)
@@ -288,7 +312,7 @@ def run_training(
     os.makedirs(output_dir, exist_ok=True)
     main_process = trainer.is_world_process_zero()  # under torchrun/accelerate only rank 0 writes files
     if main_process:
-        write_json(os.path.join(output_dir, RUN_RECORD_NAME), {**spec.record(), "seed": args.seed})
+        write_run_record(output_dir, record, "running")
     resume = args.resume_from_checkpoint
     train_metrics: dict[str, Any] = {}
     eval_metrics: dict[str, Any] = {}
@@ -346,10 +370,13 @@ def run_training(
         saved = json.loads(model._config_to_save(model.active_adapter).to_json_string())
         metrics["adapter_config_json"] = json.dumps(card_config(saved), indent=2, sort_keys=True)
         metrics.update(model.base_model.training_summary())  # e.g. AdaLoRA's final ranks
+    if not math.isfinite(metrics["accuracy"]):  # written as null (strict JSON), with the reason beside it
+        metrics["accuracy_note"] = "no evaluation reported a finite accuracy for the final model"
     if main_process:
         write_results(trainer, metrics, output_dir)
         if write_report:
             write_run_report(metrics, output_dir, predictions=predictions, eval_rows=bundle.eval)
+        write_run_record(output_dir, record, "finished")
     return RunResult(model=model, trainer=trainer, metrics=metrics, output_dir=output_dir)
 
 

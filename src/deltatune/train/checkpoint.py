@@ -54,11 +54,12 @@ def save_label_maps(model: Any, directory: str | os.PathLike[str]) -> dict[str, 
 
 
 def load_label_maps(directory: str | os.PathLike[str]) -> tuple[dict[int, str], dict[str, int]]:
-    """Reads ``labels.json`` back as ``(id2label, label2id)`` with integer ids.
+    """Reads ``labels.json`` back as ``(id2label, label2id)`` with integer ids, checked to be a usable label map:
+    an object ``{"id2label": {"0": name, ...}}`` whose ids are exactly 0..n-1 (n ≥ 2) with distinct names.
 
     Raises:
         FileNotFoundError: when the directory has no ``labels.json``.
-        ValueError: when the file is not valid.
+        ValueError: when the file is not a valid label map, naming the file and what is wrong.
     """
     path = os.path.join(directory, LABELS_NAME)
     if not os.path.isfile(path):
@@ -66,14 +67,35 @@ def load_label_maps(directory: str | os.PathLike[str]) -> tuple[dict[int, str], 
             f"{path} not found: an adapter trained by deltatune stores its label maps there; pass the adapter "
             "directory written by `deltatune train`"
         )
-    try:
-        data = read_json(path, "label map")
-        id2label = {int(k): str(v) for k, v in data["id2label"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    expected = 'expected {"id2label": {"0": "name", "1": "name", ...}} with ids 0..n-1'
+    data = read_json(path, "label map")
+    raw = data.get("id2label") if isinstance(data, dict) else None
+    if not isinstance(raw, dict):
+        got = type(raw).__name__ if isinstance(data, dict) and "id2label" in data else "no id2label object"
+        raise ValueError(f"{path} is not a valid label map (id2label: {got}); {expected}")
+    id2label: dict[int, str] = {}
+    for key, name in raw.items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: label id {key!r} is not an integer; {expected}") from None
+        if not isinstance(name, str | int | float) or isinstance(name, bool):
+            raise ValueError(f"{path}: the name of label {key!r} is {type(name).__name__}, not a string")
+        id2label[index] = str(name)
+    ids = sorted(id2label)
+    if ids != list(range(len(ids))):
+        odd = [i for i in ids if not 0 <= i < len(ids)][:5]
         raise ValueError(
-            f"{path} is not a valid label map ({err}); expected {{'id2label': {{id: name}}}}"
-        ) from err
-    return id2label, {v: k for k, v in id2label.items()}
+            f"{path}: label ids must be 0..{len(ids) - 1} with none missing (they index the model's outputs), "
+            f"got {ids[:10]}{'...' if len(ids) > 10 else ''} (out of place: {odd})"
+        )
+    if len(ids) < 2:
+        raise ValueError(f"{path}: a classifier needs at least 2 labels, found {len(ids)}")
+    names = list(id2label.values())
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{path}: label names must be distinct, repeated: {duplicates[:5]}")
+    return dict(sorted(id2label.items())), {v: k for k, v in sorted(id2label.items())}
 
 
 # ---- a method's resumable state ------------------------------------------------------------------

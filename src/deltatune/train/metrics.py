@@ -85,8 +85,8 @@ class ClassificationReport:
     num_examples: int
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
+        """A JSON-ready dict (strict JSON: a NaN is written as null, with the reason under ``"notes"``)."""
+        data: dict[str, Any] = {
             "accuracy": self.accuracy,
             "top5_accuracy": self.top5_accuracy,
             "per_class_accuracy": self.per_class_accuracy,
@@ -94,6 +94,11 @@ class ClassificationReport:
             "class_names": self.class_names,
             "num_examples": self.num_examples,
         }
+        empty = [name for name, value in self.per_class_accuracy.items() if value != value]
+        notes = ["no examples to evaluate: accuracy is null"] if self.accuracy != self.accuracy else []
+        if empty:
+            notes.append(f"no evaluation examples of {empty[:10]}: their per-class accuracy is null")
+        return {**data, "notes": notes} if notes else data
 
 
 def classification_report(

@@ -3,6 +3,7 @@ logged for the final model, and the peak memory of a block."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -11,7 +12,9 @@ from typing import Any
 import torch
 import transformers
 
-__all__ = ["PeakMemory", "logged_final_evaluation", "planned_steps"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["MIN_STEPS_PER_EPOCH", "PeakMemory", "fit_batch", "logged_final_evaluation", "planned_steps"]
 
 
 class PeakMemory:
@@ -92,3 +95,38 @@ def logged_final_evaluation(trainer: transformers.Trainer) -> dict[str, Any] | N
         if entry.get("step") == step and "eval_loss" in entry:
             return {k: v for k, v in entry.items() if k != "step"}
     return None
+
+
+#: A batch that leaves fewer optimiser steps than this per epoch is shrunk by :func:`fit_batch`.
+MIN_STEPS_PER_EPOCH = 8
+
+
+def fit_batch(args: transformers.TrainingArguments, num_train: int) -> str | None:
+    """Shrinks a recipe's batch (``per_device_train_batch_size`` × ``gradient_accumulation_steps`` × processes)
+    that would give fewer than :data:`MIN_STEPS_PER_EPOCH` optimiser steps per epoch on ``num_train``
+    examples: accumulation goes to 1 and the per-device batch to the largest power of two that gives at
+    least that many steps. ``args`` is changed in place; the one-line notice is logged and returned (None
+    when the batch already fits).
+
+    Only for batch sizes the user did not choose (a recipe's defaults); an explicit choice is never changed.
+    """
+    world = max(int(args.world_size), 1)
+    per_device, accumulation = int(args.per_device_train_batch_size), int(args.gradient_accumulation_steps)
+    effective = per_device * accumulation * world
+    steps = math.ceil(num_train / effective)
+    if steps >= MIN_STEPS_PER_EPOCH or num_train <= 0:
+        return None
+    fitted = 1
+    while fitted * 2 <= min(per_device, num_train / (MIN_STEPS_PER_EPOCH * world)):
+        fitted *= 2
+    args.per_device_train_batch_size = fitted
+    args.gradient_accumulation_steps = 1
+    new_steps = math.ceil(num_train / (fitted * world))
+    message = (
+        f"{num_train} training images: the recipe's batch {per_device} x {accumulation}"
+        f"{f' x {world} processes' if world > 1 else ''} = {effective} would give {steps} optimiser "
+        f"step{'s' if steps != 1 else ''} per epoch, so it is fitted to {fitted} x 1 ({new_steps} steps per "
+        "epoch); pass --per_device_train_batch_size and --gradient_accumulation_steps to choose yourself"
+    )
+    logger.warning(message)
+    return message

@@ -30,13 +30,13 @@ import os
 from typing import Any
 
 import transformers
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import can_return_loss, find_labels
 
-from .._files import atomic_write_text
+from .._files import apply_umask, atomic_write_text
 from ..model import PeftModel
 from .arguments import check_precision
-from .callbacks import AdapterHooksCallback, tuner_of
+from .callbacks import AdapterHooksCallback, DatasetEpochCallback, tuner_of
 from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_state
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
 from .metrics import compute_classification_metrics
@@ -106,6 +106,8 @@ class DeltaTrainer(transformers.Trainer):
         super().__init__(model, args, *positional, **kwargs)
         if not any(isinstance(cb, NonFiniteLossGuard) for cb in self.callback_handler.callbacks):
             self.add_callback(NonFiniteLossGuard())
+        if not any(isinstance(cb, DatasetEpochCallback) for cb in self.callback_handler.callbacks):
+            self.add_callback(DatasetEpochCallback())
         if not any(isinstance(cb, ThroughputCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(ThroughputCallback())
         self.precision = check_precision(self.args)
@@ -191,9 +193,22 @@ class DeltaTrainer(transformers.Trainer):
 
     # ---- saving -----------------------------------------------------------------------------------
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        """``Trainer._save_checkpoint``, refused (``NonFiniteLossError``) for a non-finite loss or adapter."""
+        """``Trainer._save_checkpoint``, refused (``NonFiniteLossError``) for a non-finite loss or adapter.
+
+        Old checkpoints beyond ``save_total_limit`` are rotated by step number, not by modification time as
+        transformers does: a copied or restored folder's mtime says nothing of its step, and could get the
+        newest checkpoint deleted."""
         refuse_non_finite_checkpoint(self)
-        super()._save_checkpoint(model, trial)
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotated below, by step
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate_checkpoints(
+                self._get_output_dir(trial=trial), limit, self.state.best_model_checkpoint, use_mtime=False
+            )
 
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -207,6 +222,9 @@ class DeltaTrainer(transformers.Trainer):
                 atomic_write_text(os.path.join(folder, TRAINING_ARGS_JSON), self.args.to_json_string())
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(folder, "training_args.bin"))
+                for name in os.listdir(folder):  # safetensors creates its files 0600, whatever the umask
+                    if name.endswith(".safetensors"):
+                        apply_umask(os.path.join(folder, name))
             return
         output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
         if not self.args.should_save:

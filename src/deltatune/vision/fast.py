@@ -159,8 +159,12 @@ class FastImageTransform:
             return -(-width * out_w // max(1, int(box_w))), -(-height * out_h // max(1, int(box_h)))
         return out_w, out_h
 
-    def __call__(self, source: Any) -> torch.Tensor:
-        """Args: source: see :func:`open_image`. Returns: uint8 tensor (height, width, 3)."""
+    #: Draws its crop and flip from the ``generator`` it is called with (see ``TransformedDataset``).
+    accepts_generator = True
+
+    def __call__(self, source: Any, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Args: source: see :func:`open_image`; generator: the randomness of the training crop and flip
+        (torch's global generator when None). Returns: uint8 tensor (height, width, 3)."""
         spec = self.spec
         out_h, out_w = spec.size
         image = open_image(source)
@@ -169,7 +173,7 @@ class FastImageTransform:
         if orientation in _SWAPS_AXES:
             width, height = height, width
         if spec.train:
-            box = spec.random_crop_box(width, height)
+            box = spec.random_crop_box(width, height, generator=generator)
             image = decode(image, self._request(width, height, box), orientation)
             pixels = _pixels(image)
             scale_x, scale_y = image.size[0] / width, image.size[1] / height
@@ -178,7 +182,7 @@ class FastImageTransform:
             right = max(left + 1, min(image.size[0], round(box[2] * scale_x)))
             bottom = max(top + 1, min(image.size[1], round(box[3] * scale_y)))
             out = _resize(pixels[top:bottom, left:right], out_h, out_w)
-            if spec.horizontal_flip and torch.rand(1).item() < 0.5:
+            if spec.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5:
                 out = out.flip(1)
             return out
         if spec.resize_to is None:

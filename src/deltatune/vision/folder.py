@@ -8,11 +8,15 @@ Images are opened lazily, so a corrupt file fails only when read (and ``Transfor
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -112,3 +116,54 @@ class ImageFolderDataset:
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset(num_rows={len(self)}, num_classes={len(self.class_names)})"
+
+
+def check_fraction(validation_split: float) -> None:
+    """Raises ``ValueError`` unless ``0 < validation_split < 1``."""
+    if not 0.0 < validation_split < 1.0:
+        raise ValueError(f"validation_split must be in (0, 1), got {validation_split}")
+
+
+def stratified_split(
+    labels: Sequence[int], validation_split: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """(train indices, eval indices): about ``validation_split`` of each class goes to eval.
+
+    Classes with a single example stay in train (and are not evaluated: a warning names them); at least
+    one example goes to eval overall -- when every class has a single example that moves one class out of
+    training entirely, which is refused.
+
+    Raises:
+        ValueError: when no evaluation example can be carved without removing a class from training.
+    """
+    check_fraction(validation_split)
+    rng = np.random.default_rng(seed)
+    labels_array = np.asarray(labels)
+    train: list[int] = []
+    evaluation: list[int] = []
+    single: list[int] = []
+    for label in np.unique(labels_array):
+        rows = rng.permutation(np.flatnonzero(labels_array == label)).tolist()
+        n_eval = round(len(rows) * validation_split) if len(rows) > 1 else 0
+        n_eval = min(n_eval, len(rows) - 1) if len(rows) > 1 else 0
+        if len(rows) == 1:
+            single.append(int(label))
+        evaluation.extend(rows[:n_eval])
+        train.extend(rows[n_eval:])
+    if not evaluation and len(train) > 1:
+        several = [i for i in train if int(labels_array[i]) not in single]
+        if not several:
+            raise ValueError(
+                "every class has a single image, so a validation split would take a class out of training "
+                "entirely; add images (at least 2 per class) or a validation/ folder"
+            )
+        evaluation.append(several[int(rng.integers(len(several)))])
+        train.remove(evaluation[-1])
+    if single:
+        logger.warning(
+            "%d class(es) have a single image (label ids %s): it stays in training and the class is not "
+            "evaluated; add images to evaluate it",
+            len(single),
+            single[:10],
+        )
+    return sorted(train), sorted(evaluation)

@@ -186,7 +186,10 @@ class EncodedImageTransform:
         spec = self.spec
         return EncodedCollate(GpuImageBatch(spec.size, spec.mean, spec.std, normalize=spec.normalize))
 
-    def __call__(self, source: Any) -> EncodedImage:
+    #: Draws its crop and flip from the ``generator`` it is called with (see ``TransformedDataset``).
+    accepts_generator = True
+
+    def __call__(self, source: Any, generator: torch.Generator | None = None) -> EncodedImage:
         image = open_image(source)  # header only
         data = _raw_bytes(source)
         width, height = image.size
@@ -202,9 +205,9 @@ class EncodedImageTransform:
         spec = self.spec
         if spec.train:
             box: tuple[float, float, float, float] = tuple(
-                float(v) for v in spec.random_crop_box(width, height)
+                float(v) for v in spec.random_crop_box(width, height, generator=generator)
             )  # type: ignore[assignment]
-            flip = bool(spec.horizontal_flip and torch.rand(1).item() < 0.5)
+            flip = bool(spec.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5)
         else:
             box, flip = _centre_box(spec, width, height), False
         tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .folder import EVAL_SPLIT_NAMES, ImageFolderDataset, class_directories, find_split_directories
+from .folder import (
+    EVAL_SPLIT_NAMES,
+    ImageFolderDataset,
+    check_fraction,
+    class_directories,
+    find_split_directories,
+    stratified_split,
+)
 from .offline import DigitsDataset, is_offline_default
 
 logger = logging.getLogger(__name__)
@@ -171,34 +178,6 @@ def detect_columns(
     return image, label
 
 
-def _check_fraction(validation_split: float) -> None:
-    if not 0.0 < validation_split < 1.0:
-        raise ValueError(f"validation_split must be in (0, 1), got {validation_split}")
-
-
-def stratified_split(
-    labels: Sequence[int], validation_split: float, seed: int
-) -> tuple[list[int], list[int]]:
-    """(train indices, eval indices): about ``validation_split`` of each class goes to eval.
-
-    Classes with a single example stay in train; at least one example goes to eval overall.
-    """
-    _check_fraction(validation_split)
-    rng = np.random.default_rng(seed)
-    labels_array = np.asarray(labels)
-    train: list[int] = []
-    evaluation: list[int] = []
-    for label in np.unique(labels_array):
-        rows = rng.permutation(np.flatnonzero(labels_array == label)).tolist()
-        n_eval = round(len(rows) * validation_split) if len(rows) > 1 else 0
-        n_eval = min(n_eval, len(rows) - 1) if len(rows) > 1 else 0
-        evaluation.extend(rows[:n_eval])
-        train.extend(rows[n_eval:])
-    if not evaluation and len(train) > 1:
-        evaluation.append(train.pop(int(rng.integers(len(train)))))
-    return sorted(train), sorted(evaluation)
-
-
 def _limit(dataset: Any, max_samples: int | None, seed: int, split: str) -> Any:
     if max_samples is None or max_samples >= len(dataset):
         return dataset
@@ -297,7 +276,7 @@ def _load_hub(
         if missing:
             raise ValueError(f"split {eval_name!r} lacks columns {missing}; it has {evaluation.column_names}")
     else:
-        _check_fraction(validation_split)
+        check_fraction(validation_split)
         stratify = label if type(feature).__name__ == "ClassLabel" else None
         try:
             parts = train.train_test_split(test_size=validation_split, seed=seed, stratify_by_column=stratify)
@@ -407,6 +386,11 @@ def load_image_dataset(
                 f"the {split} split of {name_or_path!r} is empty; check the folder layout or the split "
                 f"names, or raise validation_split (now {validation_split})"
             )
+    if len(class_names) < 2:
+        raise ValueError(
+            f"{name_or_path!r} has {len(class_names)} class ({', '.join(map(str, class_names))}); a classifier "
+            "needs at least 2 (with one output transformers treats the head as regression). Add a folder per class"
+        )
     label2id, id2label = _label_maps(class_names)
     logger.info(
         "loaded %s: %d train / %d eval images, %d classes",

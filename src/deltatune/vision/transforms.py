@@ -2,8 +2,9 @@
 collate function.
 
 Everything here is a module-level class or function, so it pickles: ``DataLoader(num_workers > 0)`` and
-``TrainingArguments(dataloader_num_workers > 0)`` work. Randomness comes from torch's generator, which
-the DataLoader seeds per worker and ``transformers.set_seed`` seeds for the main process.
+``TrainingArguments(dataloader_num_workers > 0)`` work. Randomness comes from the generator a transform is
+called with: :class:`TransformedDataset` with a ``seed`` passes one seeded from (seed, epoch, index) (see
+:mod:`~deltatune.vision.randomness`), so runs resume exactly; without one, torch's global generator.
 
 Training:   RandomResizedCrop(size) → RandomHorizontalFlip → ToTensor → Normalize(mean, std)
 Evaluation: Resize(size) → CenterCrop(size) → ToTensor → Normalize(mean, std)
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from .randomness import SharedEpoch, apply_seeded, sample_generator
 
 logger = logging.getLogger(__name__)
 
@@ -168,18 +171,24 @@ class ImageTransform:
             f"crop_scale={self.crop_scale}, horizontal_flip={self.horizontal_flip})"
         )
 
-    def random_crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
-        """A random (left, top, right, bottom) box with area in ``crop_scale`` and ratio in ``crop_ratio``."""
+    #: The transform draws from the ``generator`` it is called with (see :class:`TransformedDataset`).
+    accepts_generator = True
+
+    def random_crop_box(
+        self, width: int, height: int, generator: torch.Generator | None = None
+    ) -> tuple[int, int, int, int]:
+        """A random (left, top, right, bottom) box with area in ``crop_scale`` and ratio in ``crop_ratio``,
+        drawn from ``generator`` (torch's global one when None)."""
         area = width * height
         log_ratio = (math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1]))
         for _ in range(10):
-            target = area * torch.empty(1).uniform_(*self.crop_scale).item()
-            ratio = math.exp(torch.empty(1).uniform_(*log_ratio).item())
+            target = area * torch.empty(1).uniform_(*self.crop_scale, generator=generator).item()
+            ratio = math.exp(torch.empty(1).uniform_(*log_ratio, generator=generator).item())
             w = round(math.sqrt(target * ratio))
             h = round(math.sqrt(target / ratio))
             if 0 < w <= width and 0 < h <= height:
-                top = int(torch.randint(0, height - h + 1, (1,)).item())
-                left = int(torch.randint(0, width - w + 1, (1,)).item())
+                top = int(torch.randint(0, height - h + 1, (1,), generator=generator).item())
+                left = int(torch.randint(0, width - w + 1, (1,), generator=generator).item())
                 return left, top, left + w, top + h
         # Fallback: the largest centred crop whose ratio lies in range.
         in_ratio = width / height
@@ -218,14 +227,15 @@ class ImageTransform:
             tensor = (tensor - mean) / std
         return tensor
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Args: image: a PIL image of any mode and size. Returns: tensor (3, height, width), float32."""
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Args: image: a PIL image of any mode and size; generator: the randomness of the training crop
+        and flip (torch's global generator when None). Returns: tensor (3, height, width), float32."""
         image = to_rgb(image)
         height, width = self.size
         if self.train:
-            box = self.random_crop_box(*image.size)
+            box = self.random_crop_box(*image.size, generator=generator)
             image = image.resize((width, height), Image.Resampling.BILINEAR, box=box)
-            if self.horizontal_flip and torch.rand(1).item() < 0.5:
+            if self.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5:
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         else:
             image = image.resize(self.eval_resize_size(*image.size), Image.Resampling.BILINEAR)
@@ -309,21 +319,45 @@ class TransformedDataset(torch.utils.data.Dataset):
     ``_MAX_CONSECUTIVE_FAILURES`` unreadable examples in a row it raises (that is a broken dataset, not a
     few bad files). ``num_skipped`` counts skips in this process (each DataLoader worker counts its own).
 
+    With a ``seed``, an example's random augmentation depends only on (seed, epoch, index): the epoch comes
+    from :meth:`set_epoch` (``DeltaTrainer`` calls it at each epoch), so the worker count and resuming
+    from a checkpoint do not change it. Without one, transforms draw from torch's global generator.
+
     Args:
         dataset: A map-style dataset (``__len__``, ``__getitem__``) whose rows are dicts.
         transform: A callable PIL image → tensor (3, H, W), e.g. from :func:`build_transforms`.
         image_key: Row key of the image.
         label_key: Row key of the integer label.
+        seed: Seed of the per-example augmentation randomness (None: torch's global generator).
     """
 
     def __init__(
-        self, dataset: Any, transform: Any, *, image_key: str = "image", label_key: str = "label"
+        self,
+        dataset: Any,
+        transform: Any,
+        *,
+        image_key: str = "image",
+        label_key: str = "label",
+        seed: int | None = None,
     ) -> None:
         self.dataset = dataset
         self.transform = transform
         self.image_key = image_key
         self.label_key = label_key
         self.num_skipped = 0
+        self.seed = seed
+        self._epoch = SharedEpoch() if seed is not None else None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Sets the epoch the per-example augmentation is drawn for (seen by DataLoader workers too)."""
+        if self._epoch is None:
+            self._epoch = SharedEpoch()
+        self._epoch.set(epoch)
+
+    def _transform(self, image: Any, index: int) -> Any:
+        if self.seed is None or self._epoch is None:
+            return self.transform(image)
+        return apply_seeded(self.transform, image, sample_generator(self.seed, self._epoch.get(), index))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -331,7 +365,10 @@ class TransformedDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> dict[str, Any]:
         """The transformed example at ``index``, raising on an unreadable image."""
         row = self.dataset[index]
-        return {"pixel_values": self.transform(row[self.image_key]), "labels": int(row[self.label_key])}
+        return {
+            "pixel_values": self._transform(row[self.image_key], index),
+            "labels": int(row[self.label_key]),
+        }
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)

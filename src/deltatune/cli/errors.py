@@ -1,0 +1,142 @@
+"""The command line's failure boundary: every exception becomes one line (what went wrong, which argument or
+file, what to do) and an exit status -- 2 for a usage error (an argument, a file or a setting the user can
+fix), 1 for a failure while running (permissions, a full disk, a diverging run, a bug) and 130 for Ctrl-C.
+
+Importing this module imports neither torch nor transformers: the boundary must work whatever failed to import.
+"""
+
+from __future__ import annotations
+
+import errno
+import unicodedata
+from typing import Any
+
+__all__ = [
+    "FAILURE",
+    "INTERRUPTED",
+    "USAGE",
+    "RunInterrupted",
+    "describe_error",
+    "one_line",
+    "printable",
+    "resume_hint",
+]
+
+USAGE, FAILURE, INTERRUPTED = 2, 1, 130
+_MAX_LINE = 2000
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``hint`` says how to continue it (the command that resumes, or that there is
+    nothing to resume)."""
+
+    def __init__(self, hint: str) -> None:
+        super().__init__(hint)
+        self.hint = hint
+
+
+#: Bidirectional overrides and isolates: they reorder what follows on screen (a spoofing tool).
+_BIDI_CONTROLS = frozenset(chr(c) for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A)))
+
+
+def _visible(char: str) -> str:
+    if char in "\n\t" or (unicodedata.category(char) != "Cc" and char not in _BIDI_CONTROLS):
+        return char
+    return f"\\x{ord(char):02x}" if ord(char) < 256 else f"\\u{ord(char):04x}"
+
+
+def printable(text: Any) -> str:
+    """``text`` with control characters (ESC, BEL, CR, C1 codes, bidirectional overrides) written as visible
+    ``\\xNN`` escapes, so a label, path or message cannot drive the terminal; tabs and newlines are kept."""
+    value = str(text)
+    return value if value.isprintable() else "".join(map(_visible, value))
+
+
+def one_line(text: Any) -> str:
+    """``text`` on one line (whitespace runs collapsed), with :func:`printable` characters, bounded in length."""
+    line = " ".join(printable(text).split())
+    return line if len(line) <= _MAX_LINE else line[: _MAX_LINE - 3] + "..."
+
+
+def _oserror(err: OSError) -> tuple[str, int]:
+    name = err.filename if err.filename is not None else None
+    where = f" {name!r}" if name is not None else ""
+    reason = err.strerror or str(err)
+    code = err.errno
+    if isinstance(err, PermissionError) or code in (errno.EACCES, errno.EPERM):
+        return (
+            f"permission denied:{where} ({reason}); check the owner and mode of that file or folder, or choose "
+            "a path you can read and write",
+            FAILURE,
+        )
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left on the device writing{where} ({reason}); free some space or write elsewhere",
+            FAILURE,
+        )
+    if code == errno.ENAMETOOLONG:
+        return f"a path is too long{where} ({reason}); choose a shorter --output_dir or file name", USAGE
+    if code == errno.EROFS:
+        return f"the filesystem is read-only{where}; write somewhere else", FAILURE
+    if isinstance(err, NotADirectoryError):
+        return f"not a directory:{where} ({reason}); pass a directory there", USAGE
+    if isinstance(err, IsADirectoryError):
+        return f"is a directory:{where} ({reason}); pass a file there", USAGE
+    if isinstance(err, FileNotFoundError):
+        return (f"{err}" if name is None else f"no such file or directory:{where}"), USAGE
+    if code is None:  # transformers/huggingface_hub raise bare OSError(message) for unloadable models
+        return f"{err}", FAILURE
+    return f"{reason}{where}", FAILURE
+
+
+def describe_error(err: BaseException) -> tuple[str, int]:
+    """The one line to print for ``err`` (without the ``deltatune: error:`` prefix) and the exit status."""
+    if isinstance(err, KeyboardInterrupt):
+        hint = err.hint if isinstance(err, RunInterrupted) else ""
+        return one_line(f"interrupted{'; ' + hint if hint else ''}"), INTERRUPTED
+    if isinstance(err, RecursionError):
+        return (
+            "an input is nested too deeply to read (a config or JSON file?); check the files you passed",
+            USAGE,
+        )
+    if isinstance(err, MemoryError):
+        return "out of memory; use a smaller batch size or model, or fewer images at once", FAILURE
+    if isinstance(err, OSError):
+        message, code = _oserror(err)
+        return one_line(message), code
+    if isinstance(err, ValueError):  # our errors about a flag, a config or a file (peft's type for them)
+        return one_line(err), USAGE
+    if type(err).__module__.startswith("deltatune"):  # e.g. NonFiniteLossError: its message says what to do
+        return one_line(str(err) or type(err).__name__), FAILURE
+    return one_line(f"{type(err).__name__}: {err}; run again with --debug for the traceback"), FAILURE
+
+
+def resume_hint(argv: list[str], out: str) -> str:
+    """What to tell someone who pressed Ctrl-C during ``deltatune train ARGV``: the one command that resumes
+    (the same arguments, ``--resume_from_checkpoint true`` instead of ``--overwrite_output_dir``), or that no
+    checkpoint was saved yet."""
+    import shlex
+
+    from ..train.resume import latest_complete_checkpoint
+
+    last = latest_complete_checkpoint(out)
+    if last is None:
+        return "no checkpoint was written yet, so there is nothing to resume; run the same command again to start over"
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--overwrite_output_dir":
+            continue
+        if arg.startswith("--resume_from_checkpoint"):
+            skip = "=" not in arg
+            continue
+        kept.append(arg)
+    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in kept):
+        kept += ["--output_dir", out]
+    command = " ".join(
+        shlex.quote(a) for a in ["deltatune", "train", *kept, "--resume_from_checkpoint", "true"]
+    )
+    return f"the last complete checkpoint is {last}; resume with: {command}"
