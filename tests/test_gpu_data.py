@@ -28,11 +28,15 @@ def _smooth(width: int, height: int, seed: int) -> np.ndarray:
     """A smooth RGB gradient (resampling filters agree closely on it), different per seed."""
     yy, xx = np.mgrid[0:height, 0:width]
     phase = seed * 37
+
+    def fold(v: np.ndarray) -> np.ndarray:  # a triangle wave: wraps around 255 without a step edge
+        return 255 - np.abs(v % 510 - 255)
+
     return np.stack(
         [
-            (xx * 255 // width + phase) % 256,
-            (yy * 255 // height),
-            ((xx + yy) * 127 // (width + height) + phase) % 256,
+            fold(xx * 255 // width + phase),
+            yy * 255 // height,
+            fold((xx + yy) * 127 // (width + height) + phase),
         ],
         -1,
     ).astype(np.uint8)
@@ -62,7 +66,33 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         paths.append(str(path))
     Image.fromarray(_smooth(90, 70, 9)).convert("L").save(root / "gray.jpg", quality=95)
     Image.fromarray(_smooth(90, 70, 10)).save(root / "plain.png")
-    return [*paths, str(root / "gray.jpg"), str(root / "plain.png")]
+    # formats the device decoder must not get, decoded in the worker as the CPU path decodes them
+    rgba = Image.fromarray(_smooth(80, 60, 11)).convert("RGBA")
+    rgba.putalpha(Image.fromarray((np.arange(60)[:, None] * 4 + np.zeros((60, 80))).astype(np.uint8)))
+    rgba.save(root / "alpha.png")
+    Image.fromarray(_smooth(70, 50, 12)[..., 0].astype(np.uint16) * 250).save(root / "deep.png")  # 16-bit
+    Image.fromarray(_smooth(64, 48, 13)).save(root / "plain.bmp")
+    Image.fromarray(_smooth(64, 48, 14)).save(root / "plain.tiff")
+    frames = [
+        Image.fromarray(_smooth(60, 40, 15 + k)).convert("P", palette=Image.Palette.ADAPTIVE)
+        for k in range(2)
+    ]
+    frames[0].save(root / "moving.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(_smooth(72, 56, 17)).convert("CMYK").save(root / "cmyk.jpg", quality=95)
+    trailing = root / "trailing.jpg"  # bytes after the end-of-image marker (motion photos, padded uploads)
+    Image.fromarray(_smooth(84, 64, 18)).save(trailing, quality=95)
+    trailing.write_bytes(trailing.read_bytes() + b"\x00" * 7 + b"extra data after EOI")
+    others = [
+        "gray.jpg",
+        "plain.png",
+        "alpha.png",
+        "deep.png",
+        "plain.bmp",
+        "plain.tiff",
+        "moving.gif",
+        "cmyk.jpg",
+    ]
+    return [*paths, *(str(root / name) for name in others), str(trailing)]
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -75,7 +105,11 @@ def test_device_path_matches_the_fast_path(images: list[str], train: bool) -> No
     torch.manual_seed(0)
     reference = fast.collate()([{"pixel_values": fast(p), "labels": i} for i, p in enumerate(images)])
     collate = encoded.collate()
-    batch = collate.device_transform(collate(rows), "cpu")
+    collated = collate(rows)
+    encoded = collated["encoded_images"]
+    assert encoded.blob.dim() == 1 and len(encoded) == len(images), "all bytes in one storage"
+    assert sum(n > 0 for _, n in encoded.spans) == 8, "only the 8 YCbCr JPEGs go to the device decoder"
+    batch = collate.device_transform(collated, "cpu")
     assert batch["pixel_values"].shape == (len(images), 3, 48, 48)
     assert torch.equal(batch["labels"], reference["labels"])
     # Differences come from the JPEG decoders (chroma upsampling differs between libraries by a few levels
@@ -92,15 +126,31 @@ def test_device_path_matches_the_fast_path(images: list[str], train: bool) -> No
         assert any(flips) and not all(flips), "the flip must be drawn per image"
 
 
-def test_truncated_jpeg_is_skipped_by_the_dataset(images: list[str], tmp_path: Path) -> None:
-    data = Path(images[0]).read_bytes()
+def test_unreadable_header_is_skipped_by_the_dataset(images: list[str], tmp_path: Path) -> None:
     broken = tmp_path / "broken.jpg"
-    broken.write_bytes(data[: len(data) // 2])
+    broken.write_bytes(Path(images[0]).read_bytes()[:50])
     rows = [{"image": str(broken), "label": 0}, {"image": images[1], "label": 1}]
     dataset = TransformedDataset(rows, EncodedImageTransform.from_processor(PROCESSOR, train=False))
     with pytest.warns(RuntimeWarning, match="skipped unreadable image at index 0"):
         example = dataset[0]
     assert example["labels"] == 1 and dataset.num_skipped == 1
+
+
+def test_truncated_jpeg_is_dropped_from_the_batch_with_its_label(images: list[str], tmp_path: Path) -> None:
+    """The header reads, the body does not decode: found on the device side, dropped with its label."""
+    data = Path(images[0]).read_bytes()
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(data[: len(data) // 2])
+    transform = EncodedImageTransform.from_processor(PROCESSOR, train=False)
+    collate = transform.collate()
+    rows = [{"pixel_values": transform(p), "labels": i} for i, p in enumerate([str(broken), *images[1:3]])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)  # the worker closes what it opens
+        collated = collate(rows)
+    with pytest.warns(RuntimeWarning, match="dropped 1 image"):
+        batch = collate.device_transform(collated, "cpu")
+    assert batch["pixel_values"].shape[0] == 2 and batch["labels"].tolist() == [1, 2]
+    assert collate.device_transform.decode_failures == 1
 
 
 def test_an_undecodable_image_is_dropped_with_its_label(images: list[str], tmp_path: Path) -> None:

@@ -8,14 +8,16 @@ The work is split where it is cheapest:
   encoded bytes, the crop box in the upright image, the flip flag and the EXIF orientation: a few kB
   instead of a decoded image.
 - **The device** decodes the whole batch at once (``torchvision.io.decode_jpeg(device="cuda")``: nvJPEG on a
-  CUDA GPU), rotates by the EXIF orientation, crops each box, resizes it with the same bilinear antialiased
-  filter as the CPU path, flips, and normalises the batch as ``(x/255 − mean)/std``.
+  CUDA GPU), rotates by the EXIF orientation, crops each box and resizes it (``roi_align``: a bilinear,
+  box-antialiased resampling, one call per image size), flips, and normalises as ``(x/255 − mean)/std``.
 
-Semantics match :mod:`deltatune.vision.fast`: same crop-box distribution and flip, same resampling
-filter, same normalisation. Pixels differ slightly, as the CPU path decodes JPEGs at reduced size and rounds
-to uint8 after resizing, this one does neither. Images that are not JPEG (or that nvJPEG refuses) are
-decoded on the CPU in the training process and moved over. The same code runs with ``device="cpu"``
-(how it is tested without a GPU).
+Semantics match :mod:`deltatune.vision.fast`: same crop-box distribution and flip, the same kind of
+antialiased bilinear resampling (a box rather than a triangle filter), same normalisation. Pixels differ
+slightly, as the CPU path decodes JPEGs at reduced size and rounds to uint8 after resizing. Only
+YCbCr JPEGs go to the device decoder: anything else (PNG, alpha, 16-bit, CMYK or grayscale JPEG, GIF, BMP,
+...) is decoded in the worker exactly as the CPU path decodes it, and its pixels are sent instead. A JPEG the
+device refuses is decoded on the CPU; one nothing can read is dropped with its label and counted. The same
+code runs with ``device="cpu"`` (how it is tested without a GPU).
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from .fast import _ORIENTATION_TAG, open_image
+from .fast import _ORIENTATION_TAG, decode, open_image
 from .transforms import ImageTransform, build_transforms
 
 __all__ = [
+    "EncodedBatch",
     "EncodedCollate",
     "EncodedImage",
     "EncodedImageTransform",
@@ -41,8 +45,6 @@ __all__ = [
     "gpu_decode_available",
     "peak_tflops",
 ]
-
-_EOI = b"\xff\xd9"
 
 
 def gpu_decode_available(device: torch.device | str) -> bool:
@@ -147,25 +149,28 @@ def choose_pipeline(
 
 @dataclass
 class EncodedImage:
-    """One example for the device: encoded bytes plus the augmentation drawn for it.
+    """One example for the device: the image (encoded bytes for nvJPEG, or pixels decoded in the worker)
+    plus the augmentation drawn for it.
 
     Attributes:
-        data: The file's bytes as a 1-D uint8 tensor.
+        data: The file's bytes when the device decodes it (a baseline/progressive YCbCr JPEG), else None.
+        pixels: Upright RGB pixels (3, H, W) uint8 decoded in the worker for anything else (PNG, alpha,
+            16-bit, CMYK or grayscale JPEG, ...: composited and converted exactly as the CPU path does), else None.
         box: (left, top, right, bottom) in pixels of the upright image.
         flip: Whether to flip horizontally.
-        orientation: EXIF orientation (1 = upright).
-        is_jpeg: Whether nvJPEG can take it (else it is decoded on the CPU).
+        orientation: EXIF orientation of ``data`` (1 = upright; ``pixels`` are upright already).
     """
 
-    data: torch.Tensor
+    data: bytes | None
+    pixels: torch.Tensor | None
     box: tuple[float, float, float, float]
     flip: bool
     orientation: int
-    is_jpeg: bool
 
 
 class EncodedImageTransform:
-    """Image source → :class:`EncodedImage` (bytes, crop box, flip), drawing the augmentation of ``spec``.
+    """Image source → :class:`EncodedImage` (bytes or pixels, crop box, flip), drawing the augmentation of
+    ``spec``.
 
     Args:
         spec: The transform whose size, crop ranges, flip and statistics to follow.
@@ -191,7 +196,12 @@ class EncodedImageTransform:
 
     def __call__(self, source: Any, generator: torch.Generator | None = None) -> EncodedImage:
         image = open_image(source)  # header only
-        data = _raw_bytes(source)
+        try:
+            return self._encode(source, image, generator)
+        finally:
+            image.close()
+
+    def _encode(self, source: Any, image: Any, generator: torch.Generator | None) -> EncodedImage:
         width, height = image.size
         try:
             orientation = int(image.getexif().get(_ORIENTATION_TAG, 1))
@@ -199,9 +209,6 @@ class EncodedImageTransform:
             orientation = 1
         if orientation in (5, 6, 7, 8):
             width, height = height, width
-        is_jpeg = image.format == "JPEG"
-        if is_jpeg and not data.rstrip(b"\x00").endswith(_EOI):
-            raise OSError("truncated JPEG (no end-of-image marker)")
         spec = self.spec
         if spec.train:
             box: tuple[float, float, float, float] = tuple(
@@ -210,8 +217,11 @@ class EncodedImageTransform:
             flip = bool(spec.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5)
         else:
             box, flip = _centre_box(spec, width, height), False
-        tensor = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return EncodedImage(tensor, box, flip, orientation, is_jpeg)
+        if image.format == "JPEG" and image.mode == "RGB":  # YCbCr: what nvJPEG decodes to RGB
+            return EncodedImage(_raw_bytes(source), None, box, flip, orientation)
+        upright = decode(image, None, orientation)  # the CPU path's decode: alpha on white, modes, EXIF
+        pixels = torch.from_numpy(np.asarray(upright, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        return EncodedImage(None, pixels, box, flip, 1)
 
 
 def _raw_bytes(source: Any) -> bytes:
@@ -241,11 +251,37 @@ def _centre_box(spec: ImageTransform, width: int, height: int) -> tuple[float, f
     return left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy
 
 
+@dataclass
+class EncodedBatch:
+    """A collated batch for :class:`GpuImageBatch`: every encoded image's bytes in one uint8 tensor (one
+    storage to pass between processes, not one per image), their offsets and lengths, the worker-decoded
+    pixels, and the augmentation as tensors.
+
+    Attributes:
+        blob: All encoded bytes, concatenated (1-D uint8).
+        spans: (offset, length) into ``blob`` per example, (0, 0) for a worker-decoded one.
+        pixels: Worker-decoded (3, H, W) uint8 per example, None for an encoded one.
+        boxes: (B, 4) float32 crop boxes.
+        flips: (B,) bool.
+        orientations: EXIF orientation per example.
+    """
+
+    blob: torch.Tensor
+    spans: list[tuple[int, int]]
+    pixels: list[torch.Tensor | None]
+    boxes: torch.Tensor
+    flips: torch.Tensor
+    orientations: list[int]
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+
 class EncodedCollate:
-    """Batches :class:`EncodedImage` rows for :class:`GpuImageBatch` (which runs on the device).
+    """Batches :class:`EncodedImage` rows into an :class:`EncodedBatch` for :class:`GpuImageBatch`.
 
     Returns (when called on ``{"pixel_values": EncodedImage, "labels"}`` rows):
-        ``{"encoded_images": [EncodedImage, ...], "labels": int64 (B,)}``.
+        ``{"encoded_images": EncodedBatch, "labels": int64 (B,)}``.
     """
 
     def __init__(self, device_transform: GpuImageBatch) -> None:
@@ -257,8 +293,25 @@ class EncodedCollate:
         images = [e["pixel_values"] for e in examples]
         if not all(isinstance(i, EncodedImage) for i in images):
             raise ValueError("EncodedCollate expects EncodedImage rows from EncodedImageTransform")
+        spans: list[tuple[int, int]] = []
+        offset = 0
+        for image in images:
+            length = len(image.data) if image.data is not None else 0
+            spans.append((offset, length))
+            offset += length
+        blob = torch.frombuffer(
+            bytearray(b"".join(i.data or b"" for i in images)) or bytearray(1), dtype=torch.uint8
+        )
+        batch = EncodedBatch(
+            blob=blob,
+            spans=spans,
+            pixels=[i.pixels for i in images],
+            boxes=torch.tensor([i.box for i in images], dtype=torch.float32),
+            flips=torch.tensor([i.flip for i in images], dtype=torch.bool),
+            orientations=[i.orientation for i in images],
+        )
         labels = [e["labels"] if "labels" in e else e["label"] for e in examples]
-        return {"encoded_images": images, "labels": torch.tensor([int(v) for v in labels], dtype=torch.long)}
+        return {"encoded_images": batch, "labels": torch.tensor([int(v) for v in labels], dtype=torch.long)}
 
 
 def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -279,64 +332,95 @@ def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 class GpuImageBatch:
-    """The device half: decode a batch of :class:`EncodedImage`, crop, resize, flip, normalise.
+    """The device half: decode an :class:`EncodedBatch`, crop, resize, flip, normalise.
 
     Args:
         size: Output (height, width).
         mean, std: Per-channel statistics in [0, 1] units.
         normalize: When False, only scale to [0, 1].
+        chunk_bytes: Largest float32 stack handed to one ``roi_align`` (large photos go in several).
     """
 
     def __init__(
-        self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], normalize: bool = True
+        self,
+        size: tuple[int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        normalize: bool = True,
+        chunk_bytes: int = 512 * 2**20,
     ) -> None:
         self.size = (int(size[0]), int(size[1]))
         self.mean = [float(m) for m in mean] if normalize else [0.0] * 3
         self.std = [float(s) for s in std] if normalize else [1.0] * 3
+        self.chunk_bytes = chunk_bytes
         self.decode_failures = 0
+        self._affine: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _decode(self, images: Sequence[EncodedImage], device: torch.device) -> list[torch.Tensor | None]:
-        """Decoded (3, H, W) uint8 images on ``device``; None for one no decoder can read."""
+    def __getstate__(self) -> dict[str, Any]:  # device tensors stay out of pickles (DataLoader workers)
+        return {**self.__dict__, "_affine": {}}
+
+    def _decode(self, batch: EncodedBatch, device: torch.device) -> list[torch.Tensor | None]:
+        """Upright (3, H, W) uint8 images on ``device``; None for one no decoder can read."""
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-        jpegs = [i for i, image in enumerate(images) if image.is_jpeg]
-        out: list[torch.Tensor | None] = [None] * len(images)
-        if jpegs:
+        with (
+            warnings.catch_warnings()
+        ):  # torchvision 0.29+ warns on every decode that torchcodec supersedes it
+            warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities")
+            return self._decode_all(batch, device, decode_jpeg, decode_image, ImageReadMode.RGB)
+
+    def _decode_all(
+        self, batch: EncodedBatch, device: torch.device, decode_jpeg: Any, decode_image: Any, rgb: Any
+    ) -> list[torch.Tensor | None]:
+        encoded = [i for i, (_, n) in enumerate(batch.spans) if n > 0]
+        streams = {i: batch.blob[o : o + n] for i, (o, n) in enumerate(batch.spans) if n > 0}
+        out: list[torch.Tensor | None] = [
+            None if p is None else p.to(device, non_blocking=True) for p in batch.pixels
+        ]
+        if encoded:
             try:
-                decoded = decode_jpeg([images[i].data for i in jpegs], mode=ImageReadMode.RGB, device=device)
-                for i, tensor in zip(jpegs, decoded, strict=True):
+                decoded = decode_jpeg([streams[i] for i in encoded], mode=rgb, device=device)
+                for i, tensor in zip(encoded, decoded, strict=True):
                     out[i] = tensor
             except RuntimeError:  # one bad stream fails the batched call: decode those one by one
-                for i in jpegs:
+                for i in encoded:
                     with contextlib.suppress(RuntimeError):
-                        out[i] = decode_jpeg(images[i].data, mode=ImageReadMode.RGB, device=device)
-        for i, tensor in enumerate(out):
-            if tensor is None:  # not a JPEG, or one the device refused: decode on the CPU
-                try:
-                    out[i] = decode_image(images[i].data, mode=ImageReadMode.RGB).to(
-                        device, non_blocking=True
-                    )
-                except RuntimeError:
-                    self.decode_failures += 1
+                        out[i] = decode_jpeg(streams[i], mode=rgb, device=device)
+            for i in encoded:
+                if out[i] is None:  # refused on the device: the CPU decoder, else dropped
+                    try:
+                        out[i] = decode_image(streams[i], mode=rgb).to(device, non_blocking=True)
+                    except RuntimeError:
+                        self.decode_failures += 1
+                        continue
+                out[i] = _orient(out[i], batch.orientations[i])  # type: ignore[arg-type]
         return out
+
+    def _statistics(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1/(255·std), −mean/std) as (1, 3, 1, 1) tensors on ``device``, made once per device."""
+        if device not in self._affine:
+            std, mean = torch.tensor(self.std), torch.tensor(self.mean)
+            scale, shift = (1.0 / (255.0 * std)).view(1, 3, 1, 1), (-mean / std).view(1, 3, 1, 1)
+            self._affine[device] = (scale.to(device), shift.to(device))
+        return self._affine[device]
 
     def __call__(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
         """Replaces ``batch["encoded_images"]`` by ``batch["pixel_values"]``: float32 (B, 3, H, W) on ``device``.
 
-        Crops and resizes run as one ``roi_align`` per distinct image size in the batch (adaptive sampling:
-        ⌈box / output⌉ bilinear samples averaged per output pixel, i.e. an antialiasing box filter when
-        shrinking and plain bilinear when enlarging), not one resize per image. An image no decoder can
-        read is dropped from the batch with its label, and counted in a warning.
+        Crops and resizes run as one ``roi_align`` per distinct image size in the batch (in chunks for large
+        photos; adaptive sampling: ⌈box / output⌉ bilinear samples averaged per output pixel, i.e. an
+        antialiasing box filter when shrinking and plain bilinear when enlarging), not one resize per image.
+        An image no decoder can read is dropped from the batch with its label, and counted in a warning.
         """
         from torchvision.ops import roi_align
 
-        images: list[EncodedImage] = batch.pop("encoded_images")
+        encoded: EncodedBatch = batch.pop("encoded_images")
         device = torch.device(device)
-        decoded = self._decode(images, device)
+        decoded = self._decode(encoded, device)
         keep = [i for i, t in enumerate(decoded) if t is not None]
-        if len(keep) < len(images):
+        if len(keep) < len(encoded):
             warnings.warn(
-                f"dropped {len(images) - len(keep)} image(s) of the batch that could not be decoded "
+                f"dropped {len(encoded) - len(keep)} image(s) of the batch that could not be decoded "
                 f"({self.decode_failures} so far)",
                 RuntimeWarning,
                 stacklevel=2,
@@ -345,23 +429,29 @@ class GpuImageBatch:
                 batch["labels"] = batch["labels"][keep]
         if not keep:
             raise RuntimeError("no image of the batch could be decoded")
-        upright = [_orient(decoded[i], images[i].orientation) for i in keep]  # type: ignore[arg-type]
         groups: dict[tuple[int, int], list[int]] = {}
-        for j, pixels in enumerate(upright):
-            groups.setdefault((pixels.shape[1], pixels.shape[2]), []).append(j)
-        out = torch.empty(len(keep), 3, *self.size, device=device)
-        for members in groups.values():
-            stack = torch.stack([upright[j] for j in members]).float()
-            boxes = torch.tensor(
-                [[k, *images[keep[j]].box] for k, j in enumerate(members)], dtype=torch.float32
-            ).to(device, non_blocking=True)
-            index = torch.tensor(members, device=device)
-            out.index_copy_(0, index, roi_align(stack, boxes, self.size, 1.0, 0, aligned=True))
-        flips = [j for j, i in enumerate(keep) if images[i].flip]
-        if flips:
-            index = torch.tensor(flips, device=device)
-            out.index_copy_(0, index, out.index_select(0, index).flip(-1))
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        batch["pixel_values"] = out.mul_(1.0 / 255.0).sub_(mean).div_(std)
+        for i in keep:
+            pixels = decoded[i]
+            assert pixels is not None
+            groups.setdefault((pixels.shape[1], pixels.shape[2]), []).append(i)
+        boxes = encoded.boxes.to(device, non_blocking=True)
+        resized: dict[int, torch.Tensor] = {}
+        for (height, width), members in groups.items():
+            per_chunk = max(1, self.chunk_bytes // (3 * height * width * 4))
+            for start in range(0, len(members), per_chunk):
+                chunk = members[start : start + per_chunk]
+                stack = torch.stack([decoded[i] for i in chunk]).float()  # type: ignore[misc]
+                rois = torch.cat(
+                    [torch.arange(len(chunk), device=device, dtype=torch.float32).unsqueeze(1), boxes[chunk]],
+                    1,
+                )
+                for i, image in zip(
+                    chunk, roi_align(stack, rois, self.size, 1.0, 0, aligned=True), strict=True
+                ):
+                    resized[i] = image
+        out = torch.stack([resized[i] for i in keep])
+        flips = encoded.flips[keep].to(device, non_blocking=True).view(-1, 1, 1, 1)
+        out = torch.where(flips, out.flip(-1), out)
+        scale, shift = self._statistics(device)
+        batch["pixel_values"] = out.mul_(scale).add_(shift)
         return batch
