@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from tiny import save_tiny_vit_dir, write_image_folder
+from tiny import TINY_RUN_FLAGS, save_tiny_vit_dir, tiny_train_argv, write_image_folder
 
 import deltatune._files
 import deltatune.tasks.inference
@@ -26,10 +26,7 @@ from deltatune._files import write_json
 from deltatune.cli import main
 from deltatune.train.metrics import classification_report
 
-FLAGS = [
-    "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--use_cpu", "--disable_tqdm", "true",
-    "--seed", "0", "--validation_split", "0.25", "--method", "lora", "--r", "2",
-]  # fmt: skip
+FLAGS = TINY_RUN_FLAGS
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +35,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     save_tiny_vit_dir(root / "model")
     write_image_folder(root / "data", per_class=8)
     run = root / "run"
-    argv = [
-        "train",
-        "--model",
-        str(root / "model"),
-        "--dataset",
-        str(root / "data"),
-        "--output_dir",
-        str(run),
-    ]
-    assert main([*argv, *FLAGS]) == 0
+    assert main(tiny_train_argv(root, run)) == 0
     return {"root": str(root), "model": str(root / "model"), "data": str(root / "data"), "run": str(run)}
 
 

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tiny import save_tiny_vit_dir, write_image_folder
+from tiny import write_train_val_assets
 
 import deltatune.cli.checks as checks
 from deltatune.cli import main
@@ -26,16 +26,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("flags")
-    save_tiny_vit_dir(root / "model")
-    write_image_folder(root / "train", per_class=6, seed=0)
-    write_image_folder(root / "val", per_class=2, seed=1)
-    return {
-        "root": str(root),
-        "model": str(root / "model"),
-        "train": str(root / "train"),
-        "val": str(root / "val"),
-    }
+    return write_train_val_assets(tmp_path_factory.mktemp("flags"))
 
 
 @pytest.fixture

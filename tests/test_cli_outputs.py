@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import save_tiny_vit_dir, write_image_folder
+from tiny import save_tiny_vit_dir, write_train_val_assets
 
 from deltatune.cli import main
 from deltatune.vision import offline_default_model_dir
@@ -33,16 +33,7 @@ CLASSES = ["bright", "dark", "red"]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("outputs")
-    save_tiny_vit_dir(root / "model")
-    write_image_folder(root / "train", per_class=6, seed=0)
-    write_image_folder(root / "val", per_class=2, seed=1)
-    return {
-        "root": str(root),
-        "model": str(root / "model"),
-        "train": str(root / "train"),
-        "val": str(root / "val"),
-    }
+    return write_train_val_assets(tmp_path_factory.mktemp("outputs"))
 
 
 def _json(path: Path) -> dict:

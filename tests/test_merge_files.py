@@ -18,28 +18,16 @@ from typing import Any
 import pytest
 import transformers
 from safetensors.torch import load_file, save_file
-from tiny import save_tiny_vit_dir, tiny_vit, write_image_folder
+from tiny import TINY_RUN_FLAGS, save_tiny_vit_dir, tiny_train_argv, tiny_vit, write_image_folder
 
 from deltatune.cli import main
 from deltatune.train import DeltaTrainer, TrainingArguments
 
-FLAGS = [
-    "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--use_cpu", "--disable_tqdm", "true",
-    "--seed", "0", "--validation_split", "0.25", "--method", "lora", "--r", "2",
-]  # fmt: skip
+FLAGS = TINY_RUN_FLAGS
 
 
 def train(root: Path, out: Path) -> None:
-    argv = [
-        "train",
-        "--model",
-        str(root / "model"),
-        "--dataset",
-        str(root / "data"),
-        "--output_dir",
-        str(out),
-    ]
-    assert main([*argv, *FLAGS]) == 0
+    assert main(tiny_train_argv(root, out)) == 0
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,13 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import save_tiny_vit_dir, tiny_vit, write_image_folder
+from tiny import TINY_RUN_FLAGS, save_tiny_vit_dir, tiny_train_argv, tiny_vit, write_image_folder
 
 import deltatune
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.cli import main
 
-FLAGS = [
-    "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--use_cpu", "--disable_tqdm", "true",
-    "--seed", "0", "--validation_split", "0.25", "--method", "lora", "--r", "2",
-]  # fmt: skip
+FLAGS = TINY_RUN_FLAGS
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +33,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     save_tiny_vit_dir(root / "model")
     write_image_folder(root / "data", per_class=6)
     out = root / "run"
-    argv = [
-        "train",
-        "--model",
-        str(root / "model"),
-        "--dataset",
-        str(root / "data"),
-        "--output_dir",
-        str(out),
-    ]
-    assert main([*argv, *FLAGS]) == 0
+    assert main(tiny_train_argv(root, out)) == 0
     return {"root": str(root), "run": str(out), "image": str(root / "data" / "red" / "0.png")}
 
 

@@ -81,3 +81,37 @@ def write_image_folder(root: str | os.PathLike[str], per_class: int = 6, seed: i
                 pixels[..., 0] += 180
             Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
     return os.fspath(root)
+
+
+#: The flags of the smallest real `deltatune train` run: one epoch, batch 4, CPU, LoRA r=2.
+TINY_RUN_FLAGS = [
+    "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--use_cpu", "--disable_tqdm", "true",
+    "--seed", "0", "--validation_split", "0.25", "--method", "lora", "--r", "2",
+]  # fmt: skip
+
+
+def tiny_train_argv(root: str | os.PathLike[str], out: str | os.PathLike[str]) -> list[str]:
+    """``deltatune train`` on ``root/model`` and ``root/data`` into ``out``, with :data:`TINY_RUN_FLAGS`."""
+    return [
+        "train",
+        "--model",
+        os.path.join(root, "model"),
+        "--dataset",
+        os.path.join(root, "data"),
+        "--output_dir",
+        os.fspath(out),
+        *TINY_RUN_FLAGS,
+    ]
+
+
+def write_train_val_assets(root: str | os.PathLike[str]) -> dict[str, str]:
+    """A tiny saved ViT (``root/model``) and separate train (6 per class) and val (2 per class) image folders."""
+    save_tiny_vit_dir(os.path.join(root, "model"))
+    write_image_folder(os.path.join(root, "train"), per_class=6, seed=0)
+    write_image_folder(os.path.join(root, "val"), per_class=2, seed=1)
+    return {
+        "root": os.fspath(root),
+        "model": os.path.join(root, "model"),
+        "train": os.path.join(root, "train"),
+        "val": os.path.join(root, "val"),
+    }
