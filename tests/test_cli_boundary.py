@@ -76,7 +76,7 @@ def test_one_class_is_refused_and_json_output_is_strict(
     shutil.copytree(Path(assets["data"]) / "red", single / "red")
     assert main([*train_argv(assets, tmp_path / "out", dataset=str(single)), *FLAGS]) == 2
     assert "at least 2" in one_error(capsys)
-    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "out").exists()  # refused before it started: no folder, no empty train.log
     for name in ("metrics.json", "deltatune_run.json", "labels.json"):
         strict_loads((Path(assets["run"]) / name).read_text())
     report = classification_report(np.array([[2.0, 0.0, 0.0]]), np.array([0]), ["a", "b", "c"])

@@ -13,7 +13,13 @@ from PIL import Image
 from torch import nn
 
 from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
-from deltatune.methods._fused import dropout_keep_mask, low_rank_add, low_rank_gemms, merged_weight_pays
+from deltatune.methods._fused import (
+    CPU_MASK_MIN_NUMEL,
+    dropout_keep_mask,
+    low_rank_add,
+    low_rank_gemms,
+    merged_weight_pays,
+)
 from deltatune.methods.lokr import lokr_delta_forward
 from deltatune.vision.fast import FastCollate, FastImageTransform, ImagePathRows
 from deltatune.vision.transforms import TransformedDataset, build_transforms, collate_fn
@@ -31,27 +37,35 @@ def grads(y: torch.Tensor, inputs: list[torch.Tensor], g: torch.Tensor) -> list[
 
 
 # ---- dropout mask ------------------------------------------------------------------------------------
-def test_keep_mask_rate_and_seed() -> None:
+@pytest.mark.parametrize(
+    ("shape", "tolerance"),
+    [
+        ((400, 500), 0.005),  # 200k draws, CPU's integer mask: 4 sigma ≈ 0.0027
+        ((100, 100), 0.015),  # 10k draws, under CPU_MASK_MIN_NUMEL: F.dropout; 4 sigma = 0.012
+    ],
+)
+def test_keep_mask_rate_and_seed(shape: tuple[int, int], tolerance: float) -> None:
     torch.manual_seed(0)
-    a = dropout_keep_mask(torch.Size([400, 500]), 0.1, torch.device("cpu"))
+    a = dropout_keep_mask(torch.Size(shape), 0.1, torch.device("cpu"))
     torch.manual_seed(0)
-    b = dropout_keep_mask(torch.Size([400, 500]), 0.1, torch.device("cpu"))
+    b = dropout_keep_mask(torch.Size(shape), 0.1, torch.device("cpu"))
     assert a.dtype == torch.bool and torch.equal(a, b)
-    assert abs(a.float().mean().item() - 0.9) < 0.005  # 200k draws: 4 sigma ≈ 0.0027
+    assert abs(a.float().mean().item() - 0.9) < tolerance
 
 
 # ---- low_rank_gemms / low_rank_add --------------------------------------------------------------------
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_low_rank_gemms_match_reference(p: float, with_bias: bool) -> None:
-    x, w = leaf(2, 5, 12, seed=1), leaf(10, 12, seed=2)
+@pytest.mark.parametrize("tokens", [5, CPU_MASK_MIN_NUMEL // 24 + 1])  # F.dropout; the CPU integer mask
+def test_low_rank_gemms_match_reference(p: float, with_bias: bool, tokens: int) -> None:
+    x, w = leaf(2, tokens, 12, seed=1), leaf(10, 12, seed=2)
     bias = leaf(10, seed=3) if with_bias else None
     a, b = leaf(3, 12, seed=4), leaf(10, 3, seed=5)
     inputs = [t for t in (x, w, bias, a, b) if t is not None]
     torch.manual_seed(7)
     y = low_rank_gemms(x, w, bias, a, b, 0.7, p, D64)
     torch.manual_seed(7)
-    keep = dropout_keep_mask(torch.Size([2, 5, 12]), p, x.device) if p else torch.ones_like(x)
+    keep = dropout_keep_mask(x.shape, p, x.device) if p else torch.ones_like(x)
     ref = F.linear(x, w, bias) + ((x * keep / (1 - p)) @ a.t() @ b.t()) * 0.7
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(y)
@@ -72,13 +86,14 @@ def test_low_rank_gemms_gradcheck(p: float) -> None:
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_low_rank_add_matches_reference(p: float) -> None:
-    res, x = leaf(4, 3, 9, seed=1), leaf(4, 3, 7, seed=2)
+@pytest.mark.parametrize("tokens", [3, CPU_MASK_MIN_NUMEL // 28 + 1])  # F.dropout; the CPU integer mask
+def test_low_rank_add_matches_reference(p: float, tokens: int) -> None:
+    res, x = leaf(4, tokens, 9, seed=1), leaf(4, tokens, 7, seed=2)
     a, b = leaf(2, 7, seed=3), leaf(9, 2, seed=4)
     torch.manual_seed(11)
     y = low_rank_add(res, x, a, b, 0.5, p)
     torch.manual_seed(11)
-    keep = dropout_keep_mask(torch.Size([4, 3, 7]), p, x.device) if p else torch.ones_like(x)
+    keep = dropout_keep_mask(x.shape, p, x.device) if p else torch.ones_like(x)
     ref = res + ((x * keep / (1 - p)) @ a.t() @ b.t()) * 0.5
     torch.testing.assert_close(y, ref)
     g = torch.randn_like(y)

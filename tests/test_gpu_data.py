@@ -4,6 +4,7 @@ defaults for accelerators; and the per-epoch throughput record."""
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -238,3 +239,34 @@ def test_training_through_the_device_path(images: list[str], tmp_path: Path) -> 
     assert 0.0 <= result.metrics["accuracy"] <= 1.0
     epochs = [h for h in result.metrics["history"] if "train_samples_per_second_epoch" in h]
     assert len(epochs) == 2 and all(h["train_samples_per_second_epoch"] > 0 for h in epochs)
+
+
+@pytest.mark.parametrize("utilization", [None, 87.0])
+def test_epoch_throughput_reaches_the_console_only_with_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, utilization: float | None
+) -> None:
+    """samples/s is already a column of the console's epoch line; a GPU's utilisation is news there. The
+    record goes to the run's history either way (and train.log, which keeps DEBUG)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from deltatune.train import throughput
+
+    monkeypatch.setattr(throughput, "gpu_utilization", lambda device=None: utilization)
+    monkeypatch.setattr(
+        throughput,
+        "_Sampler",
+        lambda device: SimpleNamespace(start=lambda: SimpleNamespace(stop=lambda: utilization)),
+    )
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    callback, state = throughput.ThroughputCallback(), TrainerState()
+    args = SimpleNamespace(train_batch_size=4, gradient_accumulation_steps=1, world_size=1)
+    with caplog.at_level(logging.DEBUG, logger="deltatune.train.throughput"):
+        callback.on_epoch_begin(args, state, TrainerControl())  # type: ignore[arg-type]
+        state.global_step, state.epoch = 5, 1.0
+        callback.on_epoch_end(args, state, TrainerControl())  # type: ignore[arg-type]
+    (record,) = [r for r in caplog.records if "samples/s" in r.getMessage()]
+    assert record.levelno == (logging.DEBUG if utilization is None else logging.INFO)
+    assert ("GPU 87% busy" in record.getMessage()) == (utilization is not None)
+    assert state.log_history[-1]["step"] == 5 and state.log_history[-1].get("gpu_utilization") == utilization

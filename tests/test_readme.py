@@ -72,6 +72,15 @@ def test_readme_console_matches_a_real_run(default_run: tuple[Path, str, str]) -
     for line in (s for s in shown if s.startswith("[deltatune] ")):
         words = " ".join(line.split()[:3])  # the numbers differ in the shortened run
         assert any(e.startswith(words) for e in err), line
+    starts = {" ".join(s.split()[:3]) for s in shown if s.startswith("[deltatune] ")}
+    unshown = [
+        e
+        for e in err
+        if e.startswith("[deltatune] ")
+        and " ".join(e.split()[:3]) not in starts
+        and "so it is fitted to" not in e  # the shortened run's 64 images fit the recipe's batch to them
+    ]
+    assert not unshown, f"the console prints lines the README does not show: {unshown}"
     header = next(i for i, line in enumerate(shown) if line.lstrip().startswith("epoch "))
     assert shown[header] == out[1]
     rows = [ROW.match(line) for line in shown if ROW.match(line)]

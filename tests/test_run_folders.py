@@ -346,6 +346,10 @@ def test_real_processes_second_run_refused_and_ctrl_c_prints_the_resume_command(
     assert first.returncode == 130, err[-3000:]
     line = one_error_line(err)
     assert "resume with: deltatune train" in line and "--resume_from_checkpoint true" in line, line
+    log = (out / "train.log").read_text(encoding="utf-8")
+    assert "the run stopped: interrupted (Ctrl-C)" in log and "resume with: deltatune train" in log, log[
+        -3000:
+    ]
 
 
 def test_checkpoints_are_rotated_by_step_not_by_modification_time(tmp_path: Path) -> None:

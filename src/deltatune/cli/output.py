@@ -130,7 +130,9 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
     a count.
 
     The log is a stream, appended line by line (a killed run keeps what it logged), unlike the atomic
-    result files. Yields the :class:`WarningDigest`; its summary is printed when the block ends.
+    result files. A run that stops on an exception logs it there (with its traceback) when it had logged
+    anything; a log left empty is removed (a run refused before it started leaves no litter). Yields the
+    :class:`WarningDigest`; its summary is printed when the block ends.
     """
     import os
 
@@ -140,7 +142,8 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
         yield WarningDigest()
         return
     os.makedirs(output_dir, exist_ok=True)
-    handler = logging.FileHandler(os.path.join(output_dir, LOG_NAME), mode="a", encoding="utf-8")
+    path = os.path.join(output_dir, LOG_NAME)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     handler.setLevel(logging.DEBUG)
     package = logging.getLogger("deltatune")
@@ -161,10 +164,22 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
         with warnings.catch_warnings():
             warnings.showwarning = digest.show
             yield digest
+    except BaseException as exc:
+        if handler.stream is not None and handler.stream.tell() > 0:  # the run had started: say how it ended
+            reason = (
+                "interrupted (Ctrl-C)"
+                if isinstance(exc, KeyboardInterrupt)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            file_only.error("the run stopped: %s", reason, exc_info=exc)
+        raise
     finally:
         for logger in (package, library, file_only):
             logger.removeHandler(handler)
         handler.close()
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path) == 0:
+                os.remove(path)
         package.setLevel(saved_level)
         for existing, level in saved_handlers:
             existing.setLevel(level)

@@ -15,7 +15,8 @@ more host time than it saves: measured with ``python -m benchmarks.ops``):
 - **Autocast**: the layer input is cast to the autocast dtype once, for both GEMMs (an unfused adapter casts
   it for the base GEMM and again for its own); the weights are cast by autocast as for the base model.
 - **Dropout is one op** on CUDA (``F.dropout``: the fused ``native_dropout`` kernel, a 1-byte mask; CPU eager
-  draws its mask faster, see :func:`_dropout`) and none at all when p = 0 or in eval. No dtype views of bool masks: everything here compiles with ``torch.compile``.
+  draws its mask faster and folds the 1/(1−p) into the GEMM's alpha, see :func:`_dropout`) and none at all
+  when p = 0 or in eval. No dtype views of bool masks: everything here compiles with ``torch.compile``.
 - :func:`low_rank_add`: the same term added to an existing base output (a base layer with hooks or a
   subclass with its own forward) by one ``addmm``.
 - :func:`merged_weight_pays`: whether ``base_op(x, W + ΔW)`` (one GEMM, plus one weight-gradient GEMM in
@@ -65,25 +66,35 @@ def dropout_keep_mask(
 ) -> torch.Tensor:
     """The bool keep-mask that the fast paths' dropout draws for a tensor of ``shape`` from the current RNG
     state (entries kept with probability 1 − p); for tests that rebuild a fused path's mask."""
-    return _dropout(torch.ones(shape, device=device), p) != 0
+    return _dropout(torch.ones(shape, device=device), p)[0] != 0
 
 
 _TWO_31 = 2**31
 
+#: Below this many entries CPU dropout stays ``F.dropout`` (see :func:`_dropout`). LoRA training steps,
+#: one thread: a tiny ViT at 32 px (hundreds of entries per call) ran 4% faster with ``F.dropout``, ViT-Small
+#: at 224 px, batch 1 (75k entries per call) 2% faster with the integer mask; the op alone breaks even near
+#: 10k entries.
+CPU_MASK_MIN_NUMEL = 1 << 14
 
-def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Input dropout scaled by 1/(1−p); x itself when p = 0.
 
-    On CUDA (and under ``torch.compile``) ``F.dropout``: one fused ``native_dropout`` kernel saving a 1-byte
-    mask. In CPU eager mode a uniform 31-bit integer per entry compared with p·2³¹ (keeps with probability
-    1 − p to within 2⁻³¹) then a ``where``: about twice as fast as ``bernoulli_``, which dominates CPU dropout,
-    and the ``where`` saves only the 1-byte mask for backward."""
+def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Input dropout as ``(dropped, factor)``: ``factor · dropped`` is x with entries zeroed with probability p
+    and the rest scaled by 1/(1−p); ``(x, 1.0)`` when p = 0. Callers fold ``factor`` into the scale they
+    already apply (a GEMM's ``alpha``), so the rescaling costs no op of its own.
+
+    On CUDA (and under ``torch.compile``) ``F.dropout``, factor 1: one fused ``native_dropout`` kernel saving
+    a 1-byte mask. In CPU eager mode, for tensors of at least :data:`CPU_MASK_MIN_NUMEL` entries, a uniform
+    31-bit integer per entry compared with p·2³¹ (keeps with probability 1 − p to within 2⁻³¹) then one
+    ``where``, factor 1/(1−p): CPU ``bernoulli_`` (inside ``F.dropout``) costs about 1.5x this forward, and
+    the ``where``'s backward is one op on the saved 1-byte mask, as ``native_dropout``'s is. Smaller CPU
+    tensors keep ``F.dropout``: there its one dispatcher call is cheaper than the three that replace it."""
     if p <= 0:
-        return x
-    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        return x, 1.0
+    if x.device.type == "cpu" and x.numel() >= CPU_MASK_MIN_NUMEL and not torch.compiler.is_compiling():
         keep = torch.empty(x.shape, dtype=torch.int32).random_() >= round(p * _TWO_31)
-        return torch.where(keep, x, 0).mul_(1.0 / (1.0 - p))
-    return F.dropout(x, p, True)
+        return torch.where(keep, x, 0), 1.0 / (1.0 - p)
+    return F.dropout(x, p, True), 1.0
 
 
 def is_plain(layer: torch.nn.Module, types: tuple[type[torch.nn.Module], ...]) -> bool:
@@ -151,9 +162,10 @@ def low_rank_gemms(
     x2 = x.reshape(-1, x.shape[-1])  # 2-D, so the accumulation below is in place on a tensor, not a view
     x2 = x2 if x2.dtype == dtype else x2.to(dtype)  # once, for both GEMMs
     y = F.linear(x2, weight, bias)
-    hidden = F.linear(_dropout(x2, dropout), a)
+    dropped, factor = _dropout(x2, dropout)
+    hidden = F.linear(dropped, a)
     b = b if b.dtype == y.dtype else b.to(y.dtype)  # in-place ops are not autocast
-    y.addmm_(hidden, b.t(), alpha=scale)
+    y.addmm_(hidden, b.t(), alpha=scale * factor)
     return y.view(*lead, y.shape[-1])
 
 
@@ -180,11 +192,13 @@ def low_rank_add(
     """
     dtype = fused_dtype(x, a, b)
     if dtype is None or result.dtype != dtype:  # mixed dtypes: PEFT's order (cast x to the adapter dtype)
-        delta = F.linear(F.linear(_dropout(x, dropout).to(a.dtype), a), b) * scale
+        dropped, factor = _dropout(x, dropout)
+        delta = F.linear(F.linear(dropped.to(a.dtype), a), b) * (scale * factor)
         return result + delta.to(result.dtype)
     x2 = x.reshape(-1, x.shape[-1])
-    hidden = F.linear(_dropout(x2 if x2.dtype == dtype else x2.to(dtype), dropout), a)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scale)
+    dropped, factor = _dropout(x2 if x2.dtype == dtype else x2.to(dtype), dropout)
+    hidden = F.linear(dropped, a)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t(), alpha=scale * factor)
     return out.view(result.shape)
 
 

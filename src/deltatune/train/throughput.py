@@ -100,6 +100,12 @@ class ThroughputCallback(TrainerCallback):
         self.epochs.append(record)
         state.log_history.append(record)
         gpu = f", GPU {utilization:.0f}% busy" if utilization is not None else ""
-        logger.info(
-            "epoch %.2f: %.1f samples/s%s", record["epoch"], record["train_samples_per_second_epoch"], gpu
+        # On the console only with a GPU: its utilisation is news there; samples/s alone is already a
+        # column of the epoch line, so without one it goes to the run's log file only.
+        logger.log(
+            logging.INFO if utilization is not None else logging.DEBUG,
+            "epoch %.2f: %.1f samples/s%s",
+            record["epoch"],
+            record["train_samples_per_second_epoch"],
+            gpu,
         )
