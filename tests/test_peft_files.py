@@ -66,7 +66,15 @@ def test_load_adapter_result_trainability_and_dtype(tmp_path: Path) -> None:
     assert not any(p.requires_grad for p in frozen.parameters())
     trainable = PeftModel.from_pretrained(mlp(), tmp_path / "b", adapter_name="b", is_trainable=True)
     trainable.load_adapter(tmp_path / "a", adapter_name="a", is_trainable=True)
-    assert all(p.requires_grad for n, p in trainable.named_parameters() if "lora_" in n)
+
+    def training() -> set[str]:
+        return {
+            n.split(".lora_")[1].split(".")[1] for n, p in trainable.named_parameters() if p.requires_grad
+        }
+
+    assert training() == {"b"}  # "a" is not active: it trains once activated (PEFT since its issue 2759)
+    trainable.set_adapter("a")
+    assert training() == {"a"}
     half = mlp().to(torch.bfloat16)
     kept = PeftModel.from_pretrained(half, tmp_path / "b", autocast_adapter_dtype=False)
     assert {p.dtype for n, p in kept.named_parameters() if "lora_" in n} == {torch.bfloat16}
@@ -203,3 +211,52 @@ def test_layers_expose_features_and_peft_style_repr() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.save_pretrained  # noqa: B018 (attribute access only)
+
+
+class AttentionNet(nn.Module):
+    """nn.MultiheadAttention (biases: in_proj_bias, out_proj.bias) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.mha = nn.MultiheadAttention(8, 2)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mha(x, x, x)[0])
+
+
+def test_bias_all_covers_multihead_attention_in_proj_bias_as_peft_does(tmp_path: Path) -> None:
+    """bias="all" trains the biases PEFT trains and saves and loads every bias PEFT's files hold: MHA's
+    ``in_proj_bias`` is saved (not trained, as in PEFT) and loads back, also into a model configured with
+    bias="none" (it was skipped there as a base weight, with only a log warning)."""
+    peft = pytest.importorskip("peft")
+    config = {"target_modules": ["mha"], "bias": "all", "init_lora_weights": False}
+    ours = get_peft_model(AttentionNet(), LoraConfig(**config))
+    theirs = peft.get_peft_model(AttentionNet(), peft.LoraConfig(**config))
+
+    def trained(model: nn.Module) -> set[str]:
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    assert trained(ours) == trained(theirs)
+    assert any(n.endswith("in_proj_bias") for n in ours.state_dict()) and not any(
+        n.endswith("in_proj_bias") for n in trained(ours)
+    )
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "bias" in name.rsplit(".", 1)[-1]:
+                p.fill_(1.23)
+    ours.save_pretrained(tmp_path)
+    x = torch.randn(3, 4, 8)
+    torch.testing.assert_close(PeftModel.from_pretrained(AttentionNet(), tmp_path)(x), ours(x))
+    # into a model whose own config says bias="none" (PEFT's FSDP round trip does this): the file's biases load
+    plain = get_peft_model(AttentionNet(), LoraConfig(target_modules=["mha"]))
+    result = deltatune.set_peft_model_state_dict(plain, deltatune.get_peft_model_state_dict(ours))
+    assert result.unexpected_keys == []
+    torch.testing.assert_close(plain(x), ours(x))
+    # peft reads the same biases from the file (its outputs differ: it adds out_proj's delta twice, see
+    # test_interop_peft.py::test_mha_same_files_peft_doubles_out_proj)
+    biases = {n: p for n, p in peft.PeftModel.from_pretrained(AttentionNet(), tmp_path).named_parameters()}
+    for name, p in ours.named_parameters():
+        if "bias" in name.rsplit(".", 1)[-1]:
+            assert torch.equal(biases[name], p), name

@@ -16,6 +16,7 @@ __all__ = [
     "adapter_dtype",
     "base_weight_shape",
     "expect_config",
+    "is_bias_name",
     "kaiming_uniform_",
     "module_bias",
     "module_weight",
@@ -23,6 +24,12 @@ __all__ = [
 
 
 ConfigT = TypeVar("ConfigT", bound=PeftConfig)
+
+
+def is_bias_name(name: str) -> bool:
+    """Whether the parameter ``name`` is a bias as PEFT's ``bias="all"`` counts them: its last part holds
+    ``bias`` (``.bias``, and ``nn.MultiheadAttention``'s ``in_proj_bias``, ``bias_k``, ``bias_v``)."""
+    return "bias" in name.rsplit(".", 1)[-1]
 
 
 def expect_config(config: PeftConfig, cls: type[ConfigT]) -> ConfigT:

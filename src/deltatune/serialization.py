@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ._files import atomic_write_bytes, resolve_file
+from ._layer_helpers import is_bias_name
 from .layers import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import available_methods, get_method, specs_for_peft_type
@@ -353,7 +354,7 @@ class _DirectKeys:
         self.keys, self.prefixes = keys, tuple(prefixes)
 
     def covers(self, key: str) -> bool:
-        if key in self.keys or key.endswith(".bias"):
+        if key in self.keys or is_bias_name(key):
             return True
         return bool(self.prefixes) and key.startswith(self.prefixes)
 
