@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from tiny import TINY_RUN_FLAGS, save_tiny_vit_dir, tiny_train_argv, write_image_folder
+from tiny import TINY_RUN_FLAGS, tiny_trained_run
 
 import deltatune._files
 import deltatune.tasks.inference
@@ -26,17 +26,12 @@ from deltatune._files import write_json
 from deltatune.cli import main
 from deltatune.train.metrics import classification_report
 
-FLAGS = TINY_RUN_FLAGS
-
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("boundary")
-    save_tiny_vit_dir(root / "model")
-    write_image_folder(root / "data", per_class=8)
-    run = root / "run"
-    assert main(tiny_train_argv(root, run)) == 0
-    return {"root": str(root), "model": str(root / "model"), "data": str(root / "data"), "run": str(run)}
+    run = tiny_trained_run(root, per_class=8)
+    return {"root": str(root), "model": str(root / "model"), "data": str(root / "data"), "run": run}
 
 
 def train_argv(assets: dict[str, str], out: Path | str, *, dataset: str | None = None) -> list[str]:
@@ -74,7 +69,7 @@ def test_one_class_is_refused_and_json_output_is_strict(
 ) -> None:
     single = tmp_path / "single"
     shutil.copytree(Path(assets["data"]) / "red", single / "red")
-    assert main([*train_argv(assets, tmp_path / "out", dataset=str(single)), *FLAGS]) == 2
+    assert main([*train_argv(assets, tmp_path / "out", dataset=str(single)), *TINY_RUN_FLAGS]) == 2
     assert "at least 2" in one_error(capsys)
     assert not (tmp_path / "out").exists()  # refused before it started: no folder, no empty train.log
     for name in ("metrics.json", "deltatune_run.json", "labels.json"):
@@ -136,7 +131,7 @@ def test_names_and_paths_print_as_written(
     shutil.copytree(Path(assets["data"]) / "red", data / "[red]apple")
     shutil.copytree(Path(assets["data"]) / "dark", data / "dark\x1b]0;pwned\x07\x1b[2J")
     out = tmp_path / "out[" / "x]"  # printed as .../out[/x]
-    assert main([*train_argv(assets, out, dataset=str(data)), *FLAGS]) == 0
+    assert main([*train_argv(assets, out, dataset=str(data)), *TINY_RUN_FLAGS]) == 0
     image = data / "[red]apple" / "0.png"
     assert main(["predict", str(image), "--adapter", str(out)]) == 0
     assert main(["evaluate", "--adapter", str(out)]) == 0
@@ -216,9 +211,9 @@ def _scenario(
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
         monkeypatch.setattr(deltatune._files, "atomic_write_bytes", full)
-        return [*train_argv(assets, tmp_path / "out"), *FLAGS], 1, "no space left"
+        return [*train_argv(assets, tmp_path / "out"), *TINY_RUN_FLAGS], 1, "no space left"
     if case == "path_too_long":
-        return [*train_argv(assets, tmp_path / ("x" * 300)), *FLAGS], 2, "too long"
+        return [*train_argv(assets, tmp_path / ("x" * 300)), *TINY_RUN_FLAGS], 2, "too long"
     if case == "output_is_a_file":
         (tmp_path / "file").write_text("x")
         return (
@@ -241,7 +236,7 @@ def _scenario(
         "training_step",
         lambda self, *a, **k: original_step(self, *a, **k) * torch.tensor(float("nan")),
     )
-    return [*train_argv(assets, tmp_path / "out"), *FLAGS], 1, "training loss became nan"
+    return [*train_argv(assets, tmp_path / "out"), *TINY_RUN_FLAGS], 1, "training loss became nan"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -261,7 +256,7 @@ def test_every_failure_is_one_line_with_an_exit_status(
 def test_debug_shows_the_traceback(
     assets: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = [*train_argv(assets, tmp_path / ("x" * 300)), *FLAGS]
+    argv = [*train_argv(assets, tmp_path / ("x" * 300)), *TINY_RUN_FLAGS]
     assert main([*argv, "--debug"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" in err and "too long" in err.strip().splitlines()[-1]

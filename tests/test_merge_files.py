@@ -18,12 +18,10 @@ from typing import Any
 import pytest
 import transformers
 from safetensors.torch import load_file, save_file
-from tiny import TINY_RUN_FLAGS, save_tiny_vit_dir, tiny_train_argv, tiny_vit, write_image_folder
+from tiny import save_tiny_vit_dir, tiny_train_argv, tiny_vit, write_image_folder
 
 from deltatune.cli import main
 from deltatune.train import DeltaTrainer, TrainingArguments
-
-FLAGS = TINY_RUN_FLAGS
 
 
 def train(root: Path, out: Path) -> None:

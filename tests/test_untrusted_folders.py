@@ -18,23 +18,18 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny import TINY_RUN_FLAGS, save_tiny_vit_dir, tiny_train_argv, tiny_vit, write_image_folder
+from tiny import TINY_RUN_FLAGS, tiny_trained_run, tiny_vit
 
 import deltatune
 from deltatune import LoraConfig, PeftModel, get_peft_model
 from deltatune.cli import main
 
-FLAGS = TINY_RUN_FLAGS
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("untrusted")
-    save_tiny_vit_dir(root / "model")
-    write_image_folder(root / "data", per_class=6)
-    out = root / "run"
-    assert main(tiny_train_argv(root, out)) == 0
-    return {"root": str(root), "run": str(out), "image": str(root / "data" / "red" / "0.png")}
+    run = tiny_trained_run(root, per_class=6)
+    return {"root": str(root), "run": run, "image": str(root / "data" / "red" / "0.png")}
 
 
 def copy_run(trained: dict[str, str], tmp_path: Path) -> Path:
@@ -244,7 +239,7 @@ def test_huge_image_sizes_are_refused_before_allocating(
     shutil.copytree(Path(trained["root"]) / "model", model_dir)
     edit_json(model_dir / "preprocessor_config.json", size={"height": 30000, "width": 30000})
     argv = ["train", "--model", str(model_dir), "--dataset", str(Path(trained["root"]) / "data")]
-    assert main([*argv, "--output_dir", str(tmp_path / "out"), *FLAGS]) == 2
+    assert main([*argv, "--output_dir", str(tmp_path / "out"), *TINY_RUN_FLAGS]) == 2
     assert "30000" in error_line(capsys)
 
 

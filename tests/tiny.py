@@ -104,6 +104,18 @@ def tiny_train_argv(root: str | os.PathLike[str], out: str | os.PathLike[str]) -
     ]
 
 
+def tiny_trained_run(root: str | os.PathLike[str], per_class: int) -> str:
+    """A tiny saved ViT (``root/model``), an image folder (``root/data``, ``per_class`` images per class) and a
+    finished ``deltatune train`` run on them (``root/run``, :data:`TINY_RUN_FLAGS`); returns the run's path."""
+    from deltatune.cli import main
+
+    save_tiny_vit_dir(os.path.join(root, "model"))
+    write_image_folder(os.path.join(root, "data"), per_class=per_class)
+    run = os.path.join(root, "run")
+    assert main(tiny_train_argv(root, run)) == 0
+    return run
+
+
 def write_train_val_assets(root: str | os.PathLike[str]) -> dict[str, str]:
     """A tiny saved ViT (``root/model``) and separate train (6 per class) and val (2 per class) image folders."""
     save_tiny_vit_dir(os.path.join(root, "model"))

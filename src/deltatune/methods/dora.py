@@ -148,7 +148,7 @@ class DoraLayer(LoraLayer):
     """LoRA's layer plus a magnitude per output channel (``lora_magnitude_vector``); see the module doc."""
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
-    #: As PEFT: no ``nn.MultiheadAttention``; ``nn.Embedding`` is :class:`._dora_embedding.DoraEmbeddingLayer`.
+    #: As PEFT: no ``nn.MultiheadAttention``; ``nn.Embedding`` is :class:`DoraEmbeddingLayer`.
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Conv1D, *CONV_TYPES, nn.Embedding)
     lora_magnitude_vector: nn.ParameterDict
 
