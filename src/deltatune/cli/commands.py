@@ -94,7 +94,7 @@ def train(argv: list[str]) -> int:
     if parsed.push_to_hub:
         check_hub_access(args.hub_model_id)
     main_process = args.process_index == 0  # torchrun / accelerate launch: rank 0 locks, checks, reports
-    record = run_record(spec, args, parsed.options.precision)
+    record = run_record(spec, args, parsed.options.precision)  # once: checks the folder, then is written
     screen = console()
     with run_lock(out, enabled=main_process):  # one run per folder, for the whole run
         with args.main_process_first(desc="preparing the output directory"):
@@ -128,6 +128,7 @@ def train(argv: list[str]) -> int:
                     dataloader="keep" if any(a.split("=", 1)[0] in LOADER_FLAGS for a in argv) else "auto",
                     fit_batch_to_data=parsed.batch_from_recipe,
                     trust_remote_code=parsed.options.trust_remote_code,
+                    record=record,  # the one computed before the folder was prepared
                 )
             except KeyboardInterrupt:
                 from .errors import RunInterrupted, resume_hint
@@ -142,13 +143,14 @@ def train(argv: list[str]) -> int:
                     markup=False,
                 )
             screen.print(printable(f"wrote {out}/: {_written(out)}"), markup=False)
-            screen.print(
-                printable(
-                    f"open {os.path.join(out, 'report.html')} in a browser for the curves, the confusion matrix "
-                    "and the mistakes"
-                ),
-                markup=False,
-            )
+            if os.path.isfile(os.path.join(out, "report.html")):
+                screen.print(
+                    printable(
+                        f"open {os.path.join(out, 'report.html')} in a browser for the curves, the confusion "
+                        "matrix and the mistakes"
+                    ),
+                    markup=False,
+                )
     if parsed.push_to_hub:
         from huggingface_hub import HfApi
 

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from .._files import atomic_write_text, write_json
+from ..model_card import md_text
 from .image_classification import RunSpec, run_training
 from .plots import compare_chart
 
@@ -143,7 +144,7 @@ def compare_runs(
 
 def compare_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
     """The comparison as a markdown table."""
-    lines = [f"### {title}", ""] if title else []
+    lines = [f"### {md_text(title)}", ""] if title else []
     lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
         lines.append(
@@ -159,10 +160,20 @@ def compare_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
 
 
 def write_compare(rows: Sequence[dict[str, Any]], output_dir: str, title: str) -> list[str]:
-    """Writes compare.md, compare.json and compare.png into ``output_dir``; returns their paths."""
+    """Writes compare.md, compare.json and compare.png into ``output_dir``; returns the paths written (a
+    chart that cannot be drawn is one warning: the table and the JSON are what a comparison must keep)."""
     os.makedirs(output_dir, exist_ok=True)
     paths = [os.path.join(output_dir, n) for n in ("compare.md", "compare.json", "compare.png")]
     atomic_write_text(paths[0], compare_markdown(rows, title))
     write_json(paths[1], list(rows))
-    compare_chart(rows, paths[2], title=title)
+    try:
+        compare_chart(rows, paths[2], title=title)
+    except Exception as error:  # a chart is never worth the comparison
+        logger.debug("could not write compare.png", exc_info=True)
+        logger.warning(
+            "could not write compare.png (%s: %s); compare.md and compare.json are saved",
+            type(error).__name__,
+            " ".join(str(error).split())[:160],
+        )
+        return paths[:2]
     return paths

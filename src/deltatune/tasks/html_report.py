@@ -26,6 +26,7 @@ __all__ = [
     "MAX_MISCLASSIFIED",
     "REPORT_NAME",
     "dataset_name",
+    "image_label",
     "misclassified",
     "render_html_report",
     "write_html_report",
@@ -37,23 +38,28 @@ MAX_MISCLASSIFIED = 24
 THUMBNAIL_PX = 96
 
 _STYLE = """
-body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330;overflow-wrap:anywhere}
 main{max-width:1100px;margin:0 auto;padding:24px}
 h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:32px 0 10px;border-bottom:1px solid #dde1e7;padding-bottom:4px}
 .sub{color:#5a6373;margin:0 0 18px}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(160px,1fr));gap:10px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px}
 .card{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:10px 12px}
 .card .v{font-size:22px;font-weight:650}.card .k{color:#5a6373;font-size:13px}
-img.plot{max-width:100%;background:#fff;border:1px solid #dde1e7;border-radius:8px}
+img.plot{display:block;max-width:100%;height:auto;background:#fff;border:1px solid #dde1e7;border-radius:8px}
+img.matrix{max-width:min(100%,720px)}
+.scroll{max-width:100%;overflow-x:auto}
 table{border-collapse:collapse;background:#fff}td,th{padding:4px 10px;border-bottom:1px solid #eceff3;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-.bar{height:12px;background:#2f6db5;border-radius:3px}.barbox{width:220px;background:#e8ecf2;border-radius:3px}
+.bar{height:12px;background:#2f6db5;border-radius:3px}.barbox{width:220px;max-width:25vw;background:#e8ecf2;border-radius:3px}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(118px,1fr));gap:10px}
-figure{margin:0;background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:8px;text-align:center}
+figure{margin:0;background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:8px;text-align:center;min-width:0}
 figure img{width:96px;height:96px;object-fit:contain;image-rendering:pixelated;background:#000}
 figcaption{font-size:12.5px;margin-top:4px}.pred{color:#b3261e;font-weight:600}.true{color:#1b7a3a;font-weight:600}
-pre{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:10px;overflow-x:auto;font-size:13px}
+.path{color:#5a6373;font-size:11.5px}
+pre{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:10px;overflow-x:auto;font-size:13px;white-space:pre-wrap}
 .note{color:#5a6373}
+@media (max-width:600px){main{padding:12px}h1{font-size:21px}h2{font-size:17px}td,th{padding:4px 6px}
+.card .v{font-size:19px}.grid{grid-template-columns:repeat(auto-fill,minmax(104px,1fr))}}
 """
 
 
@@ -150,10 +156,42 @@ def _per_class(metrics: dict[str, Any]) -> str:
             "</div></div></td></tr>"
         )
     head = "<tr><th>class</th><th>accuracy</th><th>images</th><th></th></tr>"
-    return f"<table>{head}{''.join(rows)}</table>"
+    return f"<div class='scroll'><table>{head}{''.join(rows)}</table></div>"
 
 
-def _mistakes(predictions: EvalPredictions | None, eval_rows: Any, class_names: Sequence[str]) -> str:
+def _source_path(rows: Any, index: int) -> str | None:
+    """The file behind row ``index`` of an evaluation split, when the split reads files (an image folder,
+    possibly through subsets); None otherwise."""
+    for _ in range(8):  # subsets of subsets, bounded
+        files = getattr(rows, "files", None)
+        if isinstance(files, Sequence) and 0 <= index < len(files):
+            return str(files[index])
+        indices, inner = getattr(rows, "indices", None), getattr(rows, "dataset", None)
+        if not isinstance(indices, Sequence) or inner is None or not 0 <= index < len(indices):
+            return None
+        rows, index = inner, int(indices[index])
+    return None
+
+
+def image_label(rows: Any, index: int, data_roots: Sequence[str] = ()) -> str:
+    """How the report names evaluation image ``index``: its path relative to the dataset folder it is in
+    (``cat/001.jpg``), its file name when it is in none of ``data_roots``, ``#index`` when it has no file."""
+    path = _source_path(rows, index)
+    if path is None:
+        return f"#{index}"
+    for root in data_roots:
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+        if not relative.startswith(os.pardir):
+            return relative.replace(os.sep, "/")
+    return os.path.basename(path)
+
+
+def _mistakes(
+    predictions: EvalPredictions | None,
+    eval_rows: Any,
+    class_names: Sequence[str],
+    data_roots: Sequence[str] = (),
+) -> str:
     if predictions is None or eval_rows is None:
         return "<p class='note'>No predictions were kept for this run (no evaluation).</p>"
     items = misclassified(predictions)
@@ -168,10 +206,11 @@ def _mistakes(predictions: EvalPredictions | None, eval_rows: Any, class_names: 
             continue
         pred_name = html.escape(str(class_names[predicted]))
         true_name = html.escape(str(class_names[true]))
+        where = html.escape(image_label(eval_rows, index, data_roots))
         figures.append(
-            f'<figure><img src="{uri}" alt="validation image {index}: predicted {pred_name}, true {true_name}">'
+            f'<figure><img src="{uri}" alt="{where}: predicted {pred_name}, true {true_name}">'
             f'<figcaption>predicted <span class="pred">{pred_name}</span> ({confidence:.0%})<br>'
-            f'true <span class="true">{true_name}</span> · #{index}</figcaption></figure>'
+            f'true <span class="true">{true_name}</span><br><span class="path">{where}</span></figcaption></figure>'
         )
     note = (
         f"{total} of {len(predictions.labels)} validation images are misclassified; "
@@ -186,8 +225,10 @@ def render_html_report(
     output_dir: str,
     predictions: EvalPredictions | None = None,
     eval_rows: Any = None,
+    data_roots: Sequence[str] = (),
 ) -> str:
-    """The page as a string (images already in ``output_dir`` are embedded)."""
+    """The page as a string (images already in ``output_dir`` are embedded; misclassified images are named
+    by their path relative to the first of ``data_roots`` that holds them)."""
     title = f"{metrics['name']} on {dataset_name(str(metrics['dataset']))}"
     parts = [
         "<!doctype html>",
@@ -210,10 +251,13 @@ def render_html_report(
         matrix = _data_uri(os.path.join(output_dir, "confusion_matrix.png"))
         parts += ["<h2>Confusion matrix</h2>"]
         if matrix:
-            parts.append(f'<img class="plot" src="{matrix}" alt="confusion matrix" style="max-width:720px">')
+            parts.append(f'<img class="plot matrix" src="{matrix}" alt="confusion matrix">')
         parts += ["<h2>Accuracy per class</h2>", _per_class(metrics)]
     class_names = metrics.get("class_names") or []
-    parts += ["<h2>Misclassified validation images</h2>", _mistakes(predictions, eval_rows, class_names)]
+    parts += [
+        "<h2>Misclassified validation images</h2>",
+        _mistakes(predictions, eval_rows, class_names, data_roots),
+    ]
     if metrics.get("ranks"):
         heatmap = _data_uri(os.path.join(output_dir, f"{metrics['method']}_ranks.png"))
         if heatmap:
@@ -234,8 +278,9 @@ def write_html_report(
     output_dir: str,
     predictions: EvalPredictions | None = None,
     eval_rows: Any = None,
+    data_roots: Sequence[str] = (),
 ) -> str:
     """Writes ``report.html`` into ``output_dir`` (after the PNGs it embeds); returns its path."""
     path = os.path.join(output_dir, REPORT_NAME)
-    atomic_write_text(path, render_html_report(metrics, output_dir, predictions, eval_rows))
+    atomic_write_text(path, render_html_report(metrics, output_dir, predictions, eval_rows, data_roots))
     return path

@@ -1,9 +1,11 @@
-"""Image classification, the guide's recipe as one function: data → base model → adapter → ``DeltaTrainer``
-→ files for people.
+"""Image classification, the guide's recipe in stages: data → base model → machine setup → adapter →
+``DeltaTrainer`` → fit → files for people.
 
-``deltatune train`` and ``deltatune compare`` are thin layers over :func:`run_training`. The training engine
-(:mod:`deltatune.train`) knows nothing of images; this module brings the data (:mod:`deltatune.vision`), the
-classification head and the report. A second task is a new module beside this one.
+:func:`run_training` reads like the recipe; each stage is a function of its own. ``deltatune train`` and
+``deltatune compare`` are thin layers over it. The training engine (:mod:`deltatune.train`) knows nothing of
+images; this module brings the data (:mod:`deltatune.vision`), the classification head and the report
+(:mod:`.report`). What identifies a run (:class:`RunSpec`, :func:`run_record`) lives in :mod:`.run_spec`. A
+second task is a new module beside this one.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import transformers
@@ -26,13 +28,22 @@ from ..train.arguments import accelerator_name, cpu_threads
 from ..train.checkpoint import save_label_maps
 from ..train.dataloading import apply_accelerator_defaults, loader_settings_left_alone
 from ..train.metrics import compute_classification_metrics
-from ..train.outputs import training_identity, write_run_record
+from ..train.outputs import write_run_record
 from ..train.precision import forward_gflop, resolve_precision
 from ..train.run import PeakMemory, fit_batch, logged_final_evaluation, planned_steps
 from ..train.trainer import DeltaTrainer
 from .classifier import build_base_model, find_head, portable_model_name
-from .report import card_config, write_results, write_run_report
-from .results import PredictionRecorder, final_evaluation_step
+from .report import card_config, write_outputs, write_run_report
+from .results import EvalPredictions, PredictionRecorder, final_evaluation_step
+from .run_spec import (
+    GUIDE_DATASET,
+    GUIDE_MODEL,
+    GUIDE_TARGETS,
+    GUIDE_TRAINING_DEFAULTS,
+    RunSpec,
+    adapter_defaults,
+    run_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,106 +60,6 @@ __all__ = [
     "write_run_report",
 ]
 
-GUIDE_MODEL = "google/vit-base-patch16-224-in21k"
-GUIDE_DATASET = "food101"
-#: The guide's targets: attention query and value (transformers 4 names; they also find q_proj/v_proj).
-GUIDE_TARGETS = ["query", "value"]
-#: The guide's TrainingArguments (fp16 is added on a GPU only).
-GUIDE_TRAINING_DEFAULTS: dict[str, Any] = {
-    "remove_unused_columns": False,
-    "eval_strategy": "epoch",
-    "save_strategy": "epoch",
-    "learning_rate": 5e-3,
-    "per_device_train_batch_size": 128,
-    "gradient_accumulation_steps": 4,
-    "per_device_eval_batch_size": 128,
-    "num_train_epochs": 5,
-    "logging_steps": 10,
-    "load_best_model_at_end": True,
-    "save_total_limit": 2,  # with load_best_model_at_end: the best checkpoint and the last one
-    "label_names": ["labels"],
-    "report_to": "none",
-}
-
-
-@dataclass
-class RunSpec:
-    """One training run.
-
-    Attributes:
-        method: Registered adapter method, or None for a baseline.
-        model: Base model id or directory.
-        dataset: Dataset id, directory or ``"offline-default"``.
-        adapter_kwargs: Config fields given by the user (merged over :func:`adapter_defaults`).
-        baseline: ``"linear_probe"`` (only the head trains) or ``"full"`` (everything trains); needs
-            ``method=None``.
-        random_backbone: Start from randomly initialised weights of the same architecture.
-        image_column, label_column, validation_split, max_train_samples, max_eval_samples: Data options
-            (see :func:`deltatune.vision.load_image_dataset`).
-        data_pipeline: ``"auto"`` (the default: ``"gpu"`` when training on a GPU that the CPU cannot feed,
-            else ``"fast"``), ``"gpu"`` (decoding and augmentation on the device, see
-            :mod:`deltatune.vision.gpu`), ``"fast"`` (reduced-size JPEG decoding, uint8 until the batch) or
-            ``"standard"`` (see :func:`deltatune.vision.image_datasets`).
-        validation_dir: An image folder to evaluate on instead of a split of ``dataset`` (a folder).
-        ignore_mismatched_sizes: Re-initialise a checkpoint head of another size (False: an error).
-    """
-
-    method: str | None
-    model: str
-    dataset: str
-    adapter_kwargs: dict[str, Any] = field(default_factory=dict)
-    baseline: str | None = None
-    random_backbone: bool = False
-    image_column: str | None = None
-    label_column: str | None = None
-    validation_split: float = 0.1
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    data_pipeline: str = "auto"
-    validation_dir: str | None = None
-    ignore_mismatched_sizes: bool = True
-
-    @property
-    def name(self) -> str:
-        base = self.method or str(self.baseline)
-        return f"{base} (random backbone)" if self.random_backbone else base
-
-    def identity(self) -> dict[str, Any]:
-        """The parts of :meth:`record` that make two runs the same run (a folder holding a run with other
-        values is refused)."""
-        record = self.record()
-        return {
-            k: record[k]
-            for k in ("method", "baseline", "model", "dataset", "random_backbone", "adapter_kwargs")
-        }
-
-    def record(self) -> dict[str, Any]:
-        """What identifies the run (written to ``deltatune_run.json``)."""
-        return {
-            "method": self.method,
-            "baseline": self.baseline,
-            "model": self.model,
-            "dataset": self.dataset,
-            "random_backbone": self.random_backbone,
-            "adapter_kwargs": self.adapter_kwargs,
-            "image_column": self.image_column,
-            "label_column": self.label_column,
-            "validation_split": self.validation_split,
-            "max_train_samples": self.max_train_samples,
-            "max_eval_samples": self.max_eval_samples,
-            "data_pipeline": self.data_pipeline,
-            "validation_dir": self.validation_dir,
-        }
-
-
-def run_record(
-    spec: RunSpec, args: transformers.TrainingArguments, precision: str = "auto"
-) -> dict[str, Any]:
-    """What identifies a run, as written to ``deltatune_run.json`` and compared before a run writes into a
-    folder: the :class:`RunSpec`, the seed, the precision asked for and every training argument that can
-    change the result (see :func:`deltatune.train.outputs.training_identity`)."""
-    return {**spec.record(), "seed": args.seed, "precision": precision, "training": training_identity(args)}
-
 
 @dataclass
 class RunResult:
@@ -160,35 +71,19 @@ class RunResult:
     output_dir: str
 
 
-def adapter_defaults(
-    method: str, head: str | None, planned: int = 0, given: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The guide's adapter settings for ``method``: query/value, the head saved, and the method's own recipe
-    defaults (LoRA: r=16, alpha=16, dropout 0.1; AdaLoRA: init_r=12 → target_r=8 with a schedule fitted to
-    the run's ``planned`` steps; see ``AdapterConfig.recipe_defaults``), for what ``given`` leaves unset."""
-    spec = get_method(method)
-    common: dict[str, Any] = {"target_modules": list(GUIDE_TARGETS)}
-    if head:
-        common["modules_to_save"] = [head]
-    return {**common, **spec.config_cls.recipe_defaults(planned, dict(given or {}))}
+@dataclass
+class RunSetup:
+    """How a run uses this machine, decided once from the data and the base model.
 
+    Attributes:
+        on_cpu: Training on the CPU (no accelerator, or ``use_cpu``).
+        gflop: Forward GFLOP per example, when it was needed for a choice (None otherwise).
+        pipeline: The resolved data pipeline (``"fast"``, ``"standard"`` or ``"gpu"``).
+    """
 
-def _prepare_model(spec: RunSpec, model: nn.Module, head: str | None, total_steps: int) -> nn.Module:
-    if spec.baseline is not None:
-        if spec.baseline not in ("linear_probe", "full"):
-            raise ValueError(f"unknown baseline {spec.baseline!r}; choose 'linear_probe' or 'full'")
-        train_all = spec.baseline == "full"
-        for name, p in model.named_parameters():
-            p.requires_grad_(train_all or (head is not None and name.startswith(f"{head}.")))
-        return model
-    if spec.method is None:
-        raise ValueError("a run needs a method or a baseline")
-    method = get_method(spec.method)
-    kwargs = {**adapter_defaults(method.name, head, total_steps, spec.adapter_kwargs), **spec.adapter_kwargs}
-    config = method.make_config(**kwargs)
-    config.check_fits_run(total_steps)
-    config.base_model_name_or_path = portable_model_name(spec.model)  # no path of this machine
-    return get_peft_model(model, config)
+    on_cpu: bool
+    gflop: float | None
+    pipeline: str
 
 
 def run_training(
@@ -206,8 +101,10 @@ def run_training(
     do_eval: bool = True,
     fit_batch_to_data: bool = False,
     trust_remote_code: bool = False,
+    record: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Trains ``spec`` with ``args`` and writes the adapter, labels, metrics, plots and model card.
+    """Trains ``spec`` with ``args`` and writes the adapter, labels, metrics, plots and model card: the
+    recipe's stages in order (data → base model → machine setup → adapter → trainer → fit → outputs).
 
     Args:
         spec: What to train.
@@ -230,17 +127,56 @@ def run_training(
         fit_batch_to_data: The batch size and accumulation are a recipe's, not the user's: shrink them when
             they would leave fewer than a few optimiser steps per epoch on this data (said in one line).
         trust_remote_code: Let a model or processor folder run the Python code it ships (``auto_map``).
+        record: The run record the caller already computed with :func:`run_record` (the CLI checks the
+            output folder with it); None computes it here, before anything adapts ``args``.
 
-    The run record (:func:`run_record`) is written first, marked ``"running"``, and ``"finished"`` once
-    everything else is written.
+    The run record is written first, marked ``"running"``, and ``"finished"`` once the adapter and the
+    result files are written (a failure in the plots or the report is one warning, see :func:`write_outputs`).
     """
-    from ..vision import image_datasets, load_image_dataset
-    from ..vision.gpu import choose_pipeline
+    record = record if record is not None else run_record(spec, args, precision)
+    bundle = load_data(spec, args)
+    base, processor = build_base_model(
+        spec.model,
+        bundle.id2label,
+        spec.random_backbone,
+        args.seed,
+        ignore_mismatched_sizes=spec.ignore_mismatched_sizes,
+        trust_remote_code=trust_remote_code,
+    )
+    setup = choose_setup(spec, args, bundle, base, processor, num_threads, precision, dataloader)
+    train_ds, eval_ds, collate = _datasets(bundle, processor, setup.pipeline, args.seed)
+    if fit_batch_to_data:
+        fit_batch(args, len(bundle.train))
+    model = attach_adapter(spec, base, bundle.num_labels, planned_steps(args, len(bundle.train)))
+    trainer, recorder = build_trainer(model, args, train_ds, eval_ds, collate, processor, callbacks, progress)
+    output_dir = str(args.output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    main_process = trainer.is_world_process_zero()  # under torchrun/accelerate only rank 0 writes files
+    if main_process:
+        write_run_record(output_dir, record, "running")
+    with cpu_threads(base, num_threads, setup.on_cpu, setup.gflop):
+        train_metrics, eval_metrics, memory = fit(trainer, do_train, do_eval)
+    if do_train:
+        save_trained(trainer, model, output_dir)
+    metrics = run_metrics(spec, bundle, model, trainer, train_metrics, eval_metrics, memory)
+    metrics.update(command=command, do_train=do_train, do_eval=do_eval, logging_steps=args.logging_steps)
+    predictions = recorder.predictions_at(final_evaluation_step(trainer)) if do_eval else None
+    if predictions is not None:
+        metrics.update(confusion_metrics(predictions, bundle.class_names))
+    if main_process:
+        write_outputs(trainer, metrics, output_dir, write_report, predictions, bundle.eval, _data_roots(spec))
+        write_run_record(output_dir, record, "finished")
+    return RunResult(model=model, trainer=trainer, metrics=metrics, output_dir=output_dir)
 
-    record = run_record(spec, args, precision)  # before anything below adapts args
 
-    with args.main_process_first(desc="loading the dataset"):  # one download/cache build under torchrun
-        bundle = load_image_dataset(
+# ---- data ---------------------------------------------------------------------------------------
+def load_data(spec: RunSpec, args: transformers.TrainingArguments) -> Any:
+    """The run's train and evaluation splits (an :class:`~deltatune.vision.ImageDatasetBundle`), loaded
+    once under torchrun (the main process first builds any download or cache)."""
+    from ..vision import load_image_dataset
+
+    with args.main_process_first(desc="loading the dataset"):
+        return load_image_dataset(
             spec.dataset,
             image_column=spec.image_column,
             label_column=spec.label_column,
@@ -250,14 +186,38 @@ def run_training(
             max_eval_samples=spec.max_eval_samples,
             validation_dir=spec.validation_dir,
         )
-    base, processor = build_base_model(
-        spec.model,
-        bundle.id2label,
-        spec.random_backbone,
-        args.seed,
-        ignore_mismatched_sizes=spec.ignore_mismatched_sizes,
-        trust_remote_code=trust_remote_code,
-    )
+
+
+def _datasets(bundle: Any, processor: Any, pipeline: str, seed: int | None) -> tuple[Any, Any, Any]:
+    """(train dataset, evaluation dataset, collate) on ``pipeline``: the one place the run's evaluation
+    data are built."""
+    from ..vision import image_datasets
+
+    return image_datasets(bundle, processor, pipeline, seed=seed)
+
+
+def _data_roots(spec: RunSpec) -> list[str]:
+    """The folders the report names evaluation images relative to (``--validation_dir``, ``--dataset``)."""
+    return [root for root in (spec.validation_dir, spec.dataset) if root and os.path.isdir(root)]
+
+
+# ---- the machine --------------------------------------------------------------------------------
+def choose_setup(
+    spec: RunSpec,
+    args: transformers.TrainingArguments,
+    bundle: Any,
+    base: nn.Module,
+    processor: Any,
+    num_threads: int | None,
+    precision: str,
+    dataloader: str,
+) -> RunSetup:
+    """Decides how the run uses this machine and updates ``args`` for it: loader workers on an
+    accelerator, the precision, the data pipeline, no pinned memory on a CPU. The forward cost per example
+    is measured only when a choice depends on it (CPU threads or bf16 on a CPU, the data path on a GPU)."""
+    from ..vision import image_datasets
+    from ..vision.gpu import choose_pipeline
+
     on_cpu = bool(getattr(args, "use_cpu", False)) or accelerator_name() is None
     if not on_cpu and dataloader == "auto" and loader_settings_left_alone(args):
         apply_accelerator_defaults(args)
@@ -265,8 +225,6 @@ def run_training(
     probe_ds, _, probe_collate = image_datasets(
         bundle, processor, "fast" if pipeline in ("auto", "gpu") else pipeline
     )
-    # the forward cost per example decides CPU threads and bf16 on a CPU, and the data path on a GPU; it is
-    # counted only when one of them is left to us
     undecided = num_threads is None or (precision == "auto" and not (args.bf16 or args.fp16))
     needs_cost = (on_cpu and undecided) or (not on_cpu and pipeline == "auto")
     gflop = forward_gflop(base, probe_collate([probe_ds[0]])) if needs_cost else None
@@ -281,17 +239,49 @@ def run_training(
         pipeline = "fast"
     elif pipeline == "gpu":
         pipeline, _ = choose_pipeline("gpu", args.device, bundle.train, None, 0, None)
-    train_ds, eval_ds, collate = image_datasets(bundle, processor, pipeline, seed=args.seed)
-    if fit_batch_to_data:
-        fit_batch(args, len(bundle.train))
     if on_cpu:
         args.dataloader_pin_memory = False  # pinning needs an accelerator (torch warns on every loader)
-    head = find_head(base, bundle.num_labels)
+    return RunSetup(on_cpu=on_cpu, gflop=gflop, pipeline=pipeline)
+
+
+# ---- the model ----------------------------------------------------------------------------------
+def attach_adapter(spec: RunSpec, base: nn.Module, num_labels: int, total_steps: int) -> nn.Module:
+    """The model that trains: ``base`` with the adapter of ``spec.method`` (the guide's settings under the
+    user's, fitted to the run's ``total_steps``), or with the parameters a baseline trains unfrozen."""
+    head = find_head(base, num_labels)
     if head is None and spec.method is not None and "modules_to_save" not in spec.adapter_kwargs:
         logger.warning("no classification head found to train; pass --modules_to_save with its module name")
-    total_steps = planned_steps(args, len(bundle.train))
-    model = _prepare_model(spec, base, head, total_steps)
-    recorder = PredictionRecorder(compute_classification_metrics)  # keeps predictions for the report
+    if spec.baseline is not None:
+        if spec.baseline not in ("linear_probe", "full"):
+            raise ValueError(f"unknown baseline {spec.baseline!r}; choose 'linear_probe' or 'full'")
+        train_all = spec.baseline == "full"
+        for name, p in base.named_parameters():
+            p.requires_grad_(train_all or (head is not None and name.startswith(f"{head}.")))
+        return base
+    if spec.method is None:
+        raise ValueError("a run needs a method or a baseline")
+    method = get_method(spec.method)
+    kwargs = {**adapter_defaults(method.name, head, total_steps, spec.adapter_kwargs), **spec.adapter_kwargs}
+    config = method.make_config(**kwargs)
+    config.check_fits_run(total_steps)
+    config.base_model_name_or_path = portable_model_name(spec.model)  # no path of this machine
+    return get_peft_model(base, config)
+
+
+# ---- the trainer --------------------------------------------------------------------------------
+def build_trainer(
+    model: nn.Module,
+    args: transformers.TrainingArguments,
+    train_ds: Any,
+    eval_ds: Any,
+    collate: Any,
+    processor: Any,
+    callbacks: list[Any] | None,
+    progress: TrainerCallback | None,
+) -> tuple[DeltaTrainer, PredictionRecorder]:
+    """The :class:`DeltaTrainer`, with a ``compute_metrics`` that keeps each evaluation's predictions for the
+    report, and ``progress`` (when given) in place of transformers' bar and printed log dicts."""
+    recorder = PredictionRecorder(compute_classification_metrics)
     trainer = DeltaTrainer(
         model,
         args,
@@ -304,28 +294,50 @@ def run_training(
         compute_metrics=recorder,
     )
     recorder.trainer = trainer
-    if progress is not None:  # the caller reports progress: no transformers bar, no printed log dicts
+    if progress is not None:
         for printer in (ProgressCallback, PrinterCallback):
             trainer.remove_callback(printer)
         trainer.add_callback(progress)
-    output_dir = str(args.output_dir)
-    os.makedirs(output_dir, exist_ok=True)
-    main_process = trainer.is_world_process_zero()  # under torchrun/accelerate only rank 0 writes files
-    if main_process:
-        write_run_record(output_dir, record, "running")
-    resume = args.resume_from_checkpoint
+    return trainer, recorder
+
+
+def fit(
+    trainer: DeltaTrainer, do_train: bool, do_eval: bool
+) -> tuple[dict[str, Any], dict[str, Any], PeakMemory]:
+    """Trains (from ``args.resume_from_checkpoint`` when set) and evaluates the model the run ends with
+    (the evaluation the trainer already logged for it, when there is one); returns (train metrics, eval
+    metrics, the training's peak memory)."""
     train_metrics: dict[str, Any] = {}
     eval_metrics: dict[str, Any] = {}
-    with cpu_threads(base, num_threads, on_cpu, gflop):
-        with PeakMemory() as memory:
-            if do_train:
-                train_metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
-        if do_eval:
-            eval_metrics = dict(logged_final_evaluation(trainer) or trainer.evaluate())
-    if do_train:
-        trainer.save_model(output_dir)
-        if not isinstance(model, PeftModel):
-            save_label_maps(model, output_dir)
+    with PeakMemory() as memory:
+        if do_train:
+            resume = trainer.args.resume_from_checkpoint
+            train_metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
+    if do_eval:
+        eval_metrics = dict(logged_final_evaluation(trainer) or trainer.evaluate())
+    return train_metrics, eval_metrics, memory
+
+
+def save_trained(trainer: DeltaTrainer, model: nn.Module, output_dir: str) -> None:
+    """The trained weights in ``output_dir``: the adapter (PEFT's files, labels.json), or for a baseline
+    the model and its label maps."""
+    trainer.save_model(output_dir)
+    if not isinstance(model, PeftModel):
+        save_label_maps(model, output_dir)
+
+
+# ---- the record of what happened -----------------------------------------------------------------
+def run_metrics(
+    spec: RunSpec,
+    bundle: Any,
+    model: nn.Module,
+    trainer: DeltaTrainer,
+    train_metrics: dict[str, Any],
+    eval_metrics: dict[str, Any],
+    memory: PeakMemory,
+) -> dict[str, Any]:
+    """The run's metrics record (``metrics.json``, the cards, the report, ``compare``'s rows): what ran,
+    on what data, what trained, how long, how much memory, and what it scored."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     metrics: dict[str, Any] = {
@@ -351,33 +363,28 @@ def run_training(
         "accuracy": float(eval_metrics.get("eval_accuracy", float("nan"))),
         "top5_accuracy": eval_metrics.get("eval_top5_accuracy"),
         "history": trainer.state.log_history,
-        "command": command,
-        "do_train": do_train,
-        "do_eval": do_eval,
-        "logging_steps": args.logging_steps,
         "max_steps": trainer.state.max_steps,
     }
-    predictions = recorder.predictions_at(final_evaluation_step(trainer)) if do_eval else None
-    if predictions is not None:
-        confusion = predictions.confusion(bundle.num_labels)
-        support = confusion.sum(axis=1)
-        metrics["confusion_matrix"] = confusion.tolist()
-        metrics["per_class_accuracy"] = {
-            name: (float(confusion[i, i] / support[i]) if support[i] else None)
-            for i, name in enumerate(bundle.class_names)
-        }
     if isinstance(model, PeftModel):
         saved = json.loads(model._config_to_save(model.active_adapter).to_json_string())
         metrics["adapter_config_json"] = json.dumps(card_config(saved), indent=2, sort_keys=True)
         metrics.update(model.base_model.training_summary())  # e.g. AdaLoRA's final ranks
     if not math.isfinite(metrics["accuracy"]):  # written as null (strict JSON), with the reason beside it
         metrics["accuracy_note"] = "no evaluation reported a finite accuracy for the final model"
-    if main_process:
-        write_results(trainer, metrics, output_dir)
-        if write_report:
-            write_run_report(metrics, output_dir, predictions=predictions, eval_rows=bundle.eval)
-        write_run_record(output_dir, record, "finished")
-    return RunResult(model=model, trainer=trainer, metrics=metrics, output_dir=output_dir)
+    return metrics
+
+
+def confusion_metrics(predictions: EvalPredictions, class_names: list[str]) -> dict[str, Any]:
+    """The confusion matrix and the accuracy per class (None for a class with no evaluation image)."""
+    confusion = predictions.confusion(len(class_names))
+    support = confusion.sum(axis=1)
+    return {
+        "confusion_matrix": confusion.tolist(),
+        "per_class_accuracy": {
+            name: (float(confusion[i, i] / support[i]) if support[i] else None)
+            for i, name in enumerate(class_names)
+        },
+    }
 
 
 def cpu_images_per_second(dataset: Any, samples: int = 16) -> float | None:

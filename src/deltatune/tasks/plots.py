@@ -3,15 +3,20 @@
 Made to read at a glance: text on a coloured cell is white on dark cells and black on light ones, every
 colour has a legend, step axes have whole-number ticks, and a panel with nothing to draw says why. Plots
 use matplotlib's Agg backend (no display needed) and are written atomically.
+
+Names come from the user's data (class folders, datasets, module names), so every text is drawn as plain
+text: mathtext (``$...$``) and TeX are off for the figures made here (:func:`_plain_text`), whatever the
+process's matplotlib settings, and a name with ``$``, ``\\`` or ``_`` is drawn as written.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -23,6 +28,10 @@ __all__ = ["compare_chart", "confusion_plot", "rank_grid", "rank_heatmap", "trai
 ADAPTER_COLOUR = "#1f77b4"
 RANDOM_COLOUR = "#ff7f0e"
 BASELINE_COLOUR = "#7f7f7f"
+#: What a figure made here draws every text with: plain text, never mathtext or TeX.
+PLAIN_TEXT: dict[str, Any] = {"text.parse_math": False, "text.usetex": False}
+
+_F = TypeVar("_F", bound=Callable[..., None])
 
 
 def _pyplot() -> Any:
@@ -33,6 +42,19 @@ def _pyplot() -> Any:
 
     plt.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.titleweight": "bold"})
     return plt
+
+
+def _plain_text(function: _F) -> _F:
+    """Runs a plot function with :data:`PLAIN_TEXT` (texts, tick labels and the saving all read it)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        import matplotlib
+
+        with matplotlib.rc_context(PLAIN_TEXT):  # type: ignore[arg-type]
+            function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _save(fig: Any, path: str) -> None:
@@ -63,6 +85,7 @@ def _steps_per_epoch(history: Sequence[dict[str, Any]]) -> float | None:
     return None
 
 
+@_plain_text
 def training_curve(
     log_history: Sequence[dict[str, Any]], path: str, title: str = "", logging_steps: int | None = None
 ) -> None:
@@ -162,6 +185,7 @@ def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[str], np.ndarray]:
     return rows, cols, grid
 
 
+@_plain_text
 def rank_heatmap(ranks: dict[str, int], path: str, rank_max: int | None = None, title: str = "") -> None:
     """A heatmap of the final rank per layer (rows) and module (columns), as a PNG.
 
@@ -190,6 +214,7 @@ def rank_heatmap(ranks: dict[str, int], path: str, rank_max: int | None = None, 
     _save(fig, path)
 
 
+@_plain_text
 def confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path: str, title: str = "") -> None:
     """The confusion matrix as a PNG: rows are true classes, columns predictions; each cell's colour is its
     share of the true class (so a class's accuracy is the darkness of its diagonal cell) and, up to 20
@@ -230,6 +255,7 @@ def confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path: str,
     _save(fig, path)
 
 
+@_plain_text
 def compare_chart(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> None:
     """Accuracy per run as bars labelled with the accuracy, each run's name with its trainable-parameter
     share below it, as a PNG: adapters on the pretrained backbone, on a random backbone, and the baselines in

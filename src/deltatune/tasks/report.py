@@ -1,22 +1,28 @@
-"""What a run leaves for people: the result files, the plots, ``report.html`` and the model cards (the
-adapter's README.md, and the merged model's).
+"""What a run leaves for people: the result files, the plots, ``report.html`` and the adapter's model card
+(the cards themselves: :mod:`.cards`).
 
 Every file written here is shareable: the base model is named portably (``deltatune/vit-glyphs-32`` for the
 bundled backbone, the hub id for a hub model), a local dataset folder by its name, and the command as the
-user typed it, so no path of this machine ends up in them.
+user typed it, so no path of this machine ends up in them. Nothing here can lose a finished run: a plot or
+a page that cannot be written is one warning, after the adapter and the result files are safe.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from .._files import atomic_write_text, write_json
+from .cards import merged_model_card, model_card, write_merged_model_card
 from .html_report import dataset_name, write_html_report
 from .plots import compare_chart, confusion_plot, rank_grid, rank_heatmap, training_curve
 from .results import EvalPredictions, write_split_results, write_trainer_state
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "card_config",
@@ -28,6 +34,7 @@ __all__ = [
     "rank_heatmap",
     "training_curve",
     "write_merged_model_card",
+    "write_outputs",
     "write_results",
     "write_run_report",
 ]
@@ -49,43 +56,89 @@ def write_results(trainer: Any, metrics: dict[str, Any], output_dir: str) -> Non
         )
 
 
+def write_outputs(
+    trainer: Any,
+    metrics: dict[str, Any],
+    output_dir: str,
+    write_report: bool = True,
+    predictions: EvalPredictions | None = None,
+    eval_rows: Any = None,
+    data_roots: Sequence[str] = (),
+) -> None:
+    """The outputs stage of a run, after the adapter is saved: the result files (:func:`write_results`),
+    then, when ``write_report``, the files for people (:func:`write_run_report`, which never raises for a
+    plot or a page it cannot write)."""
+    write_results(trainer, metrics, output_dir)
+    if write_report:
+        write_run_report(metrics, output_dir, predictions, eval_rows, data_roots)
+
+
 def write_run_report(
     metrics: dict[str, Any],
     output_dir: str,
     predictions: EvalPredictions | None = None,
     eval_rows: Any = None,
-) -> None:
-    """metrics.json, training_curve.png, confusion_matrix.png, report.html, the model card README.md (for an
-    adapter that trained) and, for a method whose ranks were allocated during training (AdaLoRA),
-    ``<method>_ranks.png``, in ``output_dir``.
+    data_roots: Sequence[str] = (),
+) -> list[str]:
+    """metrics.json, the model card README.md (for an adapter that trained), training_curve.png,
+    confusion_matrix.png, for a method whose ranks were allocated during training (AdaLoRA)
+    ``<method>_ranks.png``, and report.html, in ``output_dir``.
+
+    Each file is written on its own: one that fails (a name matplotlib cannot draw, a full disk) is skipped,
+    and the run's files already written stay; the failures are said in one warning.
 
     Args:
         metrics: The run's metrics record (see :func:`~deltatune.tasks.image_classification.run_training`).
         output_dir: Where the files go.
         predictions: The final evaluation's predictions (the misclassified images of ``report.html``).
         eval_rows: The evaluation split (rows ``{"image", "label"}``) in the predictions' order.
+        data_roots: Folders the misclassified images are named relative to.
+
+    Returns:
+        The names of the files that could not be written, each with its reason (empty when all were).
     """
-    write_json(os.path.join(output_dir, "metrics.json"), metrics)
+    failed: list[str] = []
+
+    def attempt(name: str, write: Callable[[str], Any]) -> None:
+        try:
+            write(os.path.join(output_dir, name))
+        except Exception as error:  # a report is never worth a finished run
+            logger.debug("could not write %s", name, exc_info=True)
+            reason = " ".join(str(error).split())[:160]
+            failed.append(f"{name} ({type(error).__name__}{': ' + reason if reason else ''})")
+
     title = f"{metrics['name']} on {dataset_name(str(metrics['dataset']))}"
-    training_curve(
-        metrics["history"],
-        os.path.join(output_dir, "training_curve.png"),
-        title=title,
-        logging_steps=metrics.get("logging_steps"),
+    attempt("metrics.json", lambda path: write_json(path, metrics))
+    if metrics["kind"] == "adapter" and metrics.get("do_train", True):
+        attempt("README.md", lambda path: atomic_write_text(path, model_card(metrics)))
+    attempt(
+        "training_curve.png",
+        lambda path: training_curve(
+            metrics["history"], path, title=title, logging_steps=metrics.get("logging_steps")
+        ),
     )
     if "confusion_matrix" in metrics:
-        confusion_plot(
-            np.asarray(metrics["confusion_matrix"]),
-            metrics["class_names"],
-            os.path.join(output_dir, "confusion_matrix.png"),
-            title=f"confusion matrix: {title}",
+        attempt(
+            "confusion_matrix.png",
+            lambda path: confusion_plot(
+                np.asarray(metrics["confusion_matrix"]),
+                metrics["class_names"],
+                path,
+                title=f"confusion matrix: {title}",
+            ),
         )
     if metrics.get("ranks"):
-        path = os.path.join(output_dir, f"{metrics['method']}_ranks.png")
-        rank_heatmap(metrics["ranks"], path, rank_max=metrics.get("rank_max"))
-    if metrics["kind"] == "adapter" and metrics.get("do_train", True):
-        atomic_write_text(os.path.join(output_dir, "README.md"), model_card(metrics))
-    write_html_report(metrics, output_dir, predictions=predictions, eval_rows=eval_rows)
+        attempt(
+            f"{metrics['method']}_ranks.png",
+            lambda path: rank_heatmap(metrics["ranks"], path, rank_max=metrics.get("rank_max")),
+        )
+    attempt(
+        "report.html",
+        lambda _: write_html_report(metrics, output_dir, predictions, eval_rows, data_roots=data_roots),
+    )
+    if failed:
+        logger.warning("could not write %s; the adapter and the result files are saved", ", ".join(failed))
+    return failed
 
 
 def card_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -100,187 +153,3 @@ def card_config(config: dict[str, Any]) -> dict[str, Any]:
         and not (isinstance(v, dict | list) and not v)
         and not (k == "rank_pattern" and isinstance(v, dict))
     }
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _bundled(base_model: str) -> bool:
-    from ..vision import OFFLINE_BACKBONE_ID
-
-    return base_model == OFFLINE_BACKBONE_ID
-
-
-def load_snippet(base_model: str, adapter_dir: str = "ADAPTER_DIR") -> list[str]:
-    """The "How to load" code of an adapter's card: the PEFT guide's (the base model from
-    ``config.base_model_name_or_path``), with the bundled backbone's id resolved to its installed copy."""
-    bundled = _bundled(base_model)
-    base_arg = (
-        "resolve_model_path(config.base_model_name_or_path)" if bundled else "config.base_model_name_or_path"
-    )
-    lines = [
-        "import json",
-        "",
-        "from transformers import AutoImageProcessor, AutoModelForImageClassification",
-        "",
-        "from deltatune import PeftConfig, PeftModel  # or: from peft import PeftConfig, PeftModel",
-    ]
-    if bundled:
-        lines.append(
-            "from deltatune.vision import resolve_model_path  # the bundled backbone's installed copy"
-        )
-    lines += [
-        "",
-        f'adapter = "{adapter_dir}"',
-        "config = PeftConfig.from_pretrained(adapter)",
-        'with open(f"{adapter}/labels.json", encoding="utf-8") as fh:',
-        "    labels = json.load(fh)",
-        "base = AutoModelForImageClassification.from_pretrained(",
-        f"    {base_arg},",
-        '    id2label={int(k): v for k, v in labels["id2label"].items()},',
-        '    label2id=labels["label2id"],',
-        "    ignore_mismatched_sizes=True,",
-        ")",
-        "model = PeftModel.from_pretrained(base, adapter)",
-        "image_processor = AutoImageProcessor.from_pretrained(adapter)",
-    ]
-    return lines
-
-
-def model_card(info: dict[str, Any]) -> str:
-    """The README.md written next to a trained adapter.
-
-    Args:
-        info: The run's metrics record (``metrics.json``): method, base model, dataset, parameter counts,
-            evaluation metrics, adapter config, the command line and, for AdaLoRA, the final ranks.
-    """
-    method = str(info["method"])
-    base = str(info["base_model"])
-    dataset = dataset_name(str(info["dataset"]))
-    eval_metrics = {
-        k.removeprefix("eval_"): v for k, v in info.get("eval", {}).items() if k.startswith("eval_")
-    }
-    lines = [
-        "---",
-        "library_name: deltatune",
-        f"base_model: {base}",
-        "pipeline_tag: image-classification",
-        "tags: [deltatune, peft, image-classification, " + method + "]",
-        "---",
-        "",
-        f"# {method.upper()} adapter for `{base}` on `{dataset}`",
-        "",
-        f"Trained with `deltatune train` ({info.get('precision', 'fp32')}, {info.get('train_time_s', 0):.1f} s). "
-        "`report.html` in this folder shows the curves, the confusion matrix and the misclassified images.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| method | {method} |",
-        f"| base model | `{base}` |",
-        f"| dataset | `{dataset}` ({info.get('num_train', '?')} train / {info.get('num_eval', '?')} eval images) |",
-        f"| classes | {info.get('num_labels', '?')} |",
-        f"| trainable params | {info['trainable_params']:,} of {info['all_params']:,} "
-        f"({info['trainable_percent']:.4f}%) |",
-    ]
-    for key in ("accuracy", "top5_accuracy", "loss"):
-        if key in eval_metrics:
-            lines.append(f"| eval {key.replace('_', ' ')} | {_fmt(eval_metrics[key])} |")
-    lines += ["", "## Adapter config", "", "```json", info.get("adapter_config_json", "{}"), "```", ""]
-    if info.get("ranks"):
-        lines += [
-            "## Final ranks (allocated during training)",
-            "",
-            f"![ranks]({info['method']}_ranks.png)",
-            "",
-            "| module | rank |",
-            "|---|---|",
-        ]
-        lines += [f"| `{name}` | {rank} |" for name, rank in info["ranks"].items()]
-        lines.append("")
-    lines += ["## Training curve", "", "![training curve](training_curve.png)", "", "## How to load", ""]
-    if _bundled(base):
-        lines += [
-            f"The base model `{base}` is the backbone bundled with deltatune (`pip install deltatune`); "
-            "`resolve_model_path` finds its installed copy and passes hub ids through unchanged.",
-            "",
-        ]
-    lines += ["```python", *load_snippet(base), "```", "", "Or from the command line:", "", "```bash"]
-    lines += [
-        "deltatune predict image.png --adapter ADAPTER_DIR",
-        "deltatune merge --adapter ADAPTER_DIR --output merged/   # a plain transformers model",
-        "```",
-        "",
-    ]
-    if info.get("command"):
-        lines += ["## Command", "", "```bash", str(info["command"]), "```", ""]
-    return "\n".join(lines)
-
-
-def merged_model_card(info: dict[str, Any]) -> str:
-    """The README.md of a merged model folder (``deltatune merge``): a plain transformers classifier.
-
-    Args:
-        info: ``base_model`` (portable name), ``method``, ``adapter`` (the adapter folder's name),
-            ``num_labels`` and, when known, ``accuracy`` and ``dataset``.
-    """
-    base = str(info["base_model"])
-    method = str(info.get("method") or "adapter")
-    lines = [
-        "---",
-        "library_name: transformers",
-        f"base_model: {base}",
-        "pipeline_tag: image-classification",
-        f"tags: [deltatune, image-classification, {method}, merged]",
-        "---",
-        "",
-        f"# `{base}` with a {method.upper()} adapter merged in",
-        "",
-        f"The adapter `{info.get('adapter', '?')}` was folded into the base weights by `deltatune merge`: this is a "
-        "plain transformers image classifier (no deltatune or peft needed to run it), "
-        f"{info.get('num_labels', '?')} classes.",
-        "",
-    ]
-    if info.get("accuracy") is not None:
-        dataset = dataset_name(str(info.get("dataset", "?")))
-        lines += [f"Evaluation accuracy of the adapter on `{dataset}`: {_fmt(float(info['accuracy']))}.", ""]
-    lines += [
-        "## How to use",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        'classify = pipeline("image-classification", model="MODEL_DIR")',
-        'print(classify("image.png", top_k=3))',
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_merged_model_card(output_dir: str, adapter_dir: str, peft_config: Any, num_labels: int) -> None:
-    """Writes the merged model's README.md (see :func:`merged_model_card`), naming the base model portably
-    and quoting the adapter's accuracy from its ``metrics.json`` when there is one.
-
-    Args:
-        output_dir: The merged model's folder.
-        adapter_dir: The adapter folder that was merged.
-        peft_config: The adapter's configs (``{name: config}``) or one config.
-        num_labels: Classes of the classifier.
-    """
-    from .._files import read_json
-    from .classifier import portable_model_name
-
-    config = next(iter(peft_config.values())) if isinstance(peft_config, dict) else peft_config
-    info: dict[str, Any] = {
-        "base_model": portable_model_name(str(getattr(config, "base_model_name_or_path", None) or "?")),
-        "method": str(getattr(config, "peft_type", "adapter")).rsplit(".", 1)[-1].lower(),
-        "adapter": os.path.basename(os.path.normpath(adapter_dir)),
-        "num_labels": num_labels,
-    }
-    metrics_path = os.path.join(adapter_dir, "metrics.json")
-    if os.path.isfile(metrics_path):
-        recorded = read_json(metrics_path, "metrics.json")
-        if isinstance(recorded, dict):
-            info.update(accuracy=recorded.get("accuracy"), dataset=recorded.get("dataset"))
-    atomic_write_text(os.path.join(output_dir, "README.md"), merged_model_card(info))

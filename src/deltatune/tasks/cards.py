@@ -1,0 +1,225 @@
+"""The recipe's model cards: the README.md of a trained adapter (:func:`model_card`) and of a merged model
+(:func:`merged_model_card`, written by ``deltatune merge`` through :func:`write_merged_model_card`).
+
+Both are serialised by :func:`deltatune.model_card.render_card` (``huggingface_hub``'s ``ModelCardData``
+for the front matter, parsed back by ``ModelCard``); every string that comes from the user's data (base
+model, dataset and folder names, module names, the command) is escaped for markdown, and no path of this
+machine is written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .._files import atomic_write_text
+from ..model_card import (
+    hub_model_id,
+    md_code,
+    md_fence,
+    md_text,
+    method_display_name,
+    model_display_name,
+    render_card,
+)
+from ..registry import get_method
+from .html_report import dataset_name
+
+__all__ = ["load_snippet", "merged_model_card", "model_card", "write_merged_model_card"]
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _display(method: str) -> str:
+    """The method's display name (``"LoRA"``) from the registry; the name itself for a baseline."""
+    try:
+        return get_method(method).display_name
+    except ValueError:
+        return method
+
+
+def _bundled(base_model: str) -> bool:
+    from ..vision import OFFLINE_BACKBONE_ID
+
+    return base_model == OFFLINE_BACKBONE_ID
+
+
+def load_snippet(base_model: str, adapter_dir: str = "ADAPTER_DIR") -> list[str]:
+    """The "How to load" code of an adapter's card: the PEFT guide's (the base model from
+    ``config.base_model_name_or_path``), with the bundled backbone's id resolved to its installed copy."""
+    bundled = _bundled(base_model)
+    base_arg = (
+        "resolve_model_path(config.base_model_name_or_path)" if bundled else "config.base_model_name_or_path"
+    )
+    lines = [
+        "import json",
+        "",
+        "from transformers import AutoImageProcessor, AutoModelForImageClassification",
+        "",
+        "from deltatune import PeftConfig, PeftModel  # or: from peft import PeftConfig, PeftModel",
+    ]
+    if bundled:
+        lines.append(
+            "from deltatune.vision import resolve_model_path  # the bundled backbone's installed copy"
+        )
+    lines += [
+        "",
+        f'adapter = "{adapter_dir}"',
+        "config = PeftConfig.from_pretrained(adapter)",
+        'with open(f"{adapter}/labels.json", encoding="utf-8") as fh:',
+        "    labels = json.load(fh)",
+        "base = AutoModelForImageClassification.from_pretrained(",
+        f"    {base_arg},",
+        '    id2label={int(k): v for k, v in labels["id2label"].items()},',
+        '    label2id=labels["label2id"],',
+        "    ignore_mismatched_sizes=True,",
+        ")",
+        "model = PeftModel.from_pretrained(base, adapter)",
+        "image_processor = AutoImageProcessor.from_pretrained(adapter)",
+    ]
+    return lines
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """The README.md written next to a trained adapter.
+
+    Args:
+        info: The run's metrics record (``metrics.json``): method, base model, dataset, parameter counts,
+            evaluation metrics, adapter config, the command line and, for AdaLoRA, the final ranks.
+    """
+    method = str(info["method"])
+    display = _display(method)
+    base = model_display_name(info["base_model"])
+    dataset = dataset_name(str(info["dataset"]))
+    eval_metrics = {
+        k.removeprefix("eval_"): v for k, v in info.get("eval", {}).items() if k.startswith("eval_")
+    }
+    metadata = {
+        "library_name": "deltatune",
+        "base_model": hub_model_id(info["base_model"]),
+        "pipeline_tag": "image-classification",
+        "tags": ["deltatune", "peft", "image-classification", method],
+    }
+    lines = [
+        f"# {md_text(display)} adapter for {md_code(base)} on {md_code(dataset)}",
+        "",
+        f"Trained with `deltatune train` ({md_text(info.get('precision', 'fp32'))}, "
+        f"{info.get('train_time_s', 0):.1f} s). "
+        "`report.html` in this folder shows the curves, the confusion matrix and the misclassified images.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| method | {md_text(display)} |",
+        f"| base model | {md_code(base, in_table=True)} |",
+        f"| dataset | {md_code(dataset, in_table=True)} ({info.get('num_train', '?')} train / "
+        f"{info.get('num_eval', '?')} eval images) |",
+        f"| classes | {info.get('num_labels', '?')} |",
+        f"| trainable params | {info['trainable_params']:,} of {info['all_params']:,} "
+        f"({info['trainable_percent']:.4f}%) |",
+    ]
+    for key in ("accuracy", "top5_accuracy", "loss"):
+        if key in eval_metrics:
+            lines.append(f"| eval {key.replace('_', ' ')} | {md_text(_fmt(eval_metrics[key]))} |")
+    lines += ["", "## Adapter config", "", *md_fence(info.get("adapter_config_json", "{}"), "json"), ""]
+    if info.get("ranks"):
+        lines += [
+            "## Final ranks (allocated during training)",
+            "",
+            f"![ranks]({method}_ranks.png)",
+            "",
+            "| module | rank |",
+            "|---|---|",
+        ]
+        lines += [f"| {md_code(name, in_table=True)} | {rank} |" for name, rank in info["ranks"].items()]
+        lines.append("")
+    lines += ["## Training curve", "", "![training curve](training_curve.png)", "", "## How to load", ""]
+    if _bundled(base):
+        lines += [
+            f"The base model {md_code(base)} is the backbone bundled with deltatune (`pip install deltatune`); "
+            "`resolve_model_path` finds its installed copy and passes hub ids through unchanged.",
+            "",
+        ]
+    lines += ["```python", *load_snippet(base), "```", "", "Or from the command line:", "", "```bash"]
+    lines += [
+        "deltatune predict image.png --adapter ADAPTER_DIR",
+        "deltatune merge --adapter ADAPTER_DIR --output merged/   # a plain transformers model",
+        "```",
+        "",
+    ]
+    if info.get("command"):
+        lines += ["## Command", "", *md_fence(info["command"], "bash"), ""]
+    return render_card(metadata, "\n".join(lines))
+
+
+def merged_model_card(info: dict[str, Any]) -> str:
+    """The README.md of a merged model folder (``deltatune merge``): a plain transformers classifier.
+
+    Args:
+        info: ``base_model`` (its name or path as recorded), ``method`` (the display name, ``"LoRA"``),
+            ``adapter`` (the adapter folder's name), ``num_labels`` and, when known, ``accuracy`` and
+            ``dataset``.
+    """
+    base = model_display_name(info["base_model"])
+    method = str(info.get("method") or "adapter")
+    metadata = {
+        "library_name": "transformers",
+        "base_model": hub_model_id(info["base_model"]),
+        "pipeline_tag": "image-classification",
+        "tags": ["deltatune", "image-classification", method.lower(), "merged"],
+    }
+    lines = [
+        f"# {md_code(base)} with a {md_text(method)} adapter merged in",
+        "",
+        f"The adapter {md_code(info.get('adapter', '?'))} was folded into the base weights by `deltatune "
+        "merge`: this is a plain transformers image classifier (no deltatune or peft needed to run it), "
+        f"{info.get('num_labels', '?')} classes.",
+        "",
+    ]
+    if info.get("accuracy") is not None:
+        dataset = dataset_name(str(info.get("dataset", "?")))
+        lines += [
+            f"Evaluation accuracy of the adapter on {md_code(dataset)}: {_fmt(float(info['accuracy']))}.",
+            "",
+        ]
+    lines += [
+        "## How to use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'classify = pipeline("image-classification", model="MODEL_DIR")',
+        'print(classify("image.png", top_k=3))',
+        "```",
+        "",
+    ]
+    return render_card(metadata, "\n".join(lines))
+
+
+def write_merged_model_card(output_dir: str, adapter_dir: str, peft_config: Any, num_labels: int) -> None:
+    """Writes the merged model's README.md (see :func:`merged_model_card`), naming the base model portably
+    and quoting the adapter's accuracy from its ``metrics.json`` when there is one.
+
+    Args:
+        output_dir: The merged model's folder.
+        adapter_dir: The adapter folder that was merged.
+        peft_config: The adapter's configs (``{name: config}``) or one config.
+        num_labels: Classes of the classifier.
+    """
+    from .._files import read_json
+    from .classifier import portable_model_name
+
+    config = next(iter(peft_config.values())) if isinstance(peft_config, dict) else peft_config
+    info: dict[str, Any] = {
+        "base_model": portable_model_name(str(getattr(config, "base_model_name_or_path", None) or "?")),
+        "method": method_display_name(config),
+        "adapter": os.path.basename(os.path.normpath(adapter_dir)),
+        "num_labels": num_labels,
+    }
+    metrics_path = os.path.join(adapter_dir, "metrics.json")
+    if os.path.isfile(metrics_path):
+        recorded = read_json(metrics_path, "metrics.json")
+        if isinstance(recorded, dict):
+            info.update(accuracy=recorded.get("accuracy"), dataset=recorded.get("dataset"))
+    atomic_write_text(os.path.join(output_dir, "README.md"), merged_model_card(info))

@@ -1,0 +1,135 @@
+"""What a run of the image-classification recipe is: the guide's defaults, :class:`RunSpec` and the run record
+that identifies a run (``deltatune_run.json``), computed once per run by :func:`run_record`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import transformers
+
+from ..registry import get_method
+from ..train.outputs import training_identity
+
+__all__ = [
+    "GUIDE_DATASET",
+    "GUIDE_MODEL",
+    "GUIDE_TARGETS",
+    "GUIDE_TRAINING_DEFAULTS",
+    "RunSpec",
+    "adapter_defaults",
+    "run_record",
+]
+
+GUIDE_MODEL = "google/vit-base-patch16-224-in21k"
+GUIDE_DATASET = "food101"
+#: The guide's targets: attention query and value (transformers 4 names; they also find q_proj/v_proj).
+GUIDE_TARGETS = ["query", "value"]
+#: The guide's TrainingArguments (fp16 is added on a GPU only).
+GUIDE_TRAINING_DEFAULTS: dict[str, Any] = {
+    "remove_unused_columns": False,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "learning_rate": 5e-3,
+    "per_device_train_batch_size": 128,
+    "gradient_accumulation_steps": 4,
+    "per_device_eval_batch_size": 128,
+    "num_train_epochs": 5,
+    "logging_steps": 10,
+    "load_best_model_at_end": True,
+    "save_total_limit": 2,  # with load_best_model_at_end: the best checkpoint and the last one
+    "label_names": ["labels"],
+    "report_to": "none",
+}
+
+
+@dataclass
+class RunSpec:
+    """One training run.
+
+    Attributes:
+        method: Registered adapter method, or None for a baseline.
+        model: Base model id or directory.
+        dataset: Dataset id, directory or ``"offline-default"``.
+        adapter_kwargs: Config fields given by the user (merged over :func:`adapter_defaults`).
+        baseline: ``"linear_probe"`` (only the head trains) or ``"full"`` (everything trains); needs
+            ``method=None``.
+        random_backbone: Start from randomly initialised weights of the same architecture.
+        image_column, label_column, validation_split, max_train_samples, max_eval_samples: Data options
+            (see :func:`deltatune.vision.load_image_dataset`).
+        data_pipeline: ``"auto"`` (the default: ``"gpu"`` when training on a GPU that the CPU cannot feed,
+            else ``"fast"``), ``"gpu"`` (decoding and augmentation on the device, see
+            :mod:`deltatune.vision.gpu`), ``"fast"`` (reduced-size JPEG decoding, uint8 until the batch) or
+            ``"standard"`` (see :func:`deltatune.vision.image_datasets`).
+        validation_dir: An image folder to evaluate on instead of a split of ``dataset`` (a folder).
+        ignore_mismatched_sizes: Re-initialise a checkpoint head of another size (False: an error).
+    """
+
+    method: str | None
+    model: str
+    dataset: str
+    adapter_kwargs: dict[str, Any] = field(default_factory=dict)
+    baseline: str | None = None
+    random_backbone: bool = False
+    image_column: str | None = None
+    label_column: str | None = None
+    validation_split: float = 0.1
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    data_pipeline: str = "auto"
+    validation_dir: str | None = None
+    ignore_mismatched_sizes: bool = True
+
+    @property
+    def name(self) -> str:
+        base = self.method or str(self.baseline)
+        return f"{base} (random backbone)" if self.random_backbone else base
+
+    def identity(self) -> dict[str, Any]:
+        """The parts of :meth:`record` that make two runs the same run (a folder holding a run with other
+        values is refused)."""
+        record = self.record()
+        return {
+            k: record[k]
+            for k in ("method", "baseline", "model", "dataset", "random_backbone", "adapter_kwargs")
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What identifies the run (written to ``deltatune_run.json``)."""
+        return {
+            "method": self.method,
+            "baseline": self.baseline,
+            "model": self.model,
+            "dataset": self.dataset,
+            "random_backbone": self.random_backbone,
+            "adapter_kwargs": self.adapter_kwargs,
+            "image_column": self.image_column,
+            "label_column": self.label_column,
+            "validation_split": self.validation_split,
+            "max_train_samples": self.max_train_samples,
+            "max_eval_samples": self.max_eval_samples,
+            "data_pipeline": self.data_pipeline,
+            "validation_dir": self.validation_dir,
+        }
+
+
+def run_record(
+    spec: RunSpec, args: transformers.TrainingArguments, precision: str = "auto"
+) -> dict[str, Any]:
+    """What identifies a run, as written to ``deltatune_run.json`` and compared before a run writes into a
+    folder: the :class:`RunSpec`, the seed, the precision asked for and every training argument that can
+    change the result (see :func:`deltatune.train.outputs.training_identity`)."""
+    return {**spec.record(), "seed": args.seed, "precision": precision, "training": training_identity(args)}
+
+
+def adapter_defaults(
+    method: str, head: str | None, planned: int = 0, given: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The guide's adapter settings for ``method``: query/value, the head saved, and the method's own recipe
+    defaults (LoRA: r=16, alpha=16, dropout 0.1; AdaLoRA: init_r=12 → target_r=8 with a schedule fitted to
+    the run's ``planned`` steps; see ``AdapterConfig.recipe_defaults``), for what ``given`` leaves unset."""
+    spec = get_method(method)
+    common: dict[str, Any] = {"target_modules": list(GUIDE_TARGETS)}
+    if head:
+        common["modules_to_save"] = [head]
+    return {**common, **spec.config_cls.recipe_defaults(planned, dict(given or {}))}
