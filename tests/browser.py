@@ -189,6 +189,7 @@ def inspect_page(
     screenshot: str | os.PathLike[str] | None = None,
     width: int = 1200,
     timeout: float = 60.0,
+    mobile: bool = False,
 ) -> PageReport:
     """Loads ``path`` (a local file) in headless Chromium with the network off and reports what happened.
 
@@ -197,6 +198,7 @@ def inspect_page(
         expressions: JavaScript expressions evaluated after the load event (results by value).
         screenshot: Where to save a full-page PNG screenshot (None: none).
         width: Viewport width in CSS pixels.
+        mobile: Emulate a phone's screen (``width`` wide, any width: a headless window is at least 500 px).
         timeout: Seconds to wait for the browser and the page.
 
     Raises:
@@ -240,6 +242,14 @@ def inspect_page(
                 session = _Session(ws, report)
                 for domain in ("Page", "Runtime", "Log"):
                     session.call(f"{domain}.enable")
+                if mobile:
+                    session.call(
+                        "Emulation.setDeviceMetricsOverride",
+                        width=width,
+                        height=844,
+                        deviceScaleFactor=1,
+                        mobile=True,
+                    )
                 session.call("Page.navigate", url=Path(path).resolve().as_uri())
                 session.wait_for("Page.loadEventFired", timeout)
                 for expression in expressions:
@@ -256,7 +266,7 @@ def inspect_page(
                         width=width,
                         height=int(height),
                         deviceScaleFactor=1,
-                        mobile=False,
+                        mobile=mobile,
                     )
                     shot = session.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
                     Path(screenshot).write_bytes(base64.b64decode(shot["data"]))

@@ -28,6 +28,8 @@ __all__ = ["compare_chart", "confusion_plot", "rank_grid", "rank_heatmap", "trai
 ADAPTER_COLOUR = "#1f77b4"
 RANDOM_COLOUR = "#ff7f0e"
 BASELINE_COLOUR = "#7f7f7f"
+#: Longest class name drawn in full as a tick label (longer ones are cut with "…").
+MAX_LABEL_CHARS = 32
 #: What a figure made here draws every text with: plain text, never mathtext or TeX.
 PLAIN_TEXT: dict[str, Any] = {"text.parse_math": False, "text.usetex": False}
 
@@ -71,6 +73,12 @@ def _text_colour(value: float) -> str:
     """White on a dark cell, near-black on a light one (``value`` is the cell's position on a colour scale
     from light (0) to dark (1))."""
     return "white" if value > 0.55 else "#111111"
+
+
+def _short(name: Any, limit: int = MAX_LABEL_CHARS) -> str:
+    """A class name as a tick label: at most ``limit`` characters (cut with "…")."""
+    text = str(name)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _empty_note(ax: Any, text: str) -> None:
@@ -229,9 +237,10 @@ def confusion_plot(confusion: np.ndarray, class_names: Sequence[str], path: str,
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if n <= 40:
         labels = 13 if n <= 10 else 10
-        rotation = 90 if max(len(c) for c in class_names) > 3 else 0
-        ax.set_xticks(range(n), class_names, rotation=rotation, fontsize=labels)
-        ax.set_yticks(range(n), class_names, fontsize=labels)
+        names = [_short(c) for c in class_names]
+        rotation = 90 if max(len(c) for c in names) > 3 else 0
+        ax.set_xticks(range(n), names, rotation=rotation, fontsize=labels)
+        ax.set_yticks(range(n), names, fontsize=labels)
     if n <= 20:
         fontsize = 13 if n <= 10 else 9
         for i in range(n):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .._files import atomic_write_text, write_json
+from ..model_card import model_display_name
 from .cards import merged_model_card, model_card, write_merged_model_card
 from .html_report import dataset_name, write_html_report
 from .plots import compare_chart, confusion_plot, rank_grid, rank_heatmap, training_curve
@@ -142,8 +143,11 @@ def write_run_report(
 
 
 def card_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The adapter-config keys worth reading in a model card: set, non-empty, not bookkeeping."""
+    """The adapter-config keys worth reading in a model card: set, non-empty, not bookkeeping; the base
+    model named without a path of this machine (see :func:`deltatune.model_card.model_display_name`)."""
     skip = {"peft_version", "auto_mapping", "inference_mode", "megatron_core", "qalora_group_size"}
+    if config.get("base_model_name_or_path"):
+        config = {**config, "base_model_name_or_path": model_display_name(config["base_model_name_or_path"])}
     return {
         k: v
         for k, v in config.items()
