@@ -203,7 +203,7 @@ def update_model_card(
     """Writes or completes ``directory/README.md`` for an adapter saved with ``config`` on ``base_model`` (a
     transformers model's name or path, if any; the config's ``base_model_name_or_path`` comes first, being
     the name a run chose to share); returns its path. An existing card whose front matter is not valid YAML
-    is left as it is (with a warning)."""
+    or metadata that huggingface_hub cannot read is left as it is (with a warning)."""
     path = os.path.join(directory, MODEL_CARD_NAME)
     base = getattr(config, "base_model_name_or_path", None) or base_model
     existing = ""
@@ -232,5 +232,10 @@ def update_model_card(
             rank=getattr(config, "r", "?"),
             version=version,
         )
-    atomic_write_text(path, render_card(metadata, body))
+    try:
+        text = render_card(metadata, body)
+    except (TypeError, ValueError) as error:  # an existing card's metadata huggingface_hub cannot read
+        logger.warning("%s is left as it is: its metadata cannot be completed (%s)", path, error)
+        return path
+    atomic_write_text(path, text)
     return path
