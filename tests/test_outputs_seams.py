@@ -100,7 +100,7 @@ def _assert_finished(out: Path) -> None:
 
 @pytest.mark.slow
 def test_a_run_on_hostile_names_writes_every_file_and_cards_that_parse(tmp_path: Path) -> None:
-    data = _image_folder(tmp_path / "data $\\frac{$ v2", HOSTILE_NAMES)
+    data = _image_folder(tmp_path / "data $\\frac{$\nlicense: evil", HOSTILE_NAMES)
     out = tmp_path / "run"
     assert _train(tmp_path, data, out, "--save_strategy", "epoch") == 0
     _assert_finished(out)
@@ -117,6 +117,8 @@ def test_a_run_on_hostile_names_writes_every_file_and_cards_that_parse(tmp_path:
         shared = text.split("## Command", 1)[0]  # the command is quoted as typed (with its paths)
         assert str(tmp_path) not in shared, card  # no path of this machine, checkpoint cards included
         assert "my model: v2" in text
+        prose = re.sub(r"^(`{3,})[^\n]*\n.*?^\1$", "", text, flags=re.M | re.S)
+        assert not re.search(r"^license", prose, re.M)  # the folder's newline starts no line of its own
     assert _parsed_card(out / "README.md")["tags"] == ["deltatune", "peft", "image-classification", "lora"]
     assert (out / "README.md").read_text().startswith("---\n") and "# LoRA adapter for" in (
         out / "README.md"
@@ -225,7 +227,7 @@ def test_run_card_keeps_user_strings_out_of_the_front_matter_and_markup(tmp_path
 def test_merged_card_from_an_adapter_config_that_tries_to_inject_a_key(tmp_path: Path) -> None:
     config = LoraConfig(target_modules=["query"])
     config.base_model_name_or_path = "google/vit\nlicense: evil"
-    adapter = tmp_path / "my adapter: v2"
+    adapter = tmp_path / "my adapter: v2\nlicense: evil"
     adapter.mkdir()
     merged = tmp_path / "merged"
     merged.mkdir()
@@ -234,7 +236,7 @@ def test_merged_card_from_an_adapter_config_that_tries_to_inject_a_key(tmp_path:
     assert "license" not in front and "base_model" not in front
     assert front["tags"] == ["deltatune", "image-classification", "lora", "merged"]
     text = (merged / "README.md").read_text()
-    assert "with a LoRA adapter merged in" in text and "`my adapter: v2`" in text
+    assert "with a LoRA adapter merged in" in text and "`my adapter: v2 license: evil`" in text
     assert not re.search(r"^license:", text, re.M)
     info = {"base_model": "acme/vit", "method": "DoRA", "adapter": "x", "num_labels": 2}
     assert _parsed_card(_write(tmp_path, merged_model_card(info)))["base_model"] == "acme/vit"
