@@ -130,6 +130,12 @@ def test_bundled_backbone_runs_are_portable_and_their_card_loads_elsewhere(
     ):
         text = (out / name).read_text()
         assert not [p for p in machine_paths if p in text], name
+    checkpoint_cards = list(out.glob("checkpoint-*/README.md"))
+    assert checkpoint_cards  # they named the bundled backbone by its install path (issue 16, item 4)
+    for card_path in checkpoint_cards:
+        text = card_path.read_text()
+        assert not [p for p in machine_paths if p in text], card_path
+        assert ModelCard.load(card_path).data.base_model == "deltatune/vit-glyphs-32"
 
     moved = tmp_path / "machine-b" / "shared-adapter"  # another folder, another working directory
     shutil.copytree(out, moved, ignore=shutil.ignore_patterns("checkpoint-*"))
