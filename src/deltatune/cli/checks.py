@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "HUB_TIMEOUT_S",
+    "PositiveInt",
     "check_dataset_source",
     "check_model_source",
     "check_report_to",
@@ -63,6 +64,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+class PositiveInt(int):
+    """A whole number of at least 1: the type of dataclass fields that become such options (``argparse``
+    calls it on the text, and reports its :class:`argparse.ArgumentTypeError` in one line)."""
+
+    def __new__(cls, value: str | int) -> PositiveInt:
+        return super().__new__(cls, positive_int(str(value)))
 
 
 def check_report_to(report_to: Any) -> None:

@@ -12,13 +12,32 @@ import os
 import shlex
 from typing import Any
 
-from ..tasks.image_classification import GUIDE_DATASET, GUIDE_MODEL, RunSpec
+from .._defaults import GUIDE_DATASET, GUIDE_MODEL
+from ..tasks.image_classification import RunSpec
 from ..train.arguments import TrainingArguments, map_legacy_kwargs
 from ..train.precision import check_request
 from .checks import check_dataset_source, check_folder, check_model_source, check_report_to, hub_status
 from .flags import adapter_kwargs_for, closest_flags
 from .run_options import build_run_parser, recipe_defaults
-from .run_parser import CommandError
+from .run_parser import CommandError, help_method
+
+#: Spellings people bring from other tools → the option they mean (difflib finds mistypings, not these).
+SPELLINGS = {
+    "--lr": "--learning_rate",
+    "--batch_size": "--per_device_train_batch_size",
+    "--train_batch_size": "--per_device_train_batch_size",
+    "--bs": "--per_device_train_batch_size",
+    "--eval_batch_size": "--per_device_eval_batch_size",
+    "--epochs": "--num_train_epochs",
+    "--num_epochs": "--num_train_epochs",
+    "--steps": "--max_steps",
+    "--output": "--output_dir",
+    "--out": "--output_dir",
+    "--lora_r": "--r",
+    "--rank_r": "--r",
+    "--lora_rank": "--r",
+    "--threads": "--num_threads",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +89,6 @@ def _given(argv: list[str], *flags: str) -> str | None:
     return None
 
 
-def _help_method(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--method="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def typed_command(command: str, argv: list[str]) -> str:
     """The command line as the user typed it, for files people share: ``deltatune <command> <args>``
     (never the path of the ``deltatune`` script or of the Python interpreter)."""
@@ -115,7 +125,7 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
     """
     from ..vision import OFFLINE_BACKBONE_ID, OFFLINE_BACKBONE_NAME, OFFLINE_DEFAULT, is_bundled_backbone
 
-    parser = build_run_parser(command, _help_method(argv))
+    parser = build_run_parser(command, help_method(argv))
     probe, _ = parser.parse_known_args(argv)
     if probe.train_dir is not None and probe.dataset is not None:
         raise CommandError(
@@ -136,7 +146,8 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
     if unknown:
         known = [s for action in parser._actions for s in action.option_strings]
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
-        near = closest_flags(bad, known)
+        meant = SPELLINGS.get(bad.split("=", 1)[0])
+        near = [meant] if meant in known else closest_flags(bad, known)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise CommandError(
             f"unknown option {bad!r}{hint} (see `deltatune {command} --help`; `--help-all` lists every "
