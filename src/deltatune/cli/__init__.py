@@ -20,6 +20,20 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 COMMANDS = ("train", "evaluate", "predict", "merge", "compare", "quickstart")
+#: Top-level modules of the ``cli`` extra (``pip install "deltatune[cli]"``): the core library needs none.
+CLI_EXTRA_MODULES = ("PIL", "datasets", "matplotlib", "rich")
+
+
+def missing_extra(err: BaseException) -> str | None:
+    """The one-line message for a command that needs a package of the ``cli`` extra that is not installed,
+    or None when ``err`` is something else."""
+    name = (getattr(err, "name", None) or "").split(".")[0]
+    if not isinstance(err, ImportError) or name not in CLI_EXTRA_MODULES:
+        return None
+    return (
+        f"the deltatune command needs the packages of the cli extra ({name} is not installed): "
+        'pip install "deltatune[cli]"'
+    )
 
 
 class _PrintableFormatter(logging.Formatter):
@@ -215,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if debug:
             traceback.print_exc()
-        message, status = describe_error(err)
+        extra = missing_extra(err)
+        message, status = (extra, 1) if extra else describe_error(err)
         label = "deltatune:" if isinstance(err, KeyboardInterrupt) else "deltatune: error:"
         print(f"{label} {message}", file=sys.stderr)
         return status
