@@ -208,7 +208,7 @@ def check_sources(parsed: ParsedRun, argv: list[str]) -> None:
     o = parsed.options
     check_folder(o.train_dir, "--train_dir")
     check_folder(o.validation_dir, "--validation_dir")
-    check_model_source(parsed.model, _given(argv, "--model", "--model_name_or_path") or "--model")
+    check_model_source(parsed.model, _given(argv, "--model", "--model_name_or_path"))
     if o.train_dir is None:
         check_dataset_source(parsed.dataset, _given(argv, "--dataset", "--dataset_name") or "--dataset")
 
