@@ -251,3 +251,11 @@ def test_method_names_in_any_case(typed: str, method: str, tmp_path: Path) -> No
     assert compared.options.methods == [method, "loha"]
     with pytest.raises(CommandError, match="invalid choice: 'lorra'; did you mean 'lora'"):
         parse_run("train", ["--method", "LoRRA"])
+
+
+def test_the_help_benchmark_runs() -> None:
+    from benchmarks import cli_help
+
+    results = cli_help.main(["--rounds", "1", "--stub-registry"])
+    assert set(results) == {"python -c 'import torch'", *("deltatune " + " ".join(h) for h in cli_help.HELPS)}
+    assert all(r["cpu_s"] > 0 for r in results.values())
