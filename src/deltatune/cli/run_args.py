@@ -33,9 +33,6 @@ SPELLINGS = {
     "--steps": "--max_steps",
     "--output": "--output_dir",
     "--out": "--output_dir",
-    "--lora_r": "--r",
-    "--rank_r": "--r",
-    "--lora_rank": "--r",
     "--threads": "--num_threads",
 }
 

@@ -288,29 +288,34 @@ def _adapter_help(
     recipe: dict[str, dict[str, Any]] = {}
     notes: dict[str, dict[str, str]] = {}
     for method, config_cls in configs.items():
+        # a method without an alpha or a dropout field (IA³ has neither) has no such alias
+        alpha_field = getattr(config_cls, "ALPHA_FIELD", None)
+        dropout_field = getattr(config_cls, "DROPOUT_FIELD", None)
+        flag_aliases = getattr(config_cls, "FLAG_ALIASES", {})
         own = [name for name, flag in flags.items() if method in flag.methods and name not in ALIASES]
         first = [d for d in ("r",) if d in own]
-        aliases = ["alpha", "dropout"] if config_cls.DROPOUT_FIELD else ["alpha"]
+        aliases = [a for a, f in (("alpha", alpha_field), ("dropout", dropout_field)) if f]
         dests[method] = [*first, *aliases, *(d for d in own if d not in first)]
-        notes[method] = {flag: text for flag, (_, text) in config_cls.FLAG_ALIASES.items()}
-        notes[method]["alpha"] = f"scale numerator (sets {config_cls.ALPHA_FIELD})"
-        if config_cls.DROPOUT_FIELD:
-            notes[method]["dropout"] = f"dropout (sets {config_cls.DROPOUT_FIELD})"
+        notes[method] = {flag: text for flag, (_, text) in flag_aliases.items()}
+        if alpha_field:
+            notes[method]["alpha"] = f"scale numerator (sets {alpha_field})"
+        if dropout_field:
+            notes[method]["dropout"] = f"dropout (sets {dropout_field})"
         # what tasks.image_classification.adapter_defaults(method, "classifier") gives before planning
         values = {
             "target_modules": list(GUIDE_TARGETS),
             "modules_to_save": ["classifier"],
             **config_cls.recipe_defaults(0, {}),
-            **config_cls.RECIPE_DEFAULTS,
+            **getattr(config_cls, "RECIPE_DEFAULTS", {}),
         }
         values = {k: v for k, v in values.items() if k in flags}
-        for flag, (name, _) in config_cls.FLAG_ALIASES.items():
+        for flag, (name, _) in flag_aliases.items():
             if name in values:
                 values[flag] = values[name]
-        if config_cls.ALPHA_FIELD in values:
-            values["alpha"] = values[config_cls.ALPHA_FIELD]
-        if config_cls.DROPOUT_FIELD in values:
-            values["dropout"] = values[config_cls.DROPOUT_FIELD]
+        if alpha_field in values:
+            values["alpha"] = values[alpha_field]
+        if dropout_field in values:
+            values["dropout"] = values[dropout_field]
         recipe[method] = values
     hidden = {name for name, flag in flags.items() if not flag.help or "dict" in str(flag.hint)}
     texts = {name: flag.help for name, flag in flags.items()}
