@@ -259,3 +259,10 @@ def test_the_help_benchmark_runs() -> None:
     results = cli_help.main(["--rounds", "1", "--stub-registry"])
     assert set(results) == {"python -c 'import torch'", *("deltatune " + " ".join(h) for h in cli_help.HELPS)}
     assert all(r["cpu_s"] > 0 for r in results.values())
+
+
+def test_a_bad_value_names_the_option_once() -> None:
+    from deltatune.cli.run_args import parse_run
+
+    with pytest.raises(CommandError, match=r"^argument --max_train_samples: must be at least 1, got 0 \(see"):
+        parse_run("train", ["--max_train_samples", "0"])  # not "--max_train_samples/--max-train-samples"

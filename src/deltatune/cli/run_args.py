@@ -16,7 +16,14 @@ from .._defaults import GUIDE_DATASET, GUIDE_MODEL
 from ..tasks.image_classification import RunSpec
 from ..train.arguments import TrainingArguments, map_legacy_kwargs
 from ..train.precision import check_request
-from .checks import check_dataset_source, check_folder, check_model_source, check_report_to, hub_status
+from .checks import (
+    PositiveInt,
+    check_dataset_source,
+    check_folder,
+    check_model_source,
+    check_report_to,
+    hub_status,
+)
 from .flags import adapter_kwargs_for, closest_flags
 from .run_options import build_run_parser, recipe_defaults
 from .run_parser import CommandError, help_method
@@ -151,7 +158,13 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
             "adapter and TrainingArguments option)"
         )
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    options = argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in fields})
+    options = argparse.Namespace(
+        **{
+            k: int(v) if isinstance(v, PositiveInt) else v
+            for k, v in vars(namespace).items()
+            if k not in fields
+        }
+    )
     if options.validation_dir is not None and dataset_given is None:
         raise CommandError(
             "--validation_dir needs the training images too: pass --train_dir (or --dataset) DIR"

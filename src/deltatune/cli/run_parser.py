@@ -102,6 +102,19 @@ def plain_text(text: str) -> str:
     return text.replace("``", "")
 
 
+def _untwin(message: str) -> str:
+    """``argument --max_train_samples/--max-train-samples: ...`` without the kebab-case twin."""
+
+    def names(match: re.Match[str]) -> str:
+        kept: list[str] = []
+        for name in match.group(0).split("/"):
+            if name.replace("-", "_") not in {k.replace("-", "_") for k in kept}:
+                kept.append(name)
+        return "/".join(kept)
+
+    return re.sub(r"--[\w-]+(?:/--[\w-]+)+", names, message)
+
+
 def _plain(value: Any) -> str:
     if isinstance(value, enum.Enum):
         value = value.value
@@ -208,7 +221,7 @@ class RunHelp(argparse.ArgumentParser):
     # ---- errors -----------------------------------------------------------------------------------
     def error(self, message: str) -> NoReturn:
         """Raises :class:`CommandError` (one line) instead of printing the usage and exiting."""
-        raise CommandError(f"{message} (see `deltatune {self.command} --help`)")
+        raise CommandError(f"{_untwin(message)} (see `deltatune {self.command} --help`)")
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         choices = action.choices
