@@ -18,7 +18,7 @@ base model (random weights, seeded; ``--model-shape base`` for ViT-base), then m
    - deltatune: :class:`deltatune.vision.fast.FastImageTransform` (reduced-size JPEG decoding, one
      resampling pass, uint8 until the batch) over undecoded paths + :class:`~deltatune.vision.fast.FastCollate`.
 
-Run from the repository root (needs ``pip install -e ".[bench]"`` for peft and torchvision)::
+Run from the repository root (needs ``pip install -e ".[cli,bench]"`` for peft and torchvision)::
 
     python -m benchmarks.e2e                       # both parts; generates runs/e2e_jpegs on first use
     python -m benchmarks.e2e --part data --quick   # 200 + 50 images, 2 rounds

@@ -25,7 +25,7 @@ Parts:
   ``--data_pipeline fast`` and ``gpu`` forced; images/s, accuracy, and images/s against the adapter-step
   throughput measured in **step**.
 
-Needs peft and torchvision (``pip install -e ".[bench]"``) and, for the guide's recipe, ``datasets``.
+Needs peft and torchvision (``pip install -e ".[cli,bench]"``) and, for the guide's recipe, ``datasets``.
 """
 
 from __future__ import annotations

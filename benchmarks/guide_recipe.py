@@ -6,7 +6,7 @@ transformers 5 spells ViT's attention projections ``q_proj``/``v_proj`` (peft do
 ``query``/``value``); an accuracy ``compute_metrics`` is added so that results can be compared (the guide
 reports only the loss); the seed is set before the adapter is built, so reruns are repeatable.
 
-Usage (the benchmark calls it; peft must be installed: ``pip install -e ".[bench]"``)::
+Usage (the benchmark calls it; peft must be installed: ``pip install -e ".[cli,bench]"``)::
 
     python benchmarks/guide_recipe.py --data runs/e2e_jpegs/1000_200_5_512 --model runs/e2e_model/vit-small \\
         --output /tmp/guide-run --batch 32 --epochs 1 --json guide.json

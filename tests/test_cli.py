@@ -290,7 +290,7 @@ def test_unknown_flag_suggests_the_closest(
     with pytest.raises(SystemExit) as exit_info:
         main(["frobnicate"])
     assert exit_info.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert "unknown command 'frobnicate'. Commands: train, " in capsys.readouterr().err
 
 
 def test_output_dir_with_another_run_is_refused(

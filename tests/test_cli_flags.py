@@ -279,3 +279,44 @@ def test_silent_hub_times_out_once(tmp_path: Path) -> None:
     assert f"--model 'acme/vit': not a local directory, not in the Hugging Face cache ({tmp_path})" in line
     assert f"{endpoint} could not be reached: timed out (3 s timeout)" in line
     assert "Retrying" not in done.stderr
+
+
+# ---- issue 16 item 7: offline with your own folder ------------------------------------------------
+def test_unreachable_default_model_names_the_bundled_backbone(
+    hub: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CommandError) as info:
+        checks.check_model_source("nope/not-cached", None)  # the recipe's default: no --model given
+    message = str(info.value)
+    assert message.startswith("the default model 'nope/not-cached' (no --model given): not a local directory")
+    assert "offline, pass the bundled backbone (--model deltatune/vit-glyphs-32)" in message
+    assert "\n" not in message
+    with pytest.raises(
+        CommandError, match=r"^--model_name_or_path 'nope/x': .*--model deltatune/vit-glyphs-32"
+    ):
+        checks.check_model_source("nope/x", "--model_name_or_path")
+
+
+@pytest.mark.slow
+def test_own_folder_offline_without_model_names_the_bundled_backbone(
+    assets: dict[str, str], tmp_path: Path
+) -> None:
+    """``deltatune train --dataset DIR`` with no --model and no network: one line naming the guide's model
+    and the bundled backbone, at once (HF_HUB_OFFLINE: no request, no retry)."""
+    env = {**os.environ, "PYTHONPATH": SRC, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-m", "deltatune", "train", "--dataset", assets["train"]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    line = _one_line(done.stderr)
+    assert "the default model 'google/vit-base-patch16-224-in21k' (no --model given)" in line
+    assert "--model deltatune/vit-glyphs-32" in line and "HF_HUB_OFFLINE is set" in line
+    assert "Retrying" not in done.stderr and not list(tmp_path.glob("*-lora"))

@@ -10,15 +10,30 @@ deltatune compare                      # every method + linear probe, full fine-
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
 import traceback
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 COMMANDS = ("train", "evaluate", "predict", "merge", "compare", "quickstart")
+#: Top-level modules of the ``cli`` extra (``pip install "deltatune[cli]"``): the core library needs none.
+CLI_EXTRA_MODULES = ("PIL", "datasets", "matplotlib", "rich")
+
+
+def missing_extra(err: BaseException) -> str | None:
+    """The one-line message for a command that needs a package of the ``cli`` extra that is not installed,
+    or None when ``err`` is something else."""
+    name = (getattr(err, "name", None) or "").split(".")[0]
+    if not isinstance(err, ImportError) or name not in CLI_EXTRA_MODULES:
+        return None
+    return (
+        f"the deltatune command needs the packages of the cli extra ({name} is not installed): "
+        'pip install "deltatune[cli]"'
+    )
 
 
 class _PrintableFormatter(logging.Formatter):
@@ -60,39 +75,58 @@ def _setup_logging(verbose: bool = True) -> None:
     transformers.utils.logging.disable_progress_bar()  # its weight-loading bar; the commands draw their own
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from ..registry import available_methods, get_method
-    from . import commands
-    from .checks import positive_int
+class _TopParser(argparse.ArgumentParser):
+    """The parser of ``deltatune`` and its simple commands: a mistyped command or choice is one line with the
+    closest match (``deltatune trian`` → did you mean 'train'?), exit status 2."""
 
-    parser = argparse.ArgumentParser(
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        choices = action.choices
+        if choices is None or value in choices:  # type: ignore[operator]
+            return
+        names = [str(c) for c in choices]  # type: ignore[union-attr]
+        near = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else "."
+        if isinstance(action, argparse._SubParsersAction):
+            raise argparse.ArgumentError(
+                None, f"unknown command {value!r}{hint} Commands: {', '.join(names)}"
+            )
+        raise argparse.ArgumentError(
+            action, f"invalid choice: {value!r}{hint} Valid choices: {', '.join(names)}"
+        )
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"deltatune: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``deltatune``, ``evaluate``, ``predict``, ``merge`` and ``quickstart`` (``train`` and
+    ``compare`` parse their own arguments: :mod:`.run_args`); building it and printing its help imports
+    neither torch nor transformers: each command is named by its function in :mod:`.commands`."""
+    from .checks import positive_int
+    from .run_options import method_specs
+
+    parser = _TopParser(
         prog="deltatune",
         description="Parameter-efficient fine-tuning: "
-        + ", ".join(get_method(m).display_name for m in available_methods()),
+        + ", ".join(spec.display_name for spec in method_specs().values()),
         allow_abbrev=False,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}", parser_class=_TopParser
+    )
     sub.add_parser("train", help="fine-tune with an adapter (see `deltatune train --help`)", add_help=False)
     sub.add_parser(
         "compare",
         help="methods vs baselines on the same data (see `deltatune compare --help`)",
         add_help=False,
     )
-    for name, func, text in (
-        (
-            "evaluate",
-            commands.evaluate,
-            "accuracy, top-5, per-class accuracy and a confusion matrix of an adapter",
-        ),
-        ("predict", commands.predict, "top-k labels of images with a trained adapter"),
-        (
-            "merge",
-            commands.merge,
-            "fold an adapter into its base model and save a standalone transformers model",
-        ),
+    for name, text in (
+        ("evaluate", "accuracy, top-5, per-class accuracy and a confusion matrix of an adapter"),
+        ("predict", "top-k labels of images with a trained adapter"),
+        ("merge", "fold an adapter into its base model and save a standalone transformers model"),
     ):
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
-        p.set_defaults(func=func)
+        p.set_defaults(func=name)
         p.add_argument("--adapter", required=True, help="adapter directory written by `deltatune train`")
         p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
         p.add_argument(
@@ -124,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quickstart", help="apply every method to a ViT-base-shaped model and print what trains"
     )
     quick.add_argument("--num_labels", type=int, default=101)
-    quick.set_defaults(func=commands.quickstart)
+    quick.set_defaults(func="quickstart")
     return parser
 
 
@@ -146,6 +180,20 @@ def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
     return kept, debug
 
 
+def _print_run_help(command: str, argv: list[str]) -> None:
+    """Prints the help of ``train``/``compare`` and exits (status 0) when ``argv`` asks for it with
+    ``-h``/``--help``; ``--help-all`` is left to the run-time parser (it lists transformers' options)."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    if "--help-all" in options or "--help_all" in options or not {"-h", "--help"} & set(options):
+        return
+    from .run_options import build_help_parser
+    from .run_parser import help_method
+
+    parser = build_help_parser(command, help_method(options))
+    parser._print_message(parser.format_help(), sys.stdout)
+    parser.exit()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line; returns the exit status.
 
@@ -163,14 +211,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved_showwarning = warnings.showwarning
     try:
         _show_warnings_printably()
+        if argv and argv[0] in ("train", "compare"):
+            _print_run_help(argv[0], argv[1:])  # --help: exits here, before torch and transformers load
+            _setup_logging(verbose="--json" not in argv)
+            from . import commands
+
+            return commands.train(argv[1:]) if argv[0] == "train" else commands.compare(argv[1:])
+        args = build_parser().parse_args(argv)  # --help and usage errors exit here
         _setup_logging(verbose="--json" not in argv)
         from . import commands
 
-        if argv and argv[0] in ("train", "compare"):
-            return commands.train(argv[1:]) if argv[0] == "train" else commands.compare(argv[1:])
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        return int(args.func(args))
+        return int(getattr(commands, args.func)(args))
     except SystemExit:
         raise  # argparse: --help (0) and malformed arguments (2), already printed
     except BaseException as err:  # the boundary: one line, never a traceback unless asked
@@ -178,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if debug:
             traceback.print_exc()
-        message, status = describe_error(err)
+        extra = missing_extra(err)
+        message, status = (extra, 1) if extra else describe_error(err)
         label = "deltatune:" if isinstance(err, KeyboardInterrupt) else "deltatune: error:"
         print(f"{label} {message}", file=sys.stderr)
         return status

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "HUB_TIMEOUT_S",
+    "PositiveInt",
     "check_dataset_source",
     "check_model_source",
     "check_report_to",
@@ -63,6 +64,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+class PositiveInt(int):
+    """A whole number of at least 1: the type of dataclass fields that become such options (``argparse``
+    calls it on the text, and reports its :class:`argparse.ArgumentTypeError` in one line)."""
+
+    def __new__(cls, value: str | int) -> PositiveInt:
+        return super().__new__(cls, positive_int(str(value)))
 
 
 def check_report_to(report_to: Any) -> None:
@@ -154,12 +163,19 @@ def _offline_note(tried: str) -> str:
     return f"the Hugging Face Hub is not reachable ({tried})"
 
 
-def check_model_source(value: str, flag: str = "--model") -> None:
+def check_model_source(value: str, flag: str | None = "--model") -> None:
     """Checks that ``value`` names a model that can be loaded, by reading its config (one small file).
 
     A missing folder, an invalid hub id, an id that is neither cached nor reachable, or a folder without a
-    ``config.json`` fails here, in seconds, naming ``flag``. When the Hub cannot be reached but the model
-    is in the local cache, everything switches to offline mode (see :func:`use_offline_mode`).
+    ``config.json`` fails here, in seconds, naming ``flag``. A hub id that cannot be fetched names the
+    bundled backbone (``--model deltatune/vit-glyphs-32``) as the choice that works offline. When the Hub
+    cannot be reached but the model is in the local cache, everything switches to offline mode (see
+    :func:`use_offline_mode`).
+
+    Args:
+        value: The model: a folder, a hub id or the bundled backbone's id.
+        flag: The option as the user typed it; None when ``value`` is the guide recipe's default model (the
+            user gave no ``--model``).
 
     Raises:
         CommandError: naming the flag, the value and what was tried.
@@ -168,11 +184,11 @@ def check_model_source(value: str, flag: str = "--model") -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     from transformers import AutoConfig
 
-    from ..vision import is_bundled_backbone, resolve_model_path
+    from ..vision import OFFLINE_BACKBONE_ID, is_bundled_backbone, resolve_model_path
 
     path = Path(value).expanduser()
     bundled = is_bundled_backbone(value)
-    tried = f"{flag} {value!r}: "
+    tried = f"{flag} {value!r}: " if flag else f"the default model {value!r} (no --model given): "
     if path.is_file():
         raise CommandError(f"{tried}is a file; pass a model directory (with config.json) or a hub id")
     if not path.is_dir() and not bundled:
@@ -199,7 +215,8 @@ def check_model_source(value: str, flag: str = "--model") -> None:
         if not reachable:
             raise CommandError(
                 f"{tried}not a local directory, not in the Hugging Face cache ({constants.HF_HUB_CACHE}), and "
-                f"{_offline_note(status)}; pass a local model directory, or run where the Hub is reachable"
+                f"{_offline_note(status)}; offline, pass the bundled backbone (--model {OFFLINE_BACKBONE_ID}) "
+                "or a local model directory, or run where the Hub is reachable"
             ) from None
         raise CommandError(f"{tried}{_first_line(err)}") from None
 

@@ -12,13 +12,36 @@ import os
 import shlex
 from typing import Any
 
-from ..tasks.image_classification import GUIDE_DATASET, GUIDE_MODEL, RunSpec
+from .._defaults import GUIDE_DATASET, GUIDE_MODEL
+from ..tasks.image_classification import RunSpec
 from ..train.arguments import TrainingArguments, map_legacy_kwargs
 from ..train.precision import check_request
-from .checks import check_dataset_source, check_folder, check_model_source, check_report_to, hub_status
+from .checks import (
+    PositiveInt,
+    check_dataset_source,
+    check_folder,
+    check_model_source,
+    check_report_to,
+    hub_status,
+)
 from .flags import adapter_kwargs_for, closest_flags
 from .run_options import build_run_parser, recipe_defaults
-from .run_parser import CommandError
+from .run_parser import CommandError, help_method
+
+#: Spellings people bring from other tools → the option they mean (difflib finds mistypings, not these).
+SPELLINGS = {
+    "--lr": "--learning_rate",
+    "--batch_size": "--per_device_train_batch_size",
+    "--train_batch_size": "--per_device_train_batch_size",
+    "--bs": "--per_device_train_batch_size",
+    "--eval_batch_size": "--per_device_eval_batch_size",
+    "--epochs": "--num_train_epochs",
+    "--num_epochs": "--num_train_epochs",
+    "--steps": "--max_steps",
+    "--output": "--output_dir",
+    "--out": "--output_dir",
+    "--threads": "--num_threads",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +93,6 @@ def _given(argv: list[str], *flags: str) -> str | None:
     return None
 
 
-def _help_method(argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == "--method" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--method="):
-            return arg.split("=", 1)[1]
-    return None
-
-
 def typed_command(command: str, argv: list[str]) -> str:
     """The command line as the user typed it, for files people share: ``deltatune <command> <args>``
     (never the path of the ``deltatune`` script or of the Python interpreter)."""
@@ -115,7 +129,7 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
     """
     from ..vision import OFFLINE_BACKBONE_ID, OFFLINE_BACKBONE_NAME, OFFLINE_DEFAULT, is_bundled_backbone
 
-    parser = build_run_parser(command, _help_method(argv))
+    parser = build_run_parser(command, help_method(argv))
     probe, _ = parser.parse_known_args(argv)
     if probe.train_dir is not None and probe.dataset is not None:
         raise CommandError(
@@ -136,14 +150,21 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
     if unknown:
         known = [s for action in parser._actions for s in action.option_strings]
         bad = next((u for u in unknown if u.startswith("-")), unknown[0])
-        near = closest_flags(bad, known)
+        meant = SPELLINGS.get(bad.split("=", 1)[0])
+        near = [meant] if meant in known else closest_flags(bad, known)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise CommandError(
             f"unknown option {bad!r}{hint} (see `deltatune {command} --help`; `--help-all` lists every "
             "adapter and TrainingArguments option)"
         )
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    options = argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in fields})
+    options = argparse.Namespace(
+        **{
+            k: int(v) if isinstance(v, PositiveInt) else v
+            for k, v in vars(namespace).items()
+            if k not in fields
+        }
+    )
     if options.validation_dir is not None and dataset_given is None:
         raise CommandError(
             "--validation_dir needs the training images too: pass --train_dir (or --dataset) DIR"
@@ -197,7 +218,7 @@ def check_sources(parsed: ParsedRun, argv: list[str]) -> None:
     o = parsed.options
     check_folder(o.train_dir, "--train_dir")
     check_folder(o.validation_dir, "--validation_dir")
-    check_model_source(parsed.model, _given(argv, "--model", "--model_name_or_path") or "--model")
+    check_model_source(parsed.model, _given(argv, "--model", "--model_name_or_path"))
     if o.train_dir is None:
         check_dataset_source(parsed.dataset, _given(argv, "--dataset", "--dataset_name") or "--dataset")
 

@@ -1,6 +1,6 @@
-"""The parser of ``deltatune train``/``compare``: ``HfArgumentParser`` (every ``TrainingArguments`` field)
-with a help that puts the recipe's own options first, with the defaults each recipe really uses, and one-line
-errors.
+"""The help and the one-line errors of ``deltatune train``/``compare``, shared by the parser that runs
+(transformers' ``HfArgumentParser``) and the one ``--help`` renders (plain ``argparse``; this module
+imports neither torch nor transformers).
 
 ``--help`` shows what a run is usually shaped with (what to train, the training knobs the recipes set, data,
 the run, the chosen method's adapter options); ``--help-all`` adds every adapter option of every method and
@@ -12,47 +12,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import difflib
 import enum
 import re
 import sys
+import typing
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
-from transformers import HfArgumentParser
-
-__all__ = ["CommandError", "RunParser"]
+__all__ = ["CommandError", "RunHelp", "add_dataclass_fields", "help_method", "plain_text", "string_to_bool"]
 
 
 class CommandError(ValueError):
     """A command-line mistake; the CLI prints the message and exits with status 2."""
 
 
-#: The TrainingArguments shown by ``--help`` (the rest is behind ``--help-all``): short help and metavar.
-TRAINING_HELP: dict[str, tuple[str, str]] = {
-    "output_dir": (
-        "where the adapter, metrics, plots, report and checkpoints go (default: <model>-<method>)",
-        "DIR",
-    ),
-    "num_train_epochs": ("epochs", "N"),
-    "max_steps": ("stop after this many optimiser steps (overrides the epochs when > 0)", "N"),
-    "learning_rate": ("peak learning rate", "LR"),
-    "per_device_train_batch_size": ("training batch per device", "N"),
-    "gradient_accumulation_steps": ("batches per optimiser step", "N"),
-    "per_device_eval_batch_size": ("evaluation batch per device", "N"),
-    "eval_strategy": ("when to evaluate", "{no,steps,epoch}"),
-    "save_strategy": ("when to write checkpoint-N folders", "{no,steps,epoch,best}"),
-    "logging_steps": ("log the training loss every N steps (to train.log and the curve)", "N"),
-    "load_best_model_at_end": ("end with the best evaluated checkpoint", "BOOL"),
-    "seed": ("seed of the split, the head, the adapter and the data order", "N"),
-    "do_train": ("train (default on; false: only evaluate the model as loaded)", "BOOL"),
-    "do_eval": ("evaluate (default on; false: no evaluation at all)", "BOOL"),
-    "resume_from_checkpoint": ("continue a run: true (its newest complete checkpoint) or a path", "PATH"),
-    "report_to": ("also log to: tensorboard, wandb, mlflow, ... (the package must be installed)", "NAME"),
-    "push_to_hub": ("upload the adapter when done", "BOOL"),
-    "hub_model_id": ("the repo to upload to (default: the output folder's name)", "ID"),
-    "use_cpu": ("train on the CPU even when a GPU is there", "BOOL"),
-}
 #: Sections of ``--help``: (title, option dests). Dests absent from a command are skipped.
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
@@ -71,7 +46,26 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "training (with each recipe's default where the two differ)",
-        (*(d for d in TRAINING_HELP if d not in ("output_dir", "use_cpu")), "full_learning_rate"),
+        (
+            "num_train_epochs",
+            "max_steps",
+            "learning_rate",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "per_device_eval_batch_size",
+            "eval_strategy",
+            "save_strategy",
+            "logging_steps",
+            "load_best_model_at_end",
+            "seed",
+            "do_train",
+            "do_eval",
+            "resume_from_checkpoint",
+            "report_to",
+            "push_to_hub",
+            "hub_model_id",
+            "full_learning_rate",
+        ),
     ),
     (
         "data",
@@ -96,6 +90,29 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
 )
+
+
+def plain_text(text: str) -> str:
+    """``text`` without docstring markup: ````x```` → ``x``, ``:mod:`x``` → ``x``, ``:class:`~a.B``` → ``B``."""
+    text = re.sub(
+        r":\w+:`~?([^`]*)`",
+        lambda m: m.group(1).rsplit(".", 1)[-1] if "~" in m.group(0) else m.group(1),
+        text,
+    )
+    return text.replace("``", "")
+
+
+def _untwin(message: str) -> str:
+    """``argument --max_train_samples/--max-train-samples: ...`` without the kebab-case twin."""
+
+    def names(match: re.Match[str]) -> str:
+        kept: list[str] = []
+        for name in match.group(0).split("/"):
+            if name.replace("-", "_") not in {k.replace("-", "_") for k in kept}:
+                kept.append(name)
+        return "/".join(kept)
+
+    return re.sub(r"--[\w-]+(?:/--[\w-]+)+", names, message)
 
 
 def _plain(value: Any) -> str:
@@ -131,12 +148,14 @@ class _Formatter(argparse.HelpFormatter):
         )
 
 
-class RunParser(HfArgumentParser):
-    """``HfArgumentParser`` over ``training_args_cls`` with a recipe-first help and one-line errors.
+class RunHelp(argparse.ArgumentParser):
+    """An ``argparse`` parser with a recipe-first help and one-line errors; the run-time parser mixes it
+    into ``HfArgumentParser`` (``class HfRunParser(RunHelp, HfArgumentParser)``), the help parser uses it as
+    it is.
 
     Args:
+        *args: Passed on (``HfArgumentParser``'s dataclass types).
         command: ``"train"`` or ``"compare"``.
-        training_args_cls: The ``TrainingArguments`` dataclass.
         description: First paragraph of the help.
         recipe_defaults: Recipe name → the defaults it sets (dest → value); the help shows them per recipe.
         help_method: The method whose adapter options ``--help`` lists.
@@ -144,12 +163,15 @@ class RunParser(HfArgumentParser):
         adapter_recipe: Method → the adapter values the recipes use (shown in ``--help``).
         adapter_notes: Method → dest → the help ``--help`` shows for that method (e.g. what ``--r`` sets).
         adapter_hidden: Adapter dests ``--help`` leaves to ``--help-all`` (JSON-valued, undocumented).
+        adapter_texts: Adapter dest → its help without the methods it applies to.
+        essentials: The ``TrainingArguments`` fields ``--help`` lists (name → field, with the short help and
+            the metavar in its metadata).
     """
 
     def __init__(
         self,
+        *args: Any,
         command: str,
-        training_args_cls: type,
         description: str,
         recipe_defaults: dict[str, dict[str, Any]],
         help_method: str,
@@ -157,20 +179,22 @@ class RunParser(HfArgumentParser):
         adapter_recipe: dict[str, dict[str, Any]],
         adapter_notes: dict[str, dict[str, str]],
         adapter_hidden: set[str],
+        adapter_texts: dict[str, str],
+        essentials: dict[str, dataclasses.Field[Any]],
     ) -> None:
-        super().__init__(
-            training_args_cls,  # type: ignore[arg-type]
-            prog=f"deltatune {command}",
-            usage=(
+        options: dict[str, Any] = {
+            "prog": f"deltatune {command}",
+            "usage": (
                 f"deltatune {command} [--method METHOD] [--model ID|DIR] [--dataset ID|DIR] [OPTIONS]"
                 if command == "train"
                 else f"deltatune {command} [--methods METHOD ...] [--model ID|DIR] [--dataset ID|DIR] [OPTIONS]"
             ),
-            description=description,
-            allow_abbrev=False,
-            add_help=False,
-            formatter_class=_Formatter,
-        )
+            "description": description,
+            "allow_abbrev": False,
+            "add_help": False,
+            "formatter_class": _Formatter,
+        }
+        super().__init__(*args, **options)
         self.command = command
         self.recipe_defaults = recipe_defaults
         self.help_method = help_method
@@ -178,6 +202,11 @@ class RunParser(HfArgumentParser):
         self.adapter_recipe = adapter_recipe
         self.adapter_notes = adapter_notes
         self.adapter_hidden = adapter_hidden
+        self.adapter_texts = adapter_texts
+        self.essentials = essentials
+
+    def add_help_options(self) -> None:
+        """``-h/--help`` and ``--help-all``; every option added before this counts as a training option."""
         self.training_dests = {a.dest for a in self._actions}
         self.add_argument("-h", "--help", action=_Help, help="show this help and exit")
         self.add_argument(
@@ -185,13 +214,14 @@ class RunParser(HfArgumentParser):
             "--help_all",
             action=_Help,
             full=True,
-            help="also list every adapter option and every transformers TrainingArguments option",
+            help="also list every adapter option and every transformers TrainingArguments option (this "
+            "one loads transformers)",
         )
 
     # ---- errors -----------------------------------------------------------------------------------
     def error(self, message: str) -> NoReturn:
         """Raises :class:`CommandError` (one line) instead of printing the usage and exiting."""
-        raise CommandError(f"{message} (see `deltatune {self.command} --help`)")
+        raise CommandError(f"{_untwin(message)} (see `deltatune {self.command} --help`)")
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         choices = action.choices
@@ -232,25 +262,33 @@ class RunParser(HfArgumentParser):
         )
 
     def _help_copy(self, action: argparse.Action, short: bool) -> argparse.Action:
+        """A copy of ``action`` as the help shows it: the short or the full text, the recipe's default, a
+        metavar that says what to give, and no docstring markup."""
         shown = copy.copy(action)
-        text = action.help or ""
-        if action.dest in TRAINING_HELP and action.dest in self.training_dests:
+        text = (action.help or "").replace("%(default)s", _plain(action.default)).replace("%%", "%")
+        essential = self.essentials.get(action.dest)
+        if essential is not None and action.dest in self.training_dests:
+            shown.metavar = essential.metadata["metavar"]
             if short:
-                text, shown.metavar = TRAINING_HELP[action.dest]
-            else:
-                shown.metavar = TRAINING_HELP[action.dest][1]
-        text = text.replace("%(default)s", _plain(action.default))
-        if short and action.dest not in self.training_dests:  # one method's adapter options
-            text = self.adapter_notes.get(self.help_method, {}).get(action.dest, text)
-            text = re.sub(r"\s*\[[^\]]*\]$", "", text)  # the methods an option applies to
+                text = essential.metadata["help"]
+        if short and action.dest in self.adapter_texts:  # the chosen method's wording, no [methods] scope
+            text = self.adapter_notes.get(self.help_method, {}).get(
+                action.dest, self.adapter_texts[action.dest]
+            )
         if action.dest in self.adapter_recipe.get(self.help_method, {}):
             text = re.sub(r"\s*\(default [^)]*\)", "", text)  # the config's default; the recipe's is shown
-        shown.help = (text + self._recipe_note(action.dest, action)).replace("%", "%%")
+        shown.help = (plain_text(text) + self._recipe_note(action.dest, action)).replace("%", "%%")
         if shown.help.strip() == "":
             shown.help = " "
         if shown.metavar is None and action.nargs != 0 and action.choices is None:
             kind = getattr(action.type, "__name__", "")
-            shown.metavar = {"int": "N", "positive_int": "N", "float": "X"}.get(kind, "VALUE")
+            shown.metavar = {
+                "int": "N",
+                "PositiveInt": "N",
+                "float": "X",
+                "string_to_bool": "BOOL",
+                "_bool": "BOOL",
+            }.get(kind, "VALUE")
         return shown
 
     def _section(
@@ -284,7 +322,7 @@ class RunParser(HfArgumentParser):
             else f"adapter options of {self.help_method} (`--method M --help` shows another method's)"
         )
         actions = [a for d in adapter if (a := self._action(d)) is not None]
-        self._section(formatter, title, (self._help_copy(a, short=True) for a in actions))
+        self._section(formatter, title, (self._help_copy(a, short=not full) for a in actions))
         shown |= set(all_adapter) | {"help", "help_all"}
         rest = [a for a in self._actions if a.option_strings and a.dest not in shown]
         if full:
@@ -298,8 +336,8 @@ class RunParser(HfArgumentParser):
         formatter.end_section()
         if not full:
             formatter.add_text(
-                f"{len(rest)} more transformers TrainingArguments options and the adapter options of the other "
-                f"methods are accepted too: `deltatune {self.command} --help-all` lists them."
+                "The other transformers TrainingArguments options (about 100) and the adapter options of the "
+                f"other methods are accepted too: `deltatune {self.command} --help-all` lists them."
             )
         return formatter.format_help()
 
@@ -313,6 +351,63 @@ class _Help(argparse.Action):
         self.full = full
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
-        text = parser.format_help(full=self.full) if isinstance(parser, RunParser) else parser.format_help()
+        text = parser.format_help(full=self.full) if isinstance(parser, RunHelp) else parser.format_help()
         parser._print_message(text, sys.stdout)
         parser.exit()
+
+
+def help_method(argv: Sequence[str]) -> str | None:
+    """The value of ``--method`` in ``argv`` (whose adapter options ``--help`` lists), if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--method="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+# ---- options from dataclass fields, as HfArgumentParser makes them -----------------------------------
+def string_to_bool(text: str | bool) -> bool:
+    """``true``/``false`` (also ``yes``/``no``, ``t``/``f``, ``y``/``n``, ``1``/``0``), as transformers'
+    ``HfArgumentParser`` reads a boolean option."""
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if text.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_dataclass_fields(parser: argparse.ArgumentParser, dtype: type) -> None:
+    """Adds an option per field of ``dtype`` with the option strings, types, defaults and metadata
+    transformers' ``HfArgumentParser`` gives it (``--name``, its ``--kebab-case`` twin, the ``aliases`` of the
+    metadata, ``--no_name`` for a boolean that defaults to true), without importing transformers.
+
+    Only the field types the CLI's dataclasses use: ``bool``, ``str``/``int``/``float`` (and their
+    ``... | None``), ``list[str]`` and types such as :class:`~.checks.PositiveInt`.
+    """
+    hints = typing.get_type_hints(dtype)
+    for f in dataclasses.fields(dtype):
+        if not f.init:
+            continue
+        kwargs = dict(f.metadata)
+        aliases = kwargs.pop("aliases", [])
+        names = [f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []), *aliases]
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        kind = args[0] if typing.get_origin(hint) in (typing.Union, _UnionType) and len(args) == 1 else hint
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if kind is bool:
+            parser.add_argument(*names, type=string_to_bool, default=default, nargs="?", const=True, **kwargs)
+            if default is True:
+                no = f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}"
+                kwargs.pop("metavar", None)
+                parser.add_argument(*no, action="store_false", dest=f.name, default=False, **kwargs)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(*names, type=typing.get_args(kind)[0], nargs="+", default=default, **kwargs)
+        else:
+            parser.add_argument(*names, type=kind, default=default, **kwargs)
+
+
+_UnionType = type(int | None)

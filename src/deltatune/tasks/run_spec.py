@@ -8,6 +8,7 @@ from typing import Any
 
 import transformers
 
+from .._defaults import GUIDE_DATASET, GUIDE_MODEL, GUIDE_TARGETS, GUIDE_TRAINING_DEFAULTS
 from ..registry import get_method
 from ..train.outputs import training_identity
 
@@ -20,27 +21,6 @@ __all__ = [
     "adapter_defaults",
     "run_record",
 ]
-
-GUIDE_MODEL = "google/vit-base-patch16-224-in21k"
-GUIDE_DATASET = "food101"
-#: The guide's targets: attention query and value (transformers 4 names; they also find q_proj/v_proj).
-GUIDE_TARGETS = ["query", "value"]
-#: The guide's TrainingArguments (fp16 is added on a GPU only).
-GUIDE_TRAINING_DEFAULTS: dict[str, Any] = {
-    "remove_unused_columns": False,
-    "eval_strategy": "epoch",
-    "save_strategy": "epoch",
-    "learning_rate": 5e-3,
-    "per_device_train_batch_size": 128,
-    "gradient_accumulation_steps": 4,
-    "per_device_eval_batch_size": 128,
-    "num_train_epochs": 5,
-    "logging_steps": 10,
-    "load_best_model_at_end": True,
-    "save_total_limit": 2,  # with load_best_model_at_end: the best checkpoint and the last one
-    "label_names": ["labels"],
-    "report_to": "none",
-}
 
 
 @dataclass

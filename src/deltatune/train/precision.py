@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import transformers
 
+from .._defaults import PRECISION_CHOICES
 from .arguments import accelerator_name, check_precision, precision_label
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ __all__ = [
     "resolve_precision",
 ]
 
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 #: Forward GFLOP per example from which CPU bf16 autocast is chosen automatically (see the module doc).
 CPU_BF16_MIN_GFLOP = 1.0
 

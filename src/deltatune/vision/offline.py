@@ -19,28 +19,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-OFFLINE_DEFAULT = "offline-default"
-OFFLINE_ALIASES = frozenset({"offline-default", "offline_default", "offline"})
-OFFLINE_BACKBONE_NAME = "vit-glyphs-32"
-#: The bundled backbone's portable name: written into shareable files (adapter_config.json, model cards) and
-#: resolved to the installed copy by :func:`resolve_model_path`, so they carry no path of this machine.
-OFFLINE_BACKBONE_ID = f"deltatune/{OFFLINE_BACKBONE_NAME}"
+from .._defaults import (  # noqa: F401 - plain values shared with the help, defined in one place
+    OFFLINE_ALIASES,
+    OFFLINE_BACKBONE_ID,
+    OFFLINE_BACKBONE_NAME,
+    OFFLINE_DEFAULT,
+    OFFLINE_TRAINING_DEFAULTS,
+)
+
 _PACKAGE_DIR = Path(str(resources.files("deltatune.vision")))
 OFFLINE_BACKBONE_DIR = _PACKAGE_DIR / "assets" / OFFLINE_BACKBONE_NAME
 DIGITS_FILE = _PACKAGE_DIR / "data" / "digits.npz"
 DIGIT_IMAGE_SIZE = 32
 DIGIT_CLASS_NAMES = [str(d) for d in range(10)]
-
-# Training arguments that suit the offline default (1000 training images): the guide's Food-101 values
-# (batch 128 x accumulation 4, 5 epochs) would give only 10 optimiser steps here. 12 epochs of batch 32 are
-# 384 steps, about 25 CPU seconds per method for the bundled backbone (scripts/check_transfer.py).
-OFFLINE_TRAINING_DEFAULTS: dict[str, Any] = {
-    "per_device_train_batch_size": 32,
-    "per_device_eval_batch_size": 128,
-    "gradient_accumulation_steps": 1,
-    "num_train_epochs": 12,
-    "learning_rate": 5e-3,
-}
 
 
 def is_offline_default(name_or_path: str) -> bool:

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._defaults import DATA_PIPELINES
 from .fast import FastImageTransform, undecoded
 from .gpu import EncodedImageTransform, encoded_rows
 from .loading import ImageDatasetBundle
 from .transforms import TransformedDataset, build_transforms, collate_fn
 
 __all__ = ["DATA_PIPELINES", "image_datasets"]
-
-#: ``fast``: this module (reduced-size JPEG decoding, uint8 until the batch); ``standard``:
-#: :class:`~deltatune.vision.transforms.ImageTransform` on fully decoded images (float per example);
-#: ``gpu``: :mod:`deltatune.vision.gpu` (decoding and augmentation on the training device); ``auto``: ``gpu``
-#: when training on a GPU that the CPU cannot feed, else ``fast`` (see :func:`deltatune.vision.gpu.choose_pipeline`).
-DATA_PIPELINES = ("auto", "fast", "standard", "gpu")
 
 
 def image_datasets(
