@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from typing import Any
 
 from safetensors.torch import load_file, save_file
@@ -53,9 +54,19 @@ def save_label_maps(model: Any, directory: str | os.PathLike[str]) -> dict[str, 
     return maps
 
 
-def load_label_maps(directory: str | os.PathLike[str]) -> tuple[dict[int, str], dict[str, int]]:
+def load_label_maps(
+    directory: str | os.PathLike[str], num_labels: int | None = None
+) -> tuple[dict[int, str], dict[str, int]]:
     """Reads ``labels.json`` back as ``(id2label, label2id)`` with integer ids, checked to be a usable label map:
     an object ``{"id2label": {"0": name, ...}}`` whose ids are exactly 0..n-1 (n ≥ 2) with distinct names.
+
+    The file may come from anyone, so every check is linear in its size (a 100,000-label file is read in a
+    fraction of a second), and when the classification head's size is known (``num_labels``) the number of
+    labels is compared with it before anything else.
+
+    Args:
+        directory: The adapter (or checkpoint) folder holding ``labels.json``.
+        num_labels: The number of outputs of the classification head the labels name, when known.
 
     Raises:
         FileNotFoundError: when the directory has no ``labels.json``.
@@ -73,6 +84,11 @@ def load_label_maps(directory: str | os.PathLike[str]) -> tuple[dict[int, str], 
     if not isinstance(raw, dict):
         got = type(raw).__name__ if isinstance(data, dict) and "id2label" in data else "no id2label object"
         raise ValueError(f"{path} is not a valid label map (id2label: {got}); {expected}")
+    if num_labels is not None and len(raw) != num_labels:
+        raise ValueError(
+            f"{path} names {len(raw)} labels but the model's classification head has {num_labels} outputs; "
+            "the labels and the adapter do not belong together"
+        )
     id2label: dict[int, str] = {}
     for key, name in raw.items():
         try:
@@ -91,8 +107,7 @@ def load_label_maps(directory: str | os.PathLike[str]) -> tuple[dict[int, str], 
         )
     if len(ids) < 2:
         raise ValueError(f"{path}: a classifier needs at least 2 labels, found {len(ids)}")
-    names = list(id2label.values())
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(name for name, count in Counter(id2label.values()).items() if count > 1)
     if duplicates:
         raise ValueError(f"{path}: label names must be distinct, repeated: {duplicates[:5]}")
     return dict(sorted(id2label.items())), {v: k for k, v in sorted(id2label.items())}
