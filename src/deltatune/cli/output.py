@@ -167,7 +167,7 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
     except BaseException as exc:
         if handler.stream is not None and handler.stream.tell() > 0:  # the run had started: say how it ended
             reason = (
-                "interrupted (Ctrl-C)"
+                getattr(exc, "reason", None) or "interrupted (Ctrl-C)"  # RunInterrupted: Ctrl-C or SIGTERM
                 if isinstance(exc, KeyboardInterrupt)
                 else f"{type(exc).__name__}: {exc}"
             )

@@ -41,6 +41,7 @@ from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_sta
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
 from .metrics import compute_classification_metrics
 from .resume import resolve_resume_checkpoint
+from .signals import deferred_sigterm
 from .throughput import ThroughputCallback
 
 logger = logging.getLogger(__name__)
@@ -201,14 +202,18 @@ class DeltaTrainer(transformers.Trainer):
         refuse_non_finite_checkpoint(self)
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotated below, by step
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        if self.args.should_save:
-            rotate_checkpoints(
-                self._get_output_dir(trial=trial), limit, self.state.best_model_checkpoint, use_mtime=False
-            )
+        with deferred_sigterm():  # a SIGTERM now stops the run once this checkpoint is complete
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            if self.args.should_save:
+                rotate_checkpoints(
+                    self._get_output_dir(trial=trial),
+                    limit,
+                    self.state.best_model_checkpoint,
+                    use_mtime=False,
+                )
 
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
