@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from deltatune.cli.errors import RunInterrupted, describe_error
 from deltatune.train.lock import LOCK_NAME, RunLock, run_lock
@@ -104,3 +106,85 @@ def test_the_lock_is_reentrant_within_a_process(tmp_path: Path) -> None:
     with RunLock(tmp_path) as outer, RunLock(tmp_path) as inner:
         assert inner.took_over is None and outer.took_over is None
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+# ---- resuming a run that is already at its end --------------------------------------------------------------
+def tiny_trainer(out: Path, **overrides: Any) -> Any:
+    from tiny import QUIET_CPU_ARGS, Blobs, tiny_vit
+
+    from deltatune import LoraConfig, get_peft_model
+    from deltatune.train import DeltaTrainer, TrainingArguments
+
+    model = get_peft_model(
+        tiny_vit(), LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"])
+    )
+    settings = {
+        "max_steps": 6,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "logging_steps": 1,
+        "learning_rate": 0.01,
+        "lr_scheduler_type": "constant",
+    }
+    args = TrainingArguments(
+        str(out), per_device_train_batch_size=4, **{**QUIET_CPU_ARGS, **settings, **overrides}
+    )
+    return DeltaTrainer(model, args, train_dataset=Blobs(24, 1))
+
+
+def files_of(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize(
+    "limit", [{"max_steps": 6}, {"max_steps": -1, "num_train_epochs": 1}], ids=["steps", "epochs"]
+)
+def test_resuming_a_finished_run_trains_and_rewrites_nothing(tmp_path: Path, limit: dict[str, Any]) -> None:
+    """transformers' loop takes one more optimiser step before it checks ``max_steps``: a resume of a finished
+    run changed its adapter. Now it trains nothing, writes no checkpoint, and reports the run's loss."""
+    first = tiny_trainer(tmp_path, **limit)
+    result = first.train()
+    last = tmp_path / "checkpoint-6"
+    before = files_of(last)
+    folders = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    again = tiny_trainer(tmp_path, **limit)
+    resumed = again.train(resume_from_checkpoint=True)
+    assert again.state.global_step == 6 and resumed.global_step == 6
+    assert files_of(last) == before, "the last checkpoint is rewritten"
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == folders
+    trained = {k: v for k, v in first.model.state_dict().items() if "lora" in k or "modules_to_save" in k}
+    for key, value in again.model.state_dict().items():
+        if key in trained:
+            assert torch.equal(value, trained[key]), f"{key} changed without training"
+    assert resumed.training_loss == pytest.approx(result.training_loss, rel=1e-6)
+
+
+def test_train_loss_after_a_resume_is_the_whole_runs(tmp_path: Path) -> None:
+    whole = tiny_trainer(tmp_path / "whole").train()
+    tiny_trainer(tmp_path / "split", max_steps=3).train()  # the same first three steps, then stopped
+    resumed = tiny_trainer(tmp_path / "split").train(resume_from_checkpoint=True)
+    assert resumed.global_step == 6
+    assert resumed.training_loss == pytest.approx(whole.training_loss, rel=1e-5)
+    assert resumed.metrics["train_loss"] == pytest.approx(whole.training_loss, rel=1e-5)
+
+
+def test_the_eta_after_a_resume_counts_the_steps_this_process_took(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resumed at step 50 of 100, 10 steps in 10 s: 40 s left (it said 8 s, as if the first 50 steps had taken
+    no time)."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from deltatune.cli import output
+
+    now = [100.0]
+    monkeypatch.setattr(output.time, "perf_counter", lambda: now[0])
+    reporter = output.EpochReporter(Console(file=open(os.devnull, "w")), bars=False, header=False)  # noqa: SIM115
+    args = SimpleNamespace(num_train_epochs=2, max_steps=-1, disable_tqdm=True)
+    reporter.on_train_begin(
+        args, SimpleNamespace(is_world_process_zero=True, global_step=50, max_steps=100), None
+    )
+    now[0] = 110.0
+    reporter._pending = {"epoch": 1, "step": 60, "max_steps": 100, "images_per_s": None, "wait_eval": False}
+    reporter._flush()
+    assert reporter.rows[-1]["eta"] == pytest.approx(40.0)

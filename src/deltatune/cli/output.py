@@ -234,6 +234,7 @@ class EpochReporter(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self._start = time.perf_counter()
+        self._first_step = state.global_step  # a resumed run: the rate is of the steps this process took
         loader = kwargs.get("train_dataloader")
         dataset = getattr(loader, "dataset", None)
         self.num_train = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else 0
@@ -362,7 +363,8 @@ class EpochReporter(TrainerCallback):
         elapsed = time.perf_counter() - getattr(self, "_start", time.perf_counter())
         done, total = row["step"], row["max_steps"]
         row["elapsed"] = elapsed
-        row["eta"] = elapsed / done * (total - done) if done and total else None
+        taken = done - getattr(self, "_first_step", 0)
+        row["eta"] = elapsed / taken * (total - done) if taken > 0 and total else None
         self.rows.append(row)
         epoch = (
             f"{row['epoch']}/{self._epochs}"

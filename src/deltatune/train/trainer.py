@@ -17,6 +17,10 @@ What it changes, and where transformers 5 does it:
   state is logged, evaluated or saved, and ``_save_checkpoint`` refuses a non-finite loss or adapter, so
   the last good ``checkpoint-N`` is never overwritten by a poisoned one.
 - ``compute_metrics`` defaults to accuracy (+ top-5 with more than 5 classes).
+- A resume from a checkpoint already at the end of the run (``max_steps``, or its last epoch) trains nothing
+  and saves nothing (transformers' loop would take one more optimiser step before it checks the limit:
+  ``_run_epoch``), and ``train_loss`` after a resume is the mean over the whole run, not over the steps of
+  this call (each checkpoint records the run's loss sum so far in its trainer state).
 - The guide's ``Trainer(tokenizer=...)`` is accepted and mapped to ``processing_class``; an impossible
   fp16/bf16 request fails in the constructor; the precision used is logged when training starts.
 """
@@ -30,7 +34,7 @@ import os
 from typing import Any
 
 import transformers
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 from transformers.utils import can_return_loss, find_labels
 
 from .._files import apply_umask, atomic_write_text
@@ -49,6 +53,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["DeltaTrainer"]
 
 TRAINING_ARGS_JSON = "training_args.json"
+#: Key in a checkpoint's ``trainer_state.json`` ``stateful_callbacks`` holding the run's training-loss sum.
+RUN_LOSS_KEY = "DeltaTrainerRunLoss"
 
 
 def _has_num_labels(model: Any) -> bool:
@@ -155,6 +161,44 @@ class DeltaTrainer(transformers.Trainer):
             logger.info("training %s; precision: %s", type(model).__name__, self.precision)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _init_training_state(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer._init_training_state``; also reads the loss sum of the steps a resumed checkpoint already
+        took (None when it did not record one)."""
+        result = super()._init_training_state(*args, **kwargs)
+        self._run_loss_before: float | None = 0.0
+        if self.state.global_step:
+            record = (self.state.stateful_callbacks or {}).get(RUN_LOSS_KEY)
+            total = record.get("attributes", {}).get("train_loss_sum") if isinstance(record, dict) else None
+            self._run_loss_before = float(total) if isinstance(total, int | float) else None
+        return result
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer._run_epoch``, skipped when the run already took every step (a resume of a finished run)."""
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            logger.info(
+                "the checkpoint is at step %d of %d: nothing is left to train",
+                self.state.global_step,
+                self.state.max_steps,
+            )
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer._finalize_training``, with ``train_loss`` over the whole run after a resume."""
+        steps_now = self.state.global_step - int(getattr(self, "_initial_global_step", 0))
+        output = super()._finalize_training(*args, **kwargs)
+        before = getattr(self, "_run_loss_before", None)
+        if not isinstance(output, TrainOutput) or before is None or steps_now == self.state.global_step:
+            return output
+        whole = (before + output.training_loss * steps_now) / max(self.state.global_step, 1)
+        output.metrics["train_loss"] = whole
+        for entry in reversed(self.state.log_history):
+            if "train_loss" in entry:
+                entry["train_loss"] = whole
+                break
+        return TrainOutput(output.global_step, whole, output.metrics)
+
     def compute_loss(
         self,
         model: Any,
@@ -200,6 +244,13 @@ class DeltaTrainer(transformers.Trainer):
         transformers does: a copied or restored folder's mtime says nothing of its step, and could get the
         newest checkpoint deleted."""
         refuse_non_finite_checkpoint(self)
+        before = getattr(self, "_run_loss_before", None)
+        if before is not None and hasattr(self, "_tr_loss"):  # read by _init_training_state on resume
+            so_far = before + self._total_loss_scalar + float(self._tr_loss.item())
+            self.state.stateful_callbacks[RUN_LOSS_KEY] = {
+                "args": {},
+                "attributes": {"train_loss_sum": so_far},
+            }
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotated below, by step
         with deferred_sigterm():  # a SIGTERM now stops the run once this checkpoint is complete
