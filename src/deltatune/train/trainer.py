@@ -167,7 +167,8 @@ class DeltaTrainer(transformers.Trainer):
         result = super()._init_training_state(*args, **kwargs)
         self._run_loss_before: float | None = 0.0
         if self.state.global_step:
-            record = (self.state.stateful_callbacks or {}).get(RUN_LOSS_KEY)
+            stored: Any = self.state.stateful_callbacks  # a dict in the JSON state (typed as a list)
+            record = stored.get(RUN_LOSS_KEY) if isinstance(stored, dict) else None
             total = record.get("attributes", {}).get("train_loss_sum") if isinstance(record, dict) else None
             self._run_loss_before = float(total) if isinstance(total, int | float) else None
         return result
