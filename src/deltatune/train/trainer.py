@@ -248,10 +248,9 @@ class DeltaTrainer(transformers.Trainer):
         before = getattr(self, "_run_loss_before", None)
         if before is not None and hasattr(self, "_tr_loss"):  # read by _init_training_state on resume
             so_far = before + self._total_loss_scalar + float(self._tr_loss.item())
-            self.state.stateful_callbacks[RUN_LOSS_KEY] = {
-                "args": {},
-                "attributes": {"train_loss_sum": so_far},
-            }
+            stored: Any = self.state.stateful_callbacks  # a dict in the JSON state (typed as a list)
+            if isinstance(stored, dict):
+                stored[RUN_LOSS_KEY] = {"args": {}, "attributes": {"train_loss_sum": so_far}}
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotated below, by step
         with deferred_sigterm():  # a SIGTERM now stops the run once this checkpoint is complete
