@@ -5,6 +5,7 @@ checkpoint write ending with the one-line disk-full message and the last good ch
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -188,3 +189,85 @@ def test_the_eta_after_a_resume_counts_the_steps_this_process_took(monkeypatch: 
     reporter._pending = {"epoch": 1, "step": 60, "max_steps": 100, "images_per_s": None, "wait_eval": False}
     reporter._flush()
     assert reporter.rows[-1]["eta"] == pytest.approx(40.0)
+
+
+# ---- a full disk inside a checkpoint write -----------------------------------------------------------------
+@pytest.mark.parametrize("writer", ["adapter", "torch.save"])
+def test_a_full_disk_inside_a_checkpoint_write_keeps_the_last_good_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], writer: str
+) -> None:
+    """The disk fills while the second checkpoint is written, as seen on a 100 KB tmpfs: either deltatune's
+    adapter writer fails (OSError ENOSPC), or ``torch.save`` of the optimizer state fails with its stream
+    writer's RuntimeError ("unexpected pos"), and from then on train.log's own writes fail too. One line saying
+    the disk is full and naming the checkpoint, exit 1, no logging traceback; the half-written checkpoint is
+    removed and the first one is intact and the one a resume picks."""
+    import logging
+    import shutil
+    from collections import namedtuple
+
+    import transformers.trainer
+    from safetensors.torch import load_file
+    from tiny import save_tiny_vit_dir, write_image_folder
+
+    from deltatune import serialization
+    from deltatune.cli import main
+    from deltatune.train.resume import checkpoint_problem, latest_complete_checkpoint
+
+    save_tiny_vit_dir(tmp_path / "model")
+    write_image_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "out"
+    checkpoints: list[str] = []
+    full = [False]
+
+    def second_checkpoint(path: Any) -> bool:
+        folder = os.path.basename(os.path.dirname(os.fspath(path)))
+        if folder.startswith("checkpoint-") and folder not in checkpoints:
+            checkpoints.append(folder)
+        return len(checkpoints) == 2 and folder == checkpoints[1]
+
+    written = serialization.atomic_write_bytes
+
+    def adapter_writer(path: Any, data: bytes) -> None:
+        if writer == "adapter" and second_checkpoint(path):
+            full[0] = True
+            raise OSError(errno.ENOSPC, "No space left on device", os.fspath(path))
+        written(path, data)
+
+    saved = torch.save
+
+    def torch_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        if writer == "torch.save" and isinstance(f, str | os.PathLike) and second_checkpoint(f):
+            full[0] = True
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        saved(obj, f, *args, **kwargs)
+
+    usage = namedtuple("usage", "total used free")
+    real_usage = shutil.disk_usage
+    flush = logging.FileHandler.flush
+
+    def log_flush(self: logging.FileHandler) -> None:
+        if full[0] and self.baseFilename.endswith("train.log"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        flush(self)
+
+    monkeypatch.setattr(serialization, "atomic_write_bytes", adapter_writer)
+    monkeypatch.setattr(transformers.trainer.torch, "save", torch_save)
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda p: usage(10**6, 10**6, 4096) if full[0] else real_usage(p)
+    )
+    monkeypatch.setattr(logging.FileHandler, "flush", log_flush)
+    argv = ["train", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "data")]
+    argv += ["--output_dir", str(out), "--num_train_epochs", "3", "--per_device_train_batch_size", "4"]
+    argv += ["--use_cpu", "--disable_tqdm", "true", "--seed", "0", "--method", "lora", "--r", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("deltatune")]
+    assert len(lines) == 1 and "Traceback" not in err and "Logging error" not in err, err
+    assert lines[0].startswith("deltatune: error: no space left on the device writing"), lines[0]
+    assert checkpoints[1] in lines[0] and "free some space" in lines[0]
+    good = latest_complete_checkpoint(out)
+    assert good is not None and good.endswith(checkpoints[0]) and checkpoint_problem(good) is None
+    assert load_file(os.path.join(good, "adapter_model.safetensors")), "the last good adapter is readable"
+    assert not (out / checkpoints[1]).exists(), "the half-written checkpoint is removed"
+    assert not [p for p in out.rglob(".tmp*")], "no temporary file is left"
+    assert not (out / ".deltatune.lock").exists()

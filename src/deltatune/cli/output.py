@@ -144,6 +144,9 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOG_NAME)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    # train.log is best effort: on a full disk its writes fail too, and logging's "--- Logging error ---"
+    # traceback must not bury the run's own one-line error
+    handler.handleError = lambda record: None  # type: ignore[method-assign]
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     handler.setLevel(logging.DEBUG)
     package = logging.getLogger("deltatune")
@@ -176,7 +179,8 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
     finally:
         for logger in (package, library, file_only):
             logger.removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError):  # a full disk: the run's own error is the one to report
+            handler.close()
         with contextlib.suppress(OSError):
             if os.path.getsize(path) == 0:
                 os.remove(path)

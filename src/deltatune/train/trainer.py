@@ -31,6 +31,7 @@ import contextlib
 import inspect
 import logging
 import os
+import shutil
 from typing import Any
 
 import transformers
@@ -42,6 +43,7 @@ from ..model import PeftModel
 from .arguments import check_precision
 from .callbacks import AdapterHooksCallback, DatasetEpochCallback, tuner_of
 from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_state
+from .disk import disk_full_error
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
 from .metrics import compute_classification_metrics
 from .resume import resolve_resume_checkpoint
@@ -253,9 +255,17 @@ class DeltaTrainer(transformers.Trainer):
                 stored[RUN_LOSS_KEY] = {"args": {}, "attributes": {"train_loss_sum": so_far}}
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotated below, by step
+        folder = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        existed = os.path.exists(folder)
         with deferred_sigterm():  # a SIGTERM now stops the run once this checkpoint is complete
             try:
                 super()._save_checkpoint(model, trial)
+            except (OSError, RuntimeError) as err:
+                if self.args.should_save and not existed:  # useless and in the way: frees what it took
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise disk_full_error(err, folder) from err
             finally:
                 self.args.save_total_limit = limit
             if self.args.should_save:
