@@ -34,6 +34,7 @@ import os
 import shutil
 from typing import Any
 
+import torch
 import transformers
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 from transformers.utils import can_return_loss, find_labels
@@ -168,6 +169,8 @@ class DeltaTrainer(transformers.Trainer):
             )
         else:
             logger.info("training %s; precision: %s", type(model).__name__, self.precision)
+        if not isinstance(model, torch.nn.Module):  # model_init: transformers builds it in train()
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         with cpu_threads(model, self.num_threads, bool(self.args.use_cpu)):
             return super().train(resume_from_checkpoint, *args, **kwargs)
 
