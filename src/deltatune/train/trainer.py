@@ -87,6 +87,9 @@ class DeltaTrainer(transformers.Trainer):
             ``processing_class`` disagree.
     """
 
+    #: Read by :mod:`deltatune.plain_trainer`: this Trainer needs none of its adaptations.
+    handles_deltatune_models = True
+
     def __init__(
         self,
         model: Any = None,
