@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import filelock
 
 from .outputs import LOCK_NAME, OutputDirError
+from .ranks import other_process_console_quiet
 from .signals import sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
@@ -214,10 +215,12 @@ def run_lock(directory: str | os.PathLike[str], enabled: bool = True) -> Iterato
     under torchrun: no lock). In every process the block also turns SIGTERM into
     :class:`~deltatune.train.signals.Terminated` (see :func:`~deltatune.train.signals.sigterm_as_interrupt`),
     so that a run stopped by ``timeout``, a scheduler, Docker or Kubernetes unwinds like Ctrl-C: its lock is
-    released and it says how to resume."""
+    released and it says how to resume. In processes other than 0 the console shows errors only
+    (:func:`~deltatune.train.ranks.other_process_console_quiet`)."""
     with sigterm_as_interrupt():
-        if not enabled:
-            yield None
+        if not enabled:  # torchrun's other processes: their console lines would repeat process 0's
+            with other_process_console_quiet():
+                yield None
             return
         with RunLock(directory) as lock:
             yield lock

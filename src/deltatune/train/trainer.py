@@ -47,6 +47,7 @@ from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_sta
 from .disk import disk_full_error
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
 from .metrics import compute_classification_metrics
+from .ranks import peer_lost_error
 from .resume import resolve_resume_checkpoint
 from .signals import deferred_sigterm
 from .throughput import ThroughputCallback
@@ -175,7 +176,13 @@ class DeltaTrainer(transformers.Trainer):
         if not isinstance(model, torch.nn.Module):  # model_init: transformers builds it in train()
             return super().train(resume_from_checkpoint, *args, **kwargs)
         with cpu_threads(model, self.num_threads, bool(self.args.use_cpu)):
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            try:
+                return super().train(resume_from_checkpoint, *args, **kwargs)
+            except RuntimeError as err:  # torchrun: another process died; say so, not "connection reset"
+                lost = peer_lost_error(err)
+                if lost is err:
+                    raise
+                raise lost from err
 
     def _init_training_state(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer._init_training_state``; also reads the loss sum of the steps a resumed checkpoint already
