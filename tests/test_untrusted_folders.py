@@ -217,11 +217,11 @@ def test_a_catastrophic_regex_fails_fast_instead_of_hanging(trained: dict[str, s
             [sys.executable, "-c", _REGEX_LOAD, str(adapter)],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=600,  # a bound for a hang (backtracking for ever), not a speed test: a busy machine passes
             env=env,
         )
     except subprocess.TimeoutExpired:
-        pytest.fail("matching target_modules='(.|.)*q' hung for 60 s")
+        pytest.fail("matching target_modules='(.|.)*q' hung for 600 s")
     assert "refused:" in done.stdout and "target_modules" in done.stdout and "backtracking" in done.stdout, (
         done.stdout + done.stderr
     )
