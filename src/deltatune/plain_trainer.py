@@ -135,12 +135,13 @@ def adapt_plain_trainer(tuner: Any, model: torch.nn.Module | None = None) -> Any
     if hooked and trainer.state.max_steps > 0:
         tuner.prepare_training(int(trainer.state.max_steps))
         trainer.add_callback(_hooks_callback(tuner))
-        done.append("its method's training hooks run after each optimiser step (AdaLoRA's rank allocation)")
+        done.append("its method's training hooks (a rank allocation) run after each optimiser step")
     adapted = f"deltatune adapted this Trainer: {'; '.join(done)}. " if done else ""
     logger.warning(
         "a deltatune model is training under a plain transformers.Trainer, which knows only peft's model "
         "classes. %sStill different from deltatune's Trainer: a new process resuming from a checkpoint-N logs "
-        "transformers' missing-keys warning and restores no method state (AdaLoRA's allocator), and there is "
+        "transformers' missing-keys warning and restores no method state beyond the adapter's tensors (a rank "
+        "allocator's), and there is "
         "no NaN/inf guard, labels.json or default accuracy metric. The one-line fix: "
         "`from deltatune.train import DeltaTrainer as Trainer`",
         adapted,
