@@ -311,3 +311,17 @@ def test_integer_or_bool_adapter_tensors_are_refused_by_name(tmp_path: Path, dty
         PeftModel.from_pretrained(tiny_vit(), tmp_path)
     with pytest.raises(ValueError, match=rf"adapter tensor '{key}' has dtype {name}"):
         model.load_adapter(tmp_path, "other")
+
+
+def test_labels_json_is_checked_against_the_saved_head_first(
+    trained: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deltatune.train.checkpoint import saved_head_size
+
+    adapter = copy_run(trained, tmp_path)
+    assert saved_head_size(adapter) == 3, "read from the adapter file's header"
+    edit_json(adapter / "labels.json", id2label={str(i): f"class {i}" for i in range(100_000)})
+    for argv in (["predict", trained["image"]], ["merge", "--output", str(tmp_path / "merged")]):
+        assert main([*argv, "--adapter", str(adapter)]) == 2
+        line = error_line(capsys)
+        assert "names 100000 labels but the model's classification head has 3 outputs" in line, line

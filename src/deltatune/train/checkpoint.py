@@ -29,6 +29,7 @@ __all__ = [
     "load_label_maps",
     "save_label_maps",
     "save_tuner_state",
+    "saved_head_size",
 ]
 
 LABELS_NAME = "labels.json"
@@ -54,6 +55,30 @@ def save_label_maps(model: Any, directory: str | os.PathLike[str]) -> dict[str, 
     return maps
 
 
+def saved_head_size(directory: str | os.PathLike[str]) -> int | None:
+    """The number of outputs of the classification head saved with the adapter in ``directory`` (the first
+    2-D ``<module>.weight`` of a ``modules_to_save`` entry in ``adapter_model.safetensors``), read from the
+    file's header only; None when there is no such head or file."""
+    from safetensors import safe_open
+
+    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    try:
+        saved = read_json(os.path.join(directory, CONFIG_NAME), "adapter config")
+        modules = saved.get("modules_to_save") if isinstance(saved, dict) else None
+        if not isinstance(modules, list) or not os.path.isfile(path):
+            return None
+        with safe_open(path, "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                owner = key.removesuffix(".weight")
+                if owner != key and any(owner.split(".")[-1] == str(m).split(".")[-1] for m in modules):
+                    shape = fh.get_slice(key).get_shape()
+                    if len(shape) == 2:
+                        return int(shape[0])
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return None
+
+
 def load_label_maps(
     directory: str | os.PathLike[str], num_labels: int | None = None
 ) -> tuple[dict[int, str], dict[str, int]]:
@@ -66,7 +91,8 @@ def load_label_maps(
 
     Args:
         directory: The adapter (or checkpoint) folder holding ``labels.json``.
-        num_labels: The number of outputs of the classification head the labels name, when known.
+        num_labels: The number of outputs of the classification head the labels name; by default that of
+            the head saved with the adapter in ``directory`` (:func:`saved_head_size`), if any.
 
     Raises:
         FileNotFoundError: when the directory has no ``labels.json``.
@@ -79,6 +105,8 @@ def load_label_maps(
             "directory written by `deltatune train`"
         )
     expected = 'expected {"id2label": {"0": "name", "1": "name", ...}} with ids 0..n-1'
+    if num_labels is None:  # the head saved with the adapter, when there is one
+        num_labels = saved_head_size(directory)
     data = read_json(path, "label map")
     raw = data.get("id2label") if isinstance(data, dict) else None
     if not isinstance(raw, dict):
