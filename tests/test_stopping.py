@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -271,3 +272,21 @@ def test_a_full_disk_inside_a_checkpoint_write_keeps_the_last_good_checkpoint(
     assert not (out / checkpoints[1]).exists(), "the half-written checkpoint is removed"
     assert not [p for p in out.rglob(".tmp*")], "no temporary file is left"
     assert not (out / ".deltatune.lock").exists()
+
+
+def test_sigterm_while_an_error_is_handled_lets_it_finish_then_stops() -> None:
+    """Under torchrun, process 0 is often handling the error of a collective with the dead process when
+    torchrun's SIGTERM comes: its log line must not be cut short. A run that goes on after a routine error
+    still stops: the signal comes again."""
+    handled = []
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        try:
+            raise RuntimeError("a collective failed")
+        except RuntimeError:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+            handled.append("the error's handling finished")
+        threading.Event().wait(600)  # the run goes on; the signal comes again and stops it here (a bound)
+        pytest.fail("SIGTERM was lost")
+    assert handled == ["the error's handling finished"]

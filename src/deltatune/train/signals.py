@@ -10,7 +10,9 @@ of them fails.
 
 A checkpoint being written when the signal comes is finished first (:func:`deferred_sigterm`, around
 ``DeltaTrainer._save_checkpoint``): the newest checkpoint is then complete, never a half-written one next to
-the previous. A second SIGTERM while the first unwinds ends the process at once (the default action).
+the previous. A SIGTERM that comes while an error is being handled (the run already stopping on it) lets that
+finish and is delivered again a second later. A second SIGTERM while the first unwinds ends the process at
+once (the default action).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -44,14 +47,36 @@ class Terminated(KeyboardInterrupt):
 
 class _State:
     deferring = 0  # nesting depth of deferred_sigterm() blocks
-    pending: int | None = None  # a signal that came inside one
+    pending: int | None = None  # a signal that came inside one, or while an error was handled
+    active = False  # inside sigterm_as_interrupt()
+
+
+#: Seconds after which a SIGTERM that came while an error was being handled is delivered again.
+REDELIVER_S = 1.0
+
+
+def _redeliver(signum: int) -> None:
+    if _State.pending == signum and _State.active:
+        os.kill(os.getpid(), signum)
 
 
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
     if _State.deferring:
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
         _State.pending = signum
         return
+    handling = sys.exc_info()[1]
+    if handling is not None and not isinstance(handling, KeyboardInterrupt):
+        # An error is being handled: most likely the run is stopping on it (under torchrun, a collective with a
+        # dead process failed just before torchrun's SIGTERM), and its log line and one-line error must not be
+        # cut short. Delivered again in a moment: a run that goes on after a routine error stops then.
+        _State.pending = signum
+        timer = threading.Timer(REDELIVER_S, _redeliver, (signum,))
+        timer.daemon = True
+        timer.start()
+        return
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    _State.pending = None
     raise Terminated(signum)
 
 
@@ -68,9 +93,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
     signal.signal(signal.SIGTERM, _raise_terminated)
+    _State.active = True
     try:
         yield
     finally:
+        _State.active = False
         signal.signal(signal.SIGTERM, previous)
         _State.pending = None
 
