@@ -290,3 +290,14 @@ def test_sigterm_while_an_error_is_handled_lets_it_finish_then_stops() -> None:
         threading.Event().wait(600)  # the run goes on; the signal comes again and stops it here (a bound)
         pytest.fail("SIGTERM was lost")
     assert handled == ["the error's handling finished"]
+
+
+def test_sigterm_while_a_lock_is_held_releases_it(tmp_path: Path) -> None:
+    """`deltatune compare` holds RunLock directly: SIGTERM unwinds it too, and the lock is released."""
+    out = tmp_path / "out"
+    with pytest.raises(Terminated), RunLock(out):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):
+            pass
+    assert not (out / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
