@@ -301,3 +301,29 @@ def test_sigterm_while_a_lock_is_held_releases_it(tmp_path: Path) -> None:
             pass
     assert not (out / LOCK_NAME).exists()
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+
+
+def test_sigterm_inside_a_checkpoint_write_stops_after_it_is_complete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM arrives while checkpoint-3's adapter is being written: the checkpoint is finished (trainer state
+    included) before the run stops, so the newest checkpoint is complete, not a half-written one."""
+    from deltatune.train import trainer as trainer_module
+    from deltatune.train.resume import checkpoint_problem, latest_complete_checkpoint
+
+    labels = trainer_module.save_label_maps
+
+    def signalled(model: Any, directory: Any) -> Any:
+        if str(directory).endswith("checkpoint-3"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs here, inside the save
+                pass
+        return labels(model, directory)
+
+    monkeypatch.setattr(trainer_module, "save_label_maps", signalled)
+    trainer = tiny_trainer(tmp_path)
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        trainer.train()
+    assert trainer.state.global_step == 3
+    last = latest_complete_checkpoint(tmp_path)
+    assert last is not None and last.endswith("checkpoint-3") and checkpoint_problem(last) is None
