@@ -102,6 +102,13 @@ def _hooks_callback(tuner: Any) -> Any:
     return HooksCallback()
 
 
+def _human(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
 def _size(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -127,8 +134,8 @@ def adapt_plain_trainer(tuner: Any, model: torch.nn.Module | None = None) -> Any
         full = _size(model.state_dict().values())
         adapter = _size(p for p in model.parameters() if p.requires_grad)
         done.append(
-            f"its checkpoints hold the adapter and its trained tensors ({adapter / 1e6:.2f} MB), not the whole "
-            f"model ({full / 1e6:.1f} MB), and transformers' resume_from_checkpoint and load_best_model_at_end "
+            f"its checkpoints hold the adapter and its trained tensors ({_human(adapter)}), not the whole "
+            f"model ({_human(full)}), and transformers' resume_from_checkpoint and load_best_model_at_end "
             "read them back"
         )
     hooked = type(tuner).on_optimizer_step is not MethodHooks.on_optimizer_step
