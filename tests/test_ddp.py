@@ -142,3 +142,54 @@ def test_cli_under_torchrun_trains_once_and_writes_one_run(tmp_path: Path) -> No
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "adalora" and metrics["ranks"] and 0 <= metrics["accuracy"] <= 1
     assert (out / "adapter_model.safetensors").exists() and (out / "deltatune_run.json").exists()
+
+
+#: `deltatune train` under torchrun where process 1 kills itself (SIGKILL) at its second optimiser step.
+DYING_RANK = """
+import os, signal, sys
+from deltatune.train.trainer import DeltaTrainer
+original = DeltaTrainer.training_step
+def step(self, *args, **kwargs):
+    if os.environ.get("RANK") == "1" and self.state.global_step == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, *args, **kwargs)
+DeltaTrainer.training_step = step
+from deltatune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dying_process_is_said_in_train_log_and_only_process_0_logs(tmp_path: Path) -> None:
+    """Process 1 dies mid-run: process 0 learns it from its next collective (gloo: connection reset) or from
+    torchrun's SIGTERM; either way train.log ends saying how the run stopped. Under torchrun only process 0
+    writes log lines to the console (they used to come twice)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import save_tiny_vit_dir, write_image_folder
+
+    save_tiny_vit_dir(tmp_path / "model")
+    write_image_folder(tmp_path / "data", per_class=8)
+    script = tmp_path / "dying_rank.py"
+    script.write_text(DYING_RANK)
+    out = tmp_path / "out"
+    flags = [
+        "train",
+        "--method",
+        "lora",
+        "--model",
+        str(tmp_path / "model"),
+        "--dataset",
+        str(tmp_path / "data"),
+    ]
+    flags += ["--output_dir", str(out), "--num_train_epochs", "2", "--per_device_train_batch_size", "4"]
+    flags += ["--use_cpu", "--disable_tqdm", "true", "--seed", "0", "--ddp_find_unused_parameters", "false"]
+    proc = launch([*torchrun(), str(script), *flags])
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, output[-4000:]
+    assert output.count("[deltatune] loaded ") == 1, f"only process 0 logs: {output[-4000:]}"
+    log = (out / "train.log").read_text(encoding="utf-8")
+    stopped = [line for line in log.splitlines() if "the run stopped:" in line]
+    assert stopped, log[-4000:]
+    assert (
+        "another process of this 2-process run stopped" in stopped[-1]
+        or "torchrun stops every process" in (stopped[-1])
+    ), stopped[-1]

@@ -51,12 +51,13 @@ def result(out: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference = worker(reference_dir)
-    victim = worker(killed_dir, "--slow")  # sleeps after each step once checkpoint-3 exists
+    victim = worker(killed_dir, "--pause")  # waits one step after checkpoint-3 until it is killed
     first_state = killed_dir / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json"
-    deadline = time.monotonic() + 240
-    while not first_state.exists() and victim.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600  # a bound for a hung worker; the wait itself is for a state
+    while not (killed_dir / "paused").exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert first_state.exists(), f"no checkpoint was written: {victim.communicate()[1][-2000:]}"
+    assert (killed_dir / "paused").exists(), f"the run did not pause: {victim.communicate()[1][-2000:]}"
+    assert first_state.exists()
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate()
     assert victim.returncode == -signal.SIGKILL, "the run must be killed, not finish"

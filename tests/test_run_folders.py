@@ -309,47 +309,95 @@ def test_default_run_keeps_only_the_best_and_the_last_checkpoint(
     assert_same_adapter(Path(state["best_model_checkpoint"]), out)
 
 
-@pytest.mark.slow
-def test_real_processes_second_run_refused_and_ctrl_c_prints_the_resume_command(
-    assets: dict[str, str], tmp_path: Path
-) -> None:
-    """Two `deltatune train` processes into one folder: the second fails at once naming the first; SIGINT
-    (Ctrl-C) stops the first without a traceback and prints the command that resumes it."""
-    out = tmp_path / "out"
-    argv = ["train", "--model", assets["model"], "--dataset", assets["data"], "--output_dir", str(out)]
-    argv += [*QUICK, "--num_train_epochs", "400"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(
-        [sys.executable, "-m", "deltatune", *argv],
+#: `deltatune train` that, once its first checkpoint is complete, writes the file argv[1] and waits for the
+#: file argv[2] (the test writes it, or stops the process first): the test acts on a state, never on time.
+PAUSING_TRAIN = """
+import os, sys, time
+from deltatune.train.trainer import DeltaTrainer
+ready, go = sys.argv[1], sys.argv[2]
+original = DeltaTrainer._save_checkpoint
+def save_then_wait(self, model, trial):
+    original(self, model, trial)
+    if not os.path.exists(ready):
+        open(ready, "w").close()
+        while not os.path.exists(go):
+            time.sleep(0.02)
+DeltaTrainer._save_checkpoint = save_then_wait
+from deltatune.cli import main
+sys.argv = ["deltatune", *sys.argv[3:]]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def start_paused(argv: list[str], tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], Path]:
+    """Starts :data:`PAUSING_TRAIN` and waits until it has its first checkpoint (or has ended); returns the
+    process and the file that lets it go on."""
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSING_TRAIN, str(ready), str(go), *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
     )
+    deadline = time.monotonic() + 600  # a bound for a hung process, not a wait: it is polled for its state
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no checkpoint was written: {proc.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    return proc, go
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "status", "said"),
+    [(signal.SIGINT, 130, "interrupted (Ctrl-C)"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_real_processes_second_run_refused_and_a_stop_prints_the_resume_command(
+    assets: dict[str, str], tmp_path: Path, signum: int, status: int, said: str
+) -> None:
+    """Two `deltatune train` processes into one folder: the second fails at once naming the first. SIGINT
+    (Ctrl-C) and SIGTERM (`timeout`, schedulers, Docker, Kubernetes) stop the first without a traceback: one
+    line with the command that resumes it, exit 130 / 143, the lock released, train.log saying how the run
+    stopped, the newest checkpoint complete. The first process waits after its first checkpoint until it is
+    stopped, so neither process can finish early however busy the machine is."""
+    from deltatune.train.resume import checkpoint_problem, latest_complete_checkpoint
+
+    out = tmp_path / "out"
+    argv = ["train", "--model", assets["model"], "--dataset", assets["data"], "--output_dir", str(out)]
+    argv += QUICK
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first, _ = start_paused(argv, tmp_path, env)
     try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob("checkpoint-*/trainer_state.json")) and time.monotonic() < deadline:
-            assert first.poll() is None, first.communicate()[1][-3000:]
-            time.sleep(0.1)
-        second = subprocess.run(
-            [sys.executable, "-m", "deltatune", *argv], capture_output=True, text=True, env=env, timeout=120
-        )
-        assert second.returncode == 2, second.stderr[-3000:]
-        line = one_error_line(second.stderr)
-        assert "in use by another deltatune run" in line and f"pid {first.pid}" in line, line
-        first.send_signal(signal.SIGINT)
-        _, err = first.communicate(timeout=120)
+        if signum == signal.SIGINT:
+            second = subprocess.run(
+                [sys.executable, "-m", "deltatune", *argv],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=600,
+            )
+            assert second.returncode == 2, second.stderr[-3000:]
+            line = one_error_line(second.stderr)
+            assert "in use by another deltatune run" in line and f"pid {first.pid}" in line, line
+        first.send_signal(signum)
+        _, err = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
             first.kill()
             first.communicate()
-    assert first.returncode == 130, err[-3000:]
+    assert first.returncode == status, err[-3000:]
     line = one_error_line(err)
-    assert "resume with: deltatune train" in line and "--resume_from_checkpoint true" in line, line
+    assert said.split(" (")[0] in line and "resume with: deltatune train" in line, line
+    assert "--resume_from_checkpoint true" in line and "Traceback" not in err, err[-3000:]
     log = (out / "train.log").read_text(encoding="utf-8")
-    assert "the run stopped: interrupted (Ctrl-C)" in log and "resume with: deltatune train" in log, log[
-        -3000:
-    ]
+    assert f"the run stopped: {said}" in log and "resume with: deltatune train" in log, log[-3000:]
+    assert not (out / ".deltatune.lock").exists(), "the lock is released"
+    last = latest_complete_checkpoint(out)
+    checkpoints = [str(p) for p in out.glob("checkpoint-*")]
+    assert checkpoints == [last] and checkpoint_problem(last) is None, "stopped at its first checkpoint"
 
 
 def test_checkpoints_are_rotated_by_step_not_by_modification_time(tmp_path: Path) -> None:

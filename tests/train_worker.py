@@ -2,9 +2,10 @@
 
 Two modes, both on the CPU with a tiny random ViT and synthetic data:
 
-``python tests/train_worker.py resume OUT [--slow] [--resume]``
+``python tests/train_worker.py resume OUT [--pause] [--resume]``
     One deterministic run (AdaLoRA, dropout on, checkpoints every 3 steps, 10 steps of a 12-step epoch).
-    ``--slow`` sleeps after each step once a checkpoint exists, so a test can SIGKILL it mid-epoch;
+    ``--pause`` stops one step after the first checkpoint (mid-epoch), writes ``OUT/paused`` and waits there
+    until it is killed, so a test can SIGKILL it at that state however busy the machine is;
     ``--resume`` continues from the newest complete checkpoint in OUT. Writes ``OUT/result.json`` and
     ``OUT/final.safetensors`` (the trainable tensors).
 
@@ -82,12 +83,15 @@ def losses(trainer: DeltaTrainer) -> dict[str, float]:
 
 
 # ---- resume mode --------------------------------------------------------------------------------
-class SlowAfterCheckpoint(TrainerCallback):
-    """Sleeps after every step once a checkpoint exists: leaves a test time to SIGKILL mid-epoch."""
+class PauseAfterCheckpoint(TrainerCallback):
+    """One step after the first checkpoint, writes ``paused`` into the output folder and waits until the process
+    is killed: a test SIGKILLs it mid-epoch at a known state, never racing the run to its end."""
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step >= args.save_steps:
-            time.sleep(0.5)
+        if state.global_step == args.save_steps + 1:
+            open(os.path.join(args.output_dir, "paused"), "w").close()
+            while True:
+                time.sleep(0.05)
 
 
 class FirstStep(TrainerCallback):
@@ -101,7 +105,7 @@ class FirstStep(TrainerCallback):
             self.step = state.global_step + 1
 
 
-def run_resume(out: str, slow: bool, resume: bool) -> None:
+def run_resume(out: str, pause: bool, resume: bool) -> None:
     config = AdaLoraConfig(init_r=4, target_r=2, tinit=2, tfinal=2, deltaT=1, lora_dropout=0.1, **TARGETS)
     model = get_peft_model(tiny_vit(), config)
     args = make_args(
@@ -112,7 +116,7 @@ def run_resume(out: str, slow: bool, resume: bool) -> None:
         save_steps=3,
     )
     first = FirstStep()
-    callbacks = [first, SlowAfterCheckpoint()] if slow else [first]
+    callbacks = [first, PauseAfterCheckpoint()] if pause else [first]
     trainer = DeltaTrainer(
         model, args, train_dataset=Blobs(48, 1), eval_dataset=Blobs(16, 2), callbacks=callbacks
     )
@@ -185,14 +189,14 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["resume", "ddp"])
     parser.add_argument("out")
-    parser.add_argument("--slow", action="store_true")
+    parser.add_argument("--pause", action="store_true")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS))
     options = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     if options.mode == "resume":
-        run_resume(options.out, options.slow, options.resume)
+        run_resume(options.out, options.pause, options.resume)
         return
     for name in options.scenarios:
         run_scenario(options.out, name)

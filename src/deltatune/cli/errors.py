@@ -1,6 +1,8 @@
 """The command line's failure boundary: every exception becomes one line (what went wrong, which argument or
 file, what to do) and an exit status -- 2 for a usage error (an argument, a file or a setting the user can
-fix), 1 for a failure while running (permissions, a full disk, a diverging run, a bug) and 130 for Ctrl-C.
+fix), 1 for a failure while running (permissions, a full disk, a diverging run, a bug), 130 for Ctrl-C and
+143 for SIGTERM (what ``timeout``, schedulers, Docker and Kubernetes send; see
+:mod:`deltatune.train.signals`).
 
 Importing this module imports neither torch nor transformers: the boundary must work whatever failed to import.
 """
@@ -8,12 +10,15 @@ Importing this module imports neither torch nor transformers: the boundary must 
 from __future__ import annotations
 
 import errno
+import signal
+import sys
 import unicodedata
 from typing import Any
 
 __all__ = [
     "FAILURE",
     "INTERRUPTED",
+    "TERMINATED",
     "USAGE",
     "RunInterrupted",
     "describe_error",
@@ -23,16 +28,34 @@ __all__ = [
 ]
 
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130
+TERMINATED = 128 + signal.SIGTERM  # 143, as a shell reports a process that SIGTERM ended
 _MAX_LINE = 2000
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; ``hint`` says how to continue it (the command that resumes, or that there is
-    nothing to resume)."""
+    """Ctrl-C or SIGTERM during a run; ``hint`` says how to continue it (the command that resumes, or that there
+    is nothing to resume).
+
+    Raised while handling the interrupt, it keeps which one it was: ``signum`` (SIGINT for Ctrl-C) and
+    ``reason`` (``"interrupted (Ctrl-C)"``, ``"terminated (SIGTERM)"``).
+    """
 
     def __init__(self, hint: str) -> None:
         super().__init__(hint)
         self.hint = hint
+        self.signum = _signal_of(sys.exc_info()[1])
+        self.reason = "interrupted (Ctrl-C)" if self.signum == signal.SIGINT else str(sys.exc_info()[1])
+
+
+def _signal_of(err: BaseException | None) -> int:
+    """The signal behind an interrupt: that of a ``Terminated`` (SIGTERM) or of one it was raised from."""
+    seen = 0
+    while err is not None and seen < 5:
+        number = getattr(err, "signum", None)
+        if isinstance(number, int):
+            return number
+        err, seen = err.__context__, seen + 1
+    return signal.SIGINT
 
 
 #: Bidirectional overrides and isolates: they reorder what follows on screen (a spoofing tool).
@@ -93,7 +116,10 @@ def describe_error(err: BaseException) -> tuple[str, int]:
     """The one line to print for ``err`` (without the ``deltatune: error:`` prefix) and the exit status."""
     if isinstance(err, KeyboardInterrupt):
         hint = err.hint if isinstance(err, RunInterrupted) else ""
-        return one_line(f"interrupted{'; ' + hint if hint else ''}"), INTERRUPTED
+        signum = _signal_of(err)
+        what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+        status = INTERRUPTED if signum == signal.SIGINT else 128 + signum
+        return one_line(f"{what}{'; ' + hint if hint else ''}"), status
     if isinstance(err, RecursionError):
         return (
             "an input is nested too deeply to read (a config or JSON file?); check the files you passed",

@@ -144,6 +144,9 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOG_NAME)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    # train.log is best effort: on a full disk its writes fail too, and logging's "--- Logging error ---"
+    # traceback must not bury the run's own one-line error
+    handler.handleError = lambda record: None  # type: ignore[method-assign]
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     handler.setLevel(logging.DEBUG)
     package = logging.getLogger("deltatune")
@@ -167,7 +170,7 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
     except BaseException as exc:
         if handler.stream is not None and handler.stream.tell() > 0:  # the run had started: say how it ended
             reason = (
-                "interrupted (Ctrl-C)"
+                getattr(exc, "reason", None) or "interrupted (Ctrl-C)"  # RunInterrupted: Ctrl-C or SIGTERM
                 if isinstance(exc, KeyboardInterrupt)
                 else f"{type(exc).__name__}: {exc}"
             )
@@ -176,7 +179,8 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
     finally:
         for logger in (package, library, file_only):
             logger.removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError):  # a full disk: the run's own error is the one to report
+            handler.close()
         with contextlib.suppress(OSError):
             if os.path.getsize(path) == 0:
                 os.remove(path)
@@ -234,6 +238,7 @@ class EpochReporter(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self._start = time.perf_counter()
+        self._first_step = state.global_step  # a resumed run: the rate is of the steps this process took
         loader = kwargs.get("train_dataloader")
         dataset = getattr(loader, "dataset", None)
         self.num_train = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else 0
@@ -362,7 +367,8 @@ class EpochReporter(TrainerCallback):
         elapsed = time.perf_counter() - getattr(self, "_start", time.perf_counter())
         done, total = row["step"], row["max_steps"]
         row["elapsed"] = elapsed
-        row["eta"] = elapsed / done * (total - done) if done and total else None
+        taken = done - getattr(self, "_first_step", 0)
+        row["eta"] = elapsed / taken * (total - done) if taken > 0 and total else None
         self.rows.append(row)
         epoch = (
             f"{row['epoch']}/{self._epochs}"

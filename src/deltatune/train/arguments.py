@@ -35,6 +35,9 @@ SMALL_MODEL_PARAMETERS = 20_000_000
 #: Below this forward cost (GFLOP per example) a CPU run uses one thread unless told otherwise.
 SMALL_MODEL_GFLOP = 0.1
 
+#: The thread counts of the cpu_threads blocks this process is in (innermost last).
+_CHOSEN: list[int] = []
+
 #: Old TrainingArguments keyword → transformers 5 keyword.
 LEGACY_ARGUMENT_NAMES = {"evaluation_strategy": "eval_strategy"}
 
@@ -84,12 +87,15 @@ def cpu_threads(
     default, 0.03 GFLOP per example, on two cores shared with other work). Small means a forward cost
     ``gflop`` (per example) under :data:`SMALL_MODEL_GFLOP` (the 0.03 GFLOP offline default is well below
     it; a 224 px ViT, 0.5 GFLOP and up, gains from every core), or, when the cost is unknown, fewer than
-    :data:`SMALL_MODEL_PARAMETERS` parameters.
+    :data:`SMALL_MODEL_PARAMETERS` parameters. Inside another ``cpu_threads`` block (the command line's,
+    around ``DeltaTrainer.train``'s), the outer block's choice stands unless ``requested`` is given.
     """
     previous = torch.get_num_threads()
     on_cpu = use_cpu or accelerator_name() is None
     if requested is not None and requested > 0:
         torch.set_num_threads(requested)
+    elif _CHOSEN:  # inside another cpu_threads block (the CLI's, around DeltaTrainer's): its choice stands
+        pass
     elif on_cpu and "OMP_NUM_THREADS" not in os.environ and previous > 1:
         size = sum(p.numel() for p in model.parameters())
         small = gflop < SMALL_MODEL_GFLOP if gflop is not None else size < SMALL_MODEL_PARAMETERS
@@ -102,9 +108,11 @@ def cpu_threads(
                 cost,
                 size / 1e6,
             )
+    _CHOSEN.append(torch.get_num_threads())
     try:
         yield torch.get_num_threads()
     finally:
+        _CHOSEN.pop()
         torch.set_num_threads(previous)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from typing import Any
 
 from safetensors.torch import load_file, save_file
@@ -28,6 +29,7 @@ __all__ = [
     "load_label_maps",
     "save_label_maps",
     "save_tuner_state",
+    "saved_head_size",
 ]
 
 LABELS_NAME = "labels.json"
@@ -53,9 +55,44 @@ def save_label_maps(model: Any, directory: str | os.PathLike[str]) -> dict[str, 
     return maps
 
 
-def load_label_maps(directory: str | os.PathLike[str]) -> tuple[dict[int, str], dict[str, int]]:
+def saved_head_size(directory: str | os.PathLike[str]) -> int | None:
+    """The number of outputs of the classification head saved with the adapter in ``directory`` (the first
+    2-D ``<module>.weight`` of a ``modules_to_save`` entry in ``adapter_model.safetensors``), read from the
+    file's header only; None when there is no such head or file."""
+    from safetensors import safe_open
+
+    path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+    try:
+        saved = read_json(os.path.join(directory, CONFIG_NAME), "adapter config")
+        modules = saved.get("modules_to_save") if isinstance(saved, dict) else None
+        if not isinstance(modules, list) or not os.path.isfile(path):
+            return None
+        with safe_open(path, "pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
+                owner = key.removesuffix(".weight")
+                if owner != key and any(owner.split(".")[-1] == str(m).split(".")[-1] for m in modules):
+                    shape = fh.get_slice(key).get_shape()
+                    if len(shape) == 2:
+                        return int(shape[0])
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return None
+
+
+def load_label_maps(
+    directory: str | os.PathLike[str], num_labels: int | None = None
+) -> tuple[dict[int, str], dict[str, int]]:
     """Reads ``labels.json`` back as ``(id2label, label2id)`` with integer ids, checked to be a usable label map:
     an object ``{"id2label": {"0": name, ...}}`` whose ids are exactly 0..n-1 (n ≥ 2) with distinct names.
+
+    The file may come from anyone, so every check is linear in its size (a 100,000-label file is read in a
+    fraction of a second), and when the classification head's size is known (``num_labels``) the number of
+    labels is compared with it before anything else.
+
+    Args:
+        directory: The adapter (or checkpoint) folder holding ``labels.json``.
+        num_labels: The number of outputs of the classification head the labels name; by default that of
+            the head saved with the adapter in ``directory`` (:func:`saved_head_size`), if any.
 
     Raises:
         FileNotFoundError: when the directory has no ``labels.json``.
@@ -68,11 +105,18 @@ def load_label_maps(directory: str | os.PathLike[str]) -> tuple[dict[int, str], 
             "directory written by `deltatune train`"
         )
     expected = 'expected {"id2label": {"0": "name", "1": "name", ...}} with ids 0..n-1'
+    if num_labels is None:  # the head saved with the adapter, when there is one
+        num_labels = saved_head_size(directory)
     data = read_json(path, "label map")
     raw = data.get("id2label") if isinstance(data, dict) else None
     if not isinstance(raw, dict):
         got = type(raw).__name__ if isinstance(data, dict) and "id2label" in data else "no id2label object"
         raise ValueError(f"{path} is not a valid label map (id2label: {got}); {expected}")
+    if num_labels is not None and len(raw) != num_labels:
+        raise ValueError(
+            f"{path} names {len(raw)} labels but the model's classification head has {num_labels} outputs; "
+            "the labels and the adapter do not belong together"
+        )
     id2label: dict[int, str] = {}
     for key, name in raw.items():
         try:
@@ -91,8 +135,7 @@ def load_label_maps(directory: str | os.PathLike[str]) -> tuple[dict[int, str], 
         )
     if len(ids) < 2:
         raise ValueError(f"{path}: a classifier needs at least 2 labels, found {len(ids)}")
-    names = list(id2label.values())
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    duplicates = sorted(name for name, count in Counter(id2label.values()).items() if count > 1)
     if duplicates:
         raise ValueError(f"{path}: label names must be distinct, repeated: {duplicates[:5]}")
     return dict(sorted(id2label.items())), {v: k for k, v in sorted(id2label.items())}

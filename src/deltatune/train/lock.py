@@ -1,20 +1,20 @@
-"""One writer per output folder: an advisory lock held for the whole run.
+"""One writer per output folder: ``filelock``'s lock on :data:`LOCK_NAME`, held for the whole run.
 
-A run takes :data:`LOCK_NAME` inside its output folder with ``fcntl.flock`` (exclusive, non-blocking) and
-writes who holds it (pid, host, start time, command) into that file. A second run into the same folder
-fails at once with :class:`OutputDirLockedError` naming the holder. The kernel drops a ``flock`` when its
-process dies, however it dies, so a folder whose holder was killed is free again; the record it left
-behind is reported as a stale lock and taken over with a notice. Under ``torchrun`` only process 0 locks
-(it is the only one that writes the folder).
+``filelock`` takes the lock (``flock`` on POSIX, at once or not at all); this module adds what a person needs
+around it: the lock file records who holds it (pid, host, start time, command), a second run into the same
+folder fails at once with :class:`OutputDirLockedError` naming that holder, and a record left by a run that
+died without releasing (the kernel dropped its ``flock``) is reported as a stale lock and taken over with a
+notice. Under ``torchrun`` only process 0 locks (it is the only one that writes the folder). While the lock
+is held, SIGTERM unwinds the run like Ctrl-C (:mod:`deltatune.train.signals`), so the lock is released.
 
-Where ``flock`` is not available (some network filesystems), the holder record alone decides: a record
-naming a live process on this host, or any process on another host, refuses the folder.
+A released lock leaves no file: the record is cleared and the file removed while the lock is still held,
+and a process that had opened the removed file before that checks, once it holds the lock, that its file is
+still the one at the path (else it retries on the new file).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -25,12 +25,11 @@ import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-from .outputs import LOCK_NAME, OutputDirError
+import filelock
 
-try:  # POSIX only; the record-based fallback covers the rest
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+from .outputs import LOCK_NAME, OutputDirError
+from .ranks import other_process_console_quiet
+from .signals import sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +48,8 @@ class OutputDirLockedError(OutputDirError):
         self.holder = holder
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+class _Replaced(Exception):
+    """The lock was won on a file that its releasing holder had removed meanwhile."""
 
 
 def lock_holder(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -104,7 +95,8 @@ class RunLock:
             program = "deltatune" if program in ("__main__.py", "deltatune") else program
             command = " ".join(shlex.quote(a) for a in [program, *sys.argv[1:]])
         self.command = command
-        self._fd: int | None = None
+        self._lock: filelock.BaseFileLock | None = None
+        self._sigterm: contextlib.AbstractContextManager[None] | None = None
         self._created = False
         self.took_over: dict[str, Any] | None = None
 
@@ -115,35 +107,14 @@ class RunLock:
     def _key(self) -> str:
         return os.path.realpath(self.directory)
 
-    def acquire(self) -> RunLock:
-        """Takes the lock (at once or not at all); returns ``self``."""
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise OutputDirError(f"--output_dir {self.directory!r} is a file; pass a directory")
-        self._created = not os.path.exists(self.directory)
-        os.makedirs(self.directory, exist_ok=True)
-        key = self._key()
-        if key in RunLock._held:  # this process already holds it (e.g. compare → its runs)
-            owner, depth = RunLock._held[key]
-            RunLock._held[key] = (owner, depth + 1)
-            return self
-        for _ in range(10):  # retried when the file was replaced between open and flock
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                if not self._flock(fd):
-                    holder = self._holder_of_busy_lock()
-                    raise OutputDirLockedError(self._busy_message(holder), holder)
-                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
-                    os.close(fd)  # a releasing holder unlinked it meanwhile: lock the new file
-                    continue
-            except FileNotFoundError:
-                os.close(fd)
-                continue
-            except BaseException:
-                os.close(fd)
-                raise
-            break
-        else:  # pragma: no cover - ten replacements in a row
-            raise OutputDirError(f"could not lock {self.directory!r}: its lock file keeps changing")
+    def _on_acquired(self, fd: int) -> None:
+        """Runs with the lock just won on ``fd``: checks it is the file at the path, notes a stale record
+        (left by a run that died holding it) and writes this process's record."""
+        try:
+            if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                raise _Replaced
+        except FileNotFoundError:
+            raise _Replaced from None
         previous = lock_holder(self.directory)
         if previous and previous.get("pid") != os.getpid():
             self.took_over = previous
@@ -160,30 +131,40 @@ class RunLock:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode("utf-8"), 0)
-        self._fd = fd
+
+    def acquire(self) -> RunLock:
+        """Takes the lock (at once or not at all); returns ``self``."""
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise OutputDirError(f"--output_dir {self.directory!r} is a file; pass a directory")
+        self._created = not os.path.exists(self.directory)
+        os.makedirs(self.directory, exist_ok=True)
+        key = self._key()
+        if key in RunLock._held:  # this process already holds it (e.g. compare → its runs)
+            owner, depth = RunLock._held[key]
+            RunLock._held[key] = (owner, depth + 1)
+            return self
+        for _ in range(10):  # retried when the file was replaced between open and lock
+            lock = filelock.FileLock(self.path, timeout=0, thread_local=False, on_acquired=self._on_acquired)
+            try:
+                lock.acquire()
+            except _Replaced:
+                continue
+            except filelock.Timeout:
+                holder = self._holder_of_busy_lock()
+                self._remove_created_folder()
+                raise OutputDirLockedError(self._busy_message(holder), holder) from None
+            break
+        else:  # pragma: no cover - ten replacements in a row
+            raise OutputDirError(f"could not lock {self.directory!r}: its lock file keeps changing")
+        self._lock = lock
         RunLock._held[key] = (self, 1)
+        self._sigterm = sigterm_as_interrupt()  # stopped by SIGTERM, the run unwinds and releases this
+        self._sigterm.__enter__()
         return self
 
-    def _flock(self, fd: int) -> bool:
-        """True when ``fd`` is now locked by this process; False when another process holds it."""
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                return False
-            except OSError as err:
-                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-        holder = lock_holder(self.directory)  # no flock here: judge by the record
-        if not holder:
-            return True
-        same_host = holder.get("host") == socket.gethostname()
-        return same_host and not _pid_alive(int(holder.get("pid", -1)))
-
     def _holder_of_busy_lock(self) -> dict[str, Any]:
-        """The record of a lock another process holds; it may be writing it this very moment, so wait a
-        little for it."""
+        """The record of a lock another process holds; it may be writing it this very moment (between winning
+        the lock and writing its record), so wait a little for the record to appear."""
         deadline = time.monotonic() + 1.0
         while True:
             holder = lock_holder(self.directory)
@@ -197,8 +178,14 @@ class RunLock:
             "for it to finish, stop it, or choose another --output_dir"
         )
 
+    def _remove_created_folder(self) -> None:
+        """A run refused or finished before writing anything leaves no empty folder it created behind."""
+        if self._created:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.directory)
+
     def release(self) -> None:
-        """Gives the lock back (the lock file is removed)."""
+        """Gives the lock back (the record cleared and the lock file removed)."""
         key = self._key()
         owner, depth = RunLock._held.get(key, (None, 0))
         if owner is None:
@@ -207,16 +194,20 @@ class RunLock:
             RunLock._held[key] = (owner, depth - 1)
             return
         del RunLock._held[key]
-        fd, owner._fd = owner._fd, None
-        if fd is None:
+        lock, owner._lock = owner._lock, None
+        if lock is None:
             return
         with contextlib.suppress(OSError):
-            os.unlink(owner.path)  # before unlocking: a waiting process then retries on a new file
+            os.truncate(owner.path, 0)
         with contextlib.suppress(OSError):
-            os.close(fd)  # closing drops the flock
-        if owner._created:  # a run refused before writing anything leaves no empty folder behind
-            with contextlib.suppress(OSError):
-                os.rmdir(owner.directory)
+            os.unlink(
+                owner.path
+            )  # before unlocking: a process waiting on this file then retries on a new one
+        lock.release(force=True)
+        owner._remove_created_folder()
+        if owner._sigterm is not None:
+            sigterm, owner._sigterm = owner._sigterm, None
+            sigterm.__exit__(None, None, None)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -227,10 +218,16 @@ class RunLock:
 
 @contextlib.contextmanager
 def run_lock(directory: str | os.PathLike[str], enabled: bool = True) -> Iterator[RunLock | None]:
-    """``with run_lock(out):`` holds :class:`RunLock` for the block; ``enabled=False`` (processes other than
-    0 under torchrun) holds nothing."""
-    if not enabled:
-        yield None
-        return
-    with RunLock(directory) as lock:
-        yield lock
+    """``with run_lock(out):`` holds :class:`RunLock` for the block (``enabled=False``, processes other than 0
+    under torchrun: no lock). In every process the block also turns SIGTERM into
+    :class:`~deltatune.train.signals.Terminated` (see :func:`~deltatune.train.signals.sigterm_as_interrupt`),
+    so that a run stopped by ``timeout``, a scheduler, Docker or Kubernetes unwinds like Ctrl-C: its lock is
+    released and it says how to resume. In processes other than 0 the console shows errors only
+    (:func:`~deltatune.train.ranks.other_process_console_quiet`)."""
+    with sigterm_as_interrupt():
+        if not enabled:  # torchrun's other processes: their console lines would repeat process 0's
+            with other_process_console_quiet():
+                yield None
+            return
+        with RunLock(directory) as lock:
+            yield lock

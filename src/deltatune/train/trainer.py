@@ -17,6 +17,10 @@ What it changes, and where transformers 5 does it:
   state is logged, evaluated or saved, and ``_save_checkpoint`` refuses a non-finite loss or adapter, so
   the last good ``checkpoint-N`` is never overwritten by a poisoned one.
 - ``compute_metrics`` defaults to accuracy (+ top-5 with more than 5 classes).
+- A resume from a checkpoint already at the end of the run (``max_steps``, or its last epoch) trains nothing
+  and saves nothing (transformers' loop would take one more optimiser step before it checks the limit:
+  ``_run_epoch``), and ``train_loss`` after a resume is the mean over the whole run, not over the steps of
+  this call (each checkpoint records the run's loss sum so far in its trainer state).
 - The guide's ``Trainer(tokenizer=...)`` is accepted and mapped to ``processing_class``; an impossible
   fp16/bf16 request fails in the constructor; the precision used is logged when training starts.
 """
@@ -27,20 +31,25 @@ import contextlib
 import inspect
 import logging
 import os
+import shutil
 from typing import Any
 
+import torch
 import transformers
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 from transformers.utils import can_return_loss, find_labels
 
 from .._files import apply_umask, atomic_write_text
 from ..model import PeftModel
-from .arguments import check_precision
+from .arguments import check_precision, cpu_threads
 from .callbacks import AdapterHooksCallback, DatasetEpochCallback, tuner_of
 from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_state
+from .disk import disk_full_error
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
 from .metrics import compute_classification_metrics
+from .ranks import peer_lost_error
 from .resume import resolve_resume_checkpoint
+from .signals import deferred_sigterm
 from .throughput import ThroughputCallback
 
 logger = logging.getLogger(__name__)
@@ -48,6 +57,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["DeltaTrainer"]
 
 TRAINING_ARGS_JSON = "training_args.json"
+#: Key in a checkpoint's ``trainer_state.json`` ``stateful_callbacks`` holding the run's training-loss sum.
+RUN_LOSS_KEY = "DeltaTrainerRunLoss"
 
 
 def _has_num_labels(model: Any) -> bool:
@@ -66,11 +77,19 @@ class DeltaTrainer(transformers.Trainer):
             (and top-5 accuracy above 5 classes) at each evaluation (default True).
         device_batch_transform: ``(batch, device) -> batch`` run on each collated batch before it is moved to
             the device and given to the model (a task's device-side preprocessing, e.g. GPU image decoding).
+        num_threads: CPU threads for torch while ``train`` runs. By default a small model (under 20M
+            parameters) training on the CPU uses one thread, as the command line does (its matrix products
+            are too small to gain from more, and on a busy machine extra threads spin: a 2-thread run was 9x
+            slower than 1 thread on a shared 2-core machine); ``OMP_NUM_THREADS`` or this argument decide
+            otherwise. See :func:`~deltatune.train.arguments.cpu_threads`.
 
     Raises:
         ValueError: if fp16/bf16 is requested where it cannot run, or ``tokenizer`` and
             ``processing_class`` disagree.
     """
+
+    #: Read by :mod:`deltatune.plain_trainer`: this Trainer needs none of its adaptations.
+    handles_deltatune_models = True
 
     def __init__(
         self,
@@ -80,9 +99,11 @@ class DeltaTrainer(transformers.Trainer):
         tokenizer: Any = None,
         default_metrics: bool = True,
         device_batch_transform: Any = None,
+        num_threads: int | None = None,
         **kwargs: Any,
     ) -> None:
         self.device_batch_transform = device_batch_transform
+        self.num_threads = num_threads
         if tokenizer is not None:
             existing = kwargs.get("processing_class")
             if existing is not None and existing is not tokenizer:
@@ -152,7 +173,55 @@ class DeltaTrainer(transformers.Trainer):
             )
         else:
             logger.info("training %s; precision: %s", type(model).__name__, self.precision)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        if not isinstance(model, torch.nn.Module):  # model_init: transformers builds it in train()
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        with cpu_threads(model, self.num_threads, bool(self.args.use_cpu)):
+            try:
+                return super().train(resume_from_checkpoint, *args, **kwargs)
+            except RuntimeError as err:  # torchrun: another process died; say so, not "connection reset"
+                lost = peer_lost_error(err)
+                if lost is err:
+                    raise
+                raise lost from err
+
+    def _init_training_state(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer._init_training_state``; also reads the loss sum of the steps a resumed checkpoint already
+        took (None when it did not record one)."""
+        result = super()._init_training_state(*args, **kwargs)
+        self._run_loss_before: float | None = 0.0
+        if self.state.global_step:
+            stored: Any = self.state.stateful_callbacks  # a dict in the JSON state (typed as a list)
+            record = stored.get(RUN_LOSS_KEY) if isinstance(stored, dict) else None
+            total = record.get("attributes", {}).get("train_loss_sum") if isinstance(record, dict) else None
+            self._run_loss_before = float(total) if isinstance(total, int | float) else None
+        return result
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer._run_epoch``, skipped when the run already took every step (a resume of a finished run)."""
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            logger.info(
+                "the checkpoint is at step %d of %d: nothing is left to train",
+                self.state.global_step,
+                self.state.max_steps,
+            )
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer._finalize_training``, with ``train_loss`` over the whole run after a resume."""
+        steps_now = self.state.global_step - int(getattr(self, "_initial_global_step", 0))
+        output = super()._finalize_training(*args, **kwargs)
+        before = getattr(self, "_run_loss_before", None)
+        if not isinstance(output, TrainOutput) or before is None or steps_now == self.state.global_step:
+            return output
+        whole = (before + output.training_loss * steps_now) / max(self.state.global_step, 1)
+        output.metrics["train_loss"] = whole
+        for entry in reversed(self.state.log_history):
+            if "train_loss" in entry:
+                entry["train_loss"] = whole
+                break
+        return TrainOutput(output.global_step, whole, output.metrics)
 
     def compute_loss(
         self,
@@ -199,16 +268,34 @@ class DeltaTrainer(transformers.Trainer):
         transformers does: a copied or restored folder's mtime says nothing of its step, and could get the
         newest checkpoint deleted."""
         refuse_non_finite_checkpoint(self)
+        before = getattr(self, "_run_loss_before", None)
+        if before is not None and hasattr(self, "_tr_loss"):  # read by _init_training_state on resume
+            so_far = before + self._total_loss_scalar + float(self._tr_loss.item())
+            stored: Any = self.state.stateful_callbacks  # a dict in the JSON state (typed as a list)
+            if isinstance(stored, dict):
+                stored[RUN_LOSS_KEY] = {"args": {}, "attributes": {"train_loss_sum": so_far}}
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotated below, by step
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
-        if self.args.should_save:
-            rotate_checkpoints(
-                self._get_output_dir(trial=trial), limit, self.state.best_model_checkpoint, use_mtime=False
-            )
+        folder = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        existed = os.path.exists(folder)
+        with deferred_sigterm():  # a SIGTERM now stops the run once this checkpoint is complete
+            try:
+                super()._save_checkpoint(model, trial)
+            except (OSError, RuntimeError) as err:
+                if self.args.should_save and not existed:  # useless and in the way: frees what it took
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise disk_full_error(err, folder) from err
+            finally:
+                self.args.save_total_limit = limit
+            if self.args.should_save:
+                rotate_checkpoints(
+                    self._get_output_dir(trial=trial),
+                    limit,
+                    self.state.best_model_checkpoint,
+                    use_mtime=False,
+                )
 
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
