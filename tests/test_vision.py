@@ -242,12 +242,36 @@ def test_every_mode_becomes_rgb(mode: str) -> None:
         assert np.asarray(converted).min() == 255  # 16-bit white stays white
 
 
-def test_transparent_pixels_become_white() -> None:
-    image = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert np.asarray(to_rgb(image)).min() == 255
+def test_every_mode_decodes_as_transformers_load_image() -> None:
+    """Alpha, palette (with transparency), LA, CMYK, 16-bit and EXIF orientation: one decoding, the one
+    transformers' pipeline uses, in training (to_rgb), evaluation, predict (load_rgb)."""
+    import io
+
+    from transformers.image_utils import load_image
+
+    from deltatune.vision.preprocess import load_rgb
+
+    rgba = np.random.default_rng(0).integers(0, 255, (6, 9, 4)).astype(np.uint8)
+    rgba[:, :3, 3] = 0  # transparent third, colour underneath
     palette = Image.new("P", (4, 4), 0)
     palette.info["transparency"] = 0
-    assert np.asarray(to_rgb(palette)).min() == 255
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _image("RGB", (12, 5), seed=4).save(rotated, format="JPEG", exif=exif)
+    images = [
+        Image.fromarray(rgba, "RGBA"),
+        palette,
+        Image.fromarray(rgba[..., :2].copy(), "LA"),
+        _image("RGB", (5, 5), seed=5).convert("CMYK"),
+        Image.fromarray(np.arange(30, dtype=np.uint16).reshape(5, 6) * 2000),
+        Image.open(io.BytesIO(rotated.getvalue())),
+    ]
+    for image in images:
+        expected = np.asarray(load_image(image.copy() if image.format is None else image))
+        assert np.array_equal(np.asarray(to_rgb(image)), expected), image.mode
+        assert np.array_equal(np.asarray(load_rgb(image)), expected), image.mode
+    assert to_rgb(images[-1]).size == (5, 12)  # upright
 
 
 def test_eval_transform_shape_and_normalisation() -> None:

@@ -27,7 +27,6 @@ Everything pickles, so ``DataLoader(num_workers > 0)`` works.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,6 +37,7 @@ from PIL import Image, ImageOps
 
 from .folder import ImageFolderDataset
 from .loading import HubSplit, SubsetDataset
+from .preprocess import open_image
 from .transforms import ImageTransform, build_transforms, to_rgb
 
 __all__ = [
@@ -53,32 +53,6 @@ __all__ = [
 DRAFT_MODES = ("image", "crop", None)
 _ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = (5, 6, 7, 8)  # EXIF orientations that rotate by 90°
-
-
-def open_image(source: Any) -> Image.Image:
-    """Opens an image lazily (header only; pixels are decoded on first use).
-
-    Args:
-        source: A path, raw bytes, a ``datasets`` image dict (``{"bytes": ..., "path": ...}``, as given by
-            ``Image(decode=False)``) or a PIL image (returned as is).
-
-    Raises:
-        TypeError: for any other type.
-    """
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return Image.open(io.BytesIO(bytes(source)))
-    if isinstance(source, (str, os.PathLike)):
-        return Image.open(source)
-    if isinstance(source, Mapping):
-        if source.get("bytes") is not None:
-            return Image.open(io.BytesIO(source["bytes"]))
-        if source.get("path") is not None:
-            return Image.open(source["path"])
-    raise TypeError(
-        "expected an image path, bytes, a {'bytes', 'path'} dict or a PIL image, got " + type(source).__name__
-    )
 
 
 def _orientation(image: Image.Image) -> int:

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from .limits import check_image_pixels
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset(
@@ -102,6 +104,7 @@ class ImageFolderDataset:
         path = self.files[index]
         try:
             with Image.open(path) as handle:
+                check_image_pixels(handle, path)
                 handle.load()
                 image = ImageOps.exif_transpose(handle)  # a loaded copy, upright
         except Exception as error:

@@ -414,6 +414,8 @@ class GpuImageBatch:
         """
         from torchvision.ops import roi_align
 
+        if "encoded_images" not in batch:  # an evaluation batch: pixel values already
+            return batch
         encoded: EncodedBatch = batch.pop("encoded_images")
         device = torch.device(device)
         decoded = self._decode(encoded, device)

@@ -10,12 +10,10 @@ import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from .folder import (
     EVAL_SPLIT_NAMES,
@@ -26,6 +24,7 @@ from .folder import (
     stratified_split,
 )
 from .offline import DigitsDataset, is_offline_default
+from .preprocess import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +124,8 @@ class HubSplit:
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.dataset[int(index)]
         image = row[self.image_column]
-        if isinstance(image, str):
-            image = Image.open(image)
-        elif isinstance(image, Mapping):
-            image = Image.open(BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+        if isinstance(image, str | Mapping):
+            image = open_image(image)  # the decompression-bomb limit, before decoding
         label = row[self.label_column]
         return {"image": image, "label": self.label_map[label] if self.label_map is not None else int(label)}
 

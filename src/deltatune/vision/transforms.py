@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,39 +39,21 @@ _MAX_CONSECUTIVE_FAILURES = 50
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL image to 8-bit RGB.
-
-    Transparent images (RGBA, LA, palette with transparency) are composited over white; 16-bit and float
-    grayscale images are rescaled to 0-255 first; EXIF orientation is applied.
+    """Converts any PIL image to 8-bit RGB upright, exactly as transformers' ``load_image`` does (and so its
+    image-classification pipeline): the EXIF orientation applied, then ``convert("RGB")`` -- transparency
+    dropped, palettes expanded, CMYK converted, 16-bit values clipped, all by PIL. One decoding for training,
+    the run's evaluation, ``evaluate``, ``predict`` and a deployed model (see :mod:`.preprocess`).
 
     Args:
         image: A PIL image in any mode.
 
     Returns:
-        An ``RGB`` image of the same size (after EXIF rotation).
+        An ``RGB`` image (after EXIF rotation).
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-    if image.format in ("JPEG", "MPO", "TIFF", "WEBP"):
-        image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        mode = image.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode in ("I", "F") or mode.startswith("I;16"):
-        values = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if mode.startswith("I;16") else max(float(values.max(initial=0.0)), 1.0)
-        if mode == "F" and top <= 1.0:
-            top = 1.0
-        scaled = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled, mode="L").convert("RGB")
-    return image.convert("RGB")
+    upright = ImageOps.exif_transpose(image)
+    return upright if upright.mode == "RGB" else upright.convert("RGB")
 
 
 def _size_field(size: Any, key: str) -> int | None:
@@ -314,8 +297,9 @@ def build_transforms(
 class TransformedDataset(torch.utils.data.Dataset):
     """Applies a transform on the fly: ``{"image", "label"}`` rows → ``{"pixel_values", "labels"}``.
 
-    An image that cannot be read or transformed is skipped: a warning with the running count is emitted
-    and the next readable example is returned in its place, so an epoch never stops halfway. After
+    An image that cannot be read or transformed is skipped: a warning naming its file, with the running
+    count, is emitted (``skipped`` lists the names) and the next readable example is returned in its
+    place, so an epoch never stops halfway. After
     ``_MAX_CONSECUTIVE_FAILURES`` unreadable examples in a row it raises (that is a broken dataset, not a
     few bad files). ``num_skipped`` counts skips in this process (each DataLoader worker counts its own).
 
@@ -329,6 +313,8 @@ class TransformedDataset(torch.utils.data.Dataset):
         image_key: Row key of the image.
         label_key: Row key of the integer label.
         seed: Seed of the per-example augmentation randomness (None: torch's global generator).
+        skip_unreadable: Return None for an unreadable image instead of its next readable neighbour
+            (evaluation: every image scored once, the unreadable ones only counted; the collate drops them).
     """
 
     def __init__(
@@ -339,8 +325,11 @@ class TransformedDataset(torch.utils.data.Dataset):
         image_key: str = "image",
         label_key: str = "label",
         seed: int | None = None,
+        skip_unreadable: bool = False,
     ) -> None:
         self.dataset = dataset
+        self.skip_unreadable = skip_unreadable
+        self.skipped: list[str] = []
         self.transform = transform
         self.image_key = image_key
         self.label_key = label_key
@@ -370,29 +359,70 @@ class TransformedDataset(torch.utils.data.Dataset):
             "labels": int(row[self.label_key]),
         }
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def describe(self, index: int) -> str:
+        """The path of example ``index`` when its source has one (an image folder, path rows), else
+        ``"example <index>"`` -- how a skipped image is named."""
+        return row_name(self.dataset, index)
+
+    def _skip(self, index: int, error: Exception) -> None:
+        name = self.describe(index)
+        self.num_skipped += 1
+        self.skipped.append(name)
+        reason = " ".join(str(error).replace(name, "").split()).strip(" :") or type(error).__name__
+        warnings.warn(
+            f"skipped unreadable image {name} ({type(error).__name__}: {reason[:200]}); "
+            f"{self.num_skipped} skipped so far in this process",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} examples")
         index %= n
+        if self.skip_unreadable:
+            try:
+                return self.load(index)
+            except Exception as error:  # any decoding failure: PIL raises OSError, SyntaxError, ValueError...
+                self._skip(index, error)
+                return None
         last_error: Exception | None = None
         for attempt in range(min(n, _MAX_CONSECUTIVE_FAILURES)):
             current = (index + attempt) % n
             try:
                 return self.load(current)
-            except Exception as error:  # any decoding failure: PIL raises OSError, SyntaxError, ValueError...
+            except Exception as error:
                 last_error = error
-                self.num_skipped += 1
-                warnings.warn(
-                    f"skipped unreadable image at index {current} ({type(error).__name__}: {error}); "
-                    f"{self.num_skipped} skipped so far in this process",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                self._skip(current, error)
         raise RuntimeError(
-            f"no readable image among {min(n, _MAX_CONSECUTIVE_FAILURES)} consecutive examples from index "
-            f"{index}; the dataset looks broken (last error: {last_error!r})"
+            f"no readable image among {min(n, _MAX_CONSECUTIVE_FAILURES)} consecutive examples from "
+            f"{self.describe(index)}; the dataset looks broken (last error: {last_error!r})"
         ) from last_error
+
+
+def row_name(dataset: Any, index: int) -> str:
+    """The file behind row ``index`` of ``dataset`` (through subsets; a row whose image is a path names it),
+    or ``"example <index>"``."""
+    original = index
+    while True:
+        files = getattr(dataset, "files", None)
+        if files is not None:
+            return str(files[index])
+        indices = getattr(dataset, "indices", None)
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            break
+        dataset, index = inner, (indices[index] if indices is not None else index)
+    try:
+        image = dataset[index].get("image")
+    except Exception:  # the row itself cannot be read
+        image = None
+    if isinstance(image, str | os.PathLike):
+        return os.fspath(image)
+    if isinstance(image, Mapping) and image.get("path"):
+        return str(image["path"])
+    return f"example {original}"
 
 
 def collate_fn(examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
