@@ -252,7 +252,8 @@ def _load(args: argparse.Namespace) -> Any:
     from .checks import check_model_source
 
     base, flag = base_model_source(args.adapter, args.model)
-    check_model_source(base, flag)
+    if not os.path.isabs(base):  # a missing absolute folder gets load_trained's own message
+        check_model_source(base, flag)
     return load_trained(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
 
 

@@ -368,7 +368,8 @@ class TransformedDataset(torch.utils.data.Dataset):
         name = self.describe(index)
         self.num_skipped += 1
         self.skipped.append(name)
-        reason = " ".join(str(error).replace(name, "").split()).strip(" :") or type(error).__name__
+        text = str(error).replace(repr(name), "").replace(name, "")
+        reason = " ".join(text.split()).strip(" :") or type(error).__name__
         warnings.warn(
             f"skipped unreadable image {name} ({type(error).__name__}: {reason[:200]}); "
             f"{self.num_skipped} skipped so far in this process",
