@@ -421,3 +421,34 @@ def test_glyph_renderer_is_deterministic_and_optdigits_like() -> None:
     blocks, _ = module.render_dataset(1, seed=5, style="optdigits")
     assert blocks.shape == (len(module.CLASSES), 8, 8) and blocks.max() <= 16
     assert not set("0123456789") & set(module.CHARACTERS)
+
+
+def test_decompression_bomb_is_refused_on_every_data_path(tmp_path: Path) -> None:
+    """A PNG of a few kB whose header promises 96 M pixels is refused before decoding by the training paths
+    (standard, fast, gpu), the evaluation path and predict's decode, naming the file."""
+    from deltatune.vision import FastImageTransform, ImageFolderDataset
+    from deltatune.vision.gpu import EncodedImageTransform
+    from deltatune.vision.preprocess import EvalTransform, evaluation_processor, load_rgb
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    bomb = tmp_path / "a" / "bomb.png"
+    Image.new("1", (12_000, 8_000)).save(bomb)
+    Image.new("RGB", (8, 8)).save(tmp_path / "b" / "fine.png")
+    assert bomb.stat().st_size < 100_000
+    pattern = r"bomb.png: 12000 x 8000 pixels is more than the .* allowed"
+    folder = ImageFolderDataset.from_directory(tmp_path)
+    with pytest.raises(OSError, match=pattern):
+        folder[0]
+    transforms = [
+        FastImageTransform.from_processor(STATS, train=True),
+        EncodedImageTransform.from_processor(STATS, train=True),
+        EvalTransform(evaluation_processor(STATS)),
+        load_rgb,
+    ]
+    for transform in transforms:
+        with pytest.raises(ValueError, match=pattern):
+            transform(str(bomb))
+    training = TransformedDataset(ImageFolderDataset.from_directory(tmp_path), build_transforms(STATS, True))
+    with pytest.warns(RuntimeWarning, match=r"skipped unreadable image .*bomb.png"):
+        assert training[0]["labels"] == 1  # the next readable image in its place (training only)
