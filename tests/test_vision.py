@@ -452,3 +452,18 @@ def test_decompression_bomb_is_refused_on_every_data_path(tmp_path: Path) -> Non
     training = TransformedDataset(ImageFolderDataset.from_directory(tmp_path), build_transforms(STATS, True))
     with pytest.warns(RuntimeWarning, match=r"skipped unreadable image .*bomb.png"):
         assert training[0]["labels"] == 1  # the next readable image in its place (training only)
+
+
+def test_evaluation_processor_is_what_auto_image_processor_loads(tmp_path: Path) -> None:
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    from deltatune.vision.preprocess import evaluation_processor
+
+    processor = evaluation_processor(
+        ViTImageProcessor(size={"height": 24, "width": 24}, train_crop_scale=[0.7, 1])
+    )
+    processor.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is type(processor) and evaluation_processor(loaded).to_dict() == processor.to_dict()
+    assert processor.size == {"shortest_edge": 24} and processor.crop_size == {"height": 24, "width": 24}
+    assert build_transforms(loaded, train=True).crop_scale == (0.7, 1.0)  # the domain hints survive

@@ -14,7 +14,9 @@ processor in transformers 5 whose defaults are exactly "shorter side, then centr
 resampling (``ViTImageProcessor`` stretches to a square; ``ConvNextImageProcessor`` derives the resize from
 ``crop_pct``; ``CLIPImageProcessor`` adds CLIP's own statistics). It is written as ``preprocessor_config.json``
 beside the adapter and into a merged model, and :func:`preprocess` calls that very processor on each image,
-so the pixels the pipeline computes are the pixels the run evaluated.
+so the pixels the pipeline computes are the pixels the run evaluated. The processor's backend is the one
+``AutoImageProcessor`` picks here (torchvision when installed, else PIL); a model deployed where the other
+backend is installed gets pixels within about one intensity level.
 """
 
 from __future__ import annotations
@@ -110,7 +112,12 @@ def evaluation_processor(image_processor_or_stats: Any) -> Any:
     Raises:
         ValueError: when the processor names no usable size.
     """
-    from transformers import BitImageProcessor
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():  # the backend AutoImageProcessor (and so the pipeline) picks
+        from transformers import BitImageProcessor as processor_class
+    else:
+        from transformers import BitImageProcessorPil as processor_class
 
     size = resolve_size(image_processor_or_stats)
     height, width = (size, size) if isinstance(size, int) else size
@@ -123,7 +130,7 @@ def evaluation_processor(image_processor_or_stats: Any) -> Any:
         for key in (CROP_SCALE_KEY, HORIZONTAL_FLIP_KEY)
         if _stat(image_processor_or_stats, key) is not None
     }
-    return BitImageProcessor(
+    return processor_class(
         do_resize=True,
         size={"shortest_edge": max(height, width)},
         resample=_BILINEAR,
