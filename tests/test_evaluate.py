@@ -187,7 +187,8 @@ def test_two_merges_into_one_new_folder_one_wins(
     run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from deltatune.tasks import merge as merging
-    from deltatune.tasks.inference import check_merge_output, load_trained
+    from deltatune.tasks.inference import load_trained
+    from deltatune.tasks.merge import check_merge_output
 
     out = str(tmp_path / "merged")
     both_built = threading.Barrier(2, timeout=120)

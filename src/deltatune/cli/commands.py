@@ -355,7 +355,7 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from ..tasks.inference import check_merge_output, merge_adapter
+    from ..tasks.merge import check_merge_output, merge_adapter
 
     check_merge_output(args.adapter, args.output, args.overwrite)
     trained = _load(args)

@@ -1,4 +1,4 @@
-"""Using a trained adapter directory: load it, predict images, evaluate a split, merge into a plain model."""
+"""Using a trained adapter directory: load it, predict images, evaluate a split (merging: :mod:`.merge`)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from ..train.checkpoint import load_label_maps
 from ..train.metrics import ClassificationReport
 from ..train.outputs import RUN_RECORD_NAME
 from .classifier import build_base_model
+from .merge import _require_adapter_dir
 
 logger = logging.getLogger(__name__)
 
@@ -27,11 +28,9 @@ __all__ = [
     "Evaluation",
     "TrainedAdapter",
     "base_model_source",
-    "check_merge_output",
     "collect_images",
     "evaluate_adapter",
     "load_trained",
-    "merge_adapter",
     "predict_images",
 ]
 
@@ -53,17 +52,6 @@ class TrainedAdapter:
     id2label: dict[int, str]
     record: dict[str, Any]
     directory: str
-
-
-def _require_adapter_dir(adapter_dir: str) -> None:
-    if not os.path.isdir(adapter_dir):
-        raise FileNotFoundError(
-            f"--adapter {adapter_dir!r} is not a directory; pass the output_dir of `deltatune train`"
-        )
-    if not os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)):
-        raise FileNotFoundError(
-            f"{adapter_dir!r} has no {CONFIG_NAME}; pass --adapter the output_dir of `deltatune train`"
-        )
 
 
 def base_model_source(adapter_dir: str, model: str | None) -> tuple[str, str]:
@@ -347,6 +335,3 @@ def evaluate_adapter(
             if number % 32 == 31:
                 release_freed_memory()
     return Evaluation(streaming.report(), list(data.skipped))
-
-
-from .merge import check_merge_output, merge_adapter  # noqa: E402  (kept importable from here)

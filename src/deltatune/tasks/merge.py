@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,14 +20,25 @@ from .._files import (
     current_umask,
     remove_stale_temporaries,
 )
+from ..config import CONFIG_NAME
 from ..serialization import check_finite
 from ..train.checkpoint import LABELS_NAME
-from .inference import TrainedAdapter, _require_adapter_dir
 from .report import write_merged_model_card
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["check_merge_output", "merge_adapter"]
+
+
+def _require_adapter_dir(adapter_dir: str) -> None:
+    if not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(
+            f"--adapter {adapter_dir!r} is not a directory; pass the output_dir of `deltatune train`"
+        )
+    if not os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)):
+        raise FileNotFoundError(
+            f"{adapter_dir!r} has no {CONFIG_NAME}; pass --adapter the output_dir of `deltatune train`"
+        )
 
 
 def check_merge_output(adapter_dir: str, output_dir: str, overwrite: bool) -> None:
@@ -59,7 +71,7 @@ def check_merge_output(adapter_dir: str, output_dir: str, overwrite: bool) -> No
 
 
 @torch.no_grad()
-def _check_forward(model: nn.Module, trained: TrainedAdapter) -> None:
+def _check_forward(model: nn.Module, trained: Any) -> None:
     """One forward pass on a blank image: a merged model whose outputs are NaN/inf is refused."""
     from ..vision import resolve_size
 
@@ -77,7 +89,7 @@ def _check_forward(model: nn.Module, trained: TrainedAdapter) -> None:
         )
 
 
-def merge_adapter(trained: TrainedAdapter, output_dir: str, overwrite: bool = True) -> nn.Module:
+def merge_adapter(trained: Any, output_dir: str, overwrite: bool = True) -> nn.Module:
     """Folds the adapter into the base weights and writes a standalone transformers model directory
     (``config.json`` with the label maps, safetensors weights, the evaluation ``preprocessor_config.json``
     that ``pipeline("image-classification")`` loads, ``labels.json``).
@@ -117,7 +129,7 @@ def merge_adapter(trained: TrainedAdapter, output_dir: str, overwrite: bool = Tr
     return merged
 
 
-def _write_merged(build: str, merged: nn.Module, trained: TrainedAdapter) -> None:
+def _write_merged(build: str, merged: nn.Module, trained: Any) -> None:
     os.chmod(build, 0o777 & ~current_umask())
     merged.save_pretrained(build)  # type: ignore[operator]
     trained.image_processor.save_pretrained(build)

@@ -114,10 +114,11 @@ def evaluation_processor(image_processor_or_stats: Any) -> Any:
     """
     from transformers.utils import is_torchvision_available
 
-    if is_torchvision_available():  # the backend AutoImageProcessor (and so the pipeline) picks
-        from transformers import BitImageProcessor as processor_class
-    else:
-        from transformers import BitImageProcessorPil as processor_class
+    import transformers
+
+    # the backend AutoImageProcessor (and so the pipeline) picks: torchvision when installed, else PIL
+    name = "BitImageProcessor" if is_torchvision_available() else "BitImageProcessorPil"
+    processor_class = getattr(transformers, name)
 
     size = resolve_size(image_processor_or_stats)
     height, width = (size, size) if isinstance(size, int) else size
