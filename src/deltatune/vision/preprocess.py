@@ -112,9 +112,8 @@ def evaluation_processor(image_processor_or_stats: Any) -> Any:
     Raises:
         ValueError: when the processor names no usable size.
     """
-    from transformers.utils import is_torchvision_available
-
     import transformers
+    from transformers.utils import is_torchvision_available
 
     # the backend AutoImageProcessor (and so the pipeline) picks: torchvision when installed, else PIL
     name = "BitImageProcessor" if is_torchvision_available() else "BitImageProcessorPil"
