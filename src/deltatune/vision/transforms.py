@@ -300,24 +300,25 @@ def build_transforms(
 class TransformedDataset(torch.utils.data.Dataset):
     """Applies a transform on the fly: ``{"image", "label"}`` rows → ``{"pixel_values", "labels"}``.
 
-    An image that cannot be read or transformed is skipped: a warning naming its file, with the running
-    count, is emitted (``skipped`` lists the names) and the next readable example is returned in its
-    place, so an epoch never stops halfway. After
-    ``_MAX_CONSECUTIVE_FAILURES`` unreadable examples in a row it raises (that is a broken dataset, not a
-    few bad files). ``num_skipped`` counts skips in this process (each DataLoader worker counts its own).
+        An image that cannot be read or transformed is skipped: a warning naming its file, with the running
+        count, is emitted (``skipped`` lists the names) and the next readable example is returned in its
+        place, so an epoch never stops halfway. After
+        ``_MAX_CONSECUTIVE_FAILURES`` unreadable examples in a row it raises (that is a broken dataset, not a
+        few bad files). ``num_skipped`` counts skips in this process (each DataLoader worker counts its own);
+    ``skipped`` lists the distinct files, each warned once.
 
-    With a ``seed``, an example's random augmentation depends only on (seed, epoch, index): the epoch comes
-    from :meth:`set_epoch` (``DeltaTrainer`` calls it at each epoch), so the worker count and resuming
-    from a checkpoint do not change it. Without one, transforms draw from torch's global generator.
+        With a ``seed``, an example's random augmentation depends only on (seed, epoch, index): the epoch comes
+        from :meth:`set_epoch` (``DeltaTrainer`` calls it at each epoch), so the worker count and resuming
+        from a checkpoint do not change it. Without one, transforms draw from torch's global generator.
 
-    Args:
-        dataset: A map-style dataset (``__len__``, ``__getitem__``) whose rows are dicts.
-        transform: A callable PIL image → tensor (3, H, W), e.g. from :func:`build_transforms`.
-        image_key: Row key of the image.
-        label_key: Row key of the integer label.
-        seed: Seed of the per-example augmentation randomness (None: torch's global generator).
-        skip_unreadable: Return None for an unreadable image instead of its next readable neighbour
-            (evaluation: every image scored once, the unreadable ones only counted; the collate drops them).
+        Args:
+            dataset: A map-style dataset (``__len__``, ``__getitem__``) whose rows are dicts.
+            transform: A callable PIL image → tensor (3, H, W), e.g. from :func:`build_transforms`.
+            image_key: Row key of the image.
+            label_key: Row key of the integer label.
+            seed: Seed of the per-example augmentation randomness (None: torch's global generator).
+            skip_unreadable: Return None for an unreadable image instead of its next readable neighbour
+                (evaluation: every image scored once, the unreadable ones only counted; the collate drops them).
     """
 
     def __init__(
@@ -332,7 +333,8 @@ class TransformedDataset(torch.utils.data.Dataset):
     ) -> None:
         self.dataset = dataset
         self.skip_unreadable = skip_unreadable
-        self.skipped: list[str] = []
+        self.skipped: list[str] = []  # distinct files, in the order found
+        self._seen: set[str] = set()
         self.transform = transform
         self.image_key = image_key
         self.label_key = label_key
@@ -368,14 +370,18 @@ class TransformedDataset(torch.utils.data.Dataset):
         return row_name(self.dataset, index)
 
     def _skip(self, index: int, error: Exception) -> None:
+        """Counts a skip; the first skip of each file is warned, naming it, with the count of distinct files."""
         name = self.describe(index)
         self.num_skipped += 1
+        if name in self._seen:
+            return
+        self._seen.add(name)
         self.skipped.append(name)
         text = str(error).replace(repr(name), "").replace(name, "")
         reason = " ".join(text.split()).strip(" :") or type(error).__name__
         warnings.warn(
             f"skipped unreadable image {name} ({type(error).__name__}: {reason[:200]}); "
-            f"{self.num_skipped} skipped so far in this process",
+            f"{len(self.skipped)} unreadable image(s) so far in this process",
             RuntimeWarning,
             stacklevel=3,
         )
