@@ -9,7 +9,8 @@ Images are opened lazily, so a corrupt file fails only when read (and ``Transfor
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,3 +171,27 @@ def stratified_split(
             single[:10],
         )
     return sorted(train), sorted(evaluation)
+
+
+def row_name(dataset: Any, index: int) -> str:
+    """The file behind row ``index`` of ``dataset`` (through subsets; a row whose image is a path names it),
+    or ``"example <index>"``."""
+    original = index
+    while True:
+        files = getattr(dataset, "files", None)
+        if files is not None:
+            return str(files[index])
+        indices = getattr(dataset, "indices", None)
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            break
+        dataset, index = inner, (indices[index] if indices is not None else index)
+    try:
+        image = dataset[index].get("image")
+    except Exception:  # the row itself cannot be read
+        image = None
+    if isinstance(image, str | os.PathLike):
+        return os.fspath(image)
+    if isinstance(image, Mapping) and image.get("path"):
+        return str(image["path"])
+    return f"example {original}"

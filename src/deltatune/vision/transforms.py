@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .folder import row_name
 from .randomness import SharedEpoch, apply_seeded, sample_generator
 
 logger = logging.getLogger(__name__)
@@ -47,11 +47,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     dropped, palettes expanded, CMYK converted, 16-bit values clipped, all by PIL. One decoding for training,
     the run's evaluation, ``evaluate``, ``predict`` and a deployed model (see :mod:`.preprocess`).
 
-    Args:
-        image: A PIL image in any mode.
-
     Returns:
-        An ``RGB`` image (after EXIF rotation).
+        An ``RGB`` image (after EXIF rotation) of any PIL ``image``.
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
@@ -197,10 +194,8 @@ class ImageTransform:
 
     @property
     def resize_to(self) -> int | None:
-        """Shorter-edge target of the evaluation resize (None: stretch to ``size``); exact for square sizes.
-
-        Prefer :meth:`eval_resize_size`, which is also exact for non-square sizes.
-        """
+        """Shorter-edge target of the evaluation resize (None: stretch to ``size``); exact for square sizes
+        (:meth:`eval_resize_size` is exact for any)."""
         return max(self.size) if self.keep_aspect else None
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
@@ -409,30 +404,6 @@ class TransformedDataset(torch.utils.data.Dataset):
             f"no readable image among {min(n, _MAX_CONSECUTIVE_FAILURES)} consecutive examples from "
             f"{self.describe(index)}; the dataset looks broken (last error: {last_error!r})"
         ) from last_error
-
-
-def row_name(dataset: Any, index: int) -> str:
-    """The file behind row ``index`` of ``dataset`` (through subsets; a row whose image is a path names it),
-    or ``"example <index>"``."""
-    original = index
-    while True:
-        files = getattr(dataset, "files", None)
-        if files is not None:
-            return str(files[index])
-        indices = getattr(dataset, "indices", None)
-        inner = getattr(dataset, "dataset", None)
-        if inner is None:
-            break
-        dataset, index = inner, (indices[index] if indices is not None else index)
-    try:
-        image = dataset[index].get("image")
-    except Exception:  # the row itself cannot be read
-        image = None
-    if isinstance(image, str | os.PathLike):
-        return os.fspath(image)
-    if isinstance(image, Mapping) and image.get("path"):
-        return str(image["path"])
-    return f"example {original}"
 
 
 def collate_fn(examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
