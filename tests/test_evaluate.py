@@ -183,6 +183,20 @@ def test_unreachable_hub_id_fails_at_once_in_one_line(
     assert len(silent_hub) == 1  # one short probe, no retries
 
 
+def test_unreachable_hub_dataset_fails_at_once_in_one_line(
+    run: str,
+    tmp_path: Path,
+    silent_hub: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    assert main(["evaluate", "--adapter", run, "--dataset", "acme/pets"]) == 2
+    line = _error(capsys)
+    assert "--dataset 'acme/pets': not a local folder" in line and "could not be reached: timed out" in line
+    assert len(silent_hub) == 1
+
+
 def test_two_merges_into_one_new_folder_one_wins(
     run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -261,8 +261,15 @@ def evaluate(args: argparse.Namespace) -> int:
     from ..tasks.evaluation import evaluation_data, results_folder, write_evaluation
     from ..tasks.inference import evaluate_adapter
     from ..tasks.plots import confusion_plot
+    from .checks import check_dataset_source, check_folder
 
+    check_folder(args.validation_dir, "--validation_dir")
+    if args.dataset is not None:
+        check_dataset_source(args.dataset, "--dataset")
     trained = _load(args)
+    recorded = trained.record.get("dataset")
+    if args.dataset is None and args.validation_dir is None and isinstance(recorded, str):
+        check_dataset_source(recorded, f"the adapter's dataset (deltatune_run.json in {args.adapter})")
     labels = [trained.id2label[i] for i in range(len(trained.id2label))]
     data = evaluation_data(
         labels,
