@@ -300,7 +300,7 @@ class TransformedDataset(torch.utils.data.Dataset):
         place, so an epoch never stops halfway. After
         ``_MAX_CONSECUTIVE_FAILURES`` unreadable examples in a row it raises (that is a broken dataset, not a
         few bad files). ``num_skipped`` counts skips in this process (each DataLoader worker counts its own);
-    ``skipped`` lists the distinct files, each warned once.
+    ``skipped`` lists the distinct files.
 
         With a ``seed``, an example's random augmentation depends only on (seed, epoch, index): the epoch comes
         from :meth:`set_epoch` (``DeltaTrainer`` calls it at each epoch), so the worker count and resuming
@@ -365,18 +365,17 @@ class TransformedDataset(torch.utils.data.Dataset):
         return row_name(self.dataset, index)
 
     def _skip(self, index: int, error: Exception) -> None:
-        """Counts a skip; the first skip of each file is warned, naming it, with the count of distinct files."""
+        """Counts a skip and warns, naming the file (quoted: the CLI shows a warning that differs only in its
+        quoted names and numbers once, then one count of them all)."""
         name = self.describe(index)
         self.num_skipped += 1
-        if name in self._seen:
-            return
-        self._seen.add(name)
-        self.skipped.append(name)
+        if name not in self._seen:
+            self._seen.add(name)
+            self.skipped.append(name)
         text = str(error).replace(repr(name), "").replace(name, "")
         reason = " ".join(text.split()).strip(" :") or type(error).__name__
         warnings.warn(
-            f"skipped unreadable image {name} ({type(error).__name__}: {reason[:200]}); "
-            f"{len(self.skipped)} unreadable image(s) so far in this process",
+            f"skipped unreadable image {name!r} ({type(error).__name__}: {reason[:200]})",
             RuntimeWarning,
             stacklevel=3,
         )
