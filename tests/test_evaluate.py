@@ -47,6 +47,19 @@ def test_dataset_folder_scores_every_image(run: str, tmp_path: Path) -> None:
         == 0
     )
     assert _results(tmp_path / "b")["eval_samples"] == 60
+    capped = ["--output_dir", str(tmp_path / "c"), "--max_eval_samples", "7"]
+    assert main(["evaluate", "--adapter", run, "--dataset", data, *capped]) == 0
+    assert _results(tmp_path / "c")["eval_samples"] == 7
+    split = tmp_path / "split"
+    write_image_folder(split / "train", per_class=4)
+    write_image_folder(split / "validation", per_class=2, seed=5)
+    assert (
+        main(["evaluate", "--adapter", run, "--dataset", str(split), "--output_dir", str(tmp_path / "d")])
+        == 0
+    )
+    assert (
+        _results(tmp_path / "d")["eval_samples"] == 6
+    )  # a train/ + validation/ folder: its validation images
 
 
 def test_classes_are_matched_by_name(run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

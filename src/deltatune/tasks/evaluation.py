@@ -129,22 +129,28 @@ def evaluation_data(
     from ..vision.folder import find_split_directories
     from ..vision.loading import _holds_data_files, _is_saved_hf_dataset
 
+    folder: Path | None = None
+    named, what = "", ""
     if validation_dir is not None:
-        root = Path(validation_dir).expanduser()
-        if not root.is_dir():
+        folder = Path(validation_dir).expanduser()
+        if not folder.is_dir():
             raise ValueError(f"--validation_dir {validation_dir!r} is not a directory")
-        return EvaluationData(_folder_rows(root, labels), validation_dir, f"every image of {validation_dir}")
-    if dataset is not None:
+        named, what = validation_dir, f"every image of {validation_dir}"
+    elif dataset is not None:
         root = Path(dataset).expanduser()
         if root.is_dir() and not _is_saved_hf_dataset(root) and not _holds_data_files(root):
             layout = find_split_directories(root)
-            if layout is not None and layout[1] is not None:
-                return EvaluationData(
-                    _folder_rows(layout[1], labels),
-                    dataset,
-                    f"every image of {layout[1]} (its validation folder)",
-                )
-            return EvaluationData(_folder_rows(root, labels), dataset, f"every image of {dataset}")
+            folder = layout[1] if layout is not None and layout[1] is not None else root
+            named = dataset
+            what = f"every image of {folder}" + (" (its validation folder)" if folder != root else "")
+    if folder is not None:
+        rows = _folder_rows(folder, labels)
+        cap = options.get("max_eval_samples")
+        if cap is not None and cap < len(rows):
+            keep = np.random.default_rng(int(record.get("seed", 42))).permutation(len(rows))[:cap]
+            rows = rows.subset(sorted(keep.tolist()))
+            what = f"{cap} random images of {folder} (--max_eval_samples)"
+        return EvaluationData(rows, named, what)
     from_record = dataset is None
     name = dataset if dataset is not None else record.get("dataset")
     if not name:
