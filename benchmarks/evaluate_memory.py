@@ -38,7 +38,8 @@ trained = load_trained(adapter)
 rows = ImageFolderDataset.from_directory(__import__("pathlib").Path(data))
 rows = rows.subset(range(n))
 loaded = rss_mb()
-report = evaluate_adapter(trained, rows, batch_size=64, progress=False).report
+report = evaluate_adapter(trained, rows, batch_size=64, progress=False)
+report = getattr(report, "report", report)  # older releases returned the report itself
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"images": report.num_examples, "after_load_mb": loaded, "peak_mb": peak, "end_mb": rss_mb()}))
 """

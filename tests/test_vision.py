@@ -467,3 +467,14 @@ def test_evaluation_processor_is_what_auto_image_processor_loads(tmp_path: Path)
     assert type(loaded) is type(processor) and evaluation_processor(loaded).to_dict() == processor.to_dict()
     assert processor.size == {"shortest_edge": 24} and processor.crop_size == {"height": 24, "width": 24}
     assert build_transforms(loaded, train=True).crop_scale == (0.7, 1.0)  # the domain hints survive
+
+
+def test_an_evaluation_batch_of_unreadable_images_is_empty_not_an_error(tmp_path: Path) -> None:
+    from deltatune.vision import image_datasets, load_image_dataset
+
+    root = _make_folder(tmp_path / "pets", corrupt=False)
+    bundle = load_image_dataset(str(root), validation_split=0.5)
+    _, evaluation, collate = image_datasets(bundle, STATS, "fast")
+    batch = collate([None, None])
+    assert batch["pixel_values"].shape == (0, 3, 32, 32) and batch["labels"].shape == (0,)
+    assert collate([evaluation[0], None])["pixel_values"].shape == (1, 3, 32, 32)

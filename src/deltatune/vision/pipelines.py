@@ -51,20 +51,18 @@ def image_datasets(
         )
     # evaluation takes one path whatever the training pipeline: full decoding as transformers' pipeline does
     # and the evaluation processor itself (see :mod:`.preprocess`); an unreadable image is counted, not replaced
-    evaluation = TransformedDataset(
-        undecoded(bundle.eval),
-        EvalTransform(evaluation_processor(image_processor_or_stats)),
-        skip_unreadable=True,
-    )
+    processor = evaluation_processor(image_processor_or_stats)
+    evaluation = TransformedDataset(undecoded(bundle.eval), EvalTransform(processor), skip_unreadable=True)
+    size = (processor.crop_size["height"], processor.crop_size["width"])
     if pipeline == "gpu":
         train_enc = EncodedImageTransform.from_processor(image_processor_or_stats, train=True)
         train = TransformedDataset(encoded_rows(bundle.train), train_enc, seed=seed)
-        return train, evaluation, EvalCollate(train_enc.collate())
+        return train, evaluation, EvalCollate(train_enc.collate(), size)
     if pipeline == "standard":
         train = TransformedDataset(
             bundle.train, build_transforms(image_processor_or_stats, train=True), seed=seed
         )
-        return train, evaluation, EvalCollate(collate_fn)
+        return train, evaluation, EvalCollate(collate_fn, size)
     train_tf = FastImageTransform.from_processor(image_processor_or_stats, train=True, draft=draft)
     train = TransformedDataset(undecoded(bundle.train), train_tf, seed=seed)
-    return train, evaluation, EvalCollate(train_tf.collate())
+    return train, evaluation, EvalCollate(train_tf.collate(), size)

@@ -174,10 +174,12 @@ class EvalCollate:
 
     Args:
         train_collate: The training data path's collate function (its ``device_transform`` is kept).
+        size: (height, width) of the evaluation images, for the empty batch of a batch that was all unreadable.
     """
 
-    def __init__(self, train_collate: Any) -> None:
+    def __init__(self, train_collate: Any, size: tuple[int, int] = (1, 1)) -> None:
         self.train_collate = train_collate
+        self.size = (int(size[0]), int(size[1]))
         self.device_transform = getattr(train_collate, "device_transform", None)
 
     def __call__(self, examples: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
@@ -186,7 +188,8 @@ class EvalCollate:
         if rows and not (isinstance(first, torch.Tensor) and first.is_floating_point() and first.dim() == 3):
             return dict(self.train_collate(rows))
         if not rows:
-            return {"pixel_values": torch.empty(0, 3, 1, 1), "labels": torch.empty(0, dtype=torch.long)}
+            empty = torch.empty(0, 3, *self.size)
+            return {"pixel_values": empty, "labels": torch.empty(0, dtype=torch.long)}
         labels = [e["labels"] if "labels" in e else e["label"] for e in rows]
         return {
             "pixel_values": torch.stack([e["pixel_values"] for e in rows]),
