@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name in ("predict", "evaluate"):
             p.add_argument("--batch_size", type=positive_int, default=32)
+            p.add_argument(
+                "--num_threads", type=positive_int, default=None, help="CPU threads (default: as train picks)"
+            )
     quick = sub.add_parser(
         "quickstart", help="apply every method to a ViT-base-shaped model and print what trains"
     )

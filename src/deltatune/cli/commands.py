@@ -283,7 +283,7 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     screen = console()
     screen.print(printable(f"scoring {data.description}"), markup=False)
-    result = evaluate_adapter(trained, data.rows, batch_size=args.batch_size)
+    result = evaluate_adapter(trained, data.rows, batch_size=args.batch_size, num_threads=args.num_threads)
     report = result.report
     out = results_folder(args.adapter, args.output_dir, args.overwrite)
     results: dict[
@@ -339,7 +339,12 @@ def predict(args: argparse.Namespace) -> int:
     images = collect_images(args.images)
     trained = _load(args)
     results = predict_images(
-        trained, images, top_k=args.top_k, batch_size=args.batch_size, progress=not args.json
+        trained,
+        images,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        progress=not args.json,
+        num_threads=args.num_threads,
     )
     if args.json:
         json.dump(strict_json(results), sys.stdout, indent=2, allow_nan=False, ensure_ascii=False)
