@@ -93,7 +93,7 @@ class FastImageTransform:
     """Image source → uint8 tensor (height, width, 3), with the augmentations of an :class:`ImageTransform`.
 
     Kept over ``torchvision.io.decode_image`` + ``v2.RandomResizedCrop`` + ``v2.RandomHorizontalFlip``:
-    decoding at reduced size made it 1.15x faster on 512 px JPEGs, more on larger photos
+    decoding at reduced size made it 1.09-1.15x faster on 512 px JPEGs, more on larger photos
     (``python -m benchmarks.vision_paths``; torchvision decodes a whole JPEG 2.4x faster than PIL, but only
     whole). Its crop boxes come from a per-example seeded generator, so resumed runs see the same crops.
 
@@ -188,8 +188,8 @@ def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
     torch's uint8 path (channels-last, vectorised) is ~2.5x faster than PIL's ``resize`` for a 256 → 224
     px image and agrees with it to about one intensity level; a no-op size returns the input. Kept over
-    ``torchvision.transforms.v2.functional.resize``, which takes a channels-first tensor and was 2.3x slower
-    on the same images (``python -m benchmarks.vision_paths``)."""
+    ``torchvision.transforms.v2.functional.resize``, which takes a channels-first tensor and was 1.5-2.3x
+    slower on the same images (``python -m benchmarks.vision_paths``)."""
     if pixels.shape[0] == height and pixels.shape[1] == width:
         return pixels
     # (1, 3, H, W) in channels-last memory: a view of a whole image, one compact copy of a crop. The
@@ -204,7 +204,7 @@ def _resize(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
 class FastCollate:
     """Stacks uint8 (H, W, 3) examples into a float batch (B, 3, H, W) normalised as ``(x/255 − mean)/std``.
 
-    One pass per batch: 2.6x faster than ``v2.Normalize`` per example (``python -m benchmarks.vision_paths``).
+    One pass per batch: 1.8-2.6x faster than ``v2.Normalize`` per example (``python -m benchmarks.vision_paths``).
 
     Args:
         mean: Per-channel mean (3 values) in [0, 1] units.

@@ -11,7 +11,7 @@ Evaluation: Resize(size) → CenterCrop(size) → ToTensor → Normalize(mean, s
 
 The transforms work on PIL images and need neither torchvision nor the processor's own resizing code. This is
 the ``standard`` data path, the portable fallback: ``torchvision.transforms.v2`` did the same training
-transform 1.9x faster per example (``python -m benchmarks.vision_paths``), and the default ``fast`` path
+transform 1.2-1.9x faster per example (``python -m benchmarks.vision_paths``), and the default ``fast`` path
 (:mod:`.fast`) beats both; torchvision is not a core dependency, so this path stays PIL-only.
 """
 
