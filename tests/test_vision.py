@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import pickle
 import warnings
 from pathlib import Path
@@ -272,6 +273,19 @@ def test_every_mode_decodes_as_transformers_load_image() -> None:
         assert np.array_equal(np.asarray(to_rgb(image)), expected), image.mode
         assert np.array_equal(np.asarray(load_rgb(image)), expected), image.mode
     assert to_rgb(images[-1]).size == (5, 12)  # upright
+
+
+def test_a_16_bit_image_is_said_to_be_clipped_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import deltatune.vision.transforms as transforms
+
+    monkeypatch.setattr(transforms, "_warned_wide", [])
+    wide = Image.fromarray(np.full((4, 4), 4000, dtype=np.uint16))
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        to_rgb(wide)
+        to_rgb(wide)
+    assert caplog.text.count("values above 255 clipped to white") == 1
 
 
 def test_eval_transform_shape_and_normalisation() -> None:

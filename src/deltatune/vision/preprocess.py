@@ -27,10 +27,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .limits import check_image_pixels
-from .transforms import CROP_SCALE_KEY, HORIZONTAL_FLIP_KEY, _stat, resolve_size
+from .transforms import CROP_SCALE_KEY, HORIZONTAL_FLIP_KEY, _stat, resolve_size, to_rgb
 
 __all__ = [
     "EVAL_PROCESSOR_CLASS",
@@ -100,7 +100,9 @@ def load_rgb(source: Any) -> Image.Image:
     """
     image = open_image(source)
     check_image_pixels(image, source_name(source) or "image")
-    return ImageOps.exif_transpose(image).convert("RGB")
+    return to_rgb(image).convert(
+        "RGB"
+    )  # to_rgb is load_image's exif_transpose + convert; a copy as load_image
 
 
 def evaluation_processor(image_processor_or_stats: Any) -> Any:

@@ -52,8 +52,25 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        _warn_wide_once(image)
     upright = ImageOps.exif_transpose(image)
     return upright if upright.mode == "RGB" else upright.convert("RGB")
+
+
+_warned_wide: list[str] = []
+
+
+def _warn_wide_once(image: Image.Image) -> None:
+    """Says once per process that 16-bit/float images are clipped to 8 bits, as transformers decodes them."""
+    if not _warned_wide:
+        _warned_wide.append(image.mode)
+        logger.warning(
+            "%s image (%s mode): decoded as transformers' pipeline decodes it, values above 255 clipped to white; "
+            "convert such images to 8 bits for a model to see them as you do",
+            getattr(image, "filename", None) or "a 16-bit or float",
+            image.mode,
+        )
 
 
 def _size_field(size: Any, key: str) -> int | None:
