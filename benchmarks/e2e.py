@@ -16,7 +16,8 @@ base model (random weights, seeded; ``--model-shape base`` for ViT-base), then m
    - guide: ``datasets.load_dataset("imagefolder")`` + ``set_transform`` with the guide's torchvision
      ``Compose`` + its ``collate_fn``;
    - deltatune: :class:`deltatune.vision.fast.FastImageTransform` (reduced-size JPEG decoding, one
-     resampling pass, uint8 until the batch) over undecoded paths + :class:`~deltatune.vision.fast.FastCollate`.
+     resampling pass, uint8 until the batch) over undecoded paths + :class:`~deltatune.vision.fast.FastCollate`
+     for training; evaluation as a run evaluates (:mod:`deltatune.vision.preprocess`: full decoding).
 
 Run from the repository root (needs ``pip install -e ".[cli,bench]"`` for peft and torchvision)::
 
@@ -127,18 +128,27 @@ def fast_loaders(root: Path, batch: int, workers: int, draft: str | None) -> dic
     """deltatune's fast path over the same folder."""
     from deltatune.vision import ImageFolderDataset, TransformedDataset
     from deltatune.vision.fast import FastImageTransform, ImagePathRows
+    from deltatune.vision.preprocess import EvalCollate, EvalTransform, evaluation_processor
 
     stats = {"image_mean": MEAN, "image_std": STD, "size": {"height": SIZE, "width": SIZE}}
     train_folder = ImageFolderDataset.from_directory(root / "train")
     val_folder = ImageFolderDataset.from_directory(root / "validation", train_folder.class_names)
-    out = {}
-    for split, folder, train in (("train", train_folder, True), ("validation", val_folder, False)):
-        transform = FastImageTransform.from_processor(stats, train=train, draft=draft)
-        data = TransformedDataset(ImagePathRows(folder.files, folder.labels), transform)
-        out[split] = torch.utils.data.DataLoader(
-            data, batch_size=batch, shuffle=train, collate_fn=transform.collate(), num_workers=workers
-        )
-    return out
+    transform = FastImageTransform.from_processor(stats, train=True, draft=draft)
+    train_data = TransformedDataset(ImagePathRows(train_folder.files, train_folder.labels), transform)
+    # evaluation as a run evaluates: transformers' decoding and the evaluation processor, whatever the pipeline
+    val_data = TransformedDataset(
+        ImagePathRows(val_folder.files, val_folder.labels),
+        EvalTransform(evaluation_processor(stats)),
+        skip_unreadable=True,
+    )
+    return {
+        "train": torch.utils.data.DataLoader(
+            train_data, batch_size=batch, shuffle=True, collate_fn=transform.collate(), num_workers=workers
+        ),
+        "validation": torch.utils.data.DataLoader(
+            val_data, batch_size=batch, collate_fn=EvalCollate(transform.collate()), num_workers=workers
+        ),
+    }
 
 
 def epoch_rate(loader: Any) -> tuple[float, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import e2e, run
+from benchmarks import e2e, evaluate_memory, run, vision_paths
 
 
 @pytest.mark.slow
@@ -57,6 +57,16 @@ def test_end_to_end_benchmark_smoke(tmp_path: Path) -> None:
     assert whole["runs"]["deltatune"][0]["precision"] == "fp32"  # a tiny model: bf16 would not pay
     assert "too small" in whole["runs"]["deltatune"][0]["precision_reason"]
     assert result["data_path"]["speedup"]["all"] > 0
+
+
+def test_vision_paths_and_evaluate_memory_smoke() -> None:
+    medians = vision_paths.main(["--images", "3", "--size", "64", "--rounds", "1"])
+    assert set(medians) == {"decode", "fast train", "resize", "standard train", "normalise"}
+    assert all(side > 0 for sides in medians.values() for side in sides.values())
+    rows = evaluate_memory.main(["--images", "12", "24"])
+    assert [r["images"] for r in rows] == [12, 24] and all(
+        r["peak_mb"] >= r["after_load_mb"] > 0 for r in rows
+    )
 
 
 @pytest.mark.slow

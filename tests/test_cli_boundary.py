@@ -188,7 +188,7 @@ def _scenario(
         monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
         return (
             ["predict", image, "--adapter", assets["run"], "--model", "no-such-org/no-such-vit"],
-            1,
+            2,  # checked before loading, as train checks --model
             "no-such-org/no-such-vit",
         )
     if case == "bad_preprocessor_config":

@@ -96,10 +96,10 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [*paths, *(str(root / name) for name in others), str(trailing)]
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_device_path_matches_the_fast_path(images: list[str], train: bool) -> None:
+def test_device_path_matches_the_fast_path(images: list[str]) -> None:
     """Same random crop boxes and flips (same RNG draws), same filter family: within ~1 intensity level."""
-    encoded = EncodedImageTransform.from_processor(PROCESSOR, train=train)
+    train = True  # the device path only trains (evaluation has one path, deltatune.vision.preprocess)
+    encoded = EncodedImageTransform.from_processor(PROCESSOR)
     fast = FastImageTransform.from_processor(PROCESSOR, train=train, draft=None)
     torch.manual_seed(0)
     rows = [{"pixel_values": encoded(p), "labels": i} for i, p in enumerate(images)]
@@ -131,8 +131,8 @@ def test_unreadable_header_is_skipped_by_the_dataset(images: list[str], tmp_path
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(Path(images[0]).read_bytes()[:50])
     rows = [{"image": str(broken), "label": 0}, {"image": images[1], "label": 1}]
-    dataset = TransformedDataset(rows, EncodedImageTransform.from_processor(PROCESSOR, train=False))
-    with pytest.warns(RuntimeWarning, match="skipped unreadable image at index 0"):
+    dataset = TransformedDataset(rows, EncodedImageTransform.from_processor(PROCESSOR))
+    with pytest.warns(RuntimeWarning, match="skipped unreadable image .*broken.jpg"):
         example = dataset[0]
     assert example["labels"] == 1 and dataset.num_skipped == 1
 
@@ -142,7 +142,7 @@ def test_truncated_jpeg_is_dropped_from_the_batch_with_its_label(images: list[st
     data = Path(images[0]).read_bytes()
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(data[: len(data) // 2])
-    transform = EncodedImageTransform.from_processor(PROCESSOR, train=False)
+    transform = EncodedImageTransform.from_processor(PROCESSOR)
     collate = transform.collate()
     rows = [{"pixel_values": transform(p), "labels": i} for i, p in enumerate([str(broken), *images[1:3]])]
     with warnings.catch_warnings():
@@ -161,7 +161,7 @@ def test_an_undecodable_image_is_dropped_with_its_label(images: list[str], tmp_p
     corrupt = good[:scan] + bytes(len(good) - scan - 2) + good[-2:]
     path = tmp_path / "corrupt.jpg"
     path.write_bytes(corrupt)
-    encoded = EncodedImageTransform.from_processor(PROCESSOR, train=False)
+    encoded = EncodedImageTransform.from_processor(PROCESSOR)
     rows = [
         {"pixel_values": encoded(p), "labels": i} for i, p in enumerate([images[1], str(path), images[2]])
     ]
@@ -175,6 +175,11 @@ def test_an_undecodable_image_is_dropped_with_its_label(images: list[str], tmp_p
         return
     assert batch["labels"].tolist() == [0, 2]
     assert any("dropped 1 image" in str(w.message) for w in caught)
+
+
+def test_the_device_path_refuses_evaluation() -> None:
+    with pytest.raises(ValueError, match="the gpu data path trains"):
+        EncodedImageTransform.from_processor(PROCESSOR, train=False)
 
 
 def test_decoded_images_are_refused_with_the_alternative() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import pickle
 import warnings
 from pathlib import Path
@@ -80,14 +81,14 @@ def test_corrupt_image_is_skipped_with_a_counted_warning(tmp_path: Path) -> None
     everything.dataset.files += bundle.eval.files
     everything.dataset.labels += bundle.eval.labels
     broken = everything.dataset.files.index(str(root / "dog" / "broken.png"))
-    with pytest.warns(RuntimeWarning, match=r"skipped unreadable image .*broken\.png.*1 skipped so far"):
+    with pytest.warns(RuntimeWarning, match=r"skipped unreadable image '.*broken\.png' \("):
         row = everything[broken]
     assert row["pixel_values"].shape == (3, 32, 32)
     assert row["labels"] == everything.dataset.labels[(broken + 1) % len(everything)]  # the next readable one
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows = [everything[i] for i in range(len(everything))]
-    assert everything.num_skipped == 2
+    assert everything.num_skipped == 2 and everything.skipped == [str(root / "dog" / "broken.png")]
     assert all(
         r["pixel_values"].shape == (3, 32, 32) and r["pixel_values"].dtype == torch.float32 for r in rows
     )
@@ -242,12 +243,49 @@ def test_every_mode_becomes_rgb(mode: str) -> None:
         assert np.asarray(converted).min() == 255  # 16-bit white stays white
 
 
-def test_transparent_pixels_become_white() -> None:
-    image = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
-    assert np.asarray(to_rgb(image)).min() == 255
+def test_every_mode_decodes_as_transformers_load_image() -> None:
+    """Alpha, palette (with transparency), LA, CMYK, 16-bit and EXIF orientation: one decoding, the one
+    transformers' pipeline uses, in training (to_rgb), evaluation, predict (load_rgb)."""
+    import io
+
+    from transformers.image_utils import load_image
+
+    from deltatune.vision.preprocess import load_rgb
+
+    rgba = np.random.default_rng(0).integers(0, 255, (6, 9, 4)).astype(np.uint8)
+    rgba[:, :3, 3] = 0  # transparent third, colour underneath
     palette = Image.new("P", (4, 4), 0)
     palette.info["transparency"] = 0
-    assert np.asarray(to_rgb(palette)).min() == 255
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    _image("RGB", (12, 5), seed=4).save(rotated, format="JPEG", exif=exif)
+    images = [
+        Image.fromarray(rgba, "RGBA"),
+        palette,
+        Image.fromarray(rgba[..., :2].copy(), "LA"),
+        _image("RGB", (5, 5), seed=5).convert("CMYK"),
+        Image.fromarray(np.arange(30, dtype=np.uint16).reshape(5, 6) * 2000),
+        Image.open(io.BytesIO(rotated.getvalue())),
+    ]
+    for image in images:
+        expected = np.asarray(load_image(image.copy() if image.format is None else image))
+        assert np.array_equal(np.asarray(to_rgb(image)), expected), image.mode
+        assert np.array_equal(np.asarray(load_rgb(image)), expected), image.mode
+    assert to_rgb(images[-1]).size == (5, 12)  # upright
+
+
+def test_a_16_bit_image_is_said_to_be_clipped_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import deltatune.vision.transforms as transforms
+
+    monkeypatch.setattr(transforms, "_warned_wide", [])
+    wide = Image.fromarray(np.full((4, 4), 4000, dtype=np.uint16))
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        to_rgb(wide)
+        to_rgb(wide)
+    assert caplog.text.count("values above 255 clipped to white") == 1
 
 
 def test_eval_transform_shape_and_normalisation() -> None:
@@ -397,3 +435,60 @@ def test_glyph_renderer_is_deterministic_and_optdigits_like() -> None:
     blocks, _ = module.render_dataset(1, seed=5, style="optdigits")
     assert blocks.shape == (len(module.CLASSES), 8, 8) and blocks.max() <= 16
     assert not set("0123456789") & set(module.CHARACTERS)
+
+
+def test_decompression_bomb_is_refused_on_every_data_path(tmp_path: Path) -> None:
+    """A PNG of a few kB whose header promises 96 M pixels is refused before decoding by the training paths
+    (standard, fast, gpu), the evaluation path and predict's decode, naming the file."""
+    from deltatune.vision import FastImageTransform, ImageFolderDataset
+    from deltatune.vision.gpu import EncodedImageTransform
+    from deltatune.vision.preprocess import EvalTransform, evaluation_processor, load_rgb
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    bomb = tmp_path / "a" / "bomb.png"
+    Image.new("1", (12_000, 8_000)).save(bomb)
+    Image.new("RGB", (8, 8)).save(tmp_path / "b" / "fine.png")
+    assert bomb.stat().st_size < 100_000
+    pattern = r"bomb.png: 12000 x 8000 pixels is more than the .* allowed"
+    folder = ImageFolderDataset.from_directory(tmp_path)
+    with pytest.raises(OSError, match=pattern):
+        folder[0]
+    transforms = [
+        FastImageTransform.from_processor(STATS, train=True),
+        EncodedImageTransform.from_processor(STATS, train=True),
+        EvalTransform(evaluation_processor(STATS)),
+        load_rgb,
+    ]
+    for transform in transforms:
+        with pytest.raises(ValueError, match=pattern):
+            transform(str(bomb))
+    training = TransformedDataset(ImageFolderDataset.from_directory(tmp_path), build_transforms(STATS, True))
+    with pytest.warns(RuntimeWarning, match=r"skipped unreadable image .*bomb.png"):
+        assert training[0]["labels"] == 1  # the next readable image in its place (training only)
+
+
+def test_evaluation_processor_is_what_auto_image_processor_loads(tmp_path: Path) -> None:
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    from deltatune.vision.preprocess import evaluation_processor
+
+    processor = evaluation_processor(
+        ViTImageProcessor(size={"height": 24, "width": 24}, train_crop_scale=[0.7, 1])
+    )
+    processor.save_pretrained(tmp_path)
+    loaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is type(processor) and evaluation_processor(loaded).to_dict() == processor.to_dict()
+    assert processor.size == {"shortest_edge": 24} and processor.crop_size == {"height": 24, "width": 24}
+    assert build_transforms(loaded, train=True).crop_scale == (0.7, 1.0)  # the domain hints survive
+
+
+def test_an_evaluation_batch_of_unreadable_images_is_empty_not_an_error(tmp_path: Path) -> None:
+    from deltatune.vision import image_datasets, load_image_dataset
+
+    root = _make_folder(tmp_path / "pets", corrupt=False)
+    bundle = load_image_dataset(str(root), validation_split=0.5)
+    _, evaluation, collate = image_datasets(bundle, STATS, "fast")
+    batch = collate([None, None])
+    assert batch["pixel_values"].shape == (0, 3, 32, 32) and batch["labels"].shape == (0,)
+    assert collate([evaluation[0], None])["pixel_values"].shape == (1, 3, 32, 32)

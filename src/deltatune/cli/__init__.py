@@ -150,10 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--validation_split", type=float, default=None)
             p.add_argument("--max_eval_samples", type=int, default=None)
             p.add_argument(
-                "--output_dir", default=None, help="where to write results (default: the adapter dir)"
+                "--validation_dir", default=None, help="image folder to score, every image (as in train)"
+            )
+            p.add_argument(
+                "--output_dir",
+                default=None,
+                help="where to write results (default: the adapter dir, or ADAPTER/evaluate when it holds a run's)",
+            )
+            p.add_argument(
+                "--overwrite",
+                action="store_true",
+                help="replace the run's own result files in the adapter dir",
             )
         if name in ("predict", "evaluate"):
             p.add_argument("--batch_size", type=positive_int, default=32)
+            p.add_argument(
+                "--num_threads", type=positive_int, default=None, help="CPU threads (default: as train picks)"
+            )
     quick = sub.add_parser(
         "quickstart", help="apply every method to a ViT-base-shaped model and print what trains"
     )

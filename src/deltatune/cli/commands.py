@@ -247,58 +247,82 @@ def _compare_runs(parsed: Any, out: str) -> None:
 
 
 # ---- evaluate / predict / merge -----------------------------------------------------------------
-def evaluate(args: argparse.Namespace) -> int:
-    from ..tasks.inference import evaluate_adapter, load_trained
-    from ..tasks.plots import confusion_plot
-    from ..tasks.results import write_split_results
-    from ..vision import load_image_dataset
+def _load(args: argparse.Namespace) -> Any:
+    """The trained adapter of ``--adapter``, its base model checked first as ``train`` checks ``--model``:
+    a hub id that is neither cached nor reachable fails within seconds, in one line."""
+    from ..tasks.inference import base_model_source, load_trained
+    from .checks import check_model_source
 
-    trained = load_trained(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
-    record = trained.record
-    dataset = args.dataset or record.get("dataset")
-    if not dataset:
-        raise ValueError(f"{args.adapter} has no run record naming its dataset; pass --dataset")
-    bundle = load_image_dataset(
-        dataset,
-        image_column=args.image_column or record.get("image_column"),
-        label_column=args.label_column or record.get("label_column"),
-        validation_split=record.get("validation_split", 0.1)
-        if args.validation_split is None
-        else args.validation_split,
-        seed=int(record.get("seed", 42)),
+    base, flag = base_model_source(args.adapter, args.model)
+    if not os.path.isabs(base):  # a missing absolute folder gets load_trained's own message
+        check_model_source(base, flag)
+    return load_trained(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from ..tasks.evaluation import evaluation_data, results_folder, write_evaluation
+    from ..tasks.inference import evaluate_adapter
+    from ..tasks.plots import confusion_plot
+    from .checks import check_dataset_source, check_folder
+
+    check_folder(args.validation_dir, "--validation_dir")
+    if args.dataset is not None:
+        check_dataset_source(args.dataset, "--dataset")
+    trained = _load(args)
+    recorded = trained.record.get("dataset")
+    if args.dataset is None and args.validation_dir is None and isinstance(recorded, str):
+        check_dataset_source(recorded, f"the adapter's dataset (deltatune_run.json in {args.adapter})")
+    labels = [trained.id2label[i] for i in range(len(trained.id2label))]
+    data = evaluation_data(
+        labels,
+        trained.record,
+        args.dataset,
+        args.validation_dir,
+        image_column=args.image_column,
+        label_column=args.label_column,
+        validation_split=args.validation_split,
         max_eval_samples=args.max_eval_samples,
-        validation_dir=record.get("validation_dir") if args.dataset is None else None,
     )
-    if bundle.num_labels != len(trained.id2label):
-        raise ValueError(
-            f"{dataset!r} has {bundle.num_labels} classes but the adapter was trained on {len(trained.id2label)}"
-        )
-    report = evaluate_adapter(trained, bundle.eval, batch_size=args.batch_size)
-    out = args.output_dir or args.adapter
-    os.makedirs(out, exist_ok=True)
-    results = {  # the schema of a training run's eval_results.json (transformers' keys, then the details)
+    screen = console()
+    screen.print(printable(f"scoring {data.description}"), markup=False)
+    result = evaluate_adapter(trained, data.rows, batch_size=args.batch_size, num_threads=args.num_threads)
+    report = result.report
+    out = results_folder(args.adapter, args.output_dir, args.overwrite)
+    results: dict[
+        str, Any
+    ] = {  # a training run's eval_results.json schema (transformers' keys, then details)
         "eval_accuracy": report.accuracy,
         "eval_top5_accuracy": report.top5_accuracy,
         "eval_samples": report.num_examples,
-        "dataset": dataset,
+        "eval_skipped": len(result.skipped),
+        "dataset": data.dataset,
         "per_class_accuracy": report.per_class_accuracy,
         "confusion_matrix": report.confusion.tolist(),
         "class_names": report.class_names,
     }
+    if result.skipped:
+        results["skipped_images"] = result.skipped
     notes = report.to_dict().get("notes")  # why a value is null (strict JSON has no NaN)
     if notes:
         results["notes"] = notes
-    write_split_results(out, "eval", results)
+    write_evaluation(out, results)
     confusion_plot(report.confusion, report.class_names, os.path.join(out, "confusion_matrix.png"))
     from rich.table import Table
 
-    table = Table(title=esc(f"{args.adapter} on {dataset} ({report.num_examples} images)"))
+    table = Table(title=esc(f"{args.adapter} on {data.dataset} ({report.num_examples} images)"))
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, value in report.per_class_accuracy.items():
         table.add_row(esc(name), f"{value:.4f}")
-    screen = console()
     screen.print(table)
+    if result.skipped:
+        shown = ", ".join(result.skipped[:3]) + (" ..." if len(result.skipped) > 3 else "")
+        screen.print(
+            printable(
+                f"skipped {len(result.skipped)} unreadable image(s): {shown} (listed in eval_results.json)"
+            ),
+            markup=False,
+        )
     top5 = "" if report.top5_accuracy is None else f" · top-5 {report.top5_accuracy:.4f}"
     screen.print(
         printable(
@@ -312,15 +336,20 @@ def evaluate(args: argparse.Namespace) -> int:
 
 def predict(args: argparse.Namespace) -> int:
     from .._files import strict_json
-    from ..tasks.inference import collect_images, load_trained, predict_images
+    from ..tasks.inference import collect_images, predict_images
 
     images = collect_images(args.images)
-    trained = load_trained(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
+    trained = _load(args)
     results = predict_images(
-        trained, images, top_k=args.top_k, batch_size=args.batch_size, progress=not args.json
+        trained,
+        images,
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        progress=not args.json,
+        num_threads=args.num_threads,
     )
     if args.json:
-        json.dump(strict_json(results), sys.stdout, indent=2, allow_nan=False)
+        json.dump(strict_json(results), sys.stdout, indent=2, allow_nan=False, ensure_ascii=False)
         sys.stdout.write("\n")
         return 0
     from rich.table import Table
@@ -340,11 +369,11 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def merge(args: argparse.Namespace) -> int:
-    from ..tasks.inference import check_merge_output, load_trained, merge_adapter
+    from ..tasks.merge import check_merge_output, merge_adapter
 
     check_merge_output(args.adapter, args.output, args.overwrite)
-    trained = load_trained(args.adapter, args.model, trust_remote_code=args.trust_remote_code)
-    merge_adapter(trained, args.output)
+    trained = _load(args)
+    merge_adapter(trained, args.output, overwrite=args.overwrite)
     console().print(
         printable(
             f"merged {args.adapter} into {args.output}: load it with "

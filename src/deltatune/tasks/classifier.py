@@ -59,7 +59,9 @@ def build_base_model(
     ignore_mismatched_sizes: bool = True,
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, Any]:
-    """The base image classifier with a fresh ``len(id2label)``-way head, and its image processor.
+    """The base image classifier with a fresh ``len(id2label)``-way head, and its image processor as the
+    evaluation processor (:func:`deltatune.vision.preprocess.evaluation_processor`: the model's size and
+    statistics, the guide's resize-shorter-side + centre crop), which a run saves beside its adapter.
 
     Args:
         model_id: Hub id or local directory; the bundled backbone's id ``deltatune/vit-glyphs-32`` loads
@@ -83,6 +85,7 @@ def build_base_model(
 
     from ..vision import resolve_model_path
     from ..vision.limits import check_image_processor
+    from ..vision.preprocess import evaluation_processor
 
     model_id = resolve_model_path(model_id)
     label2id = {v: k for k, v in id2label.items()}
@@ -101,6 +104,7 @@ def build_base_model(
     except (OSError, ValueError, RecursionError) as err:
         raise _load_error("image processor", model_id, err) from err
     check_image_processor(processor, f"{model_id} (preprocessor_config.json)")
+    processor = evaluation_processor(processor)  # one preprocessing: what the run evaluates is what it saves
     if random_backbone:
         try:
             config = AutoConfig.from_pretrained(model_id, **kwargs)

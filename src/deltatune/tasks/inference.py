@@ -1,4 +1,4 @@
-"""Using a trained adapter directory: load it, predict images, evaluate a split, merge into a plain model."""
+"""Using a trained adapter directory: load it, predict images, evaluate a split (merging: :mod:`.merge`)."""
 
 from __future__ import annotations
 
@@ -9,29 +9,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from .._files import apply_umask, atomic_write_text, build_directory, read_json, remove_stale_temporaries
+from .._files import (
+    read_json,
+)
 from ..config import CONFIG_NAME, PeftConfig
 from ..model import PeftModel
-from ..serialization import check_finite
-from ..train.checkpoint import LABELS_NAME, load_label_maps
-from ..train.metrics import ClassificationReport, classification_report
+from ..train.checkpoint import load_label_maps
+from ..train.metrics import ClassificationReport
 from ..train.outputs import RUN_RECORD_NAME
 from .classifier import build_base_model
-from .report import write_merged_model_card
+from .merge import _require_adapter_dir
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Evaluation",
     "TrainedAdapter",
-    "check_merge_output",
+    "base_model_source",
     "collect_images",
     "evaluate_adapter",
     "load_trained",
-    "merge_adapter",
     "predict_images",
 ]
 
@@ -55,15 +54,21 @@ class TrainedAdapter:
     directory: str
 
 
-def _require_adapter_dir(adapter_dir: str) -> None:
-    if not os.path.isdir(adapter_dir):
-        raise FileNotFoundError(
-            f"--adapter {adapter_dir!r} is not a directory; pass the output_dir of `deltatune train`"
-        )
-    if not os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)):
-        raise FileNotFoundError(
-            f"{adapter_dir!r} has no {CONFIG_NAME}; pass --adapter the output_dir of `deltatune train`"
-        )
+def base_model_source(adapter_dir: str, model: str | None) -> tuple[str, str]:
+    """(the base model an adapter loads onto, how to name it in an error): ``model`` (``--model``) or the
+    adapter config's ``base_model_name_or_path``.
+
+    Raises:
+        FileNotFoundError: when ``adapter_dir`` is not an adapter folder.
+        ValueError: when no base model is known.
+    """
+    if model:
+        return model, "--model"
+    _require_adapter_dir(adapter_dir)
+    base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    if not base:
+        raise ValueError(f"{adapter_dir}/{CONFIG_NAME} names no base_model_name_or_path; pass --model")
+    return base, f"the adapter's base model (base_model_name_or_path in {adapter_dir}/{CONFIG_NAME})"
 
 
 def load_trained(
@@ -84,6 +89,7 @@ def load_trained(
     from transformers import AutoImageProcessor
 
     from ..vision.limits import check_image_processor
+    from ..vision.preprocess import evaluation_processor
 
     _require_adapter_dir(adapter_dir)
     config = PeftConfig.from_pretrained(adapter_dir)
@@ -138,24 +144,29 @@ def load_trained(
                 ) from err
             raise ValueError(f"cannot load the image processor {processor_file}: {reason[:400]}") from err
         check_image_processor(processor, processor_file)
+        processor = evaluation_processor(processor)  # an older adapter's ViT processor: the run's evaluation
     peft_model.eval()
     return TrainedAdapter(peft_model, processor, id2label, record, adapter_dir)
 
 
 def collect_images(paths: Sequence[str]) -> list[str]:
-    """Expands files and directories (recursively) into a sorted list of image files.
+    """Expands files and directories (recursively) into a sorted list of image files; inside a directory,
+    hidden files and folders (``.DS_Store``, macOS's ``._*`` companions) are skipped as ``train`` skips them.
 
     Raises:
         FileNotFoundError: for a path that does not exist, or when nothing is found.
     """
     from ..vision import IMAGE_EXTENSIONS
+    from ..vision.folder import is_image_file
 
     found: list[str] = []
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
             found += sorted(
-                str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                str(p)
+                for p in path.rglob("*")
+                if is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
         elif path.is_file():
             found.append(str(path))
@@ -185,6 +196,14 @@ def _check_logits(logits: torch.Tensor, names: Sequence[str], trained: TrainedAd
     )
 
 
+def _device_threads(trained: TrainedAdapter, num_threads: int | None) -> Any:
+    """``train``'s CPU thread choice (:func:`deltatune.train.arguments.cpu_threads`) for this model."""
+    from ..train.arguments import cpu_threads
+
+    device = next(trained.model.parameters()).device
+    return cpu_threads(trained.model, num_threads, device.type == "cpu")
+
+
 @torch.no_grad()
 def predict_images(
     trained: TrainedAdapter,
@@ -192,11 +211,17 @@ def predict_images(
     top_k: int = 5,
     batch_size: int = 32,
     progress: bool = True,
+    num_threads: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Top-k labels with probabilities for each image, preprocessed exactly as transformers' pipeline does.
+    """Top-k labels with probabilities for each image, decoded and preprocessed exactly as transformers'
+    image-classification pipeline does with the adapter's ``preprocessor_config.json`` (see
+    :mod:`deltatune.vision.preprocess`).
 
     An image that cannot be read (truncated, not an image, too many pixels) is skipped with a counted
-    warning and listed with an ``"error"`` and no predictions; the others are predicted.
+    warning naming it and listed with an ``"error"`` and no predictions; the others are predicted.
+
+    Args:
+        num_threads: CPU threads (None: as ``train`` chooses, one for a small model).
 
     Returns:
         ``[{"image": path, "predictions": [{"label": name, "score": p}, ...]}, ...]`` (scores descending), and
@@ -206,11 +231,9 @@ def predict_images(
         ValueError: for a non-positive ``batch_size``/``top_k``, when no image at all could be read, or when
             the model's scores are NaN/inf.
     """
-    from PIL import Image
     from tqdm.auto import tqdm
 
-    from ..vision import to_rgb
-    from ..vision.limits import check_image_pixels
+    from ..vision.preprocess import load_rgb, preprocess
 
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -223,31 +246,34 @@ def predict_images(
     bar = tqdm(
         total=len(images), desc="predict", unit="img", disable=not progress or len(images) <= batch_size
     )
-    for chunk in _batches(list(images), batch_size):
-        loaded, names = [], []
-        for path in chunk:
-            try:
-                with Image.open(path) as img:
-                    check_image_pixels(img, path)
-                    loaded.append(to_rgb(img).copy())
-                names.append(path)
-            except Exception as err:  # any decoding failure: PIL raises OSError, SyntaxError, ValueError...
-                skipped += 1
-                reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
-                logger.warning("skipped unreadable image %s (%s); %d skipped so far", path, reason, skipped)
-                results.append({"image": path, "predictions": [], "error": reason})
-        bar.update(len(chunk))
-        if not loaded:
-            continue
-        inputs = trained.image_processor(loaded, return_tensors="pt")
-        logits = trained.model(pixel_values=inputs["pixel_values"].to(device)).logits.float()
-        _check_logits(logits, names, trained)
-        scores, ids = logits.softmax(dim=-1).topk(k, dim=-1)
-        for path, row_scores, row_ids in zip(names, scores.tolist(), ids.tolist(), strict=True):
-            preds = [
-                {"label": trained.id2label[i], "score": s} for i, s in zip(row_ids, row_scores, strict=True)
-            ]
-            results.append({"image": path, "predictions": preds})
+    with _device_threads(trained, num_threads):
+        for chunk in _batches(list(images), batch_size):
+            pixels, names = [], []
+            for path in chunk:
+                try:
+                    pixels.append(preprocess(trained.image_processor, load_rgb(path)))
+                    names.append(path)
+                except (
+                    Exception
+                ) as err:  # any decoding failure: PIL raises OSError, SyntaxError, ValueError...
+                    skipped += 1
+                    reason = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+                    logger.warning(
+                        "skipped unreadable image %s (%s); %d skipped so far", path, reason, skipped
+                    )
+                    results.append({"image": path, "predictions": [], "error": reason})
+            bar.update(len(chunk))
+            if not pixels:
+                continue
+            logits = trained.model(pixel_values=torch.stack(pixels).to(device)).logits.float()
+            _check_logits(logits, names, trained)
+            scores, ids = logits.softmax(dim=-1).topk(k, dim=-1)
+            for path, row_scores, row_ids in zip(names, scores.tolist(), ids.tolist(), strict=True):
+                preds = [
+                    {"label": trained.id2label[i], "score": s}
+                    for i, s in zip(row_ids, row_scores, strict=True)
+                ]
+                results.append({"image": path, "predictions": preds})
     bar.close()
     if skipped == len(images):
         raise ValueError(f"none of the {len(images)} images could be read (see the warnings above)")
@@ -257,109 +283,55 @@ def predict_images(
     return sorted(results, key=lambda r: order.get(r["image"], 0))
 
 
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_adapter` returns: the report and the images it could not read, by path."""
+
+    report: ClassificationReport
+    skipped: list[str]
+
+
 @torch.no_grad()
 def evaluate_adapter(
-    trained: TrainedAdapter, dataset: Any, batch_size: int = 64, progress: bool = True
-) -> ClassificationReport:
-    """Accuracy, top-5, per-class accuracy and the confusion matrix of ``dataset`` (rows ``{"image", "label"}``).
+    trained: TrainedAdapter,
+    dataset: Any,
+    batch_size: int = 64,
+    progress: bool = True,
+    num_threads: int | None = None,
+) -> Evaluation:
+    """Accuracy, top-5, per-class accuracy and the confusion matrix of ``dataset`` (rows ``{"image", "label"}``
+    with the adapter's class ids), each image decoded and preprocessed as a run's evaluation does.
+
+    Every row is scored once; an unreadable one is skipped and named (never replaced by another). Metrics
+    are accumulated per batch, so memory stays flat with the number of images.
 
     Raises:
         ValueError: when the model's scores are NaN/inf.
     """
     from tqdm.auto import tqdm
 
-    from ..vision import TransformedDataset, build_transforms, collate_fn
+    from ..vision.fast import undecoded
+    from ..vision.preprocess import EvalCollate, EvalTransform
+    from ..vision.transforms import TransformedDataset, collate_fn
+    from .evaluation import StreamingReport, release_freed_memory
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    data = TransformedDataset(dataset, build_transforms(trained.image_processor, train=False))
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate_fn)
+    data = TransformedDataset(
+        undecoded(dataset), EvalTransform(trained.image_processor), skip_unreadable=True
+    )
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=EvalCollate(collate_fn))
     device = next(trained.model.parameters()).device
-    all_logits, all_labels = [], []
-    for number, batch in enumerate(tqdm(loader, desc="evaluate", unit="batch", disable=not progress)):
-        logits = trained.model(pixel_values=batch["pixel_values"].to(device)).logits.float().cpu()
-        _check_logits(logits, [f"evaluation batch {number}"] * len(logits), trained)
-        all_logits.append(logits)
-        all_labels.append(batch["labels"])
-    logits = torch.cat(all_logits).numpy()
-    labels = torch.cat(all_labels).numpy().astype(np.int64)
     names = [trained.id2label[i] for i in range(len(trained.id2label))]
-    return classification_report(logits, labels, names)
-
-
-def check_merge_output(adapter_dir: str, output_dir: str, overwrite: bool) -> None:
-    """Refuses a ``merge --output`` that would destroy its own input or another folder: the adapter folder
-    itself, a folder inside it or around it, a file, or a non-empty folder without ``overwrite``; and removes
-    the temporary folders a killed merge left beside ``output_dir``.
-
-    Raises:
-        ValueError: naming ``--output`` and what to do.
-    """
-    _require_adapter_dir(adapter_dir)
-    out, adapter = os.path.realpath(output_dir), os.path.realpath(adapter_dir)
-    if out == adapter or out.startswith(adapter + os.sep):
-        raise ValueError(
-            f"--output {output_dir!r} is the adapter folder or inside it; a merged model there would be loaded "
-            "with the adapter applied a second time. Choose a folder outside the adapter"
-        )
-    if adapter.startswith(out + os.sep):
-        raise ValueError(
-            f"--output {output_dir!r} contains the adapter folder; replacing it would delete the adapter"
-        )
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"--output {output_dir!r} is a file; pass a directory for the merged model")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ValueError(f"--output {output_dir!r} is not empty; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    removed = remove_stale_temporaries(parent, dead_writers_only=True, older_than_s=3600.0)
-    if removed:
-        logger.info("removed %d temporary folders a killed process left in %s", len(removed), parent)
-
-
-@torch.no_grad()
-def _check_forward(model: nn.Module, trained: TrainedAdapter) -> None:
-    """One forward pass on a blank image: a merged model whose outputs are NaN/inf is refused."""
-    from ..vision import resolve_size
-
-    size = resolve_size(trained.image_processor)
-    height, width = (size, size) if isinstance(size, int) else size
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    logits = model(pixel_values=torch.zeros(1, 3, height, width, device=device)).logits.float()
-    model.train(was_training)
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError(
-            f"merging {trained.directory} gives a model whose outputs are NaN/inf (its weights are finite but "
-            "too large: check the scaling values in adapter_config.json); nothing was written"
-        )
-
-
-def merge_adapter(trained: TrainedAdapter, output_dir: str) -> nn.Module:
-    """Folds the adapter into the base weights and writes a standalone transformers model directory
-    (``config.json`` with the label maps, safetensors weights, ``preprocessor_config.json``, ``labels.json``).
-
-    The directory is built beside ``output_dir`` and swapped in whole, so a kill leaves either the previous
-    folder or the new one, never a mix; every file gets the umask's mode.
-
-    Returns:
-        The merged model.
-
-    Raises:
-        ValueError: when a merged weight holds NaN/inf (naming it); nothing is written then.
-    """
-    merged = trained.model.merge_and_unload()
-    check_finite(dict(merged.state_dict()), f"merging {trained.directory}")
-    _check_forward(merged, trained)
-    config = getattr(merged, "config", None)
-    if config is not None:
-        config.id2label = dict(trained.id2label)
-        config.label2id = {v: k for k, v in trained.id2label.items()}
-    with build_directory(output_dir) as build:
-        merged.save_pretrained(build)  # type: ignore[operator]
-        trained.image_processor.save_pretrained(build)
-        with open(os.path.join(trained.directory, LABELS_NAME), encoding="utf-8") as fh:
-            atomic_write_text(os.path.join(build, LABELS_NAME), fh.read())
-        write_merged_model_card(build, trained.directory, trained.model.peft_config, len(trained.id2label))
-        apply_umask(build)  # safetensors creates its files 0600
-    return merged
+    streaming = StreamingReport(names)
+    with _device_threads(trained, num_threads):
+        for number, batch in enumerate(tqdm(loader, desc="evaluate", unit="batch", disable=not progress)):
+            if len(batch["labels"]) == 0:
+                continue
+            logits = trained.model(pixel_values=batch["pixel_values"].to(device)).logits.float()
+            _check_logits(logits, [f"evaluation batch {number}"] * len(logits), trained)
+            streaming.add(logits, batch["labels"])
+            del batch, logits
+            if number % 32 == 31:
+                release_freed_memory()
+    return Evaluation(streaming.report(), list(data.skipped))

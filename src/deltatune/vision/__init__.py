@@ -8,7 +8,7 @@ Example:
     >>> data = load_image_dataset("offline-default")  # or "food101", or a local image folder
     >>> processor = AutoImageProcessor.from_pretrained(offline_default_model_dir())
     >>> train = TransformedDataset(data.train, build_transforms(processor, train=True))
-    >>> evaluation = TransformedDataset(data.eval, build_transforms(processor, train=False))
+    >>> evaluation = TransformedDataset(data.eval, EvalTransform(evaluation_processor(processor)))
 """
 
 from .fast import FastCollate, FastImageTransform, ImagePathRows, undecoded
@@ -34,6 +34,7 @@ from .offline import (
     resolve_model_path,
 )
 from .pipelines import DATA_PIPELINES, image_datasets
+from .preprocess import EvalTransform, evaluation_processor, load_rgb
 from .transforms import (
     ImageTransform,
     TransformedDataset,
@@ -52,6 +53,7 @@ __all__ = [
     "OFFLINE_DEFAULT",
     "OFFLINE_TRAINING_DEFAULTS",
     "DigitsDataset",
+    "EvalTransform",
     "FastCollate",
     "FastImageTransform",
     "HubSplit",
@@ -64,10 +66,12 @@ __all__ = [
     "build_transforms",
     "collate_fn",
     "detect_columns",
+    "evaluation_processor",
     "image_datasets",
     "is_bundled_backbone",
     "is_offline_default",
     "load_image_dataset",
+    "load_rgb",
     "offline_default_model_dir",
     "resolve_model_path",
     "resolve_size",

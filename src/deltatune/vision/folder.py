@@ -9,12 +9,15 @@ Images are opened lazily, so a corrupt file fails only when read (and ``Transfor
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .limits import check_image_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +105,7 @@ class ImageFolderDataset:
         path = self.files[index]
         try:
             with Image.open(path) as handle:
+                check_image_pixels(handle, path)
                 handle.load()
                 image = ImageOps.exif_transpose(handle)  # a loaded copy, upright
         except Exception as error:
@@ -167,3 +171,27 @@ def stratified_split(
             single[:10],
         )
     return sorted(train), sorted(evaluation)
+
+
+def row_name(dataset: Any, index: int) -> str:
+    """The file behind row ``index`` of ``dataset`` (through subsets; a row whose image is a path names it),
+    or ``"example <index>"``."""
+    original = index
+    while True:
+        files = getattr(dataset, "files", None)
+        if files is not None:
+            return str(files[index])
+        indices = getattr(dataset, "indices", None)
+        inner = getattr(dataset, "dataset", None)
+        if inner is None:
+            break
+        dataset, index = inner, (indices[index] if indices is not None else index)
+    try:
+        image = dataset[index].get("image")
+    except Exception:  # the row itself cannot be read
+        image = None
+    if isinstance(image, str | os.PathLike):
+        return os.fspath(image)
+    if isinstance(image, Mapping) and image.get("path"):
+        return str(image["path"])
+    return f"example {original}"

@@ -4,7 +4,7 @@ The work is split where it is cheapest:
 
 - **DataLoader workers (CPU)** only read each file's bytes and its JPEG header, and draw the augmentation
   exactly as the CPU paths do (:meth:`~deltatune.vision.transforms.ImageTransform.random_crop_box` and a
-  flip with probability ½ for training; the resize-and-centre-crop region for evaluation). A row is the
+  flip with probability ½). Training only: evaluation has one path for every pipeline (:mod:`.preprocess`). A row is the
   encoded bytes, the crop box in the upright image, the flip flag and the EXIF orientation: a few kB
   instead of a decoded image.
 - **The device** decodes the whole batch at once (``torchvision.io.decode_jpeg(device="cuda")``: nvJPEG on a
@@ -177,13 +177,17 @@ class EncodedImageTransform:
     """
 
     def __init__(self, spec: ImageTransform) -> None:
+        if not spec.train:
+            raise ValueError(
+                "the gpu data path trains; evaluation has one path (deltatune.vision.preprocess)"
+            )
         self.spec = spec
 
     @classmethod
     def from_processor(
-        cls, image_processor_or_stats: Any, train: bool, **kwargs: Any
+        cls, image_processor_or_stats: Any, train: bool = True, **kwargs: Any
     ) -> EncodedImageTransform:
-        """Like :func:`~deltatune.vision.transforms.build_transforms` (same arguments)."""
+        """Like :func:`~deltatune.vision.transforms.build_transforms` (training only)."""
         return cls(build_transforms(image_processor_or_stats, train, **kwargs))
 
     def collate(self) -> EncodedCollate:
@@ -210,13 +214,10 @@ class EncodedImageTransform:
         if orientation in (5, 6, 7, 8):
             width, height = height, width
         spec = self.spec
-        if spec.train:
-            box: tuple[float, float, float, float] = tuple(
-                float(v) for v in spec.random_crop_box(width, height, generator=generator)
-            )  # type: ignore[assignment]
-            flip = bool(spec.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5)
-        else:
-            box, flip = _centre_box(spec, width, height), False
+        box: tuple[float, float, float, float] = tuple(
+            float(v) for v in spec.random_crop_box(width, height, generator=generator)
+        )  # type: ignore[assignment]
+        flip = bool(spec.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5)
         if image.format == "JPEG" and image.mode == "RGB":  # YCbCr: what nvJPEG decodes to RGB
             return EncodedImage(_raw_bytes(source), None, box, flip, orientation)
         upright = decode(image, None, orientation)  # the CPU path's decode: alpha on white, modes, EXIF
@@ -237,18 +238,6 @@ def _raw_bytes(source: Any) -> bytes:
         )
     with open(source, "rb") as fh:
         return fh.read()
-
-
-def _centre_box(spec: ImageTransform, width: int, height: int) -> tuple[float, float, float, float]:
-    """The region of the original image that evaluation's resize + centre crop keeps."""
-    out_h, out_w = spec.size
-    if spec.resize_to is None:
-        return 0.0, 0.0, float(width), float(height)
-    scale = spec.resize_to / min(width, height)
-    target_w, target_h = max(1, round(width * scale)), max(1, round(height * scale))
-    left, top = round((target_w - out_w) / 2.0), round((target_h - out_h) / 2.0)
-    sx, sy = width / target_w, height / target_h
-    return left * sx, top * sy, (left + out_w) * sx, (top + out_h) * sy
 
 
 @dataclass
@@ -414,6 +403,8 @@ class GpuImageBatch:
         """
         from torchvision.ops import roi_align
 
+        if "encoded_images" not in batch:  # an evaluation batch: pixel values already
+            return batch
         encoded: EncodedBatch = batch.pop("encoded_images")
         device = torch.device(device)
         decoded = self._decode(encoded, device)

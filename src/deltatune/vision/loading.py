@@ -10,12 +10,10 @@ import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from .folder import (
     EVAL_SPLIT_NAMES,
@@ -26,6 +24,7 @@ from .folder import (
     stratified_split,
 )
 from .offline import DigitsDataset, is_offline_default
+from .preprocess import open_image
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +124,8 @@ class HubSplit:
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self.dataset[int(index)]
         image = row[self.image_column]
-        if isinstance(image, str):
-            image = Image.open(image)
-        elif isinstance(image, Mapping):
-            image = Image.open(BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+        if isinstance(image, str | Mapping):
+            image = open_image(image)  # the decompression-bomb limit, before decoding
         label = row[self.label_column]
         return {"image": image, "label": self.label_map[label] if self.label_map is not None else int(label)}
 
@@ -196,6 +193,23 @@ def _label_maps(class_names: Sequence[str]) -> tuple[dict[str, int], dict[int, s
     return {n: i for i, n in enumerate(names)}, dict(enumerate(names))
 
 
+def _validation_folder(root: Path, class_names: Sequence[str]) -> ImageFolderDataset:
+    """The validation split of a folder, warning when it lacks a training class (whose accuracy then goes
+    unmeasured)."""
+    evaluation = ImageFolderDataset.from_directory(root, class_names)
+    present = set(evaluation.labels)
+    missing = [n for i, n in enumerate(class_names) if i not in present]
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        logger.warning(
+            "the validation folder %s has no images of %d training class(es): %s; their accuracy is not measured",
+            root,
+            len(missing),
+            shown,
+        )
+    return evaluation
+
+
 def _load_folder(
     root: Path, validation_split: float, seed: int, validation_dir: Path | None = None
 ) -> tuple[Any, Any, list[str]]:
@@ -205,7 +219,7 @@ def _load_folder(
         train = ImageFolderDataset.from_directory(train_dir)
         eval_dir = validation_dir or eval_dir
         if eval_dir is not None:
-            return train, ImageFolderDataset.from_directory(eval_dir, train.class_names), train.class_names
+            return train, _validation_folder(eval_dir, train.class_names), train.class_names
     else:
         if not class_directories(root):
             raise ValueError(
@@ -214,7 +228,7 @@ def _load_folder(
             )
         train = ImageFolderDataset.from_directory(root)
     if validation_dir is not None:
-        return train, ImageFolderDataset.from_directory(validation_dir, train.class_names), train.class_names
+        return train, _validation_folder(validation_dir, train.class_names), train.class_names
     train_idx, eval_idx = stratified_split(train.labels, validation_split, seed)
     return train.subset(train_idx), train.subset(eval_idx), train.class_names
 

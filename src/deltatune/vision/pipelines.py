@@ -1,5 +1,5 @@
-"""The image data paths a run can take, built from a dataset bundle: ``fast`` (:mod:`.fast`), ``standard``
-(:mod:`.transforms`) and ``gpu`` (:mod:`.gpu`)."""
+"""The image data paths a run can train with, built from a dataset bundle: ``fast`` (:mod:`.fast`),
+``standard`` (:mod:`.transforms`) and ``gpu`` (:mod:`.gpu`); evaluation has one path (:mod:`.preprocess`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from .._defaults import DATA_PIPELINES
 from .fast import FastImageTransform, undecoded
 from .gpu import EncodedImageTransform, encoded_rows
 from .loading import ImageDatasetBundle
+from .preprocess import EvalCollate, EvalTransform, evaluation_processor
 from .transforms import TransformedDataset, build_transforms, collate_fn
 
 __all__ = ["DATA_PIPELINES", "image_datasets"]
@@ -22,6 +23,10 @@ def image_datasets(
     seed: int | None = None,
 ) -> tuple[TransformedDataset, TransformedDataset, Any]:
     """Training and evaluation datasets of ``{"pixel_values", "labels"}`` rows plus their collate function.
+
+    Only training follows ``pipeline``; evaluation always decodes as transformers' pipeline does and runs
+    the evaluation processor (:func:`~deltatune.vision.preprocess.evaluation_processor`), so a run's accuracy
+    is what ``deltatune evaluate``, ``predict`` and a merged model give. The collate handles both.
 
     Args:
         bundle: From :func:`~deltatune.vision.loading.load_image_dataset`.
@@ -39,20 +44,20 @@ def image_datasets(
             f"data pipeline {pipeline!r} is not valid; choose one of "
             f"{', '.join(repr(p) for p in DATA_PIPELINES if p != 'auto')} ('auto' is resolved by the caller)"
         )
+    # evaluation takes one path whatever the training pipeline: full decoding as transformers' pipeline does
+    # and the evaluation processor itself (see :mod:`.preprocess`); an unreadable image is counted, not replaced
+    processor = evaluation_processor(image_processor_or_stats)
+    evaluation = TransformedDataset(undecoded(bundle.eval), EvalTransform(processor), skip_unreadable=True)
+    size = (processor.crop_size["height"], processor.crop_size["width"])
     if pipeline == "gpu":
         train_enc = EncodedImageTransform.from_processor(image_processor_or_stats, train=True)
-        eval_enc = EncodedImageTransform.from_processor(image_processor_or_stats, train=False)
         train = TransformedDataset(encoded_rows(bundle.train), train_enc, seed=seed)
-        evaluation = TransformedDataset(encoded_rows(bundle.eval), eval_enc)
-        return train, evaluation, train_enc.collate()
+        return train, evaluation, EvalCollate(train_enc.collate(), size)
     if pipeline == "standard":
         train = TransformedDataset(
             bundle.train, build_transforms(image_processor_or_stats, train=True), seed=seed
         )
-        evaluation = TransformedDataset(bundle.eval, build_transforms(image_processor_or_stats, train=False))
-        return train, evaluation, collate_fn
+        return train, evaluation, EvalCollate(collate_fn, size)
     train_tf = FastImageTransform.from_processor(image_processor_or_stats, train=True, draft=draft)
-    eval_tf = FastImageTransform.from_processor(image_processor_or_stats, train=False, draft=draft)
     train = TransformedDataset(undecoded(bundle.train), train_tf, seed=seed)
-    evaluation = TransformedDataset(undecoded(bundle.eval), eval_tf)
-    return train, evaluation, train_tf.collate()
+    return train, evaluation, EvalCollate(train_tf.collate(), size)

@@ -9,7 +9,10 @@ called with: :class:`TransformedDataset` with a ``seed`` passes one seeded from 
 Training:   RandomResizedCrop(size) → RandomHorizontalFlip → ToTensor → Normalize(mean, std)
 Evaluation: Resize(size) → CenterCrop(size) → ToTensor → Normalize(mean, std)
 
-The transforms work on PIL images and need neither torchvision nor the processor's own resizing code.
+The transforms work on PIL images and need neither torchvision nor the processor's own resizing code. This is
+the ``standard`` data path, the portable fallback: ``torchvision.transforms.v2`` did the same training
+transform 1.2-1.9x faster per example (``python -m benchmarks.vision_paths``), and the default ``fast`` path
+(:mod:`.fast`) beats both; torchvision is not a core dependency, so this path stays PIL-only.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .folder import row_name
 from .randomness import SharedEpoch, apply_seeded, sample_generator
 
 logger = logging.getLogger(__name__)
@@ -38,39 +42,35 @@ _MAX_CONSECUTIVE_FAILURES = 50
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Converts any PIL image to 8-bit RGB.
-
-    Transparent images (RGBA, LA, palette with transparency) are composited over white; 16-bit and float
-    grayscale images are rescaled to 0-255 first; EXIF orientation is applied.
-
-    Args:
-        image: A PIL image in any mode.
+    """Converts any PIL image to 8-bit RGB upright, exactly as transformers' ``load_image`` does (and so its
+    image-classification pipeline): the EXIF orientation applied, then ``convert("RGB")`` -- transparency
+    dropped, palettes expanded, CMYK converted, 16-bit values clipped, all by PIL. One decoding for training,
+    the run's evaluation, ``evaluate``, ``predict`` and a deployed model (see :mod:`.preprocess`).
 
     Returns:
-        An ``RGB`` image of the same size (after EXIF rotation).
+        An ``RGB`` image (after EXIF rotation) of any PIL ``image``.
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(image).__name__}")
-    if image.format in ("JPEG", "MPO", "TIFF", "WEBP"):
-        image = ImageOps.exif_transpose(image)
-    mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        mode = image.mode
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode in ("I", "F") or mode.startswith("I;16"):
-        values = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if mode.startswith("I;16") else max(float(values.max(initial=0.0)), 1.0)
-        if mode == "F" and top <= 1.0:
-            top = 1.0
-        scaled = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
-        return Image.fromarray(scaled, mode="L").convert("RGB")
-    return image.convert("RGB")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        _warn_wide_once(image)
+    upright = ImageOps.exif_transpose(image)
+    return upright if upright.mode == "RGB" else upright.convert("RGB")
+
+
+_warned_wide: list[str] = []
+
+
+def _warn_wide_once(image: Image.Image) -> None:
+    """Says once per process that 16-bit/float images are clipped to 8 bits, as transformers decodes them."""
+    if not _warned_wide:
+        _warned_wide.append(image.mode)
+        logger.warning(
+            "%s image (%s mode): decoded as transformers' pipeline decodes it, values above 255 clipped to white; "
+            "convert such images to 8 bits for a model to see them as you do",
+            getattr(image, "filename", None) or "a 16-bit or float",
+            image.mode,
+        )
 
 
 def _size_field(size: Any, key: str) -> int | None:
@@ -211,10 +211,8 @@ class ImageTransform:
 
     @property
     def resize_to(self) -> int | None:
-        """Shorter-edge target of the evaluation resize (None: stretch to ``size``); exact for square sizes.
-
-        Prefer :meth:`eval_resize_size`, which is also exact for non-square sizes.
-        """
+        """Shorter-edge target of the evaluation resize (None: stretch to ``size``); exact for square sizes
+        (:meth:`eval_resize_size` is exact for any)."""
         return max(self.size) if self.keep_aspect else None
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
@@ -314,21 +312,25 @@ def build_transforms(
 class TransformedDataset(torch.utils.data.Dataset):
     """Applies a transform on the fly: ``{"image", "label"}`` rows → ``{"pixel_values", "labels"}``.
 
-    An image that cannot be read or transformed is skipped: a warning with the running count is emitted
-    and the next readable example is returned in its place, so an epoch never stops halfway. After
-    ``_MAX_CONSECUTIVE_FAILURES`` unreadable examples in a row it raises (that is a broken dataset, not a
-    few bad files). ``num_skipped`` counts skips in this process (each DataLoader worker counts its own).
+        An image that cannot be read or transformed is skipped: a warning naming its file, with the running
+        count, is emitted (``skipped`` lists the names) and the next readable example is returned in its
+        place, so an epoch never stops halfway. After
+        ``_MAX_CONSECUTIVE_FAILURES`` unreadable examples in a row it raises (that is a broken dataset, not a
+        few bad files). ``num_skipped`` counts skips in this process (each DataLoader worker counts its own);
+    ``skipped`` lists the distinct files.
 
-    With a ``seed``, an example's random augmentation depends only on (seed, epoch, index): the epoch comes
-    from :meth:`set_epoch` (``DeltaTrainer`` calls it at each epoch), so the worker count and resuming
-    from a checkpoint do not change it. Without one, transforms draw from torch's global generator.
+        With a ``seed``, an example's random augmentation depends only on (seed, epoch, index): the epoch comes
+        from :meth:`set_epoch` (``DeltaTrainer`` calls it at each epoch), so the worker count and resuming
+        from a checkpoint do not change it. Without one, transforms draw from torch's global generator.
 
-    Args:
-        dataset: A map-style dataset (``__len__``, ``__getitem__``) whose rows are dicts.
-        transform: A callable PIL image → tensor (3, H, W), e.g. from :func:`build_transforms`.
-        image_key: Row key of the image.
-        label_key: Row key of the integer label.
-        seed: Seed of the per-example augmentation randomness (None: torch's global generator).
+        Args:
+            dataset: A map-style dataset (``__len__``, ``__getitem__``) whose rows are dicts.
+            transform: A callable PIL image → tensor (3, H, W), e.g. from :func:`build_transforms`.
+            image_key: Row key of the image.
+            label_key: Row key of the integer label.
+            seed: Seed of the per-example augmentation randomness (None: torch's global generator).
+            skip_unreadable: Return None for an unreadable image instead of its next readable neighbour
+                (evaluation: every image scored once, the unreadable ones only counted; the collate drops them).
     """
 
     def __init__(
@@ -339,8 +341,12 @@ class TransformedDataset(torch.utils.data.Dataset):
         image_key: str = "image",
         label_key: str = "label",
         seed: int | None = None,
+        skip_unreadable: bool = False,
     ) -> None:
         self.dataset = dataset
+        self.skip_unreadable = skip_unreadable
+        self.skipped: list[str] = []  # distinct files, in the order found
+        self._seen: set[str] = set()
         self.transform = transform
         self.image_key = image_key
         self.label_key = label_key
@@ -370,28 +376,49 @@ class TransformedDataset(torch.utils.data.Dataset):
             "labels": int(row[self.label_key]),
         }
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def describe(self, index: int) -> str:
+        """The path of example ``index`` when its source has one (an image folder, path rows), else
+        ``"example <index>"`` -- how a skipped image is named."""
+        return row_name(self.dataset, index)
+
+    def _skip(self, index: int, error: Exception) -> None:
+        """Counts a skip and warns, naming the file (quoted: the CLI shows a warning that differs only in its
+        quoted names and numbers once, then one count of them all)."""
+        name = self.describe(index)
+        self.num_skipped += 1
+        if name not in self._seen:
+            self._seen.add(name)
+            self.skipped.append(name)
+        text = str(error).replace(repr(name), "").replace(name, "")
+        reason = " ".join(text.split()).strip(" :") or type(error).__name__
+        warnings.warn(
+            f"skipped unreadable image {name!r} ({type(error).__name__}: {reason[:200]})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} examples")
         index %= n
+        if self.skip_unreadable:
+            try:
+                return self.load(index)
+            except Exception as error:  # any decoding failure: PIL raises OSError, SyntaxError, ValueError...
+                self._skip(index, error)
+                return None
         last_error: Exception | None = None
         for attempt in range(min(n, _MAX_CONSECUTIVE_FAILURES)):
             current = (index + attempt) % n
             try:
                 return self.load(current)
-            except Exception as error:  # any decoding failure: PIL raises OSError, SyntaxError, ValueError...
+            except Exception as error:
                 last_error = error
-                self.num_skipped += 1
-                warnings.warn(
-                    f"skipped unreadable image at index {current} ({type(error).__name__}: {error}); "
-                    f"{self.num_skipped} skipped so far in this process",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                self._skip(current, error)
         raise RuntimeError(
-            f"no readable image among {min(n, _MAX_CONSECUTIVE_FAILURES)} consecutive examples from index "
-            f"{index}; the dataset looks broken (last error: {last_error!r})"
+            f"no readable image among {min(n, _MAX_CONSECUTIVE_FAILURES)} consecutive examples from "
+            f"{self.describe(index)}; the dataset looks broken (last error: {last_error!r})"
         ) from last_error
 
 
