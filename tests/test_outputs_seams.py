@@ -30,7 +30,7 @@ from deltatune import LoraConfig, get_peft_model
 from deltatune.cli import main
 from deltatune.model_card import md_code, md_fence, md_text, update_model_card
 from deltatune.tasks.cards import merged_model_card, model_card, write_merged_model_card
-from deltatune.tasks.html_report import image_label, render_html_report
+from deltatune.tasks.html_report import image_label, prediction_rows, render_html_report
 from deltatune.tasks.results import EvalPredictions
 from deltatune.vision.folder import ImageFolderDataset
 
@@ -311,6 +311,34 @@ def test_misclassified_images_are_labelled_by_their_relative_path(tmp_path: Path
     page = render_html_report(metrics, str(tmp_path), _predictions(), rows, [str(tmp_path / "data")])
     captions = re.findall(r'<span class="path">([^<]*)</span>', page)
     assert captions == ["dog/2.png", "cat/0.png"]  # the most confident mistakes first
+
+
+def test_mistakes_after_an_unreadable_image_are_labelled_by_the_row_they_came_from(tmp_path: Path) -> None:
+    """Evaluation drops an unreadable image, so its predictions are one fewer than the rows: each mistake
+    must still be shown with its own file, not its neighbour's."""
+    rows = _folder_rows(tmp_path / "data")
+    (tmp_path / "data" / "cat" / "1.png").write_bytes(b"not a png")  # row 1: dropped by the evaluation
+    predictions = EvalPredictions(  # rows 0, 2, 3, 4, 5; wrong: row 2 (0.9) and row 5 (0.8)
+        predicted=np.array([0, 1, 1, 1, 0]),
+        labels=np.array([0, 0, 1, 1, 1]),
+        confidence=np.array([0.5, 0.9, 0.5, 0.5, 0.8], dtype=np.float32),
+    )
+    assert prediction_rows(predictions, rows) == [0, 2, 3, 4, 5]
+    metrics = {
+        "name": "lora",
+        "method": "lora",
+        "kind": "adapter",
+        "base_model": "m",
+        "dataset": str(tmp_path / "data"),
+        "trainable_params": 1,
+        "trainable_percent": 1.0,
+        "class_names": ["cat", "dog"],
+    }
+    page = render_html_report(metrics, str(tmp_path), predictions, rows, [str(tmp_path / "data")])
+    assert re.findall(r'<span class="path">([^<]*)</span>', page) == ["cat/2.png", "dog/2.png"]
+    shuffled = EvalPredictions(predictions.predicted, predictions.labels[::-1].copy(), predictions.confidence)
+    assert prediction_rows(shuffled, rows) is None  # labels that do not line up: no image is attributed
+    assert "are not shown" in render_html_report(metrics, str(tmp_path), shuffled, rows)
 
 
 def test_report_has_no_horizontal_overflow_at_phone_width(tmp_path: Path) -> None:

@@ -186,6 +186,31 @@ def image_label(rows: Any, index: int, data_roots: Sequence[str] = ()) -> str:
     return os.path.basename(path)
 
 
+def prediction_rows(predictions: EvalPredictions, eval_rows: Any) -> list[int] | None:
+    """The evaluation row each prediction belongs to, or None when they cannot be matched.
+
+    Evaluation drops an unreadable image from its batch (it is counted, never replaced), so a split with bad
+    files yields fewer predictions than rows. The readable rows are then found again, in order, and their
+    labels must be the predictions' labels, else no row is attributed to any prediction.
+    """
+    count = len(predictions.labels)
+    if len(eval_rows) == count:
+        return list(range(count))
+    kept: list[int] = []
+    labels: list[int] = []
+    for index in range(len(eval_rows)):
+        try:
+            row = eval_rows[index]
+            row["image"].convert("RGB")
+        except Exception:  # unreadable here as it was in the evaluation
+            continue
+        kept.append(index)
+        labels.append(int(row["label"]))
+    if labels != [int(label) for label in predictions.labels]:
+        return None
+    return kept
+
+
 def _mistakes(
     predictions: EvalPredictions | None,
     eval_rows: Any,
@@ -198,11 +223,18 @@ def _mistakes(
     total = int((predictions.predicted != predictions.labels).sum())
     if not items:
         return f"<p class='note'>Every one of the {len(predictions.labels)} validation images is classified correctly.</p>"
+    rows = prediction_rows(predictions, eval_rows)
+    if rows is None:
+        return (
+            f"<p class='note'>{total} of {len(predictions.labels)} validation images are misclassified; their "
+            "images are not shown (the evaluation split changed since it was scored).</p>"
+        )
     figures = []
-    for index, predicted, true, confidence in items:
+    for position, predicted, true, confidence in items:
+        index = rows[position]
         try:
             uri = _thumbnail(eval_rows[index]["image"])
-        except Exception:  # an unreadable image is skipped in the grid as in training
+        except Exception:  # unreadable now although it was scored: shown without its image
             continue
         pred_name = html.escape(str(class_names[predicted]))
         true_name = html.escape(str(class_names[true]))
