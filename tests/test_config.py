@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from method_fixtures import example_kwargs
 
 import deltatune
 from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
@@ -212,7 +213,7 @@ def test_adalora_total_step_may_be_left_unset() -> None:
 def test_defaults_and_keys_match_peft(method: str) -> None:
     peft = pytest.importorskip("peft")
     spec = deltatune.get_method(method)
-    extra = {k: v for k, v in spec.example_kwargs.items() if k == "total_step"}  # peft requires it
+    extra = {k: v for k, v in example_kwargs(spec.name).items() if k == "total_step"}  # peft requires it
     theirs_config = getattr(peft, spec.peft_config_name)(**spec.config_defaults, **extra)
     theirs = json.loads(json.dumps(theirs_config.to_dict(), default=sorted))
     ours = json.loads(spec.make_config(**extra).to_json_string())

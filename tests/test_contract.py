@@ -93,8 +93,7 @@ def test_output_at_init_equals_base(method: str, kind_name: str, extra: dict[str
 @pytest.mark.parametrize(("method", "kind_name", "extra"), CASES)
 def test_only_adapter_and_modules_to_save_train(method: str, kind_name: str, extra: dict[str, Any]) -> None:
     kind, _, model = _build(method, kind_name, extra)
-    layer_cls = deltatune.get_method(method).layer_cls
-    adapter_attrs = layer_cls.all_adapter_param_names()
+    adapter_attrs = deltatune.get_method(method).adapter_param_names()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = set()
     for name, _ in model.named_parameters():

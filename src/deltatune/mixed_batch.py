@@ -13,18 +13,20 @@ __all__ = ["MixedBatchMixin"]
 
 
 class MixedBatchMixin(nn.Module):
-    """Checks and forward of a mixed batch; the layer provides ``base_layer``, ``r``, ``merged``,
-    ``disable_adapters`` and ``add_adapter_output``."""
+    """Checks and forward of a mixed batch; the layer provides ``base_layer``, ``holds``, ``merged``,
+    ``disable_adapters`` and ``transform_output``."""
 
     base_layer: nn.Module
-    r: dict[str, int]
     disable_adapters: bool
+
+    def holds(self, adapter_name: str) -> bool:  # provided by the layer
+        raise NotImplementedError
 
     @property
     def merged(self) -> bool:  # provided by the layer
         raise NotImplementedError
 
-    def add_adapter_output(
+    def transform_output(
         self, result: torch.Tensor, x: torch.Tensor, adapter_name: str
     ) -> torch.Tensor:  # provided by the layer
         raise NotImplementedError
@@ -62,9 +64,9 @@ class MixedBatchMixin(nn.Module):
         if self.disable_adapters:
             return result
         for name in dict.fromkeys(row_adapters):
-            if name not in self.r:  # "__base__", or an adapter that does not target this layer
+            if not self.holds(name):  # "__base__", or an adapter that does not target this layer
                 continue
             rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=x.device)
-            sub = self.add_adapter_output(result.index_select(0, rows), x.index_select(0, rows), name)
+            sub = self.transform_output(result.index_select(0, rows), x.index_select(0, rows), name)
             result = result.index_copy(0, rows, sub)
         return result

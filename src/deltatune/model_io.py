@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from ._version import __version__
-from .config import AdapterConfig, PeftConfig
+from .config import PeftConfig, TargetingConfig
 from .functional import get_peft_model_state_dict
 from .model_card import update_model_card
 from .registry import available_methods, get_method
@@ -36,13 +36,13 @@ __all__ = ["SaveLoadMixin", "adapter_config"]
 _LOAD_OPTIONS = ("autocast_adapter_dtype", "low_cpu_mem_usage", "ignore_mismatched_sizes", "torch_device")
 
 
-def adapter_config(config: Any) -> AdapterConfig:
+def adapter_config(config: Any) -> TargetingConfig:
     """``config`` itself, checked to be one of deltatune's adapter configs.
 
     Raises:
         TypeError: naming the class that was given.
     """
-    if not isinstance(config, AdapterConfig):
+    if not isinstance(config, TargetingConfig):
         names = ", ".join(dict.fromkeys(get_method(m).config_cls.__name__ for m in available_methods()))
         raise TypeError(f"expected a deltatune adapter config ({names}), got {type(config).__name__}")
     return config
@@ -54,7 +54,7 @@ class SaveLoadMixin(nn.Module):
     base_model: AdapterModel
 
     @property
-    def peft_config(self) -> dict[str, AdapterConfig]:
+    def peft_config(self) -> dict[str, TargetingConfig]:
         """Adapter name → config."""
         return self.base_model.peft_config
 
@@ -122,7 +122,7 @@ class SaveLoadMixin(nn.Module):
         name = data.get("_name_or_path") if isinstance(data, dict) else None
         return str(name) if name else None
 
-    def _config_to_save(self, adapter_name: str) -> AdapterConfig:
+    def _config_to_save(self, adapter_name: str) -> TargetingConfig:
         """The config as written: legacy target names replaced by the ones this model uses (so PEFT can
         load the file on the same transformers version), and ``auto_mapping`` filled as PEFT does."""
         config = self.peft_config[adapter_name]
@@ -174,7 +174,7 @@ class SaveLoadMixin(nn.Module):
         """
         options = self._split_load_options(kwargs)
         subfolder = kwargs.pop("subfolder", None)
-        saved: AdapterConfig | None = None
+        saved: TargetingConfig | None = None
         if adapter_name not in self.peft_config:
             saved = adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
             saved.inference_mode = not is_trainable
@@ -211,7 +211,7 @@ class SaveLoadMixin(nn.Module):
         model_id: str | os.PathLike[str],
         adapter_name: str,
         strict: bool,
-        saved_config: AdapterConfig | None = None,
+        saved_config: TargetingConfig | None = None,
         ignore_mismatched_sizes: bool = False,
         **kwargs: Any,
     ) -> LoadResult:

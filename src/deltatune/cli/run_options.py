@@ -35,10 +35,12 @@ def _adapter_help() -> tuple[
         config_cls = get_method(method).config_cls
         own = [name for name, flag in flags.items() if method in flag.methods and name not in ALIASES]
         first = [d for d in ("r",) if d in own]
-        aliases = ["alpha", "dropout"] if config_cls.DROPOUT_FIELD else ["alpha"]
+        fields = {"alpha": config_cls.ALPHA_FIELD, "dropout": config_cls.DROPOUT_FIELD}
+        aliases = [alias for alias, field in fields.items() if field]
         dests[method] = [*first, *aliases, *(d for d in own if d not in first)]
         notes[method] = {flag: text for flag, (_, text) in config_cls.FLAG_ALIASES.items()}
-        notes[method]["alpha"] = f"scale numerator (sets {config_cls.ALPHA_FIELD})"
+        if config_cls.ALPHA_FIELD:
+            notes[method]["alpha"] = f"scale numerator (sets {config_cls.ALPHA_FIELD})"
         if config_cls.DROPOUT_FIELD:
             notes[method]["dropout"] = f"dropout (sets {config_cls.DROPOUT_FIELD})"
         values = {**adapter_defaults(method, "classifier"), **config_cls.RECIPE_DEFAULTS}
