@@ -23,7 +23,14 @@ from ..registry import available_methods, get_method
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterFlag", "adapter_flags", "adapter_kwargs_for", "add_adapter_flags", "closest_flags", "field_help"]
+__all__ = [
+    "AdapterFlag",
+    "adapter_flags",
+    "adapter_kwargs_for",
+    "add_adapter_flags",
+    "closest_flags",
+    "field_help",
+]
 
 #: Config fields that are bookkeeping, set from other flags, or need Python objects.
 SKIPPED_FIELDS = frozenset(

@@ -42,6 +42,7 @@ __all__ = [
     "orthogonal_regularizer",
 ]
 
+
 class AdaLoraModel(LoraModel):
     """The tuner for AdaLoRA: adds the orthogonal regulariser to a training loss and owns the allocator.
 

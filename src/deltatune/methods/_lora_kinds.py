@@ -205,4 +205,3 @@ class LoraMultiheadAttentionLayer(LoraLayer):
 
     def check_mixed_batch(self, x: torch.Tensor, row_adapters: list[str]) -> None:
         raise TypeError(f"{self._get_name()} does not support mixed adapter batches.")
-

@@ -25,6 +25,7 @@ from .lora import LoraConfig
 
 __all__ = ["LoraLayer", "LoraModel", "lora_delta_forward", "lora_delta_weight", "lora_scaling"]
 
+
 # ---- pure maths ---------------------------------------------------------------------------------
 def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     """s = alpha / r, or alpha / √r for rsLoRA."""

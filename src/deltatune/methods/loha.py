@@ -46,4 +46,4 @@ register_method(
     )
 )
 
-__getattr__ = forward_attributes(__name__, '._loha_layer')
+__getattr__ = forward_attributes(__name__, "._loha_layer")

@@ -65,4 +65,4 @@ register_method(
     )
 )
 
-__getattr__ = forward_attributes(__name__, '._lokr_layer')
+__getattr__ = forward_attributes(__name__, "._lokr_layer")
