@@ -2,9 +2,10 @@
 
 - :class:`PeftConfig`: the keys PEFT writes for every method (``peft_type``, ``task_type``, ...).
 - :class:`TargetingConfig`: which modules a method adapts (``target_modules``, ``exclude_modules``,
-  ``layers_to_transform``, ``layers_pattern``, ``modules_to_save``); every method's config derives from it.
-- :class:`LowRankMixin`: ``r``, ``rank_pattern`` and ``alpha_pattern``, for the low-rank methods only
-  (:class:`AdapterConfig` is the two together, the base of LoRA, LoHa, LoKr and AdaLoRA).
+  ``modules_to_save``); every method's config derives from it.
+- :class:`LayerSelectionMixin` (``layers_to_transform``, ``layers_pattern``) and :class:`LowRankMixin`
+  (``r``, ``rank_pattern``, ``alpha_pattern``), for the methods that have those fields (in
+  :mod:`._config_mixins`); :class:`AdapterConfig` is all three, the base of LoRA, LoHa, LoKr and AdaLoRA.
 - :class:`TargetSpec`: what one targeted module's adapter is built from (name, config, per-module options).
 
 The JSON layout is PEFT's (sorted keys, sets as lists, ``inference_mode`` written ``true``); unknown keys
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from . import registry
+from ._config_mixins import LayerSelectionMixin, LowRankMixin, help_field
 from ._config_types import (
     AdapterConfigNotFoundError,
     MissingConfigKeysError,
@@ -43,6 +45,7 @@ __all__ = [
     "CONFIG_NAME",
     "AdapterConfig",
     "AdapterConfigNotFoundError",
+    "LayerSelectionMixin",
     "LowRankMixin",
     "MissingConfigKeysError",
     "PeftConfig",
@@ -60,12 +63,6 @@ __all__ = [
 ]
 
 CONFIG_NAME = "adapter_config.json"
-
-
-def help_field(help: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass ``field`` whose ``metadata["help"]`` is ``help`` (one or more complete sentences): the one
-    place a config field is described (the CLI's ``--<field>`` help reads it)."""
-    return field(default=default, metadata={"help": help}, **kwargs)
 
 
 def known_peft_types() -> list[str]:
@@ -271,9 +268,10 @@ def _check_names(name: str, value: Any) -> Any:
 
 @dataclass
 class TargetingConfig(PeftConfig):
-    """The fields every method shares: which modules it adapts, in which layers, and what it trains in full.
+    """The fields every method shares: which modules it adapts and what it trains in full.
 
-    A method's config derives from this (a low-rank one also from :class:`LowRankMixin`) and declares its
+    A method's config derives from this (with :class:`LayerSelectionMixin` when it can be limited to some
+    layers, and :class:`LowRankMixin` when it is low-rank) and declares its
     ``PEFT_TYPE``; its class attributes tell generic code how to treat it (CLI aliases, recipe defaults,
     default targets per model type).
     """
@@ -288,12 +286,6 @@ class TargetingConfig(PeftConfig):
     )
     modules_to_save: list[str] | None = help_field(
         "Modules trained in full and saved with the adapter, for example 'classifier'.", None
-    )
-    layers_to_transform: list[int] | int | None = help_field(
-        "Indices of the layers to adapt (one or several); applies when target_modules is a list.", None
-    )
-    layers_pattern: list[str] | str | None = help_field(
-        "Name of the layer container whose index layers_to_transform refers to, for example 'layers'.", None
     )
 
     #: Name of the field that holds the scale numerator (``lora_alpha`` or ``alpha``); None: no such field.
@@ -325,22 +317,6 @@ class TargetingConfig(PeftConfig):
                     f"modules_to_save must be a list of module names, got {self.modules_to_save!r}"
                 )
             self.modules_to_save = list(self.modules_to_save)
-        if self.layers_to_transform is not None:
-            if isinstance(self.target_modules, str):
-                raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
-            layers = (
-                [self.layers_to_transform]
-                if isinstance(self.layers_to_transform, int)
-                else self.layers_to_transform
-            )
-            if not isinstance(layers, list | tuple) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in layers
-            ):
-                raise ValueError(
-                    f"layers_to_transform must be an int or a list of ints, got {self.layers_to_transform!r}"
-                )
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError("layers_pattern only makes sense together with layers_to_transform")
 
     def module_options(self, module_names: list[str]) -> dict[str, Any]:
         """The per-module options of the module called ``module_names`` (its spellings); none by default. A
@@ -386,65 +362,6 @@ class TargetingConfig(PeftConfig):
 
 
 @dataclass
-class LowRankMixin:
-    """The fields of the low-rank methods: a rank and a scale numerator, each overridable per module.
-
-    Mixed into a :class:`TargetingConfig` subclass (see :class:`AdapterConfig`); the method names its alpha
-    field in ``ALPHA_FIELD``.
-    """
-
-    r: int = help_field("Rank of the decomposition, a positive integer.", 8)
-    rank_pattern: dict[str, Any] | None = help_field(
-        "Per-module rank overrides as a JSON object of module regex to rank.", default_factory=dict
-    )
-    alpha_pattern: dict[str, float] = help_field(
-        "Per-module alpha overrides as a JSON object of module regex to alpha.", default_factory=dict
-    )
-
-    ALPHA_FIELD: ClassVar[str | None] = "alpha"
-    #: Whether ``rank_pattern`` maps modules to ranks (validated as positive ints); a method whose pattern
-    #: holds something else (AdaLoRA's keep masks) sets False and validates it itself.
-    RANK_PATTERN_IS_RANKS: ClassVar[bool] = True
-    RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16}
-
-    def __post_init__(self) -> None:
-        getattr(super(), "__post_init__", lambda: None)()
-        check_positive_int("r", self.r)
-        check_range(str(self.ALPHA_FIELD), self.alpha_value, 0)
-        for pname in ("rank_pattern", "alpha_pattern"):
-            pattern = getattr(self, pname)
-            if pattern is not None and not isinstance(pattern, dict):
-                raise ValueError(f"{pname} must be a dict of {{module regex: value}}, got {pattern!r}")
-        for key, value in (self.alpha_pattern or {}).items():
-            check_range(f"alpha_pattern[{key!r}]", value, 0)
-        if isinstance(self.rank_pattern, dict) and self.RANK_PATTERN_IS_RANKS:
-            for key, value in self.rank_pattern.items():
-                check_positive_int(f"rank_pattern[{key!r}]", value)
-
-    def rank_and_alpha(self, module_names: list[str]) -> tuple[int, float]:
-        """Rank and alpha for a module (any of its ``module_names`` spellings), after the patterns."""
-        r = pattern_value(self.rank_pattern, module_names)
-        alpha = pattern_value(self.alpha_pattern, module_names)
-        return (self.r if r is None else int(r)), (self.alpha_value if alpha is None else float(alpha))
-
-    def module_options(self, module_names: list[str]) -> dict[str, Any]:
-        """``{"r": rank, "alpha": alpha}`` for the module, after ``rank_pattern`` and ``alpha_pattern``."""
-        r, alpha = self.rank_and_alpha(module_names)
-        return {"r": r, "alpha": alpha}
-
-    def allocated_ranks(self) -> dict[str, int]:
-        """``r`` and the ``rank_pattern`` ranks, by field name (see :meth:`TargetingConfig.allocated_ranks`)."""
-        ranks = {"r": int(self.r)}
-        if self.RANK_PATTERN_IS_RANKS and isinstance(self.rank_pattern, dict):
-            ranks.update({f"rank_pattern[{k!r}]": int(v) for k, v in self.rank_pattern.items()})
-        return ranks
-
-    @property
-    def alpha_value(self) -> float:
-        """The scale numerator (``lora_alpha`` for LoRA/AdaLoRA, ``alpha`` for LoHa/LoKr)."""
-        return float(getattr(self, str(self.ALPHA_FIELD)))
-
-
-@dataclass
-class AdapterConfig(LowRankMixin, TargetingConfig):
-    """The base of the low-rank methods (LoRA, LoHa, LoKr, AdaLoRA): targeting plus rank and alpha."""
+class AdapterConfig(LowRankMixin, LayerSelectionMixin, TargetingConfig):
+    """The base of the low-rank methods (LoRA, LoHa, LoKr, AdaLoRA): targeting, the layers to adapt, and a
+    rank and alpha."""
