@@ -290,6 +290,8 @@ class TargetingConfig(PeftConfig):
 
     #: Name of the field that holds the scale numerator (``lora_alpha`` or ``alpha``); None: no such field.
     ALPHA_FIELD: ClassVar[str | None] = None
+    #: Fields that list target module names: saved in this model's spelling when legacy names matched.
+    MODULE_LIST_FIELDS: ClassVar[tuple[str, ...]] = ("target_modules",)
     #: Name of the field the CLI's ``--dropout`` sets (None: the method has no dropout).
     DROPOUT_FIELD: ClassVar[str | None] = None
     #: Command-line flags this method reads differently: ``{flag: (field, notice logged when used)}``.

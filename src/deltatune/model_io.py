@@ -128,11 +128,13 @@ class SaveLoadMixin(nn.Module):
         config = self.peft_config[adapter_name]
         data = config.to_dict()
         renamed = self.base_model.renamed_targets.get(adapter_name, {})
-        if renamed and isinstance(config.target_modules, set):
-            targets: set[str] = set()
-            for entry in config.target_modules:
-                targets.update(renamed[entry].split(",") if entry in renamed else [entry])
-            data["target_modules"] = sorted(targets)
+        for name in type(config).MODULE_LIST_FIELDS:  # target_modules, and lists that name targets too
+            entries = getattr(config, name)
+            if renamed and isinstance(entries, set | list):
+                modern: set[str] = set()
+                for entry in entries:
+                    modern.update(renamed[entry].split(",") if entry in renamed else [entry])
+                data[name] = sorted(modern)
         if config.task_type is None and config.auto_mapping is None:
             base = self.base_model.model
             data["auto_mapping"] = {
