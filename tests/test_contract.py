@@ -141,10 +141,13 @@ def test_merge_unmerge_and_idempotent_merge(method: str, kind_name: str, extra: 
         torch.testing.assert_close(layer.base_weight, merged_weights[name], atol=0.0, rtol=0.0)
     torch.testing.assert_close(logits(model, x), merged, atol=0.0, rtol=0.0)
     model.unmerge_adapter()
+    layers = dict(adapter_layers(model))
     for name, w in _base_weights(model).items():
-        # float32 W + ΔW − ΔW is exact up to rounding at the scale of the merged weight.
+        # float32 W + ΔW − ΔW is exact up to rounding at the scale of the merged weight; a factor divided out
+        # again (exact_unmerge False: IA³, whose unmerge PEFT also calls inaccurate) loses more.
         scale = max(1.0, float(merged_weights[name].abs().max()))
-        torch.testing.assert_close(w, before[name], atol=2e-7 * scale, rtol=0.0)
+        tolerance = 2e-7 if layers[name].exact_unmerge else 1e-5
+        torch.testing.assert_close(w, before[name], atol=tolerance * scale, rtol=0.0)
     assert not any(layer.merged for _, layer in adapter_layers(model))
     assert rel_diff(logits(model, x), unmerged) < ATOL
 

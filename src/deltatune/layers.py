@@ -72,6 +72,9 @@ class AdapterLayer(MixedBatchMixin, nn.Module):
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
     #: Whether forward runs :meth:`transform_input` (False keeps the hot path free of the call).
     transforms_input: ClassVar[bool] = False
+    #: Whether unmerging restores W up to rounding at W's scale (an additive ΔW); False for a method that
+    #: divides a merged factor out again, which loses more where the factor is small (IA³, as in PEFT).
+    exact_unmerge: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
