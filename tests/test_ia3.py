@@ -249,3 +249,32 @@ def test_layer_without_the_adapter_skips_it() -> None:
     fc2 = model.base_model.model.fc2
     assert fc2.adapter_names == ["default"] and not fc2.holds("fc1_only")
     assert isinstance(fc2.base_layer, nn.Linear)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_training_step_issues_no_more_ops_than_peft(bf16: bool) -> None:
+    """The op count of one AdamW step on the tiny ViT (``benchmarks.ops``'s measurement, as in
+    test_op_counts.py): IA³ on key/value and the MLP's fc2 (feed-forward), against peft's."""
+    import copy
+
+    from benchmarks.ops import count_ops
+    from benchmarks.workloads import Settings, Variant, build_base, make_inputs, train_step
+
+    settings = Settings(model="tiny", batch=1, image_size=32, bf16=bf16, threads=1)
+    base = build_base(settings)
+    pixels, labels = make_inputs(settings)
+    counts = {}
+    for name, lib in (("peft", peft), ("deltatune", deltatune)):
+        config = lib.IA3Config(
+            target_modules=["k_proj", "v_proj", "fc2"],
+            feedforward_modules=["fc2"],
+            modules_to_save=["classifier"],
+        )
+        model = lib.get_peft_model(copy.deepcopy(base), config).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+        variant = Variant(f"{name}/ia3", name, "ia3", model, optimizer)
+        for _ in range(2):
+            train_step(variant, pixels, labels, settings)
+        counts[name] = count_ops(lambda v=variant: train_step(v, pixels, labels, settings), "cpu")
+    assert counts["deltatune"]["ops"] <= counts["peft"]["ops"], counts
+    assert counts["deltatune"]["copies"] <= counts["peft"]["copies"], counts
