@@ -116,3 +116,15 @@ def test_documented_flags_cover_every_method_field_a_user_sets() -> None:
 def test_registry_holds_no_test_fixtures() -> None:
     names = {f.name for f in dataclasses.fields(registry.MethodSpec)}
     assert not names & {"example_kwargs", "nonzero_init"}
+
+
+def test_a_single_regex_in_a_module_list_flag_becomes_the_string_form() -> None:
+    import argparse
+
+    from deltatune.cli.flags import adapter_kwargs_for
+
+    namespace = argparse.Namespace(target_modules=["fc1", "fc2"], feedforward_modules=[r".*fc\d"])
+    assert adapter_kwargs_for("ia3", namespace) == {
+        "target_modules": ["fc1", "fc2"],
+        "feedforward_modules": r".*fc\d",
+    }

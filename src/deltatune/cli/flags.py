@@ -240,7 +240,7 @@ def adapter_kwargs_for(method: str, namespace: argparse.Namespace, strict: bool 
                 raise ValueError(f"--dropout: {method} has no dropout field")
         else:
             out[field] = namespace.dropout
-    for name in ("target_modules", "exclude_modules", "layers_pattern"):
+    for name in ("exclude_modules", "layers_pattern", *spec.config_cls.MODULE_LIST_FIELDS):
         if name in out:
             out[name] = _normalise_targets(out[name])
     return out
