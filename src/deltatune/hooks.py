@@ -1,7 +1,7 @@
 """The hooks through which a method adds behaviour to the tuner; generic code calls these, never a method's name.
 
 Every hook has a no-op default here. A method that needs one subclasses :class:`~deltatune.tuner.AdapterModel`
-(which inherits :class:`MethodHooks`) and names that class as ``tuner_cls`` in its registry entry. Who calls
+(which inherits :class:`MethodHooks`) and names that class (``tuner="module:Class"``) in its registry entry. Who calls
 each hook:
 
 - the tuner: :meth:`~MethodHooks.check_new_adapter`, :meth:`~MethodHooks.after_inject`,
