@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from layer_kinds import Conv1dNet, Conv3dNet, EmbeddingNet, Gpt2StyleNet, GroupedConvNet, MhaNet, seeded
+from method_fixtures import example_kwargs, nonzero_init
 from safetensors.torch import load_file
 from tiny import TINY_VIT_CONFIG
 from torch import nn
@@ -29,6 +30,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from transformers.pytorch_utils import Conv1D
 
 import deltatune
+import deltatune.config
 from deltatune.layers import AdapterLayer
 
 
@@ -121,7 +123,7 @@ MODEL_KINDS = {
 
 def supports(method: str, kind: str) -> bool:
     """Whether ``method``'s layers can wrap the layer type of model kind ``kind``."""
-    return issubclass(MODEL_KINDS[kind].layer_type, deltatune.get_method(method).layer_cls.supported_layers)
+    return issubclass(MODEL_KINDS[kind].layer_type, deltatune.get_method(method).supported_layers)
 
 
 def make_config(
@@ -130,16 +132,16 @@ def make_config(
     modules_to_save: list[str] | None = None,
     nonzero: bool = True,
     **overrides: Any,
-) -> deltatune.AdapterConfig:
+) -> deltatune.config.TargetingConfig:
     """A deltatune config for ``method`` with the small ranks its registry entry suggests for tests
-    (``example_kwargs``), made non-zero at init by its ``nonzero_init`` values."""
+    (``example_kwargs``), made non-zero at init by its ``nonzero_init`` values (tests/method_fixtures.py)."""
     spec = deltatune.get_method(method)
-    kwargs: dict[str, Any] = {**spec.example_kwargs}
+    kwargs: dict[str, Any] = example_kwargs(method)
     if nonzero:
-        kwargs.update(spec.nonzero_init)
+        kwargs.update(nonzero_init(method))
     kwargs.update(overrides)
     config = spec.make_config(target_modules=targets, modules_to_save=modules_to_save, **kwargs)
-    assert isinstance(config, deltatune.AdapterConfig)
+    assert isinstance(config, deltatune.config.TargetingConfig)
     return config
 
 
@@ -149,7 +151,7 @@ def make_peft_config(method: str, targets: list[str], modules_to_save: list[str]
     import peft
 
     spec = deltatune.get_method(method)
-    kwargs: dict[str, Any] = {**spec.config_defaults, **spec.example_kwargs, **spec.nonzero_init, **kw}
+    kwargs: dict[str, Any] = {**spec.config_defaults, **example_kwargs(method), **nonzero_init(method), **kw}
     cls = getattr(peft, spec.peft_config_name)
     return cls(target_modules=targets, modules_to_save=modules_to_save, **kwargs)
 

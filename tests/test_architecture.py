@@ -152,3 +152,48 @@ def test_methods_are_discovered_not_listed() -> None:
     for name in deltatune.available_methods():
         assert f"import {name}" not in text and f".{name} import" not in text
     assert all(f"deltatune.methods.{n}" in sys.modules for n in ("lora", "loha", "lokr", "adalora"))
+
+
+# ---- each method's modules are independent of the other methods' ---------------------------------------
+def _method_of(module: str, names: list[str]) -> str | None:
+    """The method a module of ``deltatune.methods`` belongs to: ``methods.<name>`` and its private
+    ``methods._<name>_*`` modules; None for a shared helper (``_fused``, ``_lycoris``, ...)."""
+    leaf = module.removeprefix("deltatune.methods.")
+    for name in names:
+        if leaf == name or leaf.startswith(f"_{name}_"):
+            return name
+    return None
+
+
+def _cross_method_imports(edges: dict[str, set[str]], extends: dict[str, str | None]) -> list[str]:
+    names = sorted(extends, key=len, reverse=True)  # "adalora" before "lora"
+    found = []
+    for importer, imported in sorted((a, b) for a, bs in edges.items() for b in bs):
+        mine, theirs = _method_of(importer, names), _method_of(imported, names)
+        if mine and theirs and mine != theirs and extends[mine] != theirs:
+            found.append(f"{importer} -> {imported}")
+    return found
+
+
+def test_methods_import_no_other_method_unless_they_extend_it() -> None:
+    """The independence contract, read from the registry (a new method needs no edit): a method's modules
+    import another method's only when its spec says it ``extends`` that method (DoRA and AdaLoRA: LoRA)."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("deltatune")
+    edges = {
+        m: set(graph.find_modules_directly_imported_by(m))
+        for m in graph.modules
+        if m.startswith("deltatune.methods.")
+    }
+    extends = {n: deltatune.get_method(n).extends for n in deltatune.available_methods()}
+    assert _cross_method_imports(edges, extends) == []
+
+
+def test_the_independence_check_can_fail() -> None:
+    edges = {"deltatune.methods._loha_layer": {"deltatune.methods._lokr_layer", "deltatune.methods._fused"}}
+    extends = {"loha": None, "lokr": None, "lora": None, "adalora": "lora"}
+    assert _cross_method_imports(edges, extends) == [
+        "deltatune.methods._loha_layer -> deltatune.methods._lokr_layer"
+    ]
+    ok = {"deltatune.methods._adalora_model": {"deltatune.methods._lora_model"}}
+    assert _cross_method_imports(ok, extends) == []

@@ -120,7 +120,9 @@ def test_help_starts_with_the_recipe_and_its_real_defaults(capsys: pytest.Captur
     assert "batches per optimiser step (offline: 1 · guide: 4)" in flat
     assert "peak learning rate (default: 0.005)" in flat
     assert "(offline: deltatune/vit-glyphs-32 · guide: google/vit-base-patch16-224-in21k)" in flat
-    assert "Rank. (recipe: 16)" in flat  # the recipe's adapter defaults, not the config class's
+    assert (
+        "Rank of the update B A, a positive integer. (recipe: 16)" in flat
+    )  # the recipe's adapter defaults, not the config class's
     assert "--adam_beta1" not in text and "--help-all" in text  # transformers' long tail is behind --help-all
     assert len(lines) < 200
     with pytest.raises(SystemExit):

@@ -3,15 +3,18 @@ validation errors that name the field, the value and what is allowed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+from method_fixtures import example_kwargs
 
 import deltatune
 from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
+from deltatune.config import TargetingConfig
 
 NON_DEFAULT: dict[str, dict[str, Any]] = {
     "lora": {
@@ -63,10 +66,20 @@ NON_DEFAULT: dict[str, dict[str, Any]] = {
 }
 
 
-def config_for(method: str, **extra: Any) -> deltatune.AdapterConfig:
+def config_for(method: str, **extra: Any) -> TargetingConfig:
+    """A config of ``method`` with non-default values (a method not listed: r=4 if it has a rank, else
+    targets and every bool field flipped)."""
     cls = deltatune.get_method(method).config_cls
-    config = cls(**{**NON_DEFAULT.get(method, {"r": 4}), **extra})
-    assert isinstance(config, deltatune.AdapterConfig)
+    fallback: dict[str, Any] = {"target_modules": ["q_proj", "v_proj"]}
+    if "r" in {f.name for f in dataclasses.fields(cls)}:
+        fallback = {"r": 4}
+    else:
+        fallback.update(
+            {f.name: not f.default for f in dataclasses.fields(cls) if isinstance(f.default, bool)}
+        )
+        fallback.pop("inference_mode", None)
+    config = cls(**{**NON_DEFAULT.get(method, fallback), **extra})
+    assert isinstance(config, TargetingConfig)
     return config
 
 
@@ -145,8 +158,8 @@ def test_peft_type_errors() -> None:
     with pytest.raises(ValueError, match=r"no 'peft_type'") as info:
         PeftConfig.from_dict({"r": 8})
     assert all(t in str(info.value) for t in ("LORA", "LOHA", "LOKR", "ADALORA"))
-    with pytest.raises(ValueError, match=r"unsupported peft_type 'IA3'.*LORA") as info:
-        PeftConfig.from_dict({"peft_type": "IA3"})
+    with pytest.raises(ValueError, match=r"unsupported peft_type 'NO_SUCH_METHOD'.*LORA") as info:
+        PeftConfig.from_dict({"peft_type": "NO_SUCH_METHOD"})
     assert "ADALORA" in str(info.value)
     with pytest.raises(ValueError, match="LoHaConfig"):
         LoHaConfig.from_dict({"peft_type": "LORA"})
@@ -212,7 +225,7 @@ def test_adalora_total_step_may_be_left_unset() -> None:
 def test_defaults_and_keys_match_peft(method: str) -> None:
     peft = pytest.importorskip("peft")
     spec = deltatune.get_method(method)
-    extra = {k: v for k, v in spec.example_kwargs.items() if k == "total_step"}  # peft requires it
+    extra = {k: v for k, v in example_kwargs(spec.name).items() if k == "total_step"}  # peft requires it
     theirs_config = getattr(peft, spec.peft_config_name)(**spec.config_defaults, **extra)
     theirs = json.loads(json.dumps(theirs_config.to_dict(), default=sorted))
     ours = json.loads(spec.make_config(**extra).to_json_string())

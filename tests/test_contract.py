@@ -93,8 +93,7 @@ def test_output_at_init_equals_base(method: str, kind_name: str, extra: dict[str
 @pytest.mark.parametrize(("method", "kind_name", "extra"), CASES)
 def test_only_adapter_and_modules_to_save_train(method: str, kind_name: str, extra: dict[str, Any]) -> None:
     kind, _, model = _build(method, kind_name, extra)
-    layer_cls = deltatune.get_method(method).layer_cls
-    adapter_attrs = layer_cls.all_adapter_param_names()
+    adapter_attrs = deltatune.get_method(method).adapter_param_names()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = set()
     for name, _ in model.named_parameters():
@@ -142,10 +141,13 @@ def test_merge_unmerge_and_idempotent_merge(method: str, kind_name: str, extra: 
         torch.testing.assert_close(layer.base_weight, merged_weights[name], atol=0.0, rtol=0.0)
     torch.testing.assert_close(logits(model, x), merged, atol=0.0, rtol=0.0)
     model.unmerge_adapter()
+    layers = dict(adapter_layers(model))
     for name, w in _base_weights(model).items():
-        # float32 W + ΔW − ΔW is exact up to rounding at the scale of the merged weight.
+        # float32 W + ΔW − ΔW is exact up to rounding at the scale of the merged weight; a factor divided out
+        # again (exact_unmerge False: IA³, whose unmerge PEFT also calls inaccurate) loses more.
         scale = max(1.0, float(merged_weights[name].abs().max()))
-        torch.testing.assert_close(w, before[name], atol=2e-7 * scale, rtol=0.0)
+        tolerance = 2e-7 if layers[name].exact_unmerge else 1e-5
+        torch.testing.assert_close(w, before[name], atol=tolerance * scale, rtol=0.0)
     assert not any(layer.merged for _, layer in adapter_layers(model))
     assert rel_diff(logits(model, x), unmerged) < ATOL
 

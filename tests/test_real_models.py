@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import make_config, make_peft_config, max_abs_diff
+from method_fixtures import nonzero_init
 from torch import nn
 
 import deltatune
@@ -195,7 +196,7 @@ def _configs(arch: Architecture, method: str) -> tuple[Any, Any]:
     ours = make_config(method, targets, arch.modules_to_save, nonzero=False, **options)
     theirs = make_peft_config(method, targets, arch.modules_to_save, **options)
     if method != "adalora":  # make_peft_config asks for non-zero init; use peft's default, as ours
-        for key in deltatune.get_method(method).nonzero_init:
+        for key in nonzero_init(method):
             setattr(theirs, key, getattr(ours, key))
     return ours, theirs
 

@@ -1,50 +1,103 @@
-"""deltatune: parameter-efficient fine-tuning (LoRA, LoHa, LoKr, AdaLoRA, DoRA), drop-in for PEFT's API and
-file format.
+"""deltatune: parameter-efficient fine-tuning (LoRA, LoHa, LoKr, AdaLoRA, DoRA and every method registered
+in :mod:`deltatune.methods`), drop-in for PEFT's API and file format.
 
     from deltatune import LoraConfig, get_peft_model
     model = get_peft_model(model, LoraConfig(r=16, target_modules=["query", "value"]))
+
+Names are loaded on first use (PEP 562), so ``import deltatune`` imports neither torch nor transformers.
+Besides the core names below, every registered method's config class (``LoraConfig``, ...) and tuner class
+(``LoraModel``, ``AdaLoraModel``, ...) is exported under its class name, read from the method registry.
 """
 
-from . import methods  # registers every built-in method (one module each)
-from ._version import __version__
-from .config import AdapterConfig, PeftConfig, PeftWarning, TaskType
-from .functional import (
-    get_base_model_state_dict,
-    get_peft_model_state_dict,
-    inject_adapter_in_model,
-    set_base_model_state_dict,
-    set_peft_model_state_dict,
-)
-from .methods.adalora import AdaLoraConfig, AdaLoraModel
-from .methods.loha import LoHaConfig
-from .methods.lokr import LoKrConfig
-from .methods.lora import LoraConfig
-from .model import PeftModel, PeftModelForSequenceClassification, get_peft_model
-from .registry import MethodSpec, available_methods, get_method, register_method, spec_for
+from __future__ import annotations
 
-__all__ = [
-    "AdaLoraConfig",
-    "AdaLoraModel",
-    "AdapterConfig",
-    "LoHaConfig",
-    "LoKrConfig",
-    "LoraConfig",
-    "MethodSpec",
-    "PeftConfig",
-    "PeftModel",
-    "PeftModelForSequenceClassification",
-    "PeftWarning",
-    "TaskType",
-    "__version__",
-    "available_methods",
-    "get_base_model_state_dict",
-    "get_method",
-    "get_peft_model",
-    "get_peft_model_state_dict",
-    "inject_adapter_in_model",
-    "methods",
-    "register_method",
-    "set_base_model_state_dict",
-    "set_peft_model_state_dict",
-    "spec_for",
-]
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__ as __version__
+
+if TYPE_CHECKING:
+    from . import methods as methods
+    from .config import AdapterConfig as AdapterConfig
+    from .config import PeftConfig as PeftConfig
+    from .config import PeftWarning as PeftWarning
+    from .config import TaskType as TaskType
+    from .functional import get_base_model_state_dict as get_base_model_state_dict
+    from .functional import get_peft_model_state_dict as get_peft_model_state_dict
+    from .functional import inject_adapter_in_model as inject_adapter_in_model
+    from .functional import set_base_model_state_dict as set_base_model_state_dict
+    from .functional import set_peft_model_state_dict as set_peft_model_state_dict
+    from .methods._adalora_model import AdaLoraModel as AdaLoraModel
+    from .methods._lora_model import LoraModel as LoraModel
+    from .methods.adalora import AdaLoraConfig as AdaLoraConfig
+    from .methods.loha import LoHaConfig as LoHaConfig
+    from .methods.lokr import LoKrConfig as LoKrConfig
+    from .methods.lora import LoraConfig as LoraConfig
+    from .model import PeftModel as PeftModel
+    from .model import PeftModelForSequenceClassification as PeftModelForSequenceClassification
+    from .model import get_peft_model as get_peft_model
+    from .registry import MethodSpec as MethodSpec
+    from .registry import available_methods as available_methods
+    from .registry import get_method as get_method
+    from .registry import register_method as register_method
+    from .registry import spec_for as spec_for
+
+#: The core's public names → the module that defines them (methods' classes come from the registry).
+_CORE: dict[str, str] = {
+    "AdapterConfig": "config",
+    "PeftConfig": "config",
+    "PeftWarning": "config",
+    "TaskType": "config",
+    "get_base_model_state_dict": "functional",
+    "get_peft_model_state_dict": "functional",
+    "inject_adapter_in_model": "functional",
+    "set_base_model_state_dict": "functional",
+    "set_peft_model_state_dict": "functional",
+    "PeftModel": "model",
+    "PeftModelForSequenceClassification": "model",
+    "get_peft_model": "model",
+    "MethodSpec": "registry",
+    "available_methods": "registry",
+    "get_method": "registry",
+    "register_method": "registry",
+    "spec_for": "registry",
+}
+
+
+def method_exports() -> dict[str, str]:
+    """Class name → method name for the config class of every registered method, and for its tuner class
+    when it has one (``"LoraConfig": "lora"``, ``"LoraModel": "lora"``); imports no torch."""
+    registry = importlib.import_module(f"{__name__}.registry")
+    names: dict[str, str] = {}
+    for method in registry.registered_names():
+        spec = registry.get_method(method)
+        names.setdefault(spec.config_cls.__name__, method)
+        if spec.tuner is not None:
+            names.setdefault(spec.tuner.rpartition(":")[2], method)
+    return names
+
+
+def _all_names() -> list[str]:
+    return sorted({*_CORE, *method_exports(), "__version__", "methods"})
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__all__":
+        return _all_names()
+    if name.isidentifier() and not name[0].isupper() and importlib.util.find_spec(f"{__name__}.{name}"):
+        return importlib.import_module(f"{__name__}.{name}")  # a submodule (``from . import registry``)
+    if name in _CORE:
+        value = getattr(importlib.import_module(f"{__name__}.{_CORE[name]}"), name)
+    else:
+        method = method_exports().get(name)
+        if method is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        spec = importlib.import_module(f"{__name__}.registry").get_method(method)
+        value = spec.config_cls if spec.config_cls.__name__ == name else spec.tuner_cls
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_all_names()})

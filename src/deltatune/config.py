@@ -1,10 +1,16 @@
-"""Adapter configuration: the base dataclasses and their validation helpers.
+"""Adapter configuration: the base dataclasses every method builds on, and their validation helpers.
 
-The JSON layout is PEFT's: ``json.dumps(asdict(config), indent=2, sort_keys=True)`` with sets written
-as lists and ``inference_mode`` always ``true``. Unknown keys are dropped with a warning when loading.
-``peft_type`` selects the config class: every subclass that declares its own ``PEFT_TYPE`` is recorded
-when it is defined (:func:`config_class_for`), so this module needs no method registry. Reading and writing
-files goes through :mod:`deltatune._files`.
+- :class:`PeftConfig`: the keys PEFT writes for every method (``peft_type``, ``task_type``, ...).
+- :class:`TargetingConfig`: which modules a method adapts (``target_modules``, ``exclude_modules``,
+  ``modules_to_save``); every method's config derives from it.
+- :class:`LayerSelectionMixin` (``layers_to_transform``, ``layers_pattern``) and :class:`LowRankMixin`
+  (``r``, ``rank_pattern``, ``alpha_pattern``), for the methods that have those fields (in
+  :mod:`._config_mixins`); :class:`AdapterConfig` is all three, the base of LoRA, LoHa, LoKr and AdaLoRA.
+- :class:`TargetSpec`: what one targeted module's adapter is built from (name, config, per-module options).
+
+The JSON layout is PEFT's (sorted keys, sets as lists, ``inference_mode`` written ``true``); unknown keys
+are dropped with a warning when loading; ``peft_type`` selects the config class through the method registry.
+Each field's help text is written once, in its ``metadata["help"]`` (the CLI's flags read it there).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from . import registry
+from ._config_mixins import LayerSelectionMixin, LowRankMixin, help_field
 from ._config_types import (
     AdapterConfigNotFoundError,
     MissingConfigKeysError,
@@ -37,41 +45,43 @@ __all__ = [
     "CONFIG_NAME",
     "AdapterConfig",
     "AdapterConfigNotFoundError",
+    "LayerSelectionMixin",
+    "LowRankMixin",
     "MissingConfigKeysError",
     "PeftConfig",
     "PeftWarning",
+    "TargetSpec",
+    "TargetingConfig",
     "TaskType",
     "check_choice",
     "check_positive_int",
     "check_range",
     "config_class_for",
+    "help_field",
     "known_peft_types",
     "pattern_value",
 ]
 
 CONFIG_NAME = "adapter_config.json"
 
-#: ``PEFT_TYPE`` → the config class that declared it (filled by ``PeftConfig.__init_subclass__``).
-_CONFIG_TYPES: dict[str, type[PeftConfig]] = {}
-
 
 def known_peft_types() -> list[str]:
-    """The ``peft_type`` values of every config class defined so far, in definition order."""
-    return list(_CONFIG_TYPES)
+    """The ``peft_type`` values of every registered method's config, in registration order."""
+    return list(dict.fromkeys(registry.get_method(name).peft_type for name in registry.registered_names()))
 
 
 def config_class_for(peft_type: str) -> type[PeftConfig]:
-    """The config class whose ``PEFT_TYPE`` is ``peft_type`` (case-insensitive).
+    """The config class whose ``PEFT_TYPE`` is ``peft_type`` (case-insensitive), from the method registry.
 
     Raises:
         ValueError: for an unknown type, listing the known ones.
     """
-    cls = _CONFIG_TYPES.get(str(peft_type).upper())
-    if cls is None:
+    specs = registry.specs_for_peft_type(str(peft_type))
+    if not specs:
         raise ValueError(
-            f"unsupported peft_type {peft_type!r}; deltatune supports: {', '.join(_CONFIG_TYPES)}"
+            f"unsupported peft_type {peft_type!r}; deltatune supports: {', '.join(known_peft_types())}"
         )
-    return cls
+    return specs[0].config_cls  # type: ignore[no-any-return]
 
 
 def _jsonable(value: Any) -> Any:
@@ -89,7 +99,7 @@ class PeftConfig:
     """Base of every adapter config; holds the keys PEFT writes for all methods.
 
     Attributes:
-        peft_type: The method (``"LORA"``, ``"LOHA"``, ``"LOKR"``, ``"ADALORA"``); set by subclasses.
+        peft_type: The method (``"LORA"``, ``"IA3"``, ...); set by subclasses.
         task_type: Optional PEFT task type, e.g. ``"SEQ_CLS"`` (adds ``classifier``/``score`` to
             ``modules_to_save``).
         base_model_name_or_path: Hub id or path of the base model; filled from ``model.name_or_path``.
@@ -106,17 +116,6 @@ class PeftConfig:
     inference_mode: bool = False
     auto_mapping: dict[str, Any] | None = None
     peft_version: str | None = field(default=None)
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        peft_type = cls.__dict__.get("PEFT_TYPE")
-        if peft_type:
-            previous = _CONFIG_TYPES.get(peft_type)
-            if previous is not None and previous.__qualname__ != cls.__qualname__:
-                raise TypeError(
-                    f"{cls.__name__} declares PEFT_TYPE={peft_type!r}, already {previous.__name__}'s"
-                )
-            _CONFIG_TYPES[peft_type] = cls
 
     def __post_init__(self) -> None:
         if self.task_type is not None:
@@ -244,44 +243,63 @@ class PeftConfig:
         return False
 
 
-@dataclass
-class AdapterConfig(PeftConfig):
-    """Fields shared by every low-rank method (LoRA, LoHa, LoKr, AdaLoRA).
+@dataclass(frozen=True)
+class TargetSpec:
+    """What one targeted module's adapter is built from: the module's name (and its other spellings), the
+    config, and the options the config resolves for it (:meth:`TargetingConfig.module_options`: ``r`` and
+    ``alpha`` after the patterns for a low-rank method, ``is_feedforward`` for IA³)."""
 
-    Attributes:
-        r: Rank of the decomposition (> 0).
-        target_modules: Modules to adapt: a list of names (exact name or ``.name`` suffix), a regex string
-            (full match), or ``"all-linear"``. Transformers 4.x names (``query``) also work on 5.x models.
-        exclude_modules: Modules never adapted (same forms as ``target_modules``).
-        modules_to_save: Modules trained in full and saved with the adapter (e.g. ``["classifier"]``).
-        layers_to_transform: Layer indices to adapt (int or list); applies to list ``target_modules``.
-        layers_pattern: Name of the layer container used to find the layer index (``"layers"``).
-        rank_pattern: Per-module rank overrides, ``{regex: r}``.
-        alpha_pattern: Per-module alpha overrides, ``{regex: alpha}``.
+    module_name: str
+    name_variants: tuple[str, ...]
+    config: TargetingConfig
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _check_names(name: str, value: Any) -> Any:
+    """A list/set of strings as a set, a string as is, None as None; anything else raises ``ValueError``."""
+    if isinstance(value, list | tuple | set | frozenset):
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+        return set(value)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+    return value
+
+
+@dataclass
+class TargetingConfig(PeftConfig):
+    """The fields every method shares: which modules it adapts and what it trains in full.
+
+    A method's config derives from this (with :class:`LayerSelectionMixin` when it can be limited to some
+    layers, and :class:`LowRankMixin` when it is low-rank) and declares its
+    ``PEFT_TYPE``; its class attributes tell generic code how to treat it (CLI aliases, recipe defaults,
+    default targets per model type).
     """
 
-    r: int = 8
-    target_modules: list[str] | set[str] | str | None = None
-    exclude_modules: list[str] | set[str] | str | None = None
-    modules_to_save: list[str] | None = None
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, Any] | None = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_modules: list[str] | set[str] | str | None = help_field(
+        "Modules to adapt: a list of names (an exact name or a '.name' suffix), a regex string (full match), "
+        "or 'all-linear'. Transformers 4.x names such as 'query' also work on 5.x models.",
+        None,
+    )
+    exclude_modules: list[str] | set[str] | str | None = help_field(
+        "Modules never adapted, in the same forms as target_modules.", None
+    )
+    modules_to_save: list[str] | None = help_field(
+        "Modules trained in full and saved with the adapter, for example 'classifier'.", None
+    )
 
-    #: Name of the field that holds the scale numerator (``lora_alpha`` or ``alpha``).
-    ALPHA_FIELD: ClassVar[str] = "alpha"
+    #: Name of the field that holds the scale numerator (``lora_alpha`` or ``alpha``); None: no such field.
+    ALPHA_FIELD: ClassVar[str | None] = None
+    #: Fields that list target module names: saved in this model's spelling when legacy names matched.
+    MODULE_LIST_FIELDS: ClassVar[tuple[str, ...]] = ("target_modules",)
     #: Name of the field the CLI's ``--dropout`` sets (None: the method has no dropout).
     DROPOUT_FIELD: ClassVar[str | None] = None
-    #: Whether ``rank_pattern`` maps modules to ranks (validated as positive ints); a method whose pattern
-    #: holds something else (AdaLoRA's keep masks) sets False and validates it itself.
-    RANK_PATTERN_IS_RANKS: ClassVar[bool] = True
     #: Command-line flags this method reads differently: ``{flag: (field, notice logged when used)}``.
     FLAG_ALIASES: ClassVar[dict[str, tuple[str, str]]] = {}
     #: ``target_modules`` used when none are given, per transformers ``model_type`` (PEFT's defaults).
     DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = {}
     #: The guide's settings for this method (``deltatune train``'s defaults; the user's flags override them).
-    RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16}
+    RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {}
     PEFT_TYPE: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
@@ -291,17 +309,8 @@ class AdapterConfig(PeftConfig):
                 f"peft_type={self.peft_type!r} does not match {type(self).__name__} ({self.PEFT_TYPE})"
             )
         self.peft_type = PeftTypeName(self.PEFT_TYPE)  # canonical spelling ("lora" → "LORA"), with .value
-        check_positive_int("r", self.r)
-        alpha = getattr(self, self.ALPHA_FIELD)
-        check_range(self.ALPHA_FIELD, alpha, 0)
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, list | tuple | set | frozenset):
-                if not all(isinstance(v, str) for v in value):
-                    raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
-                setattr(self, name, set(value))
-            elif value is not None and not isinstance(value, str):
-                raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+        self.target_modules = _check_names("target_modules", self.target_modules)
+        self.exclude_modules = _check_names("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
@@ -310,37 +319,24 @@ class AdapterConfig(PeftConfig):
                     f"modules_to_save must be a list of module names, got {self.modules_to_save!r}"
                 )
             self.modules_to_save = list(self.modules_to_save)
-        if self.layers_to_transform is not None:
-            if isinstance(self.target_modules, str):
-                raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
-            layers = (
-                [self.layers_to_transform]
-                if isinstance(self.layers_to_transform, int)
-                else self.layers_to_transform
-            )
-            if not isinstance(layers, list | tuple) or not all(
-                isinstance(i, int) and not isinstance(i, bool) for i in layers
-            ):
-                raise ValueError(
-                    f"layers_to_transform must be an int or a list of ints, got {self.layers_to_transform!r}"
-                )
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError("layers_pattern only makes sense together with layers_to_transform")
-        for pname in ("rank_pattern", "alpha_pattern"):
-            pattern = getattr(self, pname)
-            if pattern is not None and not isinstance(pattern, dict):
-                raise ValueError(f"{pname} must be a dict of {{module regex: value}}, got {pattern!r}")
-        for key, value in (self.alpha_pattern or {}).items():
-            check_range(f"alpha_pattern[{key!r}]", value, 0)
-        if isinstance(self.rank_pattern, dict) and self.RANK_PATTERN_IS_RANKS:
-            for key, value in self.rank_pattern.items():
-                check_positive_int(f"rank_pattern[{key!r}]", value)
 
-    def rank_and_alpha(self, module_names: list[str]) -> tuple[int, float]:
-        """Rank and alpha for a module (any of its ``module_names`` spellings), after the patterns."""
-        r = pattern_value(self.rank_pattern, module_names)
-        alpha = pattern_value(self.alpha_pattern, module_names)
-        return (self.r if r is None else int(r)), (self.alpha_value if alpha is None else float(alpha))
+    def module_options(self, module_names: list[str]) -> dict[str, Any]:
+        """The per-module options of the module called ``module_names`` (its spellings); none by default. A
+        method whose adapter differs per module (ranks from a pattern, feed-forward modules) adds them."""
+        return {}
+
+    def target_spec(self, module_name: str, module_names: list[str]) -> TargetSpec:
+        """The :class:`TargetSpec` an adapter layer for ``module_name`` is built from."""
+        return TargetSpec(module_name, tuple(module_names), self, self.module_options(module_names))
+
+    def fill_model_defaults(self, model_type: str | None) -> bool:
+        """Fills ``target_modules`` (and whatever else a method derives from it) from the defaults for the
+        transformers ``model_type``; returns False when there are none."""
+        defaults = self.DEFAULT_TARGET_MODULES.get(str(model_type)) if model_type else None
+        if defaults is None:
+            return False
+        self.target_modules = defaults if isinstance(defaults, str) else set(defaults)
+        return True
 
     @classmethod
     def recipe_defaults(cls, planned_steps: int, given: dict[str, Any]) -> dict[str, Any]:
@@ -357,20 +353,17 @@ class AdapterConfig(PeftConfig):
         return dict(cls.RECIPE_DEFAULTS)
 
     def allocated_ranks(self) -> dict[str, int]:
-        """The config values that size the adapter's tensors (``r`` and the ``rank_pattern`` ranks), by field
-        name. Loading checks each against the dimensions in the weights file before allocating anything, so a
-        hostile ``"r": 4000000`` fails at once. A method whose tensors are not sized by one of these (or by
-        others) overrides it."""
-        ranks = {"r": int(self.r)}
-        if self.RANK_PATTERN_IS_RANKS and isinstance(self.rank_pattern, dict):
-            ranks.update({f"rank_pattern[{k!r}]": int(v) for k, v in self.rank_pattern.items()})
-        return ranks
+        """The config values that size the adapter's tensors, by field name (none by default). Loading checks
+        each against the dimensions in the weights file before allocating anything, so a hostile
+        ``"r": 4000000`` fails at once."""
+        return {}
 
     def check_fits_run(self, planned_steps: int) -> None:
         """Raises ``ValueError`` when this config cannot work for a run of ``planned_steps`` optimiser steps
         (checked before any training; default: always fits)."""
 
-    @property
-    def alpha_value(self) -> float:
-        """The scale numerator (``lora_alpha`` for LoRA/AdaLoRA, ``alpha`` for LoHa/LoKr)."""
-        return float(getattr(self, self.ALPHA_FIELD))
+
+@dataclass
+class AdapterConfig(LowRankMixin, LayerSelectionMixin, TargetingConfig):
+    """The base of the low-rank methods (LoRA, LoHa, LoKr, AdaLoRA): targeting, the layers to adapt, and a
+    rank and alpha."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AdapterConfig, PeftConfig
+from .config import PeftConfig, TargetingConfig
 from .layers import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import spec_for
@@ -51,7 +51,7 @@ __all__ = [
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
-def tuner_class(config: AdapterConfig) -> type[AdapterModel]:
+def tuner_class(config: TargetingConfig) -> type[AdapterModel]:
     """The tuner class of ``config``'s method (its registry entry's, else :class:`AdapterModel`)."""
     tuner = spec_for(config).tuner_cls or AdapterModel
     if not issubclass(tuner, AdapterModel):
@@ -97,7 +97,7 @@ def inject_adapter_in_model(
         TypeError: for a config that is not one of deltatune's adapter configs.
         ValueError: as :func:`~deltatune.get_peft_model` does for invalid targets.
     """
-    if not isinstance(peft_config, AdapterConfig):
+    if not isinstance(peft_config, TargetingConfig):
         raise TypeError(f"expected a deltatune adapter config, got {type(peft_config).__name__}")
     tuner = model.__dict__.get("_deltatune_tuner")
     if isinstance(tuner, AdapterModel):
@@ -112,7 +112,7 @@ def inject_adapter_in_model(
     return model
 
 
-def resolve_save_embedding_layers(tuner: AdapterModel, config: AdapterConfig, choice: bool | str) -> bool:
+def resolve_save_embedding_layers(tuner: AdapterModel, config: TargetingConfig, choice: bool | str) -> bool:
     """PEFT's ``save_embedding_layers``: ``"auto"`` saves them when ``target_modules`` names an embedding layer
     (``embed_tokens``, ``lm_head``), with a warning; True needs a transformers-style model (else a warning)."""
     if choice == "auto":

@@ -1,7 +1,7 @@
 """The hooks through which a method adds behaviour to the tuner; generic code calls these, never a method's name.
 
 Every hook has a no-op default here. A method that needs one subclasses :class:`~deltatune.tuner.AdapterModel`
-(which inherits :class:`MethodHooks`) and names that class as ``tuner_cls`` in its registry entry. Who calls
+(which inherits :class:`MethodHooks`) and names that class (``tuner="module:Class"``) in its registry entry. Who calls
 each hook:
 
 - the tuner: :meth:`~MethodHooks.check_new_adapter`, :meth:`~MethodHooks.after_inject`,
@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from .config import TargetingConfig
 from .layers import AdapterLayer
 
 __all__ = ["MethodHooks"]
@@ -37,10 +37,10 @@ class MethodHooks:
     #: File in a Trainer checkpoint that holds :meth:`checkpoint_state` (None: the method has none).
     CHECKPOINT_STATE_FILE: ClassVar[str | None] = None
 
-    def check_new_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+    def check_new_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
         """Raises ``ValueError`` before anything is injected when ``config`` cannot be added here."""
 
-    def after_inject(self, adapter_name: str, config: AdapterConfig) -> None:
+    def after_inject(self, adapter_name: str, config: TargetingConfig) -> None:
         """Runs once the adapter's layers exist (e.g. shrink them to a saved rank pattern before loading)."""
 
     def extra_trainable_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
@@ -83,7 +83,7 @@ class MethodHooks:
         return {}
 
     def adapt_loaded_tensors(
-        self, tensors: dict[str, torch.Tensor], adapter_name: str, saved_config: AdapterConfig | None
+        self, tensors: dict[str, torch.Tensor], adapter_name: str, saved_config: TargetingConfig | None
     ) -> dict[str, torch.Tensor]:
         """Saved tensors made to fit the live adapter before they are copied in (e.g. re-expanding ranks)."""
         return tensors
@@ -93,5 +93,5 @@ class MethodHooks:
         :attr:`CHECKPOINT_STATE_FILE`); empty when the adapter files suffice."""
         return {}
 
-    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], saved_config: AdapterConfig) -> None:
+    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], saved_config: TargetingConfig) -> None:
         """Restores what :meth:`checkpoint_state` wrote."""

@@ -1,9 +1,19 @@
-"""The adapter layer: wraps a frozen ``base_layer`` and adds the active adapters' deltas.
+"""The adapter layer: wraps a frozen ``base_layer`` and applies the active adapters.
 
 Shared by every method: forward dispatch (disabled / merged / unmerged), merge and unmerge, safe
-merge, adapter bookkeeping (several named adapters, active set, deletion) and trainability. A method's
-layer subclass only creates its parameters (:meth:`AdapterLayer.update_layer`), builds its ΔW
-(:meth:`AdapterLayer.delta_weight`) and computes its additive output (:meth:`AdapterLayer.adapter_output`).
+merge, adapter bookkeeping (several named adapters, explicitly tracked; active set, deletion) and
+trainability. A method's layer subclass creates its parameters from the module's
+:class:`~deltatune.config.TargetSpec` (:meth:`AdapterLayer.add_adapter`) and picks its forward hooks:
+
+- :meth:`AdapterLayer.transform_input`: change the input before the base op (IA³ on a feed-forward
+  module scales it); used when the class sets ``transforms_input``;
+- :meth:`AdapterLayer.transform_output`: change the base output (default: add :meth:`adapter_output`,
+  the additive low-rank term; IA³ scales it);
+- :meth:`AdapterLayer.merged_weight` / :meth:`AdapterLayer.unmerged_weight`: the weight transform that
+  merging applies (default W ± ΔW; DoRA rescales columns, IA³ scales rows or columns).
+
+:class:`RankedLayer` adds what the low-rank methods share: ``r`` and ``scaling`` per adapter and
+``update_layer(name, config, r, alpha)``, called with the rank and alpha resolved for the module.
 """
 
 from __future__ import annotations
@@ -23,14 +33,14 @@ from ._layer_helpers import (
     module_bias,
     module_weight,
 )
-from .config import AdapterConfig
-from .layer_registry import LayerKinds
+from .config import TargetSpec
 from .layer_types import apply_with_weight, in_out_features, is_linear_like
 from .mixed_batch import MixedBatchMixin
 
 __all__ = [
     "AdapterLayer",
     "LowRankLayer",
+    "RankedLayer",
     "adapter_dtype",
     "base_weight_shape",
     "expect_config",
@@ -40,15 +50,13 @@ __all__ = [
 ]
 
 
-class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
+class AdapterLayer(MixedBatchMixin, nn.Module):
     """Base class of the layers that wrap a targeted module.
 
     Args:
         base_layer: The module being adapted (``nn.Linear`` or ``nn.Conv2d``); kept frozen as a child.
 
     Attributes:
-        r: Rank per adapter name.
-        scaling: Scale per adapter name (never serialized).
         active_adapters: Names used in forward.
         merged_adapters: Names currently folded into the base weight, in merge order.
         disable_adapters: When True, forward returns the base output only.
@@ -62,6 +70,11 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
     repr_prefix: ClassVar[str] = ""
     #: Module types this method can adapt.
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, nn.Conv2d)
+    #: Whether forward runs :meth:`transform_input` (False keeps the hot path free of the call).
+    transforms_input: ClassVar[bool] = False
+    #: Whether unmerging restores W up to rounding at W's scale (an additive ΔW); False for a method that
+    #: divides a merged factor out again, which loses more where the factor is small (IA³, as in PEFT).
+    exact_unmerge: ClassVar[bool] = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -75,8 +88,8 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
         self.in_features, self.out_features = in_out_features(base_layer)
         #: During ``PeftModel.forward(adapter_names=[...])``: the adapter of each row of the batch.
         self.batch_adapter_names: list[str] | None = None
-        self.r: dict[str, int] = {}
-        self.scaling: dict[str, float] = {}
+        #: The adapters this layer holds, in creation order (a dict used as an ordered set).
+        self._held: dict[str, None] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -84,8 +97,9 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
         self._extra_per_adapter: dict[str, dict[str, Any]] = {}
 
     # ---- to be provided by each method ------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
-        """Creates the tensors of ``adapter_name`` with rank ``r`` and scale numerator ``alpha``."""
+    def add_adapter(self, adapter_name: str, target: TargetSpec) -> None:
+        """Creates the tensors of ``adapter_name`` for this module as ``target`` describes it (the config, the
+        module's name and its resolved per-module options), then :meth:`_finish_update`."""
         raise NotImplementedError
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -96,6 +110,16 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The additive term of ``adapter_name`` for input ``x``: equals ``base_op(x, ΔW)`` (no bias)."""
         raise NotImplementedError
+
+    def transform_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The input the base op sees with ``adapter_name`` active (identity; called only when the class sets
+        :attr:`transforms_input`)."""
+        return x
+
+    def transform_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The layer's output with ``adapter_name`` applied to the base output ``result`` (``x``: the layer's
+        input); default: :meth:`add_adapter_output`, the additive term."""
+        return self.add_adapter_output(result, x, adapter_name)
 
     # ---- shared machinery -------------------------------------------------------------------
     @property
@@ -130,8 +154,12 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
 
     @property
     def adapter_names(self) -> list[str]:
-        """Every adapter this layer holds."""
-        return list(self.r)
+        """Every adapter this layer holds, in creation order."""
+        return list(self._held)
+
+    def holds(self, adapter_name: str) -> bool:
+        """Whether this layer holds ``adapter_name``."""
+        return adapter_name in self._held
 
     def _adapter_containers(self) -> list[nn.ModuleDict | nn.ParameterDict]:
         return [getattr(self, n) for n in (*self.adapter_param_names, *self.other_param_names)]
@@ -140,7 +168,9 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
         return {"dtype": adapter_dtype(self.base_layer), "device": self.base_weight.device}
 
     def _finish_update(self, adapter_name: str) -> None:
-        """Makes a freshly created adapter active (its tensors were created on the base's device)."""
+        """Records a freshly created adapter as held and makes it active (its tensors were created on the
+        base's device)."""
+        self._held[adapter_name] = None
         if adapter_name not in self.active_adapters:
             self.active_adapters.append(adapter_name)
 
@@ -192,8 +222,7 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
         for container in self._adapter_containers():
             if adapter_name in container:
                 del container[adapter_name]
-        self.r.pop(adapter_name, None)
-        self.scaling.pop(adapter_name, None)
+        self._held.pop(adapter_name, None)
         for per_adapter in self._extra_per_adapter.values():
             per_adapter.pop(adapter_name, None)
 
@@ -210,7 +239,7 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
         self._warn_if_merged(names)
         weight = self.base_weight
         for name in names:
-            if name not in self.r or name in self.merged_adapters:
+            if name not in self._held or name in self.merged_adapters:
                 continue
             with torch.no_grad():
                 merged = self.merged_weight(name, weight.data)
@@ -227,7 +256,7 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
         """PEFT's warnings when merging into a layer that already holds merged adapters."""
         if not self.merged:
             return
-        pending = [n for n in names if n in self.r and n not in self.merged_adapters]
+        pending = [n for n in names if n in self._held and n not in self.merged_adapters]
         if pending:
             warnings.warn(
                 f"Already following adapters were merged {','.join(self.merged_adapters)}. "
@@ -283,14 +312,18 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
-        names = [name for name in self.active_adapters if name in self.r]
+        names = [name for name in self.active_adapters if name in self._held]
         if len(names) == 1 and not args and not kwargs:
             fused = self.fused_forward(x, names[0])
             if fused is not None:
                 return fused
-        result = self.base_layer(x, *args, **kwargs)
+        base_input = x
+        if self.transforms_input:
+            for name in names:
+                base_input = self.transform_input(base_input, name)
+        result = self.base_layer(base_input, *args, **kwargs)
         for name in names:
-            result = self.add_adapter_output(result, x, name)
+            result = self.transform_output(result, x, name)
         return result
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
@@ -364,7 +397,33 @@ class AdapterLayer(LayerKinds, MixedBatchMixin, nn.Module):
         return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-class LowRankLayer(AdapterLayer):
+class RankedLayer(AdapterLayer):
+    """Base of the low-rank methods' layers: a rank and a scale per adapter, and ``update_layer`` called with
+    the module's rank and alpha (from the config's patterns, see :meth:`deltatune.config.LowRankMixin`).
+
+    Attributes:
+        r: Rank per adapter name.
+        scaling: Scale per adapter name (never serialized).
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self._extra_per_adapter.update(r=self.r, scaling=self.scaling)
+
+    def add_adapter(self, adapter_name: str, target: TargetSpec) -> None:
+        """``update_layer`` with the rank and alpha resolved for this module."""
+        self.update_layer(
+            adapter_name, target.config, int(target.options["r"]), float(target.options["alpha"])
+        )
+
+    def update_layer(self, adapter_name: str, config: Any, r: int, alpha: float) -> None:
+        """Creates the tensors of ``adapter_name`` with rank ``r`` and scale numerator ``alpha``."""
+        raise NotImplementedError
+
+
+class LowRankLayer(RankedLayer):
     """Base of the layers whose adapter tensors are plain parameters, one ``nn.ParameterDict`` per tensor
     name (LoHa, LoKr, AdaLoRA): creates the dicts, new parameters on the base's device and dtype, and the
     shared kaiming initialisation."""

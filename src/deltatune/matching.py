@@ -119,13 +119,13 @@ def match_target(
         return next((v for v in variants if safe_fullmatch(targets, v)), None)
     elif targets:
         hit = next((v for v in variants for e in targets if match_list_entry(v, e)), None)
-    if hit is None or config.layers_to_transform is None:
+    if hit is None or getattr(config, "layers_to_transform", None) is None:
         return hit
-    layers = config.layers_to_transform
+    layers, pattern = config.layers_to_transform, getattr(config, "layers_pattern", None)
     wanted = [layers] if isinstance(layers, int) else list(layers)
-    index = layer_index(hit, config.layers_pattern)
+    index = layer_index(hit, pattern)
     if index is None:
-        index = next((i for v in variants if (i := layer_index(v, config.layers_pattern)) is not None), None)
+        index = next((i for v in variants if (i := layer_index(v, pattern)) is not None), None)
     return hit if index is not None and index in wanted else None
 
 

@@ -13,18 +13,24 @@ __all__ = ["MixedBatchMixin"]
 
 
 class MixedBatchMixin(nn.Module):
-    """Checks and forward of a mixed batch; the layer provides ``base_layer``, ``r``, ``merged``,
-    ``disable_adapters`` and ``add_adapter_output``."""
+    """Checks and forward of a mixed batch; the layer provides ``base_layer``, ``holds``, ``merged``,
+    ``disable_adapters`` and ``transform_output``."""
 
     base_layer: nn.Module
-    r: dict[str, int]
     disable_adapters: bool
+    transforms_input: ClassVar[bool]
+
+    def holds(self, adapter_name: str) -> bool:  # provided by the layer
+        raise NotImplementedError
 
     @property
     def merged(self) -> bool:  # provided by the layer
         raise NotImplementedError
 
-    def add_adapter_output(
+    def transform_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:  # provided by the layer
+        raise NotImplementedError
+
+    def transform_output(
         self, result: torch.Tensor, x: torch.Tensor, adapter_name: str
     ) -> torch.Tensor:  # provided by the layer
         raise NotImplementedError
@@ -55,16 +61,23 @@ class MixedBatchMixin(nn.Module):
     def mixed_batch_forward(
         self, x: torch.Tensor, row_adapters: list[str], *args: Any, **kwargs: Any
     ) -> torch.Tensor:
-        """The base output with each row's own adapter term added (``"__base__"`` or an adapter this layer does
-        not hold: none). Inputs are batched along dim 0."""
+        """Each row through its own adapter's input and output hooks (``"__base__"`` or an adapter this layer
+        does not hold: the base alone). Inputs are batched along dim 0."""
         self.check_mixed_batch(x, row_adapters)
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            return result
-        for name in dict.fromkeys(row_adapters):
-            if name not in self.r:  # "__base__", or an adapter that does not target this layer
-                continue
-            rows = torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=x.device)
-            sub = self.add_adapter_output(result.index_select(0, rows), x.index_select(0, rows), name)
+            return self.base_layer(x, *args, **kwargs)
+        groups = [
+            (name, torch.tensor([i for i, n in enumerate(row_adapters) if n == name], device=x.device))
+            for name in dict.fromkeys(row_adapters)
+            if self.holds(name)  # not "__base__", nor an adapter that does not target this layer
+        ]
+        base_input = x
+        if self.transforms_input:
+            for name, rows in groups:
+                sub = self.transform_input(base_input.index_select(0, rows), name)
+                base_input = base_input.index_copy(0, rows, sub.to(base_input.dtype))
+        result = self.base_layer(base_input, *args, **kwargs)
+        for name, rows in groups:
+            sub = self.transform_output(result.index_select(0, rows), x.index_select(0, rows), name)
             result = result.index_copy(0, rows, sub)
         return result

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import AdapterConfig, PeftConfig
+from .config import PeftConfig, TargetingConfig
 from .functional import tuner_class
 from .model_io import SaveLoadMixin, adapter_config
 from .serialization import check_config_fits_file
@@ -104,7 +104,7 @@ class PeftModel(SaveLoadMixin):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
-        known = {n for _, layer in self.base_model.adapter_layers() for n in layer.r}
+        known = {n for _, layer in self.base_model.adapter_layers() for n in layer.adapter_names}
         unknown = sorted({n for n in adapter_names if n != BASE_ROW} - known)
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
@@ -136,7 +136,7 @@ class PeftModel(SaveLoadMixin):
         return names or None
 
     @property
-    def active_peft_config(self) -> AdapterConfig:
+    def active_peft_config(self) -> TargetingConfig:
         """The config of the (first) active adapter."""
         return self.peft_config[self.base_model.current_adapter]
 

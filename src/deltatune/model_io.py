@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .config import AdapterConfig, PeftConfig
+from .config import PeftConfig, TargetingConfig
 from .functional import get_peft_model_state_dict
 from .model_card import update_model_card
 from .registry import available_methods, get_method
@@ -37,13 +37,13 @@ __all__ = ["SaveLoadMixin", "adapter_config", "refuse_non_float_tensors"]
 _LOAD_OPTIONS = ("autocast_adapter_dtype", "low_cpu_mem_usage", "ignore_mismatched_sizes", "torch_device")
 
 
-def adapter_config(config: Any) -> AdapterConfig:
+def adapter_config(config: Any) -> TargetingConfig:
     """``config`` itself, checked to be one of deltatune's adapter configs.
 
     Raises:
         TypeError: naming the class that was given.
     """
-    if not isinstance(config, AdapterConfig):
+    if not isinstance(config, TargetingConfig):
         names = ", ".join(dict.fromkeys(get_method(m).config_cls.__name__ for m in available_methods()))
         raise TypeError(f"expected a deltatune adapter config ({names}), got {type(config).__name__}")
     return config
@@ -71,7 +71,7 @@ class SaveLoadMixin(nn.Module):
     base_model: AdapterModel
 
     @property
-    def peft_config(self) -> dict[str, AdapterConfig]:
+    def peft_config(self) -> dict[str, TargetingConfig]:
         """Adapter name → config."""
         return self.base_model.peft_config
 
@@ -139,17 +139,19 @@ class SaveLoadMixin(nn.Module):
         name = data.get("_name_or_path") if isinstance(data, dict) else None
         return str(name) if name else None
 
-    def _config_to_save(self, adapter_name: str) -> AdapterConfig:
+    def _config_to_save(self, adapter_name: str) -> TargetingConfig:
         """The config as written: legacy target names replaced by the ones this model uses (so PEFT can
         load the file on the same transformers version), and ``auto_mapping`` filled as PEFT does."""
         config = self.peft_config[adapter_name]
         data = config.to_dict()
         renamed = self.base_model.renamed_targets.get(adapter_name, {})
-        if renamed and isinstance(config.target_modules, set):
-            targets: set[str] = set()
-            for entry in config.target_modules:
-                targets.update(renamed[entry].split(",") if entry in renamed else [entry])
-            data["target_modules"] = sorted(targets)
+        for name in type(config).MODULE_LIST_FIELDS:  # target_modules, and lists that name targets too
+            entries = getattr(config, name)
+            if renamed and isinstance(entries, set | list):
+                modern: set[str] = set()
+                for entry in entries:
+                    modern.update(renamed[entry].split(",") if entry in renamed else [entry])
+                data[name] = sorted(modern)
         if config.task_type is None and config.auto_mapping is None:
             base = self.base_model.model
             data["auto_mapping"] = {
@@ -191,7 +193,7 @@ class SaveLoadMixin(nn.Module):
         """
         options = self._split_load_options(kwargs)
         subfolder = kwargs.pop("subfolder", None)
-        saved: AdapterConfig | None = None
+        saved: TargetingConfig | None = None
         if adapter_name not in self.peft_config:
             saved = adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
             saved.inference_mode = not is_trainable
@@ -228,7 +230,7 @@ class SaveLoadMixin(nn.Module):
         model_id: str | os.PathLike[str],
         adapter_name: str,
         strict: bool,
-        saved_config: AdapterConfig | None = None,
+        saved_config: TargetingConfig | None = None,
         ignore_mismatched_sizes: bool = False,
         **kwargs: Any,
     ) -> LoadResult:

@@ -1,10 +1,15 @@
 """The method registry: one :class:`MethodSpec` per adapter method, registered by the method's own module.
 
-This module is a leaf: it imports nothing from deltatune. Each method module calls :func:`register_method`
-once; :mod:`deltatune.methods` imports every module in its folder, so a new method is one file there (plus
-its tests). Everything that must know the set of methods — config loading, the tuner, the contract tests,
-the CLI's ``--method`` choices — asks this registry: :func:`available_methods`, :func:`get_method` by name,
-:func:`spec_for` a config object.
+This module is a leaf: it imports nothing from deltatune, and neither torch nor transformers. Each public
+module of :mod:`deltatune.methods` holds a method's config dataclass and one :func:`register_method` call,
+and imports no torch; the spec names the method's layer classes (and tuner) by ``"module:Class"`` path,
+imported on first use (:attr:`MethodSpec.layer_cls`). :func:`load_methods` imports those modules (the
+lookups below call it), so the CLI can list the methods and their config fields without importing torch.
+
+This is the one registry: config loading (``peft_type`` → config class), the tuner (which layer class
+wraps which module), serialization (the tensor names of a method), the package's exports, the contract
+tests and the CLI's ``--method`` choices and flags all ask it: :func:`available_methods`,
+:func:`get_method` by name, :func:`spec_for` a config object, :func:`specs_for_peft_type`.
 
 Several methods may share one config class (DoRA is ``LoraConfig(use_dora=True)``): a spec with a
 ``selects`` predicate claims the configs it accepts, and the spec without one (the plain method) takes the
@@ -13,6 +18,8 @@ rest.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,12 +30,24 @@ __all__ = [
     "MethodSpec",
     "available_methods",
     "get_method",
+    "load_methods",
     "register_method",
+    "registered_names",
     "spec_for",
     "specs_for_peft_type",
 ]
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+#: The package whose public modules are the built-in methods (imported by :func:`load_methods`).
+BUILTIN_METHODS = "deltatune.methods"
+
+
+@functools.cache
+def _resolve(path: str) -> Any:
+    """The object a ``"package.module:Name"`` path names (imported on first use, then cached)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -41,10 +60,14 @@ class MethodSpec:
 
     Attributes:
         name: Short lower-case name used by the CLI and the tests (``"lora"``).
-        config_cls: The config dataclass; its ``PEFT_TYPE`` is what ``adapter_config.json`` says.
-        layer_cls: The adapter layer class that wraps a targeted module.
+        config_cls: The config dataclass; its ``PEFT_TYPE`` is what ``adapter_config.json`` says. It lives in
+            a module that imports no torch, so the config can be read without it.
+        layer: ``"module:Class"`` path of the adapter layer class that wraps a targeted module (imported on
+            first use: :attr:`layer_cls`).
+        layer_kinds: Paths of further layer classes for the module types whose adapter holds other tensors
+            (LoRA's ``nn.Embedding``: ``lora_embedding_A``); each wraps the types in its ``supported_layers``.
         prefix: Prefix shared by the names of the method's adapter tensors (``"lora_"``).
-        tuner_cls: The tuner class (None: :class:`deltatune.tuner.AdapterModel`); a method overrides its
+        tuner: Path of the tuner class (None: :class:`deltatune.tuner.AdapterModel`); a method overrides its
             hooks there (extra loss terms, per-step work, save/load adaptation, checkpoint state).
         selects: For a method that shares its config class with another: whether it handles this config
             (DoRA: ``config.use_dora``). None for the class's default method.
@@ -52,32 +75,64 @@ class MethodSpec:
             ``{"use_dora": True}``); also PEFT's values for them.
         display_name: How people write it (``"LoRA"``).
         peft_config_name: The class name of the same config in the ``peft`` library (interop and docs).
-        example_kwargs: Small config values the contract tests and docs use (ranks that keep tests fast).
-        nonzero_init: Config values that make ΔW non-zero at initialisation (so tests can see the adapter).
+        extends: The method this one builds on and may import (DoRA and AdaLoRA: ``"lora"``); any other
+            method's modules are off limits (checked by the architecture tests).
         listing_order: Where the method appears in listings (``--method`` choices, ``compare`` tables);
             ties keep registration order.
     """
 
     name: str
     config_cls: type[Any]
-    layer_cls: type[Any]
+    layer: str
     prefix: str
-    tuner_cls: type[Any] | None = None
+    layer_kinds: tuple[str, ...] = ()
+    tuner: str | None = None
     selects: Callable[[Any], bool] | None = None
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     display_name: str = ""
     peft_config_name: str = ""
-    example_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    nonzero_init: Mapping[str, Any] = field(default_factory=dict)
+    extends: str | None = None
     listing_order: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("config_defaults", "example_kwargs", "nonzero_init"):
-            object.__setattr__(self, name, _frozen(getattr(self, name)))
+        object.__setattr__(self, "config_defaults", _frozen(self.config_defaults))
+        object.__setattr__(self, "layer_kinds", tuple(self.layer_kinds))
         if not self.display_name:
             object.__setattr__(self, "display_name", self.name)
         if not self.peft_config_name:
             object.__setattr__(self, "peft_config_name", self.config_cls.__name__)
+
+    @property
+    def layer_cls(self) -> Any:
+        """The adapter layer class (imports the method's layer module, and with it torch, on first use)."""
+        return _resolve(self.layer)
+
+    @property
+    def tuner_cls(self) -> Any:
+        """The tuner class, or None for the generic :class:`deltatune.tuner.AdapterModel`."""
+        return None if self.tuner is None else _resolve(self.tuner)
+
+    def layer_classes(self) -> tuple[Any, ...]:
+        """The main layer class and every layer kind (for listings of tensor names and type checks)."""
+        return (self.layer_cls, *(_resolve(path) for path in self.layer_kinds))
+
+    def layer_class_for(self, base_layer: Any) -> Any:
+        """The layer class that wraps ``base_layer``: the first kind that supports its type, else the main
+        class."""
+        for path in self.layer_kinds:
+            kind = _resolve(path)
+            if isinstance(base_layer, kind.supported_layers):
+                return kind
+        return self.layer_cls
+
+    @property
+    def supported_layers(self) -> tuple[type[Any], ...]:
+        """The module types this method can adapt (its main layer class's ``supported_layers``)."""
+        return tuple(self.layer_cls.supported_layers)
+
+    def adapter_param_names(self) -> tuple[str, ...]:
+        """The adapter tensor names of every layer class of this method."""
+        return tuple(dict.fromkeys(n for c in self.layer_classes() for n in c.adapter_param_names))
 
     @property
     def peft_type(self) -> str:
@@ -97,16 +152,19 @@ def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
 
     Raises:
         ValueError: for an invalid name, a name already registered (unless ``replace``), a config class
-            without ``PEFT_TYPE``, a selector given without ``config_defaults`` that satisfy it, or a second
-            default method for the same config class.
-        TypeError: when ``config_cls``, ``layer_cls`` or ``tuner_cls`` is not a class.
+            without ``PEFT_TYPE``, a layer or tuner path not of the form ``"module:Class"``, a selector given
+            without ``config_defaults`` that satisfy it, or a second default method for the same config class.
+        TypeError: when ``config_cls`` is not a class.
     """
     if not _NAME.match(spec.name):
         raise ValueError(f"method name {spec.name!r} must be lower-case letters, digits and underscores")
-    for attr in ("config_cls", "layer_cls", "tuner_cls"):
-        value = getattr(spec, attr)
-        if value is not None and not isinstance(value, type):
-            raise TypeError(f"MethodSpec.{attr} of {spec.name!r} must be a class, got {value!r}")
+    if not isinstance(spec.config_cls, type):
+        raise TypeError(f"MethodSpec.config_cls of {spec.name!r} must be a class, got {spec.config_cls!r}")
+    for path in (spec.layer, *spec.layer_kinds, *([spec.tuner] if spec.tuner else [])):
+        if not isinstance(path, str) or not _PATH.match(path):
+            raise ValueError(
+                f"MethodSpec of {spec.name!r}: {path!r} is not a 'package.module:Class' path of a layer or tuner"
+            )
     if not spec.peft_type:
         raise ValueError(f"{spec.config_cls.__name__} has no PEFT_TYPE; cannot register {spec.name!r}")
     if spec.name in _METHODS and not replace:
@@ -129,8 +187,27 @@ def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
     return spec
 
 
+_loaded = False
+
+
+def load_methods() -> None:
+    """Imports the built-in methods (each public module of :mod:`deltatune.methods` registers one or more),
+    once. Neither torch nor transformers is imported: a method's layers load on first use."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        importlib.import_module(BUILTIN_METHODS)
+
+
+def registered_names() -> list[str]:
+    """Names of the registered methods, in registration order (loading the built-in ones first)."""
+    load_methods()
+    return list(_METHODS)
+
+
 def available_methods() -> list[str]:
     """Names of all registered methods, by ``listing_order`` (then registration order)."""
+    load_methods()
     order = {name: i for i, name in enumerate(_METHODS)}
     return sorted(_METHODS, key=lambda name: (_METHODS[name].listing_order, order[name]))
 
@@ -141,6 +218,7 @@ def get_method(name: str) -> MethodSpec:
     Raises:
         ValueError: if no such method is registered; the message lists the valid names.
     """
+    load_methods()
     spec = _METHODS.get(str(name).lower())
     if spec is None:
         raise ValueError(f"unknown method {name!r}; available methods: {', '.join(_METHODS)}")
@@ -149,6 +227,7 @@ def get_method(name: str) -> MethodSpec:
 
 def specs_for_peft_type(peft_type: str) -> list[MethodSpec]:
     """Every registered method whose config writes ``peft_type`` (LoRA and DoRA share ``"LORA"``)."""
+    load_methods()
     wanted = str(peft_type).upper()
     return [spec for spec in _METHODS.values() if spec.peft_type == wanted]
 
@@ -161,6 +240,7 @@ def spec_for(config: Any) -> MethodSpec:
         ValueError: when no registered method handles the config (naming its class and type), or when two
             selectors both claim it.
     """
+    load_methods()
     candidates: list[MethodSpec] = []
     for cls in type(config).__mro__:
         candidates = [s for s in _METHODS.values() if s.config_cls is cls]

@@ -1,4 +1,4 @@
-"""Adapter files: PEFT's key layout and safetensors I/O, in one place (writes go through :mod:`._files`).
+"""Adapter files: PEFT's key layout, in one place (the safetensors I/O is :mod:`._weights_io`, re-exported).
 
 In memory an adapter tensor is ``base_model.model.<module>.<tensor>.<adapter>[.<rest>]`` (PEFT's
 layout); on disk the adapter name is dropped (``…q_proj.lora_A.weight``, ``…q_proj.hada_w1_a``) and a
@@ -9,15 +9,21 @@ against transformers 4.x module names are renamed with the model's own conversio
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 
-from ._files import atomic_write_bytes, resolve_file
 from ._layer_helpers import is_bias_name
+from ._weights_io import (
+    SAFETENSORS_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    check_config_fits_file,
+    check_finite,
+    load_adapter_weights,
+    save_adapter_weights,
+)
 from .layers import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import available_methods, get_method, specs_for_peft_type
@@ -43,149 +49,6 @@ __all__ = [
 ]
 
 PREFIX = "base_model.model."
-SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
-WEIGHTS_NAME = "adapter_model.bin"
-
-
-# ---- weights I/O --------------------------------------------------------------------------------
-def save_adapter_weights(
-    tensors: Mapping[str, torch.Tensor], directory: str | os.PathLike[str], safe_serialization: bool = True
-) -> str:
-    """Writes ``adapter_model.safetensors`` (or ``.bin``) atomically; returns the file path."""
-    os.makedirs(directory, exist_ok=True)
-    clean: dict[str, torch.Tensor] = {}
-    seen: set[tuple[torch.device, int]] = set()
-    for key, value in tensors.items():
-        tensor = value.detach().contiguous().cpu()
-        where = (tensor.device, tensor.untyped_storage().data_ptr())
-        if where in seen and tensor.numel() > 0:  # safetensors refuses tensors that share memory
-            tensor = tensor.clone()
-        seen.add(where)
-        clean[key] = tensor
-    if safe_serialization:
-        from safetensors.torch import save
-
-        path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
-        atomic_write_bytes(path, save(clean, metadata={"format": "pt"}))
-    else:
-        import io
-
-        buffer = io.BytesIO()
-        torch.save(clean, buffer)
-        path = os.path.join(directory, WEIGHTS_NAME)
-        atomic_write_bytes(path, buffer.getvalue())
-    return path
-
-
-def load_adapter_weights(
-    path_or_repo: str | os.PathLike[str], subfolder: str | None = None, device: str = "cpu", **hub_kwargs: Any
-) -> dict[str, torch.Tensor]:
-    """Reads adapter tensors, preferring safetensors; a legacy ``.bin`` loads with ``weights_only=True``.
-
-    Raises:
-        FileNotFoundError: if neither file exists.
-        ValueError: if the file is truncated or corrupt, or a ``.bin`` holds anything but tensors.
-    """
-    try:
-        path = resolve_file(path_or_repo, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-        safe = True
-    except FileNotFoundError as first:
-        try:
-            path = resolve_file(path_or_repo, WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-            safe = False
-        except FileNotFoundError:
-            raise FileNotFoundError(
-                f"no adapter weights in {os.fspath(path_or_repo)!r}: expected {SAFETENSORS_WEIGHTS_NAME} "
-                f"(or a legacy {WEIGHTS_NAME}). {first}"
-            ) from None
-    if safe:
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(path, device=device)
-        except PermissionError:
-            raise
-        except Exception as err:
-            raise ValueError(
-                f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
-            ) from err
-        check_finite(tensors, path)
-        return tensors
-    try:
-        data = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain tensor checkpoint loadable with weights_only=True "
-            f"({type(err).__name__}). deltatune never unpickles arbitrary objects; convert it to safetensors"
-        ) from err
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise ValueError(f"{path} does not hold a dict of tensors")
-    check_finite(data, path)
-    return data
-
-
-def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raises ``ValueError`` naming the first tensor of ``tensors`` that holds NaN or ±inf.
-
-    Args:
-        tensors: Name → tensor (floating tensors are checked; others cannot hold NaN).
-        source: The file (or thing) they came from, for the message.
-    """
-    floats = [(k, t) for k, t in tensors.items() if t.is_floating_point() and t.numel()]
-    if not floats:
-        return
-    finite = torch.stack([torch.isfinite(t).all() for _, t in floats])
-    if bool(finite.all()):
-        return
-    bad = [k for (k, _), ok in zip(floats, finite.tolist(), strict=True) if not ok]
-    raise ValueError(
-        f"{source}: tensor {bad[0]!r} holds NaN or inf values ({len(bad)} such tensor(s)); the adapter is "
-        "corrupt or its training diverged, so its outputs would be meaningless. Use an earlier checkpoint"
-    )
-
-
-def _file_shapes(path_or_repo: str | os.PathLike[str], subfolder: str | None, **hub_kwargs: Any) -> Any:
-    """(path, {key: shape}) of a safetensors adapter file, read from its header only; None without one."""
-    try:
-        path = resolve_file(path_or_repo, SAFETENSORS_WEIGHTS_NAME, subfolder=subfolder, **hub_kwargs)
-    except FileNotFoundError:
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            return path, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
-
-
-def check_config_fits_file(
-    config: Any, path_or_repo: str | os.PathLike[str], subfolder: str | None = None, **hub_kwargs: Any
-) -> None:
-    """Refuses a config whose sizes cannot belong to the adapter file beside it, *before* anything is
-    allocated: every rank that sizes the adapter's tensors (``config.allocated_ranks()``) must be at most the
-    largest dimension of any tensor in ``adapter_model.safetensors`` (read from its header). A config with
-    ``"r": 4000000`` next to a small file would otherwise allocate gigabytes before the shapes disagree.
-
-    Raises:
-        ValueError: naming the config field, its value and the file.
-    """
-    ranks = getattr(config, "allocated_ranks", None)
-    if not callable(ranks):
-        return
-    found = _file_shapes(path_or_repo, subfolder, **hub_kwargs)
-    if found is None:
-        return
-    path, shapes = found
-    largest = max((max(shape) for shape in shapes.values() if shape), default=0)
-    if largest == 0:
-        return
-    for name, value in ranks().items():
-        if int(value) > largest:
-            raise ValueError(
-                f"the adapter config says {name}={value}, larger than any tensor dimension in {path} (largest: "
-                f"{largest}); the config does not belong to these weights, refused before allocating anything"
-            )
 
 
 # ---- key mapping --------------------------------------------------------------------------------
@@ -195,7 +58,7 @@ def get_adapter_state_dict(tuner: AdapterModel, adapter_name: str) -> dict[str, 
     tuner.before_export(adapter_name)
     out: dict[str, torch.Tensor] = {}
     for name, layer in tuner.adapter_layers():
-        if adapter_name not in layer.r:
+        if not layer.holds(adapter_name):
             continue
         for key, tensor in tuner.export_layer_tensors(name, layer, adapter_name).items():
             out[f"{PREFIX}{name}.{key}"] = tensor
@@ -262,10 +125,10 @@ def saved_to_memory_key(tuner: AdapterModel, saved_key: str, adapter_name: str) 
 def _raise_if_other_method(tuner: AdapterModel, adapter_name: str, keys: list[str]) -> None:
     """A clearer error when the tensors belong to another method than the config says."""
     config_type = str(tuner.peft_config[adapter_name].peft_type)
-    own = {a for spec in specs_for_peft_type(config_type) for a in spec.layer_cls.all_adapter_param_names()}
+    own = {a for spec in specs_for_peft_type(config_type) for a in spec.adapter_param_names()}
     for name in available_methods():
         spec = get_method(name)
-        distinct = set(spec.layer_cls.all_adapter_param_names()) - own
+        distinct = set(spec.adapter_param_names()) - own
         if spec.peft_type == config_type or not distinct:
             continue
         if any(f".{a}" in k for k in keys for a in distinct):

@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import AdapterConfig
+from .config import TargetingConfig
 from .hooks import MethodHooks
 from .layers import AdapterLayer
 from .modules_to_save import ModulesToSaveWrapper
@@ -29,7 +29,7 @@ class AdapterSwitching(MethodHooks):
     """Activation, trainability, enabling, merging and unloading (mixed into the tuner)."""
 
     model: nn.Module
-    peft_config: dict[str, AdapterConfig]
+    peft_config: dict[str, TargetingConfig]
     _active: list[str]
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:  # provided by the tuner

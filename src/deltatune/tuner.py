@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from .config import TargetingConfig
 from .layer_types import is_linear_like
 from .layers import AdapterLayer
 from .matching import (
@@ -59,14 +59,14 @@ class AdapterModel(AdapterSwitching, nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        config: AdapterConfig,
+        config: TargetingConfig,
         adapter_name: str = "default",
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
-        self.peft_config: dict[str, AdapterConfig] = {}
+        self.peft_config: dict[str, TargetingConfig] = {}
         self._active = [adapter_name]
         self.aliases = NameAliases(model)
         #: adapter name → {target entry written in a legacy spelling: modern entry}
@@ -140,7 +140,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
         legacy = self.aliases.legacy(name)
         return [name] if legacy == name else [name, legacy]
 
-    def _is_output_head(self, name: str, config: AdapterConfig) -> bool:
+    def _is_output_head(self, name: str, config: TargetingConfig) -> bool:
         """Whether ``name`` is the output embedding or (SEQ_CLS) the classifier head: ``"all-linear"`` skips it."""
         get_out = getattr(self.model, "get_output_embeddings", None)
         try:
@@ -167,7 +167,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
     def inject_adapter(
         self,
         adapter_name: str,
-        config: AdapterConfig,
+        config: TargetingConfig,
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
     ) -> None:
@@ -209,18 +209,18 @@ class AdapterModel(AdapterSwitching, nn.Module):
             )
             if hit is None:
                 continue
-            if not isinstance(base, spec.layer_cls.supported_layers):
+            if not isinstance(base, spec.supported_layers):
                 if config.target_modules != ALL_LINEAR:
                     wrong_type.append(f"{name} ({type(base).__name__})")
                 continue
-            if isinstance(module, AdapterLayer) and not isinstance(module, spec.layer_cls.layer_classes()):
+            if isinstance(module, AdapterLayer) and not isinstance(module, spec.layer_classes()):
                 raise ValueError(f"{name} already holds a {type(module).__name__}; cannot add {spec.name}")
             plan.append((name, module))
             entry = matching_entry(config, hit)
             if hit != name and entry is not None:
                 legacy.append((entry, name))
         if wrong_type:
-            supported = ", ".join(t.__name__ for t in spec.layer_cls.supported_layers)
+            supported = ", ".join(t.__name__ for t in spec.supported_layers)
             raise ValueError(
                 f"{spec.name} cannot adapt {', '.join(wrong_type[:5])}{' …' if len(wrong_type) > 5 else ''}; "
                 f"supported layer types: {supported}. Narrow target_modules to layers of those types."
@@ -253,7 +253,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
                     p.requires_grad_(False)
         self.after_inject(adapter_name, config)
 
-    def _fill_default_targets(self, config: AdapterConfig) -> None:
+    def _fill_default_targets(self, config: TargetingConfig) -> None:
         """``target_modules`` from the config class's table of defaults per transformers model type (PEFT's).
 
         Raises:
@@ -263,32 +263,31 @@ class AdapterModel(AdapterSwitching, nn.Module):
         to_dict = getattr(model_config, "to_dict", None)
         data = to_dict() if callable(to_dict) else {}
         model_type = data.get("model_type") if isinstance(data, dict) else None
-        defaults = type(config).DEFAULT_TARGET_MODULES.get(str(model_type)) if model_type else None
-        if defaults is None:
+        if not config.fill_model_defaults(model_type):
             known = f" (no default is known for model_type={model_type!r})" if model_type else ""
             raise ValueError(
                 f"Please specify `target_modules` in `peft_config`: target_modules is required{known}; e.g. "
                 "target_modules=['q_proj', 'v_proj'], a regex string, or 'all-linear'"
             )
-        config.target_modules = defaults if isinstance(defaults, str) else set(defaults)
 
     def _build_layers(
-        self, plan: list[tuple[str, nn.Module]], adapter_name: str, config: AdapterConfig
+        self, plan: list[tuple[str, nn.Module]], adapter_name: str, config: TargetingConfig
     ) -> list[str]:
-        """Creates ``adapter_name`` in every planned module, then swaps the new layers in. If any layer
-        refuses (e.g. a grouped conv for LoRA), the model is left exactly as it was."""
-        layer_cls: type[AdapterLayer] = spec_for(config).layer_cls
+        """Creates ``adapter_name`` in every planned module (each layer built from the module's
+        :class:`~deltatune.config.TargetSpec`), then swaps the new layers in. If any layer refuses (e.g. a
+        grouped conv for LoRA), the model is left exactly as it was."""
+        spec = spec_for(config)
         created: list[tuple[str, AdapterLayer]] = []
         updated: list[AdapterLayer] = []
         try:
             for name, module in plan:
-                r, alpha = config.rank_and_alpha(self.name_variants(name))
+                target = config.target_spec(name, self.name_variants(name))
                 if isinstance(module, AdapterLayer):
                     updated.append(module)
-                    module.update_layer(adapter_name, config, r, alpha)
+                    module.add_adapter(adapter_name, target)
                 else:
-                    layer = layer_cls.layer_class_for(module)(module)
-                    layer.update_layer(adapter_name, config, r, alpha)
+                    layer: AdapterLayer = spec.layer_class_for(module)(module)
+                    layer.add_adapter(adapter_name, target)
                     created.append((name, layer))
         except Exception:
             for layer in updated:
@@ -314,14 +313,14 @@ class AdapterModel(AdapterSwitching, nn.Module):
                 renamed[entry] = ",".join(sorted(modern))
         return renamed
 
-    def _no_match_message(self, config: AdapterConfig, names: list[str]) -> str:
+    def _no_match_message(self, config: TargetingConfig, names: list[str]) -> str:
         targets = config.target_modules
         entries = [targets] if isinstance(targets, str) else sorted(targets or [])
         hints = {e: closest_names(e, names) for e in entries}
         hint_text = "; ".join(
             f"{e!r}: closest {h}" if h else f"{e!r}: no similar name" for e, h in hints.items()
         )
-        supported = spec_for(config).layer_cls.supported_layers
+        supported = spec_for(config).supported_layers
         leaves = sorted(
             {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, supported)}
         )
@@ -331,7 +330,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
             f"{kinds} module names in this model: {leaves[:20]}"
         )
 
-    def _modules_to_save_targets(self, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    def _modules_to_save_targets(self, config: TargetingConfig) -> list[tuple[str, nn.Module]]:
         """The modules that ``modules_to_save`` names (checked, nothing changed).
 
         Raises:
@@ -360,7 +359,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
             found.extend(hits)
         return found
 
-    def _wrap_modules_to_save(self, adapter_name: str, config: AdapterConfig) -> None:
+    def _wrap_modules_to_save(self, adapter_name: str, config: TargetingConfig) -> None:
         """Adds a trainable copy for ``adapter_name`` to each ``modules_to_save`` module; the copy of an adapter
         that is not active stays frozen and unused (the module keeps what it ran before)."""
         for name, module in self._modules_to_save_targets(config):

@@ -1,9 +1,10 @@
 """Command-line flags generated from the config dataclasses of the registered methods.
 
-Every config field with a type a command line can express becomes ``--<field>``; its help comes from
-the ``Attributes:`` section of the config docstrings and lists the methods that have it. Three short
-aliases follow the guide's wording: ``--alpha`` (``lora_alpha`` or ``alpha``), ``--dropout``
+Every config field with a type a command line can express becomes ``--<field>``; its help is the field's
+``metadata["help"]`` (written once, in the config dataclass) and lists the methods that have it. Three
+short aliases follow the guide's wording: ``--alpha`` (``lora_alpha`` or ``alpha``), ``--dropout``
 (``lora_dropout`` or ``module_dropout``) and, for AdaLoRA, ``--r`` (its average target rank ``target_r``).
+Only the config classes are read (through the registry), so building these flags imports no torch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from ..registry import available_methods, get_method
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterFlag", "adapter_flags", "adapter_kwargs_for", "add_adapter_flags", "closest_flags"]
+__all__ = [
+    "AdapterFlag",
+    "adapter_flags",
+    "adapter_kwargs_for",
+    "add_adapter_flags",
+    "closest_flags",
+    "field_help",
+]
 
 #: Config fields that are bookkeeping, set from other flags, or need Python objects.
 SKIPPED_FIELDS = frozenset(
@@ -49,24 +57,9 @@ class AdapterFlag:
     help: str
 
 
-def _attribute_docs(cls: type) -> dict[str, str]:
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        text = klass.__doc__ or ""
-        if "Attributes:" not in text:
-            continue
-        section = text.split("Attributes:", 1)[1]
-        current = None
-        for line in section.splitlines():
-            match = re.match(r"^\s{4,8}(\w+):\s*(.*)$", line)
-            if match:
-                current = match.group(1)
-                docs[current] = match.group(2).strip()
-            elif current and line.strip() and line.startswith(" " * 9):
-                docs[current] += " " + line.strip()
-            elif not line.strip():
-                current = None
-    return docs
+def field_help(field: dataclasses.Field[Any]) -> str:
+    """The help text of a config field: its ``metadata["help"]`` (empty when it has none)."""
+    return str(field.metadata.get("help", ""))
 
 
 def _kind(hint: Any) -> str | None:
@@ -126,14 +119,13 @@ def adapter_flags() -> dict[str, AdapterFlag]:
     for method in available_methods():
         cls = get_method(method).config_cls
         hints = typing.get_type_hints(cls)
-        docs = _attribute_docs(cls)
         for f in dataclasses.fields(cls):
             if f.name in SKIPPED_FIELDS or not f.init or _kind(hints[f.name]) is None:
                 continue
             if f.name in flags:
                 flags[f.name].methods.append(method)
                 continue
-            flags[f.name] = AdapterFlag(f.name, hints[f.name], [method], docs.get(f.name, ""))
+            flags[f.name] = AdapterFlag(f.name, hints[f.name], [method], field_help(f))
     return flags
 
 
@@ -170,7 +162,8 @@ def add_adapter_flags(parser: argparse.ArgumentParser) -> None:
     by_field: dict[str, list[str]] = {}
     for method in available_methods():
         config_cls = get_method(method).config_cls
-        alpha_fields.setdefault(config_cls.ALPHA_FIELD, []).append(method)
+        if config_cls.ALPHA_FIELD:
+            alpha_fields.setdefault(config_cls.ALPHA_FIELD, []).append(method)
         if config_cls.DROPOUT_FIELD:
             by_field.setdefault(config_cls.DROPOUT_FIELD, []).append(method)
     group.add_argument(
@@ -234,7 +227,12 @@ def adapter_kwargs_for(method: str, namespace: argparse.Namespace, strict: bool 
             )
         out[name] = value
     if hasattr(namespace, "alpha"):
-        out[spec.config_cls.ALPHA_FIELD] = namespace.alpha  # type: ignore[attr-defined]
+        alpha_field = spec.config_cls.ALPHA_FIELD
+        if alpha_field is None:
+            if strict:
+                raise ValueError(f"--alpha: {method} has no scale numerator")
+        else:
+            out[alpha_field] = namespace.alpha
     if hasattr(namespace, "dropout"):
         field = spec.config_cls.DROPOUT_FIELD
         if field is None:
@@ -242,7 +240,7 @@ def adapter_kwargs_for(method: str, namespace: argparse.Namespace, strict: bool 
                 raise ValueError(f"--dropout: {method} has no dropout field")
         else:
             out[field] = namespace.dropout
-    for name in ("target_modules", "exclude_modules", "layers_pattern"):
+    for name in ("exclude_modules", "layers_pattern", *spec.config_cls.MODULE_LIST_FIELDS):
         if name in out:
             out[name] = _normalise_targets(out[name])
     return out

@@ -99,7 +99,7 @@ class SVDLayer(LowRankLayer):
         self.lora_dropout = nn.ModuleDict()
         #: adapter → scaling / (ranknum + 1e-5), the factor the triplet term is multiplied by
         self.rank_scale: dict[str, float] = {}
-        self._extra_per_adapter = {"rank_scale": self.rank_scale}
+        self._extra_per_adapter.update({"rank_scale": self.rank_scale})
 
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Conv1D, nn.Conv2d)
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import AdapterConfig
+from ..config import TargetingConfig
 from ..tuner import AdapterModel
 from ._lora_weighted import add_weighted_adapter
 
@@ -40,10 +40,10 @@ class LoraModel(AdapterModel):
         elif bias == "lora_only":
             for _, layer in self.adapter_layers():
                 layer_bias = layer.base_bias
-                if adapter_name in layer.r and isinstance(layer_bias, nn.Parameter):
+                if layer.holds(adapter_name) and isinstance(layer_bias, nn.Parameter):
                     yield layer_bias
 
-    def check_new_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+    def check_new_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
         """PEFT's rule: several adapters on one model cannot train biases (the base biases are shared).
 
         Raises:
@@ -87,7 +87,7 @@ class LoraModel(AdapterModel):
         if bias == "lora_only":
             for name, layer in self.adapter_layers():
                 layer_bias = layer.base_bias
-                if adapter_name in layer.r and layer_bias is not None:
+                if layer.holds(adapter_name) and layer_bias is not None:
                     out[f"{name}.base_layer.bias"] = layer_bias.detach()
         return out
 

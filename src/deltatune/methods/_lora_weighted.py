@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..layers import AdapterLayer
+from ..layers import RankedLayer
 
 __all__ = [
     "COMBINATION_TYPES",
@@ -154,7 +154,7 @@ def _combine(
 
 
 # ---- the tuner operation ---------------------------------------------------------------------------------
-def _factors(layer: AdapterLayer, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _factors(layer: RankedLayer, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(A, B) weights of ``name`` in ``layer`` (module or plain parameters), or None if it does not hold it."""
     if name not in layer.r:
         return None
@@ -283,7 +283,7 @@ def add_weighted_adapter(
 
 
 def _fill_cat(
-    layer: AdapterLayer, held: list[tuple[str, float]], new: tuple[torch.Tensor, torch.Tensor]
+    layer: RankedLayer, held: list[tuple[str, float]], new: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     row = 0
     for name, weight in held:
@@ -297,7 +297,7 @@ def _fill_cat(
 
 
 def _fill_per_factor(
-    layer: AdapterLayer,
+    layer: RankedLayer,
     held: list[tuple[str, float]],
     new: tuple[torch.Tensor, torch.Tensor],
     kind: str,
@@ -319,7 +319,7 @@ def _fill_per_factor(
 
 
 def _fill_svd(
-    layer: AdapterLayer,
+    layer: RankedLayer,
     held: list[tuple[str, float]],
     new: tuple[torch.Tensor, torch.Tensor],
     kind: str,

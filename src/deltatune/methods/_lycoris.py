@@ -1,4 +1,4 @@
-"""What LoHa and LoKr share: the config fields, the dropout behaviour of the LyCORIS family, the CP
+"""What LoHa and LoKr share: the dropout behaviour of the LyCORIS family, the CP
 (Tucker) rebuild of a conv kernel, and the fast path that trains through the per-step weight W + ΔW.
 
 - ``module_dropout`` p_m: in training, the whole adapter term is skipped with probability p_m.
@@ -8,17 +8,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..config import AdapterConfig, check_range
 from ..layers import LowRankLayer
 from ._fused import adapter_input, is_plain, merged_weight_pays
-from ._target_defaults import LORA_DEFAULT_TARGETS
+from ._lycoris_config import LycorisConfig
 
 
 def cp_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
@@ -30,43 +27,6 @@ def cp_rebuild(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Ten
 def cp_core_shape(kernel: tuple[int, ...]) -> tuple[int, int]:
     """The spatial shape of a CP core: the kernel of a Conv2d, (k, 1) for a Conv1d (PEFT's layout)."""
     return (kernel[0], kernel[1]) if len(kernel) == 2 else (kernel[0], 1)
-
-
-@dataclass
-class LycorisConfig(AdapterConfig):
-    """Fields common to LoHa and LoKr.
-
-    Attributes:
-        r: Rank (default 8).
-        alpha: Scale numerator; s = alpha / r (default 8).
-        rank_dropout: Probability of dropping an output row of ΔW in training, in [0, 1).
-        module_dropout: Probability of skipping the whole adapter in a training step, in [0, 1).
-        use_effective_conv2d: Use the CP (Tucker) form for Conv2d kernels larger than 1×1.
-        init_weights: Initialisation (see the method's config).
-    """
-
-    r: int = 8
-    alpha: float = 8
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
-    use_effective_conv2d: bool = False
-    init_weights: bool | str = True
-
-    ALPHA_FIELD: ClassVar[str] = "alpha"
-    DROPOUT_FIELD: ClassVar[str | None] = "module_dropout"
-    RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16, "alpha": 16, "module_dropout": 0.1}
-    INIT_CHOICES: ClassVar[tuple[bool | str, ...]] = (True, False)
-    DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = LORA_DEFAULT_TARGETS
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_range("rank_dropout", self.rank_dropout, 0, 1)
-        check_range("module_dropout", self.module_dropout, 0, 1)
-        if self.init_weights not in self.INIT_CHOICES:
-            raise ValueError(
-                f"init_weights={self.init_weights!r} is not valid for {type(self).__name__}; choose one of "
-                f"{', '.join(map(repr, self.INIT_CHOICES))}"
-            )
 
 
 class LycorisLayer(LowRankLayer):
@@ -81,11 +41,11 @@ class LycorisLayer(LowRankLayer):
         self.rank_dropout: dict[str, float] = {}
         self.module_dropout: dict[str, float] = {}
         self.rank_dropout_scale: dict[str, bool] = {}
-        self._extra_per_adapter = {
-            "rank_dropout": self.rank_dropout,
-            "module_dropout": self.module_dropout,
-            "rank_dropout_scale": self.rank_dropout_scale,
-        }
+        self._extra_per_adapter.update(
+            rank_dropout=self.rank_dropout,
+            module_dropout=self.module_dropout,
+            rank_dropout_scale=self.rank_dropout_scale,
+        )
 
     def _set_dropouts(self, adapter_name: str, config: LycorisConfig, scale: bool) -> None:
         self.rank_dropout[adapter_name] = float(config.rank_dropout)

@@ -11,40 +11,25 @@ An orthogonality regulariser ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F keeps A a
 The allocation keeps everything on the device (no ``.item()``/``.tolist()`` per step): the
 threshold, the masks and the EMAs are tensors; the rank pattern is read back to the host only when
 the budget becomes final or the adapter is saved.
+
+The config and the registration live here (no torch); the tuner, the layer and the allocator in
+:mod:`._adalora_model`, :mod:`._adalora_layer` and :mod:`._adalora_allocator`, imported on first use.
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-from torch import nn
-
-from ..config import AdapterConfig, check_positive_int, check_range
-from ..layers import AdapterLayer, expect_config
+from ..config import check_positive_int, check_range, help_field
 from ..registry import MethodSpec, register_method
-from ._adalora_allocator import RankAllocator, allocator_state, budget_schedule, restore_allocator_state
-from ._adalora_layer import SVDLayer, adalora_delta_weight, adalora_scaling, orthogonal_regularizer
-from ._adalora_patterns import expand_pruned_tensors, masks_by_module
+from ._lazy import forward_attributes
 from ._target_defaults import ADALORA_DEFAULT_TARGETS
-from .lora import LoraConfig, LoraModel
+from .lora import LoraConfig
 
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "AdaLoraConfig",
-    "AdaLoraModel",
-    "RankAllocator",
-    "SVDLayer",
-    "adalora_delta_weight",
-    "adalora_scaling",
-    "budget_schedule",
-    "orthogonal_regularizer",
-]
+__all__ = ["AdaLoraConfig"]
 
 #: What ``deltatune train`` uses when the user sets none of these: warm up 10% of the run, prune, fix the
 #: budget for the last 30%, reallocating about 50 times.
@@ -53,35 +38,26 @@ SCHEDULE_FIELDS = ("tinit", "tfinal", "deltaT", "total_step")
 
 @dataclass
 class AdaLoraConfig(LoraConfig):
-    """Configuration of AdaLoRA (PEFT's ``AdaLoraConfig`` fields, defaults and JSON keys).
+    """Configuration of AdaLoRA (PEFT's ``AdaLoraConfig`` fields, defaults and JSON keys; each field's
+    description is its ``help`` metadata). ``r`` is not used (``init_r`` and ``target_r`` are); ``use_rslora``
+    is ignored; the scale is lora_alpha / init_r (not divided by the final rank)."""
 
-    Attributes:
-        target_r: Average rank per module at the end of training (default 8).
-        init_r: Rank every module starts with (default 12).
-        tinit: Steps of warm-up before any pruning (default 0).
-        tfinal: Steps at the end with the final budget fixed (default 0).
-        deltaT: Prune every ``deltaT`` steps in between (default 1).
-        beta1: EMA factor of the sensitivity (default 0.85).
-        beta2: EMA factor of the uncertainty (default 0.85).
-        orth_reg_weight: Weight of the orthogonality regulariser added to the training loss (default 0.5).
-        total_step: Total training steps. May be left None here; the deltatune Trainer fills it from its
-            planned steps, and ``update_and_allocate`` refuses to run without it.
-        rank_pattern: After training, ``{"<module>.lora_E": [keep, ...]}``; None before any pruning.
-        lora_alpha: Scale numerator; the scale is lora_alpha / init_r (not divided by the final rank).
-
-    ``r`` is not used (``init_r`` and ``target_r`` are); ``use_rslora`` is ignored.
-    """
-
-    target_r: int = 8
-    init_r: int = 12
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: int | None = None
-    rank_pattern: dict[str, Any] | None = None
+    target_r: int = help_field("Average rank per module at the end of training.", 8)
+    init_r: int = help_field("Rank every module starts with.", 12)
+    tinit: int = help_field("Steps of warm-up before any pruning.", 0)
+    tfinal: int = help_field("Steps at the end of training with the final budget fixed.", 0)
+    deltaT: int = help_field("Number of steps between two budget allocations while pruning.", 1)
+    beta1: float = help_field("EMA factor of the sensitivity, at least 0 and below 1.", 0.85)
+    beta2: float = help_field("EMA factor of the uncertainty, at least 0 and below 1.", 0.85)
+    orth_reg_weight: float = help_field(
+        "Weight of the orthogonality regulariser added to the training loss.", 0.5
+    )
+    total_step: int | None = help_field(
+        "Total training steps; when unset, the deltatune Trainer fills it from its planned steps.", None
+    )
+    rank_pattern: dict[str, Any] | None = help_field(
+        "After training, the kept singular values of each module; unset before any pruning.", None
+    )
 
     PEFT_TYPE: ClassVar[str] = "ADALORA"
     DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = ADALORA_DEFAULT_TARGETS
@@ -154,294 +130,19 @@ class AdaLoraConfig(LoraConfig):
         return self.init_r, alpha
 
 
-class AdaLoraModel(LoraModel):
-    """The tuner for AdaLoRA: adds the orthogonal regulariser to a training loss and owns the allocator.
-
-    ``update_and_allocate(global_step)`` must run after each backward and before ``zero_grad``; the
-    deltatune Trainer calls it through :meth:`on_optimizer_step`.
-    """
-
-    CHECKPOINT_STATE_FILE: ClassVar[str | None] = "adalora_state.safetensors"
-    _allocator: RankAllocator | None = None
-
-    # ---- hooks ----------------------------------------------------------------------------------
-    def check_new_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        trainable = [n for n, c in self.peft_config.items() if not c.inference_mode]
-        if trainable and not config.inference_mode:
-            raise ValueError(
-                f"AdaLoraModel supports only 1 trainable adapter: {trainable[0]!r} is already trainable. "
-                "Load additional adapters with is_trainable=False (inference_mode=True)"
-            )
-        super().check_new_adapter(adapter_name, config)
-
-    def after_inject(self, adapter_name: str, config: AdapterConfig) -> None:
-        """A config that carries a rank pattern (a saved, pruned adapter) shrinks the modules to it."""
-        self._forget_layers()
-        pattern = expect_config(config, AdaLoraConfig).rank_pattern
-        if pattern:
-            self.resize_by_rank_pattern(pattern, adapter_name)
-
-    def extra_loss(self) -> torch.Tensor | None:
-        config = self._config()
-        if config.orth_reg_weight <= 0 or config.inference_mode:
-            return None
-        return config.orth_reg_weight * self.orthogonal_loss()
-
-    def prepare_training(self, planned_steps: int) -> None:
-        """Fills ``total_step`` from the planned optimiser steps when unset, and checks the schedule."""
-        config = self._config()
-        if config.total_step is None:
-            config.total_step = int(planned_steps)
-            logger.info(
-                "AdaLoRA: total_step set to the trainer's planned %d optimiser steps", config.total_step
-            )
-        elif config.total_step != planned_steps:
-            logger.warning(
-                "AdaLoRA: total_step=%d but the trainer plans %d optimiser steps; the budget schedule follows "
-                "total_step",
-                config.total_step,
-                planned_steps,
-            )
-        config.check_schedule(config.total_step)
-        if planned_steps <= config.tinit:
-            msg = "AdaLoRA: this run ends at step %d, before pruning starts (tinit=%d): all init_r=%d ranks are kept"
-            logger.warning(msg + " and saved unpruned", planned_steps, config.tinit, config.init_r)
-            return
-        logger.info(
-            "AdaLoRA: ranks %d → %d on average; pruning between steps %d and %d, every %d steps",
-            config.init_r,
-            config.target_r,
-            config.tinit,
-            config.total_step - config.tfinal,
-            config.deltaT,
-        )
-
-    def on_optimizer_step(self, global_step: int) -> None:
-        self.update_and_allocate(global_step)
-
-    def rank_summary(self, adapter_name: str | None = None) -> dict[str, int] | None:
-        """``{"<module>": kept rank}`` from the current rank pattern (None before any pruning)."""
-        pattern = self.current_rank_pattern(adapter_name)
-        if not pattern:
-            return None
-        return {k.removesuffix(".lora_E"): int(sum(bool(v) for v in keep)) for k, keep in pattern.items()}
-
-    def training_summary(self) -> dict[str, Any]:
-        ranks = self.rank_summary()
-        if not ranks:
-            return {}
-        config = self._config()
-        line = (
-            f"AdaLoRA: final ranks sum {sum(ranks.values())} over {len(ranks)} modules "
-            f"(min {min(ranks.values())}, max {max(ranks.values())})"
-        )
-        if self.__dict__.get("_logged_summary") != line:  # the Trainer and the recipe both ask: say it once
-            logger.info(line)
-            self.__dict__["_logged_summary"] = line
-        return {"ranks": ranks, "rank_max": config.init_r}
-
-    def prepare_save(self, adapter_name: str) -> None:
-        if expect_config(self.peft_config[adapter_name], AdaLoraConfig).total_step is None:
-            warnings.warn(
-                "saving an AdaLoRA adapter whose total_step is unset: peft refuses to load such a config; "
-                "deltatune's Trainer fills it from the planned steps",
-                stacklevel=4,
-            )
-
-    def before_export(self, adapter_name: str) -> None:
-        self.current_rank_pattern(adapter_name)  # brings config.rank_pattern up to date with the masks
-
-    def export_layer_tensors(
-        self, module_name: str, layer: AdapterLayer, adapter_name: str
-    ) -> dict[str, Any]:
-        """Triplets sliced to the kept ranks of the rank pattern (PEFT's format; rank 0 allowed)."""
-        pattern = expect_config(self.peft_config[adapter_name], AdaLoraConfig).rank_pattern
-        if not isinstance(layer, SVDLayer):
-            return super().export_layer_tensors(module_name, layer, adapter_name)
-        keep = None
-        if pattern:
-            keep = next(
-                (pattern[f"{v}.lora_E"] for v in self.name_variants(module_name) if f"{v}.lora_E" in pattern),
-                None,
-            )
-        return layer.export_tensors(adapter_name, torch.tensor(keep, dtype=torch.bool) if keep else None)
-
-    def adapt_loaded_tensors(
-        self, tensors: dict[str, torch.Tensor], adapter_name: str, saved_config: AdapterConfig | None
-    ) -> dict[str, torch.Tensor]:
-        """A pruned file loaded into modules that still hold all ``init_r`` triplets (resuming) is scattered
-        back to full rank (see :meth:`expand_pruned`)."""
-        pattern = (
-            getattr(saved_config, "rank_pattern", None) if isinstance(saved_config, AdaLoraConfig) else None
-        )
-        return self.expand_pruned(tensors, pattern, adapter_name) if pattern else tensors
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """The unpruned trainable tensors and the allocator's EMAs and masks (see :func:`allocator_state`)."""
-        trainable = {f"base_model.{n}": p for n, p in self.named_parameters() if p.requires_grad}
-        return allocator_state(trainable, self.rank_allocator)
-
-    def load_checkpoint_state(self, tensors: dict[str, torch.Tensor], saved_config: AdapterConfig) -> None:
-        """Restores :meth:`checkpoint_state` (same adapter layout required) and the saved rank pattern."""
-        params = {f"base_model.{n}": p for n, p in self.named_parameters()}
-        restore_allocator_state(params, self.rank_allocator, tensors)
-        self._config().rank_pattern = getattr(saved_config, "rank_pattern", None)
-
-    # ---- AdaLoRA's own API ----------------------------------------------------------------------
-    def _config(self, adapter_name: str | None = None) -> AdaLoraConfig:
-        return expect_config(self.peft_config[adapter_name or self.current_adapter], AdaLoraConfig)
-
-    def resize_by_rank_pattern(self, rank_pattern: dict[str, list[bool]], adapter_name: str) -> None:
-        """Shrinks each module to the number of kept triplets in ``rank_pattern`` (before loading)."""
-        by_name = masks_by_module(rank_pattern, self.aliases.modern)
-        for name, layer in self.adapter_layers():
-            if not isinstance(layer, SVDLayer) or adapter_name not in layer.r:
-                continue
-            keep: list[bool] | None = next(
-                (by_name[v] for v in self.name_variants(name) if v in by_name), None
-            )
-            if keep is not None:
-                layer.resize(adapter_name, int(sum(bool(k) for k in keep)))
-
-    def expand_pruned(
-        self, tensors: dict[str, torch.Tensor], rank_pattern: dict[str, list[bool]], adapter_name: str
-    ) -> dict[str, torch.Tensor]:
-        """Saved tensors of a pruned adapter, scattered back to the modules of ``adapter_name`` that still
-        hold all ``init_r`` triplets (pruned ones zero): a checkpoint then resumes into the adapter being
-        trained. The rank pattern is adopted, so later saves slice and post-``tfinal`` steps re-mask."""
-        ranks = {name: layer.r[adapter_name] for name, layer in self.svd_layers(adapter_name)}
-        masks = masks_by_module(rank_pattern, self.aliases.modern)
-        out, expanded = expand_pruned_tensors(
-            tensors, masks, ranks, lambda module: dict.fromkeys([module, self.aliases.modern(module)])
-        )
-        if expanded:
-            expect_config(self.peft_config[adapter_name], AdaLoraConfig).rank_pattern = dict(rank_pattern)
-            if self._allocator is not None and self._allocator.adapter_name == adapter_name:
-                self._allocator = None
-        return out
-
-    def _masks_from_rank_pattern(
-        self, allocator: RankAllocator, rank_pattern: dict[str, list[bool]]
-    ) -> list[torch.Tensor] | None:
-        """Keep masks for the allocator's layers from a stored rank pattern (None if it does not fit)."""
-        by_name = masks_by_module(rank_pattern, self.aliases.modern)
-        masks: list[torch.Tensor] = []
-        for name, layer in allocator.layers:
-            keep = next((by_name[v] for v in self.name_variants(name) if v in by_name), None)
-            if keep is None or len(keep) != layer.r[allocator.adapter_name]:
-                return None
-            device = layer.lora_E[allocator.adapter_name].device
-            masks.append(torch.tensor(keep, dtype=torch.bool, device=device))
-        return masks
-
-    def svd_layers(self, adapter_name: str | None = None) -> list[tuple[str, SVDLayer]]:
-        """The SVD layers holding ``adapter_name`` (default: the active one). Kept between calls (the
-        regulariser asks on every forward); injecting, deleting or unloading an adapter refreshes it."""
-        name = adapter_name or self.current_adapter
-        cache = self.__dict__.setdefault("_svd_layers", {})
-        if name not in cache:
-            cache[name] = [
-                (n, layer)
-                for n, layer in self.adapter_layers()
-                if isinstance(layer, SVDLayer) and name in layer.r
-            ]
-        return list(cache[name])
-
-    def _forget_layers(self) -> None:
-        self.__dict__.pop("_svd_layers", None)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._forget_layers()
-        super().delete_adapter(adapter_name)
-        self._forget_layers()
-
-    def unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
-        self._forget_layers()
-        return super().unload_and_optionally_merge(*args, **kwargs)
-
-    @property
-    def rank_allocator(self) -> RankAllocator:
-        """The allocator of the active adapter (created on first use)."""
-        config = expect_config(self.peft_config[self.current_adapter], AdaLoraConfig)
-        if self._allocator is None or self._allocator.adapter_name != self.current_adapter:
-            self._allocator = RankAllocator(self.svd_layers(), config, self.current_adapter)
-        return self._allocator
-
-    def orthogonal_loss(self) -> torch.Tensor:
-        """The orthogonal regulariser over the active adapter's factors, in their own precision (fp32) also
-        under autocast: it is a handful of r×r Gram matrices, and rounding them to bf16 only adds casts."""
-        n = self.current_adapter
-        factors = [(layer.lora_A[n], layer.lora_B[n]) for _, layer in self.svd_layers()]
-        device = factors[0][0].device.type if factors else "cpu"
-        with torch.autocast(device, enabled=False):
-            return orthogonal_regularizer(factors)
-
-    def update_and_allocate(self, global_step: int) -> None:
-        """Updates importances and prunes singular values per the budget schedule.
-
-        Call after ``loss.backward()`` and before ``optimizer.zero_grad()``.
-
-        Raises:
-            ValueError: if ``total_step`` is not set on the config.
-        """
-        config = expect_config(self.peft_config[self.current_adapter], AdaLoraConfig)
-        if config.total_step is None:
-            raise ValueError(
-                "AdaLoraConfig.total_step is not set; set it to the number of optimiser steps, or train with "
-                "deltatune's Trainer integration, which fills it from the planned steps"
-            )
-        allocator = self.rank_allocator
-        total = config.total_step
-        final_step = total - config.tfinal
-        if global_step < final_step:
-            if allocator.update_ipt():
-                budget, mask = budget_schedule(
-                    global_step,
-                    allocator.init_bgt,
-                    allocator.target_bgt,
-                    config.tinit,
-                    config.tfinal,
-                    total,
-                    config.deltaT,
-                )
-                if mask:
-                    allocator.mask_to_budget(budget)
-        elif global_step == final_step:
-            if allocator.ipt is None:
-                allocator.update_ipt()
-            if allocator.ipt is not None:
-                allocator.mask_to_budget(allocator.target_bgt)
-                config.rank_pattern = allocator.rank_pattern()
-                allocator.reset_ipt()
-        else:
-            if allocator.masks is None and config.rank_pattern:  # e.g. resumed after tfinal
-                allocator.masks = self._masks_from_rank_pattern(allocator, config.rank_pattern)
-            if allocator.masks is not None:
-                allocator.apply_masks(allocator.masks)
-
-    def current_rank_pattern(self, adapter_name: str | None = None) -> dict[str, list[bool]] | None:
-        """The rank pattern to save: the final one, or the latest masks during training."""
-        name = adapter_name or self.current_adapter
-        config = expect_config(self.peft_config[name], AdaLoraConfig)
-        if (
-            self._allocator is not None
-            and self._allocator.adapter_name == name
-            and self._allocator.masks is not None
-        ):
-            config.rank_pattern = self._allocator.rank_pattern()
-        return config.rank_pattern
-
-
 register_method(
     MethodSpec(
         name="adalora",
         config_cls=AdaLoraConfig,
-        layer_cls=SVDLayer,
+        layer="deltatune.methods._adalora_layer:SVDLayer",
         prefix="lora_",
-        tuner_cls=AdaLoraModel,
+        tuner="deltatune.methods._adalora_model:AdaLoraModel",
         display_name="AdaLoRA",
-        example_kwargs={"init_r": 6, "target_r": 2, "lora_alpha": 8, "total_step": 20},
+        extends="lora",
         listing_order=40,
-        nonzero_init={"init_lora_weights": False},
     )
+)
+
+__getattr__ = forward_attributes(
+    __name__, "._adalora_model", "._adalora_layer", "._adalora_allocator", "._adalora_patterns"
 )

@@ -4,29 +4,23 @@
 
 For a Conv2d, A is a conv with the base kernel (in → r) and B a 1×1 conv (r → out), so
 ΔW[o, i, …] = s · Σ_k B[o, k] A[k, i, …].
+
+The config and the registration live here (no torch); the maths and the layers in :mod:`._lora_layer`,
+:mod:`._lora_kinds` and :mod:`._lora_model`, imported on first use.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from ..config import AdapterConfig, PeftWarning, check_choice, check_range
-from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, is_transposed
-from ..layers import AdapterLayer, expect_config, kaiming_uniform_, module_bias, module_weight
+from ..config import AdapterConfig, check_choice, check_range, help_field
 from ..registry import MethodSpec, register_method
-from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
-from ._lora_model import LoraBiasMergeError, LoraModel
+from ._lazy import forward_attributes
 from ._target_defaults import LORA_DEFAULT_TARGETS
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraModel", "lora_delta_forward", "lora_delta_weight"]
+__all__ = ["LoraConfig"]
 
 INIT_CHOICES = (True, False, "gaussian")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -36,29 +30,30 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 class LoraConfig(AdapterConfig):
     """Configuration of LoRA (same fields, defaults and JSON keys as PEFT's ``LoraConfig``).
 
-    Attributes:
-        r: Rank (default 8).
-        lora_alpha: Scale numerator; s = lora_alpha / r (default 8).
-        lora_dropout: Dropout on the adapter's input, in [0, 1) (default 0).
-        fan_in_fan_out: True when the base weight is stored (in, out) (transformers ``Conv1D``).
-        bias: Which biases train: ``"none"``, ``"all"`` or ``"lora_only"`` (targeted layers only).
-        use_rslora: Use s = lora_alpha / √r.
-        init_lora_weights: ``True`` (A kaiming-uniform, B = 0), ``"gaussian"`` (A ~ N(0, 1/r²), B = 0) or
-            ``False`` (both random: the adapter starts as a non-zero delta).
-        lora_bias: Give B a trainable bias.
-        use_dora: Weight-decomposed LoRA (DoRA): handled by the ``dora`` method (:mod:`deltatune.methods.dora`).
-
-    The remaining fields exist so that configs written by PEFT round-trip unchanged; values other
-    than their defaults are rejected with a clear error when they would change behaviour.
+    Each field's description is its ``help`` metadata. The fields after ``init_lora_weights`` exist so that
+    configs written by PEFT round-trip unchanged; values other than their defaults are rejected with a clear
+    error when they would change behaviour.
     """
 
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    init_lora_weights: bool | str = True
+    r: int = help_field("Rank of the update B A, a positive integer.", 8)
+    lora_alpha: float = help_field("Scale numerator: the update is scaled by lora_alpha / r.", 8)
+    lora_dropout: float = help_field(
+        "Dropout probability on the adapter's input, at least 0 and below 1.", 0.0
+    )
+    fan_in_fan_out: bool = help_field(
+        "Whether the base weight is stored as (in, out), as in transformers' Conv1D; corrected to the layer's "
+        "real layout with a warning.",
+        False,
+    )
+    bias: str = help_field(
+        "Which biases train: 'none', 'all', or 'lora_only' (the biases of the targeted layers).", "none"
+    )
+    use_rslora: bool = help_field("Whether to scale by lora_alpha / sqrt(r) (rank-stabilised LoRA).", False)
+    init_lora_weights: bool | str = help_field(
+        "Initialisation: true (A Kaiming-uniform, B zero), 'gaussian' (A normal with standard deviation 1/r, "
+        "B zero) or false (both random, so the adapter starts as a non-zero update).",
+        True,
+    )
     megatron_config: dict[str, Any] | None = None
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: Any = None
@@ -66,14 +61,16 @@ class LoraConfig(AdapterConfig):
     eva_config: Any = None
     corda_config: Any = None
     lora_ga_config: Any = None
-    use_dora: bool = False
+    use_dora: bool = help_field(
+        "Whether to use weight-decomposed LoRA (DoRA), which the 'dora' method implements.", False
+    )
     velora_config: Any = None
     alora_invocation_tokens: Any = None
     use_qalora: bool = False
     qalora_group_size: int = 16
     monteclora_config: Any = None
     layer_replication: Any = None
-    lora_bias: bool = False
+    lora_bias: bool = help_field("Whether B gets a trainable bias.", False)
     target_parameters: Any = None
     use_bdlora: Any = None
     arrow_config: Any = None
@@ -126,269 +123,21 @@ class LoraConfig(AdapterConfig):
         return any(getattr(self, flag, False) for flag in self.VARIANT_FLAGS)
 
 
-# ---- pure maths ---------------------------------------------------------------------------------
-def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """s = alpha / r, or alpha / √r for rsLoRA."""
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def lora_delta_weight(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """ΔW = s · B A.
-
-    Args:
-        lora_a: (r, in) or, for a conv, (r, in, *kernel).
-        lora_b: (out, r) or (out, r, 1, 1).
-        scaling: s.
-
-    Returns:
-        (out, in) or (out, in, *kernel).
-    """
-    b2 = lora_b.reshape(lora_b.shape[0], lora_b.shape[1])
-    a2 = lora_a.reshape(lora_a.shape[0], -1)
-    return (b2 @ a2).reshape(lora_b.shape[0], *lora_a.shape[1:]) * scaling
-
-
-def lora_delta_forward(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """s · B A x for a Linear: x (..., in) → (..., out), without forming ΔW."""
-    return F.linear(F.linear(x, lora_a), lora_b) * scaling
-
-
-# ---- layer --------------------------------------------------------------------------------------
-def lora_conv_factors(base: nn.Module, r: int, lora_bias: bool, **kw: Any) -> tuple[nn.Module, nn.Module]:
-    """(A, B) for a ConvNd base: A a conv with the base's kernel, stride, padding, dilation and padding mode
-    (in → r, groups 1), B a 1×…×1 conv (r → out) with the base's groups.
-
-    Raises:
-        ValueError: when r is not a multiple of the base's groups (PEFT's rule).
-    """
-    conv: Any = base
-    if r % conv.groups:
-        raise ValueError(
-            f"Targeting a {type(base).__name__} with groups={conv.groups} and rank {r}: LoRA needs a rank "
-            "divisible by groups; choose another rank or leave this layer out"
-        )
-    ones = (1,) * len(conv.kernel_size)
-    lora_a = type(base)(
-        conv.in_channels,
-        r,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        bias=False,
-        padding_mode=conv.padding_mode,
-        **kw,
-    )
-    lora_b = type(base)(r, conv.out_channels, ones, ones, groups=conv.groups, bias=lora_bias, **kw)
-    return lora_a, lora_b
-
-
-class LoraLayer(AdapterLayer):
-    """Wraps a Linear, transformers ``Conv1D`` or ConvNd with LoRA adapters (``lora_A``/``lora_B`` module
-    dicts); ``nn.Embedding`` and ``nn.MultiheadAttention`` are kinds of their own (:mod:`.lora_layers`).
-
-    For a Linear or Conv1D, ``lora_A[name]`` is Linear(in, r) and ``lora_B[name]`` Linear(r, out); for a
-    ConvNd, ``lora_A[name]`` is a conv with the base's kernel, stride, padding and dilation (in → r) and
-    ``lora_B[name]`` a 1×…×1 conv (r → out, the base's groups: a grouped conv cannot be merged).
-    """
-
-    repr_prefix: ClassVar[str] = "lora"
-
-    adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
-    supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (
-        nn.Linear,
-        Conv1D,
-        *CONV_TYPES,
-        nn.Embedding,
-        nn.MultiheadAttention,
-    )
-    lora_A: nn.ModuleDict
-    lora_B: nn.ModuleDict
-    lora_dropout: nn.ModuleDict
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-
-    @property
-    def mergeable(self) -> bool:
-        """False on a grouped conv: the LoRA term mixes channels across groups, which no grouped kernel holds."""
-        return conv_groups(self.base_layer) == 1
-
-    @property
-    def fan_in_fan_out(self) -> bool:
-        """True when the base stores its weight (in, out) (transformers ``Conv1D``)."""
-        return is_transposed(self.base_layer)
-
-    def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
-        config = expect_config(config, LoraConfig)
-        base = self.base_layer
-        kw = self._new_dtype_device()
-        if config.lora_bias and self.base_bias is None:
-            warnings.warn(
-                f"`lora_bias=True` was passed but the targeted layer of type {type(base).__name__} has no bias. "
-                "This means that merging LoRA weights won't be possible.",
-                PeftWarning,
-                stacklevel=4,
-            )
-        lora_a: nn.Module
-        lora_b: nn.Module
-        if isinstance(base, CONV_TYPES):
-            if conv_groups(base) > 1:
-                warnings.warn(
-                    f"LoRA adapter added to {type(base).__name__} layer with groups > 1. Merging is not supported.",
-                    stacklevel=4,
-                )
-            lora_a, lora_b = lora_conv_factors(base, r, config.lora_bias, **kw)
-        elif isinstance(base, nn.Linear | Conv1D):
-            self._check_fan_in_fan_out(config)
-            in_dim, out_dim = self.in_features, self.out_features
-            lora_a = nn.Linear(in_dim, r, bias=False, **kw)
-            lora_b = nn.Linear(r, out_dim, bias=config.lora_bias, **kw)
-        else:
-            raise TypeError(f"LoraLayer adapts Linear, Conv1D and ConvNd layers, not {type(base).__name__}")
-        self.lora_A[adapter_name] = lora_a
-        self.lora_B[adapter_name] = lora_b
-        self.lora_dropout[adapter_name] = (
-            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        )
-        self.r[adapter_name] = r
-        self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
-        self.reset_parameters(adapter_name, config.init_lora_weights)
-        self._finish_update(adapter_name)
-
-    def _check_fan_in_fan_out(self, config: LoraConfig) -> None:
-        """PEFT's correction of ``fan_in_fan_out`` to the layer's real layout, with its warning."""
-        if config.fan_in_fan_out == self.fan_in_fan_out:
-            return
-        if self.fan_in_fan_out:
-            message = "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
-        else:
-            message = (
-                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out "
-                "to False."
-            )
-        warnings.warn(message, stacklevel=5)
-        config.fan_in_fan_out = self.fan_in_fan_out
-
-    def reset_parameters(self, adapter_name: str, init: bool | str) -> None:
-        """Initialises A and B as PEFT does for ``init_lora_weights``."""
-        a, b = self.factor_weights(adapter_name)
-        b_bias = module_bias(self.lora_B[adapter_name])
-        with torch.no_grad():
-            if init is False:
-                kaiming_uniform_(a)
-                kaiming_uniform_(b)
-                if b_bias is not None:
-                    bound = 1 / math.sqrt(b[0].numel())
-                    nn.init.uniform_(b_bias, -bound, bound)
-                return
-            if init == "gaussian":
-                nn.init.normal_(a, std=1 / self.r[adapter_name])
-            else:
-                kaiming_uniform_(a)
-            nn.init.zeros_(b)
-            if b_bias is not None:
-                nn.init.zeros_(b_bias)
-
-    def factor_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) weights of ``adapter_name``: (r, in[, *kernel]) and (out, r[, 1, 1])."""
-        return module_weight(self.lora_A[adapter_name]), module_weight(self.lora_B[adapter_name])
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """ΔW in the base weight's layout ((in, out) for a Conv1D).
-
-        Raises:
-            NotImplementedError: for a grouped conv, whose LoRA term is no grouped kernel (it cannot be merged).
-        """
-        if conv_groups(self.base_layer) > 1:
-            raise NotImplementedError(
-                f"Merging is not supported for {type(self.base_layer).__name__} layers with groups > 1: the LoRA term "
-                "mixes channels across groups, which a grouped kernel cannot hold"
-            )
-        a, b = self.factor_weights(adapter_name)
-        compute = (
-            torch.float32
-            if a.device.type == "cpu" and a.dtype in (torch.float16, torch.bfloat16)
-            else a.dtype
-        )
-        delta = lora_delta_weight(a.to(compute), b.to(compute), self.scaling[adapter_name])
-        return from_out_in(self.base_layer, delta)
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """W += ΔW (and bias += s·B.bias with ``lora_bias``); see :meth:`AdapterLayer.merge`.
-
-        Raises:
-            ValueError: if an adapter has a ``lora_bias`` but the base layer has no bias to fold it into.
-        """
-        names = self.active_adapters if adapter_names is None else adapter_names
-        if conv_groups(self.base_layer) > 1 and any(n in self.r for n in names):
-            self.delta_weight(names[0])  # raises NotImplementedError, as PEFT does
-        if self.base_bias is None:
-            biased = [n for n in names if n in self.lora_B and module_bias(self.lora_B[n]) is not None]
-            if biased:
-                raise LoraBiasMergeError(
-                    f"Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias (adapters "
-                    f"{biased}); keep them unmerged"
-                )
-        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-
-    def _merge_bias(self, adapter_name: str, sign: float) -> None:
-        lora_bias, base_bias = module_bias(self.lora_B[adapter_name]), self.base_bias
-        if lora_bias is not None and base_bias is not None:
-            base_bias.data += sign * lora_bias.data.to(base_bias.dtype) * self.scaling[adapter_name]
-
-    def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        x = self.lora_dropout[adapter_name](x).to(a.weight.dtype)
-        return b(a(x)) * self.scaling[adapter_name]
-
-    def _dropout_p(self, adapter_name: str) -> float:
-        drop = self.lora_dropout[adapter_name]
-        return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
-
-    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        # The base GEMM and the low-rank term, fused (see _fused.low_rank_linear).
-        a_layer, b_layer = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        if not isinstance(a_layer, nn.Linear) or module_bias(b_layer) is not None:
-            return None
-        a_w, b_w = self.factor_weights(adapter_name)
-        p = self._dropout_p(adapter_name)
-        needs_grad = torch.is_grad_enabled() and (a_w.requires_grad or b_w.requires_grad)
-        plain = is_plain(self.base_layer, (nn.Linear,))
-        if plain and p == 0 and low_rank_merge_pays(x, self.base_weight, a_w.shape[0], needs_grad):
-            # Inference over many tokens: one GEMM with W + s B A (what merging computes), built by one addmm.
-            weight = self.base_weight
-            merged = torch.addmm(
-                weight, b_w.to(weight.dtype), a_w.to(weight.dtype), alpha=self.scaling[adapter_name]
-            )
-            return self.base_forward_with_weight(x, merged, self.base_bias)
-        return low_rank_linear(self.base_layer, x, a_w, b_w, self.scaling[adapter_name], p)
-
-    def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        if not isinstance(a, nn.Linear) or module_bias(b) is not None:
-            return super().add_adapter_output(result, x, adapter_name)
-        # One GEMM-accumulate (result + s · hidden Bᵀ); dropout, when on, runs inside without an N×in copy.
-        a_w, b_w = self.factor_weights(adapter_name)
-        return low_rank_add(result, x, a_w, b_w, self.scaling[adapter_name], self._dropout_p(adapter_name))
-
-
 register_method(
     MethodSpec(
         name="lora",
         config_cls=LoraConfig,
-        layer_cls=LoraLayer,
+        layer="deltatune.methods._lora_layer:LoraLayer",
+        layer_kinds=(
+            "deltatune.methods._lora_kinds:LoraEmbeddingLayer",
+            "deltatune.methods._lora_kinds:LoraMultiheadAttentionLayer",
+        ),
         prefix="lora_",
-        tuner_cls=LoraModel,
+        tuner="deltatune.methods._lora_model:LoraModel",
         selects=lambda config: not config.selects_variant,
         display_name="LoRA",
-        example_kwargs={"r": 4, "lora_alpha": 8},
         listing_order=10,
-        nonzero_init={"init_lora_weights": False},
     )
 )
+
+__getattr__ = forward_attributes(__name__, "._lora_layer", "._lora_model", "._lora_kinds")

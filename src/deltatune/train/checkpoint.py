@@ -17,7 +17,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from .._files import atomic_path, read_json, write_json
-from ..config import CONFIG_NAME, AdapterConfig, PeftConfig
+from ..config import CONFIG_NAME, PeftConfig, TargetingConfig
 from ..model import PeftModel
 from ..serialization import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 
@@ -185,7 +185,7 @@ def load_adapter_checkpoint(model: PeftModel, directory: str | os.PathLike[str])
                 "written by deltatune's Trainer (its PEFT files alone do not hold the whole training state)"
             )
         saved = PeftConfig.from_pretrained(directory)
-        if not isinstance(saved, AdapterConfig):
+        if not isinstance(saved, TargetingConfig):
             raise ValueError(f"{directory}/{CONFIG_NAME} is not an adapter config")
         tuner.load_checkpoint_state(load_file(path), saved)
     logger.debug("restored adapter %r from %s", model.active_adapter, directory)

@@ -27,8 +27,9 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..layer_types import apply_with_weight
-from ..layers import AdapterLayer, expect_config, module_bias
-from .lora import LoraConfig, LoraLayer, lora_scaling
+from ..layers import RankedLayer, expect_config, module_bias
+from ._lora_layer import LoraLayer, lora_scaling
+from .lora import LoraConfig
 
 __all__ = ["LoraEmbeddingLayer", "LoraMultiheadAttentionLayer", "lora_embedding_delta_weight"]
 
@@ -69,7 +70,7 @@ def _plus_deltas(layer: LoraLayer, names: list[str]) -> torch.Tensor:
     return weight
 
 
-class LoraEmbeddingLayer(AdapterLayer):
+class LoraEmbeddingLayer(RankedLayer):
     """Wraps an ``nn.Embedding`` with LoRA adapters (see the module docstring)."""
 
     repr_prefix: ClassVar[str] = "lora"
@@ -204,7 +205,3 @@ class LoraMultiheadAttentionLayer(LoraLayer):
 
     def check_mixed_batch(self, x: torch.Tensor, row_adapters: list[str]) -> None:
         raise TypeError(f"{self._get_name()} does not support mixed adapter batches.")
-
-
-LoraLayer.register_layer_kind(nn.Embedding, LoraEmbeddingLayer)
-LoraLayer.register_layer_kind(nn.MultiheadAttention, LoraMultiheadAttentionLayer)

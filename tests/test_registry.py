@@ -1,0 +1,130 @@
+"""The one registry: methods are discovered without torch, the package's exports follow the registry, the
+CLI's flag help is each config field's own help, and test fixtures live in the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import deltatune
+from deltatune import registry
+from deltatune.cli.flags import adapter_flags
+
+
+def _run(code: str) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(deltatune.__file__)), env.get("PYTHONPATH", "")]
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_methods_and_their_config_fields_are_discoverable_without_torch() -> None:
+    code = """
+import dataclasses, sys
+import deltatune, deltatune.registry, deltatune.cli
+from deltatune.registry import available_methods, get_method, load_methods
+load_methods()
+fields = {}
+for name in available_methods():
+    spec = get_method(name)
+    fields[name] = [(f.name, f.metadata.get("help", "")) for f in dataclasses.fields(spec.config_cls)]
+    assert spec.display_name and spec.peft_type, name
+from deltatune import LoraConfig
+LoraConfig(r=4, target_modules=["q"]).to_json_string()
+from deltatune.cli.flags import adapter_flags
+adapter_flags()
+print(len(fields), sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+    count, loaded = _run(code).split(" ", 1)
+    assert int(count) == len(registry.available_methods()) >= 5
+    assert loaded == "[]"
+
+
+def test_package_exports_are_the_core_names_plus_every_methods_classes() -> None:
+    exported = set(deltatune.__all__)
+    for name in registry.available_methods():
+        spec = registry.get_method(name)
+        assert spec.config_cls.__name__ in exported
+        assert getattr(deltatune, spec.config_cls.__name__) is spec.config_cls
+        if spec.tuner_cls is not None:
+            assert getattr(deltatune, spec.tuner_cls.__name__) is spec.tuner_cls
+    assert exported <= set(dir(deltatune))
+    for name in ("LoraConfig", "get_peft_model", "PeftModel", "PeftConfig", "TaskType", "__version__"):
+        assert name in exported
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchConfig'"):
+        _ = deltatune.NoSuchConfig
+
+
+def test_star_import_gives_every_export() -> None:
+    namespace: dict[str, object] = {}
+    exec("from deltatune import *", namespace)
+    assert set(deltatune.__all__) <= set(namespace)
+
+
+def test_every_spec_resolves_its_layers_and_tuner() -> None:
+    for name in registry.available_methods():
+        spec = registry.get_method(name)
+        assert spec.layer_cls.__name__ == spec.layer.rpartition(":")[2]
+        for kind in spec.layer_classes()[1:]:
+            assert kind.supported_layers, (name, kind)
+        assert spec.adapter_param_names(), name
+
+
+def test_a_layer_path_that_is_not_module_colon_class_is_refused() -> None:
+    spec = registry.get_method("lora")
+    bad = dataclasses.replace(spec, name="lora_bad_path", layer="deltatune.methods._lora_layer.LoraLayer")
+    with pytest.raises(ValueError, match=r"is not a 'package\.module:Class' path"):
+        registry.register_method(bad)
+    assert "lora_bad_path" not in registry.available_methods()
+
+
+def test_flag_help_is_the_fields_own_help_in_whole_sentences() -> None:
+    for name, flag in adapter_flags().items():
+        owners = [registry.get_method(m).config_cls for m in flag.methods]
+        helps = {
+            f.metadata.get("help", "") for cls in owners for f in dataclasses.fields(cls) if f.name == name
+        }
+        assert flag.help in helps
+        if not flag.help:
+            continue  # PEFT's round-trip-only fields carry no help
+        assert flag.help[0].isupper() and flag.help.endswith("."), (name, flag.help)
+        assert not re.search(r"``|:mod:|:class:|:meth:", flag.help), (name, flag.help)
+
+
+def test_documented_flags_cover_every_method_field_a_user_sets() -> None:
+    flags = adapter_flags()
+    for field_name in (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "init_r",
+        "alpha",
+        "decompose_both",
+    ):
+        assert flags[field_name].help, field_name
+
+
+def test_registry_holds_no_test_fixtures() -> None:
+    names = {f.name for f in dataclasses.fields(registry.MethodSpec)}
+    assert not names & {"example_kwargs", "nonzero_init"}
+
+
+def test_a_single_regex_in_a_module_list_flag_becomes_the_string_form() -> None:
+    import argparse
+
+    from deltatune.cli.flags import adapter_kwargs_for
+
+    namespace = argparse.Namespace(target_modules=["fc1", "fc2"], feedforward_modules=[r".*fc\d"])
+    assert adapter_kwargs_for("ia3", namespace) == {
+        "target_modules": ["fc1", "fc2"],
+        "feedforward_modules": r".*fc\d",
+    }
