@@ -41,6 +41,7 @@ from transformers.utils import can_return_loss, find_labels
 
 from .._files import apply_umask, atomic_write_text
 from ..model import PeftModel
+from ..registry import spec_for
 from .arguments import check_precision, cpu_threads
 from .callbacks import AdapterHooksCallback, DatasetEpochCallback, tuner_of
 from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_state
@@ -165,7 +166,7 @@ class DeltaTrainer(transformers.Trainer):
             trainable, total = model.get_nb_trainable_parameters()
             logger.info(
                 "training %s adapter: %s of %s parameters (%.4f%%) trainable; precision: %s",
-                model.peft_type,
+                spec_for(model.active_peft_config).display_name,
                 f"{trainable:,}",
                 f"{total:,}",
                 100 * trainable / max(total, 1),
