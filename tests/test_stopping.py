@@ -210,7 +210,7 @@ def test_a_full_disk_inside_a_checkpoint_write_keeps_the_last_good_checkpoint(
     from safetensors.torch import load_file
     from tiny import save_tiny_vit_dir, write_image_folder
 
-    from deltatune import serialization
+    from deltatune import _weights_io
     from deltatune.cli import main
     from deltatune.train.resume import checkpoint_problem, latest_complete_checkpoint
 
@@ -226,7 +226,7 @@ def test_a_full_disk_inside_a_checkpoint_write_keeps_the_last_good_checkpoint(
             checkpoints.append(folder)
         return len(checkpoints) == 2 and folder == checkpoints[1]
 
-    written = serialization.atomic_write_bytes
+    written = _weights_io.atomic_write_bytes
 
     def adapter_writer(path: Any, data: bytes) -> None:
         if writer == "adapter" and second_checkpoint(path):
@@ -251,7 +251,7 @@ def test_a_full_disk_inside_a_checkpoint_write_keeps_the_last_good_checkpoint(
             raise OSError(errno.ENOSPC, "No space left on device")
         flush(self)
 
-    monkeypatch.setattr(serialization, "atomic_write_bytes", adapter_writer)
+    monkeypatch.setattr(_weights_io, "atomic_write_bytes", adapter_writer)
     monkeypatch.setattr(transformers.trainer.torch, "save", torch_save)
     monkeypatch.setattr(
         shutil, "disk_usage", lambda p: usage(10**6, 10**6, 4096) if full[0] else real_usage(p)
