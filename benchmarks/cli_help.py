@@ -30,9 +30,7 @@ HELPS = (
     ("predict", "--help"),
     ("merge", "--help"),
 )
-#: ``deltatune.cli.main(argv)`` with the ``deltatune`` package entered without its ``__init__`` and two fake
-#: methods instead of the registry's: what the help costs apart from method discovery.
-STUB = """
+_STUB_REGISTRY = """
 import json, sys, types
 package = types.ModuleType("deltatune")
 package.__path__ = [sys.argv[2] + "/deltatune"]
@@ -48,12 +46,27 @@ class Config:
 
 spec = types.SimpleNamespace(config_cls=Config, display_name="LoRA")
 options.method_specs = lambda: {"lora": spec, "dora": spec}
+"""
+_RUN_MAIN = """
+import json, sys
 from deltatune.cli import main
 try:
     main(json.loads(sys.argv[1]))
-except SystemExit:
-    pass
+except SystemExit as done:
+    assert done.code == 0, done.code
 """
+
+
+def help_script(stub: bool, after: str = "") -> str:
+    """Python source run as ``python -c SOURCE ARGV_JSON SRC_DIR``: ``deltatune.cli.main(argv)``, failing
+    unless it exits with status 0, then ``after``.
+
+    Args:
+        stub: Enter the ``deltatune`` package (from ``SRC_DIR``) without its ``__init__`` and replace the
+            registry by two fake methods: what the help costs apart from discovering the methods.
+        after: Source run once ``main`` is done (e.g. a report of the modules it loaded).
+    """
+    return (_STUB_REGISTRY if stub else "") + _RUN_MAIN + after
 
 
 def measure(argv: list[str]) -> tuple[float, float]:
@@ -76,7 +89,7 @@ def main(args: list[str] | None = None) -> dict[str, dict[str, float]]:
     for help_argv in HELPS:
         name = "deltatune " + " ".join(help_argv)
         if options.stub_registry:
-            commands[name] = [sys.executable, "-c", STUB, json.dumps(list(help_argv)), SRC]
+            commands[name] = [sys.executable, "-c", help_script(stub=True), json.dumps(list(help_argv)), SRC]
         else:
             commands[name] = [sys.executable, "-m", "deltatune", *help_argv]
     samples: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}

@@ -12,12 +12,12 @@ import os
 import re
 import subprocess
 import sys
-import textwrap
 import typing
 from pathlib import Path
 
 import pytest
 
+from benchmarks import cli_help
 from deltatune.cli import main
 from deltatune.cli.run_options import (
     TrainingEssentials,
@@ -26,7 +26,7 @@ from deltatune.cli.run_options import (
     build_run_parser,
     method_specs,
 )
-from deltatune.cli.run_parser import CommandError
+from deltatune.cli.run_parser import CommandError, HelpAllElsewhere
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 HELPS = [
@@ -38,44 +38,18 @@ HELPS = [
     ["merge", "--help"],
     ["train", "--method", "DoRA", "--help"],
 ]
-#: Runs ``deltatune.cli.main(argv)`` and prints the heavy modules loaded by then. With ``stub``, the
-#: ``deltatune`` package is entered without its ``__init__`` and the registry is replaced by two fake
-#: methods: what the help path costs apart from discovering the methods.
-RUNNER = textwrap.dedent(
-    """
-    import json, sys, types
-    argv, stub = json.loads(sys.argv[1]), sys.argv[2] == "stub"
-    if stub:
-        package = types.ModuleType("deltatune")
-        package.__path__ = [sys.argv[3] + "/deltatune"]
-        sys.modules["deltatune"] = package
-        import deltatune.cli.run_options as options
-
-        class Config:
-            DROPOUT_FIELD, ALPHA_FIELD, FLAG_ALIASES, RECIPE_DEFAULTS = "lora_dropout", "lora_alpha", {}, {}
-
-            @classmethod
-            def recipe_defaults(cls, planned, given):
-                return {}
-
-        spec = types.SimpleNamespace(config_cls=Config, display_name="LoRA")
-        options.method_specs = lambda: {"lora": spec, "dora": spec}
-    from deltatune.cli import main
-    try:
-        main(argv)
-    except SystemExit as done:
-        assert done.code == 0, done.code
-    heavy = [m for m in ("torch", "transformers", "matplotlib", "rich", "datasets") if m in sys.modules]
-    print("HEAVY=" + ",".join(heavy), file=sys.stderr)
-    """
-)
+#: Run after ``deltatune.cli.main(argv)`` (:func:`benchmarks.cli_help.help_script`): the heavy modules it loaded.
+HEAVY_REPORT = """
+heavy = [m for m in ("torch", "transformers", "matplotlib", "rich", "datasets") if m in sys.modules]
+print("HEAVY=" + ",".join(heavy), file=sys.stderr)
+"""
 
 
 def _heavy_after(argv: list[str], stub: bool) -> tuple[list[str], str]:
     import json
 
     done = subprocess.run(
-        [sys.executable, "-c", RUNNER, json.dumps(argv), "stub" if stub else "real", SRC],
+        [sys.executable, "-c", cli_help.help_script(stub, HEAVY_REPORT), json.dumps(argv), SRC],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": SRC},
@@ -243,8 +217,6 @@ def test_method_names_in_any_case(typed: str, method: str, tmp_path: Path) -> No
 
 
 def test_the_help_benchmark_runs() -> None:
-    from benchmarks import cli_help
-
     results = cli_help.main(["--rounds", "1", "--stub-registry"])
     assert set(results) == {"python -c 'import torch'", *("deltatune " + " ".join(h) for h in cli_help.HELPS)}
     assert all(r["cpu_s"] > 0 for r in results.values())
@@ -255,3 +227,30 @@ def test_a_bad_value_names_the_option_once() -> None:
 
     with pytest.raises(CommandError, match=r"^argument --max_train_samples: must be at least 1, got 0 \(see"):
         parse_run("train", ["--max_train_samples", "0"])  # not "--max_train_samples/--max-train-samples"
+
+
+def test_whole_number_options_reach_the_run_record_as_its_json_has_them(tmp_path: Path) -> None:
+    import json
+
+    from deltatune.cli.run_args import parse_run, run_spec
+    from deltatune.tasks.run_spec import run_record
+
+    argv = ["--max_train_samples", "64", "--num_threads", "2", "--output_dir", str(tmp_path)]
+    parsed = parse_run("train", argv)
+    record = run_record(run_spec(parsed, "lora"), parsed.training_args)
+    assert parsed.options.num_threads == 2 and record["max_train_samples"] == 64
+    assert json.loads(json.dumps(record)) == record  # a rerun compares the saved record with a new one
+
+
+def test_the_help_parser_reads_argv_in_order_and_leaves_help_all_to_the_run_parser(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(HelpAllElsewhere):
+        build_help_parser("train").parse_known_args(["--help-all"])
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help", "--method", "lorra"])
+    assert done.value.code == 0 and "usage: deltatune train" in capsys.readouterr().out
+    assert (
+        main(["train", "--method", "lorra", "--help"]) == 2
+    )  # a mistake before --help, as argparse reads it
+    assert "invalid choice: 'lorra'; did you mean 'lora'?" in capsys.readouterr().err

@@ -10,7 +10,6 @@ deltatune compare                      # every method + linear probe, full fine-
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import os
 import sys
@@ -18,6 +17,8 @@ import traceback
 import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
+
+from .run_parser import SuggestingParser
 
 COMMANDS = ("train", "evaluate", "predict", "merge", "compare", "quickstart")
 #: Top-level modules of the ``cli`` extra (``pip install "deltatune[cli]"``): the core library needs none.
@@ -75,24 +76,9 @@ def _setup_logging(verbose: bool = True) -> None:
     transformers.utils.logging.disable_progress_bar()  # its weight-loading bar; the commands draw their own
 
 
-class _TopParser(argparse.ArgumentParser):
+class _TopParser(SuggestingParser):
     """The parser of ``deltatune`` and its simple commands: a mistyped command or choice is one line with the
     closest match (``deltatune trian`` → did you mean 'train'?), exit status 2."""
-
-    def _check_value(self, action: argparse.Action, value: Any) -> None:
-        choices = action.choices
-        if choices is None or value in choices:  # type: ignore[operator]
-            return
-        names = [str(c) for c in choices]  # type: ignore[union-attr]
-        near = difflib.get_close_matches(str(value), names, n=1, cutoff=0.6)
-        hint = f"; did you mean {near[0]!r}?" if near else "."
-        if isinstance(action, argparse._SubParsersAction):
-            raise argparse.ArgumentError(
-                None, f"unknown command {value!r}{hint} Commands: {', '.join(names)}"
-            )
-        raise argparse.ArgumentError(
-            action, f"invalid choice: {value!r}{hint} Valid choices: {', '.join(names)}"
-        )
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"deltatune: error: {message} (see `{self.prog} --help`)\n")
@@ -194,17 +180,16 @@ def _pop_debug(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def _print_run_help(command: str, argv: list[str]) -> None:
-    """Prints the help of ``train``/``compare`` and exits (status 0) when ``argv`` asks for it with
-    ``-h``/``--help``; ``--help-all`` is left to the run-time parser (it lists transformers' options)."""
-    options = argv[: argv.index("--")] if "--" in argv else argv
-    if "--help-all" in options or "--help_all" in options or not {"-h", "--help"} & set(options):
-        return
+    """Prints the help of ``train``/``compare`` and exits (status 0) when ``argv`` asks for it: the help
+    parser reads ``argv`` and its own ``--help`` prints. ``--help-all`` is left to the run-time parser (it
+    lists transformers' options), and so is every mistake in ``argv`` (it reports them with its own)."""
     from .run_options import build_help_parser
-    from .run_parser import help_method
+    from .run_parser import CommandError, HelpAllElsewhere, help_method
 
-    parser = build_help_parser(command, help_method(options))
-    parser._print_message(parser.format_help(), sys.stdout)
-    parser.exit()
+    try:
+        build_help_parser(command, help_method(argv)).parse_known_args(argv)
+    except (CommandError, HelpAllElsewhere):
+        return
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,7 +17,6 @@ from ..tasks.image_classification import RunSpec
 from ..train.arguments import TrainingArguments, map_legacy_kwargs
 from ..train.precision import check_request
 from .checks import (
-    PositiveInt,
     check_dataset_source,
     check_folder,
     check_model_source,
@@ -158,13 +157,7 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
             "adapter and TrainingArguments option)"
         )
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    options = argparse.Namespace(
-        **{
-            k: int(v) if isinstance(v, PositiveInt) else v
-            for k, v in vars(namespace).items()
-            if k not in fields
-        }
-    )
+    options = argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in fields})
     if options.validation_dir is not None and dataset_given is None:
         raise CommandError(
             "--validation_dir needs the training images too: pass --train_dir (or --dataset) DIR"

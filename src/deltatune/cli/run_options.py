@@ -392,7 +392,7 @@ def build_help_parser(command: str, help_method: str | None = None) -> RunHelp:
     parser = RunHelp(**_settings(command, help_method))
     add_dataclass_fields(parser, TrainOptions if command == "train" else CompareOptions)
     add_dataclass_fields(parser, TrainingEssentials)
-    parser.add_help_options()
+    parser.add_help_options(lists_all=False)
     _finish(parser, command)
     return parser
 

@@ -21,11 +21,24 @@ import typing
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
-__all__ = ["CommandError", "RunHelp", "add_dataclass_fields", "help_method", "plain_text", "string_to_bool"]
+__all__ = [
+    "CommandError",
+    "HelpAllElsewhere",
+    "RunHelp",
+    "SuggestingParser",
+    "add_dataclass_fields",
+    "help_method",
+    "plain_text",
+    "string_to_bool",
+]
 
 
 class CommandError(ValueError):
     """A command-line mistake; the CLI prints the message and exits with status 2."""
+
+
+class HelpAllElsewhere(Exception):
+    """``--help-all`` given to the help parser: only the run-time parser (with transformers) can list it."""
 
 
 #: Sections of ``--help``: (title, option dests). Dests absent from a command are skipped.
@@ -148,7 +161,28 @@ class _Formatter(argparse.HelpFormatter):
         )
 
 
-class RunHelp(argparse.ArgumentParser):
+class SuggestingParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose mistyped choice or command names the closest match (``deltatune trian``
+    → did you mean 'train'?) and lists the valid ones, for every parser of the CLI. (Python 3.14's
+    ``suggest_on_error`` does the like; the CLI supports 3.10+.)"""
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        choices = action.choices
+        if choices is None or value in choices:  # type: ignore[operator]
+            return
+        names = [_plain(c) for c in choices]  # type: ignore[union-attr]
+        near = difflib.get_close_matches(_plain(value), names, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else "."
+        if isinstance(action, argparse._SubParsersAction):
+            raise argparse.ArgumentError(
+                None, f"unknown command {value!r}{hint} Commands: {', '.join(names)}"
+            )
+        raise argparse.ArgumentError(
+            action, f"invalid choice: {_plain(value)!r}{hint} Valid choices: {', '.join(names)}"
+        )
+
+
+class RunHelp(SuggestingParser):
     """An ``argparse`` parser with a recipe-first help and one-line errors; the run-time parser mixes it
     into ``HfArgumentParser`` (``class HfRunParser(RunHelp, HfArgumentParser)``), the help parser uses it as
     it is.
@@ -205,9 +239,15 @@ class RunHelp(argparse.ArgumentParser):
         self.adapter_texts = adapter_texts
         self.essentials = essentials
 
-    def add_help_options(self) -> None:
-        """``-h/--help`` and ``--help-all``; every option added before this counts as a training option."""
+    def add_help_options(self, *, lists_all: bool = True) -> None:
+        """``-h/--help`` and ``--help-all``; every option added before this counts as a training option.
+
+        Args:
+            lists_all: Whether this parser holds every option ``--help-all`` lists; the help parser does not
+                (no transformers), so its ``--help-all`` raises :class:`HelpAllElsewhere` instead.
+        """
         self.training_dests = {a.dest for a in self._actions}
+        self.lists_all = lists_all
         self.add_argument("-h", "--help", action=_Help, help="show this help and exit")
         self.add_argument(
             "--help-all",
@@ -222,17 +262,6 @@ class RunHelp(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """Raises :class:`CommandError` (one line) instead of printing the usage and exiting."""
         raise CommandError(f"{_untwin(message)} (see `deltatune {self.command} --help`)")
-
-    def _check_value(self, action: argparse.Action, value: Any) -> None:
-        choices = action.choices
-        if choices is None or value in choices:  # type: ignore[operator]
-            return
-        names = [_plain(c) for c in choices]  # type: ignore[union-attr]
-        near = difflib.get_close_matches(_plain(value), names, n=1, cutoff=0.6)
-        hint = f"; did you mean {near[0]!r}?" if near else "."
-        raise argparse.ArgumentError(
-            action, f"invalid choice: {_plain(value)!r}{hint} Valid choices: {', '.join(names)}"
-        )
 
     # ---- help -------------------------------------------------------------------------------------
     def _action(self, dest: str) -> argparse.Action | None:
@@ -351,6 +380,8 @@ class _Help(argparse.Action):
         self.full = full
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        if self.full and not getattr(parser, "lists_all", True):
+            raise HelpAllElsewhere
         text = parser.format_help(full=self.full) if isinstance(parser, RunHelp) else parser.format_help()
         parser._print_message(text, sys.stdout)
         parser.exit()
