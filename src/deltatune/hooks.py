@@ -68,6 +68,21 @@ class MethodHooks:
     def prepare_save(self, adapter_name: str) -> None:
         """Called by ``save_pretrained`` before ``adapter_name`` is written (e.g. to warn about its config)."""
 
+    def convert_initial_adapter(
+        self, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], config: TargetingConfig
+    ) -> tuple[dict[str, torch.Tensor], TargetingConfig, TargetingConfig]:
+        """For ``save_pretrained(..., path_initial_model_for_weight_conversion=...)``: the saved tensors and
+        config of an adapter that rewrote the base weight, converted to one on the original base (PiSSA, OLoRA),
+        and the config to write into the initial adapter's folder.
+
+        Raises:
+            ValueError: for a method that has no such conversion (the default).
+        """
+        raise ValueError(
+            f"path_initial_model_for_weight_conversion is not supported for {config.peft_type} adapters: only "
+            "adapters whose initialisation rewrites the base weights can be converted"
+        )
+
     def before_export(self, adapter_name: str) -> None:
         """Called before the tensors of ``adapter_name`` are collected for saving (e.g. to bring its config's
         rank pattern up to date)."""
