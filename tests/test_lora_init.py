@@ -6,6 +6,7 @@ cross-loading both ways, LoftQ's quantizer against bitsandbytes (when installed)
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import json
@@ -20,6 +21,7 @@ from torch import nn
 
 import deltatune
 from deltatune import AdaLoraConfig, LoraConfig, get_peft_model
+from deltatune.cli.flags import adapter_kwargs_for, add_adapter_flags
 from deltatune.methods._lora_init import loftq_factors, quantize_dequantize
 from deltatune.methods.lora import LoftQConfig
 
@@ -252,6 +254,7 @@ def test_loftq_iterations_reduce_the_error() -> None:
 
 
 def test_loftq_config_object_becomes_a_dict_and_round_trips(tmp_path: Path) -> None:
+    assert deltatune.LoftQConfig is LoftQConfig  # exported at the top, as in PEFT
     config = LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=8, loftq_iter=2))
     assert config.loftq_config == {"loftq_bits": 8, "loftq_iter": 2}
     config.save_pretrained(tmp_path)
@@ -322,3 +325,14 @@ def test_embeddings_keep_the_default_init_as_in_peft() -> None:
         )
     x = kind.inputs()
     assert max_abs_diff(logits(model, x), logits(kind.build(0), x)) == 0
+
+
+def test_command_line_flags_reach_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_adapter_flags(parser)
+    args = ["--init_lora_weights", "loftq", "--loftq_config", '{"loftq_bits": 8, "loftq_iter": 2}']
+    kwargs = adapter_kwargs_for("lora", parser.parse_args(args))
+    config = LoraConfig(**kwargs)
+    assert (config.init_lora_weights, config.loftq_config) == ("loftq", {"loftq_bits": 8, "loftq_iter": 2})
+    kwargs = adapter_kwargs_for("lora", parser.parse_args(["--init_lora_weights", "pissa_niter_4"]))
+    assert LoraConfig(**kwargs).init_lora_weights == "pissa_niter_4"
