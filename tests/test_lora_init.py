@@ -23,6 +23,7 @@ import deltatune
 from deltatune import AdaLoraConfig, LoraConfig, get_peft_model
 from deltatune.cli.flags import adapter_kwargs_for, add_adapter_flags
 from deltatune.methods._lora_init import loftq_factors, quantize_dequantize
+from deltatune.methods._lora_layer import LoraLayer
 from deltatune.methods.lora import LoftQConfig
 
 peft = pytest.importorskip("peft")
@@ -118,6 +119,34 @@ def test_dora_with_pissa_matches_peft() -> None:
     _, ours, theirs = _pair("pissa", use_dora=True)
     x = _x()
     assert max_abs_diff(logits(ours, x), logits(theirs, x)) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gpt2"])
+@pytest.mark.parametrize("init", [*INITS, "loftq"])
+def test_merge_unmerge_and_merge_and_unload(init: str, kind: str) -> None:
+    """The layer contract on the rewritten base: merged = unmerged output, unmerging restores the (residual)
+    base weights, ``merge_and_unload`` keeps the output."""
+    model = _loftq_model(kind) if init == "loftq" else _pair(init, kind)[1]
+    _train_a_little(model)
+    x = _x(kind)
+    expected = logits(model, x)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    before = [layer.base_weight.detach().clone() for layer in layers]
+    model.merge_adapter()
+    assert max_abs_diff(logits(model, x), expected) <= TOL
+    model.unmerge_adapter()
+    assert all(
+        max_abs_diff(layer.base_weight.detach(), w) <= 1e-6 for layer, w in zip(layers, before, strict=True)
+    )
+    assert max_abs_diff(logits(model.merge_and_unload(), x), expected) <= TOL
+
+
+def _loftq_model(kind: str) -> nn.Module:
+    model_kind = MODEL_KINDS[kind]
+    config = LoraConfig(
+        r=4, target_modules=model_kind.targets, init_lora_weights="loftq", loftq_config={"loftq_bits": 4}
+    )
+    return get_peft_model(model_kind.build(0), config)
 
 
 def _train_a_little(model: nn.Module) -> None:
@@ -314,6 +343,32 @@ def test_layer_refusals(model: Any, config: LoraConfig, error: type[Exception], 
     with pytest.raises(error) as info:
         get_peft_model(model(), config)
     assert fragment in str(info.value)
+
+
+def test_loftq_on_an_embedding_is_refused() -> None:
+    kind = MODEL_KINDS["embedding"]
+    config = LoraConfig(
+        r=2, target_modules=kind.targets, init_lora_weights="loftq", loftq_config={"loftq_bits": 4}
+    )
+    with pytest.raises(ValueError, match="'loftq' supports Linear and Conv1D layers, not Embedding"):
+        get_peft_model(kind.build(0), config)
+
+
+def test_multihead_attention_is_refused() -> None:
+    kind = MODEL_KINDS["mha"]
+    with pytest.raises(ValueError, match="'olora' supports Linear and Conv1D layers, not MultiheadAttention"):
+        get_peft_model(kind.build(0), LoraConfig(r=2, target_modules=kind.targets, init_lora_weights="olora"))
+
+
+def test_low_cpu_mem_usage_load_matches(tmp_path: Path) -> None:
+    base = make_mlp()
+    model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=4, target_modules=["fc1"], init_lora_weights="pissa")
+    )
+    _train_a_little(model)
+    model.save_pretrained(tmp_path)
+    loaded = deltatune.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, low_cpu_mem_usage=True)
+    assert max_abs_diff(logits(loaded, _x()), logits(model, _x())) <= TOL
 
 
 def test_embeddings_keep_the_default_init_as_in_peft() -> None:
