@@ -10,7 +10,7 @@ each hook:
 - saving and loading (:mod:`deltatune.serialization`, :class:`~deltatune.PeftModel`):
   :meth:`~MethodHooks.prepare_save`, :meth:`~MethodHooks.before_export`,
   :meth:`~MethodHooks.export_layer_tensors`, :meth:`~MethodHooks.extra_saved_tensors`,
-  :meth:`~MethodHooks.adapt_loaded_tensors`;
+  :meth:`~MethodHooks.convert_initial_adapter`, :meth:`~MethodHooks.adapt_loaded_tensors`;
 - the Trainer (:mod:`deltatune.train`): :meth:`~MethodHooks.prepare_training`,
   :meth:`~MethodHooks.on_optimizer_step`, :meth:`~MethodHooks.training_summary`,
   :meth:`~MethodHooks.checkpoint_state` / :meth:`~MethodHooks.load_checkpoint_state`;
