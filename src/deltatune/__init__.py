@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .methods.adalora import AdaLoraConfig as AdaLoraConfig
     from .methods.loha import LoHaConfig as LoHaConfig
     from .methods.lokr import LoKrConfig as LoKrConfig
+    from .methods.lora import LoftQConfig as LoftQConfig
     from .methods.lora import LoraConfig as LoraConfig
     from .model import PeftModel as PeftModel
     from .model import PeftModelForSequenceClassification as PeftModelForSequenceClassification
@@ -57,6 +58,7 @@ _CORE: dict[str, str] = {
     "PeftModel": "model",
     "PeftModelForSequenceClassification": "model",
     "get_peft_model": "model",
+    "LoftQConfig": "methods.lora",  # LoRA's option class, exported at the top as in PEFT
     "MethodSpec": "registry",
     "available_methods": "registry",
     "get_method": "registry",

@@ -10,7 +10,7 @@ each hook:
 - saving and loading (:mod:`deltatune.serialization`, :class:`~deltatune.PeftModel`):
   :meth:`~MethodHooks.prepare_save`, :meth:`~MethodHooks.before_export`,
   :meth:`~MethodHooks.export_layer_tensors`, :meth:`~MethodHooks.extra_saved_tensors`,
-  :meth:`~MethodHooks.adapt_loaded_tensors`;
+  :meth:`~MethodHooks.convert_initial_adapter`, :meth:`~MethodHooks.adapt_loaded_tensors`;
 - the Trainer (:mod:`deltatune.train`): :meth:`~MethodHooks.prepare_training`,
   :meth:`~MethodHooks.on_optimizer_step`, :meth:`~MethodHooks.training_summary`,
   :meth:`~MethodHooks.checkpoint_state` / :meth:`~MethodHooks.load_checkpoint_state`;
@@ -67,6 +67,21 @@ class MethodHooks:
 
     def prepare_save(self, adapter_name: str) -> None:
         """Called by ``save_pretrained`` before ``adapter_name`` is written (e.g. to warn about its config)."""
+
+    def convert_initial_adapter(
+        self, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], config: TargetingConfig
+    ) -> tuple[dict[str, torch.Tensor], TargetingConfig, TargetingConfig]:
+        """For ``save_pretrained(..., path_initial_model_for_weight_conversion=...)``: the saved tensors and
+        config of an adapter that rewrote the base weight, converted to one on the original base (PiSSA, OLoRA),
+        and the config to write into the initial adapter's folder.
+
+        Raises:
+            ValueError: for a method that has no such conversion (the default).
+        """
+        raise ValueError(
+            f"path_initial_model_for_weight_conversion is not supported for {config.peft_type} adapters: only "
+            "adapters whose initialisation rewrites the base weights can be converted"
+        )
 
     def before_export(self, adapter_name: str) -> None:
         """Called before the tensors of ``adapter_name`` are collected for saving (e.g. to bring its config's

@@ -92,6 +92,7 @@ class SaveLoadMixin(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> None:
         """Writes each adapter in PEFT's format, with a model card.
@@ -103,6 +104,9 @@ class SaveLoadMixin(nn.Module):
             save_embedding_layers: Also save the full input/output embedding weights: ``"auto"`` when an
                 embedding layer is targeted (``embed_tokens``, ``lm_head``), ``True`` or ``False``.
             is_main_process: Only the main process writes (distributed training).
+            path_initial_model_for_weight_conversion: The folder a PiSSA or OLoRA adapter was saved to right
+                after initialisation: the adapter is saved converted to a plain LoRA adapter of twice the rank on
+                the original base weights, and that folder's config is rewritten to plain LoRA (as PEFT does).
 
         Raises:
             ValueError: if ``save_directory`` is a file or an adapter name is unknown.
@@ -126,8 +130,14 @@ class SaveLoadMixin(nn.Module):
                 logger.info(
                     "adapter %r has modules pruned to rank 0 (empty tensors are saved as PEFT does)", name
                 )
-            save_adapter_weights(tensors, directory, safe_serialization=safe_serialization)
             config = self._config_to_save(name)
+            if path_initial_model_for_weight_conversion is not None:
+                initial_dir = os.fspath(path_initial_model_for_weight_conversion)
+                tensors, config, initial_config = self.base_model.convert_initial_adapter(
+                    tensors, load_adapter_weights(initial_dir), config
+                )
+                initial_config.save_pretrained(initial_dir, inference_mode=True)
+            save_adapter_weights(tensors, directory, safe_serialization=safe_serialization)
             config.save_pretrained(directory, inference_mode=True)
             update_model_card(directory, config, __version__, self._base_model_id())
 

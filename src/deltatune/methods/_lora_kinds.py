@@ -94,6 +94,11 @@ class LoraEmbeddingLayer(RankedLayer):
         config = expect_config(config, LoraConfig)
         if config.lora_bias:
             raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding.")
+        if config.init_lora_weights == "loftq":  # peft 0.21 fails here with a TypeError
+            raise ValueError(
+                "init_lora_weights='loftq' supports Linear and Conv1D layers, not Embedding; leave this layer out "
+                "of target_modules or use another initialisation"
+            )
         kw = self._new_dtype_device()
         num, dim = self.in_features, self.out_features
         # Drawn in PEFT's order (A, then B, then B again), so a given seed gives PEFT's tensors.

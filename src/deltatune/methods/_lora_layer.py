@@ -158,7 +158,7 @@ class LoraLayer(RankedLayer):
         )
         self.r[adapter_name] = r
         self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
-        self.reset_parameters(adapter_name, config.init_lora_weights)
+        self.reset_parameters(adapter_name, config.init_lora_weights, config.loftq_config)
         self._finish_update(adapter_name)
 
     def _check_fan_in_fan_out(self, config: LoraConfig) -> None:
@@ -175,8 +175,24 @@ class LoraLayer(RankedLayer):
         warnings.warn(message, stacklevel=5)
         config.fan_in_fan_out = self.fan_in_fan_out
 
-    def reset_parameters(self, adapter_name: str, init: bool | str) -> None:
-        """Initialises A and B as PEFT does for ``init_lora_weights``."""
+    def reset_parameters(
+        self, adapter_name: str, init: bool | str, loftq: dict[str, Any] | None = None
+    ) -> None:
+        """Initialises A and B as PEFT does for ``init_lora_weights`` (PiSSA, OLoRA, orthogonal and LoftQ, with
+        ``loftq`` its options, in :mod:`._lora_init`, which may rewrite the base weight)."""
+        if isinstance(init, str) and init != "gaussian":
+            from ._lora_init import init_from_base
+
+            init_from_base(
+                self.base_layer,
+                self.lora_A[adapter_name],
+                self.lora_B[adapter_name],
+                init,
+                self.r[adapter_name],
+                self.scaling[adapter_name],
+                loftq,
+            )
+            return
         a, b = self.factor_weights(adapter_name)
         b_bias = module_bias(self.lora_B[adapter_name])
         with torch.no_grad():

@@ -17,6 +17,14 @@ from ._lora_weighted import add_weighted_adapter
 __all__ = ["LoraBiasMergeError", "LoraModel", "all_bias_tensors"]
 
 
+def base_rewriting_init(config: TargetingConfig) -> str | None:
+    """ "PiSSA" or "OLoRA" when ``config``'s initialisation rewrites the base weight, else None."""
+    init = getattr(config, "init_lora_weights", None)
+    if isinstance(init, str) and init.startswith("pissa"):
+        return "PiSSA"
+    return "OLoRA" if init == "olora" else None
+
+
 class LoraBiasMergeError(RuntimeError, ValueError):
     """``lora_bias`` cannot be merged into a layer without bias (a ``RuntimeError`` as in PEFT, and a
     ``ValueError`` as deltatune raised before)."""
@@ -51,6 +59,14 @@ class LoraModel(AdapterModel):
         """
         super().check_new_adapter(adapter_name, config)
         configs = [*self.peft_config.values(), config]
+        rewriting = [base_rewriting_init(c) for c in configs if base_rewriting_init(c)]
+        if len(configs) > 1 and rewriting:
+            warnings.warn(
+                f"{rewriting[0]} changes the base weights of the model, so it should not be combined with other "
+                "adapters; save it converted to a plain LoRA adapter "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...))",
+                stacklevel=4,
+            )
         if len(configs) > 1 and any(getattr(c, "bias", "none") != "none" for c in configs):
             raise ValueError(
                 f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias "
@@ -69,6 +85,36 @@ class LoraModel(AdapterModel):
                     stacklevel=3,
                 )
         super().disable_adapter_layers()
+
+    def convert_initial_adapter(
+        self, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor], config: TargetingConfig
+    ) -> tuple[dict[str, torch.Tensor], TargetingConfig, TargetingConfig]:
+        """PEFT's conversion of a PiSSA/OLoRA adapter to plain LoRA of rank 2r on the original base (see
+        :mod:`._lora_init`); the initial folder's config becomes plain LoRA so that loading it does not
+        decompose the base again.
+
+        Raises:
+            ValueError: with ``use_rslora`` and a rank or alpha pattern (the scaling cannot be kept).
+        """
+        from ._lora_init import converted_config_data, converted_lora_tensors
+
+        data = config.to_dict()
+        if data.get("use_rslora") and (data.get("rank_pattern") or data.get("alpha_pattern")):
+            raise ValueError(
+                "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when "
+                "using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`."
+            )
+        init = str(data.get("init_lora_weights")).lower()
+        if not init.startswith(("pissa", "olora", "corda", "lora_ga", "true")):
+            warnings.warn(
+                "`path_initial_model_for_weight_conversion` only works for converting a PiSSA/CorDA/OLoRA/LoRA-GA "
+                "adapter to a LoRA adapter",
+                stacklevel=4,
+            )
+        initial_config = type(config).from_dict({**data, "init_lora_weights": True})
+        converted = type(config).from_dict(converted_config_data(data))
+        assert isinstance(initial_config, TargetingConfig) and isinstance(converted, TargetingConfig)
+        return converted_lora_tensors(tensors, initial), converted, initial_config
 
     def add_weighted_adapter(
         self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any

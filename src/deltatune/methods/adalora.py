@@ -42,6 +42,9 @@ class AdaLoraConfig(LoraConfig):
     description is its ``help`` metadata). ``r`` is not used (``init_r`` and ``target_r`` are); ``use_rslora``
     is ignored; the scale is lora_alpha / init_r (not divided by the final rank)."""
 
+    #: PiSSA, OLoRA and orthogonal initialisation are LoRA's (PEFT's AdaLoRA silently ignores them).
+    BASE_INITS: ClassVar[tuple[str, ...]] = ()
+
     target_r: int = help_field("Average rank per module at the end of training.", 8)
     init_r: int = help_field("Rank every module starts with.", 12)
     tinit: int = help_field("Steps of warm-up before any pruning.", 0)

@@ -11,8 +11,9 @@ The config and the registration live here (no torch); the maths and the layers i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..config import AdapterConfig, check_choice, check_range, help_field
@@ -20,9 +21,22 @@ from ..registry import MethodSpec, register_method
 from ._lazy import forward_attributes
 from ._target_defaults import LORA_DEFAULT_TARGETS
 
-__all__ = ["LoraConfig"]
+__all__ = ["LoftQConfig", "LoraConfig", "pissa_iterations"]
 
 INIT_CHOICES = (True, False, "gaussian")
+#: The initialisers computed from the base weight (:mod:`._lora_init`); ``pissa_niter_N`` is accepted too.
+BASE_INITS = ("pissa", "olora", "orthogonal", "loftq")
+
+
+@dataclass
+class LoftQConfig:
+    """LoftQ's options (PEFT's ``LoftQConfig``), passed as ``LoraConfig(init_lora_weights="loftq",
+    loftq_config=LoftQConfig(...))``; stored in the config as a dict."""
+
+    loftq_bits: int = help_field("Bits of the quantization: 4 (NF4) or 8 (int8).", 4)
+    loftq_iter: int = help_field("Alternating quantization and SVD steps, at least 1.", 1)
+
+
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -51,13 +65,20 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = help_field("Whether to scale by lora_alpha / sqrt(r) (rank-stabilised LoRA).", False)
     init_lora_weights: bool | str = help_field(
         "Initialisation: true (A Kaiming-uniform, B zero), 'gaussian' (A normal with standard deviation 1/r, "
-        "B zero) or false (both random, so the adapter starts as a non-zero update).",
+        "B zero), false (both random, so the adapter starts as a non-zero update), 'pissa' (A and B from the "
+        "base weight's top-r SVD, the base keeps the residual; 'pissa_niter_N' uses a randomized SVD with N "
+        "iterations), 'olora' (from the base weight's QR, the base keeps the residual), 'orthogonal' "
+        "(random orthogonal A and B, even r) or 'loftq' (the base becomes its 4- or 8-bit quantization and A, "
+        "B the SVD of what it lost; set loftq_config).",
         True,
     )
     megatron_config: dict[str, Any] | None = None
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: Any = None
-    loftq_config: dict[str, Any] = field(default_factory=dict)
+    loftq_config: dict[str, Any] = help_field(
+        "LoftQ's options with init_lora_weights='loftq': loftq_bits (4 or 8) and loftq_iter (at least 1).",
+        default_factory=dict,
+    )
     eva_config: Any = None
     corda_config: Any = None
     lora_ga_config: Any = None
@@ -77,6 +98,8 @@ class LoraConfig(AdapterConfig):
     kasa_config: Any = None
     ensure_weight_tying: bool = False
 
+    #: The base-weight initialisers this config accepts (AdaLoRA accepts none).
+    BASE_INITS: ClassVar[tuple[str, ...]] = BASE_INITS
     ALPHA_FIELD: ClassVar[str] = "lora_alpha"
     DROPOUT_FIELD: ClassVar[str | None] = "lora_dropout"
     RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.1}
@@ -89,10 +112,9 @@ class LoraConfig(AdapterConfig):
         super().__post_init__()
         check_range("lora_dropout", self.lora_dropout, 0, 1)
         check_choice("bias", self.bias, BIAS_CHOICES)
-        check_choice("init_lora_weights", self.init_lora_weights, INIT_CHOICES)
+        self._check_init()
         unsupported = {
             "use_qalora": self.use_qalora,
-            "loftq_config": self.loftq_config,
             "eva_config": self.eva_config,
             "corda_config": self.corda_config,
             "lora_ga_config": self.lora_ga_config,
@@ -117,10 +139,79 @@ class LoraConfig(AdapterConfig):
                 + ", ".join(self.VARIANT_FLAGS)
             )
 
+    def _check_init(self) -> None:
+        """``init_lora_weights`` is one of the choices (the base-weight ones only where the class allows them);
+        ``lora_bias`` only with true or false (PEFT's rule).
+
+        Raises:
+            ValueError: naming the value and the choices.
+        """
+        init = self.init_lora_weights
+        self._check_loftq()
+        if self.BASE_INITS and isinstance(init, str) and init.startswith("pissa"):
+            pissa_iterations(init)
+        elif not (isinstance(init, str) and init in self.BASE_INITS):
+            check_choice("init_lora_weights", init, (*INIT_CHOICES, *self.BASE_INITS))
+        if self.lora_bias and init not in (True, False):
+            raise ValueError(
+                "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                f"init_lora_weights={init} instead."
+            )
+
+    def _check_loftq(self) -> None:
+        """PEFT's rules for ``loftq_config``: required with LoftQ (a ``LoftQConfig`` becomes a dict), dropped with
+        a warning otherwise; deltatune also checks its values.
+
+        Raises:
+            ValueError: when LoftQ has no ``loftq_config``, or bits other than 4 and 8, or under 1 iteration.
+        """
+        if self.init_lora_weights != "loftq" or "loftq" not in self.BASE_INITS:
+            if self.loftq_config:
+                self.loftq_config = {}
+                warnings.warn(
+                    "`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                    stacklevel=4,
+                )
+            return
+        if not self.loftq_config:
+            raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+        if not isinstance(self.loftq_config, dict):
+            self.loftq_config = dict(vars(self.loftq_config))
+        options = {"loftq_bits": 4, "loftq_iter": 1, **self.loftq_config}
+        if options["loftq_bits"] not in (4, 8):
+            raise ValueError(
+                f"loftq_config: loftq_bits={options['loftq_bits']!r} is not valid; choose 4 or 8"
+            )
+        if isinstance(options["loftq_iter"], bool) or not isinstance(options["loftq_iter"], int):
+            raise ValueError(
+                f"loftq_config: loftq_iter={options['loftq_iter']!r} must be an integer of at least 1"
+            )
+        if options["loftq_iter"] < 1:
+            raise ValueError(
+                f"loftq_config: loftq_iter={options['loftq_iter']!r} must be an integer of at least 1"
+            )
+
     @property
     def selects_variant(self) -> bool:
         """True when a variant flag (``use_dora``) is set: another registered method handles this config."""
         return any(getattr(self, flag, False) for flag in self.VARIANT_FLAGS)
+
+
+def pissa_iterations(init: str) -> int | None:
+    """PiSSA's subspace iterations for ``init``: None for ``"pissa"`` (full SVD), N for ``"pissa_niter_N"``.
+
+    Raises:
+        ValueError: when ``init`` is neither.
+    """
+    if init == "pissa":
+        return None
+    head, sep, tail = init.partition("_niter_")
+    if head == "pissa" and sep and tail.isdigit():
+        return int(tail)
+    raise ValueError(
+        f"init_lora_weights={init!r} is not valid; PiSSA is 'pissa' or 'pissa_niter_N' with N a non-negative "
+        "number of iterations"
+    )
 
 
 register_method(
