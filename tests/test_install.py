@@ -53,7 +53,7 @@ def test_the_core_install_needs_none_of_the_cli_extra() -> None:
     extra = {
         r.split(">")[0].split("=")[0].lower() for r in PYPROJECT["project"]["optional-dependencies"]["cli"]
     }
-    assert extra == {"pillow", "datasets", "matplotlib", "rich"}
+    assert extra == {"pillow", "datasets", "matplotlib", "rich", "torchvision"}
     core = {r.split(">")[0].split("=")[0].split("<")[0].lower() for r in PYPROJECT["project"]["dependencies"]}
     assert not core & extra
 
