@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -123,20 +123,42 @@ def dora_forward(
 
 
 # ---- layer --------------------------------------------------------------------------------------
-class DoraLayer(LoraLayer):
+class _DoraState:
+    """What both DoRA layers add to LoRA's state: the learned magnitudes (``lora_magnitude_vector``) and,
+    per merged adapter, the norms of W + ΔW at merge time (unmerging divides by them again)."""
+
+    lora_magnitude_vector: nn.ParameterDict
+    _merge_norms: dict[str, torch.Tensor]
+    _extra_per_adapter: dict[str, dict[str, Any]]
+
+    def _init_dora_state(self) -> None:
+        """No magnitudes and no merge norms yet; the norms are per-adapter state (deleted with the adapter)."""
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._merge_norms = {}
+        self._extra_per_adapter.update({"merge_norms": self._merge_norms})
+
+    def _pop_merge_norm(self, adapter_name: str) -> torch.Tensor:
+        """The norms the merge of ``adapter_name`` divided by, forgotten (the adapter is being unmerged).
+
+        Raises:
+            RuntimeError: when the adapter is not merged in this layer.
+        """
+        norm = self._merge_norms.pop(adapter_name, None)
+        if norm is None:
+            raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        return norm
+
+
+class DoraLayer(_DoraState, LoraLayer):
     """LoRA's layer plus a magnitude per output channel (``lora_magnitude_vector``); see the module doc."""
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
     #: As PEFT: no ``nn.MultiheadAttention``; ``nn.Embedding`` is :class:`DoraEmbeddingLayer`.
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Conv1D, *CONV_TYPES, nn.Embedding)
-    lora_magnitude_vector: nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.lora_magnitude_vector = nn.ParameterDict()
-        #: adapter → the row norms of W + ΔW at merge time (unmerging divides by them again)
-        self._merge_norms: dict[str, torch.Tensor] = {}
-        self._extra_per_adapter.update({"merge_norms": self._merge_norms})
+        self._init_dora_state()
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         """LoRA's factors, then ``m`` = ‖W + ΔW‖ by output row (so the output starts as LoRA's).
@@ -191,9 +213,7 @@ class DoraLayer(LoraLayer):
         return from_out_in(base, merged).to(weight.dtype)
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        norm = self._merge_norms.pop(adapter_name, None)
-        if norm is None:
-            raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        norm = self._pop_merge_norm(adapter_name)
         base = self.base_layer
         magnitude = self.lora_magnitude_vector[adapter_name].detach().float().reshape(-1)
         factor = (magnitude / norm).reshape(-1, *([1] * (weight.dim() - 1)))
@@ -261,7 +281,7 @@ class DoraLayer(LoraLayer):
         return out * scale if bias is None else torch.addcmul(_as(bias, dtype), out, scale)
 
 
-class DoraEmbeddingLayer(LoraEmbeddingLayer):
+class DoraEmbeddingLayer(_DoraState, LoraEmbeddingLayer):
     """DoRA on an ``nn.Embedding`` (PEFT's layout): a magnitude per embedding dimension (``lora_magnitude_vector``,
     (dim,)), the norm taken over the vocabulary, as PEFT treats an embedding's weight as (dim, num_embeddings):
 
@@ -273,13 +293,10 @@ class DoraEmbeddingLayer(LoraEmbeddingLayer):
         "lora_embedding_B",
         "lora_magnitude_vector",
     )
-    lora_magnitude_vector: nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self._merge_norms: dict[str, torch.Tensor] = {}
-        self._extra_per_adapter.update({"merge_norms": self._merge_norms})
+        self._init_dora_state()
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         super().update_layer(adapter_name, config, r, alpha)
@@ -309,9 +326,7 @@ class DoraEmbeddingLayer(LoraEmbeddingLayer):
         return merged.t().to(weight.dtype)
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        norm = self._merge_norms.pop(adapter_name, None)
-        if norm is None:
-            raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        norm = self._pop_merge_norm(adapter_name)
         factor = self.lora_magnitude_vector[adapter_name].detach().float() / norm
         return (weight.float() / factor - self.delta_weight(adapter_name).float()).to(weight.dtype)
 
