@@ -128,3 +128,24 @@ def test_a_single_regex_in_a_module_list_flag_becomes_the_string_form() -> None:
         "target_modules": ["fc1", "fc2"],
         "feedforward_modules": r".*fc\d",
     }
+
+
+@pytest.mark.parametrize(
+    ("flag", "lacks"), [("alpha", "has no scale numerator"), ("dropout", "has no dropout field")]
+)
+def test_alpha_and_dropout_flags_set_each_methods_own_field_or_are_refused(flag: str, lacks: str) -> None:
+    import argparse
+
+    from deltatune.cli.flags import adapter_kwargs_for
+
+    namespace = argparse.Namespace(**{flag: 0.25})
+    for method in registry.available_methods():
+        config_cls = registry.get_method(method).config_cls
+        field = config_cls.ALPHA_FIELD if flag == "alpha" else config_cls.DROPOUT_FIELD
+        if field is None:
+            with pytest.raises(ValueError, match=rf"^--{flag}: {method} {lacks}$"):
+                adapter_kwargs_for(method, namespace)
+            assert adapter_kwargs_for(method, namespace, strict=False) == {}
+        else:
+            assert adapter_kwargs_for(method, namespace) == {field: 0.25}
+    assert adapter_kwargs_for("lora", argparse.Namespace()) == {}
