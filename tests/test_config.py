@@ -251,3 +251,12 @@ def test_low_rank_options_keep_the_other_per_module_options_of_the_config() -> N
     assert config.module_options(["v"]) == {"tag": "v", "r": 4, "alpha": 8.0}
     lora = LoraConfig(r=4, lora_alpha=16, alpha_pattern={"^v$": 2.0}, target_modules=["q", "v"])
     assert lora.module_options(["v"]) == {"r": 4, "alpha": 2.0}
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_a_module_name_field_takes_a_string_or_strings(field: str) -> None:
+    assert getattr(LoraConfig(**{field: ("a", "b")}), field) == {"a", "b"}
+    with pytest.raises(ValueError, match=rf"^{field} must be a string or a list of strings, got \[3\]$"):
+        LoraConfig(**{field: [3]})
+    with pytest.raises(ValueError, match=rf"^{field} must be a string or a list of strings, got 3$"):
+        LoraConfig(**{field: 3})
