@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -149,3 +150,61 @@ def test_alpha_and_dropout_flags_set_each_methods_own_field_or_are_refused(flag:
         else:
             assert adapter_kwargs_for(method, namespace) == {field: 0.25}
     assert adapter_kwargs_for("lora", argparse.Namespace()) == {}
+
+
+def test_a_failed_method_import_leaves_the_registry_unloaded_and_names_the_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    package = tmp_path / "fake_methods_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import pkgutil\nfrom deltatune.registry import import_method_modules\n"
+        "import_method_modules(__name__, pkgutil.iter_modules(__path__))\n"
+    )
+    (package / "a_good.py").write_text(
+        "from deltatune.registry import MethodSpec, register_method\n"
+        "class ToyConfig:\n    PEFT_TYPE = 'TOY'\n"
+        "register_method(MethodSpec(name='toy', config_cls=ToyConfig, layer='toy_layers:ToyLayer', prefix='toy_'))\n"
+    )
+    (package / "b_bad.py").write_text("import deltatune_no_such_dependency\n")
+    (package / "_private.py").write_text("raise RuntimeError('private modules are not imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.setattr(registry, "BUILTIN_METHODS", "fake_methods_pkg")
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_METHODS", {})
+    try:
+        for _ in range(2):  # the failure is not remembered as "loaded": every lookup meets it again
+            with pytest.raises(
+                ImportError, match=r"^method module fake_methods_pkg\.b_bad failed to import: "
+            ):
+                registry.available_methods()
+            assert registry._loaded is False
+        with pytest.raises(ImportError) as failure:
+            registry.get_method("toy")
+        assert isinstance(failure.value.__cause__, ModuleNotFoundError)
+        assert "deltatune_no_such_dependency" in str(failure.value)
+        (package / "b_bad.py").unlink()
+        importlib.invalidate_caches()
+        assert registry.available_methods() == ["toy"]
+        assert registry._loaded is True
+    finally:
+        for name in [m for m in sys.modules if m.split(".")[0] == "fake_methods_pkg"]:
+            del sys.modules[name]
+
+
+def test_a_selector_must_accept_the_config_the_method_makes_even_without_config_defaults() -> None:
+    spec = registry.get_method("dora")
+    for defaults, made_from in (
+        ({}, r"the config's defaults \(no config_defaults\)"),
+        ({"use_dora": False}, "its config_defaults"),
+    ):
+        bad = dataclasses.replace(spec, name="dora_bad_selector", config_defaults=defaults)
+        with pytest.raises(
+            ValueError,
+            match=rf"^'dora_bad_selector': {made_from} do not satisfy its own `selects` predicate$",
+        ):
+            registry.register_method(bad)
+    assert "dora_bad_selector" not in registry.available_methods()
