@@ -208,3 +208,28 @@ def test_a_selector_must_accept_the_config_the_method_makes_even_without_config_
         ):
             registry.register_method(bad)
     assert "dora_bad_selector" not in registry.available_methods()
+
+
+def test_the_type_checking_imports_are_the_core_names_and_the_registrys_exports() -> None:
+    """``deltatune/__init__.py`` keeps two lists by hand, ``_CORE`` and the ``TYPE_CHECKING`` imports (for
+    type checkers and editors): each name is imported there from the module that defines it."""
+    import ast
+
+    tree = ast.parse(Path(deltatune.__file__).read_text(encoding="utf-8"))
+    block = next(
+        node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+    )
+    imported: dict[str, str] = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1, ast.unparse(node)
+        for alias in node.names:
+            assert alias.asname == alias.name, ast.unparse(node)  # `import X as X`: a re-export
+            imported[alias.name] = f"deltatune.{node.module}" if node.module else f"deltatune.{alias.name}"
+    expected = {"methods": "deltatune.methods"}
+    expected.update({name: f"deltatune.{module}" for name, module in deltatune._CORE.items()})
+    for name, method in deltatune.method_exports().items():
+        spec = registry.get_method(method)
+        cls = spec.config_cls if spec.config_cls.__name__ == name else spec.tuner_cls
+        expected[name] = cls.__module__
+    assert imported == expected
+    assert set(deltatune.__all__) == {*expected, "__version__"}
