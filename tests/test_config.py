@@ -232,3 +232,31 @@ def test_defaults_and_keys_match_peft(method: str) -> None:
     assert set(ours) == set(theirs)
     differing = {k for k in ours if ours[k] != theirs[k]}
     assert differing <= {"peft_version", "inference_mode"}, {k: (ours[k], theirs[k]) for k in differing}
+
+
+def test_low_rank_options_keep_the_other_per_module_options_of_the_config() -> None:
+    from deltatune.config import LowRankMixin, help_field
+
+    @dataclasses.dataclass
+    class _Tagged(TargetingConfig):
+        def module_options(self, module_names: list[str]) -> dict[str, Any]:
+            return {**super().module_options(module_names), "tag": module_names[0]}
+
+    @dataclasses.dataclass
+    class _LowRankTagged(LowRankMixin, _Tagged):
+        alpha: float = help_field("Scale numerator.", 8.0)
+
+    config = _LowRankTagged(r=4, rank_pattern={"^q$": 2}, target_modules=["q", "v"])
+    assert config.module_options(["q"]) == {"tag": "q", "r": 2, "alpha": 8.0}
+    assert config.module_options(["v"]) == {"tag": "v", "r": 4, "alpha": 8.0}
+    lora = LoraConfig(r=4, lora_alpha=16, alpha_pattern={"^v$": 2.0}, target_modules=["q", "v"])
+    assert lora.module_options(["v"]) == {"r": 4, "alpha": 2.0}
+
+
+@pytest.mark.parametrize("field", ["target_modules", "exclude_modules"])
+def test_a_module_name_field_takes_a_string_or_strings(field: str) -> None:
+    assert getattr(LoraConfig(**{field: ("a", "b")}), field) == {"a", "b"}
+    with pytest.raises(ValueError, match=rf"^{field} must be a string or a list of strings, got \[3\]$"):
+        LoraConfig(**{field: [3]})
+    with pytest.raises(ValueError, match=rf"^{field} must be a string or a list of strings, got 3$"):
+        LoraConfig(**{field: 3})

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,107 @@ def test_a_single_regex_in_a_module_list_flag_becomes_the_string_form() -> None:
         "target_modules": ["fc1", "fc2"],
         "feedforward_modules": r".*fc\d",
     }
+
+
+@pytest.mark.parametrize(
+    ("flag", "lacks"), [("alpha", "has no scale numerator"), ("dropout", "has no dropout field")]
+)
+def test_alpha_and_dropout_flags_set_each_methods_own_field_or_are_refused(flag: str, lacks: str) -> None:
+    import argparse
+
+    from deltatune.cli.flags import adapter_kwargs_for
+
+    namespace = argparse.Namespace(**{flag: 0.25})
+    for method in registry.available_methods():
+        config_cls = registry.get_method(method).config_cls
+        field = config_cls.ALPHA_FIELD if flag == "alpha" else config_cls.DROPOUT_FIELD
+        if field is None:
+            with pytest.raises(ValueError, match=rf"^--{flag}: {method} {lacks}$"):
+                adapter_kwargs_for(method, namespace)
+            assert adapter_kwargs_for(method, namespace, strict=False) == {}
+        else:
+            assert adapter_kwargs_for(method, namespace) == {field: 0.25}
+    assert adapter_kwargs_for("lora", argparse.Namespace()) == {}
+
+
+def test_a_failed_method_import_leaves_the_registry_unloaded_and_names_the_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    package = tmp_path / "fake_methods_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import pkgutil\nfrom deltatune.registry import import_method_modules\n"
+        "import_method_modules(__name__, pkgutil.iter_modules(__path__))\n"
+    )
+    (package / "a_good.py").write_text(
+        "from deltatune.registry import MethodSpec, register_method\n"
+        "class ToyConfig:\n    PEFT_TYPE = 'TOY'\n"
+        "register_method(MethodSpec(name='toy', config_cls=ToyConfig, layer='toy_layers:ToyLayer', prefix='toy_'))\n"
+    )
+    (package / "b_bad.py").write_text("import deltatune_no_such_dependency\n")
+    (package / "_private.py").write_text("raise RuntimeError('private modules are not imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.setattr(registry, "BUILTIN_METHODS", "fake_methods_pkg")
+    monkeypatch.setattr(registry, "_loaded", False)
+    monkeypatch.setattr(registry, "_METHODS", {})
+    try:
+        for _ in range(2):  # the failure is not remembered as "loaded": every lookup meets it again
+            with pytest.raises(
+                ImportError, match=r"^method module fake_methods_pkg\.b_bad failed to import: "
+            ):
+                registry.available_methods()
+            assert registry._loaded is False
+        with pytest.raises(ImportError) as failure:
+            registry.get_method("toy")
+        assert isinstance(failure.value.__cause__, ModuleNotFoundError)
+        assert "deltatune_no_such_dependency" in str(failure.value)
+        (package / "b_bad.py").unlink()
+        importlib.invalidate_caches()
+        assert registry.available_methods() == ["toy"]
+        assert registry._loaded is True
+    finally:
+        for name in [m for m in sys.modules if m.split(".")[0] == "fake_methods_pkg"]:
+            del sys.modules[name]
+
+
+def test_a_selector_must_accept_the_config_the_method_makes_even_without_config_defaults() -> None:
+    spec = registry.get_method("dora")
+    for defaults, made_from in (
+        ({}, r"the config's defaults \(no config_defaults\)"),
+        ({"use_dora": False}, "its config_defaults"),
+    ):
+        bad = dataclasses.replace(spec, name="dora_bad_selector", config_defaults=defaults)
+        with pytest.raises(
+            ValueError,
+            match=rf"^'dora_bad_selector': {made_from} do not satisfy its own `selects` predicate$",
+        ):
+            registry.register_method(bad)
+    assert "dora_bad_selector" not in registry.available_methods()
+
+
+def test_the_type_checking_imports_are_the_core_names_and_the_registrys_exports() -> None:
+    """``deltatune/__init__.py`` keeps two lists by hand, ``_CORE`` and the ``TYPE_CHECKING`` imports (for
+    type checkers and editors): each name is imported there from the module that defines it."""
+    import ast
+
+    tree = ast.parse(Path(deltatune.__file__).read_text(encoding="utf-8"))
+    block = next(
+        node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+    )
+    imported: dict[str, str] = {}
+    for node in block.body:
+        assert isinstance(node, ast.ImportFrom) and node.level == 1, ast.unparse(node)
+        for alias in node.names:
+            assert alias.asname == alias.name, ast.unparse(node)  # `import X as X`: a re-export
+            imported[alias.name] = f"deltatune.{node.module}" if node.module else f"deltatune.{alias.name}"
+    expected = {"methods": "deltatune.methods"}
+    expected.update({name: f"deltatune.{module}" for name, module in deltatune._CORE.items()})
+    for name, method in deltatune.method_exports().items():
+        spec = registry.get_method(method)
+        cls = spec.config_cls if spec.config_cls.__name__ == name else spec.tuner_cls
+        expected[name] = cls.__module__
+    assert imported == expected
+    assert set(deltatune.__all__) == {*expected, "__version__"}

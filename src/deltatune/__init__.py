@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .methods._adalora_model import AdaLoraModel as AdaLoraModel
     from .methods._lora_model import LoraModel as LoraModel
     from .methods.adalora import AdaLoraConfig as AdaLoraConfig
+    from .methods.ia3 import IA3Config as IA3Config
     from .methods.loha import LoHaConfig as LoHaConfig
     from .methods.lokr import LoKrConfig as LoKrConfig
     from .methods.lora import LoftQConfig as LoftQConfig

@@ -93,9 +93,11 @@ class LowRankMixin:
         return (self.r if r is None else int(r)), (self.alpha_value if alpha is None else float(alpha))
 
     def module_options(self, module_names: list[str]) -> dict[str, Any]:
-        """``{"r": rank, "alpha": alpha}`` for the module, after ``rank_pattern`` and ``alpha_pattern``."""
+        """The options of the classes after this one in the MRO (the config's other per-module options), plus
+        ``"r"`` and ``"alpha"`` for the module, after ``rank_pattern`` and ``alpha_pattern``."""
         r, alpha = self.rank_and_alpha(module_names)
-        return {"r": r, "alpha": alpha}
+        others: dict[str, Any] = getattr(super(), "module_options", lambda _names: {})(module_names)
+        return {**others, "r": r, "alpha": alpha}
 
     def allocated_ranks(self) -> dict[str, int]:
         """``r`` and the ``rank_pattern`` ranks, by field name (loading checks them against the file's shapes)."""

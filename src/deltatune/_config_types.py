@@ -15,6 +15,7 @@ __all__ = [
     "PeftWarning",
     "TaskType",
     "check_choice",
+    "check_names",
     "check_positive_int",
     "check_range",
     "pattern_value",
@@ -74,6 +75,18 @@ def check_range(
     if too_low or too_high:
         bound = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{')' if high_open else ']'}"
         raise ValueError(f"{name}={value!r} is out of range; it must lie in {bound}")
+
+
+def check_names(name: str, value: Any) -> Any:
+    """A list/set of strings as a set, a string as is, None as None; anything else raises ``ValueError``
+    (the module-name fields: ``target_modules``, ``exclude_modules``, IA³'s ``feedforward_modules``)."""
+    if isinstance(value, list | tuple | set | frozenset):
+        if not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+        return set(value)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
+    return value
 
 
 def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:

@@ -32,6 +32,7 @@ from ._config_types import (
     PeftWarning,
     TaskType,
     check_choice,
+    check_names,
     check_positive_int,
     check_range,
     pattern_value,
@@ -54,6 +55,7 @@ __all__ = [
     "TargetingConfig",
     "TaskType",
     "check_choice",
+    "check_names",
     "check_positive_int",
     "check_range",
     "config_class_for",
@@ -255,17 +257,6 @@ class TargetSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _check_names(name: str, value: Any) -> Any:
-    """A list/set of strings as a set, a string as is, None as None; anything else raises ``ValueError``."""
-    if isinstance(value, list | tuple | set | frozenset):
-        if not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
-        return set(value)
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
-    return value
-
-
 @dataclass
 class TargetingConfig(PeftConfig):
     """The fields every method shares: which modules it adapts and what it trains in full.
@@ -309,8 +300,8 @@ class TargetingConfig(PeftConfig):
                 f"peft_type={self.peft_type!r} does not match {type(self).__name__} ({self.PEFT_TYPE})"
             )
         self.peft_type = PeftTypeName(self.PEFT_TYPE)  # canonical spelling ("lora" → "LORA"), with .value
-        self.target_modules = _check_names("target_modules", self.target_modules)
-        self.exclude_modules = _check_names("exclude_modules", self.exclude_modules)
+        self.target_modules = check_names("target_modules", self.target_modules)
+        self.exclude_modules = check_names("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import pkgutil
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "MethodSpec",
     "available_methods",
     "get_method",
+    "import_method_modules",
     "load_methods",
     "register_method",
     "registered_names",
@@ -152,8 +154,10 @@ def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
 
     Raises:
         ValueError: for an invalid name, a name already registered (unless ``replace``), a config class
-            without ``PEFT_TYPE``, a layer or tuner path not of the form ``"module:Class"``, a selector given
-            without ``config_defaults`` that satisfy it, or a second default method for the same config class.
+            without ``PEFT_TYPE``, a layer or tuner path not of the form ``"module:Class"``, a ``selects``
+            predicate that rejects the method's own config (:meth:`MethodSpec.make_config`: the class's
+            defaults plus ``config_defaults``, which may be empty), or a second default method for the same
+            config class.
         TypeError: when ``config_cls`` is not a class.
     """
     if not _NAME.match(spec.name):
@@ -179,24 +183,54 @@ def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
                 f"{spec.name!r} and {other.name!r} are both the default method of {spec.config_cls.__name__}; "
                 "give one a `selects` predicate"
             )
-    if spec.selects is not None and spec.config_defaults:
-        probe = spec.make_config()
-        if not spec.selects(probe):
-            raise ValueError(f"{spec.name!r}: its config_defaults do not satisfy its own `selects` predicate")
+    if spec.selects is not None and not spec.selects(spec.make_config()):
+        made_from = (
+            "its config_defaults" if spec.config_defaults else "the config's defaults (no config_defaults)"
+        )
+        raise ValueError(f"{spec.name!r}: {made_from} do not satisfy its own `selects` predicate")
     _METHODS[spec.name] = spec
     return spec
 
 
 _loaded = False
+_loading = False
+
+
+def import_method_modules(package: str, modules: Iterable[pkgutil.ModuleInfo]) -> None:
+    """Imports the public ones (no leading ``_``) of ``modules``, the modules a method package found in its
+    folder (``pkgutil.iter_modules(__path__)``); the package's ``__init__`` calls this, so adding a method is
+    adding its file.
+
+    Raises:
+        ImportError: naming the module that failed, chained to its error.
+    """
+    for module in modules:
+        if module.name.startswith("_"):
+            continue
+        name = f"{package}.{module.name}"
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise ImportError(f"method module {name} failed to import: {exc}", name=name) from exc
 
 
 def load_methods() -> None:
     """Imports the built-in methods (each public module of :mod:`deltatune.methods` registers one or more),
-    once. Neither torch nor transformers is imported: a method's layers load on first use."""
-    global _loaded
-    if not _loaded:
-        _loaded = True
+    once. Neither torch nor transformers is imported: a method's layers load on first use.
+
+    The registry counts as loaded only once every import succeeded: a failure propagates (an
+    ``ImportError`` naming the module) and the next lookup tries again, so none answers from the methods
+    that happened to register before it.
+    """
+    global _loaded, _loading
+    if _loaded or _loading:  # _loading: a lookup made while the methods import (they are partly there)
+        return
+    _loading = True
+    try:
         importlib.import_module(BUILTIN_METHODS)
+        _loaded = True
+    finally:
+        _loading = False
 
 
 def registered_names() -> list[str]:

@@ -226,20 +226,16 @@ def adapter_kwargs_for(method: str, namespace: argparse.Namespace, strict: bool 
                 + ", ".join(f"--{o}" for o in options)
             )
         out[name] = value
-    if hasattr(namespace, "alpha"):
-        alpha_field = spec.config_cls.ALPHA_FIELD
-        if alpha_field is None:
-            if strict:
-                raise ValueError(f"--alpha: {method} has no scale numerator")
-        else:
-            out[alpha_field] = namespace.alpha
-    if hasattr(namespace, "dropout"):
-        field = spec.config_cls.DROPOUT_FIELD
-        if field is None:
-            if strict:
-                raise ValueError(f"--dropout: {method} has no dropout field")
-        else:
-            out[field] = namespace.dropout
+    for flag, field, lacks in (
+        ("alpha", spec.config_cls.ALPHA_FIELD, "scale numerator"),
+        ("dropout", spec.config_cls.DROPOUT_FIELD, "dropout field"),
+    ):
+        if not hasattr(namespace, flag):
+            continue
+        if field is not None:
+            out[field] = getattr(namespace, flag)
+        elif strict:
+            raise ValueError(f"--{flag}: {method} has no {lacks}")
     for name in ("exclude_modules", "layers_pattern", *spec.config_cls.MODULE_LIST_FIELDS):
         if name in out:
             out[name] = _normalise_targets(out[name])

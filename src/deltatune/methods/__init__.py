@@ -6,11 +6,10 @@ with ``_`` are private helpers), so adding a method is adding its file: there is
 
 from __future__ import annotations
 
-import importlib
 import pkgutil
+
+from ..registry import import_method_modules
 
 __all__: list[str] = []
 
-for _module in pkgutil.iter_modules(__path__):
-    if not _module.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_module.name}")
+import_method_modules(__name__, pkgutil.iter_modules(__path__))

@@ -1,17 +1,4 @@
-"""AdaLoRA: adaptive budget allocation (Zhang et al., ICLR 2023, "AdaLoRA: Adaptive Budget Allocation
-for Parameter-Efficient Fine-Tuning").
-
-    y = W x + (alpha / (ranknum + 1e-5)) · B (E ⊙ A) dropout(x),   A ∈ R^{r×in}, E ∈ R^{r×1}, B ∈ R^{out×r}
-
-The delta is an SVD-like triplet per rank. During training an importance score per triplet
-(sensitivity |p·∇p| smoothed by EMAs, times its uncertainty) decides which singular values E_i are
-zeroed, following a cubic budget schedule from ``init_r`` down to ``target_r`` per module on average.
-An orthogonality regulariser ‖AAᵀ − I‖_F + ‖BᵀB − I‖_F keeps A and B near-orthogonal.
-
-The allocation keeps everything on the device (no ``.item()``/``.tolist()`` per step): the
-threshold, the masks and the EMAs are tensors; the rank pattern is read back to the host only when
-the budget becomes final or the adapter is saved.
-"""
+"""AdaLoRA's tuner (rank allocation and regulariser in training); formula and paper: :mod:`.adalora`."""
 
 from __future__ import annotations
 

@@ -1,29 +1,8 @@
-"""DoRA: weight-decomposed low-rank adaptation (Liu et al., ICML 2024, "DoRA: Weight-Decomposed Low-Rank
-Adaptation"), as PEFT defines it (``LoraConfig(use_dora=True)``).
-
-    W' = m ⊙ (W + s·B A) / ‖W + s·B A‖_c,   y = W' x + b
-
-The adapted weight is split into a learned magnitude ``m`` (one per output channel, initialised to the norm
-of each output row of W + ΔW) and a direction, LoRA's W + s·B A normalised row by row. As in the paper
-(§4.3) and in PEFT, the norm is treated as a constant in backward (it is detached), so ``m`` and the LoRA
-factors learn through ``(m / ‖·‖) ⊙ (x Wᵀ + s·x Aᵀ Bᵀ)``. With input dropout p > 0 in training, PEFT's
-formula is kept exactly: ``base(x) + (m/‖·‖ − 1) ⊙ base₀(x_d) + (m/‖·‖) ⊙ s·B A x_d`` (x_d the dropped
-input, base₀ the base op without bias).
-
-Saved like PEFT: LoRA's ``lora_A``/``lora_B`` plus ``lora_magnitude_vector`` of shape (out,) for a Linear and
-(1, out, 1, 1) for a Conv2d.
-
-Cost: the row norm comes from the identity
-
-    ‖W + s B A‖²_row = ‖W‖²_row + 2s · rowsum((W Aᵀ) ⊙ B) + s² · rowsum((B (A Aᵀ)) ⊙ B)
-
-(out·in·r MACs, no out×in temporary), and without dropout the output is a row rescaling of the fused LoRA
-GEMM, so a training step runs one base GEMM per layer, not PEFT's two plus a materialised ΔW.
-"""
+"""DoRA's maths and layers (Linear, Conv, Embedding); formula, paper and cost: :mod:`.dora`."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -144,20 +123,42 @@ def dora_forward(
 
 
 # ---- layer --------------------------------------------------------------------------------------
-class DoraLayer(LoraLayer):
+class _DoraState:
+    """What both DoRA layers add to LoRA's state: the learned magnitudes (``lora_magnitude_vector``) and,
+    per merged adapter, the norms of W + ΔW at merge time (unmerging divides by them again)."""
+
+    lora_magnitude_vector: nn.ParameterDict
+    _merge_norms: dict[str, torch.Tensor]
+    _extra_per_adapter: dict[str, dict[str, Any]]
+
+    def _init_dora_state(self) -> None:
+        """No magnitudes and no merge norms yet; the norms are per-adapter state (deleted with the adapter)."""
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._merge_norms = {}
+        self._extra_per_adapter.update({"merge_norms": self._merge_norms})
+
+    def _pop_merge_norm(self, adapter_name: str) -> torch.Tensor:
+        """The norms the merge of ``adapter_name`` divided by, forgotten (the adapter is being unmerged).
+
+        Raises:
+            RuntimeError: when the adapter is not merged in this layer.
+        """
+        norm = self._merge_norms.pop(adapter_name, None)
+        if norm is None:
+            raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        return norm
+
+
+class DoraLayer(_DoraState, LoraLayer):
     """LoRA's layer plus a magnitude per output channel (``lora_magnitude_vector``); see the module doc."""
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B", "lora_magnitude_vector")
     #: As PEFT: no ``nn.MultiheadAttention``; ``nn.Embedding`` is :class:`DoraEmbeddingLayer`.
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear, Conv1D, *CONV_TYPES, nn.Embedding)
-    lora_magnitude_vector: nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.lora_magnitude_vector = nn.ParameterDict()
-        #: adapter → the row norms of W + ΔW at merge time (unmerging divides by them again)
-        self._merge_norms: dict[str, torch.Tensor] = {}
-        self._extra_per_adapter.update({"merge_norms": self._merge_norms})
+        self._init_dora_state()
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         """LoRA's factors, then ``m`` = ‖W + ΔW‖ by output row (so the output starts as LoRA's).
@@ -212,9 +213,7 @@ class DoraLayer(LoraLayer):
         return from_out_in(base, merged).to(weight.dtype)
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        norm = self._merge_norms.pop(adapter_name, None)
-        if norm is None:
-            raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        norm = self._pop_merge_norm(adapter_name)
         base = self.base_layer
         magnitude = self.lora_magnitude_vector[adapter_name].detach().float().reshape(-1)
         factor = (magnitude / norm).reshape(-1, *([1] * (weight.dim() - 1)))
@@ -282,7 +281,7 @@ class DoraLayer(LoraLayer):
         return out * scale if bias is None else torch.addcmul(_as(bias, dtype), out, scale)
 
 
-class DoraEmbeddingLayer(LoraEmbeddingLayer):
+class DoraEmbeddingLayer(_DoraState, LoraEmbeddingLayer):
     """DoRA on an ``nn.Embedding`` (PEFT's layout): a magnitude per embedding dimension (``lora_magnitude_vector``,
     (dim,)), the norm taken over the vocabulary, as PEFT treats an embedding's weight as (dim, num_embeddings):
 
@@ -294,13 +293,10 @@ class DoraEmbeddingLayer(LoraEmbeddingLayer):
         "lora_embedding_B",
         "lora_magnitude_vector",
     )
-    lora_magnitude_vector: nn.ParameterDict
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self._merge_norms: dict[str, torch.Tensor] = {}
-        self._extra_per_adapter.update({"merge_norms": self._merge_norms})
+        self._init_dora_state()
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         super().update_layer(adapter_name, config, r, alpha)
@@ -330,9 +326,7 @@ class DoraEmbeddingLayer(LoraEmbeddingLayer):
         return merged.t().to(weight.dtype)
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
-        norm = self._merge_norms.pop(adapter_name, None)
-        if norm is None:
-            raise RuntimeError(f"DoRA adapter {adapter_name!r} is not merged here; nothing to unmerge")
+        norm = self._pop_merge_norm(adapter_name)
         factor = self.lora_magnitude_vector[adapter_name].detach().float() / norm
         return (weight.float() / factor - self.delta_weight(adapter_name).float()).to(weight.dtype)
 

@@ -1,15 +1,4 @@
-"""LoHa: low-rank Hadamard product (Hyeon-Woo et al., 2022, "FedPara"; LyCORIS).
-
-    ΔW = s · (W1a W1b) ⊙ (W2a W2b),   Wia ∈ R^{out×r}, Wib ∈ R^{r×in},   s = alpha / r
-
-Fast path (Linear): the Hadamard product of two rank-r matrices is exactly rank ≤ r² through
-Khatri-Rao factors, ΔW = U V with U = W1a •ʳ W2a (out×r², row-wise Kronecker) and V = W1b •ᶜ W2b
-(r²×in, column-wise Kronecker), so y = s · (x Vᵀ) Uᵀ costs r²(in+out) per token instead of
-forming the out×in ΔW. It is used whenever r² < in·out/(in+out); otherwise ΔW is materialised.
-
-Conv2d with ``use_effective_conv2d`` (CP form): ΔW = rebuild(t1, w1a, w1b) ⊙ rebuild(t2, w2a, w2b)
-with rebuild[p, q, k, l] = Σ_ij t[i, j, k, l] · wb[j, q] · wa[i, p] (wa is (r, out), wb (r, in)).
-"""
+"""LoHa's maths and layer (Khatri-Rao fast path, CP form); formula and paper: :mod:`.loha`."""
 
 from __future__ import annotations
 

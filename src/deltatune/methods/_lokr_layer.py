@@ -1,14 +1,4 @@
-"""LoKr: low-rank Kronecker product (Edalati et al., 2022, "KronA"; LyCORIS).
-
-    ΔW = s · W1 ⊗ W2,   W1 ∈ R^{a×c}, W2 ∈ R^{b×d},   out = a·b, in = c·d,   s = alpha / r
-
-W1 may be factored (W1a W1b) with ``decompose_both``; W2 is full when r ≥ max(b, d)/2 and otherwise
-W2a W2b (or, for Conv2d with ``use_effective_conv2d``, a CP form with core t2).
-
-Fast path (Linear): with x viewed row-major as a c×d matrix X, (W1 ⊗ W2) x = vec(W1 X W2ᵀ), so the
-adapter costs c·d·b + a·c·b MACs per token (c·r·(d+b) + a·c·b with a factored W2) instead of a·b·c·d,
-and ΔW is never formed in training.
-"""
+"""LoKr's maths and layer (the Kronecker fast path); formula and paper: :mod:`.lokr`."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 from .. import _regex
-from ..config import TargetingConfig, help_field
+from ..config import TargetingConfig, check_names, help_field
 from ..registry import MethodSpec, register_method
 from ._lazy import forward_attributes
 
@@ -70,16 +70,6 @@ IA3_DEFAULTS: Mapping[str, tuple[list[str], list[str]]] = MappingProxyType(
 )
 
 
-def _as_set(name: str, value: Any) -> Any:
-    if isinstance(value, list | tuple | set | frozenset):
-        if not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
-        return set(value)
-    if value is not None and not isinstance(value, str):
-        raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
-    return value
-
-
 @dataclass
 class IA3Config(TargetingConfig):
     """Configuration of IA³ (PEFT's ``IA3Config`` fields, defaults and JSON keys; each field's description is
@@ -109,7 +99,7 @@ class IA3Config(TargetingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.feedforward_modules = _as_set("feedforward_modules", self.feedforward_modules)
+        self.feedforward_modules = check_names("feedforward_modules", self.feedforward_modules)
         if not isinstance(self.init_ia3_weights, bool):
             raise ValueError(f"init_ia3_weights={self.init_ia3_weights!r} must be true or false")
         targets, feedforward = self.target_modules, self.feedforward_modules
