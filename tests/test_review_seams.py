@@ -225,3 +225,22 @@ def test_evaluation_processor_backend_is_the_auto_one(
     ours.save_pretrained(tmp_path)
     assert type(AutoImageProcessor.from_pretrained(tmp_path)) is type(ours)
     assert type(ours).__name__ == ("BitImageProcessor" if torchvision else "BitImageProcessorPil")
+
+
+# ---- 6. the gpu path's worker decodes a transparent image as the CPU path does (alpha dropped) -----------
+def test_gpu_path_drops_alpha_as_the_cpu_path(tmp_path: Path) -> None:
+    from deltatune.vision.gpu import EncodedImageTransform
+    from deltatune.vision.preprocess import load_rgb
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 255, (20, 30, 4), dtype=np.uint8)
+    pixels[:, :10, 3] = 0  # a transparent third, whose colour convert("RGB") keeps
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "alpha.png")
+    encoded = EncodedImageTransform.from_processor({"size": {"height": 16, "width": 16}})(
+        tmp_path / "alpha.png"
+    )
+    assert encoded.data is None and encoded.pixels is not None
+    cpu = torch.from_numpy(np.asarray(load_rgb(tmp_path / "alpha.png"))).permute(2, 0, 1)
+    assert torch.equal(encoded.pixels, cpu) and torch.equal(
+        cpu, torch.from_numpy(pixels[..., :3]).permute(2, 0, 1)
+    )

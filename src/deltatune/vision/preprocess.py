@@ -116,7 +116,9 @@ def evaluation_processor(image_processor_or_stats: Any) -> Any:
     import transformers
     from transformers.utils import is_torchvision_available
 
-    # the backend AutoImageProcessor (and so the pipeline) picks: torchvision when installed, else PIL
+    # the backend AutoImageProcessor (and so the pipeline) picks: torchvision when installed, else PIL. The
+    # saved config cannot pin one (both classes write image_processor_type "BitImageProcessor" and
+    # AutoImageProcessor chooses by what is installed), so pinning ours would part from the pipeline's.
     name = "BitImageProcessor" if is_torchvision_available() else "BitImageProcessorPil"
     processor_class = getattr(transformers, name)
 
