@@ -244,3 +244,19 @@ def test_gpu_path_drops_alpha_as_the_cpu_path(tmp_path: Path) -> None:
     assert torch.equal(encoded.pixels, cpu) and torch.equal(
         cpu, torch.from_numpy(pixels[..., :3]).permute(2, 0, 1)
     )
+
+
+# ---- 9. malloc_trim is looked up once per process ------------------------------------------------------
+def test_release_freed_memory_looks_the_library_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes.util
+
+    from deltatune.tasks import evaluation
+
+    lookups: list[str] = []
+    real = ctypes.util.find_library
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: lookups.append(name) or real(name))
+    evaluation._malloc_trim.cache_clear()
+    for _ in range(3):
+        evaluation.release_freed_memory()
+    assert lookups == ["c"]
+    evaluation._malloc_trim.cache_clear()
