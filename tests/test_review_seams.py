@@ -260,3 +260,23 @@ def test_release_freed_memory_looks_the_library_up_once(monkeypatch: pytest.Monk
         evaluation.release_freed_memory()
     assert lookups == ["c"]
     evaluation._malloc_trim.cache_clear()
+
+
+# ---- 7. load_rgb: one pixel check per image, a PIL image handed in checked too ---------------------------
+def test_load_rgb_checks_an_image_handed_in_and_returns_a_new_rgb_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deltatune.vision import preprocess
+
+    image = Image.new("RGB", (40, 40), (10, 20, 30))
+    decoded = preprocess.load_rgb(image)
+    assert decoded is not image and decoded.mode == "RGB" and decoded.tobytes() == image.tobytes()
+    image.save(tmp_path / "a.png")
+    checks: list[str] = []
+    monkeypatch.setattr(preprocess, "check_image_pixels", lambda im, name: checks.append(name))
+    preprocess.load_rgb(tmp_path / "a.png")
+    assert checks == [str(tmp_path / "a.png")]  # once, by open_image
+    monkeypatch.undo()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40 - 1)
+    with pytest.raises(ValueError, match="refused before decoding"):
+        preprocess.load_rgb(image)
