@@ -69,7 +69,9 @@ def test_classes_are_matched_by_name(run: str, tmp_path: Path, capsys: pytest.Ca
         main(["evaluate", "--adapter", run, "--dataset", str(data), "--output_dir", str(tmp_path / "o")]) == 0
     )
     report = _results(tmp_path / "o")
-    assert report["eval_samples"] == 8 and set(report["per_class_accuracy"]) == {"dark", "red"}
+    assert report["eval_samples"] == 8 and set(report["per_class_accuracy"]) == {"bright", "dark", "red"}
+    # every class listed, as the run's own eval_results.json lists them: one with no image is null, with a note
+    assert report["per_class_accuracy"]["bright"] is None and "'bright'" in " ".join(report["notes"])
     confusion = np.array(report["confusion_matrix"])
     assert (
         confusion[0].sum() == 0 and confusion[1].sum() == 4 and confusion[2].sum() == 4

@@ -81,6 +81,8 @@ def test_run_evaluate_predict_and_merged_pipeline_agree(mixed_run: dict[str, Pat
     assert evaluated["eval_accuracy"] == run_accuracy
     run_metrics = json.loads((run / "metrics.json").read_text())
     assert evaluated["confusion_matrix"] == run_metrics["confusion_matrix"]
+    ran = json.loads((run / "eval_results.json").read_text())
+    assert evaluated["per_class_accuracy"] == ran["per_class_accuracy"]  # one report, the same classes
 
     predictions = predict_images(load_trained(str(run)), files, top_k=3, progress=False)
     top1 = [p["predictions"][0]["label"] for p in predictions]

@@ -25,7 +25,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ._files import atomic_write_text
-from .registry import spec_for
+from .registry import get_method, spec_for
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,14 @@ def model_display_name(name_or_path: Any) -> str:
 
 
 def method_display_name(config: Any) -> str:
-    """How people write the method of an adapter ``config`` (``"LoRA"``, ``"DoRA"``), from the registry."""
+    """How people write the method of an adapter ``config`` or of a registered method name (``"lora"``):
+    ``"LoRA"``, ``"DoRA"``, from the registry. A name the registry does not know (a baseline's, ``"full"``)
+    is returned as it is."""
+    if isinstance(config, str):
+        try:
+            return str(get_method(config).display_name)
+        except ValueError:
+            return config
     try:
         return str(spec_for(config).display_name)
     except ValueError:

@@ -313,7 +313,7 @@ def evaluate(args: argparse.Namespace) -> int:
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, value in report.per_class_accuracy.items():
-        table.add_row(esc(name), f"{value:.4f}")
+        table.add_row(esc(name), f"{value:.4f}" if value == value else "no images")
     screen.print(table)
     if result.skipped:
         shown = ", ".join(result.skipped[:3]) + (" ..." if len(result.skipped) > 3 else "")

@@ -10,10 +10,12 @@ machine is written.
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 from typing import Any
 
 from .._files import atomic_write_text
 from ..model_card import (
+    card_metadata,
     hub_model_id,
     md_code,
     md_fence,
@@ -22,7 +24,7 @@ from ..model_card import (
     model_display_name,
     render_card,
 )
-from ..registry import get_method
+from ..registry import get_method, spec_for
 from .html_report import dataset_name
 
 __all__ = ["load_snippet", "merged_model_card", "model_card", "write_merged_model_card"]
@@ -32,12 +34,12 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def _display(method: str) -> str:
-    """The method's display name (``"LoRA"``) from the registry; the name itself for a baseline."""
+def _method_name(config: Any) -> str:
+    """The registry's name of the method of ``config`` (``"ia3"``: a Hub tag), ``"adapter"`` when unknown."""
     try:
-        return get_method(method).display_name
+        return spec_for(config).name
     except ValueError:
-        return method
+        return "adapter"
 
 
 def _bundled(base_model: str) -> bool:
@@ -90,18 +92,20 @@ def model_card(info: dict[str, Any]) -> str:
             evaluation metrics, adapter config, the command line and, for AdaLoRA, the final ranks.
     """
     method = str(info["method"])
-    display = _display(method)
+    display = method_display_name(method)
     base = model_display_name(info["base_model"])
     dataset = dataset_name(str(info["dataset"]))
     eval_metrics = {
         k.removeprefix("eval_"): v for k, v in info.get("eval", {}).items() if k.startswith("eval_")
     }
-    metadata = {
-        "library_name": "deltatune",
-        "base_model": hub_model_id(info["base_model"]),
-        "pipeline_tag": "image-classification",
-        "tags": ["deltatune", "peft", "image-classification", method],
-    }
+    # The adapter's own front matter (library_name "peft": the files are PEFT's format, as the library's
+    # saved card says), plus what the recipe knows: the task and the method as the registry names it.
+    metadata = card_metadata(
+        SimpleNamespace(peft_type=get_method(method).config_cls.PEFT_TYPE), info["base_model"]
+    )
+    own = ["deltatune", "peft", "image-classification", method]
+    metadata["tags"] = own + [tag for tag in metadata["tags"] if tag not in own]
+    metadata["pipeline_tag"] = "image-classification"
     lines = [
         f"# {md_text(display)} adapter for {md_code(base)} on {md_code(dataset)}",
         "",
@@ -158,16 +162,18 @@ def merged_model_card(info: dict[str, Any]) -> str:
 
     Args:
         info: ``base_model`` (its name or path as recorded), ``method`` (the display name, ``"LoRA"``),
+            ``method_name`` (the registry's name, ``"lora"``, the card's tag),
             ``adapter`` (the adapter folder's name), ``num_labels`` and, when known, ``accuracy`` and
             ``dataset``.
     """
     base = model_display_name(info["base_model"])
     method = str(info.get("method") or "adapter")
+    method_name = str(info.get("method_name") or "adapter")
     metadata = {
         "library_name": "transformers",
         "base_model": hub_model_id(info["base_model"]),
         "pipeline_tag": "image-classification",
-        "tags": ["deltatune", "image-classification", method.lower(), "merged"],
+        "tags": ["deltatune", "image-classification", method_name, "merged"],
     }
     lines = [
         f"# {md_code(base)} with a {md_text(method)} adapter merged in",
@@ -214,6 +220,7 @@ def write_merged_model_card(output_dir: str, adapter_dir: str, peft_config: Any,
     info: dict[str, Any] = {
         "base_model": portable_model_name(str(getattr(config, "base_model_name_or_path", None) or "?")),
         "method": method_display_name(config),
+        "method_name": _method_name(config),
         "adapter": os.path.basename(os.path.normpath(adapter_dir)),
         "num_labels": num_labels,
     }

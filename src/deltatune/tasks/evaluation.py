@@ -5,12 +5,12 @@ result files that never replace a run's own.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .._files import read_json, write_json
-from ..train.metrics import ClassificationReport
+from ..train.metrics import ClassificationReport, report_from_confusion
 
 logger = logging.getLogger(__name__)
 
@@ -125,9 +125,8 @@ def evaluation_data(
     Raises:
         ValueError: for an unknown class name, a missing folder, or no dataset at all.
     """
-    from ..vision import load_image_dataset
+    from ..vision import is_image_folder, limit_samples, load_image_dataset
     from ..vision.folder import find_split_directories
-    from ..vision.loading import _holds_data_files, _is_saved_hf_dataset
 
     folder: Path | None = None
     named, what = "", ""
@@ -138,7 +137,7 @@ def evaluation_data(
         named, what = validation_dir, f"every image of {validation_dir}"
     elif dataset is not None:
         root = Path(dataset).expanduser()
-        if root.is_dir() and not _is_saved_hf_dataset(root) and not _holds_data_files(root):
+        if is_image_folder(root):
             layout = find_split_directories(root)
             folder = layout[1] if layout is not None and layout[1] is not None else root
             named = dataset
@@ -146,9 +145,8 @@ def evaluation_data(
     if folder is not None:
         rows = _folder_rows(folder, labels)
         cap = options.get("max_eval_samples")
-        if cap is not None and cap < len(rows):
-            keep = np.random.default_rng(int(record.get("seed", 42))).permutation(len(rows))[:cap]
-            rows = rows.subset(sorted(keep.tolist()))
+        if cap is not None and cap < len(rows):  # the images the run's cap picks (same seed, same draw)
+            rows = limit_samples(rows, cap, int(record.get("seed", 42)), "eval")
             what = f"{cap} random images of {folder} (--max_eval_samples)"
         return EvaluationData(rows, named, what)
     from_record = dataset is None
@@ -205,36 +203,31 @@ class StreamingReport:
             self.top5_hits += int((top5 == labels.cpu().view(-1, 1)).any(dim=-1).sum())
 
     def report(self) -> ClassificationReport:
-        """The :class:`ClassificationReport`; per-class accuracy lists the classes the data hold."""
-        support = self.confusion.sum(axis=1)
-        total = int(support.sum())
-        correct = int(np.trace(self.confusion))
-        per_class = {
-            name: float(self.confusion[i, i] / support[i])
-            for i, name in enumerate(self.class_names)
-            if support[i]
-        }
-        return ClassificationReport(
-            accuracy=correct / total if total else float("nan"),
-            top5_accuracy=(self.top5_hits / total if total else float("nan"))
-            if len(self.class_names) > 5
-            else None,
-            per_class_accuracy=per_class,
-            confusion=self.confusion,
-            class_names=list(self.class_names),
-            num_examples=total,
-        )
+        """The :class:`ClassificationReport`, as the run's own evaluation reports it
+        (:func:`~deltatune.train.metrics.report_from_confusion`: every class listed)."""
+        top5 = self.top5_hits if len(self.class_names) > 5 else None
+        return report_from_confusion(self.confusion, top5, self.class_names)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once per process (None where there is none)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return None
+    try:
+        return ctypes.CDLL(name).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
 
 
 def release_freed_memory() -> None:
     """Hands memory glibc's allocator keeps after freeing back to the system (``malloc_trim``): decoding
     images of many sizes fragments the heap, and a long evaluation's resident memory would otherwise grow
     with the number of images. A no-op elsewhere."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(name).malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def results_folder(adapter_dir: str, output_dir: str | None, overwrite: bool) -> str:

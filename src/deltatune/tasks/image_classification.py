@@ -27,7 +27,7 @@ from ..registry import get_method
 from ..train.arguments import accelerator_name, cpu_threads
 from ..train.checkpoint import save_label_maps
 from ..train.dataloading import apply_accelerator_defaults, loader_settings_left_alone
-from ..train.metrics import compute_classification_metrics
+from ..train.metrics import compute_classification_metrics, report_from_confusion
 from ..train.outputs import write_run_record
 from ..train.precision import forward_gflop, resolve_precision
 from ..train.run import PeakMemory, fit_batch, logged_final_evaluation, planned_steps
@@ -110,8 +110,8 @@ def run_training(
         spec: What to train.
         args: Training arguments (``output_dir`` receives everything).
         command: The command line as the user typed it, quoted in the model card (None: no command).
-        write_report: Write metrics.json, the PNGs, report.html and README.md (``compare`` turns it off
-            for baselines); the result files transformers' scripts write are written either way.
+        write_report: Write the PNGs, report.html and README.md (``compare`` turns it off for baselines);
+            the result files (transformers' scripts' and ``metrics.json``) are written either way.
         callbacks: Extra Trainer callbacks.
         num_threads: CPU threads for torch (default: see :func:`deltatune.train.arguments.cpu_threads`).
         precision: ``"auto"`` (bf16/fp16 autocast where it pays, see :mod:`deltatune.train.precision`),
@@ -376,13 +376,11 @@ def run_metrics(
 
 def confusion_metrics(predictions: EvalPredictions, class_names: list[str]) -> dict[str, Any]:
     """The confusion matrix and the accuracy per class (None for a class with no evaluation image)."""
-    confusion = predictions.confusion(len(class_names))
-    support = confusion.sum(axis=1)
+    report = report_from_confusion(predictions.confusion(len(class_names)), None, class_names)
     return {
-        "confusion_matrix": confusion.tolist(),
+        "confusion_matrix": report.confusion.tolist(),
         "per_class_accuracy": {
-            name: (float(confusion[i, i] / support[i]) if support[i] else None)
-            for i, name in enumerate(class_names)
+            name: (value if value == value else None) for name, value in report.per_class_accuracy.items()
         },
     }
 

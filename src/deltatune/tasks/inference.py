@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,9 +145,53 @@ def load_trained(
                 ) from err
             raise ValueError(f"cannot load the image processor {processor_file}: {reason[:400]}") from err
         check_image_processor(processor, processor_file)
+        saved = processor
         processor = evaluation_processor(processor)  # an older adapter's ViT processor: the run's evaluation
+        changed = processor_changes(saved, processor)
+        if changed:
+            logger.warning(
+                "%s is applied as deltatune's evaluation transform (BitImageProcessor), which changes %s",
+                processor_file,
+                "; ".join(changed),
+            )
     peft_model.eval()
     return TrainedAdapter(peft_model, processor, id2label, record, adapter_dir)
+
+
+_PROCESSOR_SETTINGS = (
+    "do_resize",
+    "size",
+    "do_center_crop",
+    "crop_size",
+    "resample",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+)
+
+
+def _setting(processor: Any, key: str) -> Any:
+    value: Any = getattr(processor, key, None)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # transformers' SizeDict
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {str(k): v for k, v in value.items() if v is not None}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [round(float(v), 6) for v in value]
+    if key == "resample" and value is not None:
+        return int(value)
+    return value
+
+
+def processor_changes(before: Any, after: Any) -> list[str]:
+    """The preprocessing settings (size, crop, resampling, normalisation) that differ between two image
+    processors, as ``"size {'height': 32, 'width': 32} -> {'shortest_edge': 32}"``; empty when none does."""
+    changes = []
+    for key in _PROCESSOR_SETTINGS:
+        old, new = _setting(before, key), _setting(after, key)
+        if old != new:
+            changes.append(f"{key} {old} -> {new}")
+    return changes
 
 
 def collect_images(paths: Sequence[str]) -> list[str]:
@@ -233,7 +278,7 @@ def predict_images(
     """
     from tqdm.auto import tqdm
 
-    from ..vision.preprocess import load_rgb, preprocess
+    from ..vision.preprocess import load_rgb, preprocess_batch
 
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -248,10 +293,10 @@ def predict_images(
     )
     with _device_threads(trained, num_threads):
         for chunk in _batches(list(images), batch_size):
-            pixels, names = [], []
+            decoded, names = [], []
             for path in chunk:
                 try:
-                    pixels.append(preprocess(trained.image_processor, load_rgb(path)))
+                    decoded.append(load_rgb(path))
                     names.append(path)
                 except (
                     Exception
@@ -263,9 +308,10 @@ def predict_images(
                     )
                     results.append({"image": path, "predictions": [], "error": reason})
             bar.update(len(chunk))
-            if not pixels:
+            if not decoded:
                 continue
-            logits = trained.model(pixel_values=torch.stack(pixels).to(device)).logits.float()
+            pixels = preprocess_batch(trained.image_processor, decoded)  # one processor call per chunk
+            logits = trained.model(pixel_values=pixels.to(device)).logits.float()
             _check_logits(logits, names, trained)
             scores, ids = logits.softmax(dim=-1).topk(k, dim=-1)
             for path, row_scores, row_ids in zip(names, scores.tolist(), ids.tolist(), strict=True):

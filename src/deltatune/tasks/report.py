@@ -44,7 +44,9 @@ __all__ = [
 def write_results(trainer: Any, metrics: dict[str, Any], output_dir: str) -> None:
     """The files transformers' example scripts write: ``train_results.json`` and ``trainer_state.json``
     after training, ``eval_results.json`` after evaluating (with the per-class accuracy and the confusion
-    matrix when known) and ``all_results.json`` with both."""
+    matrix when known), ``all_results.json`` with both, and the run's record ``metrics.json`` (which
+    ``merge`` and the cards read). A failure here raises: the run is not finished without them."""
+    write_json(os.path.join(output_dir, "metrics.json"), metrics)
     if metrics.get("do_train", True) and metrics.get("train"):
         write_split_results(output_dir, "train", metrics["train"])
         write_trainer_state(trainer.state, output_dir)
@@ -81,7 +83,7 @@ def write_run_report(
     eval_rows: Any = None,
     data_roots: Sequence[str] = (),
 ) -> list[str]:
-    """metrics.json, the model card README.md (for an adapter that trained), training_curve.png,
+    """The model card README.md (for an adapter that trained), training_curve.png,
     confusion_matrix.png, for a method whose ranks were allocated during training (AdaLoRA)
     ``<method>_ranks.png``, and report.html, in ``output_dir``.
 
@@ -109,7 +111,6 @@ def write_run_report(
             failed.append(f"{name} ({type(error).__name__}{': ' + reason if reason else ''})")
 
     title = f"{metrics['name']} on {dataset_name(str(metrics['dataset']))}"
-    attempt("metrics.json", lambda path: write_json(path, metrics))
     if metrics["kind"] == "adapter" and metrics.get("do_train", True):
         attempt("README.md", lambda path: atomic_write_text(path, model_card(metrics)))
     attempt(

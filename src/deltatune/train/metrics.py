@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ __all__ = [
     "ClassificationReport",
     "classification_report",
     "compute_classification_metrics",
+    "report_from_confusion",
     "top_k_accuracy",
 ]
 
@@ -115,14 +117,38 @@ def classification_report(
     predicted = logits.argmax(axis=-1)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
+    top5_hits = None
+    if num_classes > 5 and len(labels):
+        top = np.argpartition(-logits, 4, axis=-1)[:, :5]
+        top5_hits = int((top == labels[:, None]).any(axis=-1).sum())
+    return report_from_confusion(confusion, top5_hits, class_names)
+
+
+def report_from_confusion(
+    confusion: np.ndarray, top5_hits: int | None, class_names: Sequence[str]
+) -> ClassificationReport:
+    """The :class:`ClassificationReport` of counts: what both the run's final evaluation and ``deltatune
+    evaluate`` (which counts batch by batch) report. Every class is listed; one without examples has a NaN
+    per-class accuracy (null in JSON, with a note).
+
+    Args:
+        confusion: (num_classes, num_classes) counts; rows are true classes, columns predictions.
+        top5_hits: Examples whose class is among the 5 highest scores (None with 5 classes or fewer).
+        class_names: Names of the classes, index = class id.
+    """
+    confusion = np.asarray(confusion, dtype=np.int64)
     support = confusion.sum(axis=1)
+    total = int(support.sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+    top5: float | None = None
+    if len(class_names) > 5:
+        top5 = (top5_hits or 0) / total if total else float("nan")
     return ClassificationReport(
-        accuracy=float((predicted == labels).mean()) if len(labels) else float("nan"),
-        top5_accuracy=top_k_accuracy(logits, labels, 5) if num_classes > 5 else None,
+        accuracy=int(np.trace(confusion)) / total if total else float("nan"),
+        top5_accuracy=top5,
         per_class_accuracy={name: float(recall[i]) for i, name in enumerate(class_names)},
         confusion=confusion,
         class_names=list(class_names),
-        num_examples=len(labels),
+        num_examples=total,
     )

@@ -18,6 +18,8 @@ from .loading import (
     ImageDatasetBundle,
     SubsetDataset,
     detect_columns,
+    is_image_folder,
+    limit_samples,
     load_image_dataset,
     stratified_split,
 )
@@ -69,7 +71,9 @@ __all__ = [
     "evaluation_processor",
     "image_datasets",
     "is_bundled_backbone",
+    "is_image_folder",
     "is_offline_default",
+    "limit_samples",
     "load_image_dataset",
     "load_rgb",
     "offline_default_model_dir",

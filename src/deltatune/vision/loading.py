@@ -175,12 +175,26 @@ def detect_columns(
     return image, label
 
 
-def _limit(dataset: Any, max_samples: int | None, seed: int, split: str) -> Any:
+def limit_samples(dataset: Any, max_samples: int | None, seed: int, split: str) -> Any:
+    """``max_samples`` random rows of ``dataset`` in their order (all of them when None or not fewer): the
+    ``max_train_samples``/``max_eval_samples`` cap of a run, which ``deltatune evaluate`` reuses so that it
+    picks the run's images.
+
+    Args:
+        dataset: Map-style rows.
+        max_samples: The cap (None: no cap).
+        seed: The run's seed; the evaluation split draws with ``seed + 1`` (so the two caps are independent).
+        split: ``"train"`` or ``"eval"``.
+
+    Raises:
+        ValueError: for a cap that is not positive.
+    """
     if max_samples is None or max_samples >= len(dataset):
         return dataset
     if max_samples <= 0:
         raise ValueError(f"max_{split}_samples must be positive, got {max_samples}")
-    indices = np.random.default_rng(seed).permutation(len(dataset))[:max_samples]
+    indices = np.random.default_rng(seed + 1 if split == "eval" else seed).permutation(len(dataset))
+    indices = indices[:max_samples]
     if isinstance(dataset, ImageFolderDataset):
         return dataset.subset(sorted(indices.tolist()))
     return SubsetDataset(dataset, sorted(indices.tolist()))
@@ -235,6 +249,13 @@ def _load_folder(
 
 def _is_saved_hf_dataset(root: Path) -> bool:
     return (root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
+
+
+def is_image_folder(path: str | Path) -> bool:
+    """True for a local folder of class folders (or ``train/``+``validation/`` ones): a directory that is
+    neither a saved ``datasets`` dataset nor a local copy of a hub dataset's data files."""
+    root = Path(path).expanduser()
+    return root.is_dir() and not _is_saved_hf_dataset(root) and not _holds_data_files(root)
 
 
 def _holds_data_files(root: Path) -> bool:
@@ -369,7 +390,7 @@ def load_image_dataset(
     image_source, label_source = "image", "label"
     path = Path(name_or_path).expanduser()
     offline = is_offline_default(name_or_path) and not path.exists()
-    folder = path.is_dir() and not _is_saved_hf_dataset(path) and not _holds_data_files(path)
+    folder = is_image_folder(path)
     if validation_dir is not None and (offline or not folder):
         raise ValueError(
             f"validation_dir needs a local image folder to train on, not {name_or_path!r} (a hub dataset or "
@@ -392,8 +413,8 @@ def load_image_dataset(
         train, evaluation, class_names, image_source, label_source = _load_hub(
             name_or_path, image_column, label_column, validation_split, seed
         )
-    train = _limit(train, max_train_samples, seed, "train")
-    evaluation = _limit(evaluation, max_eval_samples, seed + 1, "eval")
+    train = limit_samples(train, max_train_samples, seed, "train")
+    evaluation = limit_samples(evaluation, max_eval_samples, seed, "eval")
     for split, data in (("train", train), ("eval", evaluation)):
         if len(data) == 0:
             raise ValueError(

@@ -40,6 +40,7 @@ __all__ = [
     "load_rgb",
     "open_image",
     "preprocess",
+    "preprocess_batch",
     "source_name",
 ]
 
@@ -98,11 +99,9 @@ def load_rgb(source: Any) -> Image.Image:
         ValueError: when the image has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``.
         OSError: when it cannot be decoded.
     """
-    image = open_image(source)
-    check_image_pixels(image, source_name(source) or "image")
-    return to_rgb(image).convert(
-        "RGB"
-    )  # to_rgb is load_image's exif_transpose + convert; a copy as load_image
+    if isinstance(source, Image.Image):  # open_image checks what it opens; an image handed in, here
+        check_image_pixels(source, source_name(source) or "image")
+    return to_rgb(open_image(source))  # a new image always (exif_transpose copies), as load_image's
 
 
 def evaluation_processor(image_processor_or_stats: Any) -> Any:
@@ -117,7 +116,9 @@ def evaluation_processor(image_processor_or_stats: Any) -> Any:
     import transformers
     from transformers.utils import is_torchvision_available
 
-    # the backend AutoImageProcessor (and so the pipeline) picks: torchvision when installed, else PIL
+    # the backend AutoImageProcessor (and so the pipeline) picks: torchvision when installed, else PIL. The
+    # saved config cannot pin one (both classes write image_processor_type "BitImageProcessor" and
+    # AutoImageProcessor chooses by what is installed), so pinning ours would part from the pipeline's.
     name = "BitImageProcessor" if is_torchvision_available() else "BitImageProcessorPil"
     processor_class = getattr(transformers, name)
 
@@ -151,6 +152,12 @@ def evaluation_processor(image_processor_or_stats: Any) -> Any:
 def preprocess(processor: Any, image: Image.Image) -> torch.Tensor:
     """One decoded RGB image → (3, H, W) float32 pixel values, by ``processor`` itself (as the pipeline)."""
     return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def preprocess_batch(processor: Any, images: Sequence[Image.Image]) -> torch.Tensor:
+    """Decoded RGB images → (N, 3, H, W) float32 pixel values in one ``processor`` call (the pipeline's batch
+    call); each row equals :func:`preprocess` of its image."""
+    return processor(images=list(images), return_tensors="pt")["pixel_values"]
 
 
 class EvalTransform:
