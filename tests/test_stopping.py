@@ -295,12 +295,61 @@ def test_sigterm_while_an_error_is_handled_lets_it_finish_then_stops() -> None:
 def test_sigterm_while_a_lock_is_held_releases_it(tmp_path: Path) -> None:
     """`deltatune compare` holds RunLock directly: SIGTERM unwinds it too, and the lock is released."""
     out = tmp_path / "out"
-    with pytest.raises(Terminated), RunLock(out):
+    with pytest.raises(Terminated), sigterm_as_interrupt(), RunLock(out):
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(1000):
             pass
     assert not (out / LOCK_NAME).exists()
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+
+
+def test_a_run_lock_installs_no_signal_handler(tmp_path: Path) -> None:
+    """The SIGTERM handler belongs to the commands (`run_lock`, `compare`), not to the lock."""
+    before = signal.getsignal(signal.SIGTERM)
+    with RunLock(tmp_path / "out"):
+        assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_compare_holds_its_lock_inside_sigterm_as_interrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`deltatune compare` takes SIGTERM like `train`: the handler is installed while its runs train."""
+    import types
+
+    from deltatune.cli import commands, run_args
+    from deltatune.train import signals
+
+    seen: list[object] = []
+    parsed = types.SimpleNamespace(
+        training_args=types.SimpleNamespace(output_dir=str(tmp_path / "out"), resume_from_checkpoint=None),
+        options=types.SimpleNamespace(methods=["lora"], baselines=[], overwrite_output_dir=False),
+        model="m",
+        dataset="d",
+    )
+    monkeypatch.setattr(run_args, "parse_run", lambda command, argv: parsed)
+    monkeypatch.setattr(run_args, "check_sources", lambda parsed, argv: None)
+    monkeypatch.setattr("deltatune.train.outputs.training_identity", lambda args: {})
+    monkeypatch.setattr(
+        commands, "_compare_runs", lambda p, out: seen.append(signal.getsignal(signal.SIGTERM))
+    )
+    assert commands.compare([]) == 0
+    assert seen == [signals._raise_terminated]
+
+
+def test_sigterm_during_error_handling_is_deferred_once_only() -> None:
+    """A SIGTERM deferred for an error being handled comes back once; that one raises even when it lands in
+    another error's handling (no endless chain of one-second deferrals)."""
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        try:
+            raise RuntimeError("a collective failed")
+        except RuntimeError:
+            os.kill(os.getpid(), signal.SIGTERM)  # deferred
+        for _ in range(1200):  # a run that keeps handling routine errors (a bound, not a wait for time)
+            try:
+                raise ValueError("routine")
+            except ValueError:
+                threading.Event().wait(0.05)
+        pytest.fail("the redelivered SIGTERM was deferred again")
 
 
 def test_sigterm_inside_a_checkpoint_write_stops_after_it_is_complete(
