@@ -170,6 +170,28 @@ def test_train_loss_after_a_resume_is_the_whole_runs(tmp_path: Path) -> None:
     assert resumed.metrics["train_loss"] == pytest.approx(whole.training_loss, rel=1e-5)
 
 
+def test_the_run_loss_is_a_real_callback_state_restored_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With restore_callback_states_from_checkpoint, transformers restores every entry of the checkpoint's
+    stateful_callbacks and warns about one no callback owns; the run-loss entry is DeltaTrainerRunLoss's."""
+    import logging
+
+    whole = tiny_trainer(tmp_path / "whole").train()
+    tiny_trainer(tmp_path / "split", max_steps=3).train()
+    library = logging.getLogger("transformers")
+    library.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING"):
+            resumed = tiny_trainer(tmp_path / "split", restore_callback_states_from_checkpoint=True).train(
+                resume_from_checkpoint=True
+            )
+    finally:
+        library.removeHandler(caplog.handler)
+    assert "Checkpoint included callbacks not included" not in caplog.text
+    assert resumed.training_loss == pytest.approx(whole.training_loss, rel=1e-5)
+
+
 def test_the_eta_after_a_resume_counts_the_steps_this_process_took(monkeypatch: pytest.MonkeyPatch) -> None:
     """Resumed at step 50 of 100, 10 steps in 10 s: 40 s left (it said 8 s, as if the first 50 steps had taken
     no time)."""

@@ -13,12 +13,13 @@ import math
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from ..plain_trainer import AdapterHooksCallback, tuner_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterHooksCallback", "DatasetEpochCallback", "tuner_of"]
+__all__ = ["AdapterHooksCallback", "DatasetEpochCallback", "DeltaTrainerRunLoss", "tuner_of"]
 
 
 class DatasetEpochCallback(TrainerCallback):
@@ -39,3 +40,21 @@ class DatasetEpochCallback(TrainerCallback):
         set_epoch = getattr(dataset, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
+
+
+class DeltaTrainerRunLoss(TrainerCallback, ExportableState):
+    """Carries the run's training-loss sum into each checkpoint's ``trainer_state.json`` (under its class
+    name in ``stateful_callbacks``), so a resumed run reports ``train_loss`` over the whole run.
+    ``DeltaTrainer`` adds it and sets :attr:`train_loss_sum` before each save; being a real callback,
+    transformers restores it with ``restore_callback_states_from_checkpoint`` instead of warning about it.
+
+    Args:
+        train_loss_sum: The sum of the per-step losses so far (None: not known).
+    """
+
+    def __init__(self, train_loss_sum: float | None = None) -> None:
+        self.train_loss_sum = train_loss_sum
+
+    def state(self) -> dict[str, Any]:
+        """The state transformers writes into ``stateful_callbacks``."""
+        return {"args": {}, "attributes": {"train_loss_sum": self.train_loss_sum}}

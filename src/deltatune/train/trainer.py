@@ -43,7 +43,7 @@ from .._files import apply_umask, atomic_write_text
 from ..model import PeftModel
 from ..registry import spec_for
 from .arguments import check_precision, cpu_threads
-from .callbacks import AdapterHooksCallback, DatasetEpochCallback, tuner_of
+from .callbacks import AdapterHooksCallback, DatasetEpochCallback, DeltaTrainerRunLoss, tuner_of
 from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_state
 from .disk import disk_full_error
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
@@ -59,7 +59,7 @@ __all__ = ["DeltaTrainer"]
 
 TRAINING_ARGS_JSON = "training_args.json"
 #: Key in a checkpoint's ``trainer_state.json`` ``stateful_callbacks`` holding the run's training-loss sum.
-RUN_LOSS_KEY = "DeltaTrainerRunLoss"
+RUN_LOSS_KEY = DeltaTrainerRunLoss.__name__
 
 
 def _has_num_labels(model: Any) -> bool:
@@ -130,6 +130,8 @@ class DeltaTrainer(transformers.Trainer):
             self.add_callback(NonFiniteLossGuard())
         if not any(isinstance(cb, DatasetEpochCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(DatasetEpochCallback())
+        if not any(isinstance(cb, DeltaTrainerRunLoss) for cb in self.callback_handler.callbacks):
+            self.add_callback(DeltaTrainerRunLoss())
         if not any(isinstance(cb, ThroughputCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(ThroughputCallback())
         self.precision = check_precision(self.args)
@@ -272,9 +274,9 @@ class DeltaTrainer(transformers.Trainer):
         before = getattr(self, "_run_loss_before", None)
         if before is not None and hasattr(self, "_tr_loss"):  # read by _init_training_state on resume
             so_far = before + self._total_loss_scalar + float(self._tr_loss.item())
-            stored: Any = self.state.stateful_callbacks  # a dict in the JSON state (typed as a list)
-            if isinstance(stored, dict):
-                stored[RUN_LOSS_KEY] = {"args": {}, "attributes": {"train_loss_sum": so_far}}
+            for callback in self.callback_handler.callbacks:  # written by transformers into the state
+                if isinstance(callback, DeltaTrainerRunLoss):
+                    callback.train_loss_sum = so_far
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotated below, by step
         folder = os.path.join(
