@@ -398,3 +398,17 @@ def test_sigterm_inside_a_checkpoint_write_stops_after_it_is_complete(
     assert trainer.state.global_step == 3
     last = latest_complete_checkpoint(tmp_path)
     assert last is not None and last.endswith("checkpoint-3") and checkpoint_problem(last) is None
+
+
+def test_a_transformers_without_the_loop_hooks_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On transformers 4.x DeltaTrainer's resume-at-the-end and whole-run train_loss fixes cannot run: one
+    warning says so instead of silence."""
+    import transformers
+
+    monkeypatch.delattr(transformers.Trainer, "_finalize_training")
+    with caplog.at_level("WARNING", logger="deltatune"):
+        tiny_trainer(tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "has no _finalize_training" in r.getMessage()]
+    assert len(warned) == 1 and "train_loss" in warned[0], caplog.text
