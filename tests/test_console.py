@@ -158,3 +158,29 @@ def test_loading_a_trained_adapter_announces_no_new_head(
         assert main(command) == 0, command
         err = capfd.readouterr().err
         assert "head" not in err and "initialised" not in err, (command, err)
+
+
+def test_train_log_drops_only_os_errors_of_its_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failed write to train.log (a full disk) is silent; any other logging error is reported as usual."""
+    import logging
+
+    from deltatune.cli.output import run_log
+
+    with run_log(str(tmp_path)):
+        handler = next(
+            h for h in logging.getLogger("deltatune").handlers if isinstance(h, logging.FileHandler)
+        )
+        record = logging.LogRecord("deltatune", logging.WARNING, __file__, 1, "x", None, None)
+        capsys.readouterr()
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            handler.handleError(record)
+        assert "Logging error" not in capsys.readouterr().err
+        try:
+            raise TypeError("%d format: a real number is required, not str")
+        except TypeError:
+            handler.handleError(record)
+        assert "Logging error" in capsys.readouterr().err

@@ -53,12 +53,18 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path)
     reference = worker(reference_dir)
     victim = worker(killed_dir, "--pause")  # waits one step after checkpoint-3 until it is killed
     first_state = killed_dir / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json"
-    deadline = time.monotonic() + 600  # a bound for a hung worker; the wait itself is for a state
-    while not (killed_dir / "paused").exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert (killed_dir / "paused").exists(), f"the run did not pause: {victim.communicate()[1][-2000:]}"
-    assert first_state.exists()
-    os.kill(victim.pid, signal.SIGKILL)
+    try:
+        deadline = time.monotonic() + 600  # a bound for a hung worker; the wait itself is for a state
+        while not (killed_dir / "paused").exists() and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not (killed_dir / "paused").exists():
+            victim.kill()  # before communicate(): a hung worker would block it for ever
+            raise AssertionError(f"the run did not pause: {victim.communicate()[1][-2000:]}")
+        assert first_state.exists()
+        os.kill(victim.pid, signal.SIGKILL)
+    finally:
+        if victim.poll() is None:
+            victim.kill()  # a failed check above must not leave the paused worker behind
     victim.communicate()
     assert victim.returncode == -signal.SIGKILL, "the run must be killed, not finish"
     assert not (killed_dir / "result.json").exists()

@@ -148,3 +148,54 @@ def test_custom_loops_are_left_alone(caplog: pytest.LogCaptureFixture) -> None:
         out = model(pixel_values=torch.stack([batch[i]["pixel_values"] for i in range(4)]))
         out.logits.sum().backward()
     assert "plain transformers.Trainer" not in caplog.text
+
+
+def test_a_training_forward_before_train_does_not_stop_the_adaptation(tmp_path: Path) -> None:
+    """A sanity-check forward in training mode (no Trainer on the stack) comes first: the Trainer that then
+    trains the model is still adapted, and a second Trainer on the same model is adapted too."""
+    import transformers
+
+    trainer = plain_trainer(
+        tmp_path / "one", lora(), steps=2, load_best_model_at_end=False, eval_strategy="no"
+    )
+    model = trainer.model
+    batch = Blobs(4, 1)
+    model.train()
+    model(pixel_values=torch.stack([batch[i]["pixel_values"] for i in range(4)]))  # a custom forward first
+    trainer.train()
+    second = transformers.Trainer(
+        model,
+        trainer.args.__class__(
+            str(tmp_path / "two"),
+            **{
+                **QUIET_CPU_ARGS,
+                "max_steps": 2,
+                "per_device_train_batch_size": 4,
+                "save_strategy": "steps",
+                "save_steps": 2,
+            },
+        ),
+        train_dataset=Blobs(16, 1),
+    )
+    second.train()
+    for folder in (tmp_path / "one" / "checkpoint-2", tmp_path / "two" / "checkpoint-2"):
+        names = {p.name for p in folder.iterdir()}
+        assert "adapter_model.safetensors" in names, f"{folder}: not an adapter checkpoint: {sorted(names)}"
+        assert "training_args.bin" in names, "written as transformers writes it"
+
+
+def test_an_adaptation_that_fails_is_one_warning_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from deltatune import plain_trainer as plain
+
+    def broken(*args: Any, **kwargs: Any) -> list[str]:
+        raise AttributeError("a transformers without Trainer._save")
+
+    monkeypatch.setattr(plain, "_adapt", broken)
+    with caplog.at_level("WARNING", logger="deltatune"):
+        trainer = plain_trainer(tmp_path, lora(), steps=2, load_best_model_at_end=False, eval_strategy="no")
+        trainer.train()  # the user's training goes on
+    warned = [r.getMessage() for r in caplog.records if "could not adapt this Trainer" in r.getMessage()]
+    assert len(warned) == 1 and "DeltaTrainer" in warned[0], caplog.text
+    assert trainer.state.global_step == 2

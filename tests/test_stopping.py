@@ -170,6 +170,28 @@ def test_train_loss_after_a_resume_is_the_whole_runs(tmp_path: Path) -> None:
     assert resumed.metrics["train_loss"] == pytest.approx(whole.training_loss, rel=1e-5)
 
 
+def test_the_run_loss_is_a_real_callback_state_restored_without_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With restore_callback_states_from_checkpoint, transformers restores every entry of the checkpoint's
+    stateful_callbacks and warns about one no callback owns; the run-loss entry is DeltaTrainerRunLoss's."""
+    import logging
+
+    whole = tiny_trainer(tmp_path / "whole").train()
+    tiny_trainer(tmp_path / "split", max_steps=3).train()
+    library = logging.getLogger("transformers")
+    library.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING"):
+            resumed = tiny_trainer(tmp_path / "split", restore_callback_states_from_checkpoint=True).train(
+                resume_from_checkpoint=True
+            )
+    finally:
+        library.removeHandler(caplog.handler)
+    assert "Checkpoint included callbacks not included" not in caplog.text
+    assert resumed.training_loss == pytest.approx(whole.training_loss, rel=1e-5)
+
+
 def test_the_eta_after_a_resume_counts_the_steps_this_process_took(monkeypatch: pytest.MonkeyPatch) -> None:
     """Resumed at step 50 of 100, 10 steps in 10 s: 40 s left (it said 8 s, as if the first 50 steps had taken
     no time)."""
@@ -295,12 +317,61 @@ def test_sigterm_while_an_error_is_handled_lets_it_finish_then_stops() -> None:
 def test_sigterm_while_a_lock_is_held_releases_it(tmp_path: Path) -> None:
     """`deltatune compare` holds RunLock directly: SIGTERM unwinds it too, and the lock is released."""
     out = tmp_path / "out"
-    with pytest.raises(Terminated), RunLock(out):
+    with pytest.raises(Terminated), sigterm_as_interrupt(), RunLock(out):
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(1000):
             pass
     assert not (out / LOCK_NAME).exists()
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+
+
+def test_a_run_lock_installs_no_signal_handler(tmp_path: Path) -> None:
+    """The SIGTERM handler belongs to the commands (`run_lock`, `compare`), not to the lock."""
+    before = signal.getsignal(signal.SIGTERM)
+    with RunLock(tmp_path / "out"):
+        assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_compare_holds_its_lock_inside_sigterm_as_interrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`deltatune compare` takes SIGTERM like `train`: the handler is installed while its runs train."""
+    import types
+
+    from deltatune.cli import commands, run_args
+    from deltatune.train import signals
+
+    seen: list[object] = []
+    parsed = types.SimpleNamespace(
+        training_args=types.SimpleNamespace(output_dir=str(tmp_path / "out"), resume_from_checkpoint=None),
+        options=types.SimpleNamespace(methods=["lora"], baselines=[], overwrite_output_dir=False),
+        model="m",
+        dataset="d",
+    )
+    monkeypatch.setattr(run_args, "parse_run", lambda command, argv: parsed)
+    monkeypatch.setattr(run_args, "check_sources", lambda parsed, argv: None)
+    monkeypatch.setattr("deltatune.train.outputs.training_identity", lambda args: {})
+    monkeypatch.setattr(
+        commands, "_compare_runs", lambda p, out: seen.append(signal.getsignal(signal.SIGTERM))
+    )
+    assert commands.compare([]) == 0
+    assert seen == [signals._raise_terminated]
+
+
+def test_sigterm_during_error_handling_is_deferred_once_only() -> None:
+    """A SIGTERM deferred for an error being handled comes back once; that one raises even when it lands in
+    another error's handling (no endless chain of one-second deferrals)."""
+    with pytest.raises(Terminated), sigterm_as_interrupt():
+        try:
+            raise RuntimeError("a collective failed")
+        except RuntimeError:
+            os.kill(os.getpid(), signal.SIGTERM)  # deferred
+        for _ in range(1200):  # a run that keeps handling routine errors (a bound, not a wait for time)
+            try:
+                raise ValueError("routine")
+            except ValueError:
+                threading.Event().wait(0.05)
+        pytest.fail("the redelivered SIGTERM was deferred again")
 
 
 def test_sigterm_inside_a_checkpoint_write_stops_after_it_is_complete(
@@ -327,3 +398,17 @@ def test_sigterm_inside_a_checkpoint_write_stops_after_it_is_complete(
     assert trainer.state.global_step == 3
     last = latest_complete_checkpoint(tmp_path)
     assert last is not None and last.endswith("checkpoint-3") and checkpoint_problem(last) is None
+
+
+def test_a_transformers_without_the_loop_hooks_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On transformers 4.x DeltaTrainer's resume-at-the-end and whole-run train_loss fixes cannot run: one
+    warning says so instead of silence."""
+    import transformers
+
+    monkeypatch.delattr(transformers.Trainer, "_finalize_training")
+    with caplog.at_level("WARNING", logger="deltatune"):
+        tiny_trainer(tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "has no _finalize_training" in r.getMessage()]
+    assert len(warned) == 1 and "train_loss" in warned[0], caplog.text

@@ -311,6 +311,12 @@ def test_integer_or_bool_adapter_tensors_are_refused_by_name(tmp_path: Path, dty
         PeftModel.from_pretrained(tiny_vit(), tmp_path)
     with pytest.raises(ValueError, match=rf"adapter tensor '{key}' has dtype {name}"):
         model.load_adapter(tmp_path, "other")
+    from deltatune.serialization import load_adapter_weights
+
+    with pytest.raises(ValueError, match=rf"adapter tensor '{key}' has dtype {name}"):
+        load_adapter_weights(
+            str(tmp_path)
+        )  # the reader under checkpoint restore and set_peft_model_state_dict
 
 
 def test_labels_json_is_checked_against_the_saved_head_first(

@@ -1,5 +1,5 @@
 """Adapter weights files: safetensors (or a legacy ``.bin`` through ``torch.load(weights_only=True)``) read
-and written, checked for non-finite values and for a config whose sizes cannot belong to the file. The key
+and written, checked for integer/bool and non-finite values and for a config whose sizes cannot belong to the file. The key
 layout inside them is :mod:`deltatune.serialization`'s."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ __all__ = [
     "check_config_fits_file",
     "check_finite",
     "load_adapter_weights",
+    "refuse_non_float_tensors",
     "save_adapter_weights",
 ]
 
@@ -89,6 +90,7 @@ def load_adapter_weights(
             raise ValueError(
                 f"{path} is not a readable safetensors file (truncated or corrupt?): {err}"
             ) from err
+        refuse_non_float_tensors(tensors, path)
         check_finite(tensors, path)
         return tensors
     try:
@@ -100,8 +102,25 @@ def load_adapter_weights(
         ) from err
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise ValueError(f"{path} does not hold a dict of tensors")
+    refuse_non_float_tensors(data, path)
     check_finite(data, path)
     return data
+
+
+def refuse_non_float_tensors(tensors: Mapping[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
+    """Raises ``ValueError`` naming the first tensor of an adapter file whose dtype is integer or bool.
+
+    Adapter weights are floating point; loading would silently cast such a tensor into a weight (a
+    ``bool`` mask becomes 0/1 values, an integer its truncated numbers), so a file holding one is corrupt or
+    not an adapter, whoever wrote it.
+    """
+    bad = [k for k, t in tensors.items() if not (t.is_floating_point() or t.is_complex())]
+    if bad:
+        raise ValueError(
+            f"{os.fspath(source)}: adapter tensor {bad[0]!r} has dtype {str(tensors[bad[0]].dtype).removeprefix('torch.')}"
+            f" ({len(bad)} such tensor(s)); adapter weights are floating point, so the file is corrupt or not an "
+            "adapter"
+        )
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:

@@ -12,10 +12,10 @@ import logging
 import os
 from typing import Any
 
-import torch
 from torch import nn
 
 from ._version import __version__
+from ._weights_io import refuse_non_float_tensors
 from .config import PeftConfig, TargetingConfig
 from .functional import get_peft_model_state_dict
 from .model_card import update_model_card
@@ -47,22 +47,6 @@ def adapter_config(config: Any) -> TargetingConfig:
         names = ", ".join(dict.fromkeys(get_method(m).config_cls.__name__ for m in available_methods()))
         raise TypeError(f"expected a deltatune adapter config ({names}), got {type(config).__name__}")
     return config
-
-
-def refuse_non_float_tensors(tensors: dict[str, torch.Tensor], source: str | os.PathLike[str]) -> None:
-    """Raises ``ValueError`` naming the first tensor of an adapter file whose dtype is integer or bool.
-
-    Adapter weights are floating point; loading would silently cast such a tensor into a weight (a
-    ``bool`` mask becomes 0/1 values, an integer its truncated numbers), so a file holding one is corrupt or
-    not an adapter, whoever wrote it.
-    """
-    bad = [k for k, t in tensors.items() if not (t.is_floating_point() or t.is_complex())]
-    if bad:
-        raise ValueError(
-            f"{os.fspath(source)}: adapter tensor {bad[0]!r} has dtype {str(tensors[bad[0]].dtype).removeprefix('torch.')}"
-            f" ({len(bad)} such tensor(s)); adapter weights are floating point, so the file is corrupt or not an "
-            "adapter"
-        )
 
 
 class SaveLoadMixin(nn.Module):
@@ -246,7 +230,6 @@ class SaveLoadMixin(nn.Module):
     ) -> LoadResult:
         allow_base_weights = bool(kwargs.pop("allow_base_weights", False))
         tensors = load_adapter_weights(model_id, **kwargs)
-        refuse_non_float_tensors(tensors, model_id)
         tensors = self.base_model.adapt_loaded_tensors(tensors, adapter_name, saved_config)
         return set_adapter_state_dict(
             self.base_model,

@@ -3,7 +3,8 @@
 transformers recognises only peft's model classes (``Trainer._save``, ``_load_from_checkpoint``,
 ``_load_best_model``), so with plain ``Trainer`` a deltatune model would be saved as full-model checkpoints
 (17x the adapter on the small ViT) and AdaLoRA would train without its rank allocation. At the model's first
-training forward, :func:`adapt_plain_trainer` finds the ``Trainer`` running it (up the call stack) and, for a
+training forwards (a few at most without a Trainer: a sanity check or a custom loop first; again after an
+adapted Trainer's training ends), :func:`adapt_plain_trainer` finds the ``Trainer`` running it (up the call stack) and, for a
 plain ``transformers.Trainer`` (``_save`` not overridden), adapts that one instance:
 
 - ``_save``: ``checkpoint-N`` and ``save_model`` folders get the adapter in PEFT's format plus
@@ -28,14 +29,32 @@ from types import FrameType
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from .hooks import MethodHooks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["adapt_plain_trainer", "find_trainer"]
+__all__ = [
+    "ADAPTED_KEY",
+    "TRAINER_WALKS",
+    "WALKS_KEY",
+    "AdapterHooksCallback",
+    "adapt_plain_trainer",
+    "find_trainer",
+    "tuner_of",
+]
 
 _FRAMES = 40
+#: Training forwards in a row that look for a Trainer up the call stack before the model stops looking (a
+#: sanity-check forward or a custom loop first); reset when an adapted Trainer's training ends.
+TRAINER_WALKS = 3
+#: Key in the tuner's ``__dict__``: how many training forwards looked (``TRAINER_WALKS`` once one was found).
+WALKS_KEY = "_trainer_walks"
+#: Key in a Trainer's ``__dict__``: deltatune adapted it (True) or tried and could not (False).
+ADAPTED_KEY = "_deltatune_adapted"
+#: The private parts of ``transformers.Trainer`` the adaptation replaces.
+_PRIVATE = ("_save", "_issue_warnings_after_load")
 
 
 def find_trainer() -> Any:
@@ -61,8 +80,10 @@ def _trained_names(model: torch.nn.Module) -> set[str]:
 
 
 def _save_adapter(trainer: Any, output_dir: str | None = None, state_dict: Any = None) -> None:
-    """``Trainer._save`` for a deltatune model: PEFT's adapter files and the trained tensors only."""
+    """``Trainer._save`` for a deltatune model: PEFT's adapter files, the trained tensors only (from
+    ``state_dict`` when the Trainer passes one), and ``training_args.bin`` as transformers writes it."""
     from safetensors.torch import save_file
+    from transformers.trainer import TRAINING_ARGS_NAME
 
     from ._files import atomic_path
 
@@ -73,11 +94,13 @@ def _save_adapter(trainer: Any, output_dir: str | None = None, state_dict: Any =
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder)
     names = _trained_names(model)
-    trained = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in names}
+    source = state_dict if state_dict is not None else model.state_dict()
+    trained = {k: v.detach().cpu().contiguous() for k, v in source.items() if k in names}
     with atomic_path(os.path.join(folder, "model.safetensors")) as tmp:
         save_file(trained, tmp, metadata={"format": "pt", "written_by": "deltatune"})
     if trainer.processing_class is not None:
         trainer.processing_class.save_pretrained(folder)
+    torch.save(trainer.args, os.path.join(folder, TRAINING_ARGS_NAME))
 
 
 def _warn_trained_only(trainer: Any, original: Any, load_result: Any) -> None:
@@ -88,18 +111,61 @@ def _warn_trained_only(trainer: Any, original: Any, load_result: Any) -> None:
         original(type(load_result)(missing, load_result.unexpected_keys))
 
 
-def _hooks_callback(tuner: Any) -> Any:
-    from transformers import TrainerCallback
+class AdapterHooksCallback(TrainerCallback):
+    """Calls the tuner's training hooks; ``DeltaTrainer`` adds it for every deltatune model, and a plain
+    ``transformers.Trainer`` gets it when :func:`adapt_plain_trainer` adapts it.
 
-    class HooksCallback(TrainerCallback):  # the method's training hooks, as DeltaTrainer runs them
-        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if not bool(getattr(kwargs.get("optimizer"), "step_was_skipped", False)):
-                tuner.on_optimizer_step(state.global_step)
+    - ``on_train_begin``: ``prepare_training(state.max_steps)`` (AdaLoRA fills ``total_step`` and checks its
+      schedule there);
+    - ``on_optimizer_step``: ``on_optimizer_step(state.global_step)`` while gradients exist (AdaLoRA's
+      ``update_and_allocate``); a step an fp16 scaler skipped is logged and not passed on;
+    - ``on_train_end``: ``training_summary()`` (logged by the method; kept as :attr:`summary`), and the
+      model looks for the Trainer running it again at its next training forward (a next Trainer is adapted).
 
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            tuner.training_summary()
+    Args:
+        model: The model to drive; when None, the ``model`` the Trainer passes to callbacks is used.
+    """
 
-    return HooksCallback()
+    def __init__(self, model: Any = None) -> None:
+        self.model = model
+        self.summary: dict[str, Any] = {}
+
+    def _tuner(self, kwargs: dict[str, Any]) -> Any:
+        return tuner_of(self.model if self.model is not None else kwargs.get("model"))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        tuner = self._tuner(kwargs)
+        if tuner is not None:
+            tuner.prepare_training(int(state.max_steps))
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        tuner = self._tuner(kwargs)
+        if tuner is None:
+            return
+        # fp16: a GradScaler skips the step when a gradient overflowed; those gradients hold inf/NaN and
+        # must not reach the method (AdaLoRA would fold them into its importance scores for good).
+        # accelerate knows already (it read the scale to decide), so asking costs no device sync.
+        if bool(getattr(kwargs.get("optimizer"), "step_was_skipped", False)):
+            logger.info(
+                "optimizer step %d was skipped (gradient overflow): no adapter update", state.global_step
+            )
+            return
+        tuner.on_optimizer_step(state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        tuner = self._tuner(kwargs)
+        if tuner is not None:
+            self.summary = tuner.training_summary()
+            tuner.__dict__.pop(WALKS_KEY, None)  # a next Trainer on this model is looked for again
+
+
+def tuner_of(model: Any) -> Any:
+    """The tuner of a deltatune model (a ``PeftModel``, whose ``base_model`` is the tuner, or the tuner
+    itself), else None. Tuners are told by their hooks base (this module sits below ``tuner`` and ``model``)."""
+    if isinstance(model, MethodHooks) and isinstance(model, torch.nn.Module):
+        return model
+    base = model._modules.get("base_model") if isinstance(model, torch.nn.Module) else None
+    return base if isinstance(base, MethodHooks) else None
 
 
 def _human(size: int) -> str:
@@ -114,19 +180,63 @@ def _size(tensors: Any) -> int:
 
 
 def adapt_plain_trainer(tuner: Any, model: torch.nn.Module | None = None) -> Any:
-    """Called at the first training forward of ``tuner``: adapts a plain ``transformers.Trainer`` running it
-    (see the module docstring) and warns once. Returns the Trainer found (None for a custom loop or
-    ``DeltaTrainer``)."""
-    trainer = find_trainer()
+    """Called at the first training forwards of ``tuner``: adapts a plain ``transformers.Trainer`` running it
+    (see the module docstring) and warns once. Returns the Trainer found (adapted now or before, or one
+    that could not be adapted), else None (a custom loop, ``DeltaTrainer``).
+
+    Each instance is adapted once (marked with :data:`ADAPTED_KEY`), so a second Trainer on the same model is
+    adapted too. The adaptation uses private parts of transformers (the call stack, ``Trainer._save``,
+    ``Trainer._issue_warnings_after_load``); where they are missing or it fails, one warning says so and the
+    user's forward goes on.
+    """
+    try:
+        trainer = find_trainer()
+    except Exception:  # sys._getframe is CPython's; a frame's locals may refuse to be read
+        return None
     if trainer is None or getattr(trainer, "handles_deltatune_models", False):
         return None
+    if ADAPTED_KEY in trainer.__dict__:
+        return trainer
+    trainer.__dict__[ADAPTED_KEY] = False
+    try:
+        import transformers
+
+        missing = [name for name in _PRIVATE if not hasattr(transformers.Trainer, name)]
+        if missing:
+            raise AttributeError(f"this transformers' Trainer has no {', '.join(missing)}")
+        done = _adapt(trainer, tuner, model)
+    except Exception as err:
+        logger.warning(
+            "a deltatune model is training under a plain transformers.Trainer and deltatune could not adapt "
+            "this Trainer (%s: %s): its checkpoints may hold the whole model and a method's training hooks do "
+            "not run. Use DeltaTrainer: `from deltatune.train import DeltaTrainer as Trainer`",
+            type(err).__name__,
+            err,
+        )
+        return trainer
+    trainer.__dict__[ADAPTED_KEY] = True
+    adapted = f"deltatune adapted this Trainer: {'; '.join(done)}. " if done else ""
+    logger.warning(
+        "a deltatune model is training under a plain transformers.Trainer, which knows only peft's model "
+        "classes. %sStill different from deltatune's Trainer: a new process resuming from a checkpoint-N logs "
+        "transformers' missing-keys warning and restores no method state beyond the adapter's tensors (a rank "
+        "allocator's), and there is "
+        "no NaN/inf guard, labels.json or default accuracy metric. The one-line fix: "
+        "`from deltatune.train import DeltaTrainer as Trainer`",
+        adapted,
+    )
+    return trainer
+
+
+def _adapt(trainer: Any, tuner: Any, model: torch.nn.Module | None) -> list[str]:
     import transformers
 
     base = transformers.Trainer
     cls = type(trainer)
     model = model if model is not None else trainer.accelerator.unwrap_model(trainer.model)
+    saved = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     done: list[str] = []
-    if cls._save is base._save:
+    if cls._save is base._save and hasattr(saved, "save_pretrained"):
         trainer._save = functools.partial(_save_adapter, trainer)
         trainer._issue_warnings_after_load = functools.partial(
             _warn_trained_only, trainer, trainer._issue_warnings_after_load
@@ -141,16 +251,6 @@ def adapt_plain_trainer(tuner: Any, model: torch.nn.Module | None = None) -> Any
     hooked = type(tuner).on_optimizer_step is not MethodHooks.on_optimizer_step
     if hooked and trainer.state.max_steps > 0:
         tuner.prepare_training(int(trainer.state.max_steps))
-        trainer.add_callback(_hooks_callback(tuner))
         done.append("its method's training hooks (a rank allocation) run after each optimiser step")
-    adapted = f"deltatune adapted this Trainer: {'; '.join(done)}. " if done else ""
-    logger.warning(
-        "a deltatune model is training under a plain transformers.Trainer, which knows only peft's model "
-        "classes. %sStill different from deltatune's Trainer: a new process resuming from a checkpoint-N logs "
-        "transformers' missing-keys warning and restores no method state beyond the adapter's tensors (a rank "
-        "allocator's), and there is "
-        "no NaN/inf guard, labels.json or default accuracy metric. The one-line fix: "
-        "`from deltatune.train import DeltaTrainer as Trainer`",
-        adapted,
-    )
-    return trainer
+    trainer.add_callback(AdapterHooksCallback(tuner))  # the hooks; and a next Trainer is looked for
+    return done

@@ -33,7 +33,7 @@ from .matching import (
 )
 from .modules_to_save import ModulesToSaveWrapper
 from .names import NameAliases
-from .plain_trainer import adapt_plain_trainer
+from .plain_trainer import TRAINER_WALKS, WALKS_KEY, adapt_plain_trainer
 from .registry import spec_for
 from .switching import AdapterSwitching
 
@@ -91,9 +91,10 @@ class AdapterModel(AdapterSwitching, nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The model's forward; in training, :meth:`extra_loss` is added to a returned ``loss`` (PEFT's place
         for AdaLoRA's regulariser, so plain training loops get it too)."""
-        if self.training and "_trainer_checked" not in self.__dict__:  # once: a plain transformers.Trainer?
-            self.__dict__["_trainer_checked"] = True
-            adapt_plain_trainer(self)
+        walks = self.__dict__.get(WALKS_KEY, 0)
+        if self.training and walks < TRAINER_WALKS:  # the first training forwards: a plain Trainer?
+            found = adapt_plain_trainer(self) is not None
+            self.__dict__[WALKS_KEY] = TRAINER_WALKS if found else walks + 1
         outputs = self.model(*args, **kwargs)
         if self.training:
             loss = getattr(outputs, "loss", None)

@@ -169,6 +169,7 @@ def train(argv: list[str]) -> int:
 def compare(argv: list[str]) -> int:
     from ..train.lock import RunLock
     from ..train.outputs import prepare_output_dir, training_identity, write_run_record
+    from ..train.signals import sigterm_as_interrupt
     from .run_args import check_sources, parse_run
 
     parsed = parse_run("compare", argv)
@@ -186,14 +187,13 @@ def compare(argv: list[str]) -> int:
         "baselines": list(o.baselines),
         "training": training_identity(args),
     }
-    lock = RunLock(out).acquire()  # one writer per folder, released when compare returns or fails
-    try:
+    # one writer per folder, released when compare returns or fails; SIGTERM unwinds it like Ctrl-C (as
+    # `train` gets it through run_lock)
+    with sigterm_as_interrupt(), RunLock(out):
         prepare_output_dir(out, record, o.overwrite_output_dir, None)
         write_run_record(out, record, "running")
         _compare_runs(parsed, out)
         write_run_record(out, record, "finished")
-    finally:
-        lock.release()
     return 0
 
 

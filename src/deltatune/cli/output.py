@@ -10,6 +10,7 @@ one line (train loss, eval loss, accuracy, top-5, images/s, elapsed, ETA). When 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -38,6 +39,15 @@ __all__ = [
 #: The full log of a run, in its output folder.
 LOG_NAME = "train.log"
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _handle_log_error(handler: logging.FileHandler, record: logging.LogRecord) -> None:
+    """``train.log`` is best effort: a write that fails with an ``OSError`` (a full disk) is dropped silently,
+    so logging's "--- Logging error ---" traceback does not bury the run's own one-line error; any other
+    logging error (a bad format string) is reported as logging always does."""
+    if isinstance(sys.exc_info()[1], OSError):
+        return
+    logging.FileHandler.handleError(handler, record)
 
 
 def console(file: Any = None) -> Any:
@@ -144,9 +154,7 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOG_NAME)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-    # train.log is best effort: on a full disk its writes fail too, and logging's "--- Logging error ---"
-    # traceback must not bury the run's own one-line error
-    handler.handleError = lambda record: None  # type: ignore[method-assign]
+    handler.handleError = functools.partial(_handle_log_error, handler)  # type: ignore[method-assign]
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
     handler.setLevel(logging.DEBUG)
     package = logging.getLogger("deltatune")

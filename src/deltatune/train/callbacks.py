@@ -13,73 +13,13 @@ import math
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
-from ..model import PeftModel
-from ..tuner import AdapterModel
+from ..plain_trainer import AdapterHooksCallback, tuner_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterHooksCallback", "DatasetEpochCallback", "tuner_of"]
-
-
-def tuner_of(model: Any) -> AdapterModel | None:
-    """The tuner of a deltatune model (a ``PeftModel`` or the tuner itself), else None."""
-    if isinstance(model, PeftModel):
-        return model.base_model
-    if isinstance(model, AdapterModel):
-        return model
-    return None
-
-
-class AdapterHooksCallback(TrainerCallback):
-    """Calls the tuner's training hooks; ``DeltaTrainer`` adds it by itself for every deltatune model.
-
-    - ``on_train_begin``: ``prepare_training(state.max_steps)`` (AdaLoRA fills ``total_step`` and checks its
-      schedule there);
-    - ``on_optimizer_step``: ``on_optimizer_step(state.global_step)`` while gradients exist (AdaLoRA's
-      ``update_and_allocate``);
-    - ``on_train_end``: ``training_summary()`` (logged by the method; kept as :attr:`summary`).
-
-    Args:
-        model: The model to drive; when None, the ``model`` the Trainer passes to callbacks is used.
-    """
-
-    def __init__(self, model: Any = None) -> None:
-        self.model = model
-        self.summary: dict[str, Any] = {}
-
-    def _tuner(self, kwargs: dict[str, Any]) -> AdapterModel | None:
-        return tuner_of(self.model if self.model is not None else kwargs.get("model"))
-
-    def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        tuner = self._tuner(kwargs)
-        if tuner is not None:
-            tuner.prepare_training(int(state.max_steps))
-
-    def on_optimizer_step(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        tuner = self._tuner(kwargs)
-        if tuner is None:
-            return
-        # fp16: a GradScaler skips the step when a gradient overflowed; those gradients hold inf/NaN and
-        # must not reach the method (AdaLoRA would fold them into its importance scores for good).
-        # accelerate knows already (it read the scale to decide), so asking costs no device sync.
-        if bool(getattr(kwargs.get("optimizer"), "step_was_skipped", False)):
-            logger.info(
-                "optimizer step %d was skipped (gradient overflow): no adapter update", state.global_step
-            )
-            return
-        tuner.on_optimizer_step(state.global_step)
-
-    def on_train_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        tuner = self._tuner(kwargs)
-        if tuner is not None:
-            self.summary = tuner.training_summary()
+__all__ = ["AdapterHooksCallback", "DatasetEpochCallback", "DeltaTrainerRunLoss", "tuner_of"]
 
 
 class DatasetEpochCallback(TrainerCallback):
@@ -100,3 +40,21 @@ class DatasetEpochCallback(TrainerCallback):
         set_epoch = getattr(dataset, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
+
+
+class DeltaTrainerRunLoss(TrainerCallback, ExportableState):
+    """Carries the run's training-loss sum into each checkpoint's ``trainer_state.json`` (under its class
+    name in ``stateful_callbacks``), so a resumed run reports ``train_loss`` over the whole run.
+    ``DeltaTrainer`` adds it and sets :attr:`train_loss_sum` before each save; being a real callback,
+    transformers restores it with ``restore_callback_states_from_checkpoint`` instead of warning about it.
+
+    Args:
+        train_loss_sum: The sum of the per-step losses so far (None: not known).
+    """
+
+    def __init__(self, train_loss_sum: float | None = None) -> None:
+        self.train_loss_sum = train_loss_sum
+
+    def state(self) -> dict[str, Any]:
+        """The state transformers writes into ``stateful_callbacks``."""
+        return {"args": {}, "attributes": {"train_loss_sum": self.train_loss_sum}}

@@ -5,7 +5,8 @@ around it: the lock file records who holds it (pid, host, start time, command), 
 folder fails at once with :class:`OutputDirLockedError` naming that holder, and a record left by a run that
 died without releasing (the kernel dropped its ``flock``) is reported as a stale lock and taken over with a
 notice. Under ``torchrun`` only process 0 locks (it is the only one that writes the folder). While the lock
-is held, SIGTERM unwinds the run like Ctrl-C (:mod:`deltatune.train.signals`), so the lock is released.
+is held by :func:`run_lock` (or by ``compare`` inside ``sigterm_as_interrupt``), SIGTERM unwinds the run like
+Ctrl-C (:mod:`deltatune.train.signals`), so the lock is released; :class:`RunLock` itself installs no handler.
 
 A released lock leaves no file: the record is cleared and the file removed while the lock is still held,
 and a process that had opened the removed file before that checks, once it holds the lock, that its file is
@@ -96,7 +97,6 @@ class RunLock:
             command = " ".join(shlex.quote(a) for a in [program, *sys.argv[1:]])
         self.command = command
         self._lock: filelock.BaseFileLock | None = None
-        self._sigterm: contextlib.AbstractContextManager[None] | None = None
         self._created = False
         self.took_over: dict[str, Any] | None = None
 
@@ -158,8 +158,6 @@ class RunLock:
             raise OutputDirError(f"could not lock {self.directory!r}: its lock file keeps changing")
         self._lock = lock
         RunLock._held[key] = (self, 1)
-        self._sigterm = sigterm_as_interrupt()  # stopped by SIGTERM, the run unwinds and releases this
-        self._sigterm.__enter__()
         return self
 
     def _holder_of_busy_lock(self) -> dict[str, Any]:
@@ -205,9 +203,6 @@ class RunLock:
             )  # before unlocking: a process waiting on this file then retries on a new one
         lock.release(force=True)
         owner._remove_created_folder()
-        if owner._sigterm is not None:
-            sigterm, owner._sigterm = owner._sigterm, None
-            sigterm.__exit__(None, None, None)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -11,7 +11,7 @@ of them fails.
 A checkpoint being written when the signal comes is finished first (:func:`deferred_sigterm`, around
 ``DeltaTrainer._save_checkpoint``): the newest checkpoint is then complete, never a half-written one next to
 the previous. A SIGTERM that comes while an error is being handled (the run already stopping on it) lets that
-finish and is delivered again a second later. A second SIGTERM while the first unwinds ends the process at
+finish and is delivered again a second later, once: that one raises even inside another error's handling. A second SIGTERM while the first unwinds ends the process at
 once (the default action).
 """
 
@@ -49,6 +49,7 @@ class _State:
     deferring = 0  # nesting depth of deferred_sigterm() blocks
     pending: int | None = None  # a signal that came inside one, or while an error was handled
     active = False  # inside sigterm_as_interrupt()
+    redelivered = False  # a signal was deferred once for an error being handled: the next one raises
 
 
 #: Seconds after which a SIGTERM that came while an error was being handled is delivered again.
@@ -66,11 +67,12 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
         _State.pending = signum
         return
     handling = sys.exc_info()[1]
-    if handling is not None and not isinstance(handling, KeyboardInterrupt):
+    if handling is not None and not isinstance(handling, KeyboardInterrupt) and not _State.redelivered:
         # An error is being handled: most likely the run is stopping on it (under torchrun, a collective with a
         # dead process failed just before torchrun's SIGTERM), and its log line and one-line error must not be
         # cut short. Delivered again in a moment: a run that goes on after a routine error stops then.
         _State.pending = signum
+        _State.redelivered = True  # deferred once only: the signal delivered again always raises
         timer = threading.Timer(REDELIVER_S, _redeliver, (signum,))
         timer.daemon = True
         timer.start()
@@ -93,13 +95,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
         return
     signal.signal(signal.SIGTERM, _raise_terminated)
-    _State.active = True
+    _State.active, _State.redelivered = True, False
     try:
         yield
     finally:
         _State.active = False
         signal.signal(signal.SIGTERM, previous)
-        _State.pending = None
+        _State.pending, _State.redelivered = None, False
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ from .._files import apply_umask, atomic_write_text
 from ..model import PeftModel
 from ..registry import spec_for
 from .arguments import check_precision, cpu_threads
-from .callbacks import AdapterHooksCallback, DatasetEpochCallback, tuner_of
+from .callbacks import AdapterHooksCallback, DatasetEpochCallback, DeltaTrainerRunLoss, tuner_of
 from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_state
 from .disk import disk_full_error
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
@@ -59,7 +59,10 @@ __all__ = ["DeltaTrainer"]
 
 TRAINING_ARGS_JSON = "training_args.json"
 #: Key in a checkpoint's ``trainer_state.json`` ``stateful_callbacks`` holding the run's training-loss sum.
-RUN_LOSS_KEY = "DeltaTrainerRunLoss"
+RUN_LOSS_KEY = DeltaTrainerRunLoss.__name__
+#: transformers 5's private ``Trainer`` methods of the training loop that DeltaTrainer extends (resume at the
+#: end of a run; ``train_loss`` over the whole run); transformers 4.x has none of them.
+LOOP_HOOKS = ("_init_training_state", "_run_epoch", "_finalize_training")
 
 
 def _has_num_labels(model: Any) -> bool:
@@ -130,11 +133,22 @@ class DeltaTrainer(transformers.Trainer):
             self.add_callback(NonFiniteLossGuard())
         if not any(isinstance(cb, DatasetEpochCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(DatasetEpochCallback())
+        if not any(isinstance(cb, DeltaTrainerRunLoss) for cb in self.callback_handler.callbacks):
+            self.add_callback(DeltaTrainerRunLoss())
         if not any(isinstance(cb, ThroughputCallback) for cb in self.callback_handler.callbacks):
             self.add_callback(ThroughputCallback())
         self.precision = check_precision(self.args)
         if isinstance(self.model, PeftModel):
             self._inspect_base_model(self.model.get_base_model())
+        missing = [name for name in LOOP_HOOKS if not hasattr(transformers.Trainer, name)]
+        if missing:  # transformers 4.x: its training loop is one method, these overrides are never called
+            logger.warning(
+                "transformers %s's Trainer has no %s: on it, a resume of a finished run trains one more step "
+                "and a resumed run's train_loss covers only the steps after the resume (both fixed on "
+                "transformers 5)",
+                transformers.__version__,
+                ", ".join(missing),
+            )
 
     def _inspect_base_model(self, base: Any) -> None:
         """Label names, loss kwargs and return-loss come from the wrapped model's ``forward``, not from
@@ -211,7 +225,7 @@ class DeltaTrainer(transformers.Trainer):
 
     def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer._finalize_training``, with ``train_loss`` over the whole run after a resume."""
-        steps_now = self.state.global_step - int(getattr(self, "_initial_global_step", 0))
+        steps_now = self.state.global_step - int(self._initial_global_step)  # set by _init_training_state
         output = super()._finalize_training(*args, **kwargs)
         before = getattr(self, "_run_loss_before", None)
         if not isinstance(output, TrainOutput) or before is None or steps_now == self.state.global_step:
@@ -272,9 +286,9 @@ class DeltaTrainer(transformers.Trainer):
         before = getattr(self, "_run_loss_before", None)
         if before is not None and hasattr(self, "_tr_loss"):  # read by _init_training_state on resume
             so_far = before + self._total_loss_scalar + float(self._tr_loss.item())
-            stored: Any = self.state.stateful_callbacks  # a dict in the JSON state (typed as a list)
-            if isinstance(stored, dict):
-                stored[RUN_LOSS_KEY] = {"args": {}, "attributes": {"train_loss_sum": so_far}}
+            for callback in self.callback_handler.callbacks:  # written by transformers into the state
+                if isinstance(callback, DeltaTrainerRunLoss):
+                    callback.train_loss_sum = so_far
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotated below, by step
         folder = os.path.join(
