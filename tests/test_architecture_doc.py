@@ -52,3 +52,13 @@ def test_every_module_is_named_and_every_named_module_exists() -> None:
 def test_the_check_fails_for_a_module_the_doc_does_not_name(tmp_path: Path) -> None:
     text = DOC.read_text(encoding="utf-8").replace("`_regex.py` ", "")
     assert "_regex.py" not in _named_by_package(text)[""]
+
+
+def test_no_source_file_over_450_lines() -> None:
+    """The house limit (issue 18): a module a reader can hold in their head."""
+    long = {
+        str(p.relative_to(PACKAGE)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 450
+    }
+    assert long == {}, long

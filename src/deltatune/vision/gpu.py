@@ -155,8 +155,7 @@ class EncodedImage:
     Attributes:
         data: The file's bytes when the device decodes it (a baseline/progressive YCbCr JPEG), else None.
         pixels: Upright RGB pixels (3, H, W) uint8 decoded in the worker for anything else (PNG, alpha,
-            16-bit, CMYK or grayscale JPEG, ...: converted exactly as the CPU path does, transparency dropped
-            as transformers' ``convert("RGB")`` drops it), else None.
+            16-bit, CMYK or grayscale JPEG, ...: converted as the CPU path does, alpha dropped), else None.
         box: (left, top, right, bottom) in pixels of the upright image.
         flip: Whether to flip horizontally.
         orientation: EXIF orientation of ``data`` (1 = upright; ``pixels`` are upright already).
@@ -221,9 +220,7 @@ class EncodedImageTransform:
         flip = bool(spec.horizontal_flip and torch.rand(1, generator=generator).item() < 0.5)
         if image.format == "JPEG" and image.mode == "RGB":  # YCbCr: what nvJPEG decodes to RGB
             return EncodedImage(_raw_bytes(source), None, box, flip, orientation)
-        upright = decode(
-            image, None, orientation
-        )  # the CPU path's decode: EXIF, then convert("RGB") (alpha dropped)
+        upright = decode(image, None, orientation)  # the CPU path's: EXIF, convert("RGB") (alpha dropped)
         pixels = torch.from_numpy(np.asarray(upright, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
         return EncodedImage(None, pixels, box, flip, 1)
 
