@@ -19,6 +19,7 @@ from torch import nn
 from .config import PeftConfig, TargetingConfig
 from .functional import tuner_class
 from .model_io import SaveLoadMixin, adapter_config
+from .plain_trainer import adapt_plain_trainer, mark_trainer_found
 from .serialization import check_config_fits_file
 from .tuner import AdapterModel
 
@@ -86,6 +87,15 @@ class PeftModel(SaveLoadMixin):
         """
         with self._mixed_batch(adapter_names):
             return self.base_model(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a non-strict load from a plain ``transformers.Trainer`` (its
+        ``resume_from_checkpoint`` and ``load_best_model_at_end``, which run before any training forward)
+        first adapts that Trainer, so its missing-keys warning names trained tensors only, not the frozen
+        base the checkpoint leaves out on purpose."""
+        if not strict and adapt_plain_trainer(self.base_model) is not None:
+            mark_trainer_found(self.base_model, True)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate``, with ``adapter_names`` as in :meth:`forward`."""

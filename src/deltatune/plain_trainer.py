@@ -4,8 +4,8 @@ transformers recognises only peft's model classes (``Trainer._save``, ``_load_fr
 ``_load_best_model``), so with plain ``Trainer`` a deltatune model would be saved as full-model checkpoints
 (17x the adapter on the small ViT) and AdaLoRA would train without its rank allocation. At the model's first
 training forwards (a few at most without a Trainer: a sanity check or a custom loop first; again after an
-adapted Trainer's training ends), :func:`adapt_plain_trainer` finds the ``Trainer`` running it (up the call stack) and, for a
-plain ``transformers.Trainer`` (``_save`` not overridden), adapts that one instance:
+adapted Trainer's training ends), and at a non-strict ``load_state_dict`` (a resume, which comes before any
+forward), :func:`adapt_plain_trainer` finds the ``Trainer`` running it (up the call stack) and, for a plain ``transformers.Trainer`` (``_save`` not overridden), adapts that one instance:
 
 - ``_save``: ``checkpoint-N`` and ``save_model`` folders get the adapter in PEFT's format plus
   ``model.safetensors`` holding only the trained tensors under the model's own names: the file transformers'
@@ -42,6 +42,7 @@ __all__ = [
     "AdapterHooksCallback",
     "adapt_plain_trainer",
     "find_trainer",
+    "mark_trainer_found",
     "tuner_of",
 ]
 
@@ -73,6 +74,13 @@ def find_trainer() -> Any:
             return candidate
         frame = frame.f_back
     return None
+
+
+def mark_trainer_found(tuner: Any, found: bool) -> None:
+    """Counts one look for a plain Trainer on ``tuner``; once one is found, or after
+    :data:`TRAINER_WALKS` looks, training forwards stop walking the call stack."""
+    walks = tuner.__dict__.get(WALKS_KEY, 0)
+    tuner.__dict__[WALKS_KEY] = TRAINER_WALKS if found else walks + 1
 
 
 def _trained_names(model: torch.nn.Module) -> set[str]:
@@ -218,9 +226,8 @@ def adapt_plain_trainer(tuner: Any, model: torch.nn.Module | None = None) -> Any
     adapted = f"deltatune adapted this Trainer: {'; '.join(done)}. " if done else ""
     logger.warning(
         "a deltatune model is training under a plain transformers.Trainer, which knows only peft's model "
-        "classes. %sStill different from deltatune's Trainer: a new process resuming from a checkpoint-N logs "
-        "transformers' missing-keys warning and restores no method state beyond the adapter's tensors (a rank "
-        "allocator's), and there is "
+        "classes. %sStill different from deltatune's Trainer: a resume restores no method state beyond the "
+        "adapter's tensors (a rank allocator's), and there is "
         "no NaN/inf guard, labels.json or default accuracy metric. The one-line fix: "
         "`from deltatune.train import DeltaTrainer as Trainer`",
         adapted,

@@ -33,7 +33,7 @@ from .matching import (
 )
 from .modules_to_save import ModulesToSaveWrapper
 from .names import NameAliases
-from .plain_trainer import TRAINER_WALKS, WALKS_KEY, adapt_plain_trainer
+from .plain_trainer import TRAINER_WALKS, WALKS_KEY, adapt_plain_trainer, mark_trainer_found
 from .registry import spec_for
 from .switching import AdapterSwitching
 
@@ -93,8 +93,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
         for AdaLoRA's regulariser, so plain training loops get it too)."""
         walks = self.__dict__.get(WALKS_KEY, 0)
         if self.training and walks < TRAINER_WALKS:  # the first training forwards: a plain Trainer?
-            found = adapt_plain_trainer(self) is not None
-            self.__dict__[WALKS_KEY] = TRAINER_WALKS if found else walks + 1
+            mark_trainer_found(self, adapt_plain_trainer(self) is not None)
         outputs = self.model(*args, **kwargs)
         if self.training:
             loss = getattr(outputs, "loss", None)
