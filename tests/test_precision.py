@@ -4,6 +4,7 @@ the overrides, and the clear errors."""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,34 @@ def test_cpu_threads_follow_the_model_cost(monkeypatch: pytest.MonkeyPatch) -> N
         with cpu_threads(model, 2, True, gflop=SMALL_MODEL_GFLOP / 2) as n:
             assert n == 2  # --num_threads wins
     finally:
+        torch.set_num_threads(previous)
+
+
+def test_cpu_threads_blocks_of_two_threads_do_not_mix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block held by another thread is not this thread's outer block: each thread decides for itself,
+    while a block nested in this thread keeps the outer block's choice."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    model = tiny_vit()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_a_block() -> None:
+        with cpu_threads(model, 2, True, gflop=SMALL_MODEL_GFLOP / 2):
+            inside.set()
+            release.wait()
+
+    other = threading.Thread(target=hold_a_block)
+    other.start()
+    try:
+        assert inside.wait(60)
+        with cpu_threads(model, None, True, gflop=SMALL_MODEL_GFLOP / 2) as n:
+            assert n == 1, "the other thread's block is not an outer block of this one"
+            with cpu_threads(model, None, True, gflop=SMALL_MODEL_GFLOP * 20) as inner:
+                assert inner == 1, "a nested block keeps the outer block's choice"
+    finally:
+        release.set()
+        other.join()
         torch.set_num_threads(previous)
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,8 +36,9 @@ SMALL_MODEL_PARAMETERS = 20_000_000
 #: Below this forward cost (GFLOP per example) a CPU run uses one thread unless told otherwise.
 SMALL_MODEL_GFLOP = 0.1
 
-#: The thread counts of the cpu_threads blocks this process is in (innermost last).
-_CHOSEN: list[int] = []
+#: The thread counts of the cpu_threads blocks the current thread (or task) is in, innermost last: a
+#: context variable, so blocks entered by two threads at once do not see or pop each other's entries.
+_CHOSEN: ContextVar[tuple[int, ...]] = ContextVar("deltatune_cpu_threads", default=())
 
 #: Old TrainingArguments keyword → transformers 5 keyword.
 LEGACY_ARGUMENT_NAMES = {"evaluation_strategy": "eval_strategy"}
@@ -94,7 +96,7 @@ def cpu_threads(
     on_cpu = use_cpu or accelerator_name() is None
     if requested is not None and requested > 0:
         torch.set_num_threads(requested)
-    elif _CHOSEN:  # inside another cpu_threads block (the CLI's, around DeltaTrainer's): its choice stands
+    elif _CHOSEN.get():  # inside another cpu_threads block (the CLI's, around DeltaTrainer's): its choice stands
         pass
     elif on_cpu and "OMP_NUM_THREADS" not in os.environ and previous > 1:
         size = sum(p.numel() for p in model.parameters())
@@ -108,11 +110,11 @@ def cpu_threads(
                 cost,
                 size / 1e6,
             )
-    _CHOSEN.append(torch.get_num_threads())
+    token = _CHOSEN.set((*_CHOSEN.get(), torch.get_num_threads()))
     try:
         yield torch.get_num_threads()
     finally:
-        _CHOSEN.pop()
+        _CHOSEN.reset(token)
         torch.set_num_threads(previous)
 
 
