@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -185,3 +187,25 @@ def read_adapter(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], dic
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
+
+
+_OWN_INDUCTOR_CACHE: list[str] = []
+
+
+def pytest_configure(config: Any) -> None:
+    """torch.compile's inductor writes compiled kernels (.so files) into one cache folder per user; a second
+    process compiling at the same moment (another test run, a user's job) can leave a half-written file that
+    this run then loads ("invalid ELF header"). Each test process gets a cache of its own, shared by its
+    tests and the processes they start, unless TORCHINDUCTOR_CACHE_DIR was chosen by whoever runs the tests
+    (importing torch's inductor fills in the shared default, so that value counts as not chosen)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        _OWN_INDUCTOR_CACHE.append(tempfile.mkdtemp(prefix="deltatune-tests-inductor-"))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = _OWN_INDUCTOR_CACHE[0]
+
+
+def pytest_unconfigure(config: Any) -> None:
+    """Removes this process's own inductor cache (see :func:`pytest_configure`)."""
+    for folder in _OWN_INDUCTOR_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
