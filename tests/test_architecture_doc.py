@@ -14,6 +14,7 @@ SECTIONS = {
     "vision": "`vision/`",
     "tasks": "`tasks/`",
     "cli": "`cli/`",
+    "utils": "`utils/`",
 }
 
 

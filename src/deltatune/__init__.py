@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from .registry import get_method as get_method
     from .registry import register_method as register_method
     from .registry import spec_for as spec_for
+    from .status import get_layer_status as get_layer_status
+    from .status import get_model_status as get_model_status
 
 #: The core's public names → the module that defines them (methods' classes come from the registry).
 _CORE: dict[str, str] = {
@@ -65,6 +67,8 @@ _CORE: dict[str, str] = {
     "get_method": "registry",
     "register_method": "registry",
     "spec_for": "registry",
+    "get_layer_status": "status",
+    "get_model_status": "status",
 }
 
 

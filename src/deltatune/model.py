@@ -21,6 +21,7 @@ from .functional import tuner_class
 from .model_io import SaveLoadMixin, adapter_config
 from .plain_trainer import adapt_plain_trainer, mark_trainer_found
 from .serialization import check_config_fits_file
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,15 @@ class PeftModel(SaveLoadMixin):
         print(
             f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
         )
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """The state of every adapter layer (see :func:`deltatune.get_layer_status`)."""
+        return get_layer_status(self)
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The state of the model's adapters, ``"irregular"`` where layers disagree (see
+        :func:`deltatune.get_model_status`)."""
+        return get_model_status(self)
 
     # ---- adapters -------------------------------------------------------------------------------
     def add_adapter(

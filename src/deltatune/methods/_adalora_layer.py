@@ -94,6 +94,11 @@ class SVDLayer(LowRankLayer):
     lora_B: nn.ParameterDict
     ranknum: nn.ParameterDict
 
+    def _get_name(self) -> str:
+        """PEFT's name in ``repr`` (and ``get_layer_status``): ``adalora.SVDLinear``, ``adalora.SVDConv2d``."""
+        prefix, _, kind = super()._get_name().partition(".")
+        return f"{prefix}.SVD{kind}"
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_dropout = nn.ModuleDict()

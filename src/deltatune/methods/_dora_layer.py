@@ -127,6 +127,8 @@ class _DoraState:
     """What both DoRA layers add to LoRA's state: the learned magnitudes (``lora_magnitude_vector``) and,
     per merged adapter, the norms of W + ΔW at merge time (unmerging divides by them again)."""
 
+    #: DoRA's forward paths need a float scale: no compiled hot-swapping (see :mod:`._lora_hotswap`).
+    tensor_scaling: ClassVar[bool] = False
     lora_magnitude_vector: nn.ParameterDict
     _merge_norms: dict[str, torch.Tensor]
     _extra_per_adapter: dict[str, dict[str, Any]]

@@ -74,6 +74,10 @@ class IA3Layer(AdapterLayer):
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward = False
 
+    def _get_name(self) -> str:
+        """PEFT's name in ``repr`` (and ``get_layer_status``): the layer kind alone (``Linear``, ``Conv2d``)."""
+        return super()._get_name().partition(".")[2]
+
     def add_adapter(self, adapter_name: str, target: TargetSpec) -> None:
         config = expect_config(target.config, IA3Config)
         if not self.adapter_names:

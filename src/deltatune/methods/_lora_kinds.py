@@ -28,6 +28,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layer_types import apply_with_weight
 from ..layers import RankedLayer, expect_config, module_bias
+from ._lora_hotswap import LoraHotswapMixin
 from ._lora_layer import LoraLayer, lora_scaling
 from .lora import LoraConfig
 
@@ -70,7 +71,7 @@ def _plus_deltas(layer: LoraLayer, names: list[str]) -> torch.Tensor:
     return weight
 
 
-class LoraEmbeddingLayer(RankedLayer):
+class LoraEmbeddingLayer(LoraHotswapMixin, RankedLayer):
     """Wraps an ``nn.Embedding`` with LoRA adapters (see the module docstring)."""
 
     repr_prefix: ClassVar[str] = "lora"
@@ -112,6 +113,10 @@ class LoraEmbeddingLayer(RankedLayer):
         self.r[adapter_name] = r
         self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
         self._finish_update(adapter_name)
+
+    def scale_for(self, r: int, alpha: float, config: Any) -> float:
+        """s for rank ``r`` and ``alpha`` under ``config`` (rsLoRA or not); used by hot-swapping."""
+        return lora_scaling(alpha, r, bool(config.use_rslora))
 
     def factor_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B): (r, num_embeddings) and (dim, r); B A is ΔEᵀ/s."""

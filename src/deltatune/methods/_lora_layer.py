@@ -20,6 +20,7 @@ from ..config import AdapterConfig, PeftWarning
 from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, is_transposed
 from ..layers import RankedLayer, expect_config, kaiming_uniform_, module_bias, module_weight
 from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
+from ._lora_hotswap import LoraHotswapMixin
 from ._lora_model import LoraBiasMergeError, LoraModel
 from .lora import LoraConfig
 
@@ -85,7 +86,7 @@ def lora_conv_factors(base: nn.Module, r: int, lora_bias: bool, **kw: Any) -> tu
     return lora_a, lora_b
 
 
-class LoraLayer(RankedLayer):
+class LoraLayer(LoraHotswapMixin, RankedLayer):
     """Wraps a Linear, transformers ``Conv1D`` or ConvNd with LoRA adapters (``lora_A``/``lora_B`` module
     dicts); ``nn.Embedding`` and ``nn.MultiheadAttention`` are kinds of their own (:mod:`._lora_kinds`).
 
@@ -160,6 +161,10 @@ class LoraLayer(RankedLayer):
         self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
         self.reset_parameters(adapter_name, config.init_lora_weights, config.loftq_config)
         self._finish_update(adapter_name)
+
+    def scale_for(self, r: int, alpha: float, config: Any) -> float:
+        """s for rank ``r`` and ``alpha`` under ``config`` (rsLoRA or not); used by hot-swapping."""
+        return lora_scaling(alpha, r, bool(config.use_rslora))
 
     def _check_fan_in_fan_out(self, config: LoraConfig) -> None:
         """PEFT's correction of ``fan_in_fan_out`` to the layer's real layout, with its warning."""
@@ -273,17 +278,18 @@ class LoraLayer(RankedLayer):
         if not isinstance(a_layer, nn.Linear) or module_bias(b_layer) is not None:
             return None
         a_w, b_w = self.factor_weights(adapter_name)
+        scale = self.scaling[adapter_name]
+        if isinstance(scale, torch.Tensor):  # prepared for compiled hot-swapping: s folded into B
+            b_w, scale = b_w * scale, 1.0
         p = self._dropout_p(adapter_name)
         needs_grad = torch.is_grad_enabled() and (a_w.requires_grad or b_w.requires_grad)
         plain = is_plain(self.base_layer, (nn.Linear,))
         if plain and p == 0 and low_rank_merge_pays(x, self.base_weight, a_w.shape[0], needs_grad):
             # Inference over many tokens: one GEMM with W + s B A (what merging computes), built by one addmm.
             weight = self.base_weight
-            merged = torch.addmm(
-                weight, b_w.to(weight.dtype), a_w.to(weight.dtype), alpha=self.scaling[adapter_name]
-            )
+            merged = torch.addmm(weight, b_w.to(weight.dtype), a_w.to(weight.dtype), alpha=scale)
             return self.base_forward_with_weight(x, merged, self.base_bias)
-        return low_rank_linear(self.base_layer, x, a_w, b_w, self.scaling[adapter_name], p)
+        return low_rank_linear(self.base_layer, x, a_w, b_w, scale, p)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
@@ -291,4 +297,7 @@ class LoraLayer(RankedLayer):
             return super().add_adapter_output(result, x, adapter_name)
         # One GEMM-accumulate (result + s · hidden Bᵀ); dropout, when on, runs inside without an N×in copy.
         a_w, b_w = self.factor_weights(adapter_name)
-        return low_rank_add(result, x, a_w, b_w, self.scaling[adapter_name], self._dropout_p(adapter_name))
+        scale = self.scaling[adapter_name]
+        if isinstance(scale, torch.Tensor):  # prepared for compiled hot-swapping: s folded into B
+            b_w, scale = b_w * scale, 1.0
+        return low_rank_add(result, x, a_w, b_w, scale, self._dropout_p(adapter_name))

@@ -62,6 +62,8 @@ class AdaLoraConfig(LoraConfig):
         "After training, the kept singular values of each module; unset before any pruning.", None
     )
 
+    #: Not hot-swappable (as in PEFT), though its config derives from LoRA's.
+    HOTSWAP_FIELDS: ClassVar[tuple[str, ...] | None] = None
     PEFT_TYPE: ClassVar[str] = "ADALORA"
     DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = ADALORA_DEFAULT_TARGETS
     RANK_PATTERN_IS_RANKS: ClassVar[bool] = False

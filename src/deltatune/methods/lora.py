@@ -106,6 +106,14 @@ class LoraConfig(AdapterConfig):
     #: Fields that select a variant of LoRA implemented by another registered method (PEFT's DoRA flag).
     VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora",)
     PEFT_TYPE: ClassVar[str] = "LORA"
+    #: Hot-swapping (``deltatune.utils.hotswap``) is for LoRA; two adapters must agree on these fields, which
+    #: change the output without being in the tensors (PEFT's list).
+    HOTSWAP_FIELDS: ClassVar[tuple[str, ...] | None] = (
+        "use_rslora",
+        "lora_dropout",
+        "alpha_pattern",
+        "use_dora",
+    )
     DEFAULT_TARGET_MODULES: ClassVar[Mapping[str, list[str] | str]] = LORA_DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
