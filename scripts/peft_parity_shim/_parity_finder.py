@@ -68,6 +68,8 @@ def _harness(fullname):
         return {"infer_device": lambda: "cpu", "INCLUDE_LINEAR_LAYERS_SHORTHAND": "all-linear"}
     if fullname == "peft.import_utils":
         return {"is_transformers_ge_v5": _is_ge_v5()}
+    if fullname == "diffusers":  # not installed: its cases fail in both runs
+        return {"__version__": "0.0.0"}
     return {}
 
 
@@ -88,10 +90,10 @@ class _Loader(importlib.abc.Loader):
         else:
 
             def _getattr(name, _h=harness, _mod=module):
-                if name.startswith("__"):
-                    raise AttributeError(name)
                 if name in _h:
                     return _h[name]
+                if name.startswith("__"):
+                    raise AttributeError(name)
                 full = f"{_mod.__name__}.{name}"
                 if full in PEFT_MODULES:  # a submodule (`from peft.tuners import lora`)
                     return importlib.import_module(full)

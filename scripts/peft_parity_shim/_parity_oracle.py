@@ -10,7 +10,7 @@ import _parity_markers as _m
 import pytest
 from _parity_classify import classify
 
-sys.modules.setdefault("diffusers", types.SimpleNamespace(StableDiffusionPipeline=None))
+sys.modules.setdefault("diffusers", types.SimpleNamespace(StableDiffusionPipeline=None, __version__="0.0.0"))
 _m.install_network_guard()
 KEEP = set(json.loads(Path(os.environ["PARITY_KEEP"]).read_text(encoding="utf-8")))
 

@@ -3,12 +3,33 @@
 import json
 import os
 
-import _parity_finder  # noqa: F401  (installs the import hook)
+import _parity_finder  # installs the import hook (and deltatune_public below)
 import _parity_markers as _m
 import pytest
 from _parity_classify import classify
 
 _m.install_network_guard()
+
+
+def _load_transformers_trainer_utils():
+    """transformers.trainer_utils imports ``peft.PeftModel`` at import time, and deltatune imports trainer_utils
+    (through TrainerCallback): with the stand-in, that is a cycle whichever is imported first. Load
+    trainer_utils with peft hidden, then give it deltatune's classes."""
+    import transformers.utils
+
+    real = transformers.utils.is_peft_available
+    transformers.utils.is_peft_available = lambda: False
+    try:
+        import transformers.trainer_callback
+        import transformers.trainer_utils
+    finally:
+        transformers.utils.is_peft_available = real
+    mixed = _parity_finder.deltatune_public("PeftMixedModel")
+    transformers.trainer_utils.PeftModel = _parity_finder.deltatune_public("PeftModel")
+    transformers.trainer_utils.PeftMixedModel = mixed if isinstance(mixed, type) else type("NoMixed", (), {})
+
+
+_load_transformers_trainer_utils()
 
 
 def _names_other_method(value, depth=0):
