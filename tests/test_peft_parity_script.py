@@ -17,12 +17,9 @@ SHIM = Path(__file__).resolve().parents[1] / "scripts" / "peft_parity_shim"
 
 
 def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"parity_test_{name}", SHIM / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    if str(SHIM) not in sys.path:  # parity_report imports _parity_classify as the script does
+        sys.path.insert(0, str(SHIM))
+    return importlib.import_module(name)
 
 
 classify_mod = _load("_parity_classify")
@@ -46,6 +43,8 @@ def test_classify_reads_network_and_private_attributes_from_the_error():
     assert classify(passed=False, skipped=False, typename="NetworkNeeded", message="x") == "needs_network"
     private = "'Linear' object has no attribute '_active_adapter'"
     assert classify(passed=False, skipped=False, typename="AttributeError", message=private) == "internal"
+    module = "<module 'peft.config' (<_Loader>)> has no attribute '__version__'"
+    assert classify(passed=False, skipped=False, typename="AttributeError", message=module) == "internal"
     other = "'Linear' object has no attribute 'weight_x'"
     assert classify(passed=False, skipped=False, typename="AttributeError", message=other) == "failed"
 
@@ -159,6 +158,16 @@ def test_failure_groups_put_what_peft_passes_first_and_name_an_area():
     assert report.area_of("missing public name: get_model_status") == "status-swap"
     text = report.failures_markdown(groups, "t")
     assert "| 1 | ValueError: bad N and N | behaviour / other | 1 | 1 | test_a.py 1 |" in text
+
+
+def test_report_reads_earlier_results_by_the_current_rules():
+    module = "AttributeError: <module 'peft.config'> has no attribute '__version__'"
+    offline = "OSError: We couldn't connect to 'https://huggingface.co' to load the files"
+    results = {
+        "a::x": {"status": "failed", "message": module},
+        "a::y": {"status": "failed", "message": offline},
+    }
+    assert [v["status"] for v in report.cases(results).values()] == ["internal", "needs_network"]
 
 
 def test_load_reads_the_json_and_the_json_lines_forms(tmp_path):
