@@ -45,6 +45,8 @@ def test_classify_reads_network_and_private_attributes_from_the_error():
     assert classify(passed=False, skipped=False, typename="AttributeError", message=private) == "internal"
     module = "<module 'peft.config' (<_Loader>)> has no attribute '__version__'"
     assert classify(passed=False, skipped=False, typename="AttributeError", message=module) == "internal"
+    constant = "unsupported operand type(s) for +: '_InternalMeta' and 'int'"
+    assert classify(passed=False, skipped=False, typename="TypeError", message=constant) == "internal"
     other = "'Linear' object has no attribute 'weight_x'"
     assert classify(passed=False, skipped=False, typename="AttributeError", message=other) == "failed"
 
@@ -134,6 +136,17 @@ def test_a_note_of_the_run_shows_in_its_row():
         ),
         ({"status": "failed", "message": "ValueError: bad 12 and 3\nmore"}, "ValueError: bad N and N"),
         ({"status": "internal", "internals": ["peft.utils.other.X"]}, "peft internal peft.utils.other.X"),
+        (
+            {
+                "status": "failed",
+                "message": "AttributeError: 'SmallModel' object has no attribute 'get_model_status'",
+            },
+            "AttributeError: no attribute 'get_model_status'",
+        ),
+        (
+            {"status": "failed", "message": "ValueError: Expected a BaseException type, but got 'PeftError'"},
+            "missing public name: PeftError",
+        ),
         (
             {
                 "status": "failed",

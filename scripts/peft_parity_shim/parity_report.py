@@ -160,6 +160,8 @@ def failure_reason(nodeid: str, entry: dict) -> str:
         return f"LoRA feature missing: {entry['missing'][0]}"
     if m := re.search(r"deltatune has no public (\w+)", text):
         return f"missing public name: {m.group(1)}"
+    if m := re.search(r"Expected a BaseException type, but got '(\w+)'", text):
+        return f"missing public name: {m.group(1)}"
     if m := re.search(r"(\w+) is not supported by deltatune's (\w+)", text):
         return f"unsupported {m.group(2)} option: {m.group(1)}"
     if m := re.search(r"init_lora_weights=['\"]?([\w-]+)", text):
@@ -170,6 +172,8 @@ def failure_reason(nodeid: str, entry: dict) -> str:
         return f"error message differs from PEFT's (expects {expected})"
     if text.startswith(("DID NOT RAISE", "DID NOT WARN")):
         return f"{_first_line(text).split('. ')[0][:60]} in {test_function(nodeid)}"
+    if typename == "AttributeError" and (m := re.search(r"object has no attribute '(\w+)'", text)):
+        return f"AttributeError: no attribute '{m.group(1)}'"
     if typename == "AssertionError" or not typename:
         return f"assertion failed in {test_function(nodeid)}"
     return f"{typename}: {re.sub(r'[0-9]+', 'N', _first_line(text))[:110]}"
