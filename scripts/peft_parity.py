@@ -152,7 +152,7 @@ def run_file(
     started, note = time.monotonic(), ""
     with open(workdir / f"{plugin}-{stem}.log", "w", encoding="utf-8") as log:
         try:
-            subprocess.run(
+            done = subprocess.run(
                 cmd + PYTEST_ARGS + extra,
                 cwd=workdir,
                 env=env,
@@ -161,6 +161,8 @@ def run_file(
                 timeout=timeout,
                 check=False,
             )
+            if done.returncode < 0:
+                note = f"stopped by signal {-done.returncode}"
         except subprocess.TimeoutExpired:
             note = f"timed out after {timeout} s"
     lines = results_path.read_text(encoding="utf-8").splitlines() if results_path.is_file() else []

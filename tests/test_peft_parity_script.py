@@ -96,6 +96,12 @@ def test_table_has_a_row_per_file_and_the_totals():
     assert "| `test_a.py` | 4 | 1 | not run | – |" in without_oracle
 
 
+def test_cases_peft_did_not_run_are_named_in_the_row():
+    theirs = {"tests/test_a.py::T::test_x[1]": {"status": "passed"}}
+    table = report.table_markdown(report.per_file(_results(), theirs))
+    assert "| `test_a.py` (peft did not run 3 of them) | 4 | 1 | 1 | 1 (100%) |" in table
+
+
 def test_a_note_of_the_run_shows_in_its_row():
     results = report.merge_lines([json.dumps({"__meta__": {"file": "tests/test_c.py", "note": "timed out"}})])
     assert "| `test_c.py` (timed out) | 0 |" in report.table_markdown(report.per_file(results))

@@ -103,6 +103,8 @@ def per_file(ours: dict[str, dict], theirs: dict[str, dict] | None = None) -> di
             row["deltatune_passed"] = int(row["deltatune_passed"]) + 1  # type: ignore[call-overload]
         else:
             row[status] = int(row[status]) + 1  # type: ignore[call-overload]
+        if theirs is not None and peft_status is None:
+            row["peft_not_run"] = int(row.get("peft_not_run", 0)) + 1  # type: ignore[call-overload]
         if peft_status == "passed":
             row["peft_passed"] = int(row["peft_passed"]) + 1  # type: ignore[call-overload]
             if status == "passed":
@@ -127,7 +129,10 @@ def table_markdown(rows: dict[str, dict[str, object]], oracle: bool = True) -> s
     for name, row in rows.items():
         for key in keys:
             total[key] += int(row[key])  # type: ignore[call-overload]
-        lines.append(_table_line(f"`{name}`" + (f" ({row['note']})" if row.get("note") else ""), row, oracle))
+        notes = [str(row["note"])] if row.get("note") else []
+        if row.get("peft_not_run"):
+            notes.append(f"peft did not run {row['peft_not_run']} of them")
+        lines.append(_table_line(f"`{name}`" + (f" ({'; '.join(notes)})" if notes else ""), row, oracle))
     if len(rows) > 1:
         lines.append(_table_line("**all**", total, oracle))
     return "\n".join(lines) + "\n"
