@@ -175,6 +175,8 @@ def test_failure_groups_put_what_peft_passes_first_and_name_an_area():
     assert groups[0]["peft_passes"] == 1 and groups[1]["area"] == "internals (not public API)"
     assert report.area_of("unsupported LoraConfig option: target_parameters") == "targets"
     assert report.area_of("missing public name: get_model_status") == "status-swap"
+    assert report.area_of("LoRA feature missing: EvaConfig") == "init-data"
+    assert report.area_of("DID NOT RAISE ValueError in test_x.py::test_adalora_bounds") == "behaviour / other"
     text = report.failures_markdown(groups, "t")
     assert "| 1 | ValueError: bad N and N | behaviour / other | 1 | 1 | test_a.py 1 |" in text
 
@@ -187,6 +189,14 @@ def test_report_reads_earlier_results_by_the_current_rules():
         "a::y": {"status": "failed", "message": offline},
     }
     assert [v["status"] for v in report.cases(results).values()] == ["internal", "needs_network"]
+
+
+def test_an_internal_module_attribute_groups_without_the_loader_address():
+    message = (
+        "AttributeError: <module 'peft.config' (<_Loader object at 0x7fba>)> has no attribute '__version__'"
+    )
+    reason = report.failure_reason("a::b", {"status": "internal", "message": message})
+    assert reason == "peft internal: <module 'peft.config'> has no attribute '__version__'"
 
 
 def test_load_reads_the_json_and_the_json_lines_forms(tmp_path):
