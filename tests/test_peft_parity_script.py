@@ -179,6 +179,7 @@ def test_failure_groups_put_what_peft_passes_first_and_name_an_area():
     assert report.area_of("DID NOT RAISE ValueError in test_x.py::test_adalora_bounds") == "behaviour / other"
     text = report.failures_markdown(groups, "t")
     assert "| 1 | ValueError: bad N and N | behaviour / other | 1 | 1 | test_a.py 1 |" in text
+    assert "| behaviour / other | 1 | 1 |" in text and "| internals (not public API) | 1 | 0 |" in text
 
 
 def test_report_reads_earlier_results_by_the_current_rules():

@@ -228,8 +228,16 @@ def failure_groups(ours: dict[str, dict], theirs: dict[str, dict] | None = None)
 
 def failures_markdown(groups: list[dict[str, object]], title: str, examples: int = 3) -> str:
     """The failure list for the notes: one section per reason, with its tests and a few case ids."""
-    lines = [
-        f"# {title}",
+    lines = [f"# {title}"]
+    areas: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for g in groups:
+        areas[str(g["area"])][0] += int(g["cases"])  # type: ignore[call-overload]
+        areas[str(g["area"])][1] += int(g["peft_passes"])  # type: ignore[call-overload]
+    lines += ["", "By area:", "", "| area | cases | of them peft passes |", "|---|---|---|"]
+    lines += [f"| {a} | {c} | {pp} |" for a, (c, pp) in sorted(areas.items(), key=lambda kv: -kv[1][1])]
+    lines += [
+        "",
+        "By reason:",
         "",
         "| # | reason | area | cases | of them peft passes | files |",
         "|---" * 6 + "|",
