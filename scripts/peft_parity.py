@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="write the per-case results here")
     parser.add_argument("-k", default=None, help="pytest -k expression")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per test file (default: 1800)")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per test file (default: 3600)")
     parser.add_argument("--jobs", type=int, default=1, help="test files run at once (default: 1)")
     parser.add_argument(
         "--oracle", type=Path, help="run this deltatune results JSON's cases with the real peft"
