@@ -6,11 +6,18 @@ import sys
 import types
 from pathlib import Path
 
+import _parity_markers as _m
 import pytest
+from _parity_classify import classify
 
-sys.modules.setdefault("diffusers", types.SimpleNamespace(StableDiffusionPipeline=None))
+sys.modules.setdefault("diffusers", types.SimpleNamespace(StableDiffusionPipeline=None, __version__="0.0.0"))
+_m.install_network_guard()
 KEEP = set(json.loads(Path(os.environ["PARITY_KEEP"]).read_text(encoding="utf-8")))
-RESULTS = {}
+
+
+def _write(record):
+    with open(os.environ["PARITY_RESULTS"], "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,15 +27,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _m.CURRENT["test"] = item.nodeid
+    yield
+    _m.CURRENT["test"] = None
+
+
+@pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     rep = outcome.get_result()
     if rep.when == "call" or (rep.when == "setup" and not rep.passed):
-        RESULTS[item.nodeid] = {
-            "status": "skipped" if rep.skipped else ("passed" if rep.passed else "failed")
-        }
-
-
-def pytest_sessionfinish(session, exitstatus):
-    with open(os.environ["PARITY_RESULTS"], "w", encoding="utf-8") as fh:
-        json.dump(RESULTS, fh, indent=1, sort_keys=True)
+        typename, message = "", ""
+        if rep.failed and call.excinfo is not None:
+            typename, message = call.excinfo.typename, str(call.excinfo.value)[:600]
+        status = classify(
+            passed=rep.passed,
+            skipped=rep.skipped,
+            typename=typename,
+            message=message,
+            network=item.nodeid in _m.NETWORK_USED,
+        )
+        _write({item.nodeid: {"status": status, "message": f"{typename}: {message}" if typename else ""}})

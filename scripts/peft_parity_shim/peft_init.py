@@ -1,22 +1,20 @@
 """Stand-in for peft: its public names point at deltatune (see scripts/peft_parity.py)."""
 
-import _parity_markers as _m
+import importlib
 
-import deltatune as _dt
+import _parity_markers as _m
+from _parity_finder import _MISSING, PEFT_MODULES, deltatune_public
 
 __version__ = "0.21.2"
-_PUBLIC = {n: getattr(_dt, n) for n in dir(_dt) if not n.startswith("_")}
-_HARNESS_ONLY = {"PromptLearningConfig"}
 
 
 def __getattr__(name):
-    if name in _PUBLIC:
-        return _PUBLIC[name]
-    if (
-        name in _HARNESS_ONLY or name.endswith("Config") or name.endswith("Sampler")
-    ):  # an isinstance() target: nothing here is prompt learning
-        value = _m.other_method(name)
-    else:
-        value = _m.missing_public(name)
+    if name.startswith("__"):
+        raise AttributeError(name)
+    if f"peft.{name}" in PEFT_MODULES:  # `import peft; peft.tuners...`
+        return importlib.import_module(f"peft.{name}")
+    value = deltatune_public(name)
+    if value is _MISSING:
+        value = _m.placeholder_for(name)
     globals()[name] = value
     return value
