@@ -366,6 +366,12 @@ def get_peft_model(
             stacklevel=2,
         )
     if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(
+                f"peft config has already set base model revision to {peft_config.revision}, overwriting with "
+                f"revision {revision} (the revision argument of get_peft_model wins)",
+                stacklevel=2,
+            )
         peft_config.revision = revision
     cls = PeftModelForSequenceClassification if peft_config.task_type == "SEQ_CLS" else PeftModel
     return cls(

@@ -340,8 +340,20 @@ class AdapterModel(AdapterSwitching, nn.Module):
             {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, supported)}
         )
         kinds = "/".join(t.__name__ for t in supported)
+        # PEFT's first sentence for its three cases (its users and tests match on it), then deltatune's hints
+        excluded = [n for n in names if is_excluded(config, self.name_variants(n))]
+        if excluded and len(excluded) == len(names):
+            lead = (
+                "All modules were excluded. This is likely unintended: check target_modules, exclude_modules "
+            )
+            lead += "and modules_to_save."
+        elif excluded:
+            lead = "No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+            lead += "target modules and excluded modules (exclude_modules, modules_to_save)."
+        else:
+            lead = f"Target modules {targets} not found in the base model."
         return (
-            f"target_modules={entries} matched no module of {type(self.model).__name__} ({hint_text}). "
+            f"{lead} target_modules={entries} matched no module of {type(self.model).__name__} ({hint_text}). "
             f"{kinds} module names in this model: {leaves[:20]}"
         )
 
