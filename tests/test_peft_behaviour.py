@@ -347,7 +347,7 @@ def test_invalid_bias_raises_not_implemented_when_applied(name: str) -> None:
 def test_one_adapter_with_bias_then_others_without(name: str) -> None:
     m = lib(name)
     model = m.get_peft_model(mlp(), m.LoraConfig(target_modules=["lin0"], bias="all"))
-    with pytest.raises(ValueError, match="supports only 1 adapter with bias. When using multiple adapters"):
+    with pytest.raises(ValueError, match=r"supports only 1 adapter with bias\. When using multiple adapters"):
         model.add_adapter("other", m.LoraConfig(target_modules=["lin0"], bias="lora_only"))
     assert len(model.peft_config) == 1
     model.add_adapter("other", m.LoraConfig(target_modules=["lin0"], bias="none"))
