@@ -485,3 +485,32 @@ def test_differs_loading_a_config_through_another_method_class_is_refused(tmp_pa
     assert type(peft.LoHaConfig.from_pretrained(tmp_path)) is peft.LoraConfig  # peft returns another class
     with pytest.raises(ValueError, match="LoHaConfig"):
         deltatune.LoHaConfig.from_pretrained(tmp_path)
+
+
+class LossModel(nn.Module):
+    """An MLP whose forward returns an output with a ``loss``, as transformers models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(loss=self.lin1(torch.relu(self.lin0(x))).square().mean())
+
+
+def test_differs_adalora_orthogonal_regulariser_without_task_type() -> None:
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for m in (peft, deltatune):
+        torch.manual_seed(0)
+        model = m.get_peft_model(
+            LossModel(), m.AdaLoraConfig(target_modules=["lin0"], total_step=10, orth_reg_weight=0.5)
+        )
+        model.train()
+        plain = model.get_base_model()(x).loss
+        losses[m.__name__] = (model(x).loss - plain).item()
+    assert losses["peft"] == 0.0  # peft issue 432: PeftModel.forward skips AdaLoraModel.forward
+    assert losses["deltatune"] > 0.0  # orth_reg_weight × ‖AᵀA − I‖ + ‖BBᵀ − I‖ terms
