@@ -514,3 +514,23 @@ def test_differs_adalora_orthogonal_regulariser_without_task_type() -> None:
         losses[m.__name__] = (model(x).loss - plain).item()
     assert losses["peft"] == 0.0  # peft issue 432: PeftModel.forward skips AdaLoraModel.forward
     assert losses["deltatune"] > 0.0  # orth_reg_weight × ‖AᵀA − I‖ + ‖BBᵀ − I‖ terms
+
+
+@pytest.mark.parametrize("name", LIBS)
+def test_grouped_conv_rank_and_ia3_feedforward_messages_as_peft(name: str) -> None:
+    m = lib(name)
+
+    class Grouped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv2d = nn.Conv2d(4, 4, 3, groups=2)
+
+    msg = (
+        "Targeting a Conv2d with groups=2 and rank 1. Currently, support is limited to conv layers where the rank is "
+        "divisible by groups. Either choose a different rank or do not target this specific layer."
+    )
+    with pytest.raises(ValueError, match=msg), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns that grouped convs cannot merge
+        m.get_peft_model(Grouped(), m.LoraConfig(target_modules=["conv2d"], r=1))
+    with pytest.raises(ValueError, match="`feedforward_modules` should be a subset of `target_modules`"):
+        m.IA3Config(target_modules=["k"], feedforward_modules=["q"])

@@ -105,7 +105,8 @@ class IA3Config(TargetingConfig):
         targets, feedforward = self.target_modules, self.feedforward_modules
         if isinstance(targets, set) and isinstance(feedforward, set) and not feedforward <= targets:
             raise ValueError(
-                f"feedforward_modules must be a subset of target_modules; not targeted: {sorted(feedforward - targets)}"
+                "`feedforward_modules` should be a subset of `target_modules`; not targeted: "
+                f"{sorted(feedforward - targets)}"
             )
 
     def fill_model_defaults(self, model_type: str | None) -> bool:
