@@ -532,5 +532,5 @@ def test_grouped_conv_rank_and_ia3_feedforward_messages_as_peft(name: str) -> No
     with pytest.raises(ValueError, match=msg), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns that grouped convs cannot merge
         m.get_peft_model(Grouped(), m.LoraConfig(target_modules=["conv2d"], r=1))
-    with pytest.raises(ValueError, match="`feedforward_modules` should be a subset of `target_modules`"):
+    with pytest.raises(ValueError, match=r"^`feedforward_modules` should be a subset of `target_modules`$"):
         m.IA3Config(target_modules=["k"], feedforward_modules=["q"])
