@@ -24,7 +24,6 @@ from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftCon
         (lambda: LoraConfig(lora_dropout=1.0), ["lora_dropout=1.0", "[0, 1)"]),
         (lambda: LoHaConfig(module_dropout=-0.1), ["module_dropout=-0.1", "[0, 1)"]),
         (lambda: LoKrConfig(rank_dropout=float("nan")), ["rank_dropout=nan"]),
-        (lambda: LoraConfig(bias="some"), ["bias='some'", "'none'", "'all'", "'lora_only'"]),
         (lambda: LoraConfig(init_lora_weights="pisa"), ["init_lora_weights='pisa'", "'gaussian'"]),
         (lambda: LoHaConfig(init_weights="lycoris"), ["init_weights='lycoris'", "True", "False"]),
         (lambda: LoKrConfig(init_weights="xavier"), ["init_weights='xavier'", "'lycoris'"]),

@@ -201,7 +201,7 @@ def test_regex_feedforward_modules_match_the_whole_name() -> None:
     [
         (
             {"target_modules": ["fc1"], "feedforward_modules": ["fc2"]},
-            "feedforward_modules must be a subset of target_modules; not targeted: ['fc2']",
+            "`feedforward_modules` should be a subset of `target_modules`",
         ),
         (
             {"target_modules": ["fc1"], "init_ia3_weights": "yes"},

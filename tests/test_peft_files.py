@@ -195,8 +195,9 @@ def test_merge_warnings_and_lora_bias_without_a_base_bias() -> None:
 def test_several_adapters_with_bias_are_refused_and_bias_warns_when_disabled() -> None:
     model = get_peft_model(mlp(), LoraConfig(target_modules=["lin0"], bias="all"))
     with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
-        model.add_adapter("other", LoraConfig(target_modules=["lin0"]))
+        model.add_adapter("other", LoraConfig(target_modules=["lin0"], bias="lora_only"))
     assert set(model.peft_config) == {"default"}
+    model.add_adapter("plain", LoraConfig(target_modules=["lin0"]))  # bias="none" joins it, as in peft
     with pytest.warns(UserWarning, match="disabling adapter layers with bias configured to be 'all'"):
         model.disable_adapter_layers()
 

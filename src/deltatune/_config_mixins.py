@@ -32,9 +32,13 @@ class LayerSelectionMixin:
 
     def __post_init__(self) -> None:
         getattr(super(), "__post_init__", lambda: None)()
+        regex_targets = isinstance(getattr(self, "target_modules", None), str)
         if self.layers_to_transform is not None:
-            if isinstance(getattr(self, "target_modules", None), str):
-                raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
+            if regex_targets:
+                raise ValueError(
+                    "`layers_to_transform` cannot be used when `target_modules` is a str. A regex string selects "
+                    "the modules by itself (it may name the layer index); give target_modules as a list."
+                )
             layers = (
                 [self.layers_to_transform]
                 if isinstance(self.layers_to_transform, int)
@@ -46,8 +50,17 @@ class LayerSelectionMixin:
                 raise ValueError(
                     f"layers_to_transform must be an int or a list of ints, got {self.layers_to_transform!r}"
                 )
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError("layers_pattern only makes sense together with layers_to_transform")
+        # PEFT's checks and the first sentence of its messages; an empty layers_pattern ("" or []) is no pattern
+        if self.layers_pattern and regex_targets:
+            raise ValueError(
+                "`layers_pattern` cannot be used when `target_modules` is a str. It only narrows "
+                "layers_to_transform, which needs target_modules as a list."
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(
+                "When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                "layers_pattern only says which numbered container layers_to_transform indexes."
+            )
 
 
 @dataclass

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -176,8 +177,12 @@ class PeftConfig:
             raise ValueError(f"config says peft_type={peft_type!r} but {cls.__name__} was asked to load it")
         names = {f.name for f in dataclasses.fields(target) if f.init}
         unknown = sorted(set(data) - names - {"peft_type"})
-        if unknown:
-            logger.warning("ignoring unknown adapter config keys: %s", ", ".join(unknown))
+        if unknown:  # PEFT's warning (its first sentence is what its users and tests match)
+            warnings.warn(
+                f"Unexpected keyword arguments {unknown} for class {target.__name__}, these are ignored. The file "
+                "was probably written by a newer version of PEFT or deltatune; upgrading is recommended.",
+                stacklevel=3,
+            )
         kwargs = {k: v for k, v in data.items() if k in names}
         try:
             return target(**kwargs)
@@ -296,8 +301,12 @@ class TargetingConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.peft_type is not None and str(self.peft_type).upper() != self.PEFT_TYPE:
-            raise ValueError(
-                f"peft_type={self.peft_type!r} does not match {type(self).__name__} ({self.PEFT_TYPE})"
+            # PEFT overwrites any given peft_type with the class's own; deltatune does too, and says so
+            warnings.warn(
+                f"peft_type={self.peft_type!r} does not match {type(self).__name__}; it is set to "
+                f"{self.PEFT_TYPE!r}",
+                PeftWarning,
+                stacklevel=4,
             )
         self.peft_type = PeftTypeName(self.PEFT_TYPE)  # canonical spelling ("lora" → "LORA"), with .value
         self.target_modules = check_names("target_modules", self.target_modules)

@@ -26,6 +26,7 @@ __all__ = [
     "ALL_LINEAR",
     "SEQ_CLS_HEADS",
     "closest_names",
+    "is_excluded",
     "layer_index",
     "match_list_entry",
     "match_target",
@@ -59,8 +60,8 @@ def closest_names(wanted: str, names: Sequence[str], n: int = 5) -> list[str]:
 
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
     """The layer index in a module name: the first numbered segment, or the one after ``layers_pattern``."""
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-    if not patterns:
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) and layers_pattern else layers_pattern
+    if not patterns:  # None, "" or []: PEFT's default (any numbered segment after the first component)
         m = re.match(r".*?\.[^.]*\.(\d+)\.", name)
         return int(m.group(1)) if m else None
     for pattern in patterns:
@@ -79,7 +80,8 @@ def modules_to_save_entries(config: Any) -> list[str]:
     return entries
 
 
-def _excluded(config: Any, variants: Sequence[str]) -> bool:
+def is_excluded(config: Any, variants: Sequence[str]) -> bool:
+    """Whether ``exclude_modules`` or ``modules_to_save`` rules out the module named ``variants`` (rules 1, 2)."""
     exclude = getattr(config, "exclude_modules", None)
     if exclude:
         if isinstance(exclude, str):
@@ -108,7 +110,7 @@ def match_target(
         is_linear: Whether the module is a linear layer (for ``"all-linear"``).
         is_output_head: Called only for ``"all-linear"``: whether the module is the model's output head.
     """
-    if _excluded(config, variants):
+    if is_excluded(config, variants):
         return None
     targets = config.target_modules
     hit: str | None = None

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import PeftConfig, TargetingConfig
 from .functional import tuner_class
+from .layers import AdapterLayer
 from .model_io import SaveLoadMixin, adapter_config
 from .plain_trainer import adapt_plain_trainer, mark_trainer_found
 from .serialization import check_config_fits_file
@@ -60,7 +61,7 @@ class PeftModel(SaveLoadMixin):
         super().__init__()
         config = adapter_config(peft_config)
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+            config.base_model_name_or_path = model_name_or_path(model)
         self.base_model: AdapterModel = tuner_class(config)(
             model,
             config,
@@ -289,7 +290,8 @@ class PeftModel(SaveLoadMixin):
             config: Use this config instead of the saved one.
             strict: Refuse adapter tensors that match nothing in the model (default True).
             **kwargs: ``autocast_adapter_dtype``, ``ignore_mismatched_sizes``, ``low_cpu_mem_usage``,
-                ``subfolder`` and Hub download options (``revision``, ``token``, ...).
+                ``key_mapping`` (default: the model's ``_checkpoint_conversion_mapping``, as PEFT), ``subfolder``
+                and Hub download options (``revision``, ``token``, ...).
                 ``allow_base_weights=True`` loads a file whose tensors overwrite frozen base-model weights
                 (refused by default).
 
@@ -318,11 +320,21 @@ class PeftModel(SaveLoadMixin):
             subfolder=subfolder,
             saved_config=config,
             ignore_mismatched_sizes=bool(options.get("ignore_mismatched_sizes", False)),
+            key_mapping=options.get("key_mapping"),
             **kwargs,
         )
         if not is_trainable:
             peft_model.eval()
         return peft_model
+
+
+def model_name_or_path(model: nn.Module) -> str | None:
+    """The Hub id or path a model was loaded from (transformers' ``name_or_path``, else its config's
+    ``_name_or_path``), None when it has none (a model built from a config has ``""``)."""
+    name = vars(model).get("name_or_path")
+    if not name:
+        name = getattr(vars(model).get("config"), "_name_or_path", None)
+    return name if isinstance(name, str) and name else None
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -340,14 +352,36 @@ def get_peft_model(
 ) -> PeftModel:
     """Wraps ``model`` with a new adapter described by ``peft_config`` (PEFT's signature).
 
+    As in PEFT, ``peft_config.base_model_name_or_path`` becomes the model's own name (a warning says when that
+    changes a value the config had), and wrapping a model that already holds adapter layers warns.
+
     Raises:
         ValueError: for an invalid config or targets (the message lists what exists).
     """
     if mixed:
         raise ValueError("mixed adapter types in one model are not supported by deltatune (mixed=True)")
-    if isinstance(model, PeftModel):
-        warnings.warn("the model is already a PeftModel; wrapping it again nests adapters", stacklevel=2)
+    old_name = peft_config.base_model_name_or_path
+    peft_config.base_model_name_or_path = new_name = model_name_or_path(model)
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):  # PEFT's warning, first sentence as PEFT's
+        nested = " wrapping a PeftModel again nests adapters." if isinstance(model, PeftModel) else ""
+        warnings.warn(
+            "You are trying to modify a model with PEFT for a second time: it already holds adapter layers;"
+            f"{nested} To start again with another config, call `.unload()` on the PeftModel first.",
+            stacklevel=2,
+        )
+    if old_name is not None and old_name != new_name:
+        warnings.warn(
+            f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}' (the "
+            "model's own name); make sure this base model is the one loaded with the saved adapter.",
+            stacklevel=2,
+        )
     if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(
+                f"peft config has already set base model revision to {peft_config.revision}, overwriting with "
+                f"revision {revision} (the revision argument of get_peft_model wins)",
+                stacklevel=2,
+            )
         peft_config.revision = revision
     cls = PeftModelForSequenceClassification if peft_config.task_type == "SEQ_CLS" else PeftModel
     return cls(

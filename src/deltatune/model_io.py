@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 from torch import nn
@@ -31,10 +32,35 @@ from .tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SaveLoadMixin", "adapter_config", "refuse_non_float_tensors"]
+__all__ = ["SaveLoadMixin", "adapter_config", "refuse_non_float_tensors", "remap_checkpoint_keys"]
 
 #: ``from_pretrained``/``load_adapter`` options that are not Hub download options.
-_LOAD_OPTIONS = ("autocast_adapter_dtype", "low_cpu_mem_usage", "ignore_mismatched_sizes", "torch_device")
+_LOAD_OPTIONS = (
+    "autocast_adapter_dtype",
+    "low_cpu_mem_usage",
+    "ignore_mismatched_sizes",
+    "torch_device",
+    "key_mapping",
+)
+#: The prefix of the module keys in a saved adapter file.
+_SAVED_PREFIX = "base_model.model."
+
+
+def remap_checkpoint_keys(tensors: dict[str, Any], key_mapping: dict[str, str]) -> dict[str, Any]:
+    """The adapter tensors with their module paths renamed as transformers renames a checkpoint's keys for a model
+    whose layout changed (its ``_checkpoint_conversion_mapping``, ``{regex: replacement}``; PEFT applies it on
+    load too): for each key, the first pattern that matches below ``base_model.model.`` rewrites it."""
+    out: dict[str, Any] = {}
+    for key, value in tensors.items():
+        if key.startswith(_SAVED_PREFIX):
+            rest = key[len(_SAVED_PREFIX) :]
+            for pattern, replacement in key_mapping.items():
+                renamed, count = re.subn(pattern, replacement, rest)
+                if count:
+                    key = _SAVED_PREFIX + renamed
+                    break
+        out[key] = value
+    return out
 
 
 def adapter_config(config: Any) -> TargetingConfig:
@@ -178,8 +204,9 @@ class SaveLoadMixin(nn.Module):
                 frozen for good (a frozen model stays frozen) and the model is put in eval mode.
             strict: Refuse tensors that match nothing and adapter tensors the file lacks.
             **kwargs: ``autocast_adapter_dtype`` (default True), ``ignore_mismatched_sizes``,
-                ``low_cpu_mem_usage`` (no memory for the tensors until the file fills them), ``subfolder`` and
-                Hub download options.
+                ``low_cpu_mem_usage`` (no memory for the tensors until the file fills them), ``key_mapping``
+                (``{regex: replacement}`` for the saved module paths; default: the model's
+                ``_checkpoint_conversion_mapping``, as PEFT), ``subfolder`` and Hub download options.
 
         Returns:
             PEFT's load result: ``missing_keys`` (this adapter's tensors the file lacked) and
@@ -212,6 +239,7 @@ class SaveLoadMixin(nn.Module):
             subfolder=subfolder,
             saved_config=saved,
             ignore_mismatched_sizes=bool(options.get("ignore_mismatched_sizes", False)),
+            key_mapping=options.get("key_mapping"),
             **kwargs,
         )
         if not is_trainable:
@@ -226,10 +254,17 @@ class SaveLoadMixin(nn.Module):
         strict: bool,
         saved_config: TargetingConfig | None = None,
         ignore_mismatched_sizes: bool = False,
+        key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> LoadResult:
         allow_base_weights = bool(kwargs.pop("allow_base_weights", False))
         tensors = load_adapter_weights(model_id, **kwargs)
+        if (
+            key_mapping is None
+        ):  # PEFT's default: the model's own mapping of old checkpoint keys, if it has one
+            key_mapping = getattr(self.base_model.model, "_checkpoint_conversion_mapping", None)
+        if key_mapping:
+            tensors = remap_checkpoint_keys(tensors, key_mapping)
         tensors = self.base_model.adapt_loaded_tensors(tensors, adapter_name, saved_config)
         return set_adapter_state_dict(
             self.base_model,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -26,6 +27,7 @@ from .matching import (
     ALL_LINEAR,
     SEQ_CLS_HEADS,
     closest_names,
+    is_excluded,
     match_list_entry,
     match_target,
     matching_entry,
@@ -40,6 +42,9 @@ from .switching import AdapterSwitching
 logger = logging.getLogger(__name__)
 
 __all__ = ["AdapterModel"]
+
+#: Module containers that ``modules_to_save`` cannot wrap (they have no forward of their own; PEFT's list).
+CONTAINER_TYPES = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
 
 class AdapterModel(AdapterSwitching, nn.Module):
@@ -201,9 +206,13 @@ class AdapterModel(AdapterSwitching, nn.Module):
         plan: list[tuple[str, nn.Module]] = []
         legacy: list[tuple[str, str]] = []  # (target entry, module) matched through a legacy spelling
         wrong_type: list[str] = []
+        excluded_any = (
+            not config.exclude_modules
+        )  # whether exclude_modules excluded anything (PEFT warns if not)
         for name, module in candidates:
             base = module.base_layer if isinstance(module, AdapterLayer) else module
             variants = self.name_variants(name)
+            excluded_any = excluded_any or is_excluded(config, variants)
             hit = match_target(
                 config, variants, is_linear_like(base), partial(self._is_output_head, name, config)
             )
@@ -227,6 +236,12 @@ class AdapterModel(AdapterSwitching, nn.Module):
             )
         if not plan:
             raise ValueError(self._no_match_message(config, [n for n, _ in candidates]))
+        if not excluded_any:
+            warnings.warn(
+                f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded: no module "
+                "name of the model matches it (exact name, '.name' suffix, or regex full match).",
+                stacklevel=4,
+            )
         self._modules_to_save_targets(config)  # raises before anything is changed
         matched = self._build_layers(plan, adapter_name, config)
         if legacy:
@@ -325,8 +340,20 @@ class AdapterModel(AdapterSwitching, nn.Module):
             {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, supported)}
         )
         kinds = "/".join(t.__name__ for t in supported)
+        # PEFT's first sentence for its three cases (its users and tests match on it), then deltatune's hints
+        excluded = [n for n in names if is_excluded(config, self.name_variants(n))]
+        if excluded and len(excluded) == len(names):
+            lead = (
+                "All modules were excluded. This is likely unintended: check target_modules, exclude_modules "
+            )
+            lead += "and modules_to_save."
+        elif excluded:
+            lead = "No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+            lead += "target modules and excluded modules (exclude_modules, modules_to_save)."
+        else:
+            lead = f"Target modules {targets} not found in the base model."
         return (
-            f"target_modules={entries} matched no module of {type(self.model).__name__} ({hint_text}). "
+            f"{lead} target_modules={entries} matched no module of {type(self.model).__name__} ({hint_text}). "
             f"{kinds} module names in this model: {leaves[:20]}"
         )
 
@@ -336,6 +363,8 @@ class AdapterModel(AdapterSwitching, nn.Module):
         Raises:
             ValueError: if an entry names no module (``classifier``/``score`` added for SEQ_CLS may be
                 absent), or names a module that is an adapter target.
+            TypeError: if an entry names a ``ModuleDict``/``ModuleList``/``ParameterDict``/``ParameterList``
+                (PEFT's type).
         """
         candidates = self._candidate_modules()
         names = [n for n, _ in candidates]
@@ -351,6 +380,11 @@ class AdapterModel(AdapterSwitching, nn.Module):
             for name, module in hits:
                 if isinstance(module, AdapterLayer):
                     raise ValueError(f"{name} is both a target module and in modules_to_save")
+                if isinstance(module, CONTAINER_TYPES):  # PEFT's TypeError and its wording, then ours
+                    raise TypeError(
+                        f"modules_to_save cannot be applied to modules of type {type(module)}: {name!r} is a "
+                        "container without a forward of its own; name the modules inside it instead"
+                    )
             if not hits and entry not in optional:
                 raise ValueError(
                     f"modules_to_save entry {entry!r} names no module of {type(self.model).__name__}; "

@@ -263,7 +263,8 @@ class AdaLoraModel(LoraModel):
         config = expect_config(self.peft_config[self.current_adapter], AdaLoraConfig)
         if config.total_step is None:
             raise ValueError(
-                "AdaLoraConfig.total_step is not set; set it to the number of optimiser steps, or train with "
+                "AdaLoRA does not work when `total_step` is None, supply a value > 0: AdaLoraConfig.total_step is "
+                "not set; set it to the number of optimiser steps, or train with "
                 "deltatune's Trainer integration, which fills it from the planned steps"
             )
         allocator = self.rank_allocator

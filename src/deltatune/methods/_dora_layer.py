@@ -197,13 +197,15 @@ class DoraLayer(_DoraState, LoraLayer):
             w2, a2, b2 = (_fp32(t) for t in (w2, a2, b2))
             return dora_row_norm(w2, a2, b2, self.scaling[adapter_name])
 
-    def magnitude_scale(self, adapter_name: str) -> torch.Tensor:
-        """m / ‖W + ΔW‖ in the magnitude's shape (gradients reach m, not the norm)."""
+    def magnitude_scale(self, adapter_name: str, one_minus: bool = False) -> torch.Tensor:
+        """m / ‖W + ΔW‖ in the magnitude's shape (gradients reach m, not the norm); with ``one_minus``,
+        1 − m / ‖W + ΔW‖ as (‖W + ΔW‖ − m) / ‖W + ΔW‖, exactly 0 where m is the norm (at initialisation)."""
         magnitude = self.lora_magnitude_vector[adapter_name]
         norm = self.row_norm(adapter_name)
         if magnitude.dim() != 1:
             norm = norm.reshape(magnitude.shape)
-        return magnitude / (norm if norm.dtype == magnitude.dtype else norm.to(magnitude.dtype))
+        norm = norm if norm.dtype == magnitude.dtype else norm.to(magnitude.dtype)
+        return (norm - magnitude) / norm if one_minus else magnitude / norm
 
     # ---- merging: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ -------------------------------------------------------
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
@@ -269,18 +271,23 @@ class DoraLayer(_DoraState, LoraLayer):
         dtype = fused_dtype(x, weight, a_w, b_w)
         if dtype is None:
             return None
-        scale = self.magnitude_scale(adapter_name)
         s = self.scaling[adapter_name]
         needs_grad = torch.is_grad_enabled() and any(
             p.requires_grad for p in self.adapter_parameters(adapter_name)
         )
         if dtype == weight.dtype and low_rank_merge_pays(x, weight, a_w.shape[0], needs_grad):
-            merged = torch.addmm(weight, b_w, a_w, alpha=s) * scale.unsqueeze(1)
+            merged = torch.addmm(weight, b_w, a_w, alpha=s) * self.magnitude_scale(adapter_name).unsqueeze(1)
             return F.linear(x, merged, self.base_bias)
-        out = low_rank_gemms(x, weight, None, a_w, b_w, s, 0.0, dtype)
         bias = self.base_bias
-        scale = _as(scale, dtype)
-        return out * scale if bias is None else torch.addcmul(_as(bias, dtype), out, scale)
+        if bias is None:
+            scale = _as(self.magnitude_scale(adapter_name), dtype)
+            return low_rank_gemms(x, weight, None, a_w, b_w, s, 0.0, dtype) * scale
+        # The bias goes into the GEMM as the base layer adds it (y), and (x Wᵀ + s·B A x)·scale + b is then
+        # y + (1 − scale)·(b − y), one lerp: bit for bit the base output where m is the norm and B is 0 (at
+        # initialisation), as PEFT's (scale − 1)·base term is.
+        bias = _as(bias, dtype)
+        out = low_rank_gemms(x, weight, bias, a_w, b_w, s, 0.0, dtype)
+        return torch.lerp(out, bias, _as(self.magnitude_scale(adapter_name, one_minus=True), dtype))
 
 
 class DoraEmbeddingLayer(_DoraState, LoraEmbeddingLayer):

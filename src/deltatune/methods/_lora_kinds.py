@@ -215,3 +215,40 @@ class LoraMultiheadAttentionLayer(LoraLayer):
 
     def check_mixed_batch(self, x: torch.Tensor, row_adapters: list[str]) -> None:
         raise TypeError(f"{self._get_name()} does not support mixed adapter batches.")
+
+    # ---- the wrapped attention's attributes, as PEFT exposes them (code that reads mha.embed_dim etc.) ----
+    @property
+    def out_proj(self) -> nn.Module:
+        """The wrapped attention's own ``out_proj`` Linear (inside its LoRA layer)."""
+        base: Any = self.base_layer
+        layer = base.out_proj
+        return layer.base_layer if isinstance(layer, LoraLayer) else layer  # type: ignore[no-any-return]
+
+    def merge_masks(self, *args: Any, **kwargs: Any) -> Any:
+        """``nn.MultiheadAttention.merge_masks`` of the wrapped attention."""
+        base: Any = self.base_layer
+        return base.merge_masks(*args, **kwargs)
+
+
+def _base_attribute(name: str) -> property:
+    return property(lambda self: getattr(self.base_layer, name), doc=f"The wrapped attention's ``{name}``.")
+
+
+#: ``nn.MultiheadAttention`` attributes a LoRA-wrapped one answers from the wrapped module (PEFT's list).
+MHA_ATTRIBUTES = (
+    "embed_dim",
+    "kdim",
+    "vdim",
+    "_qkv_same_embed_dim",
+    "num_heads",
+    "dropout",
+    "batch_first",
+    "head_dim",
+    "in_proj_weight",
+    "in_proj_bias",
+    "bias_k",
+    "bias_v",
+    "add_zero_attn",
+)
+for _name in MHA_ATTRIBUTES:
+    setattr(LoraMultiheadAttentionLayer, _name, _base_attribute(_name))

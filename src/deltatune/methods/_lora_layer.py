@@ -67,8 +67,9 @@ def lora_conv_factors(base: nn.Module, r: int, lora_bias: bool, **kw: Any) -> tu
     conv: Any = base
     if r % conv.groups:
         raise ValueError(
-            f"Targeting a {type(base).__name__} with groups={conv.groups} and rank {r}: LoRA needs a rank "
-            "divisible by groups; choose another rank or leave this layer out"
+            f"Targeting a {type(base).__name__} with groups={conv.groups} and rank {r}. Currently, support is "
+            "limited to conv layers where the rank is divisible by groups. Either choose a different rank or do "
+            "not target this specific layer."
         )
     ones = (1,) * len(conv.kernel_size)
     lora_a = type(base)(

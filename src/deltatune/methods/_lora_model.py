@@ -13,8 +13,9 @@ from torch import nn
 from ..config import TargetingConfig
 from ..tuner import AdapterModel
 from ._lora_weighted import add_weighted_adapter
+from .lora import BIAS_CHOICES
 
-__all__ = ["LoraBiasMergeError", "LoraModel", "all_bias_tensors"]
+__all__ = ["LoraBiasError", "LoraBiasMergeError", "LoraModel", "all_bias_tensors"]
 
 
 def base_rewriting_init(config: TargetingConfig) -> str | None:
@@ -28,6 +29,11 @@ def base_rewriting_init(config: TargetingConfig) -> str | None:
 class LoraBiasMergeError(RuntimeError, ValueError):
     """``lora_bias`` cannot be merged into a layer without bias (a ``RuntimeError`` as in PEFT, and a
     ``ValueError`` as deltatune raised before)."""
+
+
+class LoraBiasError(NotImplementedError, ValueError):
+    """A ``bias`` value other than ``"none"``, ``"all"`` and ``"lora_only"``, found when the adapter is applied (a
+    ``NotImplementedError`` there as in PEFT, and a ``ValueError`` as deltatune's config raised before)."""
 
 
 class LoraModel(AdapterModel):
@@ -52,12 +58,19 @@ class LoraModel(AdapterModel):
                     yield layer_bias
 
     def check_new_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
-        """PEFT's rule: several adapters on one model cannot train biases (the base biases are shared).
+        """PEFT's rules: ``bias`` is one of its values, and only one adapter of a model trains biases (the base
+        biases are shared); others have ``bias="none"``.
 
         Raises:
-            ValueError: when this or an existing adapter has ``bias`` other than ``"none"``.
+            LoraBiasError: (a ``NotImplementedError``) for an unknown ``bias``.
+            ValueError: when this and an existing adapter both have ``bias`` other than ``"none"``.
         """
         super().check_new_adapter(adapter_name, config)
+        bias = getattr(config, "bias", "none")
+        if bias not in BIAS_CHOICES:
+            raise LoraBiasError(
+                f"Requested bias: {bias}, is not implemented; bias must be one of {', '.join(map(repr, BIAS_CHOICES))}"
+            )
         configs = [*self.peft_config.values(), config]
         rewriting = [base_rewriting_init(c) for c in configs if base_rewriting_init(c)]
         if len(configs) > 1 and rewriting:
@@ -67,7 +80,7 @@ class LoraModel(AdapterModel):
                 "(save_pretrained(..., path_initial_model_for_weight_conversion=...))",
                 stacklevel=4,
             )
-        if len(configs) > 1 and any(getattr(c, "bias", "none") != "none" for c in configs):
+        if sum(getattr(c, "bias", "none") != "none" for c in configs) > 1:
             raise ValueError(
                 f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias "
                 "to 'none' for all adapters."

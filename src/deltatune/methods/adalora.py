@@ -75,9 +75,9 @@ class AdaLoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         if self.use_dora:
-            raise ValueError(
-                "use_dora is not supported by AdaLoraConfig (PEFT rejects it too); use LoraConfig"
-            )
+            raise ValueError("ADALORA does not support DoRA: use_dora=True needs LoraConfig")
+        if self.loftq_config and self.init_lora_weights == "loftq":
+            raise ValueError("ADALORA does not support LOFTQ: init_lora_weights='loftq' needs LoraConfig")
         super().__post_init__()
         check_positive_int("init_r", self.init_r)
         check_positive_int("target_r", self.target_r)
@@ -88,11 +88,16 @@ class AdaLoraConfig(LoraConfig):
         check_positive_int("deltaT", self.deltaT)
         check_range("beta1", self.beta1, 0, 1)
         check_range("beta2", self.beta2, 0, 1)
+        if isinstance(self.orth_reg_weight, int | float) and self.orth_reg_weight < 0:
+            raise ValueError(
+                "`orth_reg_weight` should be greater than or equal to 0, but the value passed is "
+                f"{self.orth_reg_weight}"
+            )
         check_range("orth_reg_weight", self.orth_reg_weight, 0)
         if self.r != 8:
             warnings.warn(
-                f"AdaLoRA ignores r={self.r}: modules start at init_r={self.init_r} and are pruned to target_r="
-                f"{self.target_r} on average",
+                f"Note that `r` is not used in AdaLora and will be ignored: AdaLoRA ignores r={self.r}; modules "
+                f"start at init_r={self.init_r} and are pruned to target_r={self.target_r} on average.",
                 stacklevel=3,
             )
         if self.total_step is not None:
@@ -100,12 +105,17 @@ class AdaLoraConfig(LoraConfig):
 
     def check_schedule(self, total_step: int) -> None:
         """Raises ``ValueError`` unless tinit < total_step − tfinal (the pruning phase is non-empty)."""
+        if isinstance(total_step, int) and not isinstance(total_step, bool) and total_step <= 0:
+            raise ValueError(
+                "AdaLoRA does not work when `total_step` is None, supply a value > 0: "
+                f"total_step={total_step} must be a positive integer"
+            )
         check_positive_int("total_step", total_step)
         if self.tinit >= total_step - self.tfinal:
             raise ValueError(
-                f"AdaLoRA schedule does not fit: tinit={self.tinit} must be < total_step - tfinal = "
-                f"{total_step} - {self.tfinal} = {total_step - self.tfinal}; lower tinit or tfinal, or train for "
-                "more steps"
+                "The supplied schedule values don't allow for a budgeting phase. AdaLoRA schedule does not fit: "
+                f"tinit={self.tinit} must be < total_step - tfinal = {total_step} - {self.tfinal} = "
+                f"{total_step - self.tfinal}; lower tinit or tfinal, or train for more steps"
             )
 
     @classmethod

@@ -119,7 +119,7 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("lora_dropout", self.lora_dropout, 0, 1)
-        check_choice("bias", self.bias, BIAS_CHOICES)
+        # ``bias`` is checked when the adapter is applied (PEFT's NotImplementedError, see LoraModel)
         self._check_init()
         unsupported = {
             "use_qalora": self.use_qalora,
@@ -149,7 +149,7 @@ class LoraConfig(AdapterConfig):
 
     def _check_init(self) -> None:
         """``init_lora_weights`` is one of the choices (the base-weight ones only where the class allows them);
-        ``lora_bias`` only with true or false (PEFT's rule).
+        ``lora_bias`` only with true or false and without DoRA (PEFT's rules).
 
         Raises:
             ValueError: naming the value and the choices.
@@ -164,6 +164,11 @@ class LoraConfig(AdapterConfig):
             raise ValueError(
                 "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
                 f"init_lora_weights={init} instead."
+            )
+        if self.lora_bias and getattr(self, "use_dora", False):
+            raise ValueError(
+                "The argument lora_bias=True is not supported with DoRA (use_dora=True), as in PEFT; set "
+                "lora_bias=False or use_dora=False."
             )
 
     def _check_loftq(self) -> None:

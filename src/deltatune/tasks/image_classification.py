@@ -264,8 +264,9 @@ def attach_adapter(spec: RunSpec, base: nn.Module, num_labels: int, total_steps:
     kwargs = {**adapter_defaults(method.name, head, total_steps, spec.adapter_kwargs), **spec.adapter_kwargs}
     config = method.make_config(**kwargs)
     config.check_fits_run(total_steps)
+    model = get_peft_model(base, config)  # sets the model's own name_or_path, as PEFT does
     config.base_model_name_or_path = portable_model_name(spec.model)  # no path of this machine
-    return get_peft_model(base, config)
+    return model
 
 
 # ---- the trainer --------------------------------------------------------------------------------
