@@ -7,6 +7,7 @@ friends work, and ``transformers.Trainer`` and pipelines can drive it.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
@@ -25,7 +26,7 @@ from .tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PeftModel", "PeftModelForSequenceClassification", "get_peft_model"]
+__all__ = ["PeftModel", "get_peft_model"]
 
 #: The name that sends a row of a mixed batch through the base model only.
 BASE_ROW = "__base__"
@@ -294,7 +295,7 @@ class PeftModel(SaveLoadMixin):
         config = adapter_config(config)
         config.inference_mode = not is_trainable
         check_config_fits_file(config, model_id, subfolder=subfolder, **kwargs)  # before allocating
-        peft_model = (PeftModelForSequenceClassification if config.task_type == "SEQ_CLS" else cls)(
+        peft_model = _above("task_models", "peft_model_class")(config.task_type, cls)(
             model,
             config,
             adapter_name,
@@ -315,8 +316,10 @@ class PeftModel(SaveLoadMixin):
         return peft_model
 
 
-class PeftModelForSequenceClassification(PeftModel):
-    """Alias returned for ``task_type="SEQ_CLS"`` (behaves as :class:`PeftModel`)."""
+def _above(module: str, name: str) -> Any:
+    """``name`` from a module of a higher layer (the task classes, the mixed model), imported at call time so
+    that this module imports nothing above it (PEFT resolves its task table at call time too)."""
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
 def get_peft_model(
@@ -327,19 +330,21 @@ def get_peft_model(
     autocast_adapter_dtype: bool = True,
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
-) -> PeftModel:
-    """Wraps ``model`` with a new adapter described by ``peft_config`` (PEFT's signature).
+) -> Any:
+    """Wraps ``model`` with a new adapter described by ``peft_config`` (PEFT's signature): the task class of
+    ``peft_config.task_type`` (:mod:`deltatune.task_models`; a plain :class:`PeftModel` without one), or with
+    ``mixed=True`` a :class:`~deltatune.mixed_model.PeftMixedModel`, which can hold adapters of different types.
 
     Raises:
         ValueError: for an invalid config or targets (the message lists what exists).
     """
-    if mixed:
-        raise ValueError("mixed adapter types in one model are not supported by deltatune (mixed=True)")
     if isinstance(model, PeftModel):
         warnings.warn("the model is already a PeftModel; wrapping it again nests adapters", stacklevel=2)
     if revision is not None:
         peft_config.revision = revision
-    cls = PeftModelForSequenceClassification if peft_config.task_type == "SEQ_CLS" else PeftModel
+    if mixed:
+        return _above("mixed_model", "PeftMixedModel")(model, peft_config, adapter_name)
+    cls = _above("task_models", "peft_model_class")(peft_config.task_type)
     return cls(
         model,
         peft_config,

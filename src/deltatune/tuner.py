@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TargetingConfig
+from .config import NoMatchingPeftModuleError, TargetingConfig
 from .layer_types import is_linear_like
 from .layers import AdapterLayer
 from .matching import (
@@ -30,6 +30,7 @@ from .matching import (
     match_target,
     matching_entry,
     modules_to_save_entries,
+    task_heads,
 )
 from .modules_to_save import ModulesToSaveWrapper
 from .names import NameAliases
@@ -182,8 +183,9 @@ class AdapterModel(AdapterSwitching, nn.Module):
                 weights materialises them (``from_pretrained``/``load_adapter`` with the same flag).
 
         Raises:
-            ValueError: if the name is taken, the method differs from the model's, nothing matches, a
-                match cannot be adapted, or a ``modules_to_save`` entry names nothing.
+            NoMatchingPeftModuleError: (a ``ValueError``) if nothing matches.
+            ValueError: if the name is taken, the method differs from the model's, a match cannot be adapted,
+                or a ``modules_to_save`` entry names nothing.
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another name")
@@ -226,7 +228,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
                 f"supported layer types: {supported}. Narrow target_modules to layers of those types."
             )
         if not plan:
-            raise ValueError(self._no_match_message(config, [n for n, _ in candidates]))
+            raise NoMatchingPeftModuleError(self._no_match_message(config, [n for n, _ in candidates]))
         self._modules_to_save_targets(config)  # raises before anything is changed
         matched = self._build_layers(plan, adapter_name, config)
         if legacy:
@@ -334,13 +336,11 @@ class AdapterModel(AdapterSwitching, nn.Module):
         """The modules that ``modules_to_save`` names (checked, nothing changed).
 
         Raises:
-            ValueError: if an entry names no module (``classifier``/``score`` added for SEQ_CLS may be
-                absent), or names a module that is an adapter target.
+            ValueError: if an entry names no module (the heads a ``task_type`` adds may be absent), or names a module that is an adapter target.
         """
         candidates = self._candidate_modules()
         names = [n for n, _ in candidates]
-        task_type = getattr(config.task_type, "value", config.task_type)
-        optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
+        optional = task_heads(config)
         found: list[tuple[str, nn.Module]] = []
         for entry in modules_to_save_entries(config):
             hits = [
