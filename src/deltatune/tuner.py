@@ -14,7 +14,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -56,6 +56,10 @@ class AdapterModel(AdapterSwitching, nn.Module):
         config: Config of the first adapter.
         adapter_name: Name of the first adapter.
     """
+
+    #: Whether adapters of different types may share the model, a layer of one method wrapping a layer of another
+    #: as in PEFT's mixed model (:mod:`deltatune.mixed_model`); else all adapters share one ``peft_type``.
+    NESTS_METHODS: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -190,11 +194,11 @@ class AdapterModel(AdapterSwitching, nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another name")
         spec = spec_for(config)
-        existing = {spec_for(c).name for c in self.peft_config.values()}
-        if existing and spec.name not in existing:
+        existing = {spec_for(c).peft_type: spec_for(c).name for c in self.peft_config.values()}
+        if existing and spec.peft_type not in existing and not self.NESTS_METHODS:
             raise ValueError(
-                f"this model holds {', '.join(sorted(existing))} adapters; adding a {spec.name} adapter "
-                "is not supported (merge_and_unload() first, then wrap the merged model)"
+                f"this model holds {', '.join(sorted(existing.values()))} adapters; adding a {spec.name} adapter "
+                "needs a mixed model (get_peft_model(..., mixed=True)), or merge_and_unload() first"
             )
         if config.target_modules is None:
             self._fill_default_targets(config)
@@ -215,7 +219,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
                 if config.target_modules != ALL_LINEAR:
                     wrong_type.append(f"{name} ({type(base).__name__})")
                 continue
-            if isinstance(module, AdapterLayer) and not isinstance(module, spec.layer_classes()):
+            if self._layer_action(module, spec) is None:
                 raise ValueError(f"{name} already holds a {type(module).__name__}; cannot add {spec.name}")
             plan.append((name, module))
             entry = matching_entry(config, hit)
@@ -284,11 +288,17 @@ class AdapterModel(AdapterSwitching, nn.Module):
         try:
             for name, module in plan:
                 target = config.target_spec(name, self.name_variants(name))
-                if isinstance(module, AdapterLayer):
+                action = self._layer_action(module, spec)
+                if isinstance(module, AdapterLayer) and action in ("add", "extend"):
+                    if (
+                        action == "extend"
+                    ):  # e.g. a LoRA layer becomes a DoRA layer (it keeps its LoRA adapters)
+                        spec.layer_class_for(module.base_layer).extend_layer(module)
                     updated.append(module)
                     module.add_adapter(adapter_name, target)
-                else:
-                    layer: AdapterLayer = spec.layer_class_for(module)(module)
+                else:  # a new layer over the module, or in a mixed model over another method's layer
+                    base = module.base_layer if isinstance(module, AdapterLayer) else module
+                    layer: AdapterLayer = spec.layer_class_for(base)(module)
                     layer.add_adapter(adapter_name, target)
                     created.append((name, layer))
         except Exception:
@@ -298,6 +308,20 @@ class AdapterModel(AdapterSwitching, nn.Module):
         for name, layer in created:
             self.model.set_submodule(name, layer)
         return [name for name, _ in plan]
+
+    def _layer_action(self, module: nn.Module, spec: Any) -> str | None:
+        """How an adapter of ``spec``'s method goes into the target ``module``: ``"new"`` (wrap the plain module),
+        ``"add"`` (its layer holds this method's adapters), ``"extend"`` (its layer's class is extended by the
+        method's layer class, which can hold both kinds: a LoRA layer taking a DoRA adapter, as in PEFT),
+        ``"nest"`` (a mixed model: the method's layer wraps it); None when it cannot take the adapter."""
+        if not isinstance(module, AdapterLayer):
+            return "new"
+        if isinstance(module, spec.layer_classes()):
+            return "add"
+        cls = spec.layer_class_for(module.base_layer)
+        if issubclass(cls, type(module)) and hasattr(cls, "extend_layer"):
+            return "extend"
+        return "nest" if self.NESTS_METHODS else None
 
     def _modern_entries(self, hits: list[tuple[str, str]], matched: list[str]) -> dict[str, str]:
         """For list entries that matched through legacy names, the modern entry matching the same modules
