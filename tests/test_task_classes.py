@@ -262,3 +262,25 @@ def test_no_matching_module_is_peft_error_and_value_error() -> None:
         get_peft_model(_model("FEATURE_EXTRACTION"), LoraConfig(r=2, target_modules=["nothing_here"]))
     with pytest.raises(ValueError, match="matched no module"):
         get_peft_model(_model("FEATURE_EXTRACTION"), LoraConfig(r=2, target_modules=["nothing_here"]))
+
+
+def test_auto_peft_model_loads_the_base_named_in_the_config(tmp_path: Path) -> None:
+    base = _model("SEQ_CLS")
+    base.save_pretrained(tmp_path / "base")
+    config = LoraConfig(
+        r=2, target_modules=["query"], task_type="SEQ_CLS", base_model_name_or_path=str(tmp_path / "base")
+    )
+    model = get_peft_model(base, config)
+    _nonzero(model)
+    model.eval().save_pretrained(tmp_path / "adapter")
+    loaded = deltatune.AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+    assert type(loaded) is deltatune.PeftModelForSequenceClassification
+    inputs = _inputs("SEQ_CLS")
+    with torch.no_grad():
+        torch.testing.assert_close(_output(loaded(**inputs)), _output(model(**inputs)))
+    with pytest.raises(ValueError, match="Cannot use `AutoPeftModel` with a task type"):
+        deltatune.AutoPeftModel.from_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="Expected target PEFT class: PeftModelForSequenceClassification"):
+        deltatune.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    with pytest.raises(OSError, match="from_pretrained"):
+        deltatune.AutoPeftModelForCausalLM()

@@ -47,6 +47,13 @@ if TYPE_CHECKING:
     from .registry import register_method as register_method
     from .registry import spec_for as spec_for
     from .task_models import MODEL_TYPE_TO_PEFT_MODEL_MAPPING as MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+    from .task_models import AutoPeftModel as AutoPeftModel
+    from .task_models import AutoPeftModelForCausalLM as AutoPeftModelForCausalLM
+    from .task_models import AutoPeftModelForFeatureExtraction as AutoPeftModelForFeatureExtraction
+    from .task_models import AutoPeftModelForQuestionAnswering as AutoPeftModelForQuestionAnswering
+    from .task_models import AutoPeftModelForSeq2SeqLM as AutoPeftModelForSeq2SeqLM
+    from .task_models import AutoPeftModelForSequenceClassification as AutoPeftModelForSequenceClassification
+    from .task_models import AutoPeftModelForTokenClassification as AutoPeftModelForTokenClassification
     from .task_models import PeftModelForCausalLM as PeftModelForCausalLM
     from .task_models import PeftModelForFeatureExtraction as PeftModelForFeatureExtraction
     from .task_models import PeftModelForQuestionAnswering as PeftModelForQuestionAnswering
@@ -70,6 +77,13 @@ _CORE: dict[str, str] = {
     "PeftModel": "model",
     "get_peft_model": "model",
     "PeftMixedModel": "mixed_model",
+    "AutoPeftModel": "task_models",
+    "AutoPeftModelForCausalLM": "task_models",
+    "AutoPeftModelForFeatureExtraction": "task_models",
+    "AutoPeftModelForQuestionAnswering": "task_models",
+    "AutoPeftModelForSeq2SeqLM": "task_models",
+    "AutoPeftModelForSequenceClassification": "task_models",
+    "AutoPeftModelForTokenClassification": "task_models",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "task_models",
     "PeftModelForCausalLM": "task_models",
     "PeftModelForFeatureExtraction": "task_models",

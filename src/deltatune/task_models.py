@@ -12,14 +12,24 @@ Every forward takes ``adapter_names=[...]`` (one adapter per row, inference only
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import torch
+import transformers
 
+from .config import PeftConfig
 from .model import PeftModel
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering",
@@ -270,3 +280,125 @@ def peft_model_class(task_type: Any, default: type[PeftModel] = PeftModel) -> ty
     unknown task."""
     name = getattr(task_type, "value", task_type)
     return MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(name), default) if name is not None else default
+
+
+# ---- AutoPeftModel: the base model named in the adapter's config, then the adapter --------------------------
+#: Libraries an adapter config's ``auto_mapping`` may name (PEFT's default allowlist).
+DEFAULT_IMPORT_ALLOWLIST = ("diffusers", "lerobot", "megatron-core", "transformers")
+
+
+class AutoPeftModel:
+    """PEFT's ``AutoPeftModel``: ``from_pretrained(adapter_dir)`` loads the base model the adapter's config names
+    (``base_model_name_or_path`` and ``revision``), with the transformers auto class of the task (or, without a
+    task type, the class in the config's ``auto_mapping``), then the adapter onto it. Not instantiated."""
+
+    #: The transformers auto class (its name; None: from the config's ``auto_mapping``) and the PEFT class.
+    _target_class: str | None = None
+    _target_peft_class: type[PeftModel] = PeftModel
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError(
+            f"{type(self).__name__} is designed to be instantiated using the "
+            f"`{type(self).__name__}.from_pretrained(pretrained_model_name_or_path)` method."
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Any,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: Any = None,
+        revision: str | None = None,
+        import_allowlist: list[str] | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """The base model, then the adapter (``PeftModel.from_pretrained``'s arguments; ``kwargs`` go to the base
+        model's ``from_pretrained``).
+
+        Raises:
+            ValueError: when the class does not fit the config's task type, or no base class can be inferred, or
+                ``auto_mapping`` names a library outside ``import_allowlist``.
+        """
+        peft_config = PeftConfig.from_pretrained(pretrained_model_name_or_path, revision=revision)
+        task_type = getattr(peft_config.task_type, "value", peft_config.task_type)
+        target: Any = None if cls._target_class is None else getattr(transformers, cls._target_class)
+        if target is None and task_type is not None:
+            raise ValueError(
+                "Cannot use `AutoPeftModel` with a task type, please use a specific class for your task type. "
+                "(e.g. `AutoPeftModelForCausalLM` for `task_type='CAUSAL_LM'`)"
+            )
+        if task_type is not None:
+            expected = MODEL_TYPE_TO_PEFT_MODEL_MAPPING[str(task_type)]
+            if cls._target_peft_class is not expected:
+                raise ValueError(
+                    f"Expected target PEFT class: {expected.__name__}, but you have asked for: "
+                    f"{cls._target_peft_class.__name__} make sure that you are loading the correct model for your "
+                    "task type."
+                )
+        elif peft_config.auto_mapping is not None:
+            library = str(peft_config.auto_mapping["parent_library"])
+            allowed = DEFAULT_IMPORT_ALLOWLIST if import_allowlist is None else tuple(import_allowlist)
+            if library not in allowed and not library.startswith(tuple(f"{a}." for a in allowed)):
+                raise ValueError(
+                    f"The auto mapping wants to import '{library}' which is not in the import allowlist. If you "
+                    f"are sure that importing this library is safe, specify `import_allowlist=['{library}']`."
+                )
+            target = getattr(importlib.import_module(library), peft_config.auto_mapping["base_model_class"])
+        else:
+            raise ValueError(
+                "Cannot infer the auto class from the config, please make sure that you are loading the correct "
+                "model for your task type."
+            )
+        base = target.from_pretrained(
+            peft_config.base_model_name_or_path, revision=peft_config.revision, **kwargs
+        )
+        return cls._target_peft_class.from_pretrained(
+            base,
+            pretrained_model_name_or_path,
+            adapter_name=adapter_name,
+            is_trainable=is_trainable,
+            config=config,
+        )
+
+
+class AutoPeftModelForCausalLM(AutoPeftModel):
+    """``transformers.AutoModelForCausalLM``, then a :class:`PeftModelForCausalLM`."""
+
+    _target_class = "AutoModelForCausalLM"
+    _target_peft_class = PeftModelForCausalLM
+
+
+class AutoPeftModelForSeq2SeqLM(AutoPeftModel):
+    """``transformers.AutoModelForSeq2SeqLM``, then a :class:`PeftModelForSeq2SeqLM`."""
+
+    _target_class = "AutoModelForSeq2SeqLM"
+    _target_peft_class = PeftModelForSeq2SeqLM
+
+
+class AutoPeftModelForSequenceClassification(AutoPeftModel):
+    """``transformers.AutoModelForSequenceClassification``, then a :class:`PeftModelForSequenceClassification`."""
+
+    _target_class = "AutoModelForSequenceClassification"
+    _target_peft_class = PeftModelForSequenceClassification
+
+
+class AutoPeftModelForTokenClassification(AutoPeftModel):
+    """``transformers.AutoModelForTokenClassification``, then a :class:`PeftModelForTokenClassification`."""
+
+    _target_class = "AutoModelForTokenClassification"
+    _target_peft_class = PeftModelForTokenClassification
+
+
+class AutoPeftModelForQuestionAnswering(AutoPeftModel):
+    """``transformers.AutoModelForQuestionAnswering``, then a :class:`PeftModelForQuestionAnswering`."""
+
+    _target_class = "AutoModelForQuestionAnswering"
+    _target_peft_class = PeftModelForQuestionAnswering
+
+
+class AutoPeftModelForFeatureExtraction(AutoPeftModel):
+    """``transformers.AutoModel``, then a :class:`PeftModelForFeatureExtraction`."""
+
+    _target_class = "AutoModel"
+    _target_peft_class = PeftModelForFeatureExtraction
