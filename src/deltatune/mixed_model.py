@@ -26,24 +26,38 @@ from typing import Any, ClassVar
 from torch import nn
 
 from .config import PeftConfig
+from .layers import AdapterLayer
 from .model import PeftModel
 from .model_io import adapter_config
-from .registry import spec_for
+from .registry import available_methods, get_method, spec_for
 from .serialization import LoadResult
 from .tuner import AdapterModel
 
-__all__ = ["COMPATIBLE_TUNER_TYPES", "MixedAdapterModel", "PeftMixedModel"]
+__all__ = ["MixedAdapterModel", "PeftMixedModel", "compatible_types", "mixable"]
 
-#: The ``peft_type`` values a mixed model takes (PEFT's list, less the methods deltatune does not have: OFT, SHiRA).
-COMPATIBLE_TUNER_TYPES = ("LORA", "LOHA", "LOKR", "ADALORA")
+
+def mixable(spec: Any) -> bool:
+    """Whether a method's adapters can join a mixed model: each of its layer classes leaves the input alone and
+    adds a term to the output of what it wraps (the default ``transform_output``), so layers of different
+    methods nest and their terms sum. IA³ scales inputs or outputs instead (PEFT's mixed model refuses it too)."""
+    return all(
+        not cls.transforms_input and cls.transform_output is AdapterLayer.transform_output
+        for cls in spec.layer_classes()
+    )
+
+
+def compatible_types() -> tuple[str, ...]:
+    """The ``peft_type`` values a mixed model takes (PEFT's list, less the methods deltatune does not have)."""
+    specs = [get_method(name) for name in available_methods()]
+    return tuple(dict.fromkeys(spec.peft_type for spec in specs if mixable(spec)))
 
 
 def check_config_compatible(config: PeftConfig) -> None:
     """Raises ``ValueError`` (PEFT's wording) for a config whose type a mixed model cannot hold."""
-    if str(config.peft_type) not in COMPATIBLE_TUNER_TYPES:
+    if str(config.peft_type) not in compatible_types():
         raise ValueError(
             f"The provided `peft_type` '{config.peft_type}' is not compatible with the `PeftMixedModel`. "
-            f"Compatible types are: {COMPATIBLE_TUNER_TYPES}"
+            f"Compatible types are: {compatible_types()}"
         )
 
 
@@ -206,7 +220,7 @@ class PeftMixedModel(PeftModel):
         if config is None:
             hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token") if k in kwargs}
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
-        if str(config.peft_type) not in COMPATIBLE_TUNER_TYPES:
+        if str(config.peft_type) not in compatible_types():
             raise ValueError(f"Adapter of type {config.peft_type} is not supported for mixed models.")
         config.inference_mode = not is_trainable
         mixed = cls(model, config, adapter_name)
