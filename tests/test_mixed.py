@@ -9,6 +9,7 @@ either library load into either mixed model. And a LoRA and a DoRA adapter in on
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -260,3 +261,33 @@ def test_per_row_adapters_refuse_only_dora_rows() -> None:
         torch.testing.assert_close(rows[0], model(IDS)[0])
         with pytest.raises(ValueError, match="when DoRA is enabled"):
             model(IDS, adapter_names=["dora", "__base__", "default"])
+
+
+def test_modules_to_save_in_a_mixed_model_as_peft() -> None:
+    model = get_peft_model(
+        MLP(), LoraConfig(r=2, target_modules=["a"], modules_to_save=["c"]), "zero", mixed=True
+    )
+    model.add_adapter("one", LoHaConfig(r=2, target_modules=["a"], modules_to_save=["c"]))
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time for ModulesToSaveWrapper"):
+        model.set_adapter(["zero", "one"])
+    model.add_adapter("two", LoHaConfig(r=2, target_modules=["b"], init_weights=False))
+    model.set_adapter(["two"])
+    original = model.base_model.model.c.original_module.weight.detach().clone()
+    with torch.no_grad():
+        model.base_model.model.c.modules_to_save["zero"].weight.fill_(42.0)  # not used by the active adapter
+        expected = model(X)
+        merged = model.merge_and_unload()
+        assert isinstance(merged.c, nn.Linear) and torch.equal(merged.c.weight, original)
+        torch.testing.assert_close(merged(X), expected, **TOL)
+
+
+def test_deleting_merged_adapters_is_refused_and_atomic() -> None:
+    model = get_peft_model(MLP(), LoraConfig(target_modules=["a"]), "zero", mixed=True)
+    model.add_adapter("one", LoHaConfig(target_modules=["b"]))
+    model.base_model.merge_adapter(adapter_names=["one"])
+    message = "Cannot delete adapter(s) ['one'] while they are merged. Please unmerge them first."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.delete_adapter(["zero", "one"])
+    assert set(model.peft_config) == {"zero", "one"}
+    model.delete_adapter(["zero"])
+    assert set(model.peft_config) == {"one"}

@@ -174,7 +174,9 @@ class PeftMixedModel(PeftModel):
             {n for _, layer in self.base_model.adapter_layers() for n in layer.merged_adapters} & set(names)
         )
         if merged:
-            raise ValueError(f"Cannot delete adapters {merged} that are merged; unmerge them first")
+            raise ValueError(
+                f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first."
+            )
         remaining = [n for n in self.base_model.active_adapters if n not in names]
         for name in names:
             self.base_model.delete_adapter(name)
