@@ -291,3 +291,12 @@ def test_deleting_merged_adapters_is_refused_and_atomic() -> None:
     assert set(model.peft_config) == {"zero", "one"}
     model.delete_adapter(["zero"])
     assert set(model.peft_config) == {"one"}
+
+
+def test_base_layer_is_the_adapted_module_and_next_layer_the_nested_one() -> None:
+    model = get_peft_model(MLP(), LoraConfig(r=2, target_modules=["a"]), mixed=True)
+    plain = model.base_model.model.a.base_layer
+    model.add_adapter("loha", LoHaConfig(r=2, target_modules=["a"]))
+    outer = model.base_model.model.a
+    assert outer.base_layer is plain and outer.get_base_layer() is plain and isinstance(plain, nn.Linear)
+    assert type(outer.next_layer).__name__ == "LoraLayer" and outer.nested and not outer.next_layer.nested

@@ -33,7 +33,8 @@ class BaseLayerSlot(nn.Module):
     dict reads ``q.base_layer.lora_A...`` and ``q.base_layer.base_layer.weight``. Two views of that child:
 
     - :attr:`base_layer`: the module that is adapted, under any nested layers (its weight, type and operation,
-      what every method's maths uses);
+      what every method's maths uses); PEFT's ``get_base_layer()`` (PEFT's own ``base_layer`` attribute is the
+      child, which :attr:`next_layer` is here);
     - :attr:`next_layer`: the child itself, which forward calls (the nested layers add their terms first).
     """
 
@@ -54,6 +55,10 @@ class BaseLayerSlot(nn.Module):
         module = self._modules["base_layer"]
         assert module is not None
         return module
+
+    def get_base_layer(self) -> nn.Module:
+        """The adapted module under any nested adapter layers (PEFT's ``get_base_layer``)."""
+        return self.base_layer
 
     @property
     def nested(self) -> bool:
