@@ -240,7 +240,7 @@ def test_without_task_type_a_plain_peft_model() -> None:
     assert type(model) is deltatune.PeftModel
 
 
-def test_a_missing_task_head_is_skipped_and_present_ones_are_saved(tmp_path: Path) -> None:
+def test_the_question_answering_head_is_saved_under_peft_keys(tmp_path: Path) -> None:
     model = get_peft_model(
         _model("QUESTION_ANS"), LoraConfig(r=2, target_modules=["query"], task_type="QUESTION_ANS")
     )
