@@ -20,7 +20,9 @@ from ._version import __version__ as __version__
 if TYPE_CHECKING:
     from . import methods as methods
     from .config import AdapterConfig as AdapterConfig
+    from .config import NoMatchingPeftModuleError as NoMatchingPeftModuleError
     from .config import PeftConfig as PeftConfig
+    from .config import PeftError as PeftError
     from .config import PeftWarning as PeftWarning
     from .config import TaskType as TaskType
     from .functional import get_base_model_state_dict as get_base_model_state_dict
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
     from .methods.lokr import LoKrConfig as LoKrConfig
     from .methods.lora import LoftQConfig as LoftQConfig
     from .methods.lora import LoraConfig as LoraConfig
+    from .mixed_model import PeftMixedModel as PeftMixedModel
     from .model import PeftModel as PeftModel
-    from .model import PeftModelForSequenceClassification as PeftModelForSequenceClassification
     from .model import get_peft_model as get_peft_model
     from .registry import MethodSpec as MethodSpec
     from .registry import available_methods as available_methods
@@ -46,11 +48,27 @@ if TYPE_CHECKING:
     from .registry import spec_for as spec_for
     from .status import get_layer_status as get_layer_status
     from .status import get_model_status as get_model_status
+    from .task_models import MODEL_TYPE_TO_PEFT_MODEL_MAPPING as MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+    from .task_models import AutoPeftModel as AutoPeftModel
+    from .task_models import AutoPeftModelForCausalLM as AutoPeftModelForCausalLM
+    from .task_models import AutoPeftModelForFeatureExtraction as AutoPeftModelForFeatureExtraction
+    from .task_models import AutoPeftModelForQuestionAnswering as AutoPeftModelForQuestionAnswering
+    from .task_models import AutoPeftModelForSeq2SeqLM as AutoPeftModelForSeq2SeqLM
+    from .task_models import AutoPeftModelForSequenceClassification as AutoPeftModelForSequenceClassification
+    from .task_models import AutoPeftModelForTokenClassification as AutoPeftModelForTokenClassification
+    from .task_models import PeftModelForCausalLM as PeftModelForCausalLM
+    from .task_models import PeftModelForFeatureExtraction as PeftModelForFeatureExtraction
+    from .task_models import PeftModelForQuestionAnswering as PeftModelForQuestionAnswering
+    from .task_models import PeftModelForSeq2SeqLM as PeftModelForSeq2SeqLM
+    from .task_models import PeftModelForSequenceClassification as PeftModelForSequenceClassification
+    from .task_models import PeftModelForTokenClassification as PeftModelForTokenClassification
 
 #: The core's public names → the module that defines them (methods' classes come from the registry).
 _CORE: dict[str, str] = {
     "AdapterConfig": "config",
+    "NoMatchingPeftModuleError": "config",
     "PeftConfig": "config",
+    "PeftError": "config",
     "PeftWarning": "config",
     "TaskType": "config",
     "get_base_model_state_dict": "functional",
@@ -59,8 +77,22 @@ _CORE: dict[str, str] = {
     "set_base_model_state_dict": "functional",
     "set_peft_model_state_dict": "functional",
     "PeftModel": "model",
-    "PeftModelForSequenceClassification": "model",
     "get_peft_model": "model",
+    "PeftMixedModel": "mixed_model",
+    "AutoPeftModel": "task_models",
+    "AutoPeftModelForCausalLM": "task_models",
+    "AutoPeftModelForFeatureExtraction": "task_models",
+    "AutoPeftModelForQuestionAnswering": "task_models",
+    "AutoPeftModelForSeq2SeqLM": "task_models",
+    "AutoPeftModelForSequenceClassification": "task_models",
+    "AutoPeftModelForTokenClassification": "task_models",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "task_models",
+    "PeftModelForCausalLM": "task_models",
+    "PeftModelForFeatureExtraction": "task_models",
+    "PeftModelForQuestionAnswering": "task_models",
+    "PeftModelForSeq2SeqLM": "task_models",
+    "PeftModelForSequenceClassification": "task_models",
+    "PeftModelForTokenClassification": "task_models",
     "LoftQConfig": "methods.lora",  # LoRA's option class, exported at the top as in PEFT
     "MethodSpec": "registry",
     "available_methods": "registry",

@@ -11,6 +11,8 @@ from . import _regex
 __all__ = [
     "AdapterConfigNotFoundError",
     "MissingConfigKeysError",
+    "NoMatchingPeftModuleError",
+    "PeftError",
     "PeftTypeName",
     "PeftWarning",
     "TaskType",
@@ -47,6 +49,15 @@ class PeftTypeName(str):
 
 class PeftWarning(UserWarning):
     """Warnings about adapter settings that work but may not do what was meant (PEFT's ``PeftWarning``)."""
+
+
+class PeftError(Exception):
+    """Base of PEFT's own errors (PEFT's ``PeftError``)."""
+
+
+class NoMatchingPeftModuleError(PeftError, ValueError):
+    """An adapter's ``target_modules`` matched no module of the model (PEFT's ``NoMatchingPeftModuleError``): a
+    ``ValueError`` too, so ``except ValueError`` still catches it, as in PEFT."""
 
 
 class MissingConfigKeysError(TypeError, ValueError):

@@ -13,6 +13,7 @@ from .config import PeftConfig
 from .layer_types import layer_weight
 
 __all__ = [
+    "BaseLayerSlot",
     "adapter_dtype",
     "base_weight_shape",
     "expect_config",
@@ -24,6 +25,45 @@ __all__ = [
 
 
 ConfigT = TypeVar("ConfigT", bound=PeftConfig)
+
+
+class BaseLayerSlot(nn.Module):
+    """The ``base_layer`` child of an adapter layer. In a mixed model (``get_peft_model(..., mixed=True)``) layers
+    of different methods nest as in PEFT: a LoHa layer's ``base_layer`` child may be a LoRA layer, so the state
+    dict reads ``q.base_layer.lora_A...`` and ``q.base_layer.base_layer.weight``. Two views of that child:
+
+    - :attr:`base_layer`: the module that is adapted, under any nested layers (its weight, type and operation,
+      what every method's maths uses); PEFT's ``get_base_layer()`` (PEFT's own ``base_layer`` attribute is the
+      child, which :attr:`next_layer` is here);
+    - :attr:`next_layer`: the child itself, which forward calls (the nested layers add their terms first).
+    """
+
+    @property
+    def base_layer(self) -> nn.Module:
+        module = self._modules["base_layer"]
+        while isinstance(module, BaseLayerSlot):
+            module = module._modules["base_layer"]
+        assert module is not None
+        return module
+
+    @base_layer.setter
+    def base_layer(self, module: nn.Module) -> None:  # nn.Module.__setattr__ registers a module itself
+        self._modules["base_layer"] = module
+
+    @property
+    def next_layer(self) -> nn.Module:
+        module = self._modules["base_layer"]
+        assert module is not None
+        return module
+
+    def get_base_layer(self) -> nn.Module:
+        """The adapted module under any nested adapter layers (PEFT's ``get_base_layer``)."""
+        return self.base_layer
+
+    @property
+    def nested(self) -> bool:
+        """Whether another adapter layer sits between this one and the adapted module."""
+        return isinstance(self._modules["base_layer"], BaseLayerSlot)
 
 
 def is_bias_name(name: str) -> bool:

@@ -29,6 +29,8 @@ from ._config_mixins import LayerSelectionMixin, LowRankMixin, help_field
 from ._config_types import (
     AdapterConfigNotFoundError,
     MissingConfigKeysError,
+    NoMatchingPeftModuleError,
+    PeftError,
     PeftTypeName,
     PeftWarning,
     TaskType,
@@ -50,7 +52,9 @@ __all__ = [
     "LayerSelectionMixin",
     "LowRankMixin",
     "MissingConfigKeysError",
+    "NoMatchingPeftModuleError",
     "PeftConfig",
+    "PeftError",
     "PeftWarning",
     "TargetSpec",
     "TargetingConfig",

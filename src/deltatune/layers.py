@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._layer_helpers import (
+    BaseLayerSlot,
     adapter_dtype,
     base_weight_shape,
     expect_config,
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 
-class AdapterLayer(MixedBatchMixin, nn.Module):
+class AdapterLayer(MixedBatchMixin, BaseLayerSlot):
     """Base class of the layers that wrap a targeted module.
 
     Args:
@@ -78,14 +79,14 @@ class AdapterLayer(MixedBatchMixin, nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
-        if not isinstance(base_layer, self.supported_layers):
+        self.base_layer = base_layer  # in a mixed model: another adapter layer (see BaseLayerSlot)
+        if not isinstance(self.base_layer, self.supported_layers):
             names = ", ".join(t.__name__ for t in self.supported_layers)
             raise TypeError(
-                f"{type(self).__name__} cannot adapt a {type(base_layer).__name__}; supported layer types: {names}"
+                f"{type(self).__name__} cannot adapt a {type(self.base_layer).__name__}; supported layer types: {names}"
             )
-        self.base_layer = base_layer
         #: PEFT's names for the adapted sizes (see :func:`deltatune.layer_types.in_out_features`).
-        self.in_features, self.out_features = in_out_features(base_layer)
+        self.in_features, self.out_features = in_out_features(self.base_layer)
         #: During ``PeftModel.forward(adapter_names=[...])``: the adapter of each row of the batch.
         self.batch_adapter_names: list[str] | None = None
         #: The adapters this layer holds, in creation order (a dict used as an ordered set).
@@ -306,14 +307,15 @@ class AdapterLayer(MixedBatchMixin, nn.Module):
             # A mixed batch (PeftModel.forward(adapter_names=...)): a separate path, so the fast paths below
             # never see it.
             return self.mixed_batch_forward(x, self.batch_adapter_names, *args, **kwargs)
+        below = self.next_layer  # the base layer, or in a mixed model the nested adapter layers over it
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
+            return below(x, *args, **kwargs)
         if self.merged:
-            return self.base_layer(x, *args, **kwargs)
+            return below(x, *args, **kwargs)
         names = [name for name in self.active_adapters if name in self._held]
-        if len(names) == 1 and not args and not kwargs:
+        if len(names) == 1 and not args and not kwargs and below is self.base_layer:
             fused = self.fused_forward(x, names[0])
             if fused is not None:
                 return fused
@@ -321,7 +323,7 @@ class AdapterLayer(MixedBatchMixin, nn.Module):
         if self.transforms_input:
             for name in names:
                 base_input = self.transform_input(base_input, name)
-        result = self.base_layer(base_input, *args, **kwargs)
+        result = below(base_input, *args, **kwargs)
         for name in names:
             result = self.transform_output(result, x, name)
         return result

@@ -25,6 +25,7 @@ from . import _regex
 __all__ = [
     "ALL_LINEAR",
     "SEQ_CLS_HEADS",
+    "TASK_HEADS",
     "closest_names",
     "is_excluded",
     "layer_index",
@@ -33,11 +34,24 @@ __all__ = [
     "matching_entry",
     "modules_to_save_entries",
     "safe_fullmatch",
+    "task_heads",
 ]
 
 ALL_LINEAR = "all-linear"
 #: Heads PEFT adds to ``modules_to_save`` for ``task_type="SEQ_CLS"``.
 SEQ_CLS_HEADS = ("classifier", "score")
+#: ``task_type`` → the heads PEFT's task class adds to ``modules_to_save`` (each may be absent from a model).
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": SEQ_CLS_HEADS,
+    "TOKEN_CLS": SEQ_CLS_HEADS,
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def task_heads(config: Any) -> tuple[str, ...]:
+    """The heads PEFT adds to ``modules_to_save`` for ``config.task_type`` (none for other tasks)."""
+    task_type = getattr(config, "task_type", None)
+    return TASK_HEADS.get(str(getattr(task_type, "value", task_type)), ())
 
 
 def match_list_entry(name: str, entry: str) -> bool:
@@ -72,11 +86,10 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
 
 
 def modules_to_save_entries(config: Any) -> list[str]:
-    """``config.modules_to_save`` plus, for ``task_type="SEQ_CLS"``, the classifier heads PEFT adds."""
+    """``config.modules_to_save`` plus the heads PEFT's task class adds (:data:`TASK_HEADS`: ``classifier`` and
+    ``score`` for ``SEQ_CLS`` and ``TOKEN_CLS``, ``qa_outputs`` for ``QUESTION_ANS``)."""
     entries = list(getattr(config, "modules_to_save", None) or [])
-    task_type = getattr(config, "task_type", None)
-    if getattr(task_type, "value", task_type) == "SEQ_CLS":
-        entries += [e for e in SEQ_CLS_HEADS if e not in entries]
+    entries += [e for e in task_heads(config) if e not in entries]
     return entries
 
 

@@ -7,6 +7,7 @@ friends work, and ``transformers.Trainer`` and pipelines can drive it.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
@@ -27,7 +28,7 @@ from .tuner import AdapterModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PeftModel", "PeftModelForSequenceClassification", "get_peft_model"]
+__all__ = ["PeftModel", "get_peft_model"]
 
 #: The name that sends a row of a mixed batch through the base model only.
 BASE_ROW = "__base__"
@@ -306,7 +307,7 @@ class PeftModel(SaveLoadMixin):
         config = adapter_config(config)
         config.inference_mode = not is_trainable
         check_config_fits_file(config, model_id, subfolder=subfolder, **kwargs)  # before allocating
-        peft_model = (PeftModelForSequenceClassification if config.task_type == "SEQ_CLS" else cls)(
+        peft_model = _above("task_models", "peft_model_class")(config.task_type, cls)(
             model,
             config,
             adapter_name,
@@ -337,8 +338,10 @@ def model_name_or_path(model: nn.Module) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-class PeftModelForSequenceClassification(PeftModel):
-    """Alias returned for ``task_type="SEQ_CLS"`` (behaves as :class:`PeftModel`)."""
+def _above(module: str, name: str) -> Any:
+    """``name`` from a module of a higher layer (the task classes, the mixed model), imported at call time so
+    that this module imports nothing above it (PEFT resolves its task table at call time too)."""
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
 def get_peft_model(
@@ -349,8 +352,10 @@ def get_peft_model(
     autocast_adapter_dtype: bool = True,
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
-) -> PeftModel:
-    """Wraps ``model`` with a new adapter described by ``peft_config`` (PEFT's signature).
+) -> Any:
+    """Wraps ``model`` with a new adapter described by ``peft_config`` (PEFT's signature): the task class of
+    ``peft_config.task_type`` (:mod:`deltatune.task_models`; a plain :class:`PeftModel` without one), or with
+    ``mixed=True`` a :class:`~deltatune.mixed_model.PeftMixedModel`, which can hold adapters of different types.
 
     As in PEFT, ``peft_config.base_model_name_or_path`` becomes the model's own name (a warning says when that
     changes a value the config had), and wrapping a model that already holds adapter layers warns.
@@ -358,8 +363,6 @@ def get_peft_model(
     Raises:
         ValueError: for an invalid config or targets (the message lists what exists).
     """
-    if mixed:
-        raise ValueError("mixed adapter types in one model are not supported by deltatune (mixed=True)")
     old_name = peft_config.base_model_name_or_path
     peft_config.base_model_name_or_path = new_name = model_name_or_path(model)
     if any(isinstance(m, AdapterLayer) for m in model.modules()):  # PEFT's warning, first sentence as PEFT's
@@ -383,7 +386,9 @@ def get_peft_model(
                 stacklevel=2,
             )
         peft_config.revision = revision
-    cls = PeftModelForSequenceClassification if peft_config.task_type == "SEQ_CLS" else PeftModel
+    if mixed:
+        return _above("mixed_model", "PeftMixedModel")(model, peft_config, adapter_name)
+    cls = _above("task_models", "peft_model_class")(peft_config.task_type)
     return cls(
         model,
         peft_config,

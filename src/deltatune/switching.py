@@ -181,9 +181,12 @@ class AdapterSwitching(MethodHooks):
         progressbar: bool = False,
     ) -> nn.Module:
         """Puts the base modules back (after merging ``adapter_names``, default the active adapters, when
-        ``merge``) and returns the user's model. Nested adapter layers (an attention's ``out_proj``) go
-        first, so every name still resolves."""
+        ``merge``) and returns the user's model. Nested adapter layers (an attention's ``out_proj``; a mixed
+        model's layers of several methods, innermost merged first as in PEFT) go first."""
         layers = list(self.adapter_layers())[::-1]
+        modules = dict(
+            self.model.named_modules()
+        )  # by object: in a mixed model "q.base_layer" is a nested layer
         iterator: Any = layers
         if progressbar:
             from tqdm.auto import tqdm
@@ -197,7 +200,8 @@ class AdapterSwitching(MethodHooks):
                 layer.merged_adapters.clear()
             elif layer.merged:
                 layer.unmerge()
-            self.model.set_submodule(name, layer.unwrapped())
+            parent, _, attr = name.rpartition(".")
+            setattr(modules[parent], attr, layer.unwrapped())
         for name, wrapper in list(self.saved_module_wrappers()):
             self.model.set_submodule(name, wrapper.active_module)
         return self.model

@@ -15,12 +15,12 @@ import logging
 import warnings
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .config import TargetingConfig
+from .config import NoMatchingPeftModuleError, TargetingConfig
 from .layer_types import is_linear_like
 from .layers import AdapterLayer
 from .matching import (
@@ -32,6 +32,7 @@ from .matching import (
     match_target,
     matching_entry,
     modules_to_save_entries,
+    task_heads,
 )
 from .modules_to_save import ModulesToSaveWrapper
 from .names import NameAliases
@@ -60,6 +61,10 @@ class AdapterModel(AdapterSwitching, nn.Module):
         config: Config of the first adapter.
         adapter_name: Name of the first adapter.
     """
+
+    #: Whether adapters of different types may share the model, a layer of one method wrapping a layer of another
+    #: as in PEFT's mixed model (:mod:`deltatune.mixed_model`); else all adapters share one ``peft_type``.
+    NESTS_METHODS: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -187,17 +192,18 @@ class AdapterModel(AdapterSwitching, nn.Module):
                 weights materialises them (``from_pretrained``/``load_adapter`` with the same flag).
 
         Raises:
-            ValueError: if the name is taken, the method differs from the model's, nothing matches, a
-                match cannot be adapted, or a ``modules_to_save`` entry names nothing.
+            NoMatchingPeftModuleError: (a ``ValueError``) if nothing matches.
+            ValueError: if the name is taken, the method differs from the model's, a match cannot be adapted,
+                or a ``modules_to_save`` entry names nothing.
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name {adapter_name!r} already exists; choose another name")
         spec = spec_for(config)
-        existing = {spec_for(c).name for c in self.peft_config.values()}
-        if existing and spec.name not in existing:
+        existing = {spec_for(c).peft_type: spec_for(c).name for c in self.peft_config.values()}
+        if existing and spec.peft_type not in existing and not self.NESTS_METHODS:
             raise ValueError(
-                f"this model holds {', '.join(sorted(existing))} adapters; adding a {spec.name} adapter "
-                "is not supported (merge_and_unload() first, then wrap the merged model)"
+                f"this model holds {', '.join(sorted(existing.values()))} adapters; adding a {spec.name} adapter "
+                "needs a mixed model (get_peft_model(..., mixed=True)), or merge_and_unload() first"
             )
         if config.target_modules is None:
             self._fill_default_targets(config)
@@ -222,7 +228,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
                 if config.target_modules != ALL_LINEAR:
                     wrong_type.append(f"{name} ({type(base).__name__})")
                 continue
-            if isinstance(module, AdapterLayer) and not isinstance(module, spec.layer_classes()):
+            if self._layer_action(module, spec) is None:
                 raise ValueError(f"{name} already holds a {type(module).__name__}; cannot add {spec.name}")
             plan.append((name, module))
             entry = matching_entry(config, hit)
@@ -235,7 +241,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
                 f"supported layer types: {supported}. Narrow target_modules to layers of those types."
             )
         if not plan:
-            raise ValueError(self._no_match_message(config, [n for n, _ in candidates]))
+            raise NoMatchingPeftModuleError(self._no_match_message(config, [n for n, _ in candidates]))
         if not excluded_any:
             warnings.warn(
                 f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded: no module "
@@ -297,11 +303,17 @@ class AdapterModel(AdapterSwitching, nn.Module):
         try:
             for name, module in plan:
                 target = config.target_spec(name, self.name_variants(name))
-                if isinstance(module, AdapterLayer):
+                action = self._layer_action(module, spec)
+                if isinstance(module, AdapterLayer) and action in ("add", "extend"):
+                    if (
+                        action == "extend"
+                    ):  # e.g. a LoRA layer becomes a DoRA layer (it keeps its LoRA adapters)
+                        spec.layer_class_for(module.base_layer).extend_layer(module)
                     updated.append(module)
                     module.add_adapter(adapter_name, target)
-                else:
-                    layer: AdapterLayer = spec.layer_class_for(module)(module)
+                else:  # a new layer over the module, or in a mixed model over another method's layer
+                    base = module.base_layer if isinstance(module, AdapterLayer) else module
+                    layer: AdapterLayer = spec.layer_class_for(base)(module)
                     layer.add_adapter(adapter_name, target)
                     created.append((name, layer))
         except Exception:
@@ -311,6 +323,20 @@ class AdapterModel(AdapterSwitching, nn.Module):
         for name, layer in created:
             self.model.set_submodule(name, layer)
         return [name for name, _ in plan]
+
+    def _layer_action(self, module: nn.Module, spec: Any) -> str | None:
+        """How an adapter of ``spec``'s method goes into the target ``module``: ``"new"`` (wrap the plain module),
+        ``"add"`` (its layer holds this method's adapters), ``"extend"`` (its layer's class is extended by the
+        method's layer class, which can hold both kinds: a LoRA layer taking a DoRA adapter, as in PEFT),
+        ``"nest"`` (a mixed model: the method's layer wraps it); None when it cannot take the adapter."""
+        if not isinstance(module, AdapterLayer):
+            return "new"
+        if isinstance(module, spec.layer_classes()):
+            return "add"
+        cls = spec.layer_class_for(module.base_layer)
+        if issubclass(cls, type(module)) and hasattr(cls, "extend_layer"):
+            return "extend"
+        return "nest" if self.NESTS_METHODS else None
 
     def _modern_entries(self, hits: list[tuple[str, str]], matched: list[str]) -> dict[str, str]:
         """For list entries that matched through legacy names, the modern entry matching the same modules
@@ -361,15 +387,14 @@ class AdapterModel(AdapterSwitching, nn.Module):
         """The modules that ``modules_to_save`` names (checked, nothing changed).
 
         Raises:
-            ValueError: if an entry names no module (``classifier``/``score`` added for SEQ_CLS may be
-                absent), or names a module that is an adapter target.
+            ValueError: if an entry names no module (the heads a ``task_type`` adds may be absent), or names
+                a module that is an adapter target.
             TypeError: if an entry names a ``ModuleDict``/``ModuleList``/``ParameterDict``/``ParameterList``
                 (PEFT's type).
         """
         candidates = self._candidate_modules()
         names = [n for n, _ in candidates]
-        task_type = getattr(config.task_type, "value", config.task_type)
-        optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
+        optional = task_heads(config)
         found: list[tuple[str, nn.Module]] = []
         for entry in modules_to_save_entries(config):
             hits = [

@@ -90,14 +90,19 @@ def dora_grouped_row_norm(
 
 
 def dora_merged_weight(
-    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
+    weight: torch.Tensor,
+    delta: torch.Tensor,
+    magnitude: torch.Tensor,
+    norm_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', norm): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ by output row, and the norm (kept to undo the merge).
+    """(W', norm): W' = m ⊙ (W + ΔW) / ‖W₀ + ΔW‖ by output row, and the norm (kept to undo the merge). W₀ is
+    ``norm_weight``, default W: the weight without the adapters merged into it before, as forward sees it.
 
-    Shapes: weight and delta (out, …); magnitude with ``out`` elements (any PEFT shape).
+    Shapes: weight, delta and norm_weight (out, …); magnitude with ``out`` elements (any PEFT shape).
     """
     combined = weight + delta
-    norm = combined.reshape(combined.shape[0], -1).norm(dim=1)
+    normed = combined if norm_weight is None else norm_weight + delta
+    norm = normed.reshape(normed.shape[0], -1).norm(dim=1)
     factor = (magnitude.reshape(-1) / norm).reshape(-1, *([1] * (weight.dim() - 1)))
     return factor * combined, norm
 
@@ -139,6 +144,27 @@ class _DoraState:
         self._merge_norms = {}
         self._extra_per_adapter.update({"merge_norms": self._merge_norms})
 
+    @classmethod
+    def extend_layer(cls, layer: Any) -> None:
+        """Turns a LoRA layer into this DoRA layer in place, its LoRA adapters kept (a model where a DoRA adapter
+        joins plain LoRA ones, as PEFT allows): the class only adds DoRA's per-adapter state."""
+        layer.__class__ = cls
+        layer._init_dora_state()
+
+    def _weight_before_merges(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with the adapters merged so far taken out again: a DoRA adapter merged after others takes
+        its norm from the weight its forward sees (as PEFT merges)."""
+        layer: Any = self
+        norms = dict(self._merge_norms)
+        for name in reversed(layer.merged_adapters):
+            weight = layer.unmerged_weight(name, weight)
+        self._merge_norms.update(norms)
+        return weight
+
+    def is_dora(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` is a DoRA adapter here (a DoRA layer can also hold plain LoRA adapters)."""
+        return adapter_name in self.lora_magnitude_vector
+
     def _pop_merge_norm(self, adapter_name: str) -> torch.Tensor:
         """The norms the merge of ``adapter_name`` divided by, forgotten (the adapter is being unmerged).
 
@@ -169,6 +195,9 @@ class DoraLayer(_DoraState, LoraLayer):
             ValueError: for ``lora_bias=True`` (PEFT refuses it with DoRA too).
         """
         config = expect_config(config, LoraConfig)
+        if not config.use_dora:  # a plain LoRA adapter beside DoRA ones
+            super().update_layer(adapter_name, config, r, alpha)
+            return
         if config.lora_bias:
             raise ValueError("lora_bias=True is not supported with DoRA (use_dora=True); PEFT refuses it too")
         super().update_layer(adapter_name, config, r, alpha)
@@ -209,14 +238,19 @@ class DoraLayer(_DoraState, LoraLayer):
 
     # ---- merging: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ -------------------------------------------------------
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        if not self.is_dora(adapter_name):
+            return super().merged_weight(adapter_name, weight)
         base = self.base_layer
         delta = to_out_in(base, self.delta_weight(adapter_name).to(torch.float32))
         magnitude = self.lora_magnitude_vector[adapter_name].detach().float()
-        merged, norm = dora_merged_weight(to_out_in(base, weight.float()), delta, magnitude)
+        before = to_out_in(base, self._weight_before_merges(weight).float())
+        merged, norm = dora_merged_weight(to_out_in(base, weight.float()), delta, magnitude, before)
         self._merge_norms[adapter_name] = norm
         return from_out_in(base, merged).to(weight.dtype)
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        if not self.is_dora(adapter_name):
+            return super().unmerged_weight(adapter_name, weight)
         norm = self._pop_merge_norm(adapter_name)
         base = self.base_layer
         magnitude = self.lora_magnitude_vector[adapter_name].detach().float().reshape(-1)
@@ -227,7 +261,7 @@ class DoraLayer(_DoraState, LoraLayer):
     def check_mixed_batch(self, x: torch.Tensor, row_adapters: list[str]) -> None:
         """PEFT refuses mixed batches that use a DoRA adapter (``ValueError``)."""
         super().check_mixed_batch(x, row_adapters)
-        if any(name in self.r for name in row_adapters):
+        if any(self.is_dora(name) for name in row_adapters):
             raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
 
     # ---- forward ------------------------------------------------------------------------------------
@@ -240,6 +274,8 @@ class DoraLayer(_DoraState, LoraLayer):
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """PEFT's DoRA term added to ``result`` (the base output): (m/‖·‖ − 1)·base₀ + (m/‖·‖)·s·B A x, with
         base₀ = result − bias unless input dropout is active (then the base op on the dropped input)."""
+        if not self.is_dora(adapter_name):
+            return super().add_adapter_output(result, x, adapter_name)
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
         dropout = self.lora_dropout[adapter_name]
         scale = self.magnitude_scale(adapter_name)
@@ -259,6 +295,8 @@ class DoraLayer(_DoraState, LoraLayer):
         """Without dropout, on a plain Linear: the LoRA GEMM fused with the base one
         (:func:`~deltatune.methods._fused.low_rank_gemms`, one cast of the input), scaled by m/‖·‖ row by
         row — or, in inference over many tokens, one GEMM with the merged W'. Else the generic path."""
+        if not self.is_dora(adapter_name):
+            return super().fused_forward(x, adapter_name)
         base = self.base_layer
         if (
             not isinstance(base, nn.Linear)
@@ -309,6 +347,8 @@ class DoraEmbeddingLayer(_DoraState, LoraEmbeddingLayer):
 
     def update_layer(self, adapter_name: str, config: AdapterConfig, r: int, alpha: float) -> None:
         super().update_layer(adapter_name, config, r, alpha)
+        if not expect_config(config, LoraConfig).use_dora:  # a plain LoRA adapter beside DoRA ones
+            return
         magnitude = self.column_norm(adapter_name).to(**self._new_dtype_device())
         self.lora_magnitude_vector[adapter_name] = nn.Parameter(magnitude)
 
@@ -323,23 +363,30 @@ class DoraEmbeddingLayer(_DoraState, LoraEmbeddingLayer):
         return magnitude / self.column_norm(adapter_name).to(magnitude.dtype)
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if not self.is_dora(adapter_name):
+            return super().add_adapter_output(result, x, adapter_name)
         scale = self.magnitude_scale(adapter_name)
         term = self.adapter_output(x, adapter_name)
         return (scale * result + scale * term).to(result.dtype)
 
     def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        if not self.is_dora(adapter_name):
+            return super().merged_weight(adapter_name, weight)
         delta = self.delta_weight(adapter_name).float()
         magnitude = self.lora_magnitude_vector[adapter_name].detach().float()
-        merged, norm = dora_merged_weight(weight.float().t(), delta.t(), magnitude)
+        before = self._weight_before_merges(weight).float().t()
+        merged, norm = dora_merged_weight(weight.float().t(), delta.t(), magnitude, before)
         self._merge_norms[adapter_name] = norm
         return merged.t().to(weight.dtype)
 
     def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        if not self.is_dora(adapter_name):
+            return super().unmerged_weight(adapter_name, weight)
         norm = self._pop_merge_norm(adapter_name)
         factor = self.lora_magnitude_vector[adapter_name].detach().float() / norm
         return (weight.float() / factor - self.delta_weight(adapter_name).float()).to(weight.dtype)
 
     def check_mixed_batch(self, x: torch.Tensor, row_adapters: list[str]) -> None:
         super().check_mixed_batch(x, row_adapters)
-        if any(name in self.r for name in row_adapters):
+        if any(self.is_dora(name) for name in row_adapters):
             raise ValueError("Cannot pass `adapter_names` when DoRA is enabled.")
