@@ -31,7 +31,7 @@ from .matching import (
     matching_entry,
     modules_to_save_entries,
 )
-from .modules_to_save import ModulesToSaveWrapper
+from .modules_to_save import AdapterLayerHolder, ModulesToSaveWrapper
 from .names import NameAliases
 from .plain_trainer import TRAINER_WALKS, WALKS_KEY, adapt_plain_trainer, mark_trainer_found
 from .registry import spec_for
@@ -131,7 +131,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
             if not name or any(name.startswith(p + ".") for p in skip):
                 continue
             out.append((name, module))
-            if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
+            if isinstance(module, AdapterLayer | ModulesToSaveWrapper | AdapterLayerHolder):
                 skip.append(name)
         return out
 

@@ -51,13 +51,50 @@ class LoraModel(AdapterModel):
                 if layer.holds(adapter_name) and isinstance(layer_bias, nn.Parameter):
                     yield layer_bias
 
+    def after_inject(self, adapter_name: str, config: TargetingConfig) -> None:
+        """``ensure_weight_tying``'s tied output layer and ``trainable_token_indices``' trainable embedding rows
+        (see :mod:`._lora_targets`)."""
+        from ._lora_targets import inject_trainable_tokens, tie_adapters
+
+        super().after_inject(adapter_name, config)
+        tie_adapters(self, adapter_name, config)
+        inject_trainable_tokens(self, adapter_name, config)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merges in place (PEFT's warning first when a tied embedding is a target)."""
+        from ._lora_targets import warn_tied_merge
+
+        warn_tied_merge(self)
+        super().merge_adapter(adapter_names, safe_merge)
+
+    def unload_and_optionally_merge(
+        self,
+        merge: bool,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        progressbar: bool = False,
+    ) -> nn.Module:
+        """Unloads (merging first when ``merge``); with tied embeddings, PEFT's warnings, and the model's
+        ``tie_word_embeddings`` set to False when merging untied them."""
+        from ._lora_targets import untie_after_merge, warn_tied_merge
+
+        if merge:
+            warn_tied_merge(self)
+        model = super().unload_and_optionally_merge(merge, safe_merge, adapter_names, progressbar)
+        if merge:
+            untie_after_merge(model)
+        return model
+
     def check_new_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
         """PEFT's rule: several adapters on one model cannot train biases (the base biases are shared).
 
         Raises:
             ValueError: when this or an existing adapter has ``bias`` other than ``"none"``.
         """
+        from ._lora_targets import check_tied_modules
+
         super().check_new_adapter(adapter_name, config)
+        check_tied_modules(self, config)
         configs = [*self.peft_config.values(), config]
         rewriting = [base_rewriting_init(c) for c in configs if base_rewriting_init(c)]
         if len(configs) > 1 and rewriting:

@@ -74,7 +74,11 @@ class LoraConfig(AdapterConfig):
     )
     megatron_config: dict[str, Any] | None = None
     megatron_core: str | None = "megatron.core"
-    trainable_token_indices: Any = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = help_field(
+        "Embedding rows that train, the rest of the embedding frozen: a list of token ids (the input "
+        "embedding) or a dict of module name to token ids; with tied embeddings the output layer follows.",
+        None,
+    )
     loftq_config: dict[str, Any] = help_field(
         "LoftQ's options with init_lora_weights='loftq': loftq_bits (4 or 8) and loftq_iter (at least 1).",
         default_factory=dict,
@@ -96,7 +100,11 @@ class LoraConfig(AdapterConfig):
     use_bdlora: Any = None
     arrow_config: Any = None
     kasa_config: Any = None
-    ensure_weight_tying: bool = False
+    ensure_weight_tying: bool = help_field(
+        "Whether adapters on a tied input embedding (modules_to_save, target_modules, "
+        "trainable_token_indices) are tied to the output layer too, as the base weights are.",
+        False,
+    )
 
     #: The base-weight initialisers this config accepts (AdaLoRA accepts none).
     BASE_INITS: ClassVar[tuple[str, ...]] = BASE_INITS
@@ -113,6 +121,7 @@ class LoraConfig(AdapterConfig):
         check_range("lora_dropout", self.lora_dropout, 0, 1)
         check_choice("bias", self.bias, BIAS_CHOICES)
         self._check_init()
+        self._check_token_indices()
         unsupported = {
             "use_qalora": self.use_qalora,
             "eva_config": self.eva_config,
@@ -123,7 +132,7 @@ class LoraConfig(AdapterConfig):
             "megatron_config": self.megatron_config,
             "layer_replication": self.layer_replication,
             "target_parameters": self.target_parameters,
-            "trainable_token_indices": self.trainable_token_indices,
+            "trainable_token_indices": self.trainable_token_indices if self.PEFT_TYPE != "LORA" else None,
             "alora_invocation_tokens": self.alora_invocation_tokens,
             "arrow_config": self.arrow_config,
             "kasa_config": self.kasa_config,
@@ -136,7 +145,27 @@ class LoraConfig(AdapterConfig):
                 f"{type(self).__name__}; supported options: r, lora_alpha, lora_dropout, target_modules, "
                 "exclude_modules, modules_to_save, bias, use_rslora, init_lora_weights, lora_bias, "
                 "fan_in_fan_out, rank_pattern, alpha_pattern, layers_to_transform, layers_pattern, "
-                + ", ".join(self.VARIANT_FLAGS)
+                "trainable_token_indices, ensure_weight_tying, " + ", ".join(self.VARIANT_FLAGS)
+            )
+
+    def _check_token_indices(self) -> None:
+        """``trainable_token_indices``: a list of token ids, or a dict of module name to such a list.
+
+        Raises:
+            ValueError: naming the value and the accepted forms.
+        """
+        indices = self.trainable_token_indices
+        if indices is None:
+            return
+        lists = list(indices.values()) if isinstance(indices, dict) else [indices]
+        ok = isinstance(indices, dict | list | tuple) and all(
+            isinstance(v, list | tuple) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            for v in lists
+        )
+        if not ok or (isinstance(indices, dict) and not all(isinstance(k, str) for k in indices)):
+            raise ValueError(
+                f"trainable_token_indices={indices!r} is not valid; give a list of token ids or a dict of "
+                "module name to a list of token ids"
             )
 
     def _check_init(self) -> None:
