@@ -85,7 +85,7 @@ class AdapterLayer(MixedBatchMixin, nn.Module):
             )
         self.base_layer = base_layer
         #: PEFT's names for the adapted sizes (see :func:`deltatune.layer_types.in_out_features`).
-        self.in_features, self.out_features = in_out_features(base_layer)
+        self.in_features, self.out_features = self._in_out_features(base_layer)
         #: During ``PeftModel.forward(adapter_names=[...])``: the adapter of each row of the batch.
         self.batch_adapter_names: list[str] | None = None
         #: The adapters this layer holds, in creation order (a dict used as an ordered set).
@@ -95,6 +95,9 @@ class AdapterLayer(MixedBatchMixin, nn.Module):
         self.disable_adapters = False
         #: Further per-adapter dicts of a method (name → {adapter → value}), cleaned on deletion.
         self._extra_per_adapter: dict[str, dict[str, Any]] = {}
+
+    def _in_out_features(self, base_layer: nn.Module) -> tuple[int, int]:
+        return in_out_features(base_layer)  # a layer adapting a parameter reads its shape instead
 
     # ---- to be provided by each method ------------------------------------------------------
     def add_adapter(self, adapter_name: str, target: TargetSpec) -> None:

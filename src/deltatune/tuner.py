@@ -225,7 +225,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
                 f"{spec.name} cannot adapt {', '.join(wrong_type[:5])}{' …' if len(wrong_type) > 5 else ''}; "
                 f"supported layer types: {supported}. Narrow target_modules to layers of those types."
             )
-        if not plan:
+        if not plan and not self.targets_beyond_modules(config):
             raise ValueError(self._no_match_message(config, [n for n, _ in candidates]))
         self._modules_to_save_targets(config)  # raises before anything is changed
         matched = self._build_layers(plan, adapter_name, config)

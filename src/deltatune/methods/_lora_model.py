@@ -57,8 +57,30 @@ class LoraModel(AdapterModel):
         from ._lora_targets import inject_trainable_tokens, tie_adapters
 
         super().after_inject(adapter_name, config)
+        if getattr(config, "target_parameters", None):
+            from ._lora_params import inject_parameters
+
+            if not inject_parameters(self, adapter_name, config) and not any(
+                layer.holds(adapter_name) for _, layer in self.adapter_layers()
+            ):
+                raise ValueError(
+                    f"target_parameters={list(getattr(config, 'target_parameters', []))} and target_modules="
+                    f"{config.target_modules!r} matched nothing in {type(self.model).__name__}"
+                )
         tie_adapters(self, adapter_name, config)
         inject_trainable_tokens(self, adapter_name, config)
+
+    def targets_beyond_modules(self, config: TargetingConfig) -> bool:
+        """``target_parameters`` (matched after the modules)."""
+        return bool(getattr(config, "target_parameters", None))
+
+    def _fill_default_targets(self, config: TargetingConfig) -> None:
+        """PEFT's defaults for the model type; with ``target_parameters``, none is needed."""
+        try:
+            super()._fill_default_targets(config)
+        except ValueError:
+            if not getattr(config, "target_parameters", None):
+                raise
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merges in place (PEFT's warning first when a tied embedding is a target)."""
@@ -95,6 +117,15 @@ class LoraModel(AdapterModel):
 
         super().check_new_adapter(adapter_name, config)
         check_tied_modules(self, config)
+        wanted = set(getattr(config, "target_parameters", None) or ())
+        for name, other in self.peft_config.items():
+            theirs = set(getattr(other, "target_parameters", None) or ())
+            if wanted and theirs and theirs != wanted:
+                raise ValueError(
+                    "When using multiple adapters with `target_parameters`, all adapters must target the same set "
+                    f"of parameters, but got {sorted(wanted)} for the new adapter and {sorted(theirs)} for adapter "
+                    f"'{name}'."
+                )
         configs = [*self.peft_config.values(), config]
         rewriting = [base_rewriting_init(c) for c in configs if base_rewriting_init(c)]
         if len(configs) > 1 and rewriting:

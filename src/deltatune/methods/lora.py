@@ -96,7 +96,11 @@ class LoraConfig(AdapterConfig):
     monteclora_config: Any = None
     layer_replication: Any = None
     lora_bias: bool = help_field("Whether B gets a trainable bias.", False)
-    target_parameters: Any = None
+    target_parameters: list[str] | None = help_field(
+        "Parameters to adapt directly (for weights no Linear holds, e.g. the stacked expert weights of "
+        "mixture-of-experts layers): names that a parameter's full name equals or ends with.",
+        None,
+    )
     use_bdlora: Any = None
     arrow_config: Any = None
     kasa_config: Any = None
@@ -122,6 +126,10 @@ class LoraConfig(AdapterConfig):
         check_choice("bias", self.bias, BIAS_CHOICES)
         self._check_init()
         self._check_token_indices()
+        if isinstance(self.target_parameters, str):
+            raise TypeError("`target_parameters` must be a list of strings or None.")
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
         unsupported = {
             "use_qalora": self.use_qalora,
             "eva_config": self.eva_config,
@@ -131,7 +139,7 @@ class LoraConfig(AdapterConfig):
             "monteclora_config": self.monteclora_config,
             "megatron_config": self.megatron_config,
             "layer_replication": self.layer_replication,
-            "target_parameters": self.target_parameters,
+            "target_parameters": self.target_parameters if self.PEFT_TYPE != "LORA" else None,
             "trainable_token_indices": self.trainable_token_indices if self.PEFT_TYPE != "LORA" else None,
             "alora_invocation_tokens": self.alora_invocation_tokens,
             "arrow_config": self.arrow_config,
@@ -145,7 +153,8 @@ class LoraConfig(AdapterConfig):
                 f"{type(self).__name__}; supported options: r, lora_alpha, lora_dropout, target_modules, "
                 "exclude_modules, modules_to_save, bias, use_rslora, init_lora_weights, lora_bias, "
                 "fan_in_fan_out, rank_pattern, alpha_pattern, layers_to_transform, layers_pattern, "
-                "trainable_token_indices, ensure_weight_tying, " + ", ".join(self.VARIANT_FLAGS)
+                "trainable_token_indices, ensure_weight_tying, target_parameters, "
+                + ", ".join(self.VARIANT_FLAGS)
             )
 
     def _check_token_indices(self) -> None:
