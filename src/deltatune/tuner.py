@@ -197,6 +197,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
         if config.target_modules is None:
             self._fill_default_targets(config)
         self.check_new_adapter(adapter_name, config)
+        self.prepare_model(config)
         candidates = self._candidate_modules()
         plan: list[tuple[str, nn.Module]] = []
         legacy: list[tuple[str, str]] = []  # (target entry, module) matched through a legacy spelling

@@ -70,6 +70,14 @@ class LoraModel(AdapterModel):
         tie_adapters(self, adapter_name, config)
         inject_trainable_tokens(self, adapter_name, config)
 
+    def prepare_model(self, config: TargetingConfig) -> None:
+        """``layer_replication``: the decoder stack rebuilt from ranges of its layers (:mod:`._lora_replication`)."""
+        replication = getattr(config, "layer_replication", None)
+        if replication:
+            from ._lora_replication import replicate_layers
+
+            replicate_layers(self.model, replication)
+
     def targets_beyond_modules(self, config: TargetingConfig) -> bool:
         """``target_parameters`` (matched after the modules)."""
         return bool(getattr(config, "target_parameters", None))
@@ -82,11 +90,23 @@ class LoraModel(AdapterModel):
             if not getattr(config, "target_parameters", None):
                 raise
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Merges in place (PEFT's warning first when a tied embedding is a target)."""
+    def _check_merge_allowed(self) -> None:
+        """PEFT's rules before merging: refused with replicated layers (their base weights are shared, so each
+        copy's ΔW would land in every copy; peft 0.21 means to refuse this but its check never fires), and a
+        warning when a tied embedding is a target.
+
+        Raises:
+            ValueError: when an adapter uses ``layer_replication``.
+        """
         from ._lora_targets import warn_tied_merge
 
+        if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):
+            raise ValueError("Cannot merge LORA layers when base model layers are replicated")
         warn_tied_merge(self)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merges in place (see :meth:`_check_merge_allowed`)."""
+        self._check_merge_allowed()
         super().merge_adapter(adapter_names, safe_merge)
 
     def unload_and_optionally_merge(
@@ -98,10 +118,10 @@ class LoraModel(AdapterModel):
     ) -> nn.Module:
         """Unloads (merging first when ``merge``); with tied embeddings, PEFT's warnings, and the model's
         ``tie_word_embeddings`` set to False when merging untied them."""
-        from ._lora_targets import untie_after_merge, warn_tied_merge
+        from ._lora_targets import untie_after_merge
 
         if merge:
-            warn_tied_merge(self)
+            self._check_merge_allowed()
         model = super().unload_and_optionally_merge(merge, safe_merge, adapter_names, progressbar)
         if merge:
             untie_after_merge(model)

@@ -94,7 +94,11 @@ class LoraConfig(AdapterConfig):
     use_qalora: bool = False
     qalora_group_size: int = 16
     monteclora_config: Any = None
-    layer_replication: Any = None
+    layer_replication: list[list[int]] | None = help_field(
+        "Rebuild the decoder stack from [start, end) ranges of its layers (e.g. [[0, 4], [2, 5]] gives layers "
+        "0, 1, 2, 3, 2, 3, 4); repeated layers share their base weights and get adapters of their own.",
+        None,
+    )
     lora_bias: bool = help_field("Whether B gets a trainable bias.", False)
     target_parameters: list[str] | None = help_field(
         "Parameters to adapt directly (for weights no Linear holds, e.g. the stacked expert weights of "
@@ -126,6 +130,7 @@ class LoraConfig(AdapterConfig):
         check_choice("bias", self.bias, BIAS_CHOICES)
         self._check_init()
         self._check_token_indices()
+        self._check_replication()
         if isinstance(self.target_parameters, str):
             raise TypeError("`target_parameters` must be a list of strings or None.")
         if self.target_parameters is not None:
@@ -138,7 +143,7 @@ class LoraConfig(AdapterConfig):
             "velora_config": self.velora_config,
             "monteclora_config": self.monteclora_config,
             "megatron_config": self.megatron_config,
-            "layer_replication": self.layer_replication,
+            "layer_replication": self.layer_replication if self.PEFT_TYPE != "LORA" else None,
             "target_parameters": self.target_parameters if self.PEFT_TYPE != "LORA" else None,
             "trainable_token_indices": self.trainable_token_indices if self.PEFT_TYPE != "LORA" else None,
             "alora_invocation_tokens": self.alora_invocation_tokens,
@@ -153,9 +158,28 @@ class LoraConfig(AdapterConfig):
                 f"{type(self).__name__}; supported options: r, lora_alpha, lora_dropout, target_modules, "
                 "exclude_modules, modules_to_save, bias, use_rslora, init_lora_weights, lora_bias, "
                 "fan_in_fan_out, rank_pattern, alpha_pattern, layers_to_transform, layers_pattern, "
-                "trainable_token_indices, ensure_weight_tying, target_parameters, "
+                "trainable_token_indices, ensure_weight_tying, target_parameters, layer_replication, "
                 + ", ".join(self.VARIANT_FLAGS)
             )
+
+    def _check_replication(self) -> None:
+        """``layer_replication``: a list of [start, end) pairs of integers.
+
+        Raises:
+            ValueError: naming the value and the accepted form.
+        """
+        pairs = self.layer_replication
+        if pairs is None:
+            return
+        ok = isinstance(pairs, list | tuple) and all(
+            isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in pairs
+        )
+        if not ok:
+            raise ValueError(
+                f"layer_replication={pairs!r} is not valid; give a list of [start, end) pairs of layer indices, "
+                "e.g. [[0, 4], [2, 5]]"
+            )
+        self.layer_replication = [list(p) for p in pairs]
 
     def _check_token_indices(self) -> None:
         """``trainable_token_indices``: a list of token ids, or a dict of module name to such a list.
