@@ -83,11 +83,8 @@ def _wrap(
     layers: list[TrainableTokensLayer] = []
     for name in names:
         module = model.get_submodule(name)
-        if isinstance(module, TrainableTokensWrapper):
+        if isinstance(module, TrainableTokensWrapper):  # another adapter's rows are there already
             layer = module.token_adapter
-            if tied_to is not None and layer.tied_adapter is None and not layer.adapter_names:
-                layer = TrainableTokensLayer(layer.base_layer, tied_to)
-                module.token_adapter = layer
         elif isinstance(module, nn.Embedding | nn.Linear) and not _inside_wrapper(model, name):
             layer = TrainableTokensLayer(module, tied_to)
             model.set_submodule(name, TrainableTokensWrapper(layer))

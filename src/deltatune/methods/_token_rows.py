@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import TargetSpec
 from ..layers import AdapterLayer
-from ..modules_to_save import AdapterLayerHolder
+from ..modules_to_save import AdapterLayerHolder, ModulesToSaveWrapper
 
 __all__ = ["TrainableTokensLayer", "TrainableTokensWrapper", "input_embedding", "tied_embedding_names"]
 
@@ -263,7 +263,7 @@ def _unwrapped(module: nn.Module) -> nn.Module:
             module = module.held_layer
         elif isinstance(module, AdapterLayer):
             module = module.base_layer
-        elif hasattr(module, "original_module") and isinstance(module.original_module, nn.Module):
+        elif isinstance(module, ModulesToSaveWrapper):
             module = module.original_module
         else:
             break
