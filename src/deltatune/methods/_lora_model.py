@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import TargetingConfig
 from ..tuner import AdapterModel
+from ._lora_layer import LoraBiasMergeError
 from ._lora_weighted import add_weighted_adapter
 
 __all__ = ["LoraBiasMergeError", "LoraModel", "all_bias_tensors"]
@@ -23,11 +24,6 @@ def base_rewriting_init(config: TargetingConfig) -> str | None:
     if isinstance(init, str) and init.startswith("pissa"):
         return "PiSSA"
     return "OLoRA" if init == "olora" else None
-
-
-class LoraBiasMergeError(RuntimeError, ValueError):
-    """``lora_bias`` cannot be merged into a layer without bias (a ``RuntimeError`` as in PEFT, and a
-    ``ValueError`` as deltatune raised before)."""
 
 
 class LoraModel(AdapterModel):
