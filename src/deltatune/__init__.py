@@ -32,12 +32,14 @@ if TYPE_CHECKING:
     from .functional import set_peft_model_state_dict as set_peft_model_state_dict
     from .methods._adalora_model import AdaLoraModel as AdaLoraModel
     from .methods._lora_model import LoraModel as LoraModel
+    from .methods._trainable_tokens_model import TrainableTokensModel as TrainableTokensModel
     from .methods.adalora import AdaLoraConfig as AdaLoraConfig
     from .methods.ia3 import IA3Config as IA3Config
     from .methods.loha import LoHaConfig as LoHaConfig
     from .methods.lokr import LoKrConfig as LoKrConfig
     from .methods.lora import LoftQConfig as LoftQConfig
     from .methods.lora import LoraConfig as LoraConfig
+    from .methods.trainable_tokens import TrainableTokensConfig as TrainableTokensConfig
     from .mixed_model import PeftMixedModel as PeftMixedModel
     from .model import PeftModel as PeftModel
     from .model import get_peft_model as get_peft_model

@@ -115,6 +115,11 @@ def inject_adapter_in_model(
 def resolve_save_embedding_layers(tuner: AdapterModel, config: TargetingConfig, choice: bool | str) -> bool:
     """PEFT's ``save_embedding_layers``: ``"auto"`` saves them when ``target_modules`` names an embedding layer
     (``embed_tokens``, ``lm_head``), with a warning; True needs a transformers-style model (else a warning)."""
+    peft_type = str(getattr(config.peft_type, "value", config.peft_type))
+    if choice == "auto" and (
+        peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None) is not None
+    ):
+        return False  # PEFT's rule: trainable tokens are there to save only a few rows
     if choice == "auto":
         targets = config.target_modules
         if isinstance(targets, str) and targets != "all-linear":

@@ -4,7 +4,9 @@ Every hook has a no-op default here. A method that needs one subclasses :class:`
 (which inherits :class:`MethodHooks`) and names that class (``tuner="module:Class"``) in its registry entry. Who calls
 each hook:
 
-- the tuner: :meth:`~MethodHooks.check_new_adapter`, :meth:`~MethodHooks.after_inject`,
+- the tuner: :meth:`~MethodHooks.check_new_adapter`, :meth:`~MethodHooks.prepare_model`,
+  :meth:`~MethodHooks.targets_beyond_modules`,
+  :meth:`~MethodHooks.after_inject`,
   :meth:`~MethodHooks.extra_trainable_parameters`, :meth:`~MethodHooks.extra_loss` (added to a returned
   loss in training, as PEFT does, so plain loops get it);
 - saving and loading (:mod:`deltatune.serialization`, :class:`~deltatune.PeftModel`):
@@ -39,6 +41,15 @@ class MethodHooks:
 
     def check_new_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
         """Raises ``ValueError`` before anything is injected when ``config`` cannot be added here."""
+
+    def prepare_model(self, config: TargetingConfig) -> None:
+        """Changes the model's structure before the targets of ``config`` are matched (LoRA's
+        ``layer_replication``)."""
+
+    def targets_beyond_modules(self, config: TargetingConfig) -> bool:
+        """Whether ``config`` also targets something other than modules (LoRA's ``target_parameters``), so that
+        matching no module is not an error."""
+        return False
 
     def after_inject(self, adapter_name: str, config: TargetingConfig) -> None:
         """Runs once the adapter's layers exist (e.g. shrink them to a saved rank pattern before loading)."""

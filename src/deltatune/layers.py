@@ -81,12 +81,10 @@ class AdapterLayer(MixedBatchMixin, BaseLayerSlot):
         super().__init__()
         self.base_layer = base_layer  # in a mixed model: another adapter layer (see BaseLayerSlot)
         if not isinstance(self.base_layer, self.supported_layers):
-            names = ", ".join(t.__name__ for t in self.supported_layers)
-            raise TypeError(
-                f"{type(self).__name__} cannot adapt a {type(self.base_layer).__name__}; supported layer types: {names}"
-            )
+            names, kind = ", ".join(t.__name__ for t in self.supported_layers), type(self.base_layer).__name__
+            raise TypeError(f"{type(self).__name__} cannot adapt a {kind}; supported layer types: {names}")
         #: PEFT's names for the adapted sizes (see :func:`deltatune.layer_types.in_out_features`).
-        self.in_features, self.out_features = in_out_features(self.base_layer)
+        self.in_features, self.out_features = self._in_out_features(self.base_layer)
         #: During ``PeftModel.forward(adapter_names=[...])``: the adapter of each row of the batch.
         self.batch_adapter_names: list[str] | None = None
         #: The adapters this layer holds, in creation order (a dict used as an ordered set).
@@ -96,6 +94,9 @@ class AdapterLayer(MixedBatchMixin, BaseLayerSlot):
         self.disable_adapters = False
         #: Further per-adapter dicts of a method (name → {adapter → value}), cleaned on deletion.
         self._extra_per_adapter: dict[str, dict[str, Any]] = {}
+
+    def _in_out_features(self, base_layer: nn.Module) -> tuple[int, int]:
+        return in_out_features(base_layer)  # a layer adapting a parameter reads its shape instead
 
     # ---- to be provided by each method ------------------------------------------------------
     def add_adapter(self, adapter_name: str, target: TargetSpec) -> None:

@@ -4,14 +4,14 @@ per adapter, the original kept frozen."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .layers import module_weight
 
-__all__ = ["MIXED_BATCH_TYPES", "ModulesToSaveWrapper"]
+__all__ = ["MIXED_BATCH_TYPES", "AdapterLayerHolder", "ModulesToSaveWrapper"]
 
 #: Module types whose rows a mixed batch may send through different copies.
 MIXED_BATCH_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -137,3 +137,30 @@ class ModulesToSaveWrapper(nn.Module):
             for j, i in enumerate(index):
                 out[i] = result[j]
         return torch.stack([t for t in out if t is not None])
+
+
+class AdapterLayerHolder(nn.Module):
+    """A module that only holds one adapter layer, as its attribute :attr:`holder_attr` (PEFT's
+    ``TrainableTokensWrapper`` holds its layer as ``token_adapter``, and the saved keys say so). Target matching
+    does not look inside it, and unloading puts the held layer's unwrapped module in the holder's place."""
+
+    holder_attr: ClassVar[str] = "adapter_layer"
+
+    @property
+    def held_layer(self) -> nn.Module:
+        """The adapter layer held (or, once unloaded, the module put back)."""
+        module = self._modules[self.holder_attr]
+        assert module is not None
+        return module
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the holder lacks (``embedding_dim``, ``padding_idx``, ...) come from the held layer's
+        base module."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            held = modules.get(self.holder_attr) if modules else None
+            if held is None or name == self.holder_attr:
+                raise
+            return getattr(getattr(held, "base_layer", held), name)

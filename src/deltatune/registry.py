@@ -81,6 +81,9 @@ class MethodSpec:
             method's modules are off limits (checked by the architecture tests).
         listing_order: Where the method appears in listings (``--method`` choices, ``compare`` tables);
             ties keep registration order.
+        listed: False for a method that is not a general-purpose adapter (PEFT's trainable tokens adapt an
+            embedding's rows only): it loads, exports and works like any other, but
+            :func:`available_methods` (the CLI's choices, ``compare``, the contract suite) leaves it out.
     """
 
     name: str
@@ -95,6 +98,7 @@ class MethodSpec:
     peft_config_name: str = ""
     extends: str | None = None
     listing_order: int = 100
+    listed: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config_defaults", _frozen(self.config_defaults))
@@ -240,10 +244,12 @@ def registered_names() -> list[str]:
 
 
 def available_methods() -> list[str]:
-    """Names of all registered methods, by ``listing_order`` (then registration order)."""
+    """Names of the listed registered methods (see :attr:`MethodSpec.listed`), by ``listing_order`` (then
+    registration order)."""
     load_methods()
     order = {name: i for i, name in enumerate(_METHODS)}
-    return sorted(_METHODS, key=lambda name: (_METHODS[name].listing_order, order[name]))
+    listed = [name for name, spec in _METHODS.items() if spec.listed]
+    return sorted(listed, key=lambda name: (_METHODS[name].listing_order, order[name]))
 
 
 def get_method(name: str) -> MethodSpec:

@@ -264,8 +264,9 @@ def set_adapter_state_dict(
             adapter tensors are missing.
     """
     owners = _owners(tuner, adapter_name)
-    params: dict[str, torch.Tensor] = dict(tuner.model.named_parameters())
-    params.update(dict(tuner.model.named_buffers()))
+    # Tied tensors under every name they have (a tied head's copy loads like the embedding's).
+    params: dict[str, torch.Tensor] = dict(tuner.model.named_parameters(remove_duplicate=False))
+    params.update(dict(tuner.model.named_buffers(remove_duplicate=False)))
     saved_extras = {
         t for k in tuner.extra_saved_tensors(adapter_name) if (t := _in_memory_key(k, owners, adapter_name))
     }

@@ -20,7 +20,7 @@ from torch import nn
 from .config import TargetingConfig
 from .hooks import MethodHooks
 from .layers import AdapterLayer
-from .modules_to_save import ModulesToSaveWrapper
+from .modules_to_save import AdapterLayerHolder, ModulesToSaveWrapper
 
 __all__ = ["AdapterSwitching"]
 
@@ -200,8 +200,12 @@ class AdapterSwitching(MethodHooks):
                 layer.merged_adapters.clear()
             elif layer.merged:
                 layer.unmerge()
-            parent, _, attr = name.rpartition(".")
-            setattr(modules[parent], attr, layer.unwrapped())
+            parent, _, leaf = name.rpartition(".")
+            holder = modules.get(parent) if parent else None
+            if isinstance(holder, AdapterLayerHolder) and leaf == holder.holder_attr:
+                name = parent  # the holder goes too (PEFT's TrainableTokensWrapper)
+                parent, _, leaf = name.rpartition(".")
+            setattr(modules[parent], leaf, layer.unwrapped())
         for name, wrapper in list(self.saved_module_wrappers()):
             self.model.set_submodule(name, wrapper.active_module)
         return self.model

@@ -34,7 +34,7 @@ from .matching import (
     modules_to_save_entries,
     task_heads,
 )
-from .modules_to_save import ModulesToSaveWrapper
+from .modules_to_save import AdapterLayerHolder, ModulesToSaveWrapper
 from .names import NameAliases
 from .plain_trainer import TRAINER_WALKS, WALKS_KEY, adapt_plain_trainer, mark_trainer_found
 from .registry import spec_for
@@ -141,7 +141,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
             if not name or any(name.startswith(p + ".") for p in skip):
                 continue
             out.append((name, module))
-            if isinstance(module, AdapterLayer | ModulesToSaveWrapper):
+            if isinstance(module, AdapterLayer | ModulesToSaveWrapper | AdapterLayerHolder):
                 skip.append(name)
         return out
 
@@ -208,6 +208,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
         if config.target_modules is None:
             self._fill_default_targets(config)
         self.check_new_adapter(adapter_name, config)
+        self.prepare_model(config)
         candidates = self._candidate_modules()
         plan: list[tuple[str, nn.Module]] = []
         legacy: list[tuple[str, str]] = []  # (target entry, module) matched through a legacy spelling
@@ -240,7 +241,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
                 f"{spec.name} cannot adapt {', '.join(wrong_type[:5])}{' …' if len(wrong_type) > 5 else ''}; "
                 f"supported layer types: {supported}. Narrow target_modules to layers of those types."
             )
-        if not plan:
+        if not plan and not self.targets_beyond_modules(config):
             raise NoMatchingPeftModuleError(self._no_match_message(config, [n for n, _ in candidates]))
         if not excluded_any:
             warnings.warn(

@@ -21,10 +21,14 @@ from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, is_trans
 from ..layers import RankedLayer, expect_config, kaiming_uniform_, module_bias, module_weight
 from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
 from ._lora_hotswap import LoraHotswapMixin
-from ._lora_model import LoraBiasMergeError, LoraModel
 from .lora import LoraConfig
 
-__all__ = ["LoraLayer", "LoraModel", "lora_delta_forward", "lora_delta_weight", "lora_scaling"]
+__all__ = ["LoraBiasMergeError", "LoraLayer", "lora_delta_forward", "lora_delta_weight", "lora_scaling"]
+
+
+class LoraBiasMergeError(RuntimeError, ValueError):
+    """``lora_bias`` cannot be merged into a layer without bias (a ``RuntimeError`` as in PEFT, and a
+    ``ValueError`` as deltatune raised before)."""
 
 
 # ---- pure maths ---------------------------------------------------------------------------------

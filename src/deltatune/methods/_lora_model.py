@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import TargetingConfig
 from ..tuner import AdapterModel
+from ._lora_layer import LoraBiasMergeError
 from ._lora_weighted import add_weighted_adapter
 from .lora import BIAS_CHOICES
 
@@ -24,11 +25,6 @@ def base_rewriting_init(config: TargetingConfig) -> str | None:
     if isinstance(init, str) and init.startswith("pissa"):
         return "PiSSA"
     return "OLoRA" if init == "olora" else None
-
-
-class LoraBiasMergeError(RuntimeError, ValueError):
-    """``lora_bias`` cannot be merged into a layer without bias (a ``RuntimeError`` as in PEFT, and a
-    ``ValueError`` as deltatune raised before)."""
 
 
 class LoraBiasError(NotImplementedError, ValueError):
@@ -57,6 +53,82 @@ class LoraModel(AdapterModel):
                 if layer.holds(adapter_name) and isinstance(layer_bias, nn.Parameter):
                     yield layer_bias
 
+    def after_inject(self, adapter_name: str, config: TargetingConfig) -> None:
+        """``ensure_weight_tying``'s tied output layer and ``trainable_token_indices``' trainable embedding rows
+        (see :mod:`._lora_targets`)."""
+        from ._lora_targets import inject_trainable_tokens, tie_adapters
+
+        super().after_inject(adapter_name, config)
+        if getattr(config, "target_parameters", None):
+            from ._lora_params import inject_parameters
+
+            if not inject_parameters(self, adapter_name, config) and not any(
+                layer.holds(adapter_name) for _, layer in self.adapter_layers()
+            ):
+                raise ValueError(
+                    f"target_parameters={list(getattr(config, 'target_parameters', []))} and target_modules="
+                    f"{config.target_modules!r} matched nothing in {type(self.model).__name__}"
+                )
+        tie_adapters(self, adapter_name, config)
+        inject_trainable_tokens(self, adapter_name, config)
+
+    def prepare_model(self, config: TargetingConfig) -> None:
+        """``layer_replication``: the decoder stack rebuilt from ranges of its layers (:mod:`._lora_replication`)."""
+        replication = getattr(config, "layer_replication", None)
+        if replication:
+            from ._lora_replication import replicate_layers
+
+            replicate_layers(self.model, replication)
+
+    def targets_beyond_modules(self, config: TargetingConfig) -> bool:
+        """``target_parameters`` (matched after the modules)."""
+        return bool(getattr(config, "target_parameters", None))
+
+    def _fill_default_targets(self, config: TargetingConfig) -> None:
+        """PEFT's defaults for the model type; with ``target_parameters``, none is needed."""
+        try:
+            super()._fill_default_targets(config)
+        except ValueError:
+            if not getattr(config, "target_parameters", None):
+                raise
+
+    def _check_merge_allowed(self) -> None:
+        """PEFT's rules before merging: refused with replicated layers (their base weights are shared, so each
+        copy's ΔW would land in every copy; peft 0.21 means to refuse this but its check never fires), and a
+        warning when a tied embedding is a target.
+
+        Raises:
+            ValueError: when an adapter uses ``layer_replication``.
+        """
+        from ._lora_targets import warn_tied_merge
+
+        if any(getattr(c, "layer_replication", None) for c in self.peft_config.values()):
+            raise ValueError("Cannot merge LORA layers when base model layers are replicated")
+        warn_tied_merge(self)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merges in place (see :meth:`_check_merge_allowed`)."""
+        self._check_merge_allowed()
+        super().merge_adapter(adapter_names, safe_merge)
+
+    def unload_and_optionally_merge(
+        self,
+        merge: bool,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        progressbar: bool = False,
+    ) -> nn.Module:
+        """Unloads (merging first when ``merge``); with tied embeddings, PEFT's warnings, and the model's
+        ``tie_word_embeddings`` set to False when merging untied them."""
+        from ._lora_targets import untie_after_merge
+
+        if merge:
+            self._check_merge_allowed()
+        model = super().unload_and_optionally_merge(merge, safe_merge, adapter_names, progressbar)
+        if merge:
+            untie_after_merge(model)
+        return model
+
     def check_new_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
         """PEFT's rules: ``bias`` is one of its values, and only one adapter of a model trains biases (the base
         biases are shared); others have ``bias="none"``.
@@ -65,12 +137,24 @@ class LoraModel(AdapterModel):
             LoraBiasError: (a ``NotImplementedError``) for an unknown ``bias``.
             ValueError: when this and an existing adapter both have ``bias`` other than ``"none"``.
         """
+        from ._lora_targets import check_tied_modules
+
         super().check_new_adapter(adapter_name, config)
         bias = getattr(config, "bias", "none")
         if bias not in BIAS_CHOICES:
             raise LoraBiasError(
                 f"Requested bias: {bias}, is not implemented; bias must be one of {', '.join(map(repr, BIAS_CHOICES))}"
             )
+        check_tied_modules(self, config)
+        wanted = set(getattr(config, "target_parameters", None) or ())
+        for name, other in self.peft_config.items():
+            theirs = set(getattr(other, "target_parameters", None) or ())
+            if wanted and theirs and theirs != wanted:
+                raise ValueError(
+                    "When using multiple adapters with `target_parameters`, all adapters must target the same set "
+                    f"of parameters, but got {sorted(wanted)} for the new adapter and {sorted(theirs)} for adapter "
+                    f"'{name}'."
+                )
         configs = [*self.peft_config.values(), config]
         rewriting = [base_rewriting_init(c) for c in configs if base_rewriting_init(c)]
         if len(configs) > 1 and rewriting:

@@ -74,7 +74,11 @@ class LoraConfig(AdapterConfig):
     )
     megatron_config: dict[str, Any] | None = None
     megatron_core: str | None = "megatron.core"
-    trainable_token_indices: Any = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = help_field(
+        "Embedding rows that train, the rest of the embedding frozen: a list of token ids (the input "
+        "embedding) or a dict of module name to token ids; with tied embeddings the output layer follows.",
+        None,
+    )
     loftq_config: dict[str, Any] = help_field(
         "LoftQ's options with init_lora_weights='loftq': loftq_bits (4 or 8) and loftq_iter (at least 1).",
         default_factory=dict,
@@ -90,13 +94,25 @@ class LoraConfig(AdapterConfig):
     use_qalora: bool = False
     qalora_group_size: int = 16
     monteclora_config: Any = None
-    layer_replication: Any = None
+    layer_replication: list[list[int]] | None = help_field(
+        "Rebuild the decoder stack from [start, end) ranges of its layers (e.g. [[0, 4], [2, 5]] gives layers "
+        "0, 1, 2, 3, 2, 3, 4); repeated layers share their base weights and get adapters of their own.",
+        None,
+    )
     lora_bias: bool = help_field("Whether B gets a trainable bias.", False)
-    target_parameters: Any = None
+    target_parameters: list[str] | None = help_field(
+        "Parameters to adapt directly (for weights no Linear holds, e.g. the stacked expert weights of "
+        "mixture-of-experts layers): names that a parameter's full name equals or ends with.",
+        None,
+    )
     use_bdlora: Any = None
     arrow_config: Any = None
     kasa_config: Any = None
-    ensure_weight_tying: bool = False
+    ensure_weight_tying: bool = help_field(
+        "Whether adapters on a tied input embedding (modules_to_save, target_modules, "
+        "trainable_token_indices) are tied to the output layer too, as the base weights are.",
+        False,
+    )
 
     #: The base-weight initialisers this config accepts (AdaLoRA accepts none).
     BASE_INITS: ClassVar[tuple[str, ...]] = BASE_INITS
@@ -121,6 +137,12 @@ class LoraConfig(AdapterConfig):
         check_range("lora_dropout", self.lora_dropout, 0, 1)
         # ``bias`` is checked when the adapter is applied (PEFT's NotImplementedError, see LoraModel)
         self._check_init()
+        self._check_token_indices()
+        self._check_replication()
+        if isinstance(self.target_parameters, str):
+            raise TypeError("`target_parameters` must be a list of strings or None.")
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
         unsupported = {
             "use_qalora": self.use_qalora,
             "eva_config": self.eva_config,
@@ -129,9 +151,9 @@ class LoraConfig(AdapterConfig):
             "velora_config": self.velora_config,
             "monteclora_config": self.monteclora_config,
             "megatron_config": self.megatron_config,
-            "layer_replication": self.layer_replication,
-            "target_parameters": self.target_parameters,
-            "trainable_token_indices": self.trainable_token_indices,
+            "layer_replication": self.layer_replication if self.PEFT_TYPE != "LORA" else None,
+            "target_parameters": self.target_parameters if self.PEFT_TYPE != "LORA" else None,
+            "trainable_token_indices": self.trainable_token_indices if self.PEFT_TYPE != "LORA" else None,
             "alora_invocation_tokens": self.alora_invocation_tokens,
             "arrow_config": self.arrow_config,
             "kasa_config": self.kasa_config,
@@ -144,7 +166,47 @@ class LoraConfig(AdapterConfig):
                 f"{type(self).__name__}; supported options: r, lora_alpha, lora_dropout, target_modules, "
                 "exclude_modules, modules_to_save, bias, use_rslora, init_lora_weights, lora_bias, "
                 "fan_in_fan_out, rank_pattern, alpha_pattern, layers_to_transform, layers_pattern, "
+                "trainable_token_indices, ensure_weight_tying, target_parameters, layer_replication, "
                 + ", ".join(self.VARIANT_FLAGS)
+            )
+
+    def _check_replication(self) -> None:
+        """``layer_replication``: a list of [start, end) pairs of integers.
+
+        Raises:
+            ValueError: naming the value and the accepted form.
+        """
+        pairs = self.layer_replication
+        if pairs is None:
+            return
+        ok = isinstance(pairs, list | tuple) and all(
+            isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in pairs
+        )
+        if not ok:
+            raise ValueError(
+                f"layer_replication={pairs!r} is not valid; give a list of [start, end) pairs of layer indices, "
+                "e.g. [[0, 4], [2, 5]]"
+            )
+        self.layer_replication = [list(p) for p in pairs]
+
+    def _check_token_indices(self) -> None:
+        """``trainable_token_indices``: a list of token ids, or a dict of module name to such a list.
+
+        Raises:
+            ValueError: naming the value and the accepted forms.
+        """
+        indices = self.trainable_token_indices
+        if indices is None:
+            return
+        lists = list(indices.values()) if isinstance(indices, dict) else [indices]
+        ok = isinstance(indices, dict | list | tuple) and all(
+            isinstance(v, list | tuple) and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            for v in lists
+        )
+        if not ok or (isinstance(indices, dict) and not all(isinstance(k, str) for k in indices)):
+            raise ValueError(
+                f"trainable_token_indices={indices!r} is not valid; give a list of token ids or a dict of "
+                "module name to a list of token ids"
             )
 
     def _check_init(self) -> None:
