@@ -152,6 +152,17 @@ def test_eva_on_plain_inputs_matches_peft(whiten: bool) -> None:
     _assert_same_eva_config(ours_model, theirs_model)
 
 
+def test_eva_whitens_layers_sharing_an_input_once() -> None:
+    """Deliberate difference: q/k/v share one SVD, and each is whitened once (rows of norm S^-1/2); peft 0.21
+    whitens the shared components in place once per layer, so all three end at S^-3/2."""
+    (ours, _), (theirs, _) = _eva_pair(
+        _llama, ["q_proj", "k_proj", "v_proj"], _lm_batches(), {"show_progress_bar": False}, whiten=True
+    )
+    for key, value in ours.items():
+        norms = value.norm(dim=1)
+        assert max_abs_diff(theirs[key].norm(dim=1), norms**3) <= 1e-4 * float(norms.max() ** 3), key
+
+
 def test_eva_state_dict_of_a_plain_model(tmp_path: Path) -> None:
     """On a model not yet wrapped, with the config: keys are the module names; deltatune also loads them into
     the wrapped model (peft 0.21 matches only prefixed keys and falls back to the default init)."""
