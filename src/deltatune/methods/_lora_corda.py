@@ -18,6 +18,7 @@ in :func:`corda_init`. Files are read with ``torch.load(..., weights_only=True)`
 
 from __future__ import annotations
 
+import copy
 import logging
 import operator
 import os
@@ -52,7 +53,12 @@ class CordaEigens:
 
 def data_init_targets(model: nn.Module, config: Any) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) for every Linear or ``Conv1D`` of a plain model that ``config`` targets (PEFT's matching;
-    ``"all-linear"`` leaves out the output embedding; no ``target_modules``: every such layer)."""
+    ``"all-linear"`` leaves out the output embedding; no ``target_modules``: the defaults for the model's type,
+    as ``get_peft_model`` takes them, else every such layer)."""
+    if config.target_modules is None:
+        filled = copy.copy(config)
+        if filled.fill_model_defaults(getattr(getattr(model, "config", None), "model_type", None)):
+            config = filled
     aliases = NameAliases(model)
     get_head = getattr(model, "get_output_embeddings", None)
     try:
