@@ -296,6 +296,21 @@ def test_eva_per_layer_input_functions_and_whitening_once() -> None:
             "dataloader is required",
         ),
         (lambda: deltatune.get_eva_state_dict(make_mlp(), []), "peft_config is required"),
+        (  # peft 0.21 cycles the data forever here
+            lambda: deltatune.get_eva_state_dict(
+                make_mlp(), _mlp_batches(rows=4), peft_config=_eva_config(deltatune, ["fc1"]), **PLAIN
+            ),
+            "no batch gave fc1 at least 8 rows",
+        ),
+        (
+            lambda: deltatune.get_eva_state_dict(
+                make_mlp(),
+                _mlp_batches(),
+                peft_config=_eva_config(deltatune, ["fc1"]),
+                **{**PLAIN, "forward_fn": lambda model, x: None},
+            ),
+            "forward_fn never ran the targeted layers \\['fc1'\\]",
+        ),
         (
             lambda: deltatune.get_eva_state_dict(make_mlp(), [], peft_config=_eva_config(deltatune, ["fc1"])),
             "dataloader is empty",

@@ -36,8 +36,11 @@ from ._lora_corda import data_init_targets
 from ._lora_eva_svd import (
     EvaHook,
     LayerInputsFn,
+    forward_fn_dict,
+    model_device,
     prepare_layer_inputs_fn_language_modeling,
     prepare_model_inputs_fn_language_modeling,
+    to_device,
 )
 
 __all__ = [
@@ -52,32 +55,6 @@ PREFIX = "base_model.model."
 #: PEFT condenses the targets EVA leaves into name suffixes from this many on.
 MIN_TARGETS_TO_CONDENSE = 20
 _LayerFns = LayerInputsFn | Mapping[str, LayerInputsFn | None] | None
-
-
-def forward_fn_dict(model: nn.Module, inputs: Any) -> Any:
-    """The default forward: ``model(**inputs)``."""
-    return model(**inputs)
-
-
-def _device(model: nn.Module) -> torch.device | None:
-    devices = list({p.device for p in model.parameters() if p.device.type != "meta"})
-    if len(devices) > 1:
-        warnings.warn(f"Could not determine device, model has multiple devices: {devices}", stacklevel=4)
-        return None
-    return devices[0] if devices else None
-
-
-def _to_device(inputs: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return inputs
-    if hasattr(inputs, "to"):
-        return inputs.to(device)
-    if isinstance(inputs, Mapping):
-        return type(inputs)({k: _to_device(v, device) for k, v in inputs.items()})  # type: ignore[call-arg]
-    if isinstance(inputs, tuple | list):
-        return type(inputs)(_to_device(v, device) for v in inputs)
-    warnings.warn(f"input of type {type(inputs)} could not be moved to the correct device", stacklevel=4)
-    return inputs
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -167,7 +144,7 @@ def _collect(
     if rho > 1000:  # PEFT's cap for very large rho
         rho = min(rho, max(max(p.shape) for p in model.parameters()) // config.r)
     training = model.training
-    device = _device(model)
+    device = model_device(model)
     model.eval()
 
     def model_input(batch: Any) -> Any:
@@ -180,7 +157,7 @@ def _collect(
     handles: dict[str, Any] = {}
     max_components: dict[str, int] = {}
     budget = 0
-    first = _to_device(next(iter(dataloader)), device)
+    first = to_device(next(iter(dataloader)), device)
     first_input = model_input(first)
     for name, module in targets:
         fn = layer_fns.pop(name, None) if layer_fns is not None else prepare_layer_inputs_fn
@@ -202,6 +179,11 @@ def _collect(
     finally:
         for handle in handles.values():
             handle.remove()
+    unused = [name for name, hook in hooks.items() if not hook.fingerprints]
+    if unused:
+        raise ValueError(
+            f"EVA: forward_fn never ran the targeted layers {unused[:5]}; leave them out of target_modules"
+        )
     # Layers fed the same input share the SVD of the first of them, with the largest component count.
     groups: dict[str, list[str]] = {}
     for name, hook in hooks.items():
@@ -222,8 +204,14 @@ def _collect(
     show = show_progress_bar and (not distributed or dist.get_rank() == 0)
     batches = tqdm(cycle(dataloader), position=0, leave=False, disable=not show)
     try:
-        for raw in batches:
-            batch = _to_device(raw, device)
+        for step, raw in enumerate(batches):
+            starved = [n for n, h in svd_hooks.items() if h.svd is not None and h.svd.components is None]
+            if step >= len(dataloader) and starved:  # type: ignore[arg-type]  # PEFT would cycle forever
+                raise ValueError(
+                    f"EVA: no batch gave {starved[0]} at least {max_components[starved[0]]} rows (r * rho); use "
+                    "larger batches or a smaller rho"
+                )
+            batch = to_device(raw, device)
             inputs = model_input(batch)
             for name, hook in svd_hooks.items():
                 converged = bool(torch.all(hook.converged[: ranks[name]]))

@@ -1,5 +1,6 @@
-"""EVA's streaming SVD: an incremental PCA of each targeted layer's inputs, fed batch by batch by a forward hook,
-with PEFT's numerical choices (so the same data in the same order gives PEFT's components).
+"""EVA's streaming SVD and its plumbing (hooks, input preparation, devices): an incremental PCA of each
+targeted layer's inputs, fed batch by batch by a forward hook, with PEFT's numerical choices (so the same data
+in the same order gives PEFT's components).
 
 Per batch X (n rows, float32): the running mean and variance are updated in float64; the SVD is taken of the
 centred batch (first batch) or of [S·Vᵀ ; X − mean(X) ; √(n_seen·n / n_total)·(mean_old − mean(X))] (later
@@ -13,19 +14,24 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
     "EvaHook",
     "IncrementalSVD",
     "default_layer_inputs",
+    "forward_fn_dict",
+    "model_device",
     "prepare_layer_inputs_fn_language_modeling",
     "prepare_model_inputs_fn_language_modeling",
+    "to_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -110,6 +116,34 @@ class IncrementalSVD:
         ratio = self._seen.double() / count
         combined = self._var * self._seen + spread + ratio / total * (last_sum / ratio - new_sum).square()
         return mean, combined / total, total
+
+
+def forward_fn_dict(model: nn.Module, inputs: Any) -> Any:
+    """The default forward: ``model(**inputs)``."""
+    return model(**inputs)
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of the model's parameters (meta ones aside); None, with a warning, when there are several."""
+    devices = list({p.device for p in model.parameters() if p.device.type != "meta"})
+    if len(devices) > 1:
+        warnings.warn(f"Could not determine device, model has multiple devices: {devices}", stacklevel=4)
+        return None
+    return devices[0] if devices else None
+
+
+def to_device(inputs: Any, device: torch.device | None) -> Any:
+    """``inputs`` (a tensor, or mappings and sequences of them) moved to ``device``."""
+    if device is None:
+        return inputs
+    if hasattr(inputs, "to"):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return type(inputs)({k: to_device(v, device) for k, v in inputs.items()})  # type: ignore[call-arg]
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    warnings.warn(f"input of type {type(inputs)} could not be moved to the correct device", stacklevel=4)
+    return inputs
 
 
 def default_layer_inputs(layer_input: Any, model_input: Any, layer_name: str) -> torch.Tensor:
