@@ -131,8 +131,10 @@ class LoraModel(AdapterModel):
                 "adapter to a LoRA adapter",
                 stacklevel=4,
             )
-        initial_config = type(config).from_dict({**data, "init_lora_weights": True})
-        converted = type(config).from_dict(converted_config_data(data))
+        with warnings.catch_warnings():  # the CorDA/EVA options stay in the files, as PEFT writes them
+            warnings.filterwarnings("ignore", message=r"`(corda|eva)_config` specified but will be ignored")
+            initial_config = type(config).from_dict({**data, "init_lora_weights": True})
+            converted = type(config).from_dict(converted_config_data(data))
         assert isinstance(initial_config, TargetingConfig) and isinstance(converted, TargetingConfig)
         return converted_lora_tensors(tensors, initial), converted, initial_config
 
