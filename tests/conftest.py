@@ -18,7 +18,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +158,63 @@ def make_peft_config(method: str, targets: list[str], modules_to_save: list[str]
     kwargs: dict[str, Any] = {**spec.config_defaults, **example_kwargs(method), **nonzero_init(method), **kw}
     cls = getattr(peft, spec.peft_config_name)
     return cls(target_modules=targets, modules_to_save=modules_to_save, **kwargs)
+
+
+#: LoRA's non-default initialisers, with the config values each needs in tests (``tau`` low: EVA converges fast).
+LORA_INITS: dict[str, dict[str, Any]] = {
+    "pissa": {},
+    "olora": {},
+    "orthogonal": {},
+    "loftq": {"loftq_config": {"loftq_bits": 4}},
+    "eva": {"eva_config": {"tau": 0.9}},
+    "corda": {"corda_config": {"corda_method": "ipm"}},
+}
+
+
+def calibration_batches(kind: ModelKind, n: int = 4, rows: int = 32) -> list[torch.Tensor]:
+    """``n`` input batches of ``rows`` rows for the data-driven initialisers (EVA, CorDA)."""
+    gen = torch.Generator().manual_seed(7)
+    return [torch.randn(rows, *kind.input_shape[1:], generator=gen) for _ in range(n)]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread within the block (EVA's many tiny SVDs crawl when two threads share a busy CPU)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def prepared_base(kind: ModelKind, config: Any, seed: int = 0) -> nn.Module:
+    """``kind``'s model, preprocessed by ``preprocess_corda`` when ``config`` asks for CorDA (deterministic, so
+    a saved CorDA adapter loads on it)."""
+    model = kind.build(seed)
+    if getattr(config, "init_lora_weights", None) == "corda":
+        batches = calibration_batches(kind)
+        with one_thread():
+            deltatune.preprocess_corda(model, config, run_model=lambda: [model(x) for x in batches])
+    return model
+
+
+def adapted_model(kind: ModelKind, config: Any, seed: int = 0) -> Any:
+    """``get_peft_model`` on ``kind``'s model, with the data step of EVA (after) or CorDA (before) done."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="lora with eva initialization")
+        model = deltatune.get_peft_model(prepared_base(kind, config, seed), config)
+    if getattr(config, "init_lora_weights", None) == "eva":
+        with one_thread():
+            deltatune.initialize_lora_eva_weights(
+                model,
+                calibration_batches(kind),
+                forward_fn=lambda m, x: m(x),
+                prepare_model_inputs_fn=None,
+                prepare_layer_inputs_fn=None,
+                show_progress_bar=False,
+            )
+    return model
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

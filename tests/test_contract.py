@@ -7,6 +7,10 @@ tensors train; merge → unmerge restores W; merged logits equal unmerged; mergi
 ``disable_adapter()`` gives the base output; ``unload``/``merge_and_unload`` restore the module types;
 save → load gives the same logits and save → load → save the same files; several named adapters can be
 added, switched, saved, loaded and deleted.
+
+LoRA with each non-default initialiser (``LORA_INITS``: PiSSA, OLoRA, orthogonal, LoftQ, EVA, CorDA) runs on the
+MLP through the tests that hold on a rewritten base weight (``INIT_CASES``: training, merging, save/load,
+copies); its output at creation and its conversion back to plain LoRA are tests/test_lora_init*.py's.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from typing import Any
 import pytest
 import torch
 from conftest import (
+    LORA_INITS,
     MODEL_KINDS,
     ModelKind,
+    adapted_model,
     adapter_layers,
     logits,
     make_config,
     max_abs_diff,
     perturb_modules_to_save,
+    prepared_base,
     read_adapter,
     supports,
 )
@@ -63,6 +70,11 @@ def _cases() -> list[Any]:
 
 
 CASES = _cases()
+#: LoRA with each non-default initialiser (and the options it needs), on the MLP.
+INIT_CASES = [
+    pytest.param("lora", "mlp", {"init_lora_weights": init, **options}, id=f"lora-mlp-{init}")
+    for init, options in LORA_INITS.items()
+]
 
 
 def _build(
@@ -72,9 +84,15 @@ def _build(
     kind = MODEL_KINDS[kind_name]
     base = kind.build(seed)
     config = make_config(method, kind.targets, kind.modules_to_save, nonzero=nonzero, **extra)
-    model = get_peft_model(kind.build(seed), config)
+    model = adapted_model(kind, config, seed)
     if nonzero:
         perturb_modules_to_save(model)
+        if "init_lora_weights" in extra:  # EVA starts with B = 0: make every ΔW non-zero
+            gen = torch.Generator().manual_seed(seed + 4)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".lora_B." in name:
+                        p.add_(0.1 * torch.randn(p.shape, generator=gen))
     return kind, base, model
 
 
@@ -90,7 +108,7 @@ def test_output_at_init_equals_base(method: str, kind_name: str, extra: dict[str
     torch.testing.assert_close(logits(model, x), logits(base, x), atol=0.0, rtol=0.0)
 
 
-@pytest.mark.parametrize(("method", "kind_name", "extra"), CASES)
+@pytest.mark.parametrize(("method", "kind_name", "extra"), CASES + INIT_CASES)
 def test_only_adapter_and_modules_to_save_train(method: str, kind_name: str, extra: dict[str, Any]) -> None:
     kind, _, model = _build(method, kind_name, extra)
     adapter_attrs = deltatune.get_method(method).adapter_param_names()
@@ -117,7 +135,7 @@ def test_only_adapter_and_modules_to_save_train(method: str, kind_name: str, ext
         assert (p.grad is not None) == (name in trainable), name
 
 
-@pytest.mark.parametrize(("method", "kind_name", "extra"), CASES)
+@pytest.mark.parametrize(("method", "kind_name", "extra"), CASES + INIT_CASES)
 def test_merge_unmerge_and_idempotent_merge(method: str, kind_name: str, extra: dict[str, Any]) -> None:
     kind, _, model = _build(method, kind_name, extra)
     x = kind.inputs()
@@ -197,7 +215,7 @@ def test_unload_and_merge_and_unload_restore_types(
     assert rel_diff(logits(merged, x), adapted) < ATOL
 
 
-@pytest.mark.parametrize(("method", "kind_name", "extra"), CASES)
+@pytest.mark.parametrize(("method", "kind_name", "extra"), CASES + INIT_CASES)
 def test_save_load_round_trip(method: str, kind_name: str, extra: dict[str, Any], tmp_path: Any) -> None:
     kind, _, model = _build(method, kind_name, extra)
     x = kind.inputs()
@@ -208,7 +226,8 @@ def test_save_load_round_trip(method: str, kind_name: str, extra: dict[str, Any]
     assert config["inference_mode"] is True
     assert all(k.startswith("base_model.model.") and ".default" not in k for k in tensors)
 
-    loaded = PeftModel.from_pretrained(kind.build(0), tmp_path / "a")
+    # PiSSA, OLoRA and LoftQ decompose the base again on loading; CorDA's base is preprocessed (same data).
+    loaded = PeftModel.from_pretrained(prepared_base(kind, model.peft_config["default"]), tmp_path / "a")
     assert not any(p.requires_grad for p in loaded.parameters())
     assert not loaded.training
     torch.testing.assert_close(logits(loaded, x), adapted, atol=0.0, rtol=0.0)
@@ -220,7 +239,8 @@ def test_save_load_round_trip(method: str, kind_name: str, extra: dict[str, Any]
     for key, tensor in tensors.items():
         assert torch.equal(tensors_b[key], tensor), key
 
-    trainable = PeftModel.from_pretrained(kind.build(0), tmp_path / "a", is_trainable=True)
+    fresh = prepared_base(kind, model.peft_config["default"])
+    trainable = PeftModel.from_pretrained(fresh, tmp_path / "a", is_trainable=True)
     assert any(p.requires_grad for p in trainable.parameters())
     torch.testing.assert_close(logits(trainable, x), adapted, atol=0.0, rtol=0.0)
 
@@ -272,7 +292,7 @@ def test_several_named_adapters(method: str, kind_name: str, extra: dict[str, An
         torch.testing.assert_close(logits(model, x), logits(base, x), atol=0.0, rtol=0.0)
 
 
-@pytest.mark.parametrize(("method", "kind_name", "extra"), CASES)
+@pytest.mark.parametrize(("method", "kind_name", "extra"), CASES + INIT_CASES)
 def test_deepcopy_and_pickle_keep_outputs(method: str, kind_name: str, extra: dict[str, Any]) -> None:
     kind, _, model = _build(method, kind_name, extra)
     x = kind.inputs()

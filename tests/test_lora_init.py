@@ -298,7 +298,10 @@ def test_loftq_config_object_becomes_a_dict_and_round_trips(tmp_path: Path) -> N
     [
         (lambda: LoraConfig(init_lora_weights="pissa_niter_x"), ["pissa_niter_x", "'pissa_niter_N'"]),
         (lambda: LoraConfig(init_lora_weights="pissa_niter_-1"), ["pissa_niter_-1", "non-negative"]),
-        (lambda: LoraConfig(init_lora_weights="corda"), ["init_lora_weights='corda'", "'olora'", "'loftq'"]),
+        (
+            lambda: LoraConfig(init_lora_weights="lora_ga"),
+            ["init_lora_weights='lora_ga'", "'olora'", "'corda'"],
+        ),
         (lambda: LoraConfig(init_lora_weights="olora", lora_bias=True), ["lora_bias=True", "olora"]),
         (lambda: LoraConfig(init_lora_weights="loftq"), ["`loftq_config` must be specified"]),
         (

@@ -31,12 +31,17 @@ if TYPE_CHECKING:
     from .functional import set_base_model_state_dict as set_base_model_state_dict
     from .functional import set_peft_model_state_dict as set_peft_model_state_dict
     from .methods._adalora_model import AdaLoraModel as AdaLoraModel
+    from .methods._lora_corda import preprocess_corda as preprocess_corda
+    from .methods._lora_eva import get_eva_state_dict as get_eva_state_dict
+    from .methods._lora_eva import initialize_lora_eva_weights as initialize_lora_eva_weights
     from .methods._lora_model import LoraModel as LoraModel
     from .methods._trainable_tokens_model import TrainableTokensModel as TrainableTokensModel
     from .methods.adalora import AdaLoraConfig as AdaLoraConfig
     from .methods.ia3 import IA3Config as IA3Config
     from .methods.loha import LoHaConfig as LoHaConfig
     from .methods.lokr import LoKrConfig as LoKrConfig
+    from .methods.lora import CordaConfig as CordaConfig
+    from .methods.lora import EvaConfig as EvaConfig
     from .methods.lora import LoftQConfig as LoftQConfig
     from .methods.lora import LoraConfig as LoraConfig
     from .methods.trainable_tokens import TrainableTokensConfig as TrainableTokensConfig
@@ -95,7 +100,12 @@ _CORE: dict[str, str] = {
     "PeftModelForSeq2SeqLM": "task_models",
     "PeftModelForSequenceClassification": "task_models",
     "PeftModelForTokenClassification": "task_models",
-    "LoftQConfig": "methods.lora",  # LoRA's option class, exported at the top as in PEFT
+    "LoftQConfig": "methods.lora",  # LoRA's option classes and data initialisers, at the top as in PEFT
+    "EvaConfig": "methods.lora",
+    "CordaConfig": "methods.lora",
+    "get_eva_state_dict": "methods._lora_eva",
+    "initialize_lora_eva_weights": "methods._lora_eva",
+    "preprocess_corda": "methods._lora_corda",
     "MethodSpec": "registry",
     "available_methods": "registry",
     "get_method": "registry",

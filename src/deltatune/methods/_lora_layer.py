@@ -189,7 +189,11 @@ class LoraLayer(LoraHotswapMixin, RankedLayer):
         self, adapter_name: str, init: bool | str, loftq: dict[str, Any] | None = None
     ) -> None:
         """Initialises A and B as PEFT does for ``init_lora_weights`` (PiSSA, OLoRA, orthogonal and LoftQ, with
-        ``loftq`` its options, in :mod:`._lora_init`, which may rewrite the base weight)."""
+        ``loftq`` its options, in :mod:`._lora_init`, and CorDA in :mod:`._lora_corda`, which may rewrite the base
+        weight; EVA: B = 0 and A as created, until ``initialize_lora_eva_weights`` sets it from data)."""
+        if init in ("eva", "corda"):
+            self._data_init(adapter_name, str(init))
+            return
         if isinstance(init, str) and init != "gaussian":
             from ._lora_init import init_from_base
 
@@ -220,6 +224,27 @@ class LoraLayer(LoraHotswapMixin, RankedLayer):
             nn.init.zeros_(b)
             if b_bias is not None:
                 nn.init.zeros_(b_bias)
+
+    def _data_init(self, adapter_name: str, init: str) -> None:
+        """EVA's placeholder (B = 0, A from its creation, as in PEFT) or CorDA's initialisation.
+
+        Raises:
+            ValueError: on a layer other than Linear/``Conv1D`` (PEFT refuses these initialisers there too).
+        """
+        if init == "corda":
+            from ._lora_corda import corda_init
+
+            lora_a, lora_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+            corda_init(self.base_layer, lora_a, lora_b, self.r[adapter_name], self.scaling[adapter_name])
+            return
+        if not isinstance(self.base_layer, nn.Linear | Conv1D):
+            raise ValueError(
+                f"init_lora_weights={init!r} supports Linear and Conv1D layers, not "
+                f"{type(self.base_layer).__name__}; leave this layer out of target_modules or use another "
+                "initialisation"
+            )
+        with torch.no_grad():
+            nn.init.zeros_(self.factor_weights(adapter_name)[1])
 
     def factor_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) weights of ``adapter_name``: (r, in[, *kernel]) and (out, r[, 1, 1])."""

@@ -20,11 +20,11 @@ __all__ = ["LoraBiasError", "LoraBiasMergeError", "LoraModel", "all_bias_tensors
 
 
 def base_rewriting_init(config: TargetingConfig) -> str | None:
-    """ "PiSSA" or "OLoRA" when ``config``'s initialisation rewrites the base weight, else None."""
+    """ "PiSSA", "OLoRA" or "CorDA" when ``config``'s initialisation rewrites the base weight, else None."""
     init = getattr(config, "init_lora_weights", None)
     if isinstance(init, str) and init.startswith("pissa"):
         return "PiSSA"
-    return "OLoRA" if init == "olora" else None
+    return {"olora": "OLoRA", "corda": "CorDA"}.get(init) if isinstance(init, str) else None
 
 
 class LoraBiasError(NotImplementedError, ValueError):
@@ -34,6 +34,26 @@ class LoraBiasError(NotImplementedError, ValueError):
 
 class LoraModel(AdapterModel):
     """The tuner of LoRA and its variants: adds the ``bias`` option's trainable and saved biases."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TargetingConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """The tuner (see :class:`~deltatune.tuner.AdapterModel`); a new EVA adapter created with its tensors in
+        memory gets PEFT's ``get_peft_model`` warning (not one being loaded: ``inference_mode`` is set then)."""
+        if getattr(config, "init_lora_weights", None) == "eva" and not (
+            low_cpu_mem_usage or config.inference_mode
+        ):
+            warnings.warn(
+                "lora with eva initialization used with low_cpu_mem_usage=False. Setting low_cpu_mem_usage=True "
+                "can improve the maximum batch size possible for eva initialization.",
+                stacklevel=4,
+            )
+        super().__init__(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
 
     def extra_trainable_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
         """``bias="all"``: every bias outside the ``modules_to_save`` copies; ``"lora_only"``: the biases of
@@ -208,8 +228,10 @@ class LoraModel(AdapterModel):
                 "adapter to a LoRA adapter",
                 stacklevel=4,
             )
-        initial_config = type(config).from_dict({**data, "init_lora_weights": True})
-        converted = type(config).from_dict(converted_config_data(data))
+        with warnings.catch_warnings():  # the CorDA/EVA options stay in the files, as PEFT writes them
+            warnings.filterwarnings("ignore", message=r"`(corda|eva)_config` specified but will be ignored")
+            initial_config = type(config).from_dict({**data, "init_lora_weights": True})
+            converted = type(config).from_dict(converted_config_data(data))
         assert isinstance(initial_config, TargetingConfig) and isinstance(converted, TargetingConfig)
         return converted_lora_tensors(tensors, initial), converted, initial_config
 

@@ -11,21 +11,25 @@ The config and the registration live here (no torch); the maths and the layers i
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from ..config import AdapterConfig, check_choice, check_range, help_field
 from ..registry import MethodSpec, register_method
 from ._lazy import forward_attributes
 from ._target_defaults import LORA_DEFAULT_TARGETS
 
-__all__ = ["LoftQConfig", "LoraConfig", "pissa_iterations"]
+__all__ = ["CordaConfig", "EvaConfig", "LoftQConfig", "LoraConfig", "pissa_iterations"]
 
 INIT_CHOICES = (True, False, "gaussian")
 #: The initialisers computed from the base weight (:mod:`._lora_init`); ``pissa_niter_N`` is accepted too.
 BASE_INITS = ("pissa", "olora", "orthogonal", "loftq")
+#: The initialisers computed from data: EVA (:mod:`._lora_eva`) and CorDA (:mod:`._lora_corda`).
+DATA_INITS = ("eva", "corda")
 
 
 @dataclass
@@ -35,6 +39,83 @@ class LoftQConfig:
 
     loftq_bits: int = help_field("Bits of the quantization: 4 (NF4) or 8 (int8).", 4)
     loftq_iter: int = help_field("Alternating quantization and SVD steps, at least 1.", 1)
+
+
+@dataclass
+class EvaConfig:
+    """EVA's options (PEFT's ``EvaConfig``), passed as ``LoraConfig(init_lora_weights="eva",
+    eva_config=EvaConfig(...))``; the adapter is initialised from data by ``initialize_lora_eva_weights``."""
+
+    rho: float = help_field(
+        "Rank redistribution: a layer may get up to r * rho components (at least 1; 1 keeps every rank).", 2.0
+    )
+    tau: float = help_field(
+        "Convergence threshold: cosine similarity of the components between two batches, in [0, 1].", 0.99
+    )
+    use_label_mask: bool = help_field(
+        "Whether positions whose label is label_mask_value are left out of the SVD.", True
+    )
+    label_mask_value: int = help_field("The label of the positions use_label_mask leaves out.", -100)
+    whiten: bool = help_field(
+        "Whether to divide each component by the square root of its singular value.", False
+    )
+    adjust_scaling_factors: bool = help_field(
+        "Whether to scale lora_alpha by the new rank / r where the redistribution changed a layer's rank.",
+        True,
+    )
+
+    def __post_init__(self) -> None:
+        if self.rho < 1.0:
+            raise ValueError(f"`rho` must be >= 1.0, got {self.rho}")
+        if self.tau < 0.0 or self.tau > 1.0:
+            raise ValueError(f"`tau` must be between 0.0 and 1.0, got {self.tau}")
+
+
+@dataclass
+class CordaConfig:
+    """CorDA's options (PEFT's ``CordaConfig``), passed as ``LoraConfig(init_lora_weights="corda",
+    corda_config=CordaConfig(...))``; ``preprocess_corda`` must run on the model before ``get_peft_model``."""
+
+    cache_file: str | None = help_field(
+        "File of the decomposition (read when it exists, else written): reused, it skips the data pass.", None
+    )
+    covariance_file: str | None = help_field(
+        "File of the input covariances (read when it exists, else written): reusable for other ranks.", None
+    )
+    corda_method: str | None = help_field(
+        "'ipm' (the r largest components: fastest fitting) or 'kpm' (the r smallest: keeps what the model "
+        "knows).",
+        "ipm",
+    )
+    verbose: bool = help_field("Whether to show a progress bar while decomposing.", False)
+    use_float16_for_covariance: bool = help_field(
+        "Whether to accumulate the covariances in float16 (half the memory, less precise).", False
+    )
+    prune_temporary_fields: bool = help_field(
+        "Whether to remove the covariance, sample count, method and rank from the layers afterwards.", True
+    )
+
+    def __post_init__(self) -> None:
+        if self.corda_method not in (None, "ipm", "kpm"):
+            raise ValueError(f"corda_method={self.corda_method!r} is not valid; choose 'ipm' or 'kpm'")
+
+
+_Sub = TypeVar("_Sub", EvaConfig, CordaConfig)
+
+
+def sub_config(value: Any, cls: type[_Sub]) -> _Sub | None:
+    """``value`` as ``cls``: None, an instance, or a dict (as read from ``adapter_config.json``; unknown keys
+    are dropped, as PEFT does).
+
+    Raises:
+        TypeError: for any other value.
+    """
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in value.items() if k in names})
+    raise TypeError(f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None.")
 
 
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -68,8 +149,10 @@ class LoraConfig(AdapterConfig):
         "B zero), false (both random, so the adapter starts as a non-zero update), 'pissa' (A and B from the "
         "base weight's top-r SVD, the base keeps the residual; 'pissa_niter_N' uses a randomized SVD with N "
         "iterations), 'olora' (from the base weight's QR, the base keeps the residual), 'orthogonal' "
-        "(random orthogonal A and B, even r) or 'loftq' (the base becomes its 4- or 8-bit quantization and A, "
-        "B the SVD of what it lost; set loftq_config).",
+        "(random orthogonal A and B, even r), 'loftq' (the base becomes its 4- or 8-bit quantization and A, "
+        "B the SVD of what it lost; set loftq_config), 'eva' (A from the SVD of the layers' inputs over data, "
+        "with ranks redistributed: call initialize_lora_eva_weights) or 'corda' (A and B from the base weight "
+        "decomposed with the inputs' covariance, the base keeps the residual: call preprocess_corda first).",
         True,
     )
     megatron_config: dict[str, Any] | None = None
@@ -114,8 +197,8 @@ class LoraConfig(AdapterConfig):
         False,
     )
 
-    #: The base-weight initialisers this config accepts (AdaLoRA accepts none).
-    BASE_INITS: ClassVar[tuple[str, ...]] = BASE_INITS
+    #: The string initialisers this config accepts beside 'gaussian' (AdaLoRA accepts none).
+    BASE_INITS: ClassVar[tuple[str, ...]] = (*BASE_INITS, *DATA_INITS)
     ALPHA_FIELD: ClassVar[str] = "lora_alpha"
     DROPOUT_FIELD: ClassVar[str | None] = "lora_dropout"
     RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.1}
@@ -137,6 +220,7 @@ class LoraConfig(AdapterConfig):
         check_range("lora_dropout", self.lora_dropout, 0, 1)
         # ``bias`` is checked when the adapter is applied (PEFT's NotImplementedError, see LoraModel)
         self._check_init()
+        self._check_data_inits()
         self._check_token_indices()
         self._check_replication()
         if isinstance(self.target_parameters, str):
@@ -145,8 +229,6 @@ class LoraConfig(AdapterConfig):
             self.target_parameters = list(self.target_parameters)
         unsupported = {
             "use_qalora": self.use_qalora,
-            "eva_config": self.eva_config,
-            "corda_config": self.corda_config,
             "lora_ga_config": self.lora_ga_config,
             "velora_config": self.velora_config,
             "monteclora_config": self.monteclora_config,
@@ -265,6 +347,44 @@ class LoraConfig(AdapterConfig):
             raise ValueError(
                 f"loftq_config: loftq_iter={options['loftq_iter']!r} must be an integer of at least 1"
             )
+
+    def _check_data_inits(self) -> None:
+        """PEFT's rules for ``eva_config`` and ``corda_config``: a dict becomes the config class; with its
+        initialiser and no config, the default config with a warning; without it, a warning that it is ignored.
+
+        Raises:
+            TypeError: for a value that is neither None, the config class nor a dict.
+        """
+        self.eva_config = sub_config(self.eva_config, EvaConfig)
+        self.corda_config = sub_config(self.corda_config, CordaConfig)
+        init = self.init_lora_weights
+        for name, cls in (("eva", EvaConfig), ("corda", CordaConfig)):
+            field = f"{name}_config"
+            if init == name and getattr(self, field) is None:
+                warnings.warn(
+                    f"`init_lora_weights` is '{name}' but `{field}` is not specified. Using default "
+                    f"{'EVA' if name == 'eva' else 'CorDA'} config.",
+                    stacklevel=4,
+                )
+                setattr(self, field, cls())
+            elif init != name and getattr(self, field) is not None:
+                warnings.warn(
+                    f"`{field}` specified but will be ignored when `init_lora_weights` is not '{name}'.",
+                    stacklevel=4,
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict; ``eva_config`` and ``corda_config`` as dicts (PEFT's layout), paths
+        as strings."""
+        data = super().to_dict()
+        for field in ("eva_config", "corda_config"):
+            value = data.get(field)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                data[field] = {
+                    k: os.fspath(v) if isinstance(v, os.PathLike) else v
+                    for k, v in dataclasses.asdict(value).items()
+                }
+        return data
 
     @property
     def selects_variant(self) -> bool:
