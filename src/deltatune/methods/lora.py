@@ -103,6 +103,21 @@ class LoraConfig(AdapterConfig):
     ALPHA_FIELD: ClassVar[str] = "lora_alpha"
     DROPOUT_FIELD: ClassVar[str | None] = "lora_dropout"
     RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.1}
+    #: What a command line offers for a field (``_N``: a whole number), read by the CLI; the values a config
+    #: class accepts are those it can be built with, so a subclass (AdaLoRA) offers fewer.
+    FLAG_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "init_lora_weights": (
+            "gaussian", "true", "false", "pissa", "pissa_niter_N", "olora", "orthogonal", "loftq", "eva", "corda"
+        )
+    }  # fmt: skip
+    #: Initialisers computed from data (PEFT's EVA and CorDA): value → (when the library function runs:
+    #: "before" or "after" ``get_peft_model``, its name in the package); the CLI runs them on training batches.
+    DATA_INITS: ClassVar[dict[str, tuple[str, str]]] = {
+        "eva": ("after", "initialize_lora_eva_weights"),
+        "corda": ("before", "preprocess_corda"),
+    }
+    #: The CLI's optimiser options that apply to this method (LoRA+, :mod:`deltatune.optimizers`).
+    OPTIMIZER_OPTIONS: ClassVar[tuple[str, ...]] = ("loraplus_lr_ratio", "loraplus_lr_embedding")
     #: Fields that select a variant of LoRA implemented by another registered method (PEFT's DoRA flag).
     VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora",)
     PEFT_TYPE: ClassVar[str] = "LORA"
@@ -190,6 +205,15 @@ class LoraConfig(AdapterConfig):
             raise ValueError(
                 f"loftq_config: loftq_iter={options['loftq_iter']!r} must be an integer of at least 1"
             )
+
+    @classmethod
+    def recipe_defaults(cls, planned_steps: int, given: dict[str, Any]) -> dict[str, Any]:
+        """:attr:`RECIPE_DEFAULTS`, plus LoftQ's default options (4 bits, 1 iteration) when the user chose
+        ``init_lora_weights="loftq"`` without ``loftq_config``."""
+        defaults = super().recipe_defaults(planned_steps, given)
+        if given.get("init_lora_weights") == "loftq" and "loftq" in cls.BASE_INITS:
+            defaults.setdefault("loftq_config", {"loftq_bits": 4, "loftq_iter": 1})
+        return defaults
 
     @property
     def selects_variant(self) -> bool:
