@@ -6,6 +6,7 @@ and the card, ``compare`` over initialisers, and the glue of the initialisers co
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -299,6 +300,12 @@ def test_data_initialisers_run_the_library_function_on_batches(
         "fake_before",
         lambda model, config, run_model: calls.append(("before", run_model())),
         raising=False,
+    )
+    real = data_init.get_peft_model  # the layers know no stand-in value: they build the default init
+    monkeypatch.setattr(
+        data_init,
+        "get_peft_model",
+        lambda base, config: real(base, dataclasses.replace(config, **{INIT: True})),
     )
     config = _DataInitConfig(r=2, target_modules=["lin"], **{INIT: value})
     batches = [{"x": torch.tensor([1, 2])}]
