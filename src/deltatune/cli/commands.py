@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -170,6 +171,7 @@ def compare(argv: list[str]) -> int:
     from ..train.lock import RunLock
     from ..train.outputs import prepare_output_dir, training_identity, write_run_record
     from ..train.signals import sigterm_as_interrupt
+    from .init_options import variant_dests
     from .run_args import check_sources, parse_run
 
     parsed = parse_run("compare", argv)
@@ -185,6 +187,7 @@ def compare(argv: list[str]) -> int:
         "dataset": parsed.dataset,
         "methods": list(o.methods),
         "baselines": list(o.baselines),
+        **{d: getattr(o, d) for d in variant_dests() if getattr(o, d, None) is not None},
         "training": training_identity(args),
     }
     # one writer per folder, released when compare returns or fails; SIGTERM unwinds it like Ctrl-C (as
@@ -199,11 +202,20 @@ def compare(argv: list[str]) -> int:
 
 def _compare_runs(parsed: Any, out: str) -> None:
     from ..tasks.compare import compare_runs, plan_runs, write_compare
+    from .init_options import compare_variants, variant_dests
     from .output import EpochReporter, OnceFilter, run_log
     from .run_args import run_spec
 
     args, o = parsed.training_args, parsed.options
-    runs = plan_runs(lambda m, **kw: run_spec(parsed, m, strict=False, **kw), o.methods, o.baselines)
+    common = dataclasses.replace(  # the options that take several values are the variants, not common
+        parsed, options=argparse.Namespace(**{k: v for k, v in vars(o).items() if k not in variant_dests()})
+    )
+    runs = plan_runs(
+        lambda m, **kw: run_spec(common, m, strict=False, **kw),
+        o.methods,
+        o.baselines,
+        lambda m: compare_variants(m, o),
+    )
     screen = console()
     package_logger = logging.getLogger("deltatune")
 

@@ -119,8 +119,9 @@ def adapter_flags() -> dict[str, AdapterFlag]:
     for method in available_methods():
         cls = get_method(method).config_cls
         hints = typing.get_type_hints(cls)
+        inert = getattr(cls, "INERT_FIELDS", {})  # fields the method ignores: not its flags
         for f in dataclasses.fields(cls):
-            if f.name in SKIPPED_FIELDS or not f.init or _kind(hints[f.name]) is None:
+            if f.name in SKIPPED_FIELDS or f.name in inert or not f.init or _kind(hints[f.name]) is None:
                 continue
             if f.name in flags:
                 flags[f.name].methods.append(method)
@@ -210,7 +211,15 @@ def adapter_kwargs_for(method: str, namespace: argparse.Namespace, strict: bool 
         if name not in ALIASES and hasattr(namespace, name)
     }
     out: dict[str, Any] = {}
+    inert = getattr(spec.config_cls, "INERT_FIELDS", {})
     for name, value in given.items():
+        if name in inert:
+            if not strict:
+                continue
+            raise ValueError(
+                f"--{name} does not apply to {method}: {inert[name]}; it applies to "
+                + ", ".join(adapter_flags()[name].methods)
+            )
         alias = spec.config_cls.FLAG_ALIASES.get(name)
         if alias is not None and not hasattr(namespace, alias[0]):
             logger.warning("%s (--%s %s)", alias[1], name, value)

@@ -24,6 +24,7 @@ from .checks import (
     hub_status,
 )
 from .flags import adapter_kwargs_for, closest_flags
+from .init_options import check_run_options, optimizer_kwargs, optimizer_methods
 from .run_options import build_run_parser, recipe_defaults
 from .run_parser import CommandError, help_method
 
@@ -162,8 +163,18 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         raise CommandError(
             "--validation_dir needs the training images too: pass --train_dir (or --dataset) DIR"
         )
-    if command == "train":
-        adapter_kwargs_for(options.method, options)  # refuse flags of other methods up front
+    if command == "train":  # refuse flags of other methods, and values this method lacks, up front
+        check_run_options(
+            options.method, adapter_kwargs_for(options.method, options), optimizer_kwargs(options)
+        )
+    elif optimizer_kwargs(options) and options.loraplus_lr_ratio is None:
+        raise CommandError(
+            "--loraplus_lr_embedding needs --loraplus_lr_ratio (which turns the loraplus optimiser on)"
+        )
+    elif options.loraplus_lr_ratio is not None and min(options.loraplus_lr_ratio) <= 0:
+        raise CommandError(
+            f"--loraplus_lr_ratio must be positive (the paper uses 2 to 16), got {options.loraplus_lr_ratio}"
+        )
     training_kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
     _do_flags(training_kwargs)
     try:  # fail before any data or model is loaded
@@ -220,11 +231,13 @@ def run_spec(parsed: ParsedRun, method: str | None, strict: bool = True, **overr
     """The :class:`RunSpec` for ``method`` (None for a baseline) from parsed options."""
     o = parsed.options
     kwargs = adapter_kwargs_for(method, o, strict=strict) if method else {}
+    optimizer = optimizer_kwargs(o) if method in optimizer_methods() else {}
     fields = {
         "method": method,
         "model": parsed.model,
         "dataset": parsed.dataset,
         "adapter_kwargs": kwargs,
+        "optimizer": optimizer,
         "random_backbone": o.random_backbone,
         "image_column": o.image_column,
         "label_column": o.label_column,

@@ -32,6 +32,7 @@ from .._defaults import (
     PRECISION_CHOICES,
 )
 from .checks import PositiveInt
+from .init_options import OptimizerOptions, refine_flags
 from .run_parser import RunHelp, add_dataclass_fields
 
 __all__ = [
@@ -318,6 +319,8 @@ def _adapter_help(
             values["dropout"] = values[dropout_field]
         recipe[method] = values
     hidden = {name for name, flag in flags.items() if not flag.help or "dict" in str(flag.hint)}
+    for config_cls in configs.values():  # options for other models than the recipe's (language models)
+        hidden.update(getattr(config_cls, "HELP_ALL_FIELDS", ()))
     texts = {name: flag.help for name, flag in flags.items()}
     texts.update({alias: text for alias, text in ALIASES.items() if alias not in texts})
     return dests, recipe, notes, hidden, texts
@@ -379,6 +382,7 @@ def _finish(parser: argparse.ArgumentParser, command: str) -> None:
         help="train in fp32 (same as --precision fp32)",
     )
     add_adapter_flags(parser)
+    refine_flags(parser, command)
     parser.set_defaults(do_train=None, do_eval=None)  # None: not given (both default to on)
 
 
@@ -391,6 +395,7 @@ def build_help_parser(command: str, help_method: str | None = None) -> RunHelp:
     """
     parser = RunHelp(**_settings(command, help_method))
     add_dataclass_fields(parser, TrainOptions if command == "train" else CompareOptions)
+    add_dataclass_fields(parser, OptimizerOptions)
     add_dataclass_fields(parser, TrainingEssentials)
     parser.add_help_options(lists_all=False)
     _finish(parser, command)
@@ -415,7 +420,7 @@ def build_run_parser(command: str, help_method: str | None = None) -> RunHelp:
 
     options = TrainOptions if command == "train" else CompareOptions
     parser = HfRunParser(
-        (options, TrainingArguments),  # type: ignore[arg-type]
+        (options, OptimizerOptions, TrainingArguments),  # type: ignore[arg-type]
         **_settings(command, help_method),
     )
     parser.add_help_options()

@@ -78,6 +78,8 @@ SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "push_to_hub",
             "hub_model_id",
             "full_learning_rate",
+            "loraplus_lr_ratio",
+            "loraplus_lr_embedding",
         ),
     ),
     (

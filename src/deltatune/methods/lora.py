@@ -16,11 +16,12 @@ import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from ..config import AdapterConfig, check_choice, check_range, help_field
 from ..registry import MethodSpec, register_method
 from ._lazy import forward_attributes
+from ._lora_options import CordaConfig, EvaConfig, LoftQConfig, sub_config
 from ._target_defaults import LORA_DEFAULT_TARGETS
 
 __all__ = ["CordaConfig", "EvaConfig", "LoftQConfig", "LoraConfig", "pissa_iterations"]
@@ -30,93 +31,6 @@ INIT_CHOICES = (True, False, "gaussian")
 BASE_INITS = ("pissa", "olora", "orthogonal", "loftq")
 #: The initialisers computed from data: EVA (:mod:`._lora_eva`) and CorDA (:mod:`._lora_corda`).
 DATA_INITS = ("eva", "corda")
-
-
-@dataclass
-class LoftQConfig:
-    """LoftQ's options (PEFT's ``LoftQConfig``), passed as ``LoraConfig(init_lora_weights="loftq",
-    loftq_config=LoftQConfig(...))``; stored in the config as a dict."""
-
-    loftq_bits: int = help_field("Bits of the quantization: 4 (NF4) or 8 (int8).", 4)
-    loftq_iter: int = help_field("Alternating quantization and SVD steps, at least 1.", 1)
-
-
-@dataclass
-class EvaConfig:
-    """EVA's options (PEFT's ``EvaConfig``), passed as ``LoraConfig(init_lora_weights="eva",
-    eva_config=EvaConfig(...))``; the adapter is initialised from data by ``initialize_lora_eva_weights``."""
-
-    rho: float = help_field(
-        "Rank redistribution: a layer may get up to r * rho components (at least 1; 1 keeps every rank).", 2.0
-    )
-    tau: float = help_field(
-        "Convergence threshold: cosine similarity of the components between two batches, in [0, 1].", 0.99
-    )
-    use_label_mask: bool = help_field(
-        "Whether positions whose label is label_mask_value are left out of the SVD.", True
-    )
-    label_mask_value: int = help_field("The label of the positions use_label_mask leaves out.", -100)
-    whiten: bool = help_field(
-        "Whether to divide each component by the square root of its singular value.", False
-    )
-    adjust_scaling_factors: bool = help_field(
-        "Whether to scale lora_alpha by the new rank / r where the redistribution changed a layer's rank.",
-        True,
-    )
-
-    def __post_init__(self) -> None:
-        if self.rho < 1.0:
-            raise ValueError(f"`rho` must be >= 1.0, got {self.rho}")
-        if self.tau < 0.0 or self.tau > 1.0:
-            raise ValueError(f"`tau` must be between 0.0 and 1.0, got {self.tau}")
-
-
-@dataclass
-class CordaConfig:
-    """CorDA's options (PEFT's ``CordaConfig``), passed as ``LoraConfig(init_lora_weights="corda",
-    corda_config=CordaConfig(...))``; ``preprocess_corda`` must run on the model before ``get_peft_model``."""
-
-    cache_file: str | None = help_field(
-        "File of the decomposition (read when it exists, else written): reused, it skips the data pass.", None
-    )
-    covariance_file: str | None = help_field(
-        "File of the input covariances (read when it exists, else written): reusable for other ranks.", None
-    )
-    corda_method: str | None = help_field(
-        "'ipm' (the r largest components: fastest fitting) or 'kpm' (the r smallest: keeps what the model "
-        "knows).",
-        "ipm",
-    )
-    verbose: bool = help_field("Whether to show a progress bar while decomposing.", False)
-    use_float16_for_covariance: bool = help_field(
-        "Whether to accumulate the covariances in float16 (half the memory, less precise).", False
-    )
-    prune_temporary_fields: bool = help_field(
-        "Whether to remove the covariance, sample count, method and rank from the layers afterwards.", True
-    )
-
-    def __post_init__(self) -> None:
-        if self.corda_method not in (None, "ipm", "kpm"):
-            raise ValueError(f"corda_method={self.corda_method!r} is not valid; choose 'ipm' or 'kpm'")
-
-
-_Sub = TypeVar("_Sub", EvaConfig, CordaConfig)
-
-
-def sub_config(value: Any, cls: type[_Sub]) -> _Sub | None:
-    """``value`` as ``cls``: None, an instance, or a dict (as read from ``adapter_config.json``; unknown keys
-    are dropped, as PEFT does).
-
-    Raises:
-        TypeError: for any other value.
-    """
-    if value is None or isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        names = {f.name for f in dataclasses.fields(cls) if f.init}
-        return cls(**{k: v for k, v in value.items() if k in names})
-    raise TypeError(f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None.")
-
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -202,8 +116,42 @@ class LoraConfig(AdapterConfig):
     ALPHA_FIELD: ClassVar[str] = "lora_alpha"
     DROPOUT_FIELD: ClassVar[str | None] = "lora_dropout"
     RECIPE_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.1}
+    #: What a command line offers for a field (``_N``: a whole number), read by the CLI; the values a config
+    #: class accepts are those it can be built with, so a subclass (AdaLoRA) offers fewer.
+    FLAG_CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "init_lora_weights": (
+            "gaussian", "true", "false", "pissa", "olora", "orthogonal", "loftq", "eva"
+        )
+    }  # fmt: skip
+    #: Values the library takes but a command line refuses, with the reason: the saved adapter of such a run
+    #: would not reload to the run's numbers in ``evaluate``/``predict``/a pipeline (the base weights were
+    #: rewritten by something a reload cannot recompute). The library's conversion on save fixes that.
+    FLAG_REFUSED: ClassVar[dict[str, dict[str, str]]] = {
+        "init_lora_weights": {
+            "corda": "CorDA rewrites the base weights from the training data's covariances, which a reload of "
+            "the adapter (evaluate, predict, merge) cannot recompute",
+            "pissa_niter_N": "its randomized SVD rewrites the base weights differently at each reload (evaluate, "
+            "predict, merge); 'pissa' (the exact SVD) reloads to the run's numbers",
+        }
+    }
+    #: Initialisers computed from data (PEFT's EVA and CorDA): value → (when the library function runs:
+    #: "before" or "after" ``get_peft_model``, its name in the package); the CLI runs them on training batches.
+    DATA_INITS: ClassVar[dict[str, tuple[str, str]]] = {
+        "eva": ("after", "initialize_lora_eva_weights"),
+        "corda": ("before", "preprocess_corda"),
+    }
+    #: The CLI's optimiser options that apply to this method (LoRA+, :mod:`deltatune.optimizers`).
+    OPTIMIZER_OPTIONS: ClassVar[tuple[str, ...]] = ("loraplus_lr_ratio", "loraplus_lr_embedding")
     #: Fields that select a variant of LoRA implemented by another registered method (PEFT's DoRA flag).
     VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora",)
+    #: Options for language models (tied embeddings, decoder stacks, MoE parameters), which the CLI's
+    #: image recipe takes but its ``--help`` leaves to ``--help-all``.
+    HELP_ALL_FIELDS: ClassVar[tuple[str, ...]] = (
+        "layer_replication",
+        "target_parameters",
+        "ensure_weight_tying",
+        "trainable_token_indices",
+    )
     PEFT_TYPE: ClassVar[str] = "LORA"
     #: Hot-swapping (``deltatune.utils.hotswap``) is for LoRA; two adapters must agree on these fields, which
     #: change the output without being in the tensors (PEFT's list).
@@ -385,6 +333,15 @@ class LoraConfig(AdapterConfig):
                     for k, v in dataclasses.asdict(value).items()
                 }
         return data
+
+    @classmethod
+    def recipe_defaults(cls, planned_steps: int, given: dict[str, Any]) -> dict[str, Any]:
+        """:attr:`RECIPE_DEFAULTS`, plus LoftQ's default options (4 bits, 1 iteration) when the user chose
+        ``init_lora_weights="loftq"`` without ``loftq_config``."""
+        defaults = super().recipe_defaults(planned_steps, given)
+        if given.get("init_lora_weights") == "loftq" and "loftq" in cls.BASE_INITS:
+            defaults.setdefault("loftq_config", {"loftq_bits": 4, "loftq_iter": 1})
+        return defaults
 
     @property
     def selects_variant(self) -> bool:

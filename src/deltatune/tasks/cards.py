@@ -123,6 +123,9 @@ def model_card(info: dict[str, Any]) -> str:
         f"| trainable params | {info['trainable_params']:,} of {info['all_params']:,} "
         f"({info['trainable_percent']:.4f}%) |",
     ]
+    if info.get("optimizer"):  # LoRA+: the B factors' learning rate is loraplus_lr_ratio x the rate
+        shown = ", ".join(f"{k} {v:g}" for k, v in info["optimizer"].items())
+        lines.append(f"| optimiser | {md_text(shown)} |")
     for key in ("accuracy", "top5_accuracy", "loss"):
         if key in eval_metrics:
             lines.append(f"| eval {key.replace('_', ' ')} | {md_text(_fmt(eval_metrics[key]))} |")

@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,23 +28,44 @@ __all__ = ["compare_markdown", "compare_runs", "plan_runs"]
 COLUMNS = ("method", "trainable params", "%", "accuracy", "train time (s)", "peak memory (MiB)")
 
 
+Variant = tuple[str, dict[str, Any], dict[str, Any]]
+
+
 def plan_runs(
-    base: Callable[..., RunSpec], methods: Sequence[str], baselines: Sequence[str]
+    base: Callable[..., RunSpec],
+    methods: Sequence[str],
+    baselines: Sequence[str],
+    variants: Callable[[str], list[Variant]] | None = None,
 ) -> list[RunSpec]:
-    """The runs of a comparison: each method, then linear probe, full fine-tuning and each method on a
-    random backbone (as ``baselines`` asks).
+    """The runs of a comparison: each method (once per variant), then linear probe, full fine-tuning and each
+    method on a random backbone (as ``baselines`` asks).
 
     Args:
         base: Builds a :class:`RunSpec` from ``method=...`` and overrides.
         methods: Adapter methods to run.
         baselines: Any of ``"linear_probe"``, ``"full"``, ``"random"``.
+        variants: ``method`` → its variants, each (label, adapter kwargs, optimiser options) over the common
+            ones (initialisers, LoRA+ ratios); an empty list or None: one run.
     """
-    runs = [base(method) for method in methods]
+
+    def each(method: str, **overrides: Any) -> list[RunSpec]:
+        spec = base(method, **overrides)
+        return [
+            dataclasses.replace(
+                spec,
+                label=label,
+                adapter_kwargs={**spec.adapter_kwargs, **adapter},
+                optimizer={**spec.optimizer, **optimizer},
+            )
+            for label, adapter, optimizer in (variants(method) if variants else [])
+        ] or [spec]
+
+    runs = [run for method in methods for run in each(method)]
     for kind in ("linear_probe", "full"):
         if kind in baselines:
             runs.append(base(None, baseline=kind))
     if "random" in baselines:
-        runs += [base(method, random_backbone=True) for method in methods]
+        runs += [run for method in methods for run in each(method, random_backbone=True)]
     return runs
 
 
@@ -77,7 +99,7 @@ def _warm_up(
 
 
 def _slug(name: str) -> str:
-    return name.replace(" (random backbone)", "-random").replace(" ", "_")
+    return re.sub(r"[^\w.=-]+", "_", name.replace(" (random backbone)", "-random"))
 
 
 def compare_runs(

@@ -10,6 +10,7 @@ second task is a new module beside this one.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ import transformers
 from torch import nn
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-from ..model import PeftModel, get_peft_model
+from ..model import PeftModel
 from ..registry import get_method
 from ..train.arguments import accelerator_name, cpu_threads
 from ..train.checkpoint import save_label_maps
@@ -33,6 +34,7 @@ from ..train.precision import forward_gflop, resolve_precision
 from ..train.run import PeakMemory, fit_batch, logged_final_evaluation, planned_steps
 from ..train.trainer import DeltaTrainer
 from .classifier import build_base_model, find_head, portable_model_name
+from .data_init import attach_configured, sample_batches
 from .report import card_config, write_outputs, write_run_report
 from .results import EvalPredictions, PredictionRecorder, final_evaluation_step
 from .run_spec import (
@@ -147,8 +149,11 @@ def run_training(
     train_ds, eval_ds, collate = _datasets(bundle, processor, setup.pipeline, args.seed)
     if fit_batch_to_data:
         fit_batch(args, len(bundle.train))
-    model = attach_adapter(spec, base, bundle.num_labels, planned_steps(args, len(bundle.train)))
-    trainer, recorder = build_trainer(model, args, train_ds, eval_ds, collate, processor, callbacks, progress)
+    sample = functools.partial(sample_batches, train_ds, collate, args.per_device_train_batch_size)
+    model = attach_adapter(spec, base, bundle.num_labels, planned_steps(args, len(bundle.train)), sample)
+    trainer, recorder = build_trainer(
+        model, args, train_ds, eval_ds, collate, processor, callbacks, progress, spec.optimizer
+    )
     output_dir = str(args.output_dir)
     os.makedirs(output_dir, exist_ok=True)
     main_process = trainer.is_world_process_zero()  # under torchrun/accelerate only rank 0 writes files
@@ -245,9 +250,12 @@ def choose_setup(
 
 
 # ---- the model ----------------------------------------------------------------------------------
-def attach_adapter(spec: RunSpec, base: nn.Module, num_labels: int, total_steps: int) -> nn.Module:
+def attach_adapter(
+    spec: RunSpec, base: nn.Module, num_labels: int, total_steps: int, sample: Any = None
+) -> nn.Module:
     """The model that trains: ``base`` with the adapter of ``spec.method`` (the guide's settings under the
-    user's, fitted to the run's ``total_steps``), or with the parameters a baseline trains unfrozen."""
+    user's, fitted to the run's ``total_steps``; an initialiser computed from data runs on ``sample()``, a few
+    training batches), or with the parameters a baseline trains unfrozen."""
     head = find_head(base, num_labels)
     if head is None and spec.method is not None and "modules_to_save" not in spec.adapter_kwargs:
         logger.warning("no classification head found to train; pass --modules_to_save with its module name")
@@ -264,7 +272,7 @@ def attach_adapter(spec: RunSpec, base: nn.Module, num_labels: int, total_steps:
     kwargs = {**adapter_defaults(method.name, head, total_steps, spec.adapter_kwargs), **spec.adapter_kwargs}
     config = method.make_config(**kwargs)
     config.check_fits_run(total_steps)
-    model = get_peft_model(base, config)  # sets the model's own name_or_path, as PEFT does
+    model = attach_configured(base, config, sample)  # get_peft_model names the base as loaded, as PEFT does
     config.base_model_name_or_path = portable_model_name(spec.model)  # no path of this machine
     return model
 
@@ -279,9 +287,11 @@ def build_trainer(
     processor: Any,
     callbacks: list[Any] | None,
     progress: TrainerCallback | None,
+    optimizer: dict[str, Any] | None = None,
 ) -> tuple[DeltaTrainer, PredictionRecorder]:
     """The :class:`DeltaTrainer`, with a ``compute_metrics`` that keeps each evaluation's predictions for the
-    report, and ``progress`` (when given) in place of transformers' bar and printed log dicts."""
+    report, ``progress`` (when given) in place of transformers' bar and printed log dicts, and ``optimizer``'s
+    options (LoRA+'s ``loraplus_lr_ratio``, ``loraplus_lr_embedding``)."""
     recorder = PredictionRecorder(compute_classification_metrics)
     trainer = DeltaTrainer(
         model,
@@ -293,6 +303,7 @@ def build_trainer(
         callbacks=callbacks,
         device_batch_transform=getattr(collate, "device_transform", None),
         compute_metrics=recorder,
+        **(optimizer or {}),
     )
     recorder.trainer = trainer
     if progress is not None:
@@ -366,6 +377,8 @@ def run_metrics(
         "history": trainer.state.log_history,
         "max_steps": trainer.state.max_steps,
     }
+    if spec.optimizer:
+        metrics["optimizer"] = dict(spec.optimizer)
     if isinstance(model, PeftModel):
         saved = json.loads(model._config_to_save(model.active_adapter).to_json_string())
         metrics["adapter_config_json"] = json.dumps(card_config(saved), indent=2, sort_keys=True)

@@ -43,6 +43,9 @@ class RunSpec:
             ``"standard"`` (see :func:`deltatune.vision.image_datasets`).
         validation_dir: An image folder to evaluate on instead of a split of ``dataset`` (a folder).
         ignore_mismatched_sizes: Re-initialise a checkpoint head of another size (False: an error).
+        optimizer: LoRA+'s options (``loraplus_lr_ratio``, ``loraplus_lr_embedding``; empty: the Trainer's own
+            optimiser), see :func:`deltatune.optimizers.create_loraplus_optimizer`.
+        label: What tells this run from another of the same method in a comparison (``init=pissa``).
     """
 
     method: str | None
@@ -59,20 +62,21 @@ class RunSpec:
     data_pipeline: str = "auto"
     validation_dir: str | None = None
     ignore_mismatched_sizes: bool = True
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
 
     @property
     def name(self) -> str:
         base = self.method or str(self.baseline)
+        base = f"{base} {self.label}" if self.label else base
         return f"{base} (random backbone)" if self.random_backbone else base
 
     def identity(self) -> dict[str, Any]:
         """The parts of :meth:`record` that make two runs the same run (a folder holding a run with other
         values is refused)."""
         record = self.record()
-        return {
-            k: record[k]
-            for k in ("method", "baseline", "model", "dataset", "random_backbone", "adapter_kwargs")
-        }
+        keys = ("method", "baseline", "model", "dataset", "random_backbone", "adapter_kwargs", "optimizer")
+        return {k: record[k] for k in keys if k in record}
 
     def record(self) -> dict[str, Any]:
         """What identifies the run (written to ``deltatune_run.json``)."""
@@ -90,6 +94,7 @@ class RunSpec:
             "max_eval_samples": self.max_eval_samples,
             "data_pipeline": self.data_pipeline,
             "validation_dir": self.validation_dir,
+            **({"optimizer": self.optimizer} if self.optimizer else {}),  # absent: records before it existed
         }
 
 

@@ -81,6 +81,10 @@ class DeltaTrainer(transformers.Trainer):
             (and top-5 accuracy above 5 classes) at each evaluation (default True).
         device_batch_transform: ``(batch, device) -> batch`` run on each collated batch before it is moved to
             the device and given to the model (a task's device-side preprocessing, e.g. GPU image decoding).
+        loraplus_lr_ratio: When set, the optimiser is LoRA+'s (:func:`deltatune.optimizers.create_loraplus_optimizer`
+            with the optimiser ``args.optim`` names, ``lr=args.learning_rate`` and ``args.weight_decay``): the B
+            factors train at ``loraplus_lr_ratio`` times the learning rate.
+        loraplus_lr_embedding: LoRA+'s learning rate of adapted embeddings (default 1e-6, as in PEFT).
         num_threads: CPU threads for torch while ``train`` runs. By default a small model (under 20M
             parameters) training on the CPU uses one thread, as the command line does (its matrix products
             are too small to gain from more, and on a busy machine extra threads spin: a 2-thread run was 9x
@@ -104,10 +108,14 @@ class DeltaTrainer(transformers.Trainer):
         default_metrics: bool = True,
         device_batch_transform: Any = None,
         num_threads: int | None = None,
+        loraplus_lr_ratio: float | None = None,
+        loraplus_lr_embedding: float | None = None,
         **kwargs: Any,
     ) -> None:
         self.device_batch_transform = device_batch_transform
         self.num_threads = num_threads
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_lr_embedding = loraplus_lr_embedding
         if tokenizer is not None:
             existing = kwargs.get("processing_class")
             if existing is not None and existing is not tokenizer:
@@ -198,6 +206,27 @@ class DeltaTrainer(transformers.Trainer):
                 if lost is err:
                     raise
                 raise lost from err
+
+    def create_optimizer(self, model: Any = None) -> torch.optim.Optimizer:
+        """``Trainer.create_optimizer``, or LoRA+'s optimiser when ``loraplus_lr_ratio`` is set."""
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from ..optimizers import EMBEDDING_LR, create_loraplus_optimizer
+
+        opt_model: Any = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        lr = optimizer_kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model,
+            optimizer_cls,
+            lr,
+            self.loraplus_lr_ratio,
+            loraplus_lr_embedding=self.loraplus_lr_embedding or EMBEDDING_LR,
+            loraplus_weight_decay=self.args.weight_decay,
+            **optimizer_kwargs,
+        )
+        return self.optimizer
 
     def _init_training_state(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer._init_training_state``; also reads the loss sum of the steps a resumed checkpoint already
