@@ -9,8 +9,14 @@ first), and reports the median images/s over the rounds and the ratio ours/torch
 - ``fast train``: the fast path's training transform (PIL draft decode at reduced size, crop, one uint8
   antialiased resize, flip) vs ``decode_image`` + ``v2.RandomResizedCrop`` + ``v2.RandomHorizontalFlip``;
 - ``resize``: the fast path's uint8 resize vs ``v2.functional.resize`` on the same tensor;
-- ``standard train``: :class:`~deltatune.vision.transforms.ImageTransform` (PIL crop-resize, float per
-  example) vs ``v2.Compose`` of PILToTensor, RandomResizedCrop, flip, ToDtype and Normalize;
+- ``crop + resize``: the standard path's crop and resize of a decoded (3, H, W) image (slice, then the fast
+  path's uint8 resize) vs ``v2.functional.resized_crop``, on the same boxes;
+- ``standard train``: a file to a normalised float tensor:
+  :class:`~deltatune.vision.standard.StandardImageTransform` vs ``read_file`` + ``decode_jpeg`` +
+  ``v2.Compose`` of RandomResizedCrop, flip, ToDtype and Normalize;
+- ``normalise one``: the standard path's per-example ``(x/255 - mean)/std`` vs ``v2.ToDtype(scale=True)`` +
+  ``v2.Normalize``, both on the tensor the standard path has there (the uint8 resize's channels-last
+  output, seen as (3, H, W));
 - ``normalise``: :class:`~deltatune.vision.fast.FastCollate` (one pass per batch) vs ``v2.Normalize`` per
   example then a stack.
 
@@ -47,18 +53,17 @@ STATS = {"image_mean": MEAN, "image_std": STD, "size": {"height": SIZE, "width":
 
 def stages(files: list[str]) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     """(ours, torchvision's) per stage, each a callable that processes every file once."""
-    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
     from torchvision.transforms import v2
 
     from deltatune.vision.fast import FastCollate, FastImageTransform, _pixels, _resize
-    from deltatune.vision.transforms import build_transforms
+    from deltatune.vision.standard import StandardImageTransform
 
     fast = FastImageTransform.from_processor(STATS, train=True)
-    standard = build_transforms(STATS, train=True)
+    standard = StandardImageTransform.from_processor(STATS, train=True)
     tv_train = v2.Compose([v2.RandomResizedCrop(SIZE, antialias=True), v2.RandomHorizontalFlip()])
     tv_standard = v2.Compose(
         [
-            v2.PILToTensor(),
             v2.RandomResizedCrop(SIZE, antialias=True),
             v2.RandomHorizontalFlip(),
             v2.ToDtype(torch.float32, scale=True),
@@ -73,6 +78,14 @@ def stages(files: list[str]) -> dict[str, tuple[Callable[[], Any], Callable[[], 
     crops = [fast(f) for f in files]
     rows = [{"pixel_values": c, "labels": 0} for c in crops]
     data = [torch.from_numpy(np.fromfile(f, dtype=np.uint8)) for f in files]
+    generator = torch.Generator().manual_seed(0)
+    boxes = [standard.spec.random_crop_box(t.shape[2], t.shape[1], generator) for t in chw]
+    # what the standard path normalises: the uint8 resize of a crop of the decoded (3, H, W) image, (H, W, 3)
+    # channels-last (a resize of a whole (H, W, 3) image comes out channels-first, which suits v2 better)
+    hwc_out = [
+        _resize(t[:, y0:y1, x0:x1].permute(1, 2, 0), SIZE, SIZE)
+        for t, (x0, y0, x1, y1) in zip(chw, boxes, strict=True)
+    ]
 
     def tv_decode() -> None:
         for d in data:
@@ -91,9 +104,28 @@ def stages(files: list[str]) -> dict[str, tuple[Callable[[], Any], Callable[[], 
             lambda: [_resize(t, SIZE, SIZE) for t in hwc],
             lambda: [v2.functional.resize(t, [SIZE, SIZE], antialias=True) for t in chw],
         ),
+        "crop + resize": (
+            lambda: [
+                _resize(t[:, y0:y1, x0:x1].permute(1, 2, 0), SIZE, SIZE)
+                for t, (x0, y0, x1, y1) in zip(chw, boxes, strict=True)
+            ],
+            lambda: [
+                v2.functional.resized_crop(t, y0, x0, y1 - y0, x1 - x0, [SIZE, SIZE], antialias=True)
+                for t, (x0, y0, x1, y1) in zip(chw, boxes, strict=True)
+            ],
+        ),
         "standard train": (
-            lambda: [standard(im) for im in pil],
-            lambda: [tv_standard(im) for im in pil],
+            lambda: [standard(f) for f in files],
+            lambda: [tv_standard(decode_jpeg(read_file(f), mode=ImageReadMode.RGB)) for f in files],
+        ),
+        "normalise one": (
+            lambda: [standard.normalise(t) for t in hwc_out],
+            lambda: [
+                v2.functional.normalize(
+                    v2.functional.to_dtype(t.permute(2, 0, 1), torch.float32, scale=True), MEAN, STD
+                )
+                for t in hwc_out
+            ],
         ),
         "normalise": (
             lambda: collate(rows),

@@ -7,6 +7,7 @@ registry; this file checks what is DoRA's own.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -285,3 +286,63 @@ def test_fused_and_reference_agree_on_a_plain_linear() -> None:
     )
     torch.testing.assert_close(model(x), expected)
     torch.testing.assert_close(F.linear(x, layer.base_layer.weight, layer.base_layer.bias), linear(x))
+
+
+def test_dropout_node_is_peft_s_formula_forward_and_backward() -> None:
+    """The training path with input dropout (one autograd node) against PEFT's formula written out, the norm
+    detached: x Wᵀ + b + (m/n − 1) ⊙ d Wᵀ + (m/n) ⊙ s · d Aᵀ Bᵀ, d = factor · dropped; and gradcheck."""
+    from deltatune.methods._dora_fused import _DoraDropoutLinear
+
+    gen = torch.Generator().manual_seed(3)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x, dropped, bias, a, b, m = leaf(7, 6), leaf(7, 6), leaf(5), leaf(3, 6), leaf(5, 3), leaf(5)
+    w = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    norm = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5
+    s, factor = 0.7, 1.25
+    y = _DoraDropoutLinear.apply(x, dropped, w, bias, a, b, m, norm, s, factor)
+    d, scale = dropped * factor, m / norm
+    expected = F.linear(x, w, bias) + (scale - 1) * F.linear(d, w) + scale * s * F.linear(F.linear(d, a), b)
+    torch.testing.assert_close(y, expected)
+    g = torch.randn_like(y)
+    inputs = [x, dropped, bias, a, b, m]
+    for got, want in zip(
+        torch.autograd.grad(y, inputs, g), torch.autograd.grad(expected, inputs, g), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(
+        lambda *t: _DoraDropoutLinear.apply(t[0], t[1], w, *t[2:], norm, s, factor), tuple(inputs)
+    )
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_dropout_node_equals_the_generic_path_with_the_same_mask(bias: str) -> None:
+    """With dropout in training, the fused node and the generic (PEFT-shaped) path give the same output and
+    gradients for every trainable tensor and the input (small inputs: both draw F.dropout's mask)."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.ReLU(), torch.nn.Linear(12, 4))
+    config = LoraConfig(
+        r=3, lora_dropout=0.3, target_modules=["0", "2"], use_dora=True, init_lora_weights=False, bias=bias
+    )
+    models = [get_peft_model(copy.deepcopy(base), config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for layer in (m for m in models[1].modules() if isinstance(m, DoraLayer)):
+        layer.fused_forward = lambda *a, **k: None  # type: ignore[method-assign]  # force the generic path
+    x = torch.randn(2, 9, 16)
+    results = []
+    for model in models:
+        model.train()
+        torch.manual_seed(5)
+        inputs = x.clone().requires_grad_()
+        out = model(inputs)
+        out.square().sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads | {"input": inputs.grad}))
+    fused_node = results[0][0].grad_fn.next_functions[0][0]  # under the output's view
+    assert "DoraDropoutLinear" in type(fused_node).__name__
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and any("magnitude" in n for n in results[0][1])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], rtol=1e-4, atol=1e-6, msg=name)

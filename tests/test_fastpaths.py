@@ -361,3 +361,52 @@ def test_edge_crop_after_draft_scaling_stays_inside_the_image() -> None:
     fast.spec.random_crop_box = lambda width, height, generator=None: (width - 1, height - 1, width, height)  # type: ignore[method-assign]
     out = fast(data)
     assert out.shape == (32, 32, 3) and out.dtype == torch.uint8
+
+
+# ---- standard image path -------------------------------------------------------------------------------
+@pytest.mark.parametrize("orientation", [None, 3, 6, 8])
+def test_standard_decode_is_pils_pixels(orientation: int | None) -> None:
+    """torchvision's JPEG decoder (EXIF orientation applied) gives exactly the pixels PIL's full decode does."""
+    from PIL import ImageOps
+
+    from deltatune.vision.standard import decode_upright
+
+    data = _jpeg(60, 40, orientation)
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    want = torch.from_numpy(np.asarray(upright)).permute(2, 0, 1)
+    assert torch.equal(decode_upright(data), want)
+    assert torch.equal(decode_upright({"bytes": data, "path": None}), want)
+    assert torch.equal(decode_upright(upright), want)  # a decoded image: PIL's conversion
+    gray = io.BytesIO()
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(gray, "PNG")
+    pixels = decode_upright(gray.getvalue())  # not a YCbCr JPEG: PIL's to_rgb
+    assert pixels.shape == (3, 8, 8) and torch.equal(pixels[0], pixels[2])
+
+
+@pytest.mark.parametrize("orientation", [None, 6])
+def test_standard_train_transform_is_crop_then_resize(orientation: int | None) -> None:
+    """The standard path draws ImageTransform's box and flip, cuts the box out, resizes it and normalises
+    per example: within two intensity levels of PIL's crop-then-resize."""
+    from PIL import ImageOps
+
+    from deltatune.vision.standard import StandardImageTransform
+
+    data = _jpeg(60, 40, orientation)
+    standard = StandardImageTransform.from_processor(STATS)
+    mean = torch.tensor(STATS["image_mean"]).view(3, 1, 1)  # type: ignore[arg-type]
+    std = torch.tensor(STATS["image_std"]).view(3, 1, 1)  # type: ignore[arg-type]
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out = standard(data)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32 and out.is_contiguous()
+        got = ((out * std + mean) * 255).permute(1, 2, 0).numpy()
+        torch.manual_seed(seed)
+        upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+        box = standard.spec.random_crop_box(*upright.size)
+        want = upright.crop(box).resize((32, 32), Image.Resampling.BILINEAR)
+        if torch.rand(1).item() < 0.5:
+            want = want.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        difference = np.abs(got - np.asarray(want, dtype=np.float32))
+        assert difference.max() <= 2.01 and difference.mean() < 0.2, (seed, difference.max())
+    with pytest.raises(ValueError, match="evaluation has one path"):
+        StandardImageTransform.from_processor(STATS, train=False)

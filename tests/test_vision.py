@@ -443,6 +443,7 @@ def test_decompression_bomb_is_refused_on_every_data_path(tmp_path: Path) -> Non
     from deltatune.vision import FastImageTransform, ImageFolderDataset
     from deltatune.vision.gpu import EncodedImageTransform
     from deltatune.vision.preprocess import EvalTransform, evaluation_processor, load_rgb
+    from deltatune.vision.standard import StandardImageTransform
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -457,6 +458,7 @@ def test_decompression_bomb_is_refused_on_every_data_path(tmp_path: Path) -> Non
     transforms = [
         FastImageTransform.from_processor(STATS, train=True),
         EncodedImageTransform.from_processor(STATS, train=True),
+        StandardImageTransform.from_processor(STATS, train=True),
         EvalTransform(evaluation_processor(STATS)),
         load_rgb,
     ]

@@ -68,7 +68,7 @@ GUIDE_TRAINING_DEFAULTS: dict[str, Any] = {
 #: ``--precision``: see :mod:`deltatune.train.precision`.
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 #: ``--data_pipeline``: ``fast`` (reduced-size JPEG decoding, uint8 until the batch), ``standard``
-#: (:class:`~deltatune.vision.transforms.ImageTransform` on fully decoded images, float per example), ``gpu``
+#: (:class:`~deltatune.vision.standard.StandardImageTransform`: full decoding, float per example), ``gpu``
 #: (:mod:`deltatune.vision.gpu`: decoding and augmentation on the training device), ``auto`` (``gpu`` when
 #: training on a GPU that the CPU cannot feed, else ``fast``; see :func:`deltatune.vision.gpu.choose_pipeline`).
 DATA_PIPELINES = ("auto", "fast", "standard", "gpu")

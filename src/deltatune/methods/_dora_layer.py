@@ -11,6 +11,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, to_out_in
 from ..layers import expect_config
+from ._dora_fused import dora_dropout_linear
 from ._fused import fused_dtype, is_plain, low_rank_gemms, low_rank_merge_pays
 from ._lora_kinds import LoraEmbeddingLayer
 from ._lora_layer import LoraLayer
@@ -137,11 +138,13 @@ class _DoraState:
     lora_magnitude_vector: nn.ParameterDict
     _merge_norms: dict[str, torch.Tensor]
     _extra_per_adapter: dict[str, dict[str, Any]]
+    _weight_sq: tuple[tuple[Any, ...], torch.Tensor] | None
 
     def _init_dora_state(self) -> None:
         """No magnitudes and no merge norms yet; the norms are per-adapter state (deleted with the adapter)."""
         self.lora_magnitude_vector = nn.ParameterDict()
         self._merge_norms = {}
+        self._weight_sq = None
         self._extra_per_adapter.update({"merge_norms": self._merge_norms})
 
     @classmethod
@@ -224,7 +227,19 @@ class DoraLayer(_DoraState, LoraLayer):
             if weight.dim() != 2:  # a conv kernel: rows of (in · k…)
                 w2, a2, b2 = weight.reshape(out_dim, -1), a.reshape(a.shape[0], -1), b.reshape(out_dim, -1)
             w2, a2, b2 = (_fp32(t) for t in (w2, a2, b2))
-            return dora_row_norm(w2, a2, b2, self.scaling[adapter_name])
+            return dora_row_norm(w2, a2, b2, self.scaling[adapter_name], self._cached_weight_sq(w2))
+
+    def _cached_weight_sq(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """‖W‖² by row of the frozen base weight (``weight``: its fp32 (out, in…) rows), computed once and kept
+        while the base weight's storage and version counter are unchanged (a merge or a load in place
+        changes them); None (computed afresh) in inference mode, whose tensors have no version counter."""
+        base = self.base_weight
+        if torch.is_inference_mode_enabled() or base.requires_grad or base.is_inference():
+            return None
+        key = (base.data_ptr(), base._version, base.dtype, base.device, tuple(base.shape))
+        if self._weight_sq is None or self._weight_sq[0] != key:
+            self._weight_sq = (key, weight.square().sum(1))
+        return self._weight_sq[1]
 
     def magnitude_scale(self, adapter_name: str, one_minus: bool = False) -> torch.Tensor:
         """m / ‖W + ΔW‖ in the magnitude's shape (gradients reach m, not the norm); with ``one_minus``,
@@ -292,17 +307,14 @@ class DoraLayer(_DoraState, LoraLayer):
         return out.addcmul_(_as(lora, dtype), scale, value=self.scaling[adapter_name])
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        """Without dropout, on a plain Linear: the LoRA GEMM fused with the base one
+        """On a plain Linear: without dropout, the LoRA GEMM fused with the base one
         (:func:`~deltatune.methods._fused.low_rank_gemms`, one cast of the input), scaled by m/‖·‖ row by
-        row — or, in inference over many tokens, one GEMM with the merged W'. Else the generic path."""
+        row — or, in inference over many tokens, one GEMM with the merged W'; with dropout, PEFT's formula as
+        one autograd node (:func:`~deltatune.methods._dora_fused.dora_dropout_linear`). Else the generic path."""
         if not self.is_dora(adapter_name):
             return super().fused_forward(x, adapter_name)
         base = self.base_layer
-        if (
-            not isinstance(base, nn.Linear)
-            or self._dropout_p(adapter_name) > 0
-            or not is_plain(base, (nn.Linear,))
-        ):
+        if not isinstance(base, nn.Linear) or not is_plain(base, (nn.Linear,)):
             return None
         weight = self.base_weight
         a_w, b_w = self.factor_weights(adapter_name)
@@ -310,6 +322,12 @@ class DoraLayer(_DoraState, LoraLayer):
         if dtype is None:
             return None
         s = self.scaling[adapter_name]
+        p = self._dropout_p(adapter_name)
+        if p > 0:
+            if weight.requires_grad:
+                return None
+            magnitude, norm = self.lora_magnitude_vector[adapter_name], self.row_norm(adapter_name)
+            return dora_dropout_linear(x, weight, self.base_bias, a_w, b_w, magnitude, norm, s, p, dtype)
         needs_grad = torch.is_grad_enabled() and any(
             p.requires_grad for p in self.adapter_parameters(adapter_name)
         )

@@ -17,8 +17,10 @@ Cost: the row norm comes from the identity
 
     ‖W + s B A‖²_row = ‖W‖²_row + 2s · rowsum((W Aᵀ) ⊙ B) + s² · rowsum((B (A Aᵀ)) ⊙ B)
 
-(out·in·r MACs, no out×in temporary), and without dropout the output is a row rescaling of the fused LoRA
-GEMM, so a training step runs one base GEMM per layer, not PEFT's two plus a materialised ΔW.
+(out·in·r MACs, no out×in temporary; ‖W‖² is computed once while W is unchanged), and without dropout the
+output is a row rescaling of the fused LoRA GEMM, so a training step runs one base GEMM per layer, not PEFT's
+two plus a materialised ΔW. With dropout, PEFT's formula needs the second GEMM (on the dropped input); on a
+plain Linear it runs as one autograd node (:mod:`._dora_fused`) with no N × out temporaries but one.
 
 DoRA is LoRA's config with ``use_dora=True``; this module registers the method (no torch), and its layers
 live in :mod:`._dora_layer`, imported on first use.

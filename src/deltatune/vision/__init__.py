@@ -37,6 +37,7 @@ from .offline import (
 )
 from .pipelines import DATA_PIPELINES, image_datasets
 from .preprocess import EvalTransform, evaluation_processor, load_rgb
+from .standard import StandardImageTransform
 from .transforms import (
     ImageTransform,
     TransformedDataset,
@@ -63,6 +64,7 @@ __all__ = [
     "ImageFolderDataset",
     "ImagePathRows",
     "ImageTransform",
+    "StandardImageTransform",
     "SubsetDataset",
     "TransformedDataset",
     "build_transforms",

@@ -1,5 +1,5 @@
 """The image data paths a run can train with, built from a dataset bundle: ``fast`` (:mod:`.fast`),
-``standard`` (:mod:`.transforms`) and ``gpu`` (:mod:`.gpu`); evaluation has one path (:mod:`.preprocess`)."""
+``standard`` (:mod:`.standard`) and ``gpu`` (:mod:`.gpu`); evaluation has one path (:mod:`.preprocess`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from .fast import FastImageTransform, undecoded
 from .gpu import EncodedImageTransform, encoded_rows
 from .loading import ImageDatasetBundle
 from .preprocess import EvalCollate, EvalTransform, evaluation_processor
-from .transforms import TransformedDataset, build_transforms, collate_fn
+from .standard import StandardImageTransform
+from .transforms import TransformedDataset
 
 __all__ = ["DATA_PIPELINES", "image_datasets"]
 
@@ -30,7 +31,7 @@ def image_datasets(
 
     Args:
         bundle: From :func:`~deltatune.vision.loading.load_image_dataset`.
-        image_processor_or_stats: Size and normalisation source (see :func:`build_transforms`).
+        image_processor_or_stats: Size and normalisation source (see :func:`~.transforms.build_transforms`).
         pipeline: One of :data:`DATA_PIPELINES`.
         draft: The fast pipeline's JPEG draft mode (see :class:`FastImageTransform`).
         seed: Seed of the training augmentation, drawn per (seed, epoch, index) so that a resumed run sees the
@@ -54,10 +55,9 @@ def image_datasets(
         train = TransformedDataset(encoded_rows(bundle.train), train_enc, seed=seed)
         return train, evaluation, EvalCollate(train_enc.collate(), size)
     if pipeline == "standard":
-        train = TransformedDataset(
-            bundle.train, build_transforms(image_processor_or_stats, train=True), seed=seed
-        )
-        return train, evaluation, EvalCollate(collate_fn, size)
+        standard = StandardImageTransform.from_processor(image_processor_or_stats, train=True)
+        train = TransformedDataset(undecoded(bundle.train), standard, seed=seed)
+        return train, evaluation, EvalCollate(standard.collate(), size)
     train_tf = FastImageTransform.from_processor(image_processor_or_stats, train=True, draft=draft)
     train = TransformedDataset(undecoded(bundle.train), train_tf, seed=seed)
     return train, evaluation, EvalCollate(train_tf.collate(), size)

@@ -9,10 +9,10 @@ called with: :class:`TransformedDataset` with a ``seed`` passes one seeded from 
 Training:   RandomResizedCrop(size) → RandomHorizontalFlip → ToTensor → Normalize(mean, std)
 Evaluation: Resize(size) → CenterCrop(size) → ToTensor → Normalize(mean, std)
 
-The transforms work on PIL images and need neither torchvision nor the processor's own resizing code. This is
-the ``standard`` data path, the portable fallback: ``torchvision.transforms.v2`` did the same training
-transform 1.2-1.9x faster per example (``python -m benchmarks.vision_paths``), and the default ``fast`` path
-(:mod:`.fast`) beats both; torchvision is not a core dependency, so this path stays PIL-only.
+:class:`ImageTransform` works on PIL images and needs neither torchvision nor the processor's own resizing
+code. It is the specification the training paths follow (its crop box, flip and statistics) and the reference
+they are tested against; the paths themselves are :mod:`.fast`, :mod:`.standard` (torchvision's JPEG decoder)
+and :mod:`.gpu`.
 """
 
 from __future__ import annotations
