@@ -63,7 +63,15 @@ def test_end_to_end_benchmark_smoke(tmp_path: Path) -> None:
 
 def test_vision_paths_and_evaluate_memory_smoke() -> None:
     medians = vision_paths.main(["--images", "3", "--size", "64", "--rounds", "1"])
-    assert set(medians) == {"decode", "fast train", "resize", "standard train", "normalise"}
+    assert set(medians) == {
+        "decode",
+        "fast train",
+        "resize",
+        "standard train",
+        "normalise",
+        "crop + resize",
+        "normalise one",
+    }
     assert all(side > 0 for sides in medians.values() for side in sides.values())
     rows = evaluate_memory.main(["--images", "12", "24"])
     assert [r["images"] for r in rows] == [12, 24] and all(
