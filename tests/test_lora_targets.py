@@ -30,7 +30,9 @@ def llama(tie: bool = True) -> LlamaForCausalLM:
         num_key_value_heads=2,
         tie_word_embeddings=tie,
     )
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    model.tie_weights()  # as from_pretrained does: the tie must not depend on what ran before in this process
+    return model
 
 
 def gpt2(tie: bool = True) -> GPT2LMHeadModel:
@@ -38,7 +40,9 @@ def gpt2(tie: bool = True) -> GPT2LMHeadModel:
     config = GPT2Config(
         vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16, tie_word_embeddings=tie
     )
-    return GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(config).eval()
+    model.tie_weights()
+    return model
 
 
 def _wrap(lib: Any, model: torch.nn.Module, **kwargs: Any) -> tuple[Any, list[str]]:

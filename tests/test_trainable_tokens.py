@@ -30,7 +30,9 @@ def llama(tie: bool) -> LlamaForCausalLM:
         num_key_value_heads=2,
         tie_word_embeddings=tie,
     )
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    model.tie_weights()  # as from_pretrained does: the tie must not depend on what ran before in this process
+    return model
 
 
 def _logits(model: Any) -> torch.Tensor:
