@@ -96,10 +96,8 @@ def cpu_threads(
     on_cpu = use_cpu or accelerator_name() is None
     if requested is not None and requested > 0:
         torch.set_num_threads(requested)
-    elif (
-        _CHOSEN.get()
-    ):  # inside another cpu_threads block (the CLI's, around DeltaTrainer's): its choice stands
-        pass
+    elif _CHOSEN.get():
+        pass  # inside another cpu_threads block (the CLI's, around DeltaTrainer's): its choice stands
     elif on_cpu and "OMP_NUM_THREADS" not in os.environ and previous > 1:
         size = sum(p.numel() for p in model.parameters())
         small = gflop < SMALL_MODEL_GFLOP if gflop is not None else size < SMALL_MODEL_PARAMETERS
