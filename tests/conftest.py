@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import torch
 from layer_kinds import Conv1dNet, Conv3dNet, EmbeddingNet, Gpt2StyleNet, GroupedConvNet, MhaNet, seeded
 from method_fixtures import example_kwargs, nonzero_init
@@ -268,3 +269,39 @@ def pytest_unconfigure(config: Any) -> None:
     """Removes this process's own inductor cache (see :func:`pytest_configure`)."""
     for folder in _OWN_INDUCTOR_CACHE:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+_INIT_NAMES = ("uniform_", "normal_", "constant_", "zeros_", "ones_", "trunc_normal_", "kaiming_uniform_")
+
+
+def _process_wide_build_state() -> dict[str, Any]:
+    from transformers import PreTrainedModel
+
+    state: dict[str, Any] = {f"torch.nn.init.{n}": getattr(torch.nn.init, n) for n in _INIT_NAMES}
+    state["PreTrainedModel.tie_weights"] = PreTrainedModel.tie_weights
+    state["PreTrainedModel.init_weights"] = PreTrainedModel.init_weights
+    state["torch default dtype"] = torch.get_default_dtype()
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _model_builds_leave_no_trace() -> Iterator[None]:
+    """transformers swaps process-wide state while it builds a model (``PreTrainedModel.tie_weights``,
+    ``torch.nn.init``'s functions, the default dtype) and puts back what it found; a test that leaves any of it
+    swapped breaks every later test of its process (two loads racing in two threads once left tying off, and
+    the tied-embedding tests of another file failed). This fails the test that leaks, and repairs the state."""
+    from transformers import PreTrainedModel
+
+    before = _process_wide_build_state()
+    yield
+    after = _process_wide_build_state()
+    changed = sorted(k for k in before if after[k] is not before[k])
+    if changed:
+        for key in changed:
+            if key.startswith("torch.nn.init."):
+                setattr(torch.nn.init, key.rsplit(".", 1)[1], before[key])
+            elif key.startswith("PreTrainedModel."):
+                setattr(PreTrainedModel, key.rsplit(".", 1)[1], before[key])
+            else:
+                torch.set_default_dtype(before[key])
+        pytest.fail(f"this test left process-wide state changed: {', '.join(changed)}")

@@ -4,6 +4,7 @@ choice, an unreachable hub id given up at once, and two merges into one folder."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import shutil
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +249,29 @@ def test_two_merges_into_one_new_folder_one_wins(
     assert any("was filled by another process while this merge ran" in o for o in outcomes), outcomes
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= set(os.listdir(out))
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
+
+
+def test_model_builds_hold_the_build_lock(run: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers swaps ``PreTrainedModel.tie_weights`` for a no-op while it loads and puts back what it found;
+    two loads at once in two threads (the merges above) could leave tying off for the whole process. Every
+    deltatune build holds one lock, so the swaps never overlap."""
+    from transformers import initialization
+
+    from deltatune._loading import MODEL_BUILD_LOCK
+    from deltatune.tasks.inference import load_trained
+
+    held: list[bool] = []
+    swap = initialization.no_tie_weights
+
+    @contextlib.contextmanager
+    def recording_swap() -> Iterator[None]:
+        held.append(MODEL_BUILD_LOCK._is_owned())  # type: ignore[attr-defined]
+        with swap():
+            yield
+
+    monkeypatch.setattr(initialization, "no_tie_weights", recording_swap)
+    load_trained(run)
+    assert held == [True]
 
 
 def test_validation_folder_missing_a_class_is_warned(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import transformers
 
+from ._loading import MODEL_BUILD_LOCK
 from .config import PeftConfig
 from .model import PeftModel
 
@@ -350,9 +351,10 @@ class AutoPeftModel:
                 "Cannot infer the auto class from the config, please make sure that you are loading the correct "
                 "model for your task type."
             )
-        base = target.from_pretrained(
-            peft_config.base_model_name_or_path, revision=peft_config.revision, **kwargs
-        )
+        with MODEL_BUILD_LOCK:  # transformers' load swaps process-wide state (see deltatune._loading)
+            base = target.from_pretrained(
+                peft_config.base_model_name_or_path, revision=peft_config.revision, **kwargs
+            )
         return cls._target_peft_class.from_pretrained(
             base,
             pretrained_model_name_or_path,

@@ -14,6 +14,8 @@ from typing import Any
 import transformers
 from torch import nn
 
+from .._loading import MODEL_BUILD_LOCK
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["HEAD_NAMES", "build_base_model", "find_head", "portable_model_name"]
@@ -112,15 +114,19 @@ def build_base_model(
             raise
         except (OSError, ValueError, RecursionError) as err:
             raise _load_error("model config", model_id, err) from err
-        model = AutoModelForImageClassification.from_config(config, trust_remote_code=bool(trust_remote_code))
+        with MODEL_BUILD_LOCK:
+            model = AutoModelForImageClassification.from_config(
+                config, trust_remote_code=bool(trust_remote_code)
+            )
     else:
         report = _HeadOnlyLoadReport()
         transformers_logger = logging.getLogger("transformers.modeling_utils")
         transformers_logger.addFilter(report)
         try:
-            model = AutoModelForImageClassification.from_pretrained(
-                model_id, ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs
-            )
+            with MODEL_BUILD_LOCK:
+                model = AutoModelForImageClassification.from_pretrained(
+                    model_id, ignore_mismatched_sizes=ignore_mismatched_sizes, **kwargs
+                )
         except PermissionError:
             raise
         except (OSError, ValueError, RecursionError) as err:
