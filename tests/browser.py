@@ -10,10 +10,12 @@ can save a full-page screenshot.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -208,7 +210,9 @@ def inspect_page(
     if binary is None:
         raise FileNotFoundError("no chromium executable found")
     report = PageReport()
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helpers (zygote, crashpad) may still write into the profile for a moment after the browser
+    # exits: the whole process group is stopped, and a file they leave behind does not fail the check
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [
                 binary,
@@ -225,6 +229,7 @@ def inspect_page(
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             port_file = Path(profile) / "DevToolsActivePort"
@@ -274,9 +279,16 @@ def inspect_page(
             finally:
                 ws.close()
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            _stop_group(process)
     return report
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """Stops the browser and every helper process it started (its own session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # helpers that outlived the browser
+    process.wait()
