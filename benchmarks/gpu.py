@@ -243,6 +243,10 @@ def measure_graphs(args: argparse.Namespace, settings: Settings) -> dict[str, An
 
 
 # ---- whole runs -------------------------------------------------------------------------------------
+#: The e2e part's whole runs: the guide's script, deltatune train with each data pipeline.
+E2E_RUNS = ("guide", "deltatune", "deltatune-fast", "deltatune-gpu")
+
+
 def run_e2e(args: argparse.Namespace, step_results: dict[str, Any] | None) -> dict[str, Any]:
     from .e2e import generate, make_model, run_recipe
 
@@ -266,7 +270,7 @@ def run_e2e(args: argparse.Namespace, step_results: dict[str, Any] | None) -> di
         plan = [p for p in plan if p[0] != "deltatune-gpu"] + [
             ("deltatune-gpu", "deltatune", ("--report_to", "none", "--data_pipeline", "gpu", "--use_cpu"))
         ]
-    for tag, recipe, extra in plan:
+    for tag, recipe, extra in [p for p in plan if p[0] in args.runs]:
         print(f"whole run: {tag} ...", flush=True)
         try:
             result = run_recipe(recipe, root, model, work, args.batch, 1.0, 42, extra, tag=tag)
@@ -387,6 +391,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=5)
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs/gpu_bench")))
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (a smoke run)")
+    p.add_argument(
+        "--runs",
+        default=",".join(E2E_RUNS),
+        help=f"the whole runs of the e2e part (default all: {','.join(E2E_RUNS)})",
+    )
     args = p.parse_args(argv)
     q = args.quick
     args.model = args.model or ("tiny" if q else "base")
@@ -399,6 +408,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.image_px = args.image_px or (64 if q else 512)
     args.methods = [m for m in args.methods.split(",") if m]
     args.parts = [x for x in args.parts.split(",") if x]
+    args.runs = [x for x in args.runs.split(",") if x]
+    unknown = sorted(set(args.runs) - set(E2E_RUNS))
+    if unknown:
+        raise SystemExit(f"unknown --runs {unknown}; choose from {', '.join(E2E_RUNS)}")
     return args
 
 

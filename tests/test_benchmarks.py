@@ -73,10 +73,8 @@ def test_vision_paths_and_evaluate_memory_smoke() -> None:
         "normalise one",
     }
     assert all(side > 0 for sides in medians.values() for side in sides.values())
-    rows = evaluate_memory.main(["--images", "12", "24"])
-    assert [r["images"] for r in rows] == [12, 24] and all(
-        r["peak_mb"] >= r["after_load_mb"] > 0 for r in rows
-    )
+    rows = evaluate_memory.main(["--images", "12"])  # one process per count: one count is the smoke test
+    assert [r["images"] for r in rows] == [12] and all(r["peak_mb"] >= r["after_load_mb"] > 0 for r in rows)
 
 
 @pytest.mark.slow
@@ -85,18 +83,19 @@ def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path: Path) -> None:
     (steps in bf16 and fp16 with ops and issue times, and whole runs of the guide vs deltatune train)."""
     from benchmarks import gpu, ops
 
-    report = gpu.main(
-        ["--quick", "--device", "cpu", "--parts", "step,e2e", "--methods", "lora", "--out", str(tmp_path)]
-    )
+    # the guide's and deltatune's whole runs are what test_end_to_end_benchmark_smoke runs; the GPU data path
+    # is this script's own
+    argv = ["--quick", "--device", "cpu", "--parts", "step,e2e", "--methods", "lora", "--out", str(tmp_path)]
+    report = gpu.main([*argv, "--runs", "deltatune-gpu"])
     for precision in ("bf16", "fp16"):
         rows = report["step"][precision]
         assert set(rows) == {"floor", "peft/lora", "deltatune/lora"}
         assert all(r["ms"] > 0 and r["ops"] > 0 and r["issue_ms"] > 0 for r in rows.values())
     runs = report["e2e"]["runs"]
-    assert set(runs) == {"guide", "deltatune", "deltatune-fast", "deltatune-gpu"}
+    assert set(runs) == {"deltatune-gpu"}
     assert all(
         "error" not in r and 0.0 <= r["accuracy"] <= 1.0 and r["images_per_second"] > 0 for r in runs.values()
     )
-    assert (tmp_path / "gpu_bench.md").read_text().count("| deltatune") >= 3
+    assert (tmp_path / "gpu_bench.md").read_text().count("| deltatune-gpu |") == 1
     table = ops.main(["--methods", "lora", "--precisions", "fp32", "--repeats", "2", "--warmup", "1"])
     assert table == 0

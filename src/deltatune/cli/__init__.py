@@ -10,6 +10,7 @@ deltatune compare                      # every method + linear probe, full fine-
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -35,6 +36,18 @@ def missing_extra(err: BaseException) -> str | None:
         f"the deltatune command needs the packages of the cli extra ({name} is not installed): "
         'pip install "deltatune[cli]"'
     )
+
+
+def _require_extra() -> None:
+    """Raises the ImportError of the first ``cli`` extra package that is not installed, before a command loads
+    torch and transformers (seconds) only to fail on it.
+
+    Raises:
+        ModuleNotFoundError: naming the missing package (see :func:`missing_extra`).
+    """
+    for name in CLI_EXTRA_MODULES:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
 class _PrintableFormatter(logging.Formatter):
@@ -211,11 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _show_warnings_printably()
         if argv and argv[0] in ("train", "compare"):
             _print_run_help(argv[0], argv[1:])  # --help: exits here, before torch and transformers load
+            _require_extra()
             _setup_logging(verbose="--json" not in argv)
             from . import commands
 
             return commands.train(argv[1:]) if argv[0] == "train" else commands.compare(argv[1:])
         args = build_parser().parse_args(argv)  # --help and usage errors exit here
+        _require_extra()
         _setup_logging(verbose="--json" not in argv)
         from . import commands
 
