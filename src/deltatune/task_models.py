@@ -58,8 +58,8 @@ class _TaskModel(PeftModel):
             return self.base_model(**named, **kwargs)
 
 
-class PeftModelForSequenceClassification(_TaskModel):
-    """``task_type="SEQ_CLS"``: the ``classifier``/``score`` head trains with the adapter and is saved with it."""
+class _ClassifierTaskModel(_TaskModel):
+    """The forward of PEFT's sequence and token classifiers (the same signature in PEFT)."""
 
     def forward(  # type: ignore[override]
         self,
@@ -88,34 +88,12 @@ class PeftModelForSequenceClassification(_TaskModel):
         )
 
 
-class PeftModelForTokenClassification(_TaskModel):
-    """``task_type="TOKEN_CLS"``: the ``classifier``/``score`` head trains with the adapter and is saved with it."""
+class PeftModelForSequenceClassification(_ClassifierTaskModel):
+    """``task_type="SEQ_CLS"``: the ``classifier``/``score`` head trains with the adapter and is saved with it."""
 
-    def forward(  # type: ignore[override]
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        task_ids: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """The token classifier's forward."""
-        if return_dict is None:
-            return_dict = _return_dict_default(getattr(self.base_model.model, "config", None))
-        return self._run(
-            kwargs,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=return_dict,
-        )
+
+class PeftModelForTokenClassification(_ClassifierTaskModel):
+    """``task_type="TOKEN_CLS"``: the ``classifier``/``score`` head trains with the adapter and is saved with it."""
 
 
 class PeftModelForQuestionAnswering(_TaskModel):
