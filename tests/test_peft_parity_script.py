@@ -243,6 +243,13 @@ def test_network_guard_fails_fast_and_marks_the_case(monkeypatch):
         markers.CURRENT["test"] = None
 
 
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent that is a module, not a package
+        return False
+
+
 @pytest.fixture
 def finder() -> ModuleType:
     """_parity_finder, with the import hook it installs for ``peft.*`` taken out again (this process may use
@@ -256,9 +263,14 @@ def finder() -> ModuleType:
 def test_every_counterpart_names_a_peft_internal_and_a_deltatune_object(finder):
     peft = pytest.importorskip("peft")
     for peft_name, target in finder.INTERNAL_COUNTERPARTS.items():
-        module_name, _, name = peft_name.rpartition(".")
-        assert module_name not in finder.PUBLIC_MODULES and name not in peft.__all__, peft_name
-        assert hasattr(importlib.import_module(module_name), name), f"peft has no {peft_name}"
+        parts = peft_name.split(".")
+        cut = max(i for i in range(1, len(parts)) if _is_module(".".join(parts[:i])))
+        module_name, names = ".".join(parts[:cut]), parts[cut:]
+        assert module_name not in finder.PUBLIC_MODULES and names[0] not in peft.__all__, peft_name
+        obj = importlib.import_module(module_name)
+        for name in names:
+            assert hasattr(obj, name), f"peft has no {peft_name}"
+            obj = getattr(obj, name)
         value = finder.internal_counterpart(peft_name)
         assert value is not finder._MISSING, peft_name
         assert callable(value) or isinstance(value, type), (peft_name, target)
@@ -267,6 +279,11 @@ def test_every_counterpart_names_a_peft_internal_and_a_deltatune_object(finder):
         spec = importlib.machinery.ModuleSpec(peft_module, loader)
         assert loader.create_module(spec) is importlib.import_module(deltatune_module)
     assert finder.internal_counterpart("peft.tuners.tuners_utils.onload_layer") is finder._MISSING
+    base_tuner = markers.internal("peft.tuners.tuners_utils.BaseTuner")  # an internal class's attribute
+    assert base_tuner.get_model_config is finder.internal_counterpart(
+        "peft.tuners.tuners_utils.BaseTuner.get_model_config"
+    )
+    assert isinstance(base_tuner.inject_adapter, markers._InternalMeta)
 
 
 def test_a_base_class_split_over_several_classes_checks_against_each(finder):

@@ -59,6 +59,8 @@ INTERNAL_COUNTERPARTS = {
         "deltatune.methods._lora_kinds:LoraEmbeddingLayer",
         "deltatune.methods._adalora_layer:SVDLayer",
     ),
+    # the base model's config as a plain dict (an attribute of the internal class BaseTuner)
+    "peft.tuners.tuners_utils.BaseTuner.get_model_config": "deltatune.tuner:AdapterModel.get_model_config",
     # the frozen original plus one trained copy per adapter of a modules_to_save module
     "peft.utils.other.ModulesToSaveWrapper": "deltatune.modules_to_save:ModulesToSaveWrapper",
 }
@@ -97,6 +99,9 @@ def internal_counterpart(fullname):
     classes = tuple(_resolve(path) for path in target)
     name = fullname.rpartition(".")[2]
     return _AnyOfMeta(name, (), {"_classes": classes, "__doc__": f"Any of {', '.join(target)}."})
+
+
+_m.COUNTERPART_OF = lambda fullname: None if (v := internal_counterpart(fullname)) is _MISSING else v
 
 
 def deltatune_public(name, module="peft"):
