@@ -307,6 +307,15 @@ def test_a_base_class_split_over_several_classes_checks_against_each(finder):
         and not isinstance(inner[2], lora_layer)
     )
     assert issubclass(type(inner[0]), lora_layer) and not issubclass(nn.Linear, lora_layer)
+    markers.CURRENT["test"] = "subclass-case"
+    try:
+        with pytest.raises(markers.PeftInternalUsed):
+            type(
+                "MockLayer", (lora_layer,), {}
+            )()  # PEFT's tests subclass LoraLayer: no such single class here
+        assert markers.INTERNAL_USED["subclass-case"] == {"peft.tuners.lora.layer.LoraLayer"}
+    finally:
+        markers.CURRENT["test"] = None
     ia3 = deltatune.get_peft_model(nn.Sequential(nn.Linear(8, 8)), deltatune.IA3Config(target_modules=["0"]))
     assert isinstance(ia3.base_model.model[0], base_layer) and not isinstance(
         ia3.base_model.model[0], lora_layer

@@ -74,6 +74,15 @@ INTERNAL_COUNTERPARTS["peft.utils.ModulesToSaveWrapper"] = INTERNAL_COUNTERPARTS
 
 
 class _AnyOfMeta(type):
+    """A stand-in for a PEFT base class that deltatune splits over several classes: good for ``isinstance``
+    and ``issubclass``; building one, or a case's subclass of it, is PEFT internal use (no such class here)."""
+
+    def __call__(cls, *args, **kwargs):
+        _m._note(_m.INTERNAL_USED, cls._peft_name)
+        raise _m.PeftInternalUsed(
+            f"peft internal {cls._peft_name} built (deltatune has no single such class)"
+        )
+
     def __instancecheck__(cls, obj):
         return isinstance(obj, cls._classes)
 
@@ -98,7 +107,8 @@ def internal_counterpart(fullname):
         return _resolve(target)
     classes = tuple(_resolve(path) for path in target)
     name = fullname.rpartition(".")[2]
-    return _AnyOfMeta(name, (), {"_classes": classes, "__doc__": f"Any of {', '.join(target)}."})
+    attrs = {"_classes": classes, "_peft_name": fullname, "__doc__": f"Any of {', '.join(target)}."}
+    return _AnyOfMeta(name, (), attrs)
 
 
 _m.COUNTERPART_OF = lambda fullname: None if (v := internal_counterpart(fullname)) is _MISSING else v
