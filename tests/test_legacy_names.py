@@ -189,3 +189,29 @@ def test_no_match_error_names_what_exists() -> None:
     with pytest.raises(ValueError, match="matched no module") as info:
         get_peft_model(VIT.build(0), LoraConfig(r=2, target_modules=["qeury"]))
     assert "query" in str(info.value) or "q_proj" in str(info.value)
+
+
+def test_model_config_dict_reads_every_kind_of_config() -> None:
+    import dataclasses
+
+    from torch import nn
+    from transformers import GPT2Config
+
+    from deltatune.names import model_config_dict
+    from deltatune.tuner import AdapterModel
+
+    @dataclasses.dataclass
+    class Plain:
+        model_type: str = "mine"
+
+    def with_config(config: object) -> nn.Module:
+        module = nn.Linear(2, 2)
+        module.config = config  # type: ignore[assignment]
+        return module
+
+    assert model_config_dict(with_config(GPT2Config(n_layer=1)))["model_type"] == "gpt2"
+    assert model_config_dict(with_config({"model_type": "dict"})) == {"model_type": "dict"}
+    assert model_config_dict(with_config(Plain())) == {"model_type": "mine"}
+    assert model_config_dict(with_config(Plain)) == {}  # a class, not a config
+    assert model_config_dict(nn.Linear(2, 2)) == {}
+    assert AdapterModel.get_model_config(with_config({"model_type": "dict"})) == {"model_type": "dict"}

@@ -241,3 +241,82 @@ def test_network_guard_fails_fast_and_marks_the_case(monkeypatch):
         assert markers.NETWORK_USED["net-case"] == {"huggingface.co"}
     finally:
         markers.CURRENT["test"] = None
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a parent that is a module, not a package
+        return False
+
+
+@pytest.fixture
+def finder() -> ModuleType:
+    """_parity_finder, with the import hook it installs for ``peft.*`` taken out again (this process may use
+    the real peft)."""
+    before = list(sys.meta_path)
+    module = _load("_parity_finder")
+    sys.meta_path[:] = [f for f in sys.meta_path if f in before]
+    return module
+
+
+def test_every_counterpart_names_a_peft_internal_and_a_deltatune_object(finder):
+    peft = pytest.importorskip("peft")
+    for peft_name, target in finder.INTERNAL_COUNTERPARTS.items():
+        parts = peft_name.split(".")
+        cut = max(i for i in range(1, len(parts)) if _is_module(".".join(parts[:i])))
+        module_name, names = ".".join(parts[:cut]), parts[cut:]
+        assert module_name not in finder.PUBLIC_MODULES and names[0] not in peft.__all__, peft_name
+        obj = importlib.import_module(module_name)
+        for name in names:
+            assert hasattr(obj, name), f"peft has no {peft_name}"
+            obj = getattr(obj, name)
+        value = finder.internal_counterpart(peft_name)
+        assert value is not finder._MISSING, peft_name
+        assert callable(value) or isinstance(value, type), (peft_name, target)
+    for peft_module, deltatune_module in finder.MODULE_COUNTERPARTS.items():
+        loader = finder._CounterpartLoader()
+        spec = importlib.machinery.ModuleSpec(peft_module, loader)
+        assert loader.create_module(spec) is importlib.import_module(deltatune_module)
+    assert finder.internal_counterpart("peft.tuners.tuners_utils.onload_layer") is finder._MISSING
+    base_tuner = markers.internal("peft.tuners.tuners_utils.BaseTuner")  # an internal class's attribute
+    assert base_tuner.get_model_config is finder.internal_counterpart(
+        "peft.tuners.tuners_utils.BaseTuner.get_model_config"
+    )
+    assert isinstance(base_tuner.inject_adapter, markers._InternalMeta)
+
+
+def test_a_base_class_split_over_several_classes_checks_against_each(finder):
+    import torch
+    from torch import nn
+
+    import deltatune
+
+    lora_layer = finder.internal_counterpart("peft.tuners.lora.layer.LoraLayer")
+    base_layer = finder.internal_counterpart("peft.tuners.tuners_utils.BaseTunerLayer")
+    wrapper = finder.internal_counterpart("peft.utils.ModulesToSaveWrapper")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    config = deltatune.LoraConfig(target_modules=["0", "1"], modules_to_save=["2"])
+    peft_model = deltatune.get_peft_model(model, config)
+    inner = peft_model.base_model.model
+    assert isinstance(inner[0], lora_layer) and isinstance(inner[1], lora_layer)  # Embedding and Linear kinds
+    assert (
+        isinstance(inner[0], base_layer)
+        and isinstance(inner[2], wrapper)
+        and not isinstance(inner[2], lora_layer)
+    )
+    assert issubclass(type(inner[0]), lora_layer) and not issubclass(nn.Linear, lora_layer)
+    markers.CURRENT["test"] = "subclass-case"
+    try:
+        with pytest.raises(markers.PeftInternalUsed):
+            type(
+                "MockLayer", (lora_layer,), {}
+            )()  # PEFT's tests subclass LoraLayer: no such single class here
+        assert markers.INTERNAL_USED["subclass-case"] == {"peft.tuners.lora.layer.LoraLayer"}
+    finally:
+        markers.CURRENT["test"] = None
+    ia3 = deltatune.get_peft_model(nn.Sequential(nn.Linear(8, 8)), deltatune.IA3Config(target_modules=["0"]))
+    assert isinstance(ia3.base_model.model[0], base_layer) and not isinstance(
+        ia3.base_model.model[0], lora_layer
+    )

@@ -32,6 +32,88 @@ PUBLIC_MODULES = {
 }
 
 
+#: PEFT's internal modules that a deltatune module stands for as a whole: the stand-in *is* deltatune's module,
+#: so a case that replaces one of its names (``monkeypatch.setattr(peft.config, "__version__", ...)``) changes
+#: what deltatune does. A name the deltatune module lacks is then a plain AttributeError, not an internal.
+MODULE_COUNTERPARTS = {
+    # __version__ and _get_commit_hash: the version a new config records as peft_version
+    "peft.config": "deltatune.config",
+}
+
+#: PEFT's internal names (not its public API) whose job a deltatune object does: ``"module:qualname"`` of
+#: deltatune, or a tuple of classes for a PEFT base class whose role deltatune splits over several classes
+#: (an ``isinstance`` check against any of them). A case that uses one is judged on deltatune's behaviour,
+#: pass or fail, instead of being counted as internal; every other internal stays a raising placeholder.
+#: Only names whose deltatune object does that job belong here (tests/test_peft_parity_script.py checks each
+#: resolves).
+INTERNAL_COUNTERPARTS = {
+    # does PEFT's targeting config select the module of this name (exclusions, layers_to_transform)?
+    "peft.tuners.tuners_utils.check_target_module_exists": "deltatune.matching:check_target_module_exists",
+    # the fewest dotted suffixes that select these module names and no others
+    "peft.tuners.tuners_utils._find_minimal_target_modules": "deltatune.matching:find_minimal_target_modules",
+    # the base of every adapter layer that wraps a base layer
+    "peft.tuners.tuners_utils.BaseTunerLayer": "deltatune.layers:AdapterLayer",
+    # a LoRA layer of any kind: Linear/Conv/Conv1D/MultiheadAttention (DoRA too), Embedding, AdaLoRA's SVD layer
+    "peft.tuners.lora.layer.LoraLayer": (
+        "deltatune.methods._lora_layer:LoraLayer",
+        "deltatune.methods._lora_kinds:LoraEmbeddingLayer",
+        "deltatune.methods._adalora_layer:SVDLayer",
+    ),
+    # the base model's config as a plain dict (an attribute of the internal class BaseTuner)
+    "peft.tuners.tuners_utils.BaseTuner.get_model_config": "deltatune.tuner:AdapterModel.get_model_config",
+    # the frozen original plus one trained copy per adapter of a modules_to_save module
+    "peft.utils.other.ModulesToSaveWrapper": "deltatune.modules_to_save:ModulesToSaveWrapper",
+}
+# where PEFT re-exports them
+INTERNAL_COUNTERPARTS["peft.tuners.lora.LoraLayer"] = INTERNAL_COUNTERPARTS[
+    "peft.tuners.lora.layer.LoraLayer"
+]
+INTERNAL_COUNTERPARTS["peft.utils.ModulesToSaveWrapper"] = INTERNAL_COUNTERPARTS[
+    "peft.utils.other.ModulesToSaveWrapper"
+]
+
+
+class _AnyOfMeta(type):
+    """A stand-in for a PEFT base class that deltatune splits over several classes: good for ``isinstance``
+    and ``issubclass``; building one, or a case's subclass of it, is PEFT internal use (no such class here)."""
+
+    def __call__(cls, *args, **kwargs):
+        _m._note(_m.INTERNAL_USED, cls._peft_name)
+        raise _m.PeftInternalUsed(
+            f"peft internal {cls._peft_name} built (deltatune has no single such class)"
+        )
+
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, cls._classes)
+
+    def __subclasscheck__(cls, sub):
+        return isinstance(sub, type) and issubclass(sub, cls._classes)
+
+
+def _resolve(path):
+    module, _, qualname = path.partition(":")
+    value = importlib.import_module(module)
+    for part in qualname.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def internal_counterpart(fullname):
+    """deltatune's object for PEFT internal ``fullname`` per INTERNAL_COUNTERPARTS, or ``_MISSING``."""
+    target = INTERNAL_COUNTERPARTS.get(fullname)
+    if target is None:
+        return _MISSING
+    if isinstance(target, str):
+        return _resolve(target)
+    classes = tuple(_resolve(path) for path in target)
+    name = fullname.rpartition(".")[2]
+    attrs = {"_classes": classes, "_peft_name": fullname, "__doc__": f"Any of {', '.join(target)}."}
+    return _AnyOfMeta(name, (), attrs)
+
+
+_m.COUNTERPART_OF = lambda fullname: None if (v := internal_counterpart(fullname)) is _MISSING else v
+
+
 def deltatune_public(name, module="peft"):
     """deltatune's object for ``module.name`` of peft, or ``_MISSING`` (imports only what is asked for).
 
@@ -97,7 +179,9 @@ class _Loader(importlib.abc.Loader):
                 full = f"{_mod.__name__}.{name}"
                 if full in PEFT_MODULES:  # a submodule (`from peft.tuners import lora`)
                     return importlib.import_module(full)
-                value = deltatune_public(name, _mod.__name__)  # re-exported (peft.tuners.lora.LoraConfig)
+                value = internal_counterpart(full)
+                if value is _MISSING:  # re-exported (peft.tuners.lora.LoraConfig)
+                    value = deltatune_public(name, _mod.__name__)
                 if value is _MISSING:
                     configish = name in _m.LORA_FEATURE_CONFIGS or name.endswith(("Config", "Sampler"))
                     public = configish or _mod.__name__ in PUBLIC_MODULES
@@ -109,8 +193,20 @@ class _Loader(importlib.abc.Loader):
         module.__path__ = []
 
 
+class _CounterpartLoader(importlib.abc.Loader):
+    """Loads a PEFT module name as the deltatune module of MODULE_COUNTERPARTS (the same object)."""
+
+    def create_module(self, spec):
+        return importlib.import_module(MODULE_COUNTERPARTS[spec.name])
+
+    def exec_module(self, module):
+        pass
+
+
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
+        if fullname in MODULE_COUNTERPARTS:
+            return importlib.machinery.ModuleSpec(fullname, _CounterpartLoader())
         if fullname.startswith("peft.") or fullname == "diffusers" or fullname.startswith("diffusers."):
             return importlib.machinery.ModuleSpec(fullname, _Loader(), is_package=True)
         return None

@@ -37,7 +37,9 @@ class _InternalMeta(type):
     def __getattr__(cls, name):
         if name.startswith("__"):
             raise AttributeError(name)
-        return internal(f"{cls.__qualname__}.{name}")
+        full = f"{cls.__qualname__}.{name}"
+        counterpart = COUNTERPART_OF(full)  # deltatune's object for it, where one does its job
+        return internal(full) if counterpart is None else counterpart
 
     def __iter__(cls):
         cls._touch()
@@ -47,6 +49,10 @@ class _InternalMeta(type):
 
     def __contains__(cls, key):
         cls._touch()
+
+
+#: ``fullname`` -> deltatune's counterpart of a PEFT internal, or None; set by _parity_finder (its table).
+COUNTERPART_OF = lambda fullname: None  # noqa: E731
 
 
 def internal(name):

@@ -41,9 +41,41 @@ from ._config_types import (
     pattern_value,
 )
 from ._files import atomic_write_text, read_json, resolve_file
+from ._version import DISTRIBUTION, installed_commit_hash, is_dev_version
 from ._version import __version__ as _version
 
 logger = logging.getLogger(__name__)
+
+#: What a new config records as ``peft_version`` (read when the config is made, so a loaded one keeps what it
+#: was saved with): ``deltatune-<version>``, so a file says which library wrote it. PEFT's ``peft.config``
+#: module holds its own version under this name and records it the same way. A development version gets
+#: ``@<commit>`` appended (``@UNKNOWN`` when the install does not say; see :func:`_get_commit_hash`).
+__version__ = f"{DISTRIBUTION}-{_version}"
+
+#: The commit an installed distribution was built from, or None (``direct_url.json``; see
+#: :func:`deltatune._version.installed_commit_hash`). A module-level name, as in PEFT, so it can be replaced.
+_get_commit_hash = installed_commit_hash
+
+
+def _recorded_version() -> str:
+    """The ``peft_version`` a new config records: :data:`__version__`, plus ``@<commit>`` for a development
+    version (``@UNKNOWN`` when unknown, with a warning when looking it up failed; a config is never refused
+    for this)."""
+    version = __version__
+    if not is_dev_version(version):
+        return version
+    try:
+        commit = _get_commit_hash(DISTRIBUTION)
+    except Exception as err:  # provenance is best effort: never break making a config over it
+        warnings.warn(
+            "A dev version of PEFT is used but there was an error while trying to determine the commit hash "
+            f"({type(err).__name__}: {err}); recording {version}@UNKNOWN as peft_version.",
+            UserWarning,
+            stacklevel=2,
+        )
+        commit = None
+    return f"{version}@{commit or 'UNKNOWN'}"
+
 
 __all__ = [
     "CONFIG_NAME",
@@ -113,7 +145,8 @@ class PeftConfig:
         revision: Revision of the base model.
         inference_mode: Whether the adapter is loaded frozen; always written ``true``.
         auto_mapping: ``{"base_model_class", "parent_library"}``, written when ``task_type`` is None.
-        peft_version: Version of the library that wrote the file.
+        peft_version: Version of the library that wrote the file: filled when the config is made
+            (``deltatune-<version>``, see :data:`__version__`); a loaded config keeps the one in its file.
     """
 
     peft_type: str | None = None
@@ -133,7 +166,7 @@ class PeftConfig:
                 )
             self.task_type = TaskType(self.task_type).value
         if self.peft_version is None:  # PEFT fills it when the config is created; a loaded one keeps its own
-            self.peft_version = f"deltatune-{_version}"
+            self.peft_version = _recorded_version()
 
     # ---- dict / JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -310,7 +343,7 @@ class TargetingConfig(PeftConfig):
                 f"peft_type={self.peft_type!r} does not match {type(self).__name__}; it is set to "
                 f"{self.PEFT_TYPE!r}",
                 PeftWarning,
-                stacklevel=4,
+                stacklevel=2,
             )
         self.peft_type = PeftTypeName(self.PEFT_TYPE)  # canonical spelling ("lora" → "LORA"), with .value
         self.target_modules = check_names("target_modules", self.target_modules)

@@ -11,14 +11,18 @@ Rules (PEFT's ``check_target_module_exists``):
 
 Every rule is tried on each spelling of a module's name (its current name and its transformers 4.x name,
 see :mod:`deltatune.names`), so ``["query", "value"]`` finds ``q_proj``/``v_proj`` on transformers 5.
+:func:`check_target_module_exists` asks the same question of one name alone, and
+:func:`find_minimal_target_modules` condenses a long list of names into the few suffixes that pick them out.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
+
+import regex
 
 from . import _regex
 
@@ -26,7 +30,9 @@ __all__ = [
     "ALL_LINEAR",
     "SEQ_CLS_HEADS",
     "TASK_HEADS",
+    "check_target_module_exists",
     "closest_names",
+    "find_minimal_target_modules",
     "is_excluded",
     "layer_index",
     "match_list_entry",
@@ -150,3 +156,75 @@ def matching_entry(config: Any, hit: str) -> str | None:
     if isinstance(targets, str) or not targets:
         return None
     return next((e for e in targets if match_list_entry(hit, e)), None)
+
+
+def check_target_module_exists(config: Any, key: str) -> bool | regex.Match[str] | None:
+    """Whether ``config`` targets the module named ``key``, judged from the name alone (rules 1-4 above).
+
+    Args:
+        config: An adapter config (``target_modules``, ``exclude_modules``, ``modules_to_save``,
+            ``layers_to_transform``, ``layers_pattern``).
+        key: A module's full name in the model, e.g. ``"model.layers.0.self_attn.q_proj"``.
+
+    Returns:
+        For a regex ``target_modules``, the match object (truthy) or None; otherwise True or False. False
+        also when ``exclude_modules`` or ``modules_to_save`` rules the name out, when ``target_modules`` is
+        None, and for ``"all-linear"``, which selects by layer type, something a name cannot tell.
+
+    Raises:
+        ValueError: for an invalid or catastrophically slow regex (see :func:`safe_fullmatch`).
+    """
+    if is_excluded(config, [key]):
+        return False
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        return _regex.fullmatch(targets, key, "target_modules")
+    return match_target(config, [key], is_linear=False, is_output_head=lambda: False) is not None
+
+
+def _dotted_suffixes(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["c", "b.c", "a.b.c"]``: the name's whole-component endings, shortest first."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def find_minimal_target_modules(
+    target_modules: Collection[str], other_module_names: Collection[str]
+) -> set[str]:
+    """The fewest, shortest ``target_modules`` list entries that select exactly ``target_modules`` among
+    ``target_modules`` and ``other_module_names``.
+
+    Each target name contributes its shortest ending of whole dot-separated components that ends no other
+    module's name (``"layers.3.self_attn.q_proj"`` -> ``"q_proj"`` when no other name ends in ``q_proj``);
+    equal endings count once. A target whose every ending (itself included) also ends another name is kept
+    whole: a list entry cannot tell them apart, just as the full list could not. Useful to shrink a config
+    that lists hundreds of full module names (as converted diffusers adapters do) before matching or saving.
+
+    Args:
+        target_modules: Full names of the modules to select (a list or set, not one string).
+        other_module_names: Names of every other module of the model; none may be a target.
+
+    Returns:
+        The entries; with list semantics (exact name or ``.entry`` suffix) they match every target and
+        nothing in ``other_module_names``.
+
+    Raises:
+        ValueError: if ``target_modules`` is a string, empty or holds an empty name, or if a name is in both.
+    """
+    if isinstance(target_modules, str) or not target_modules:
+        raise ValueError(
+            f"target_modules should be a list or set of strings, got {target_modules!r}; give the full names "
+            "of the modules to select"
+        )
+    targets = set(target_modules)
+    if "" in targets:
+        raise ValueError("target_modules should not contain an empty string: every entry must name a module")
+    others = set(other_module_names)
+    common = sorted(targets & others)
+    if common:
+        raise ValueError(
+            f"target_modules and other_module_names contain common elements ({', '.join(common[:5])}); a module "
+            "is either a target or not, so the two collections must be disjoint"
+        )
+    taken = {suffix for name in others for suffix in _dotted_suffixes(name)}
+    return {next((s for s in _dotted_suffixes(name) if s not in taken), name) for name in targets}

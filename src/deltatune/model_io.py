@@ -20,6 +20,7 @@ from ._weights_io import refuse_non_float_tensors
 from .config import PeftConfig, TargetingConfig
 from .functional import get_peft_model_state_dict
 from .model_card import update_model_card
+from .names import model_config_dict
 from .registry import available_methods, get_method
 from .serialization import (
     LoadResult,
@@ -153,10 +154,7 @@ class SaveLoadMixin(nn.Module):
 
     def _base_model_id(self) -> str | None:
         """The transformers base model's name or path (``config._name_or_path``), None for other models."""
-        model_config = getattr(self.base_model.model, "config", None)
-        to_dict = getattr(model_config, "to_dict", None)
-        data = to_dict() if callable(to_dict) else {}
-        name = data.get("_name_or_path") if isinstance(data, dict) else None
+        name = model_config_dict(self.base_model.model).get("_name_or_path")
         return str(name) if name else None
 
     def _config_to_save(self, adapter_name: str) -> TargetingConfig:

@@ -1,4 +1,4 @@
-"""Module-name aliases between transformers 4.x and 5.x.
+"""Module-name aliases between transformers 4.x and 5.x, and a model's own config as a plain dict.
 
 transformers 5 renamed many modules (ViT: ``vit.encoder.layer.N.attention.attention.query`` became
 ``vit.layers.N.attention.q_proj``) and ships the rules to convert old checkpoints. We reuse those
@@ -8,14 +8,34 @@ against 4.x names work on 5.x models. On transformers 4.x (no rules) names are u
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NameAliases"]
+__all__ = ["NameAliases", "model_config_dict"]
+
+
+def model_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The model's ``config`` as a plain dict (``model_type``, ``tie_word_embeddings``, ``_name_or_path``, ...).
+
+    Reads a transformers config (``to_dict()``), a mapping or a dataclass instance; ``{}`` for a model without
+    a config or with one of another kind.
+    """
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        data = to_dict()
+        return dict(data) if isinstance(data, Mapping) else {}
+    if isinstance(config, Mapping):
+        return dict(config)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return dataclasses.asdict(config)
+    return {}
 
 
 class NameAliases:

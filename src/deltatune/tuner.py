@@ -35,7 +35,7 @@ from .matching import (
     task_heads,
 )
 from .modules_to_save import AdapterLayerHolder, ModulesToSaveWrapper
-from .names import NameAliases
+from .names import NameAliases, model_config_dict
 from .plain_trainer import TRAINER_WALKS, WALKS_KEY, adapt_plain_trainer, mark_trainer_found
 from .registry import spec_for
 from .switching import AdapterSwitching
@@ -65,6 +65,9 @@ class AdapterModel(AdapterSwitching, nn.Module):
     #: Whether adapters of different types may share the model, a layer of one method wrapping a layer of another
     #: as in PEFT's mixed model (:mod:`deltatune.mixed_model`); else all adapters share one ``peft_type``.
     NESTS_METHODS: ClassVar[bool] = False
+    #: The base model's config as a plain dict, as PEFT's ``BaseTuner.get_model_config`` (see
+    #: :func:`deltatune.names.model_config_dict`).
+    get_model_config = staticmethod(model_config_dict)
 
     def __init__(
         self,
@@ -281,10 +284,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
         Raises:
             ValueError: when the model has no known type or the method has no default for it.
         """
-        model_config = getattr(self.model, "config", None)
-        to_dict = getattr(model_config, "to_dict", None)
-        data = to_dict() if callable(to_dict) else {}
-        model_type = data.get("model_type") if isinstance(data, dict) else None
+        model_type = self.get_model_config(self.model).get("model_type")
         if not config.fill_model_defaults(model_type):
             known = f" (no default is known for model_type={model_type!r})" if model_type else ""
             raise ValueError(
