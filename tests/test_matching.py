@@ -4,6 +4,7 @@ target the module of this name?) and ``find_minimal_target_modules`` (condense a
 from __future__ import annotations
 
 import pytest
+from torch import nn
 
 from deltatune import IA3Config, LoraConfig
 from deltatune.matching import check_target_module_exists, find_minimal_target_modules
@@ -105,3 +106,19 @@ def test_find_minimal_target_modules_refuses_bad_input(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         find_minimal_target_modules(targets, others)  # type: ignore[arg-type]
+
+
+def test_get_submodules_is_peft_s_get_submodules() -> None:
+    from peft.utils.other import _get_submodules
+
+    from deltatune.utils import get_submodules
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2)), nn.ReLU())
+    for key in ("0", "0.0", "1"):
+        ours, theirs = get_submodules(model, key), _get_submodules(model, key)
+        assert ours[2] == theirs[2] and ours[0] is theirs[0] and ours[1] is theirs[1]
+    parent, target, name = get_submodules(model, "0.0")
+    setattr(parent, name, nn.Identity())
+    assert isinstance(model[0][0], nn.Identity) and isinstance(target, nn.Linear)
+    with pytest.raises(AttributeError):
+        get_submodules(model, "0.7")

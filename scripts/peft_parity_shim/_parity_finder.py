@@ -63,6 +63,8 @@ INTERNAL_COUNTERPARTS = {
     "peft.tuners.tuners_utils.BaseTuner.get_model_config": "deltatune.tuner:AdapterModel.get_model_config",
     # the frozen original plus one trained copy per adapter of a modules_to_save module
     "peft.utils.other.ModulesToSaveWrapper": "deltatune.modules_to_save:ModulesToSaveWrapper",
+    # (parent, module, attribute name) of a dotted module name
+    "peft.utils.other._get_submodules": "deltatune.utils:get_submodules",
 }
 # where PEFT re-exports them
 INTERNAL_COUNTERPARTS["peft.tuners.lora.LoraLayer"] = INTERNAL_COUNTERPARTS[
@@ -70,6 +72,9 @@ INTERNAL_COUNTERPARTS["peft.tuners.lora.LoraLayer"] = INTERNAL_COUNTERPARTS[
 ]
 INTERNAL_COUNTERPARTS["peft.utils.ModulesToSaveWrapper"] = INTERNAL_COUNTERPARTS[
     "peft.utils.other.ModulesToSaveWrapper"
+]
+INTERNAL_COUNTERPARTS["peft.utils._get_submodules"] = INTERNAL_COUNTERPARTS[
+    "peft.utils.other._get_submodules"
 ]
 
 
