@@ -21,10 +21,10 @@ from typing import Any, ClassVar
 from ..config import AdapterConfig, check_choice, check_range, help_field
 from ..registry import MethodSpec, register_method
 from ._lazy import forward_attributes
-from ._lora_options import CordaConfig, EvaConfig, LoftQConfig, sub_config
+from ._lora_options import CordaConfig, EvaConfig, KasaConfig, LoftQConfig, sub_config
 from ._target_defaults import LORA_DEFAULT_TARGETS
 
-__all__ = ["CordaConfig", "EvaConfig", "LoftQConfig", "LoraConfig", "pissa_iterations"]
+__all__ = ["CordaConfig", "EvaConfig", "KasaConfig", "LoftQConfig", "LoraConfig", "pissa_iterations"]
 
 INIT_CHOICES = (True, False, "gaussian")
 #: The initialisers computed from the base weight (:mod:`._lora_init`); ``pissa_niter_N`` is accepted too.
@@ -104,7 +104,12 @@ class LoraConfig(AdapterConfig):
     )
     use_bdlora: Any = None
     arrow_config: Any = None
-    kasa_config: Any = None
+    kasa_config: KasaConfig | None = help_field(
+        "KaSA (a KasaConfig): the base weight loses its r smallest singular components once, at creation, and "
+        "the update is s·B diag(lora_diag) A with a learnt diagonal; add LoraModel._get_kasa_loss() to the loss "
+        "for its regularisers. Linear layers only; not combinable with non-KaSA adapters.",
+        None,
+    )
     ensure_weight_tying: bool = help_field(
         "Whether adapters on a tied input embedding (modules_to_save, target_modules, "
         "trainable_token_indices) are tied to the output layer too, as the base weights are.",
@@ -143,7 +148,7 @@ class LoraConfig(AdapterConfig):
     #: The CLI's optimiser options that apply to this method (LoRA+, :mod:`deltatune.optimizers`).
     OPTIMIZER_OPTIONS: ClassVar[tuple[str, ...]] = ("loraplus_lr_ratio", "loraplus_lr_embedding")
     #: Fields that select a variant of LoRA implemented by another registered method (PEFT's DoRA flag).
-    VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora",)
+    VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora", "kasa_config")
     #: Options for language models (tied embeddings, decoder stacks, MoE parameters), which the CLI's
     #: image recipe takes but its ``--help`` leaves to ``--help-all``.
     HELP_ALL_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -169,6 +174,12 @@ class LoraConfig(AdapterConfig):
         # ``bias`` is checked when the adapter is applied (PEFT's NotImplementedError, see LoraModel)
         self._check_init()
         self._check_data_inits()
+        self.kasa_config = sub_config(self.kasa_config, KasaConfig, "kasa_config")
+        if self.kasa_config is not None and self.use_dora:
+            raise ValueError(
+                "Invalid or unsupported variant combination: ('kasa_config', 'use_dora'); set kasa_config=None or "
+                "use_dora=False"
+            )
         self._check_token_indices()
         self._check_replication()
         if isinstance(self.target_parameters, str):
@@ -186,7 +197,7 @@ class LoraConfig(AdapterConfig):
             "trainable_token_indices": self.trainable_token_indices if self.PEFT_TYPE != "LORA" else None,
             "alora_invocation_tokens": self.alora_invocation_tokens,
             "arrow_config": self.arrow_config,
-            "kasa_config": self.kasa_config,
+            "kasa_config": self.kasa_config if self.PEFT_TYPE != "LORA" else None,
             "use_bdlora": self.use_bdlora,
         }
         used = [k for k, v in unsupported.items() if v]
@@ -322,10 +333,10 @@ class LoraConfig(AdapterConfig):
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict; ``eva_config`` and ``corda_config`` as dicts (PEFT's layout), paths
+        """The config as a JSON-ready dict; ``eva_config``, ``corda_config`` and ``kasa_config`` as dicts (PEFT's layout), paths
         as strings."""
         data = super().to_dict()
-        for field in ("eva_config", "corda_config"):
+        for field in ("eva_config", "corda_config", "kasa_config"):
             value = data.get(field)
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 data[field] = {
@@ -345,7 +356,8 @@ class LoraConfig(AdapterConfig):
 
     @property
     def selects_variant(self) -> bool:
-        """True when a variant flag (``use_dora``) is set: another registered method handles this config."""
+        """True when a variant flag (``use_dora``, ``kasa_config``) is set: another registered method handles this
+        config."""
         return any(getattr(self, flag, False) for flag in self.VARIANT_FLAGS)
 
 

@@ -1,0 +1,144 @@
+"""LoRA's rarer variants against the real peft: KaSA (``kasa_config``) and MiCA (``init_lora_weights="mica"``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+
+
+class MLP(nn.Module):
+    def __init__(self, bias: bool = False) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(16, 12, bias=bias)
+        self.lin1 = nn.Linear(12, 10, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def kasa_config(lib, **kw):  # type: ignore[no-untyped-def]
+    options = {"target_modules": ["lin0", "lin1"], "r": 4, "lora_alpha": 8, **kw}
+    return lib.LoraConfig(kasa_config=lib.KasaConfig(beta=0.3, gamma=0.2), **options)
+
+
+def both(config_of, base: nn.Module, seed: int = 1):  # type: ignore[no-untyped-def]
+    """The same base adapted by peft and by deltatune from the same seed."""
+    torch.manual_seed(seed)
+    theirs = peft.get_peft_model(copy.deepcopy(base), config_of(peft))
+    torch.manual_seed(seed)
+    ours = dt.get_peft_model(copy.deepcopy(base), config_of(dt))
+    return theirs, ours
+
+
+def assert_same_state(theirs: nn.Module, ours: nn.Module) -> None:
+    t, o = theirs.state_dict(), ours.state_dict()
+    assert sorted(t) == sorted(o)
+    for key in t:
+        torch.testing.assert_close(o[key], t[key], atol=1e-6, rtol=0, msg=key)
+
+
+def randomize_b(*models: nn.Module) -> None:
+    """Gives every ``lora_B`` the same non-zero values in each model (the adapter then changes the output)."""
+    gen = torch.Generator().manual_seed(5)
+    states = [m.state_dict() for m in models]
+    for key, value in states[0].items():
+        if ".lora_B." in key:
+            new = torch.randn(value.shape, generator=gen)
+            for state in states:
+                state[key].copy_(new)
+
+
+@pytest.fixture
+def base() -> nn.Module:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def test_kasa_same_tensors_outputs_and_loss_as_peft(base: nn.Module) -> None:
+    theirs, ours = both(kasa_config, base)
+    assert_same_state(theirs, ours)  # A, B, lora_diag and the truncated base weights
+    randomize_b(theirs, ours)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+    torch.testing.assert_close(ours._get_kasa_loss(), theirs._get_kasa_loss())
+    torch.testing.assert_close(ours._get_kasa_loss("default"), theirs._get_kasa_loss(["default"]))
+
+
+def test_kasa_truncates_the_r_smallest_singular_components(base: nn.Module) -> None:
+    weight = base.lin1.weight.detach().clone()
+    model = dt.get_peft_model(copy.deepcopy(base), kasa_config(dt))
+    s_before = torch.linalg.svdvals(weight)
+    s_after = torch.linalg.svdvals(model.base_model.model.lin1.base_layer.weight.detach())
+    torch.testing.assert_close(s_after[:6], s_before[:6], atol=1e-5, rtol=0)
+    assert s_after[6:].abs().max() < 1e-5
+
+
+def test_kasa_cross_loads_both_ways(base: nn.Module, tmp_path: Path) -> None:
+    theirs, ours = both(kasa_config, base)
+    randomize_b(theirs, ours)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = theirs(x)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    loaded_ours = dt.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    loaded_theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    lazy = dt.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft", low_cpu_mem_usage=True)
+    assert loaded_theirs.peft_config["default"].kasa_config == peft.KasaConfig(beta=0.3, gamma=0.2)
+    with torch.no_grad():
+        for model in (loaded_ours, loaded_theirs, lazy):
+            torch.testing.assert_close(model(x), expected)
+
+
+def test_kasa_merge_unmerge_and_gradients(base: nn.Module) -> None:
+    model = dt.get_peft_model(copy.deepcopy(base), kasa_config(dt))
+    randomize_b(model)
+    x = torch.randn(3, 16)
+    model(x).sum().backward()
+    diag = model.base_model.model.lin0.lora_diag["default"]
+    assert diag.shape == (4,) and diag.grad is not None
+    with torch.no_grad():
+        expected = model(x)
+        model.merge_adapter()
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(x), expected)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_kasa_refusals() -> None:
+    with pytest.raises(ValueError, match="KaSA requires `r`"):
+        dt.get_peft_model(MLP(), kasa_config(dt, r=10))  # lin1 is 10 × 12
+    model = dt.get_peft_model(MLP(), kasa_config(dt))
+    with pytest.raises(ValueError, match="KaSA cannot be combined with adapters that don't use KaSA"):
+        model.add_adapter("plain", dt.LoraConfig(target_modules=["lin0"]))
+    model.add_adapter("second", kasa_config(dt))
+    assert list(model.peft_config) == ["default", "second"]
+    plain = dt.get_peft_model(MLP(), dt.LoraConfig(target_modules=["lin0"], r=4))
+    assert plain._get_kasa_loss() == 0.0
+    with pytest.raises(ValueError, match="KaSA cannot be combined"):
+        plain.add_adapter("kasa", kasa_config(dt))
+    with pytest.raises(TypeError, match="`kasa_config` must be a `KasaConfig`"):
+        dt.LoraConfig(kasa_config=123)
+    with pytest.raises(ValueError, match="`beta` must be non-negative"):
+        dt.KasaConfig(beta=-1.0)
+    with pytest.raises(ValueError, match="variant combination"):
+        dt.LoraConfig(kasa_config=dt.KasaConfig(), use_dora=True)
+
+
+def test_kasa_refuses_conv1d() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    model = nn.Sequential(Conv1D(8, 12))
+    with pytest.raises(ValueError, match="KaSA does not support `fan_in_fan_out=True`"):
+        dt.get_peft_model(model, dt.LoraConfig(target_modules=["0"], r=2, kasa_config=dt.KasaConfig()))
