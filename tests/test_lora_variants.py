@@ -142,3 +142,81 @@ def test_kasa_refuses_conv1d() -> None:
     model = nn.Sequential(Conv1D(8, 12))
     with pytest.raises(ValueError, match="KaSA does not support `fan_in_fan_out=True`"):
         dt.get_peft_model(model, dt.LoraConfig(target_modules=["0"], r=2, kasa_config=dt.KasaConfig()))
+
+
+class EmbeddingMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.fc1 = nn.Linear(6, 10)
+        self.fc2 = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(self.emb(x))))
+
+
+def mica_config(lib, **kw):  # type: ignore[no-untyped-def]
+    return lib.LoraConfig(target_modules=["emb", "fc1", "fc2"], r=3, init_lora_weights="mica", **kw)
+
+
+def trainable(model: nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def test_mica_same_tensors_and_trainable_parameters_as_peft() -> None:
+    torch.manual_seed(0)
+    base = EmbeddingMLP()
+    theirs, ours = both(mica_config, base)
+    assert_same_state(theirs, ours)  # B: the minor left singular vectors (Eᵀ's for the embedding), A = 0
+    assert trainable(ours) == trainable(theirs)
+    assert not any(".lora_B." in n or "lora_embedding_B" in n for n in trainable(ours))
+    x = torch.randint(0, 20, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), base(x))  # A = 0: the output starts as the base's
+    theirs.add_adapter("other", mica_config(peft))
+    ours.add_adapter("other", mica_config(dt))
+    for model in (theirs, ours):
+        model.set_adapter("other")
+    assert trainable(ours) == trainable(theirs)
+    ours.set_adapter("default")
+    ours.delete_adapter("other")
+    assert "other" not in ours.base_model.model.fc1.frozen_peft_weight_names
+    ours.add_adapter("plain", dt.LoraConfig(target_modules=["fc1"], r=3))
+    ours.set_adapter("plain")
+    assert trainable(ours) == [
+        "base_model.model.fc1.lora_A.plain.weight",
+        "base_model.model.fc1.lora_B.plain.weight",
+    ]
+
+
+def test_mica_cross_loads_and_refuses_a_too_large_rank(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = EmbeddingMLP()
+    theirs, ours = both(mica_config, base)
+    for model in (theirs, ours):
+        for key, value in model.state_dict().items():
+            if "lora_A" in key or "lora_embedding_A" in key:
+                value.copy_(torch.randn(value.shape, generator=torch.Generator().manual_seed(len(key))))
+    x = torch.randint(0, 20, (2, 5))
+    with torch.no_grad():
+        expected = theirs(x)
+        torch.testing.assert_close(ours(x), expected)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    loaded = dt.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft", is_trainable=True)
+    loaded_theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected)
+        torch.testing.assert_close(loaded_theirs(x), expected)
+    assert not any(".lora_B." in n or "lora_embedding_B" in n for n in trainable(loaded))
+    with pytest.raises(ValueError, match="MiCA requires `r` <= min"):
+        dt.get_peft_model(
+            nn.Sequential(nn.Linear(2, 3)), dt.LoraConfig(target_modules=["0"], init_lora_weights="mica", r=3)
+        )
+
+
+def test_dora_with_megatron_gets_peft_error() -> None:
+    with pytest.raises(ValueError, match="DoRA does not support megatron_core"):
+        dt.LoraConfig(target_modules=["fc1"], use_dora=True, megatron_config={"any": "thing"})
+    with pytest.raises(ValueError, match="megatron_config is not supported"):
+        dt.LoraConfig(target_modules=["fc1"], megatron_config={"any": "thing"})

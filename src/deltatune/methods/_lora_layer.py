@@ -23,7 +23,14 @@ from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
 from ._lora_hotswap import LoraHotswapMixin
 from .lora import LoraConfig
 
-__all__ = ["LoraBiasMergeError", "LoraLayer", "lora_delta_forward", "lora_delta_weight", "lora_scaling"]
+__all__ = [
+    "FrozenWeightsMixin",
+    "LoraBiasMergeError",
+    "LoraLayer",
+    "lora_delta_forward",
+    "lora_delta_weight",
+    "lora_scaling",
+]
 
 
 class LoraBiasMergeError(RuntimeError, ValueError):
@@ -61,6 +68,37 @@ def lora_delta_forward(
 
 
 # ---- layer --------------------------------------------------------------------------------------
+class FrozenWeightsMixin(RankedLayer):
+    """PEFT's ``frozen_peft_weight_names``: per adapter, the tensor dicts (``"lora_B"``) that never train (MiCA's
+    B): left out of :meth:`adapter_parameters`, so activating the adapter leaves them frozen."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self._extra_per_adapter["frozen_peft_weight_names"] = self.frozen_peft_weight_names
+
+    def freeze_weight(self, adapter_name: str, attr: str) -> None:
+        """Freezes ``attr``'s tensors of ``adapter_name`` for good."""
+        self.frozen_peft_weight_names[adapter_name] = (
+            *self.frozen_peft_weight_names.get(adapter_name, ()),
+            attr,
+        )
+        item = getattr(self, attr)[adapter_name]
+        for p in item.parameters() if isinstance(item, nn.Module) else [item]:
+            p.requires_grad_(False)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        params = super().adapter_parameters(adapter_name)
+        frozen = self.frozen_peft_weight_names.get(adapter_name)
+        if not frozen:
+            return params
+        skip = set()
+        for attr in frozen:
+            item = getattr(self, attr)[adapter_name]
+            skip |= {id(p) for p in (item.parameters() if isinstance(item, nn.Module) else [item])}
+        return [p for p in params if id(p) not in skip]
+
+
 def lora_conv_factors(base: nn.Module, r: int, lora_bias: bool, **kw: Any) -> tuple[nn.Module, nn.Module]:
     """(A, B) for a ConvNd base: A a conv with the base's kernel, stride, padding, dilation and padding mode
     (in → r, groups 1), B a 1×…×1 conv (r → out) with the base's groups.
@@ -91,7 +129,7 @@ def lora_conv_factors(base: nn.Module, r: int, lora_bias: bool, **kw: Any) -> tu
     return lora_a, lora_b
 
 
-class LoraLayer(LoraHotswapMixin, RankedLayer):
+class LoraLayer(LoraHotswapMixin, FrozenWeightsMixin):
     """Wraps a Linear, transformers ``Conv1D`` or ConvNd with LoRA adapters (``lora_A``/``lora_B`` module
     dicts); ``nn.Embedding`` and ``nn.MultiheadAttention`` are kinds of their own (:mod:`._lora_kinds`).
 
@@ -206,6 +244,8 @@ class LoraLayer(LoraHotswapMixin, RankedLayer):
                 self.scaling[adapter_name],
                 loftq,
             )
+            if init == "mica":  # MiCA trains A only (PEFT's MiCALinearVariant)
+                self.freeze_weight(adapter_name, "lora_B")
             return
         a, b = self.factor_weights(adapter_name)
         b_bias = module_bias(self.lora_B[adapter_name])

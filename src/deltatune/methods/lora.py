@@ -28,7 +28,7 @@ __all__ = ["CordaConfig", "EvaConfig", "KasaConfig", "LoftQConfig", "LoraConfig"
 
 INIT_CHOICES = (True, False, "gaussian")
 #: The initialisers computed from the base weight (:mod:`._lora_init`); ``pissa_niter_N`` is accepted too.
-BASE_INITS = ("pissa", "olora", "orthogonal", "loftq")
+BASE_INITS = ("pissa", "olora", "orthogonal", "loftq", "mica")
 #: The initialisers computed from data: EVA (:mod:`._lora_eva`) and CorDA (:mod:`._lora_corda`).
 DATA_INITS = ("eva", "corda")
 
@@ -66,7 +66,8 @@ class LoraConfig(AdapterConfig):
         "(random orthogonal A and B, even r), 'loftq' (the base becomes its 4- or 8-bit quantization and A, "
         "B the SVD of what it lost; set loftq_config), 'eva' (A from the SVD of the layers' inputs over data, "
         "with ranks redistributed: call initialize_lora_eva_weights) or 'corda' (A and B from the base weight "
-        "decomposed with the inputs' covariance, the base keeps the residual: call preprocess_corda first).",
+        "decomposed with the inputs' covariance, the base keeps the residual: call preprocess_corda first) or "
+        "'mica' (B the base weight's r minor left singular vectors, frozen; A zero and trained).",
         True,
     )
     megatron_config: dict[str, Any] | None = None
@@ -182,6 +183,8 @@ class LoraConfig(AdapterConfig):
             )
         self._check_token_indices()
         self._check_replication()
+        if self.use_dora and self.megatron_config:  # PEFT's check, before megatron_config is refused below
+            raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
         if isinstance(self.target_parameters, str):
             raise TypeError("`target_parameters` must be a list of strings or None.")
         if self.target_parameters is not None:
