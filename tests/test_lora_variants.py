@@ -220,3 +220,68 @@ def test_dora_with_megatron_gets_peft_error() -> None:
         dt.LoraConfig(target_modules=["fc1"], use_dora=True, megatron_config={"any": "thing"})
     with pytest.raises(ValueError, match="megatron_config is not supported"):
         dt.LoraConfig(target_modules=["fc1"], megatron_config={"any": "thing"})
+
+
+class Projections(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(8, 12)
+        self.down_proj = nn.Linear(12, 8)
+        self.other = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.other(self.down_proj(torch.relu(self.q_proj(x))))
+
+
+def bdlora_config(lib, **kw):  # type: ignore[no-untyped-def]
+    options = lib.BdLoraConfig(
+        target_modules_bd_a=["q_proj"], target_modules_bd_b=["down_proj"], nblocks=2, **kw
+    )
+    return lib.LoraConfig(target_modules=["q_proj", "down_proj"], r=4, use_bdlora=options)
+
+
+def test_bdlora_same_tensors_outputs_and_files_as_peft(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = Projections()
+    theirs, ours = both(bdlora_config, base)
+    assert_same_state(theirs, ours)  # q_proj's A and down_proj's B: (out, in / 2), the blocks stacked
+    assert ours.base_model.model.q_proj.lora_A["default"].weight.shape == (4, 4)
+    gen = torch.Generator().manual_seed(3)
+    state = ours.state_dict()
+    for key, value in theirs.state_dict().items():
+        if "lora_" in key:
+            new = torch.randn(value.shape, generator=gen)
+            value.copy_(new)
+            state[key].copy_(new)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = theirs(x)
+        torch.testing.assert_close(ours(x), expected)
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(x), expected, atol=1e-4, rtol=1e-4)
+        ours.unmerge_adapter()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    loaded = dt.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    loaded_theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected)
+        torch.testing.assert_close(loaded_theirs(x), expected)
+
+
+def test_bdlora_refusals() -> None:
+    with pytest.raises(ValueError, match="Found overlapping modules in target_modules_bd lists"):
+        dt.BdLoraConfig(target_modules_bd_a=["q_proj"], target_modules_bd_b=["q_proj"])
+    loose = dt.LoraConfig(target_modules=["q_proj"], use_bdlora={"target_modules_bd_a": ["x"], "nblocks": 2})
+    with pytest.raises(ValueError, match="matches neither A nor B block-diagonal patterns"):
+        dt.get_peft_model(Projections(), loose)
+    odd = dt.LoraConfig(
+        target_modules=["q_proj"], use_bdlora={"target_modules_bd_a": ["q_proj"], "nblocks": 3}
+    )
+    with pytest.raises(ValueError, match="not divisible by"):
+        dt.get_peft_model(Projections(), odd)
+    with pytest.raises(ValueError, match="Invalid or unsupported variant combination"):
+        dt.LoraConfig(use_bdlora=dt.BdLoraConfig(), use_dora=True)
+    embedding = nn.Sequential(nn.Embedding(10, 4))
+    with pytest.raises(ValueError, match="use_bdlora supports Linear and Conv1D layers, not Embedding"):
+        dt.get_peft_model(embedding, dt.LoraConfig(target_modules=["0"], use_bdlora=dt.BdLoraConfig()))

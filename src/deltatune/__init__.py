@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .methods.ia3 import IA3Config as IA3Config
     from .methods.loha import LoHaConfig as LoHaConfig
     from .methods.lokr import LoKrConfig as LoKrConfig
+    from .methods.lora import BdLoraConfig as BdLoraConfig
     from .methods.lora import CordaConfig as CordaConfig
     from .methods.lora import EvaConfig as EvaConfig
     from .methods.lora import KasaConfig as KasaConfig
@@ -105,6 +106,7 @@ _CORE: dict[str, str] = {
     "EvaConfig": "methods.lora",
     "CordaConfig": "methods.lora",
     "KasaConfig": "methods.lora",
+    "BdLoraConfig": "methods.lora",
     "get_eva_state_dict": "methods._lora_eva",
     "initialize_lora_eva_weights": "methods._lora_eva",
     "preprocess_corda": "methods._lora_corda",

@@ -95,6 +95,10 @@ class LoraEmbeddingLayer(LoraHotswapMixin, FrozenWeightsMixin):
         config = expect_config(config, LoraConfig)
         if config.lora_bias:
             raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding.")
+        if config.use_bdlora is not None:
+            raise ValueError(
+                "use_bdlora supports Linear and Conv1D layers, not Embedding; leave it out of target_modules"
+            )
         if config.init_lora_weights == "loftq":  # peft 0.21 fails here with a TypeError
             raise ValueError(
                 "init_lora_weights='loftq' supports Linear and Conv1D layers, not Embedding; leave this layer out "

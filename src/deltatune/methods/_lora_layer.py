@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, PeftWarning
+from ..config import AdapterConfig, PeftWarning, TargetSpec
 from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, is_transposed
 from ..layers import RankedLayer, expect_config, kaiming_uniform_, module_bias, module_weight
 from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
+from ._lora_bdlora import bdlora_factor, dense_weight
 from ._lora_hotswap import LoraHotswapMixin
 from .lora import LoraConfig
 
@@ -209,6 +210,26 @@ class LoraLayer(LoraHotswapMixin, FrozenWeightsMixin):
         """s for rank ``r`` and ``alpha`` under ``config`` (rsLoRA or not); used by hot-swapping."""
         return lora_scaling(alpha, r, bool(config.use_rslora))
 
+    def add_adapter(self, adapter_name: str, target: TargetSpec) -> None:
+        """``update_layer``, then BD-LoRA's block-diagonal factor where ``use_bdlora`` names this module.
+
+        Raises:
+            ValueError: for BD-LoRA on a layer other than Linear/``Conv1D``, or see :func:`.bdlora_factor`.
+        """
+        super().add_adapter(adapter_name, target)
+        options = getattr(target.config, "use_bdlora", None)
+        if options is None:
+            return
+        if not isinstance(self.base_layer, nn.Linear | Conv1D):
+            raise ValueError(
+                f"use_bdlora supports Linear and Conv1D layers, not {type(self.base_layer).__name__}; leave "
+                f"{target.module_name} out of target_modules"
+            )
+        lora_a, lora_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        found = bdlora_factor(options, target.module_name, lora_a, lora_b)
+        if found is not None:
+            getattr(self, found[0])[adapter_name] = found[1]
+
     def _check_fan_in_fan_out(self, config: LoraConfig) -> None:
         """PEFT's correction of ``fan_in_fan_out`` to the layer's real layout, with its warning."""
         if config.fan_in_fan_out == self.fan_in_fan_out:
@@ -288,7 +309,12 @@ class LoraLayer(LoraHotswapMixin, FrozenWeightsMixin):
 
     def factor_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) weights of ``adapter_name``: (r, in[, *kernel]) and (out, r[, 1, 1])."""
-        return module_weight(self.lora_A[adapter_name]), module_weight(self.lora_B[adapter_name])
+        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dense_a, dense_b = dense_weight(a), dense_weight(b)  # BD-LoRA's block-diagonal factors
+        return (
+            module_weight(a) if dense_a is None else dense_a,
+            module_weight(b) if dense_b is None else dense_b,
+        )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW in the base weight's layout ((in, out) for a Conv1D).

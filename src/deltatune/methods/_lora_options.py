@@ -1,5 +1,6 @@
 """LoRA's option classes, exported at the top level as in PEFT: ``LoftQConfig``, ``EvaConfig``, ``CordaConfig``
-and ``KasaConfig`` (``LoraConfig``'s ``loftq_config``, ``eva_config``, ``corda_config`` and ``kasa_config``), and
+``KasaConfig`` and ``BdLoraConfig`` (``LoraConfig``'s ``loftq_config``, ``eva_config``, ``corda_config``,
+``kasa_config`` and ``use_bdlora``), and
 :func:`sub_config`, which reads them back from ``adapter_config.json``'s dicts. No torch."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 
 from ..config import help_field
 
-__all__ = ["CordaConfig", "EvaConfig", "KasaConfig", "LoftQConfig", "sub_config"]
+__all__ = ["BdLoraConfig", "CordaConfig", "EvaConfig", "KasaConfig", "LoftQConfig", "sub_config"]
 
 
 @dataclass
@@ -101,7 +102,33 @@ class KasaConfig:
             raise ValueError(f"`gamma` must be non-negative, got {self.gamma}.")
 
 
-_Sub = TypeVar("_Sub", EvaConfig, CordaConfig, KasaConfig)
+@dataclass
+class BdLoraConfig:
+    """BD-LoRA's options (PEFT's ``BdLoraConfig``), passed as ``LoraConfig(use_bdlora=BdLoraConfig(...))``: in
+    the modules named here A or B is block-diagonal (``nblocks`` blocks), which lets a sharded inference engine
+    serve the adapter without extra communication (row-sharded modules: A; column-sharded: B)."""
+
+    target_modules_bd_a: list[str] | None = help_field(
+        "Modules whose A is block-diagonal: a module is one when any entry is a substring of its name.", None
+    )
+    target_modules_bd_b: list[str] | None = help_field(
+        "Modules whose B is block-diagonal: a module is one when any entry is a substring of its name.", None
+    )
+    nblocks: int = help_field("Blocks of each block-diagonal factor (the serving's sharding degree).", 1)
+    match_strict: bool = help_field(
+        "Whether every targeted module must match target_modules_bd_a or target_modules_bd_b.", True
+    )
+
+    def __post_init__(self) -> None:
+        overlap = set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or [])
+        if overlap:
+            raise ValueError(
+                "Found overlapping modules in target_modules_bd lists: "
+                f"{self.target_modules_bd_a} (A) and {self.target_modules_bd_b} (B)."
+            )
+
+
+_Sub = TypeVar("_Sub", EvaConfig, CordaConfig, KasaConfig, BdLoraConfig)
 
 
 def sub_config(value: Any, cls: type[_Sub], field: str | None = None) -> _Sub | None:

@@ -21,10 +21,18 @@ from typing import Any, ClassVar
 from ..config import AdapterConfig, check_choice, check_range, help_field
 from ..registry import MethodSpec, register_method
 from ._lazy import forward_attributes
-from ._lora_options import CordaConfig, EvaConfig, KasaConfig, LoftQConfig, sub_config
+from ._lora_options import BdLoraConfig, CordaConfig, EvaConfig, KasaConfig, LoftQConfig, sub_config
 from ._target_defaults import LORA_DEFAULT_TARGETS
 
-__all__ = ["CordaConfig", "EvaConfig", "KasaConfig", "LoftQConfig", "LoraConfig", "pissa_iterations"]
+__all__ = [
+    "BdLoraConfig",
+    "CordaConfig",
+    "EvaConfig",
+    "KasaConfig",
+    "LoftQConfig",
+    "LoraConfig",
+    "pissa_iterations",
+]
 
 INIT_CHOICES = (True, False, "gaussian")
 #: The initialisers computed from the base weight (:mod:`._lora_init`); ``pissa_niter_N`` is accepted too.
@@ -103,7 +111,11 @@ class LoraConfig(AdapterConfig):
         "mixture-of-experts layers): names that a parameter's full name equals or ends with.",
         None,
     )
-    use_bdlora: Any = None
+    use_bdlora: BdLoraConfig | None = help_field(
+        "BD-LoRA (a BdLoraConfig): A or B block-diagonal in the modules it names, for sharded serving. Linear "
+        "layers only.",
+        None,
+    )
     arrow_config: Any = None
     kasa_config: KasaConfig | None = help_field(
         "KaSA (a KasaConfig): the base weight loses its r smallest singular components once, at creation, and "
@@ -176,11 +188,16 @@ class LoraConfig(AdapterConfig):
         self._check_init()
         self._check_data_inits()
         self.kasa_config = sub_config(self.kasa_config, KasaConfig, "kasa_config")
-        if self.kasa_config is not None and self.use_dora:
-            raise ValueError(
-                "Invalid or unsupported variant combination: ('kasa_config', 'use_dora'); set kasa_config=None or "
-                "use_dora=False"
-            )
+        self.use_bdlora = sub_config(self.use_bdlora, BdLoraConfig, "use_bdlora")
+        variants = {
+            "kasa_config": self.kasa_config is not None,
+            "use_bdlora": self.use_bdlora is not None,
+            "use_dora": bool(self.use_dora),
+            "mica": self.init_lora_weights == "mica",
+        }
+        chosen = tuple(sorted(name for name, used in variants.items() if used))
+        if len(chosen) > 1:  # PEFT's message (it raises when the layers are built)
+            raise ValueError(f"Invalid or unsupported variant combination: {chosen}; choose one of them")
         self._check_token_indices()
         self._check_replication()
         if self.use_dora and self.megatron_config:  # PEFT's check, before megatron_config is refused below
@@ -201,7 +218,7 @@ class LoraConfig(AdapterConfig):
             "alora_invocation_tokens": self.alora_invocation_tokens,
             "arrow_config": self.arrow_config,
             "kasa_config": self.kasa_config if self.PEFT_TYPE != "LORA" else None,
-            "use_bdlora": self.use_bdlora,
+            "use_bdlora": self.use_bdlora if self.PEFT_TYPE != "LORA" else None,
         }
         used = [k for k, v in unsupported.items() if v]
         if used:
@@ -336,10 +353,10 @@ class LoraConfig(AdapterConfig):
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict; ``eva_config``, ``corda_config`` and ``kasa_config`` as dicts (PEFT's layout), paths
-        as strings."""
+        """The config as a JSON-ready dict; the option classes (``eva_config``, ``kasa_config``, ...) as dicts
+        (PEFT's layout), paths as strings."""
         data = super().to_dict()
-        for field in ("eva_config", "corda_config", "kasa_config"):
+        for field in ("eva_config", "corda_config", "kasa_config", "use_bdlora"):
             value = data.get(field)
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 data[field] = {
