@@ -285,3 +285,74 @@ def test_bdlora_refusals() -> None:
     embedding = nn.Sequential(nn.Embedding(10, 4))
     with pytest.raises(ValueError, match="use_bdlora supports Linear and Conv1D layers, not Embedding"):
         dt.get_peft_model(embedding, dt.LoraConfig(target_modules=["0"], use_bdlora=dt.BdLoraConfig()))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def alora_config(lib):  # type: ignore[no-untyped-def]
+    return lib.LoraConfig(
+        task_type="CAUSAL_LM",
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        r=4,
+        alora_invocation_tokens=[7, 8],
+    )
+
+
+#: Row 0 invokes at position 3, row 1 twice (the last counts), row 2 never.
+INVOKED = torch.tensor([[1, 2, 3, 7, 8, 4, 5, 6], [2, 7, 8, 3, 7, 8, 9, 1], [1, 2, 3, 4, 5, 6, 9, 9]])
+
+
+def test_alora_forward_and_generate_as_peft(tiny_llama: nn.Module, tmp_path: Path) -> None:
+    theirs, ours = both(alora_config, tiny_llama)
+    assert_same_state(theirs, ours)
+    randomize_b(theirs, ours)
+    with torch.no_grad():
+        expected = theirs(input_ids=INVOKED).logits
+        logits = ours(input_ids=INVOKED).logits
+        base = tiny_llama(input_ids=INVOKED).logits
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(logits[0, :3], base[0, :3])  # the base model before the invocation
+    torch.testing.assert_close(logits[2], base[2])  # and in a row without it
+    assert not torch.allclose(logits[0, 3:], base[0, 3:])
+    generated = ours.generate(input_ids=INVOKED, attention_mask=torch.ones_like(INVOKED), max_new_tokens=3)
+    reference = theirs.generate(input_ids=INVOKED, attention_mask=torch.ones_like(INVOKED), max_new_tokens=3)
+    assert generated.tolist() == reference.tolist()
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    loaded = dt.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "peft")
+    loaded_theirs = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_llama), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=INVOKED).logits, expected)
+        torch.testing.assert_close(loaded_theirs(input_ids=INVOKED).logits, expected)
+
+
+def test_alora_refusals_and_sharing_a_layer(tiny_llama: nn.Module) -> None:
+    model = dt.get_peft_model(copy.deepcopy(tiny_llama), alora_config(dt))
+    with pytest.raises(NotImplementedError, match="aLoRA does not support merging"):
+        model.merge_adapter()
+    with pytest.raises(ValueError, match="Beam search not yet supported for aLoRA"):
+        model.generate(input_ids=INVOKED, max_new_tokens=2, num_beams=2)
+    with pytest.warns(UserWarning, match="Cannot calculate aLoRA offsets when only inputs_embeds"):
+        model(inputs_embeds=torch.randn(1, 4, 16))
+    with pytest.warns(UserWarning, match="aLoRA is currently only supported for CAUSAL_LM"):
+        dt.LoraConfig(alora_invocation_tokens=[1])
+    plain = dt.get_peft_model(
+        copy.deepcopy(tiny_llama), dt.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"])
+    )
+    plain.add_adapter("activated", alora_config(dt))  # the LoRA layer takes the aLoRA adapter beside its own
+    layer = plain.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "ALoraLayer" and layer.adapter_names == ["default", "activated"]

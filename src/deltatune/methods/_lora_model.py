@@ -3,6 +3,7 @@ when disabling adapters whose biases were trained (the layer lives in :mod:`.lor
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -54,6 +55,36 @@ class LoraModel(AdapterModel):
                 stacklevel=4,
             )
         super().__init__(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; with an active aLoRA adapter, its layers first get the positions it applies to
+        from ``input_ids`` (see :mod:`.alora`)."""
+        from ._alora_layer import ALoraLayer, offsets_from_inputs, uses_alora
+
+        if uses_alora(self.peft_config, self.active_adapters):
+            offsets = offsets_from_inputs(self.peft_config, list(self.active_adapters), args, kwargs)
+            for _, layer in self.adapter_layers():
+                if isinstance(layer, ALoraLayer):
+                    layer.alora_offsets = offsets
+        return super().forward(*args, **kwargs)
+
+    def generation_context(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        """aLoRA: its layers keep the prompt's offsets through ``generate`` (PEFT refuses beam search there).
+
+        Raises:
+            ValueError: for ``num_beams`` > 1 with an active aLoRA adapter.
+        """
+        from ._alora_layer import alora_offsets_kept, offsets_from_inputs, uses_alora
+
+        if not uses_alora(self.peft_config, self.active_adapters):
+            return contextlib.nullcontext()
+        beams = kwargs.get("num_beams")
+        if isinstance(beams, int) and beams > 1:
+            raise ValueError("Beam search not yet supported for aLoRA.")
+        offsets = offsets_from_inputs(self.peft_config, list(self.active_adapters), args, kwargs)
+        return alora_offsets_kept((layer for _, layer in self.adapter_layers()), offsets)
 
     def extra_trainable_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
         """``bias="all"``: every bias outside the ``modules_to_save`` copies; ``"lora_only"``: the biases of

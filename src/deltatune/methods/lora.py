@@ -96,7 +96,12 @@ class LoraConfig(AdapterConfig):
         "Whether to use weight-decomposed LoRA (DoRA), which the 'dora' method implements.", False
     )
     velora_config: Any = None
-    alora_invocation_tokens: Any = None
+    alora_invocation_tokens: Any = help_field(  # list[int] | None; Any keeps it off the image CLI's flags
+        "Activated LoRA (aLoRA, for causal language models): the token ids of the invocation sequence; the "
+        "adapter applies from its last occurrence in the input on (and to every generated token), the base "
+        "model before it.",
+        None,
+    )
     use_qalora: bool = False
     qalora_group_size: int = 16
     monteclora_config: Any = None
@@ -161,7 +166,7 @@ class LoraConfig(AdapterConfig):
     #: The CLI's optimiser options that apply to this method (LoRA+, :mod:`deltatune.optimizers`).
     OPTIMIZER_OPTIONS: ClassVar[tuple[str, ...]] = ("loraplus_lr_ratio", "loraplus_lr_embedding")
     #: Fields that select a variant of LoRA implemented by another registered method (PEFT's DoRA flag).
-    VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora", "kasa_config")
+    VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora", "kasa_config", "alora_invocation_tokens")
     #: Options for language models (tied embeddings, decoder stacks, MoE parameters), which the CLI's
     #: image recipe takes but its ``--help`` leaves to ``--help-all``.
     HELP_ALL_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -194,12 +199,16 @@ class LoraConfig(AdapterConfig):
             "use_bdlora": self.use_bdlora is not None,
             "use_dora": bool(self.use_dora),
             "mica": self.init_lora_weights == "mica",
+            "alora_invocation_tokens": bool(self.alora_invocation_tokens),
         }
         chosen = tuple(sorted(name for name, used in variants.items() if used))
         if len(chosen) > 1:  # PEFT's message (it raises when the layers are built)
             raise ValueError(f"Invalid or unsupported variant combination: {chosen}; choose one of them")
         self._check_token_indices()
         self._check_replication()
+        task = str(getattr(self.task_type, "value", self.task_type))
+        if self.alora_invocation_tokens is not None and task != "CAUSAL_LM":
+            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=3)
         if self.use_dora and self.megatron_config:  # PEFT's check, before megatron_config is refused below
             raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
         if isinstance(self.target_parameters, str):
@@ -215,7 +224,7 @@ class LoraConfig(AdapterConfig):
             "layer_replication": self.layer_replication if self.PEFT_TYPE != "LORA" else None,
             "target_parameters": self.target_parameters if self.PEFT_TYPE != "LORA" else None,
             "trainable_token_indices": self.trainable_token_indices if self.PEFT_TYPE != "LORA" else None,
-            "alora_invocation_tokens": self.alora_invocation_tokens,
+            "alora_invocation_tokens": self.alora_invocation_tokens if self.PEFT_TYPE != "LORA" else None,
             "arrow_config": self.arrow_config,
             "kasa_config": self.kasa_config if self.PEFT_TYPE != "LORA" else None,
             "use_bdlora": self.use_bdlora if self.PEFT_TYPE != "LORA" else None,
