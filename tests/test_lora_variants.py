@@ -348,11 +348,24 @@ def test_alora_refusals_and_sharing_a_layer(tiny_llama: nn.Module) -> None:
         model.generate(input_ids=INVOKED, max_new_tokens=2, num_beams=2)
     with pytest.warns(UserWarning, match="Cannot calculate aLoRA offsets when only inputs_embeds"):
         model(inputs_embeds=torch.randn(1, 4, 16))
-    with pytest.warns(UserWarning, match="aLoRA is currently only supported for CAUSAL_LM"):
-        dt.LoraConfig(alora_invocation_tokens=[1])
     plain = dt.get_peft_model(
         copy.deepcopy(tiny_llama), dt.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"])
     )
     plain.add_adapter("activated", alora_config(dt))  # the LoRA layer takes the aLoRA adapter beside its own
     layer = plain.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer).__name__ == "ALoraLayer" and layer.adapter_names == ["default", "activated"]
+
+
+def test_alora_explicit_offsets_as_peft(tiny_llama: nn.Module) -> None:
+    def config(lib):  # type: ignore[no-untyped-def]
+        with pytest.warns(UserWarning, match="only supported for CAUSAL_LM"):
+            return lib.LoraConfig(target_modules=["q_proj"], r=4, alora_invocation_tokens=[7, 8])
+
+    theirs, ours = both(config, tiny_llama)  # no task type: PeftModel's forward takes PEFT's alora_offsets
+    randomize_b(theirs, ours)
+    offsets = [5, None, 2]
+    with torch.no_grad():
+        expected = theirs(input_ids=INVOKED, alora_offsets=offsets).logits
+        torch.testing.assert_close(ours(input_ids=INVOKED, alora_offsets=offsets).logits, expected)
+        with pytest.raises(ValueError, match="Beam search not yet supported for aLoRA"):
+            ours(input_ids=INVOKED, num_beams=2)

@@ -60,8 +60,19 @@ def uses_alora(configs: Mapping[str, Any], active: Iterable[str]) -> bool:
 def offsets_from_inputs(
     configs: Mapping[str, Any], active: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> torch.Tensor | None:
-    """The offsets for a forward or ``generate`` call's ``input_ids`` (its keyword or first positional
-    argument); None, with PEFT's warning, when only ``inputs_embeds`` is given."""
+    """The offsets for a forward or ``generate`` call: its ``alora_offsets`` argument (PEFT's list, None for a
+    row without the invocation; taken out of ``kwargs``) or else computed from its ``input_ids`` (keyword or first
+    positional argument); None, with PEFT's warning, when only ``inputs_embeds`` is given.
+
+    Raises:
+        ValueError: for ``num_beams`` > 1 (PEFT's refusal).
+    """
+    explicit = kwargs.pop("alora_offsets", None)
+    beams = kwargs.get("num_beams")
+    if isinstance(beams, int) and beams > 1:
+        raise ValueError("Beam search not yet supported for aLoRA.")
+    if explicit is not None:
+        return torch.tensor([0 if o is None else int(o) for o in explicit], dtype=torch.long)
     input_ids = kwargs.get("input_ids")
     if input_ids is None and args and isinstance(args[0], torch.Tensor):
         input_ids = args[0]

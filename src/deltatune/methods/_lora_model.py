@@ -66,12 +66,14 @@ class LoraModel(AdapterModel):
             for _, layer in self.adapter_layers():
                 if isinstance(layer, ALoraLayer):
                     layer.alora_offsets = offsets
+        kwargs.pop("alora_offsets", None)  # PEFT's forward argument, for aLoRA only
         return super().forward(*args, **kwargs)
 
     def generation_context(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> contextlib.AbstractContextManager[None]:
-        """aLoRA: its layers keep the prompt's offsets through ``generate`` (PEFT refuses beam search there).
+        """aLoRA: its layers keep the prompt's offsets (or ``alora_offsets``, taken out of ``kwargs``) through
+        ``generate`` (PEFT refuses beam search there).
 
         Raises:
             ValueError: for ``num_beams`` > 1 with an active aLoRA adapter.
@@ -79,10 +81,8 @@ class LoraModel(AdapterModel):
         from ._alora_layer import alora_offsets_kept, offsets_from_inputs, uses_alora
 
         if not uses_alora(self.peft_config, self.active_adapters):
+            kwargs.pop("alora_offsets", None)  # PEFT's generate argument, for aLoRA only
             return contextlib.nullcontext()
-        beams = kwargs.get("num_beams")
-        if isinstance(beams, int) and beams > 1:
-            raise ValueError("Beam search not yet supported for aLoRA.")
         offsets = offsets_from_inputs(self.peft_config, list(self.active_adapters), args, kwargs)
         return alora_offsets_kept((layer for _, layer in self.adapter_layers()), offsets)
 
