@@ -165,7 +165,7 @@ class LoraConfig(AdapterConfig):
     }
     #: The CLI's optimiser options that apply to this method (LoRA+, :mod:`deltatune.optimizers`).
     OPTIMIZER_OPTIONS: ClassVar[tuple[str, ...]] = ("loraplus_lr_ratio", "loraplus_lr_embedding")
-    #: Fields that select a variant of LoRA implemented by another registered method (PEFT's DoRA flag).
+    #: Fields that select a variant of LoRA implemented by another registered method (DoRA, KaSA, aLoRA).
     VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora", "kasa_config", "alora_invocation_tokens")
     #: Options for language models (tied embeddings, decoder stacks, MoE parameters), which the CLI's
     #: image recipe takes but its ``--help`` leaves to ``--help-all``.
@@ -385,8 +385,8 @@ class LoraConfig(AdapterConfig):
 
     @property
     def selects_variant(self) -> bool:
-        """True when a variant flag (``use_dora``, ``kasa_config``) is set: another registered method handles this
-        config."""
+        """True when a variant flag (``use_dora``, ``kasa_config``, ``alora_invocation_tokens``) is set: another
+        registered method handles this config."""
         return any(getattr(self, flag, False) for flag in self.VARIANT_FLAGS)
 
 
