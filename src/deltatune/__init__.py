@@ -40,8 +40,10 @@ if TYPE_CHECKING:
     from .methods.ia3 import IA3Config as IA3Config
     from .methods.loha import LoHaConfig as LoHaConfig
     from .methods.lokr import LoKrConfig as LoKrConfig
+    from .methods.lora import BdLoraConfig as BdLoraConfig
     from .methods.lora import CordaConfig as CordaConfig
     from .methods.lora import EvaConfig as EvaConfig
+    from .methods.lora import KasaConfig as KasaConfig
     from .methods.lora import LoftQConfig as LoftQConfig
     from .methods.lora import LoraConfig as LoraConfig
     from .methods.trainable_tokens import TrainableTokensConfig as TrainableTokensConfig
@@ -103,6 +105,8 @@ _CORE: dict[str, str] = {
     "LoftQConfig": "methods.lora",  # LoRA's option classes and data initialisers, at the top as in PEFT
     "EvaConfig": "methods.lora",
     "CordaConfig": "methods.lora",
+    "KasaConfig": "methods.lora",
+    "BdLoraConfig": "methods.lora",
     "get_eva_state_dict": "methods._lora_eva",
     "initialize_lora_eva_weights": "methods._lora_eva",
     "preprocess_corda": "methods._lora_corda",

@@ -21,6 +21,7 @@ each hook:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -41,6 +42,12 @@ class MethodHooks:
 
     def check_new_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
         """Raises ``ValueError`` before anything is injected when ``config`` cannot be added here."""
+
+    def generation_context(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        """Wraps a ``generate`` call with these arguments (aLoRA: the positions its adapter applies to)."""
+        return contextlib.nullcontext()
 
     def prepare_model(self, config: TargetingConfig) -> None:
         """Changes the model's structure before the targets of ``config`` are matched (LoRA's

@@ -102,7 +102,7 @@ class PeftModel(SaveLoadMixin):
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The base model's ``generate``, with ``adapter_names`` as in :meth:`forward`."""
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names), self.base_model.generation_context(args, kwargs):
             generate = getattr(self.base_model.model, "generate", None)
             if not callable(generate):
                 raise AttributeError(f"{type(self.base_model.model).__name__} has no generate()")

@@ -53,7 +53,7 @@ class _TaskModel(PeftModel):
 
     def _run(self, kwargs: dict[str, Any], **named: Any) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
-        kwargs.pop("alora_offsets", None)  # a PEFT forward argument of aLoRA, which deltatune refuses
+        kwargs.pop("alora_offsets", None)  # PEFT's explicit aLoRA offsets: deltatune's come from input_ids
         with self._mixed_batch(adapter_names):
             return self.base_model(**named, **kwargs)
 

@@ -42,6 +42,7 @@ __all__ = [
     "converted_lora_tensors",
     "init_from_base",
     "loftq_factors",
+    "mica_factors",
     "olora_factors",
     "orthogonal_factors",
     "pissa_factors",
@@ -156,7 +157,7 @@ def base_initialised_factors(
 
     Args:
         weight: W in (out, in) layout.
-        init: ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, ``"orthogonal"`` or ``"loftq"``.
+        init: ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``, ``"orthogonal"``, ``"loftq"`` or ``"mica"``.
         r: The rank.
         scaling: s (not used by LoftQ and orthogonal).
         loftq: LoftQ's ``loftq_bits`` and ``loftq_iter`` (PEFT's ``loftq_config``).
@@ -174,6 +175,9 @@ def base_initialised_factors(
             f"init_lora_weights={init!r} needs a float32, float16 or bfloat16 base weight, got "
             f"{str(weight.dtype).removeprefix('torch.')}; initialise before quantizing"
         )
+    if init == "mica":
+        a, b = mica_factors(weight, r)
+        return a, b, None
     if r > min(out_features, in_features):
         raise ValueError(
             f"init_lora_weights={init!r} needs r <= min(out, in) = {min(out_features, in_features)} for a "
@@ -188,6 +192,23 @@ def base_initialised_factors(
         a, b = pissa_factors(weight, r, scaling, pissa_iterations(init))
     residual = (weight.to(torch.float32) - scaling * b @ a).to(weight.dtype)
     return a, b, residual
+
+
+def mica_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiCA's (A, B) in float32 for W (out, in): A = 0 (r, in) and B (out, r) the left singular vectors of the r
+    smallest singular values, rounded through W's dtype as PEFT stores them.
+
+    Raises:
+        ValueError: when r > min(out, in).
+    """
+    if r > min(weight.shape):
+        raise ValueError(
+            f"MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer with weight shape "
+            f"{tuple(weight.shape)} (max usable r is {min(weight.shape)})."
+        )
+    u = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)[0]
+    b = u[:, -r:].to(weight.dtype).to(torch.float32)
+    return torch.zeros(r, weight.shape[1], device=weight.device), b
 
 
 def init_from_base(

@@ -27,9 +27,9 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..layer_types import apply_with_weight
-from ..layers import RankedLayer, expect_config, module_bias
+from ..layers import expect_config, module_bias
 from ._lora_hotswap import LoraHotswapMixin
-from ._lora_layer import LoraLayer, lora_scaling
+from ._lora_layer import FrozenWeightsMixin, LoraLayer, lora_scaling
 from .lora import LoraConfig
 
 __all__ = ["LoraEmbeddingLayer", "LoraMultiheadAttentionLayer", "lora_embedding_delta_weight"]
@@ -71,7 +71,7 @@ def _plus_deltas(layer: LoraLayer, names: list[str]) -> torch.Tensor:
     return weight
 
 
-class LoraEmbeddingLayer(LoraHotswapMixin, RankedLayer):
+class LoraEmbeddingLayer(LoraHotswapMixin, FrozenWeightsMixin):
     """Wraps an ``nn.Embedding`` with LoRA adapters (see the module docstring)."""
 
     repr_prefix: ClassVar[str] = "lora"
@@ -95,6 +95,10 @@ class LoraEmbeddingLayer(LoraHotswapMixin, RankedLayer):
         config = expect_config(config, LoraConfig)
         if config.lora_bias:
             raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding.")
+        if config.use_bdlora is not None:
+            raise ValueError(
+                "use_bdlora supports Linear and Conv1D layers, not Embedding; leave it out of target_modules"
+            )
         if config.init_lora_weights == "loftq":  # peft 0.21 fails here with a TypeError
             raise ValueError(
                 "init_lora_weights='loftq' supports Linear and Conv1D layers, not Embedding; leave this layer out "
@@ -105,13 +109,19 @@ class LoraEmbeddingLayer(LoraHotswapMixin, RankedLayer):
         # Drawn in PEFT's order (A, then B, then B again), so a given seed gives PEFT's tensors.
         a = torch.randn(r, num)
         b = torch.randn(dim, r)
-        if config.init_lora_weights is not False:
+        if config.init_lora_weights == "mica":  # B from Eᵀ's minor left singular vectors, A = 0
+            from ._lora_init import mica_factors
+
+            a, b = mica_factors(self.base_weight.t(), r)
+        elif config.init_lora_weights is not False:
             nn.init.zeros_(a)
             nn.init.normal_(b)
         self.lora_embedding_A[adapter_name] = nn.Parameter(a.to(**kw))
         self.lora_embedding_B[adapter_name] = nn.Parameter(b.to(**kw))
         self.r[adapter_name] = r
         self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
+        if config.init_lora_weights == "mica":
+            self.freeze_weight(adapter_name, "lora_embedding_B")
         self._finish_update(adapter_name)
 
     def scale_for(self, r: int, alpha: float, config: Any) -> float:

@@ -16,14 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import AdapterConfig, PeftWarning
+from ..config import AdapterConfig, PeftWarning, TargetSpec
 from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, is_transposed
 from ..layers import RankedLayer, expect_config, kaiming_uniform_, module_bias, module_weight
 from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
+from ._lora_bdlora import bdlora_factor, dense_weight
 from ._lora_hotswap import LoraHotswapMixin
 from .lora import LoraConfig
 
-__all__ = ["LoraBiasMergeError", "LoraLayer", "lora_delta_forward", "lora_delta_weight", "lora_scaling"]
+__all__ = [
+    "FrozenWeightsMixin",
+    "LoraBiasMergeError",
+    "LoraLayer",
+    "lora_delta_forward",
+    "lora_delta_weight",
+    "lora_scaling",
+]
 
 
 class LoraBiasMergeError(RuntimeError, ValueError):
@@ -61,6 +69,37 @@ def lora_delta_forward(
 
 
 # ---- layer --------------------------------------------------------------------------------------
+class FrozenWeightsMixin(RankedLayer):
+    """PEFT's ``frozen_peft_weight_names``: per adapter, the tensor dicts (``"lora_B"``) that never train (MiCA's
+    B): left out of :meth:`adapter_parameters`, so activating the adapter leaves them frozen."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
+        self._extra_per_adapter["frozen_peft_weight_names"] = self.frozen_peft_weight_names
+
+    def freeze_weight(self, adapter_name: str, attr: str) -> None:
+        """Freezes ``attr``'s tensors of ``adapter_name`` for good."""
+        self.frozen_peft_weight_names[adapter_name] = (
+            *self.frozen_peft_weight_names.get(adapter_name, ()),
+            attr,
+        )
+        item = getattr(self, attr)[adapter_name]
+        for p in item.parameters() if isinstance(item, nn.Module) else [item]:
+            p.requires_grad_(False)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        params = super().adapter_parameters(adapter_name)
+        frozen = self.frozen_peft_weight_names.get(adapter_name)
+        if not frozen:
+            return params
+        skip = set()
+        for attr in frozen:
+            item = getattr(self, attr)[adapter_name]
+            skip |= {id(p) for p in (item.parameters() if isinstance(item, nn.Module) else [item])}
+        return [p for p in params if id(p) not in skip]
+
+
 def lora_conv_factors(base: nn.Module, r: int, lora_bias: bool, **kw: Any) -> tuple[nn.Module, nn.Module]:
     """(A, B) for a ConvNd base: A a conv with the base's kernel, stride, padding, dilation and padding mode
     (in → r, groups 1), B a 1×…×1 conv (r → out) with the base's groups.
@@ -91,7 +130,7 @@ def lora_conv_factors(base: nn.Module, r: int, lora_bias: bool, **kw: Any) -> tu
     return lora_a, lora_b
 
 
-class LoraLayer(LoraHotswapMixin, RankedLayer):
+class LoraLayer(LoraHotswapMixin, FrozenWeightsMixin):
     """Wraps a Linear, transformers ``Conv1D`` or ConvNd with LoRA adapters (``lora_A``/``lora_B`` module
     dicts); ``nn.Embedding`` and ``nn.MultiheadAttention`` are kinds of their own (:mod:`._lora_kinds`).
 
@@ -171,6 +210,26 @@ class LoraLayer(LoraHotswapMixin, RankedLayer):
         """s for rank ``r`` and ``alpha`` under ``config`` (rsLoRA or not); used by hot-swapping."""
         return lora_scaling(alpha, r, bool(config.use_rslora))
 
+    def add_adapter(self, adapter_name: str, target: TargetSpec) -> None:
+        """``update_layer``, then BD-LoRA's block-diagonal factor where ``use_bdlora`` names this module.
+
+        Raises:
+            ValueError: for BD-LoRA on a layer other than Linear/``Conv1D``, or see :func:`.bdlora_factor`.
+        """
+        super().add_adapter(adapter_name, target)
+        options = getattr(target.config, "use_bdlora", None)
+        if options is None:
+            return
+        if not isinstance(self.base_layer, nn.Linear | Conv1D):
+            raise ValueError(
+                f"use_bdlora supports Linear and Conv1D layers, not {type(self.base_layer).__name__}; leave "
+                f"{target.module_name} out of target_modules"
+            )
+        lora_a, lora_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        found = bdlora_factor(options, target.module_name, lora_a, lora_b)
+        if found is not None:
+            getattr(self, found[0])[adapter_name] = found[1]
+
     def _check_fan_in_fan_out(self, config: LoraConfig) -> None:
         """PEFT's correction of ``fan_in_fan_out`` to the layer's real layout, with its warning."""
         if config.fan_in_fan_out == self.fan_in_fan_out:
@@ -206,6 +265,8 @@ class LoraLayer(LoraHotswapMixin, RankedLayer):
                 self.scaling[adapter_name],
                 loftq,
             )
+            if init == "mica":  # MiCA trains A only (PEFT's MiCALinearVariant)
+                self.freeze_weight(adapter_name, "lora_B")
             return
         a, b = self.factor_weights(adapter_name)
         b_bias = module_bias(self.lora_B[adapter_name])
@@ -248,7 +309,12 @@ class LoraLayer(LoraHotswapMixin, RankedLayer):
 
     def factor_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) weights of ``adapter_name``: (r, in[, *kernel]) and (out, r[, 1, 1])."""
-        return module_weight(self.lora_A[adapter_name]), module_weight(self.lora_B[adapter_name])
+        a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        dense_a, dense_b = dense_weight(a), dense_weight(b)  # BD-LoRA's block-diagonal factors
+        return (
+            module_weight(a) if dense_a is None else dense_a,
+            module_weight(b) if dense_b is None else dense_b,
+        )
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW in the base weight's layout ((in, out) for a Conv1D).

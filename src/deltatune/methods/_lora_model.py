@@ -3,6 +3,7 @@ when disabling adapters whose biases were trained (the layer lives in :mod:`.lor
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -54,6 +55,36 @@ class LoraModel(AdapterModel):
                 stacklevel=4,
             )
         super().__init__(model, config, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; with an active aLoRA adapter, its layers first get the positions it applies to
+        from ``input_ids`` (see :mod:`.alora`)."""
+        from ._alora_layer import ALoraLayer, offsets_from_inputs, uses_alora
+
+        if uses_alora(self.peft_config, self.active_adapters):
+            offsets = offsets_from_inputs(self.peft_config, list(self.active_adapters), args, kwargs)
+            for _, layer in self.adapter_layers():
+                if isinstance(layer, ALoraLayer):
+                    layer.alora_offsets = offsets
+        kwargs.pop("alora_offsets", None)  # PEFT's forward argument, for aLoRA only
+        return super().forward(*args, **kwargs)
+
+    def generation_context(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> contextlib.AbstractContextManager[None]:
+        """aLoRA: its layers keep the prompt's offsets (or ``alora_offsets``, taken out of ``kwargs``) through
+        ``generate`` (PEFT refuses beam search there).
+
+        Raises:
+            ValueError: for ``num_beams`` > 1 with an active aLoRA adapter.
+        """
+        from ._alora_layer import alora_offsets_kept, offsets_from_inputs, uses_alora
+
+        if not uses_alora(self.peft_config, self.active_adapters):
+            kwargs.pop("alora_offsets", None)  # PEFT's generate argument, for aLoRA only
+            return contextlib.nullcontext()
+        offsets = offsets_from_inputs(self.peft_config, list(self.active_adapters), args, kwargs)
+        return alora_offsets_kept((layer for _, layer in self.adapter_layers()), offsets)
 
     def extra_trainable_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
         """``bias="all"``: every bias outside the ``modules_to_save`` copies; ``"lora_only"``: the biases of
@@ -166,6 +197,7 @@ class LoraModel(AdapterModel):
                 f"Requested bias: {bias}, is not implemented; bias must be one of {', '.join(map(repr, BIAS_CHOICES))}"
             )
         check_tied_modules(self, config)
+        check_kasa_mixing(self.peft_config, config)
         wanted = set(getattr(config, "target_parameters", None) or ())
         for name, other in self.peft_config.items():
             theirs = set(getattr(other, "target_parameters", None) or ())
@@ -189,6 +221,26 @@ class LoraModel(AdapterModel):
                 f"{type(self).__name__} supports only 1 adapter with bias. When using multiple adapters, set bias "
                 "to 'none' for all adapters."
             )
+
+    def _get_kasa_loss(self, adapter_names: str | list[str] | None = None) -> torch.Tensor | float:
+        """KaSA's regularisers summed over its layers (PEFT's method, for the user to add to the task loss):
+        β·Σd² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F) per layer and adapter, β and γ from each adapter's
+        ``kasa_config``; ``adapter_names`` default the active adapters. 0.0 when no KaSA layer holds them."""
+        from ._kasa_layer import KasaLayer
+
+        names = self.active_adapters if adapter_names is None else adapter_names
+        names = [names] if isinstance(names, str) else list(names)
+        total: torch.Tensor | float = 0.0
+        for _, layer in self.adapter_layers():
+            if not isinstance(layer, KasaLayer):
+                continue
+            for name in names:
+                options = (
+                    getattr(self.peft_config[name], "kasa_config", None) if name in layer.lora_diag else None
+                )
+                if options is not None:
+                    total = total + layer.regularization(name, options.beta, options.gamma)
+        return total
 
     def disable_adapter_layers(self) -> None:
         """Disables every adapter layer; warns, as PEFT does, when the active adapters trained biases (those stay
@@ -255,6 +307,22 @@ class LoraModel(AdapterModel):
                 if layer.holds(adapter_name) and layer_bias is not None:
                     out[f"{name}.base_layer.bias"] = layer_bias.detach()
         return out
+
+
+def check_kasa_mixing(configs: dict[str, Any], config: TargetingConfig) -> None:
+    """PEFT's rule: KaSA adapters (which truncate the base weight) share a model only with KaSA adapters.
+
+    Raises:
+        ValueError: naming the existing adapter that does (or does not) use KaSA.
+    """
+    new_uses = getattr(config, "kasa_config", None) is not None
+    for name, other in configs.items():
+        if other is not config and (getattr(other, "kasa_config", None) is not None) is not new_uses:
+            raise ValueError(
+                "KaSA cannot be combined with adapters that don't use KaSA, since KaSA modifies the base weights: "
+                f"the new adapter {'uses' if new_uses else 'does not use'} KaSA but adapter '{name}' "
+                f"{'does not' if new_uses else 'does'}."
+            )
 
 
 def all_bias_tensors(tuner: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:

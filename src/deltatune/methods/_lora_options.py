@@ -1,5 +1,6 @@
-"""LoRA's option classes, exported at the top level as in PEFT: ``LoftQConfig``, ``EvaConfig`` and
-``CordaConfig`` (``LoraConfig``'s ``loftq_config``, ``eva_config`` and ``corda_config``), and
+"""LoRA's option classes, exported at the top level as in PEFT: ``LoftQConfig``, ``EvaConfig``, ``CordaConfig``
+``KasaConfig`` and ``BdLoraConfig`` (``LoraConfig``'s ``loftq_config``, ``eva_config``, ``corda_config``,
+``kasa_config`` and ``use_bdlora``), and
 :func:`sub_config`, which reads them back from ``adapter_config.json``'s dicts. No torch."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 
 from ..config import help_field
 
-__all__ = ["CordaConfig", "EvaConfig", "LoftQConfig", "sub_config"]
+__all__ = ["BdLoraConfig", "CordaConfig", "EvaConfig", "KasaConfig", "LoftQConfig", "sub_config"]
 
 
 @dataclass
@@ -81,12 +82,58 @@ class CordaConfig:
             raise ValueError(f"corda_method={self.corda_method!r} is not valid; choose 'ipm' or 'kpm'")
 
 
-_Sub = TypeVar("_Sub", EvaConfig, CordaConfig)
+@dataclass
+class KasaConfig:
+    """KaSA's options (PEFT's ``KasaConfig``; Wang et al., 2024, "KaSA: Knowledge-Aware Singular-Value Adaptation
+    of Large Language Models"), passed as ``LoraConfig(kasa_config=KasaConfig(...))``. They weigh the two
+    regularisers of ``LoraModel._get_kasa_loss``, which the user adds to the task loss."""
+
+    beta: float = help_field(
+        "Weight of the L2 penalty on the learnt singular values, sum(lora_diag ** 2); at least 0.", 1e-4
+    )
+    gamma: float = help_field(
+        "Weight of the orthogonality penalty ||BᵀB − I||_F + ||AAᵀ − I||_F on the factors; at least 0.", 1e-3
+    )
+
+    def __post_init__(self) -> None:
+        if self.beta < 0:
+            raise ValueError(f"`beta` must be non-negative, got {self.beta}.")
+        if self.gamma < 0:
+            raise ValueError(f"`gamma` must be non-negative, got {self.gamma}.")
 
 
-def sub_config(value: Any, cls: type[_Sub]) -> _Sub | None:
+@dataclass
+class BdLoraConfig:
+    """BD-LoRA's options (PEFT's ``BdLoraConfig``), passed as ``LoraConfig(use_bdlora=BdLoraConfig(...))``: in
+    the modules named here A or B is block-diagonal (``nblocks`` blocks), which lets a sharded inference engine
+    serve the adapter without extra communication (row-sharded modules: A; column-sharded: B)."""
+
+    target_modules_bd_a: list[str] | None = help_field(
+        "Modules whose A is block-diagonal: a module is one when any entry is a substring of its name.", None
+    )
+    target_modules_bd_b: list[str] | None = help_field(
+        "Modules whose B is block-diagonal: a module is one when any entry is a substring of its name.", None
+    )
+    nblocks: int = help_field("Blocks of each block-diagonal factor (the serving's sharding degree).", 1)
+    match_strict: bool = help_field(
+        "Whether every targeted module must match target_modules_bd_a or target_modules_bd_b.", True
+    )
+
+    def __post_init__(self) -> None:
+        overlap = set(self.target_modules_bd_a or []) & set(self.target_modules_bd_b or [])
+        if overlap:
+            raise ValueError(
+                "Found overlapping modules in target_modules_bd lists: "
+                f"{self.target_modules_bd_a} (A) and {self.target_modules_bd_b} (B)."
+            )
+
+
+_Sub = TypeVar("_Sub", EvaConfig, CordaConfig, KasaConfig, BdLoraConfig)
+
+
+def sub_config(value: Any, cls: type[_Sub], field: str | None = None) -> _Sub | None:
     """``value`` as ``cls``: None, an instance, or a dict (as read from ``adapter_config.json``; unknown keys
-    are dropped, as PEFT does).
+    are dropped, as PEFT does); ``field`` names the config field in the error.
 
     Raises:
         TypeError: for any other value.
@@ -96,4 +143,4 @@ def sub_config(value: Any, cls: type[_Sub]) -> _Sub | None:
     if isinstance(value, dict):
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         return cls(**{k: v for k, v in value.items() if k in names})
-    raise TypeError(f"`{cls.__name__}` must be a `{cls.__name__}`, a dict, or None.")
+    raise TypeError(f"`{field or cls.__name__}` must be a `{cls.__name__}`, a dict, or None.")

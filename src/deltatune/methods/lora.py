@@ -21,14 +21,22 @@ from typing import Any, ClassVar
 from ..config import AdapterConfig, check_choice, check_range, help_field
 from ..registry import MethodSpec, register_method
 from ._lazy import forward_attributes
-from ._lora_options import CordaConfig, EvaConfig, LoftQConfig, sub_config
+from ._lora_options import BdLoraConfig, CordaConfig, EvaConfig, KasaConfig, LoftQConfig, sub_config
 from ._target_defaults import LORA_DEFAULT_TARGETS
 
-__all__ = ["CordaConfig", "EvaConfig", "LoftQConfig", "LoraConfig", "pissa_iterations"]
+__all__ = [
+    "BdLoraConfig",
+    "CordaConfig",
+    "EvaConfig",
+    "KasaConfig",
+    "LoftQConfig",
+    "LoraConfig",
+    "pissa_iterations",
+]
 
 INIT_CHOICES = (True, False, "gaussian")
 #: The initialisers computed from the base weight (:mod:`._lora_init`); ``pissa_niter_N`` is accepted too.
-BASE_INITS = ("pissa", "olora", "orthogonal", "loftq")
+BASE_INITS = ("pissa", "olora", "orthogonal", "loftq", "mica")
 #: The initialisers computed from data: EVA (:mod:`._lora_eva`) and CorDA (:mod:`._lora_corda`).
 DATA_INITS = ("eva", "corda")
 
@@ -66,7 +74,8 @@ class LoraConfig(AdapterConfig):
         "(random orthogonal A and B, even r), 'loftq' (the base becomes its 4- or 8-bit quantization and A, "
         "B the SVD of what it lost; set loftq_config), 'eva' (A from the SVD of the layers' inputs over data, "
         "with ranks redistributed: call initialize_lora_eva_weights) or 'corda' (A and B from the base weight "
-        "decomposed with the inputs' covariance, the base keeps the residual: call preprocess_corda first).",
+        "decomposed with the inputs' covariance, the base keeps the residual: call preprocess_corda first) or "
+        "'mica' (B the base weight's r minor left singular vectors, frozen; A zero and trained).",
         True,
     )
     megatron_config: dict[str, Any] | None = None
@@ -87,7 +96,12 @@ class LoraConfig(AdapterConfig):
         "Whether to use weight-decomposed LoRA (DoRA), which the 'dora' method implements.", False
     )
     velora_config: Any = None
-    alora_invocation_tokens: Any = None
+    alora_invocation_tokens: Any = help_field(  # list[int] | None; Any keeps it off the image CLI's flags
+        "Activated LoRA (aLoRA, for causal language models): the token ids of the invocation sequence; the "
+        "adapter applies from its last occurrence in the input on (and to every generated token), the base "
+        "model before it.",
+        None,
+    )
     use_qalora: bool = False
     qalora_group_size: int = 16
     monteclora_config: Any = None
@@ -102,9 +116,18 @@ class LoraConfig(AdapterConfig):
         "mixture-of-experts layers): names that a parameter's full name equals or ends with.",
         None,
     )
-    use_bdlora: Any = None
+    use_bdlora: BdLoraConfig | None = help_field(
+        "BD-LoRA (a BdLoraConfig): A or B block-diagonal in the modules it names, for sharded serving. Linear "
+        "layers only.",
+        None,
+    )
     arrow_config: Any = None
-    kasa_config: Any = None
+    kasa_config: KasaConfig | None = help_field(
+        "KaSA (a KasaConfig): the base weight loses its r smallest singular components once, at creation, and "
+        "the update is s·B diag(lora_diag) A with a learnt diagonal; add LoraModel._get_kasa_loss() to the loss "
+        "for its regularisers. Linear layers only; not combinable with non-KaSA adapters.",
+        None,
+    )
     ensure_weight_tying: bool = help_field(
         "Whether adapters on a tied input embedding (modules_to_save, target_modules, "
         "trainable_token_indices) are tied to the output layer too, as the base weights are.",
@@ -142,8 +165,8 @@ class LoraConfig(AdapterConfig):
     }
     #: The CLI's optimiser options that apply to this method (LoRA+, :mod:`deltatune.optimizers`).
     OPTIMIZER_OPTIONS: ClassVar[tuple[str, ...]] = ("loraplus_lr_ratio", "loraplus_lr_embedding")
-    #: Fields that select a variant of LoRA implemented by another registered method (PEFT's DoRA flag).
-    VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora",)
+    #: Fields that select a variant of LoRA implemented by another registered method (DoRA, KaSA, aLoRA).
+    VARIANT_FLAGS: ClassVar[tuple[str, ...]] = ("use_dora", "kasa_config", "alora_invocation_tokens")
     #: Options for language models (tied embeddings, decoder stacks, MoE parameters), which the CLI's
     #: image recipe takes but its ``--help`` leaves to ``--help-all``.
     HELP_ALL_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -169,8 +192,25 @@ class LoraConfig(AdapterConfig):
         # ``bias`` is checked when the adapter is applied (PEFT's NotImplementedError, see LoraModel)
         self._check_init()
         self._check_data_inits()
+        self.kasa_config = sub_config(self.kasa_config, KasaConfig, "kasa_config")
+        self.use_bdlora = sub_config(self.use_bdlora, BdLoraConfig, "use_bdlora")
+        variants = {
+            "kasa_config": self.kasa_config is not None,
+            "use_bdlora": self.use_bdlora is not None,
+            "use_dora": bool(self.use_dora),
+            "mica": self.init_lora_weights == "mica",
+            "alora_invocation_tokens": bool(self.alora_invocation_tokens),
+        }
+        chosen = tuple(sorted(name for name, used in variants.items() if used))
+        if len(chosen) > 1:  # PEFT's message (it raises when the layers are built)
+            raise ValueError(f"Invalid or unsupported variant combination: {chosen}; choose one of them")
         self._check_token_indices()
         self._check_replication()
+        task = str(getattr(self.task_type, "value", self.task_type))
+        if self.alora_invocation_tokens is not None and task != "CAUSAL_LM":
+            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=3)
+        if self.use_dora and self.megatron_config:  # PEFT's check, before megatron_config is refused below
+            raise ValueError("DoRA does not support megatron_core, please set `use_dora=False`.")
         if isinstance(self.target_parameters, str):
             raise TypeError("`target_parameters` must be a list of strings or None.")
         if self.target_parameters is not None:
@@ -184,10 +224,10 @@ class LoraConfig(AdapterConfig):
             "layer_replication": self.layer_replication if self.PEFT_TYPE != "LORA" else None,
             "target_parameters": self.target_parameters if self.PEFT_TYPE != "LORA" else None,
             "trainable_token_indices": self.trainable_token_indices if self.PEFT_TYPE != "LORA" else None,
-            "alora_invocation_tokens": self.alora_invocation_tokens,
+            "alora_invocation_tokens": self.alora_invocation_tokens if self.PEFT_TYPE != "LORA" else None,
             "arrow_config": self.arrow_config,
-            "kasa_config": self.kasa_config,
-            "use_bdlora": self.use_bdlora,
+            "kasa_config": self.kasa_config if self.PEFT_TYPE != "LORA" else None,
+            "use_bdlora": self.use_bdlora if self.PEFT_TYPE != "LORA" else None,
         }
         used = [k for k, v in unsupported.items() if v]
         if used:
@@ -322,10 +362,10 @@ class LoraConfig(AdapterConfig):
                 )
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a JSON-ready dict; ``eva_config`` and ``corda_config`` as dicts (PEFT's layout), paths
-        as strings."""
+        """The config as a JSON-ready dict; the option classes (``eva_config``, ``kasa_config``, ...) as dicts
+        (PEFT's layout), paths as strings."""
         data = super().to_dict()
-        for field in ("eva_config", "corda_config"):
+        for field in ("eva_config", "corda_config", "kasa_config", "use_bdlora"):
             value = data.get(field)
             if dataclasses.is_dataclass(value) and not isinstance(value, type):
                 data[field] = {
@@ -345,7 +385,8 @@ class LoraConfig(AdapterConfig):
 
     @property
     def selects_variant(self) -> bool:
-        """True when a variant flag (``use_dora``) is set: another registered method handles this config."""
+        """True when a variant flag (``use_dora``, ``kasa_config``, ``alora_invocation_tokens``) is set: another
+        registered method handles this config."""
         return any(getattr(self, flag, False) for flag in self.VARIANT_FLAGS)
 
 
