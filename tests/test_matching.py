@@ -122,3 +122,18 @@ def test_get_submodules_is_peft_s_get_submodules() -> None:
     assert isinstance(model[0][0], nn.Identity) and isinstance(target, nn.Linear)
     with pytest.raises(AttributeError):
         get_submodules(model, "0.7")
+
+
+def test_adapter_layers_answer_to_peft_s_layer_names() -> None:
+    from deltatune import get_peft_model
+    from deltatune.layers import AdapterLayer
+
+    model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["0"]))
+    (layer,) = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    assert layer.adapter_layer_names == layer.adapter_param_names and "lora_A" in layer.adapter_layer_names
+    assert layer._all_available_adapter_names() == ["default", "other"]
+    model.delete_adapter("other")
+    assert layer._all_available_adapter_names() == ["default"]
+    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+        assert "other" not in getattr(layer, attr)

@@ -65,6 +65,16 @@ class BaseLayerSlot(nn.Module):
         """Whether another adapter layer sits between this one and the adapted module."""
         return isinstance(self._modules["base_layer"], BaseLayerSlot)
 
+    @property
+    def adapter_layer_names(self) -> tuple[str, ...]:
+        """PEFT's name (``BaseTunerLayer.adapter_layer_names``) for the layer's ``adapter_param_names``: the
+        attributes that hold the trainable tensors, one entry per adapter."""
+        return tuple(getattr(self, "adapter_param_names", ()))
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """PEFT's ``BaseTunerLayer._all_available_adapter_names``: the adapters this layer holds, sorted."""
+        return sorted(getattr(self, "_held", ()))
+
 
 def is_bias_name(name: str) -> bool:
     """Whether the parameter ``name`` is a bias as PEFT's ``bias="all"`` counts them: its last part holds
