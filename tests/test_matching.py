@@ -135,5 +135,6 @@ def test_adapter_layers_answer_to_peft_s_layer_names() -> None:
     assert layer._all_available_adapter_names() == ["default", "other"]
     model.delete_adapter("other")
     assert layer._all_available_adapter_names() == ["default"]
+    assert list(layer.lora_dropout) == ["default"]  # nothing of the deleted adapter is left behind
     for attr in (*layer.adapter_layer_names, *layer.other_param_names):
         assert "other" not in getattr(layer, attr)

@@ -142,6 +142,7 @@ class LoraLayer(LoraHotswapMixin, FrozenWeightsMixin):
     repr_prefix: ClassVar[str] = "lora"
 
     adapter_param_names: ClassVar[tuple[str, ...]] = ("lora_A", "lora_B")
+    other_param_names: ClassVar[tuple[str, ...]] = ("lora_dropout",)  # deleted with its adapter
     supported_layers: ClassVar[tuple[type[nn.Module], ...]] = (
         nn.Linear,
         Conv1D,
