@@ -273,3 +273,51 @@ def test_prepare_model_for_kbit_training_turns_checkpointing_on(name: str, reent
     assert model.calls == [("checkpointing", {"use_reentrant": reentrant})]
     # reentrant checkpointing needs a grad path from the inputs: the embedding's output requires grad
     assert model.embed(torch.tensor([1, 2])).requires_grad is reentrant
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.linear = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("name", LIBS)
+@pytest.mark.parametrize("option", ["modules_to_save", "trainable_token_indices"])
+def test_an_auxiliary_entry_equal_to_the_adapter_name_is_refused(name: str, option: str) -> None:
+    """README, "Where deltatune differs on purpose": both refuse it; deltatune because no module of the model
+    has that name (it never looks inside adapter layers), peft because it would wrap its own adapter module."""
+    if option == "modules_to_save":
+        model, config = mlp(), lib(name).LoraConfig(target_modules=["lin0"], modules_to_save=["foobar"])
+    else:
+        model = WithEmbedding()
+        config = lib(name).LoraConfig(target_modules=["embed"], trainable_token_indices={"foobar": [1, 2]})
+    with pytest.raises(ValueError) as info:
+        lib(name).get_peft_model(model, config, adapter_name="foobar")
+    expected = "names" if name == "deltatune" else "You are trying to target a module with"
+    assert expected in str(info.value)
+
+
+class WithEmbeddingAndLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.lin0 = nn.Linear(4, 4)
+        self.lin1 = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("name", LIBS)
+def test_targeted_parameter_names(name: str) -> None:
+    config = lib(name).LoraConfig(target_parameters=["lin0.weight", "lin1.weight"])
+    model = lib(name).get_peft_model(WithEmbeddingAndLinears(), config)
+    assert model.targeted_parameter_names == ["lin0.weight", "lin1.weight"]
+
+
+@pytest.mark.parametrize("name", LIBS)
+def test_the_trainable_tokens_wrapper_sets_its_adapter(name: str) -> None:
+    config = lib(name).LoraConfig(target_modules=["lin0"], trainable_token_indices={"emb": [0, 1, 2]})
+    model = lib(name).get_peft_model(WithEmbeddingAndLinears(), config)
+    model.add_adapter("other", config)
+    assert model.get_model_status().active_adapters == ["default"]
+    model.emb.set_adapter("other")
+    assert model.get_model_status().active_adapters == "irregular"

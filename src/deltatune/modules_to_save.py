@@ -167,6 +167,13 @@ class AdapterLayerHolder(nn.Module):
         assert module is not None
         return module
 
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activates ``adapter_names`` on the held layer (PEFT's ``TrainableTokensWrapper.set_adapter``)."""
+        setter = getattr(self.held_layer, "set_adapter", None)
+        if setter is None:
+            raise AttributeError(f"{type(self.held_layer).__name__} has no adapters to set")
+        setter(adapter_names, inference_mode=inference_mode)
+
     def __getattr__(self, name: str) -> Any:
         """Attributes the holder lacks (``embedding_dim``, ``padding_idx``, ...) come from the held layer's
         base module."""

@@ -83,6 +83,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
         self.renamed_targets: dict[str, dict[str, str]] = {}
         #: Names (relative to the user's model) of every module an adapter wraps, in wrapping order.
         self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []  # "module.parameter" (LoRA's target_parameters)
         self._extra_loss_scale = 1.0
         self.inject_adapter(
             adapter_name,

@@ -83,6 +83,7 @@ class LoraModel(AdapterModel):
             from ._lora_params import LoraParamLayer, inject_parameters
 
             params = inject_parameters(self, adapter_name, config)
+            self.targeted_parameter_names.extend(p for p in params if p not in self.targeted_parameter_names)
             modules = any(
                 layer.holds(adapter_name) and not isinstance(layer, LoraParamLayer)
                 for _, layer in self.adapter_layers()
