@@ -65,7 +65,7 @@ def warn_untied_embedding(model: nn.Module, config: TargetingConfig) -> None:
             "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but no implementation "
             "exists to tie the adapters. This can lead to complications, for example when merging the adapter or "
             "converting your model to formats other than safetensors (see "
-            "https://github.com/huggingface/peft/issues/2777); LoRA's `ensure_weight_tying=True` ties them.",
+            "https://github.com/huggingface/peft/issues/2777); a method with `ensure_weight_tying` ties them.",
             UserWarning,
             stacklevel=5,
         )
