@@ -27,6 +27,7 @@ PUBLIC_MODULES = {
     "peft.helpers",
     "peft.functional",
     "peft.utils.hotswap",
+    "peft.tuners.lora.config",
     "peft.tuners.lora.corda",
     "peft.tuners.lora.eva",
 }

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .functional import inject_adapter_in_model as inject_adapter_in_model
     from .functional import set_base_model_state_dict as set_base_model_state_dict
     from .functional import set_peft_model_state_dict as set_peft_model_state_dict
+    from .helpers import prepare_model_for_kbit_training as prepare_model_for_kbit_training
     from .methods._adalora_model import AdaLoraModel as AdaLoraModel
     from .methods._lora_corda import preprocess_corda as preprocess_corda
     from .methods._lora_eva import get_eva_state_dict as get_eva_state_dict
@@ -115,6 +116,7 @@ _CORE: dict[str, str] = {
     "get_method": "registry",
     "register_method": "registry",
     "spec_for": "registry",
+    "prepare_model_for_kbit_training": "helpers",
     "get_layer_status": "status",
     "get_model_status": "status",
 }

@@ -185,11 +185,16 @@ def _values_from(
     adapter_name: str,
     prefix: str,
 ) -> dict[str, torch.Tensor]:
-    """``tensors`` with their values taken from a full state dict of the model where it holds them."""
+    """``tensors`` with their values taken from a full state dict of the model; a tensor of the model that the
+    state dict lacks is left out (as PEFT does: the state dict says what is saved), one computed for the export
+    (no tensor of the model) is kept."""
     out: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         memory = saved_to_memory_key(tuner, key, adapter_name)
-        out[key] = state_dict.get(f"{prefix}{memory}", tensor) if memory else tensor
+        if not memory:
+            out[key] = tensor
+        elif f"{prefix}{memory}" in state_dict:
+            out[key] = state_dict[f"{prefix}{memory}"]
     return out
 
 

@@ -22,6 +22,8 @@ each hook:
 from __future__ import annotations
 
 import contextlib
+import re
+import warnings
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -31,7 +33,43 @@ from torch import nn
 from .config import TargetingConfig
 from .layers import AdapterLayer
 
-__all__ = ["MethodHooks"]
+__all__ = ["MethodHooks", "warn_untied_embedding"]
+
+#: The module names PEFT treats as (possibly tied) embeddings.
+_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+def _names_embedding(entries: Any) -> bool:
+    """Whether ``target_modules``/``modules_to_save`` names an embedding (by the last name, or a regex)."""
+    if isinstance(entries, str):
+        return any(re.fullmatch(entries, name) for name in _EMBEDDING_NAMES)
+    return any(str(m).split(".")[-1] in _EMBEDDING_NAMES for m in entries or ())
+
+
+def warn_untied_embedding(model: nn.Module, config: TargetingConfig) -> None:
+    """PEFT's warning: the model ties its output layer to its input embedding, the adapter takes one of them,
+    and the method has no way to keep the two adapters tied."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", None) is False:
+        return
+    if not (_names_embedding(config.target_modules) or _names_embedding(config.modules_to_save)):
+        return
+    try:
+        inputs = model.get_input_embeddings()  # type: ignore[operator]
+    except (AttributeError, NotImplementedError, TypeError):
+        return
+    weight = getattr(inputs, "weight", None)
+    tied = weight is not None and any(
+        m is not inputs and getattr(m, "weight", None) is weight for m in model.modules()
+    )
+    if tied:
+        warnings.warn(
+            "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but no implementation "
+            "exists to tie the adapters. This can lead to complications, for example when merging the adapter or "
+            "converting your model to formats other than safetensors (see "
+            "https://github.com/huggingface/peft/issues/2777); a method with `ensure_weight_tying` ties them.",
+            UserWarning,
+            stacklevel=5,
+        )
 
 
 class MethodHooks:
@@ -41,7 +79,12 @@ class MethodHooks:
     CHECKPOINT_STATE_FILE: ClassVar[str | None] = None
 
     def check_new_adapter(self, adapter_name: str, config: TargetingConfig) -> None:
-        """Raises ``ValueError`` before anything is injected when ``config`` cannot be added here."""
+        """Raises ``ValueError`` before anything is injected when ``config`` cannot be added here. The default
+        gives PEFT's warning when a method that cannot tie adapters (no ``ensure_weight_tying``) adapts or saves
+        a tied embedding."""
+        model = getattr(self, "model", None)
+        if isinstance(model, nn.Module) and not hasattr(config, "ensure_weight_tying"):
+            warn_untied_embedding(model, config)
 
     def generation_context(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -13,6 +13,7 @@ import os
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from ._version import __version__
@@ -115,6 +116,8 @@ class SaveLoadMixin(nn.Module):
             save_embedding_layers: Also save the full input/output embedding weights: ``"auto"`` when an
                 embedding layer is targeted (``embed_tokens``, ``lm_head``), ``True`` or ``False``.
             is_main_process: Only the main process writes (distributed training).
+            kwargs: ``state_dict``: save the values of this state dict of the model (what it lacks is left
+                out), as a ``state_dict`` method set on the model does.
             path_initial_model_for_weight_conversion: The folder a PiSSA or OLoRA adapter was saved to right
                 after initialisation: the adapter is saved converted to a plain LoRA adapter of twice the rank on
                 the original base weights, and that folder's config is rewritten to plain LoRA (as PEFT does).
@@ -135,7 +138,10 @@ class SaveLoadMixin(nn.Module):
             os.makedirs(directory, exist_ok=True)
             self.base_model.prepare_save(name)
             tensors = get_peft_model_state_dict(
-                self, adapter_name=name, save_embedding_layers=save_embedding_layers
+                self,
+                state_dict=self._state_dict_to_save(kwargs.get("state_dict")),
+                adapter_name=name,
+                save_embedding_layers=save_embedding_layers,
             )
             if any(t.numel() == 0 for t in tensors.values()):
                 logger.info(
@@ -151,6 +157,14 @@ class SaveLoadMixin(nn.Module):
             save_adapter_weights(tensors, directory, safe_serialization=safe_serialization)
             config.save_pretrained(directory, inference_mode=True)
             update_model_card(directory, config, __version__, self._base_model_id())
+
+    def _state_dict_to_save(self, given: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """The state dict the values are saved from: ``state_dict=`` of ``save_pretrained``, or what a
+        ``state_dict`` set on this model returns (DeepSpeed and FSDP gather it so), as PEFT reads
+        ``model.state_dict()``; None: the model's own tensors."""
+        if given is None and "state_dict" in vars(self):
+            return self.state_dict()
+        return given
 
     def _base_model_id(self) -> str | None:
         """The transformers base model's name or path (``config._name_or_path``), None for other models."""

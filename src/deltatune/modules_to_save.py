@@ -63,6 +63,15 @@ class ModulesToSaveWrapper(nn.Module):
         self.active_adapter = adapter_name if held_name else None
 
     @property
+    def active_adapter(self) -> str | None:
+        """The adapter whose copy forward uses (None: the original); stored as ``_active_adapter``, as in PEFT."""
+        return self.__dict__.get("_active_adapter")
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        self.__dict__["_active_adapter"] = name
+
+    @property
     def active_adapters(self) -> list[str]:
         """The adapter whose copy is used, as a list (empty when the original is used)."""
         return [] if self.active_adapter is None else [self.active_adapter]
@@ -95,17 +104,22 @@ class ModulesToSaveWrapper(nn.Module):
             original, copies = modules.get("original_module"), modules.get("modules_to_save")
             if original is None or copies is None:
                 raise
-            active = self.__dict__.get("active_adapter")
+            active = self.__dict__.get("_active_adapter")
             disabled = self.__dict__.get("disable_adapters", False)
-            module = original if disabled or active not in copies else copies[active]
+            if not disabled and active is not None and active not in copies:
+                raise  # the active adapter has no copy here (PEFT's failsafe: no silent fall-back)
+            module = original if disabled or active is None else copies[active]
             return getattr(module, name)
 
     @property
     def active_module(self) -> nn.Module:
         """The module forward runs: the active copy, or the original when disabled or none active."""
-        if self.disable_adapters or self.active_adapter is None:
+        active = self.active_adapter
+        if self.disable_adapters or active is None:
             return self.original_module
-        return self.modules_to_save[self.active_adapter]
+        if active not in self.modules_to_save:
+            raise AttributeError(f"{type(self).__name__} holds no copy for its active adapter {active!r}")
+        return self.modules_to_save[active]
 
     #: During ``PeftModel.forward(adapter_names=[...])``: the adapter of each row of the batch.
     batch_adapter_names: list[str] | None = None
@@ -152,6 +166,13 @@ class AdapterLayerHolder(nn.Module):
         module = self._modules[self.holder_attr]
         assert module is not None
         return module
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activates ``adapter_names`` on the held layer (PEFT's ``TrainableTokensWrapper.set_adapter``)."""
+        setter = getattr(self.held_layer, "set_adapter", None)
+        if setter is None:
+            raise AttributeError(f"{type(self.held_layer).__name__} has no adapters to set")
+        setter(adapter_names, inference_mode=inference_mode)
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the holder lacks (``embedding_dim``, ``padding_idx``, ...) come from the held layer's

@@ -136,6 +136,31 @@ class MethodSpec:
         """The module types this method can adapt (its main layer class's ``supported_layers``)."""
         return tuple(self.layer_cls.supported_layers)
 
+    def wrong_layers_message(self, wrong: list[tuple[str, type[Any]]]) -> str:
+        """The error for targeted modules (name, type) this method cannot adapt; where the method it extends
+        can, PEFT's sentence first ("MultiheadAttention does not support DoRA (yet), please set use_dora to
+        False")."""
+        shown = ", ".join(f"{name} ({kind.__name__})" for name, kind in wrong[:5])
+        supported = ", ".join(t.__name__ for t in self.supported_layers)
+        message = (
+            f"{self.name} cannot adapt {shown}{' …' if len(wrong) > 5 else ''}; supported layer types: "
+            f"{supported}. Narrow target_modules to layers of those types."
+        )
+        if self.extends and self.config_defaults:
+            parent = get_method(self.extends)
+            parent_ok = [
+                k
+                for _, k in wrong
+                if any(issubclass(k, t) for c in parent.layer_classes() for t in c.supported_layers)
+            ]
+            if parent_ok:
+                flags = " and ".join(f"{flag} to False" for flag in self.config_defaults)
+                message = (
+                    f"{parent_ok[0].__name__} does not support {self.display_name} (yet), please set {flags}. "
+                    + message
+                )
+        return message
+
     def adapter_param_names(self) -> tuple[str, ...]:
         """The adapter tensor names of every layer class of this method."""
         return tuple(dict.fromkeys(n for c in self.layer_classes() for n in c.adapter_param_names))

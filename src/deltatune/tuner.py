@@ -86,6 +86,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
         self.renamed_targets: dict[str, dict[str, str]] = {}
         #: Names (relative to the user's model) of every module an adapter wraps, in wrapping order.
         self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []  # "module.parameter" (LoRA's target_parameters)
         self._extra_loss_scale = 1.0
         self.inject_adapter(
             adapter_name,
@@ -215,7 +216,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
         candidates = self._candidate_modules()
         plan: list[tuple[str, nn.Module]] = []
         legacy: list[tuple[str, str]] = []  # (target entry, module) matched through a legacy spelling
-        wrong_type: list[str] = []
+        wrong_type: list[tuple[str, type[nn.Module]]] = []
         excluded_any = (
             not config.exclude_modules
         )  # whether exclude_modules excluded anything (PEFT warns if not)
@@ -230,7 +231,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
                 continue
             if not isinstance(base, spec.supported_layers):
                 if config.target_modules != ALL_LINEAR:
-                    wrong_type.append(f"{name} ({type(base).__name__})")
+                    wrong_type.append((name, type(base)))
                 continue
             if self._layer_action(module, spec) is None:
                 raise ValueError(f"{name} already holds a {type(module).__name__}; cannot add {spec.name}")
@@ -239,11 +240,7 @@ class AdapterModel(AdapterSwitching, nn.Module):
             if hit != name and entry is not None:
                 legacy.append((entry, name))
         if wrong_type:
-            supported = ", ".join(t.__name__ for t in spec.supported_layers)
-            raise ValueError(
-                f"{spec.name} cannot adapt {', '.join(wrong_type[:5])}{' …' if len(wrong_type) > 5 else ''}; "
-                f"supported layer types: {supported}. Narrow target_modules to layers of those types."
-            )
+            raise ValueError(spec.wrong_layers_message(wrong_type))
         if not plan and not self.targets_beyond_modules(config):
             raise NoMatchingPeftModuleError(self._no_match_message(config, [n for n, _ in candidates]))
         if not excluded_any:

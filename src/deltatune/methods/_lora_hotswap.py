@@ -94,8 +94,9 @@ class LoraHotswapMixin:
         groups = conv_groups(self.base_layer)
         if target_rank % groups:
             raise ValueError(
-                f"Trying to pad a LoRA adapter on a {type(self.base_layer).__name__} with groups={groups} to "
-                f"target rank {target_rank}, which is not divisible by {groups}; choose a multiple of {groups}"
+                f"Trying to pad a {type(self.base_layer).__name__} LoRA adapter with groups={groups} to target rank "
+                f"{target_rank}, but the target rank is not divisible by {groups}. Please choose a target rank that "
+                f"is divisible by {groups}."
             )
         for name in list(self.r):
             a_attr, b_attr = self.adapter_param_names[:2]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TargetingConfig
+from ..config import NoMatchingPeftModuleError, TargetingConfig
 from ..tuner import AdapterModel
 from ._lora_layer import LoraBiasMergeError
 from ._lora_weighted import add_weighted_adapter
@@ -111,14 +111,33 @@ class LoraModel(AdapterModel):
 
         super().after_inject(adapter_name, config)
         if getattr(config, "target_parameters", None):
-            from ._lora_params import inject_parameters
+            from ._lora_params import LoraParamLayer, inject_parameters
 
-            if not inject_parameters(self, adapter_name, config) and not any(
-                layer.holds(adapter_name) for _, layer in self.adapter_layers()
-            ):
-                raise ValueError(
-                    f"target_parameters={list(getattr(config, 'target_parameters', []))} and target_modules="
-                    f"{config.target_modules!r} matched nothing in {type(self.model).__name__}"
+            params = inject_parameters(self, adapter_name, config)
+            self.targeted_parameter_names.extend(p for p in params if p not in self.targeted_parameter_names)
+            modules = any(
+                layer.holds(adapter_name) and not isinstance(layer, LoraParamLayer)
+                for _, layer in self.adapter_layers()
+            )
+            if not params and not modules:
+                found = (
+                    f"target_parameters={list(getattr(config, 'target_parameters', []))} matched nothing in "
+                )
+                if not config.target_modules:  # PEFT's words first
+                    raise NoMatchingPeftModuleError(
+                        "No `target_modules` passed but also no `target_parameters` found. Please check the "
+                        f"values for these arguments. ({found}{type(self.model).__name__})"
+                    )
+                raise NoMatchingPeftModuleError(
+                    f"{found}{type(self.model).__name__} and neither did target_modules={config.target_modules!r}"
+                )
+            if config.target_modules and not modules:
+                names = config.target_modules
+                shown = set(names) if isinstance(names, list | tuple | set) else names  # PEFT shows a set
+                warnings.warn(
+                    f"target_modules={shown} were set but no module was matched.",
+                    RuntimeWarning,
+                    stacklevel=5,
                 )
         tie_adapters(self, adapter_name, config)
         inject_trainable_tokens(self, adapter_name, config)

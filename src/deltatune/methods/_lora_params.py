@@ -192,8 +192,9 @@ def inject_parameters(tuner: AdapterModel, adapter_name: str, config: Any) -> li
             )
         current = model.get_submodule(module_name)
         if isinstance(current, AdapterLayer) and not isinstance(current, LoraParamLayer):
+            base = getattr(current, "base_layer", current)  # PEFT names the wrapped layer's type
             raise ValueError(
-                f"Trying to wrap an `nn.Parameter` of layer '{module_name}' of type {type(current).__name__}, which "
+                f"Trying to wrap an `nn.Parameter` of layer '{module_name}' of type {type(base).__name__}, which "
                 "is not a valid target. Make sure that this layer is not also targeted with `target_modules`."
             )
         key = f"{module_name}.{param_name}"

@@ -204,6 +204,7 @@ class LoraConfig(AdapterConfig):
         chosen = tuple(sorted(name for name, used in variants.items() if used))
         if len(chosen) > 1:  # PEFT's message (it raises when the layers are built)
             raise ValueError(f"Invalid or unsupported variant combination: {chosen}; choose one of them")
+        self._check_rslora_conversion()
         self._check_token_indices()
         self._check_replication()
         task = str(getattr(self.task_type, "value", self.task_type))
@@ -238,6 +239,21 @@ class LoraConfig(AdapterConfig):
                 "fan_in_fan_out, rank_pattern, alpha_pattern, layers_to_transform, layers_pattern, "
                 "trainable_token_indices, ensure_weight_tying, target_parameters, layer_replication, "
                 + ", ".join(self.VARIANT_FLAGS)
+            )
+
+    def _check_rslora_conversion(self) -> None:
+        """PEFT's warning: with rsLoRA and a rank or alpha pattern, the adapter of a base-changing initialiser
+        (PiSSA, OLoRA, CorDA) cannot later be converted back with ``path_initial_model_for_weight_conversion``."""
+        init = self.init_lora_weights
+        base_changing = isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda"))
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and base_changing:
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                f"modified base weights (init_lora_weights={init!r}) means that `save_pretrained` cannot take "
+                "`path_initial_model_for_weight_conversion` to restore the initial base weights; to keep that "
+                "possible, use neither use_rslora nor rank_pattern/alpha_pattern.",
+                UserWarning,
+                stacklevel=4,
             )
 
     def _check_replication(self) -> None:
@@ -287,6 +303,8 @@ class LoraConfig(AdapterConfig):
             ValueError: naming the value and the choices.
         """
         init = self.init_lora_weights
+        if isinstance(init, str) and init.lower() == "olora" and "olora" in self.BASE_INITS:
+            init = self.init_lora_weights = "olora"  # PEFT takes any case here ("OLoRA")
         self._check_loftq()
         if self.BASE_INITS and isinstance(init, str) and init.startswith("pissa"):
             pissa_iterations(init)

@@ -212,7 +212,7 @@ def _split(
         by_owner.setdefault(found[0], {})[key[len(found[0]) + 1 :]] = tensor
     if unexpected:
         raise RuntimeError(
-            f"Hot swapping the adapter did not succeed, unexpected keys found: {', '.join(unexpected)}."
+            f"Hot swapping the adapter did not succeed, unexpected keys found: {', '.join(unexpected)}"
         )
     return by_owner
 
@@ -340,5 +340,15 @@ def hotswap_adapter(
         if target is None:
             modern = tuner.aliases.modern(saved_key.removeprefix("base_model.model."))
             target = saved_to_memory_key(tuner, modern, adapter_name)
-        state[key_prefix + target if target is not None else saved_key] = tensor
+        state[key_prefix + target if target is not None else _named(saved_key, adapter_name, config)] = tensor
     hotswap_adapter_from_state_dict(model, state, adapter_name, config)
+
+
+def _named(saved_key: str, adapter_name: str, config: PeftConfig) -> str:
+    """A saved key no layer of the model takes, named as PEFT names it in memory (the adapter name after the
+    method's tensor name: ``lin1.lora_A.weight`` -> ``lin1.lora_A.default.weight``), for the error."""
+    head, sep, tail = saved_key.rpartition(spec_for(config).prefix)
+    if not sep:
+        return saved_key
+    name, dot, rest = tail.partition(".")
+    return f"{head}{sep}{name}.{adapter_name}{dot}{rest}" if dot else f"{saved_key}.{adapter_name}"
