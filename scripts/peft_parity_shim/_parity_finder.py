@@ -66,6 +66,11 @@ INTERNAL_COUNTERPARTS = {
     "peft.utils.other.ModulesToSaveWrapper": "deltatune.modules_to_save:ModulesToSaveWrapper",
     # (parent, module, attribute name) of a dotted module name
     "peft.utils.other._get_submodules": "deltatune.utils:get_submodules",
+    # the state-dict key prefixes of what the adapter method added, told by structure; and the filter by them
+    "peft.tuners.tuners_utils._get_tuner_state_dict_key_prefixes": "deltatune.serialization:adapter_key_prefixes",
+    "peft.tuners.tuners_utils._filter_state_dict_by_key_prefixes": (
+        "deltatune.serialization:filter_state_dict_by_key_prefixes"
+    ),
 }
 # where PEFT re-exports them
 INTERNAL_COUNTERPARTS["peft.tuners.lora.LoraLayer"] = INTERNAL_COUNTERPARTS[

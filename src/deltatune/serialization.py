@@ -25,7 +25,7 @@ from ._weights_io import (
     save_adapter_weights,
 )
 from .layers import AdapterLayer
-from .modules_to_save import ModulesToSaveWrapper
+from .modules_to_save import AdapterLayerHolder, ModulesToSaveWrapper
 from .registry import available_methods, get_method, specs_for_peft_type
 from .tuner import AdapterModel
 
@@ -338,3 +338,54 @@ def set_adapter_state_dict(
             "ignored %d adapter tensors that match nothing, e.g. %s", len(unexpected), unexpected[:3]
         )
     return LoadResult([f"{PREFIX}{k}" for k in missing], unexpected)
+
+
+def adapter_key_prefixes(model: torch.nn.Module, adapter_name: str | None = None) -> set[str]:
+    """The state-dict key prefixes of what an adapter method added to ``model`` (PEFT's
+    ``_get_tuner_state_dict_key_prefixes``): each adapter layer's children, parameters and buffers but the wrapped
+    ``base_layer``, and the tuner's own ones but the ``model``. Told apart by structure, not by name, so a base
+    module called ``lora_x`` is not taken for an adapter's. Auxiliary wrappers (``modules_to_save`` copies, the
+    trainable-token holders) and the layers inside them are left out: their keys are theirs. With
+    ``adapter_name``, a per-adapter container (``ModuleDict``/``ParameterDict``) stands for its entry of that
+    adapter only.
+    """
+
+    def own(module: torch.nn.Module, name: str) -> set[str]:
+        found: set[str] = set()
+        children = [n for n, _ in module.named_children()]
+        local = [n for n, _ in module.named_parameters(recurse=False)] + [
+            n for n, _ in module.named_buffers(recurse=False)
+        ]
+        for attr in children + local:
+            if attr in ("base_layer", "model"):
+                continue
+            prefix = f"{name}.{attr}" if name else attr
+            child = getattr(module, attr)
+            if adapter_name is None or not isinstance(child, torch.nn.ModuleDict | torch.nn.ParameterDict):
+                found.add(prefix)
+            elif adapter_name in child:
+                found.add(f"{prefix}.{adapter_name}")
+        return found
+
+    prefixes: set[str] = set()
+    auxiliary: set[str] = set()
+    for name, module in model.named_modules():  # parents before children
+        if isinstance(module, ModulesToSaveWrapper | AdapterLayerHolder):
+            auxiliary.add(name)
+        elif isinstance(module, AdapterModel) or (
+            isinstance(module, AdapterLayer) and not _under_any(name, auxiliary)
+        ):
+            prefixes |= own(module, name)
+    return prefixes
+
+
+def _under_any(key: str, prefixes: set[str]) -> bool:
+    """Whether ``key`` is one of ``prefixes`` or lies under one at a ``.`` boundary (its depth in lookups)."""
+    parts = key.split(".")
+    return any(".".join(parts[:n]) in prefixes for n in range(1, len(parts) + 1))
+
+
+def filter_state_dict_by_key_prefixes(state_dict: Mapping[str, Any], prefixes: set[str]) -> dict[str, Any]:
+    """The entries of ``state_dict`` whose key is one of ``prefixes`` or lies under one (PEFT's
+    ``_filter_state_dict_by_key_prefixes``; ``"a.b"`` covers ``"a.b.c"``, not ``"a.bc"``)."""
+    return {k: v for k, v in state_dict.items() if _under_any(k, prefixes)}
