@@ -1,4 +1,5 @@
-"""PEFT's helper functions around adapters: :func:`check_if_peft_model` (``peft.helpers``) and
+"""PEFT's helper functions around adapters: :func:`check_if_peft_model`, KappaTune's target selection
+(:class:`KappaTuneSelector`, :func:`find_kappa_target_modules`; ``peft.helpers``) and
 :func:`prepare_model_for_kbit_training` (``peft.prepare_model_for_kbit_training``), same names, arguments and
 results."""
 
@@ -14,7 +15,12 @@ from torch import nn
 
 from .config import PeftConfig
 
-__all__ = ["check_if_peft_model", "prepare_model_for_kbit_training"]
+__all__ = [
+    "KappaTuneSelector",
+    "check_if_peft_model",
+    "find_kappa_target_modules",
+    "prepare_model_for_kbit_training",
+]
 
 #: ``quantization_method`` values whose weights are not cast to float32 (their own storage; PEFT's list).
 _KEEP_DTYPE_METHODS = ("gptq", "aqlm", "eetq", "torchao", "hqq")
@@ -113,3 +119,96 @@ def prepare_model_for_kbit_training(
                 )
             enable()
     return model
+
+
+#: Names of fused mixture-of-experts weights (experts, in, out) that KappaTune scores as ``target_parameters``.
+MOE_PARAM_SUFFIXES = (".gate_up_proj", ".down_proj", ".gate_proj", ".up_proj")
+
+
+def _condition_number(matrix: torch.Tensor) -> float:
+    """σ_max / σ_min of a 2-D weight (float32 SVD; a tiny floor keeps a singular matrix finite)."""
+    singular = torch.linalg.svdvals(matrix.detach().float().reshape(matrix.shape[0], -1))
+    return float(singular[0] / (singular[-1] + 1e-8))
+
+
+def _pick(
+    scores: dict[str, float], top_p: float | None, num_modules: int | None, threshold: float | None
+) -> list[str]:
+    ranked = [name for name, _ in sorted(scores.items(), key=lambda item: item[1])]  # best conditioned first
+    if num_modules is not None:
+        return ranked[:num_modules]
+    if top_p is not None:
+        return ranked[: max(1, int(len(ranked) * top_p))] if ranked else []
+    if threshold is not None:
+        return [name for name in ranked if scores[name] <= threshold]
+    return ranked
+
+
+class KappaTuneSelector:
+    """KappaTune's choice of what to adapt: the layers whose weights are best conditioned (lowest
+    κ = σ_max / σ_min), which change least of what the model knows when tuned.
+
+    Scores every ``nn.Linear`` (for ``target_modules``) and every fused mixture-of-experts weight, a 3-D
+    parameter whose name ends in one of ``moe_param_suffixes`` (for ``target_parameters``; the experts' mean κ).
+    Matrices with a side over ``max_dim_size_to_analyze`` are skipped (their SVD would take too long). The SVDs
+    run once, on first use.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_dim_size_to_analyze: int = 16384,
+        moe_param_suffixes: tuple[str, ...] | None = None,
+        show_progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.max_dim_size_to_analyze = max_dim_size_to_analyze
+        self.moe_param_suffixes = tuple(moe_param_suffixes or MOE_PARAM_SUFFIXES)
+        self.show_progress = show_progress  # accepted for PEFT's signature; deltatune prints no progress bar
+        self._modules: dict[str, float] | None = None
+        self._parameters: dict[str, float] = {}
+
+    def _scores(self) -> tuple[dict[str, float], dict[str, float]]:
+        if self._modules is None:
+            limit = self.max_dim_size_to_analyze
+            self._modules = {
+                name: _condition_number(module.weight)
+                for name, module in self.model.named_modules()
+                if isinstance(module, nn.Linear) and max(module.weight.shape) <= limit
+            }
+            self._parameters = {
+                name: sum(_condition_number(expert) for expert in param) / param.shape[0]
+                for name, param in self.model.named_parameters()
+                if param.dim() == 3
+                and name.endswith(self.moe_param_suffixes)
+                and max(param.shape[1:]) <= limit
+            }
+        return self._modules, self._parameters
+
+    def get_best_targets(
+        self, top_p: float | None = None, num_modules: int | None = None, threshold: float | None = None
+    ) -> list[str]:
+        """The Linear layers' names, best conditioned first: the first ``num_modules``, or the best ``top_p``
+        share (at least one), or those with κ ≤ ``threshold``; all of them without a limit."""
+        return _pick(self._scores()[0], top_p, num_modules, threshold)
+
+    def get_best_target_parameters(
+        self, top_p: float | None = None, num_modules: int | None = None, threshold: float | None = None
+    ) -> list[str]:
+        """The same choice among the fused mixture-of-experts weights (names for ``target_parameters``)."""
+        return _pick(self._scores()[1], top_p, num_modules, threshold)
+
+
+def find_kappa_target_modules(
+    model: nn.Module,
+    top_p: float = 0.2,
+    max_dim_size_to_analyze: int = 16384,
+    moe_param_suffixes: tuple[str, ...] | None = None,
+    show_progress: bool = True,
+) -> dict[str, list[str] | None]:
+    """KappaTune's targets in one call: ``{"target_modules": [...], "target_parameters": [...] or None}`` (None
+    when the model has no fused mixture-of-experts weights), the best-conditioned ``top_p`` share of each, ready
+    for ``LoraConfig(**find_kappa_target_modules(model))``."""
+    selector = KappaTuneSelector(model, max_dim_size_to_analyze, moe_param_suffixes, show_progress)
+    parameters = selector.get_best_target_parameters(top_p=top_p)
+    return {"target_modules": selector.get_best_targets(top_p=top_p), "target_parameters": parameters or None}
