@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from deltatune import IA3Config, LoraConfig
+from deltatune import IA3Config, LoraConfig, get_peft_model
 from deltatune.matching import check_target_module_exists, find_minimal_target_modules
 
 
@@ -138,3 +138,22 @@ def test_adapter_layers_answer_to_peft_s_layer_names() -> None:
     assert list(layer.lora_dropout) == ["default"]  # nothing of the deleted adapter is left behind
     for attr in (*layer.adapter_layer_names, *layer.other_param_names):
         assert "other" not in getattr(layer, attr)
+
+
+def test_auxiliary_wrappers_name_their_adapters_as_peft_s() -> None:
+    from deltatune.modules_to_save import AdapterLayerHolder, ModulesToSaveWrapper
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lin0, self.lin1 = nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    config = LoraConfig(
+        target_modules=["lin0"], modules_to_save=["lin1"], trainable_token_indices={"emb": [1]}
+    )
+    model = get_peft_model(Net(), config)
+    model.add_adapter("other", config)
+    wrappers = [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper | AdapterLayerHolder)]
+    assert len(wrappers) == 2 and all(w._adapters == {"default", "other"} for w in wrappers)
+    model.delete_adapter("other")
+    assert all(w._adapters == {"default"} and w.active_adapters == ["default"] for w in wrappers)

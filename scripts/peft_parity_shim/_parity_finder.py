@@ -64,6 +64,12 @@ INTERNAL_COUNTERPARTS = {
     "peft.tuners.tuners_utils.BaseTuner.get_model_config": "deltatune.tuner:AdapterModel.get_model_config",
     # the frozen original plus one trained copy per adapter of a modules_to_save module
     "peft.utils.other.ModulesToSaveWrapper": "deltatune.modules_to_save:ModulesToSaveWrapper",
+    # the wrappers of modules trained beside the adapter: modules_to_save copies and trainable-token holders
+    "peft.utils.other.AuxiliaryTrainingWrapper": (
+        "deltatune.modules_to_save:ModulesToSaveWrapper",
+        "deltatune.modules_to_save:AdapterLayerHolder",
+    ),
+    "peft.utils.other.TrainableTokensWrapper": "deltatune.methods._token_rows:TrainableTokensWrapper",
     # (parent, module, attribute name) of a dotted module name
     "peft.utils.other._get_submodules": "deltatune.utils:get_submodules",
     # the state-dict key prefixes of what the adapter method added, told by structure; and the filter by them
@@ -78,6 +84,12 @@ INTERNAL_COUNTERPARTS["peft.tuners.lora.LoraLayer"] = INTERNAL_COUNTERPARTS[
 ]
 INTERNAL_COUNTERPARTS["peft.utils.ModulesToSaveWrapper"] = INTERNAL_COUNTERPARTS[
     "peft.utils.other.ModulesToSaveWrapper"
+]
+INTERNAL_COUNTERPARTS["peft.utils.AuxiliaryTrainingWrapper"] = INTERNAL_COUNTERPARTS[
+    "peft.utils.other.AuxiliaryTrainingWrapper"
+]
+INTERNAL_COUNTERPARTS["peft.utils.TrainableTokensWrapper"] = INTERNAL_COUNTERPARTS[
+    "peft.utils.other.TrainableTokensWrapper"
 ]
 INTERNAL_COUNTERPARTS["peft.utils._get_submodules"] = INTERNAL_COUNTERPARTS[
     "peft.utils.other._get_submodules"

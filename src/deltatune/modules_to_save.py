@@ -76,6 +76,11 @@ class ModulesToSaveWrapper(nn.Module):
         """The adapter whose copy is used, as a list (empty when the original is used)."""
         return [] if self.active_adapter is None else [self.active_adapter]
 
+    @property
+    def _adapters(self) -> set[str]:
+        """The adapters that have a copy here (PEFT's ``AuxiliaryTrainingWrapper._adapters``)."""
+        return set(self.modules_to_save)
+
     def enable_adapters(self, enabled: bool) -> None:
         """Disabled, forward uses the original module and the copies are frozen."""
         if not enabled:
@@ -166,6 +171,16 @@ class AdapterLayerHolder(nn.Module):
         module = self._modules[self.holder_attr]
         assert module is not None
         return module
+
+    @property
+    def _adapters(self) -> set[str]:
+        """The adapters the held layer holds (PEFT's ``AuxiliaryTrainingWrapper._adapters``)."""
+        return set(getattr(self.held_layer, "adapter_names", ()))
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The held layer's active adapters."""
+        return list(getattr(self.held_layer, "active_adapters", ()))
 
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """Activates ``adapter_names`` on the held layer (PEFT's ``TrainableTokensWrapper.set_adapter``)."""
