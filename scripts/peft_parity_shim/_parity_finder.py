@@ -77,6 +77,14 @@ INTERNAL_COUNTERPARTS = {
     "peft.tuners.tuners_utils._filter_state_dict_by_key_prefixes": (
         "deltatune.serialization:filter_state_dict_by_key_prefixes"
     ),
+    # aLoRA's offsets per row from input_ids (the last invocation), and the forward/generate kwargs with them
+    "peft.tuners.lora.variants.calculate_alora_offsets": "deltatune.methods.alora:calculate_alora_offsets",
+    "peft.tuners.lora.variants.get_alora_offsets_for_forward": (
+        "deltatune.methods.alora:get_alora_offsets_for_forward"
+    ),
+    "peft.tuners.lora.variants.get_alora_offsets_for_generate": (
+        "deltatune.methods.alora:get_alora_offsets_for_generate"
+    ),
 }
 # where PEFT re-exports them
 INTERNAL_COUNTERPARTS["peft.tuners.lora.LoraLayer"] = INTERNAL_COUNTERPARTS[
