@@ -307,15 +307,15 @@ def test_a_base_class_split_over_several_classes_checks_against_each(finder):
         and not isinstance(inner[2], lora_layer)
     )
     assert issubclass(type(inner[0]), lora_layer) and not issubclass(nn.Linear, lora_layer)
-    markers.CURRENT["test"] = "subclass-case"
-    try:
-        with pytest.raises(markers.PeftInternalUsed):
-            type(
-                "MockLayer", (lora_layer,), {}
-            )()  # PEFT's tests subclass LoraLayer: no such single class here
-        assert markers.INTERNAL_USED["subclass-case"] == {"peft.tuners.lora.layer.LoraLayer"}
-    finally:
-        markers.CURRENT["test"] = None
+    # PEFT's tests subclass LoraLayer: the subclass derives from the first class, deltatune's LoraLayerBase
+    from deltatune.methods._lora_base import LoraLayerBase
+
+    mock = type("MockLayer", (lora_layer,), {"lora_variants": property(lambda self: {("use_dora",): None})})
+    layer = mock(base_layer=nn.Linear(4, 4))
+    assert type(mock) is type and issubclass(mock, LoraLayerBase) and isinstance(layer, lora_layer)
+    assert layer.resolve_lora_variant(config=deltatune.LoraConfig(use_dora=True)) is None
+    with pytest.raises(markers.PeftInternalUsed):
+        lora_layer()  # building the stand-in itself: no such single class here
     ia3 = deltatune.get_peft_model(nn.Sequential(nn.Linear(8, 8)), deltatune.IA3Config(target_modules=["0"]))
     assert isinstance(ia3.base_model.model[0], base_layer) and not isinstance(
         ia3.base_model.model[0], lora_layer

@@ -43,7 +43,7 @@ MODULE_COUNTERPARTS = {
 
 #: PEFT's internal names (not its public API) whose job a deltatune object does: ``"module:qualname"`` of
 #: deltatune, or a tuple of classes for a PEFT base class whose role deltatune splits over several classes
-#: (an ``isinstance`` check against any of them). A case that uses one is judged on deltatune's behaviour,
+#: (an ``isinstance`` check against any of them; a case's own subclass derives from the first). A case that uses one is judged on deltatune's behaviour,
 #: pass or fail, instead of being counted as internal; every other internal stays a raising placeholder.
 #: Only names whose deltatune object does that job belong here (tests/test_peft_parity_script.py checks each
 #: resolves).
@@ -54,12 +54,15 @@ INTERNAL_COUNTERPARTS = {
     "peft.tuners.tuners_utils._find_minimal_target_modules": "deltatune.matching:find_minimal_target_modules",
     # the base of every adapter layer that wraps a base layer
     "peft.tuners.tuners_utils.BaseTunerLayer": "deltatune.layers:AdapterLayer",
-    # a LoRA layer of any kind: Linear/Conv/Conv1D/MultiheadAttention (DoRA too), Embedding, AdaLoRA's SVD layer
+    # a LoRA layer of any kind (the base of Linear/Conv/Conv1D/MultiheadAttention and Embedding, with the variant
+    # protocol lora_variants/resolve_lora_variant), or AdaLoRA's SVD layer
     "peft.tuners.lora.layer.LoraLayer": (
-        "deltatune.methods._lora_layer:LoraLayer",
-        "deltatune.methods._lora_kinds:LoraEmbeddingLayer",
+        "deltatune.methods._lora_base:LoraLayerBase",
         "deltatune.methods._adalora_layer:SVDLayer",
     ),
+    # LoRA on a Linear or transformers Conv1D (deltatune's layer of that kind also takes ConvNd), DoRA/KaSA/aLoRA
+    # layers included; built as PEFT's Linear(base_layer, adapter_name, config, r=..., lora_alpha=...)
+    "peft.tuners.lora.layer.Linear": "deltatune.methods._lora_layer:LoraLayer",
     # the base model's config as a plain dict (an attribute of the internal class BaseTuner)
     "peft.tuners.tuners_utils.BaseTuner.get_model_config": "deltatune.tuner:AdapterModel.get_model_config",
     # the frozen original plus one trained copy per adapter of a modules_to_save module
@@ -76,6 +79,14 @@ INTERNAL_COUNTERPARTS = {
     "peft.tuners.tuners_utils._get_tuner_state_dict_key_prefixes": "deltatune.serialization:adapter_key_prefixes",
     "peft.tuners.tuners_utils._filter_state_dict_by_key_prefixes": (
         "deltatune.serialization:filter_state_dict_by_key_prefixes"
+    ),
+    # aLoRA's offsets per row from input_ids (the last invocation), and the forward/generate kwargs with them
+    "peft.tuners.lora.variants.calculate_alora_offsets": "deltatune.methods.alora:calculate_alora_offsets",
+    "peft.tuners.lora.variants.get_alora_offsets_for_forward": (
+        "deltatune.methods.alora:get_alora_offsets_for_forward"
+    ),
+    "peft.tuners.lora.variants.get_alora_offsets_for_generate": (
+        "deltatune.methods.alora:get_alora_offsets_for_generate"
     ),
 }
 # where PEFT re-exports them
@@ -98,7 +109,14 @@ INTERNAL_COUNTERPARTS["peft.utils._get_submodules"] = INTERNAL_COUNTERPARTS[
 
 class _AnyOfMeta(type):
     """A stand-in for a PEFT base class that deltatune splits over several classes: good for ``isinstance``
-    and ``issubclass``; building one, or a case's subclass of it, is PEFT internal use (no such class here)."""
+    and ``issubclass``; building one is PEFT internal use (no such class here); a case's subclass of it is a
+    subclass of deltatune's first class."""
+
+    def __new__(mcs, name, bases, attrs):
+        if any(isinstance(b, _AnyOfMeta) for b in bases):  # a case's subclass: of the first deltatune class
+            real = tuple(b._classes[0] if isinstance(b, _AnyOfMeta) else b for b in bases)
+            return type(real[0])(name, real, attrs)
+        return super().__new__(mcs, name, bases, attrs)
 
     def __call__(cls, *args, **kwargs):
         _m._note(_m.INTERNAL_USED, cls._peft_name)
@@ -230,6 +248,8 @@ class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname in MODULE_COUNTERPARTS:
             return importlib.machinery.ModuleSpec(fullname, _CounterpartLoader())
+        if fullname in INTERNAL_COUNTERPARTS:  # an object, not a module (``patch("peft...Linear.attr")``)
+            return None
         if fullname.startswith("peft.") or fullname == "diffusers" or fullname.startswith("diffusers."):
             return importlib.machinery.ModuleSpec(fullname, _Loader(), is_package=True)
         return None

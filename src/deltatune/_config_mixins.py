@@ -12,10 +12,13 @@ from ._config_types import check_positive_int, check_range, pattern_value
 __all__ = ["LayerSelectionMixin", "LowRankMixin", "help_field"]
 
 
-def help_field(help: str, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+def help_field(
+    help: str, default: Any = dataclasses.MISSING, *, metadata: dict[str, Any] | None = None, **kwargs: Any
+) -> Any:
     """A dataclass ``field`` whose ``metadata["help"]`` is ``help`` (one or more complete sentences): the one
-    place a config field is described (the CLI's ``--<field>`` help reads it)."""
-    return field(default=default, metadata={"help": help}, **kwargs)
+    place a config field is described (the CLI's ``--<field>`` help reads it); ``metadata`` adds other entries
+    (LoRA's variant tags, :mod:`deltatune.methods._lora_variants`)."""
+    return field(default=default, metadata={"help": help, **(metadata or {})}, **kwargs)
 
 
 @dataclass

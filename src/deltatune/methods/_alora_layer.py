@@ -21,7 +21,23 @@ from ..layers import expect_config
 from ._lora_layer import LoraLayer
 from .lora import LoraConfig
 
-__all__ = ["ALoraLayer", "alora_offsets", "alora_offsets_kept", "invocation_offsets"]
+__all__ = [
+    "ALoraLayer",
+    "alora_offsets",
+    "alora_offsets_kept",
+    "calculate_alora_offsets",
+    "get_alora_offsets_for_forward",
+    "get_alora_offsets_for_generate",
+    "invocation_offsets",
+]
+
+#: PEFT's warnings when a forward or ``generate`` call gives no ``input_ids`` to find the invocation in.
+EMBEDS_ONLY_WARNING = "Cannot calculate aLoRA offsets when only inputs_embeds are provided. Disabling aLoRA for this forward pass."
+GENERATE_WITHOUT_IDS_WARNING = (
+    "Cannot calculate aLoRA offsets during generate as input_ids are not available. Disabling aLoRA."
+)
+#: The row name of PEFT's ``adapter_names`` that runs the base model.
+BASE_ROW = "__base__"
 
 
 # ---- offsets -----------------------------------------------------------------------------------
@@ -77,12 +93,116 @@ def offsets_from_inputs(
     if input_ids is None and args and isinstance(args[0], torch.Tensor):
         input_ids = args[0]
     if input_ids is None and kwargs.get("inputs_embeds") is not None:
-        warnings.warn(
-            "Cannot calculate aLoRA offsets when only inputs_embeds are provided. Disabling aLoRA for this "
-            "forward pass.",
-            stacklevel=4,
-        )
+        warnings.warn(EMBEDS_ONLY_WARNING, stacklevel=4)
     return alora_offsets(configs, active, input_ids)
+
+
+# ---- PEFT's offset functions (``peft.tuners.lora.variants``), for loops that call the model themselves ----
+def calculate_alora_offsets(
+    peft_config: Mapping[str, Any],
+    active_adapter: str,
+    input_ids: torch.Tensor | None,
+    adapter_names: list[str] | None = None,
+) -> list[int | None]:
+    """Each row's aLoRA offset as PEFT gives it: how many of the row's last positions the adapter applies to,
+    counted from the start of the last occurrence of its invocation tokens (so at least their number), or None
+    where the row's adapter is not an aLoRA adapter, is ``"__base__"`` or is unknown (with PEFT's warning), or
+    its invocation does not occur. The search is :func:`invocation_offsets`, once per adapter for its rows.
+
+    Args:
+        peft_config: Adapter name → config (``model.peft_config``).
+        active_adapter: The adapter of the rows that ``adapter_names`` does not name.
+        input_ids: (batch, seq) token ids; a 1-D tensor is one row.
+        adapter_names: Per row, the adapter that runs it (``forward(adapter_names=...)``), optional.
+
+    Returns:
+        One entry per row ([] without ``input_ids``); an explicit ``alora_offsets`` for forward or ``generate``.
+    """
+    if input_ids is None:
+        return []
+    ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+    offsets: list[int | None] = [None] * ids.shape[0]
+    rows_of: dict[str, list[int]] = {}
+    for row in range(ids.shape[0]):
+        name = adapter_names[row] if adapter_names and row < len(adapter_names) else active_adapter
+        if name == BASE_ROW:
+            continue
+        if name not in peft_config:
+            warnings.warn(
+                f"Adapter '{name}' not found in peft_config. Using base model for row {row}.", stacklevel=2
+            )
+            continue
+        if getattr(peft_config[name], "alora_invocation_tokens", None):
+            rows_of.setdefault(name, []).append(row)
+    for name, rows in rows_of.items():
+        tokens = list(peft_config[name].alora_invocation_tokens)
+        picked = ids.index_select(0, torch.tensor(rows, device=ids.device))
+        for row, offset in zip(rows, invocation_offsets(picked, tokens).tolist(), strict=True):
+            offsets[row] = offset or None
+    return offsets
+
+
+def _alora_in_batch(model: Any, adapter_names: list[str] | None) -> bool:
+    """Whether an active adapter of ``model``, or one that ``adapter_names`` names, is an aLoRA adapter."""
+    named = [n for n in adapter_names or () if n != BASE_ROW]
+    return uses_alora(model.peft_config, [*model.active_adapters, *named])
+
+
+def _first_active(model: Any) -> str:
+    active = model.active_adapter
+    return active if isinstance(active, str) else active[0]
+
+
+def get_alora_offsets_for_forward(
+    model: Any,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The keyword arguments of a forward call of ``model`` (a :class:`~deltatune.PeftModel`) with
+    ``alora_offsets`` filled in from ``input_ids`` (:func:`calculate_alora_offsets`) when an aLoRA adapter is
+    active or named in ``adapter_names``; an ``alora_offsets`` already in ``kwargs`` is kept. With only
+    ``inputs_embeds`` the offsets are None (aLoRA off for the call), with PEFT's warning.
+
+    Returns:
+        ``kwargs`` (the same dict), without ``input_ids`` and ``inputs_embeds``.
+    """
+    names = kwargs.get("adapter_names")
+    if not _alora_in_batch(model, names) or kwargs.get("alora_offsets") is not None:
+        return kwargs
+    if input_ids is None and inputs_embeds is not None:
+        warnings.warn(EMBEDS_ONLY_WARNING, stacklevel=2)
+    kwargs["alora_offsets"] = (
+        None
+        if input_ids is None
+        else calculate_alora_offsets(model.peft_config, _first_active(model), input_ids, adapter_names=names)
+    )
+    return kwargs
+
+
+def get_alora_offsets_for_generate(model: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The keyword arguments of a ``generate`` call of ``model`` with ``alora_offsets`` filled in from its
+    ``input_ids`` (keyword, or the first positional argument; a 1-D prompt is one row) when an aLoRA adapter is
+    active or named in ``adapter_names``; an ``alora_offsets`` already in ``kwargs`` is kept. Without
+    ``input_ids`` the offsets are None, with PEFT's warning.
+
+    Returns:
+        ``kwargs`` (the same dict).
+    """
+    names = kwargs.get("adapter_names")
+    if not _alora_in_batch(model, names) or kwargs.get("alora_offsets") is not None:
+        return kwargs
+    input_ids = kwargs.get("input_ids")
+    if input_ids is None and args and isinstance(args[0], torch.Tensor):
+        input_ids = args[0]
+    if input_ids is None:
+        warnings.warn(GENERATE_WITHOUT_IDS_WARNING, stacklevel=2)
+        kwargs["alora_offsets"] = None
+        return kwargs
+    kwargs["alora_offsets"] = calculate_alora_offsets(
+        model.peft_config, _first_active(model), input_ids, adapter_names=names
+    )
+    return kwargs
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from ..config import AdapterConfig
 from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, to_out_in
 from ..layers import expect_config
 from ._dora_fused import dora_dropout_linear
+from ._dora_magnitude import DoraMagnitude, DoraMagnitudes
 from ._fused import fused_dtype, is_plain, low_rank_gemms, low_rank_merge_pays
 from ._lora_kinds import LoraEmbeddingLayer
 from ._lora_layer import LoraLayer
@@ -130,19 +131,20 @@ def dora_forward(
 
 # ---- layer --------------------------------------------------------------------------------------
 class _DoraState:
-    """What both DoRA layers add to LoRA's state: the learned magnitudes (``lora_magnitude_vector``) and,
-    per merged adapter, the norms of W + ΔW at merge time (unmerging divides by them again)."""
+    """What both DoRA layers add to LoRA's state: the learned magnitudes (``lora_magnitude_vector``, each also
+    readable as PEFT's ``lora_magnitude_vector[name].weight``: :mod:`._dora_magnitude`) and, per merged adapter,
+    the norms of W + ΔW at merge time (unmerging divides by them again)."""
 
     #: DoRA's forward paths need a float scale: no compiled hot-swapping (see :mod:`._lora_hotswap`).
     tensor_scaling: ClassVar[bool] = False
-    lora_magnitude_vector: nn.ParameterDict
+    lora_magnitude_vector: DoraMagnitudes
     _merge_norms: dict[str, torch.Tensor]
     _extra_per_adapter: dict[str, dict[str, Any]]
     _weight_sq: tuple[tuple[Any, ...], torch.Tensor] | None
 
     def _init_dora_state(self) -> None:
         """No magnitudes and no merge norms yet; the norms are per-adapter state (deleted with the adapter)."""
-        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_magnitude_vector = DoraMagnitudes()
         self._merge_norms = {}
         self._weight_sq = None
         self._extra_per_adapter.update({"merge_norms": self._merge_norms})
@@ -211,7 +213,7 @@ class DoraLayer(_DoraState, LoraLayer):
             else (1, norm.numel(), *[1] * (self.base_weight.dim() - 2))
         )
         magnitude = norm.reshape(shape).to(**self._new_dtype_device())
-        self.lora_magnitude_vector[adapter_name] = nn.Parameter(magnitude)
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     def row_norm(self, adapter_name: str) -> torch.Tensor:
         """‖W + ΔW‖ of every output row as (out,), in fp32, detached (see :func:`dora_row_norm`)."""
@@ -368,7 +370,7 @@ class DoraEmbeddingLayer(_DoraState, LoraEmbeddingLayer):
         if not expect_config(config, LoraConfig).use_dora:  # a plain LoRA adapter beside DoRA ones
             return
         magnitude = self.column_norm(adapter_name).to(**self._new_dtype_device())
-        self.lora_magnitude_vector[adapter_name] = nn.Parameter(magnitude)
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     def column_norm(self, adapter_name: str) -> torch.Tensor:
         """‖E + ΔE‖ over the vocabulary, one per embedding dimension (dim,), fp32, detached."""

@@ -28,8 +28,9 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layer_types import apply_with_weight
 from ..layers import expect_config, module_bias
-from ._lora_hotswap import LoraHotswapMixin
-from ._lora_layer import FrozenWeightsMixin, LoraLayer, lora_scaling
+from ._lora_base import EMBEDDING_VARIANTS, LoraLayerBase
+from ._lora_layer import LoraLayer, lora_scaling
+from ._lora_variants import VariantTable
 from .lora import LoraConfig
 
 __all__ = ["LoraEmbeddingLayer", "LoraMultiheadAttentionLayer", "lora_embedding_delta_weight"]
@@ -71,7 +72,7 @@ def _plus_deltas(layer: LoraLayer, names: list[str]) -> torch.Tensor:
     return weight
 
 
-class LoraEmbeddingLayer(LoraHotswapMixin, FrozenWeightsMixin):
+class LoraEmbeddingLayer(LoraLayerBase):
     """Wraps an ``nn.Embedding`` with LoRA adapters (see the module docstring)."""
 
     repr_prefix: ClassVar[str] = "lora"
@@ -95,10 +96,6 @@ class LoraEmbeddingLayer(LoraHotswapMixin, FrozenWeightsMixin):
         config = expect_config(config, LoraConfig)
         if config.lora_bias:
             raise ValueError(f"lora_bias={config.lora_bias} is not supported for Embedding.")
-        if config.use_bdlora is not None:
-            raise ValueError(
-                "use_bdlora supports Linear and Conv1D layers, not Embedding; leave it out of target_modules"
-            )
         if config.init_lora_weights == "loftq":  # peft 0.21 fails here with a TypeError
             raise ValueError(
                 "init_lora_weights='loftq' supports Linear and Conv1D layers, not Embedding; leave this layer out "
@@ -127,6 +124,11 @@ class LoraEmbeddingLayer(LoraHotswapMixin, FrozenWeightsMixin):
     def scale_for(self, r: int, alpha: float, config: Any) -> float:
         """s for rank ``r`` and ``alpha`` under ``config`` (rsLoRA or not); used by hot-swapping."""
         return lora_scaling(alpha, r, bool(config.use_rslora))
+
+    @property
+    def lora_variants(self) -> VariantTable:
+        """DoRA and MiCA (BD-LoRA, KaSA and aLoRA are for Linear layers)."""
+        return EMBEDDING_VARIANTS
 
     def factor_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B): (r, num_embeddings) and (dim, r); B A is ΔEᵀ/s."""

@@ -18,16 +18,18 @@ from torch import nn
 
 from ..config import AdapterConfig, PeftWarning, TargetSpec
 from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, is_transposed
-from ..layers import RankedLayer, expect_config, kaiming_uniform_, module_bias, module_weight
+from ..layers import expect_config, kaiming_uniform_, module_bias, module_weight
 from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
+from ._lora_base import CONV_VARIANTS, LINEAR_VARIANTS, FrozenWeightsMixin, LoraLayerBase
 from ._lora_bdlora import bdlora_factor, dense_weight
-from ._lora_hotswap import LoraHotswapMixin
+from ._lora_variants import VariantTable
 from .lora import LoraConfig
 
 __all__ = [
     "FrozenWeightsMixin",
     "LoraBiasMergeError",
     "LoraLayer",
+    "LoraLayerBase",
     "lora_delta_forward",
     "lora_delta_weight",
     "lora_scaling",
@@ -69,37 +71,6 @@ def lora_delta_forward(
 
 
 # ---- layer --------------------------------------------------------------------------------------
-class FrozenWeightsMixin(RankedLayer):
-    """PEFT's ``frozen_peft_weight_names``: per adapter, the tensor dicts (``"lora_B"``) that never train (MiCA's
-    B): left out of :meth:`adapter_parameters`, so activating the adapter leaves them frozen."""
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.frozen_peft_weight_names: dict[str, tuple[str, ...]] = {}
-        self._extra_per_adapter["frozen_peft_weight_names"] = self.frozen_peft_weight_names
-
-    def freeze_weight(self, adapter_name: str, attr: str) -> None:
-        """Freezes ``attr``'s tensors of ``adapter_name`` for good."""
-        self.frozen_peft_weight_names[adapter_name] = (
-            *self.frozen_peft_weight_names.get(adapter_name, ()),
-            attr,
-        )
-        item = getattr(self, attr)[adapter_name]
-        for p in item.parameters() if isinstance(item, nn.Module) else [item]:
-            p.requires_grad_(False)
-
-    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        params = super().adapter_parameters(adapter_name)
-        frozen = self.frozen_peft_weight_names.get(adapter_name)
-        if not frozen:
-            return params
-        skip = set()
-        for attr in frozen:
-            item = getattr(self, attr)[adapter_name]
-            skip |= {id(p) for p in (item.parameters() if isinstance(item, nn.Module) else [item])}
-        return [p for p in params if id(p) not in skip]
-
-
 def lora_conv_factors(base: nn.Module, r: int, lora_bias: bool, **kw: Any) -> tuple[nn.Module, nn.Module]:
     """(A, B) for a ConvNd base: A a conv with the base's kernel, stride, padding, dilation and padding mode
     (in → r, groups 1), B a 1×…×1 conv (r → out) with the base's groups.
@@ -130,7 +101,7 @@ def lora_conv_factors(base: nn.Module, r: int, lora_bias: bool, **kw: Any) -> tu
     return lora_a, lora_b
 
 
-class LoraLayer(LoraHotswapMixin, FrozenWeightsMixin):
+class LoraLayer(LoraLayerBase):
     """Wraps a Linear, transformers ``Conv1D`` or ConvNd with LoRA adapters (``lora_A``/``lora_B`` module
     dicts); ``nn.Embedding`` and ``nn.MultiheadAttention`` are kinds of their own (:mod:`._lora_kinds`).
 
@@ -154,11 +125,34 @@ class LoraLayer(LoraHotswapMixin, FrozenWeightsMixin):
     lora_B: nn.ModuleDict
     lora_dropout: nn.ModuleDict
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str | None = None,
+        config: LoraConfig | None = None,
+        r: int | None = None,
+        lora_alpha: float | None = None,
+    ) -> None:
+        """Wraps ``base_layer``; with ``adapter_name`` (PEFT's ``Linear(base, name, config, r=..., lora_alpha=...)``),
+        adds that adapter at once: ``config`` (default ``LoraConfig()``), its ``r`` and ``lora_alpha`` unless given."""
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        if adapter_name is not None:
+            config = LoraConfig() if config is None else config
+            rank, alpha = (
+                config.r if r is None else r,
+                config.lora_alpha if lora_alpha is None else lora_alpha,
+            )
+            self.add_adapter(adapter_name, TargetSpec("", (), config, {"r": rank, "alpha": alpha}))
+
+    @property
+    def lora_variants(self) -> VariantTable:
+        """On a Linear or ``Conv1D``: DoRA, KaSA, aLoRA, BD-LoRA and MiCA; on a ConvNd: DoRA; else plain only."""
+        if isinstance(self.base_layer, nn.Linear | Conv1D):
+            return LINEAR_VARIANTS
+        return CONV_VARIANTS if isinstance(self.base_layer, CONV_TYPES) else {(): None}
 
     @property
     def mergeable(self) -> bool:
@@ -215,17 +209,13 @@ class LoraLayer(LoraHotswapMixin, FrozenWeightsMixin):
         """``update_layer``, then BD-LoRA's block-diagonal factor where ``use_bdlora`` names this module.
 
         Raises:
-            ValueError: for BD-LoRA on a layer other than Linear/``Conv1D``, or see :func:`.bdlora_factor`.
+            ValueError: for a variant this layer does not support (:meth:`LoraLayerBase.add_adapter`), or see
+                :func:`.bdlora_factor`.
         """
         super().add_adapter(adapter_name, target)
         options = getattr(target.config, "use_bdlora", None)
-        if options is None:
+        if options is None:  # on a Linear or Conv1D only: lora_variants
             return
-        if not isinstance(self.base_layer, nn.Linear | Conv1D):
-            raise ValueError(
-                f"use_bdlora supports Linear and Conv1D layers, not {type(self.base_layer).__name__}; leave "
-                f"{target.module_name} out of target_modules"
-            )
         lora_a, lora_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
         found = bdlora_factor(options, target.module_name, lora_a, lora_b)
         if found is not None:

@@ -26,6 +26,7 @@ from ..layers import AdapterLayer
 from ..modules_to_save import AdapterLayerHolder, ModulesToSaveWrapper
 from ..tuner import AdapterModel
 from ._lora_layer import LoraLayer, lora_scaling
+from ._lora_variants import VariantTable
 
 __all__ = ["LoraParamLayer", "inject_parameters"]
 
@@ -91,11 +92,39 @@ class LoraParamLayer(LoraLayer):
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, " + super().extra_repr()
 
+    @property
+    def lora_variants(self) -> VariantTable:
+        """Plain LoRA only."""
+        return {(): None}
+
+    def resolve_lora_variant(self, *, config: Any, **kwargs: Any) -> Any:
+        """As every LoRA kind's, after PEFT's refusals of the options this layer cannot honour (DoRA among them)."""
+        self._refuse_options(config)
+        return super().resolve_lora_variant(config=config, **kwargs)
+
     def update_layer(self, adapter_name: str, config: Any, r: int, alpha: float) -> None:
         """A (in → r·E) and B (r·E → out) Linears, initialised as a Linear's LoRA.
 
         Raises:
             ValueError: with PEFT's options this layer cannot honour (dropout, fan_in_fan_out, lora_bias, DoRA).
+        """
+        self._refuse_options(config)
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
+        kw = self._new_dtype_device()
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r * self.num_experts, bias=False, **kw)
+        self.lora_B[adapter_name] = nn.Linear(r * self.num_experts, self.out_features, bias=False, **kw)
+        self.lora_dropout[adapter_name] = nn.Identity()
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
+        self.reset_parameters(adapter_name, config.init_lora_weights, config.loftq_config)
+        self._finish_update(adapter_name)
+
+    def _refuse_options(self, config: Any) -> None:
+        """PEFT's refusals: no dropout, ``fan_in_fan_out``, ``lora_bias`` or DoRA on a parameter.
+
+        Raises:
+            ValueError: naming the option.
         """
         name = type(self).__name__
         refused = {
@@ -107,16 +136,6 @@ class LoraParamLayer(LoraLayer):
         for what, value in refused.items():
             if value:
                 raise ValueError(f"lora.ParamWrapper ({name}) does not work with {what}.")
-        if r <= 0:
-            raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
-        kw = self._new_dtype_device()
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r * self.num_experts, bias=False, **kw)
-        self.lora_B[adapter_name] = nn.Linear(r * self.num_experts, self.out_features, bias=False, **kw)
-        self.lora_dropout[adapter_name] = nn.Identity()
-        self.r[adapter_name] = r
-        self.scaling[adapter_name] = lora_scaling(alpha, r, config.use_rslora)
-        self.reset_parameters(adapter_name, config.init_lora_weights, config.loftq_config)
-        self._finish_update(adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW in the parameter's shape and dtype."""

@@ -22,6 +22,7 @@ from ..config import AdapterConfig, check_choice, check_range, help_field
 from ..registry import MethodSpec, register_method
 from ._lazy import forward_attributes
 from ._lora_options import BdLoraConfig, CordaConfig, EvaConfig, KasaConfig, LoftQConfig, sub_config
+from ._lora_variants import requested_variants
 from ._target_defaults import LORA_DEFAULT_TARGETS
 
 __all__ = [
@@ -41,6 +42,8 @@ BASE_INITS = ("pissa", "olora", "orthogonal", "loftq", "mica")
 DATA_INITS = ("eva", "corda")
 
 BIAS_CHOICES = ("none", "all", "lora_only")
+#: The tag of a field that selects a variant of LoRA when set (PEFT's; see :mod:`._lora_variants`).
+VARIANT = {"is_lora_variant": True}
 
 
 @dataclass
@@ -77,6 +80,7 @@ class LoraConfig(AdapterConfig):
         "decomposed with the inputs' covariance, the base keeps the residual: call preprocess_corda first) or "
         "'mica' (B the base weight's r minor left singular vectors, frozen; A zero and trained).",
         True,
+        metadata={"lora_variants": ["mica"]},  # the values that select a variant of LoRA (MiCA)
     )
     megatron_config: dict[str, Any] | None = None
     megatron_core: str | None = "megatron.core"
@@ -93,7 +97,9 @@ class LoraConfig(AdapterConfig):
     corda_config: Any = None
     lora_ga_config: Any = None
     use_dora: bool = help_field(
-        "Whether to use weight-decomposed LoRA (DoRA), which the 'dora' method implements.", False
+        "Whether to use weight-decomposed LoRA (DoRA), which the 'dora' method implements.",
+        False,
+        metadata=VARIANT,
     )
     velora_config: Any = None
     alora_invocation_tokens: Any = help_field(  # list[int] | None; Any keeps it off the image CLI's flags
@@ -101,6 +107,7 @@ class LoraConfig(AdapterConfig):
         "adapter applies from its last occurrence in the input on (and to every generated token), the base "
         "model before it.",
         None,
+        metadata=VARIANT,
     )
     use_qalora: bool = False
     qalora_group_size: int = 16
@@ -120,6 +127,7 @@ class LoraConfig(AdapterConfig):
         "BD-LoRA (a BdLoraConfig): A or B block-diagonal in the modules it names, for sharded serving. Linear "
         "layers only.",
         None,
+        metadata=VARIANT,
     )
     arrow_config: Any = None
     kasa_config: KasaConfig | None = help_field(
@@ -127,6 +135,7 @@ class LoraConfig(AdapterConfig):
         "the update is s·B diag(lora_diag) A with a learnt diagonal; add LoraModel._get_kasa_loss() to the loss "
         "for its regularisers. Linear layers only; not combinable with non-KaSA adapters.",
         None,
+        metadata=VARIANT,
     )
     ensure_weight_tying: bool = help_field(
         "Whether adapters on a tied input embedding (modules_to_save, target_modules, "
@@ -194,14 +203,7 @@ class LoraConfig(AdapterConfig):
         self._check_data_inits()
         self.kasa_config = sub_config(self.kasa_config, KasaConfig, "kasa_config")
         self.use_bdlora = sub_config(self.use_bdlora, BdLoraConfig, "use_bdlora")
-        variants = {
-            "kasa_config": self.kasa_config is not None,
-            "use_bdlora": self.use_bdlora is not None,
-            "use_dora": bool(self.use_dora),
-            "mica": self.init_lora_weights == "mica",
-            "alora_invocation_tokens": bool(self.alora_invocation_tokens),
-        }
-        chosen = tuple(sorted(name for name, used in variants.items() if used))
+        chosen = requested_variants(self)
         if len(chosen) > 1:  # PEFT's message (it raises when the layers are built)
             raise ValueError(f"Invalid or unsupported variant combination: {chosen}; choose one of them")
         self._check_rslora_conversion()
