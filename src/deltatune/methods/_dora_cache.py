@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._weight_cache import WeightCache, cached_value
+from .._weight_cache import WeightCache, cached_value, weight_caching_enabled
 
 __all__ = ["DoraCacheMixin"]
 
@@ -53,6 +53,9 @@ class DoraCacheMixin(nn.Module):
         """``compute(adapter_name)`` (the detached norms of W + ΔW), served from the cache while nothing it
         depends on changed (with caching on, in eval mode)."""
         if torch.compiler.is_compiling():
+            return compute(adapter_name)
+        idle = self.training or not weight_caching_enabled()
+        if idle and not self.__dict__.get("_dora_cache_entries"):  # the default path: nothing to do
             return compute(adapter_name)
         return cached_value(
             self._dora_cache,
