@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODEL_KINDS, logits, make_config
+from conftest import MODEL_KINDS, logits
 from torch import nn
 
 import deltatune
@@ -127,14 +127,37 @@ def test_peft_behaves_the_same() -> None:
     assert record == [torch.float32]
 
 
-@pytest.mark.parametrize("method", ["loha", "lokr", "adalora"])
-def test_other_methods_leave_the_input_as_it_is_inside_the_context(method: str) -> None:
-    model = get_peft_model(MLP(), make_config(method, ["lin0"])).to(torch.float16)
-    model.eval()
+def _half_adapter(model: nn.Module, layer_type: type[nn.Module]) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, layer_type):
+            for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+                for param in getattr(module, name, nn.ModuleDict()).parameters():
+                    param.data = param.data.half()
+    return model
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+def test_without_hooks_an_uncast_input_meets_the_adapter_dtype_as_in_peft(
+    use_dora: bool, train: bool
+) -> None:
+    """fp32 base, fp16 adapter, fp32 input: the cast makes it work; without it the adapter's product refuses
+    the mixed dtypes (nothing reconciles them), in peft as here."""
+    peft = pytest.importorskip("peft")
+    from peft.helpers import disable_input_dtype_casting as peft_disable
+    from peft.tuners.lora.layer import LoraLayer as PeftLoraLayer
+
     x = torch.randn(4, 10)
-    with pytest.raises(RuntimeError, match="dtype"), disable_input_dtype_casting(model):
-        model(x)  # fp32 input, fp16 weights and no hook to reconcile them: the products refuse
-    assert model(x.half()).dtype == torch.float16  # the cast works as before outside
+    for get_model, config_cls, layer_type, disable in (
+        (get_peft_model, LoraConfig, LoraLayer, disable_input_dtype_casting),
+        (peft.get_peft_model, peft.LoraConfig, PeftLoraLayer, peft_disable),
+    ):
+        torch.manual_seed(0)
+        config = config_cls(target_modules=["lin0"], init_lora_weights=False, use_dora=use_dora)
+        model = _half_adapter(get_model(MLP(), config), layer_type).train(train)
+        assert model(x).dtype == torch.float32
+        with pytest.raises(RuntimeError, match=DTYPE_ERROR), disable(model):
+            model(x)
 
 
 # ---- hooks on the adapter's submodules run on the fast paths --------------------------------------
@@ -175,7 +198,7 @@ def test_a_global_module_hook_sees_the_adapter_modules(use_dora: bool) -> None:
 
 def test_a_hook_that_changes_the_factor_output_takes_effect_with_dropout() -> None:
     model, _, layer = _with_hooks(use_dora=False, dropout=0.5)
-    model.eval()
+    model.train()  # the fast path would apply dropout itself and read B's weight
     x = torch.randn(6, 10)
     base = layer.base_layer(x)
     layer.lora_B["default"].register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
