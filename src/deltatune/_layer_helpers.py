@@ -21,6 +21,7 @@ __all__ = [
     "kaiming_uniform_",
     "module_bias",
     "module_weight",
+    "overwrite_",
 ]
 
 
@@ -75,6 +76,18 @@ class BaseLayerSlot(nn.Module):
         """PEFT's ``BaseTunerLayer._all_available_adapter_names``: the adapters this layer holds, sorted."""
         return sorted(getattr(self, "_held", ()))
 
+    #: PEFT's switch: whether the input is cast to the adapter tensors' dtype before the adapter's own products
+    #: (per layer; :func:`deltatune.helpers.disable_input_dtype_casting` turns it off for a while, for hooks
+    #: that manage the dtypes themselves, such as layerwise casting).
+    cast_input_dtype_enabled: bool = True
+
+    def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` in ``dtype`` for the adapter's own products (PEFT's rule), or as it is where
+        :attr:`cast_input_dtype_enabled` is off."""
+        if not self.cast_input_dtype_enabled or x.dtype == dtype:
+            return x
+        return x.to(dtype)
+
 
 def is_bias_name(name: str) -> bool:
     """Whether the parameter ``name`` is a bias as PEFT's ``bias="all"`` counts them: its last part holds
@@ -96,6 +109,14 @@ def expect_config(config: PeftConfig, cls: type[ConfigT]) -> ConfigT:
 def kaiming_uniform_(tensor: torch.Tensor) -> torch.Tensor:
     """``nn.init.kaiming_uniform_(a=√5)``: U(±1/√fan_in), fan_in = shape[1]·∏shape[2:]."""
     return nn.init.kaiming_uniform_(tensor, a=math.sqrt(5))
+
+
+def overwrite_(weight: torch.Tensor, value: torch.Tensor) -> None:
+    """``weight.data.copy_(value)`` (no autograd record), then a bump of ``weight``'s version counter, which a
+    write through ``.data`` skips: what is keyed on the version (DoRA's cached norms, ‖W‖²) sees the change."""
+    weight.data.copy_(value)
+    if not weight.is_inference():  # inference tensors have no version counter
+        torch.autograd.graph.increment_version(weight)
 
 
 def module_weight(module: nn.Module) -> torch.Tensor:

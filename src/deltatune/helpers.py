@@ -1,23 +1,30 @@
-"""PEFT's helper functions around adapters: :func:`check_if_peft_model`, KappaTune's target selection
-(:class:`KappaTuneSelector`, :func:`find_kappa_target_modules`; ``peft.helpers``) and
-:func:`prepare_model_for_kbit_training` (``peft.prepare_model_for_kbit_training``), same names, arguments and
-results."""
+"""PEFT's helper functions around adapters: :func:`check_if_peft_model`, :func:`disable_input_dtype_casting`,
+:class:`DoraCaching`, KappaTune's target selection (:class:`KappaTuneSelector`, :func:`find_kappa_target_modules`;
+``peft.helpers``) and :func:`prepare_model_for_kbit_training` (``peft.prepare_model_for_kbit_training``), same
+names, arguments and results."""
 
 from __future__ import annotations
 
 import inspect
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._weight_cache import set_weight_caching, weight_caching_enabled
 from .config import PeftConfig
+from .layers import AdapterLayer
 
 __all__ = [
+    "DoraCaching",
     "KappaTuneSelector",
     "check_if_peft_model",
+    "disable_input_dtype_casting",
     "find_kappa_target_modules",
     "prepare_model_for_kbit_training",
 ]
@@ -44,6 +51,72 @@ def check_if_peft_model(model_name_or_path: str | os.PathLike[str]) -> bool:
     except Exception:  # any failure to read a config means "not an adapter", as in PEFT
         return False
     return True
+
+
+@contextmanager
+def disable_input_dtype_casting(model: nn.Module, active: bool = True) -> Iterator[None]:
+    """Within the context, the adapter layers of ``model`` leave their input's dtype as it is before the
+    adapter's own products, instead of casting it to the adapter tensors' dtype (PEFT's
+    ``peft.helpers.disable_input_dtype_casting``): for hooks that manage the dtypes themselves, such as
+    diffusers' layerwise casting, which would otherwise meet an input cast to the stored dtype. Each layer's
+    previous setting returns on leaving (nested contexts unwind in order).
+
+    Args:
+        model: The model whose adapter layers are switched (a ``PeftModel`` or any module holding them).
+        active: False makes the context do nothing.
+    """
+    if not active:
+        yield
+        return
+    previous = {}
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            previous[module] = module.cast_input_dtype_enabled
+            module.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for module, enabled in previous.items():
+            module.cast_input_dtype_enabled = enabled
+
+
+class DoraCaching:
+    """Caches DoRA's weight norms ‖W + ΔW‖ (the costly part of a DoRA layer's inference step) while the model
+    is in eval mode (PEFT's ``peft.helpers.DoraCaching``). A context manager, or ``DoraCaching()(enabled=True)``
+    to switch it on for good (``enabled=False`` off). The switch is process-wide.
+
+    In training mode nothing is cached, even inside the context; ``model.train()`` and ``model.eval()`` empty
+    every DoRA layer's cache (``_dora_cache``), and so does a forward with caching off. A cached norm is served
+    only while the weights it came from are unchanged (merging, loading, switching adapters and in-place edits
+    are seen; a write through ``tensor.data`` is not: call ``model.eval()`` after one).
+
+    Example::
+
+        model.eval()
+        with DoraCaching():
+            logits = model(inputs)  # later calls reuse the norms
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._previous: list[bool] = []
+
+    def __enter__(self) -> DoraCaching:
+        self._previous.append(weight_caching_enabled())
+        set_weight_caching(self.enabled)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        set_weight_caching(self._previous.pop())
+
+    def __call__(self, enabled: bool = True) -> None:
+        """Switches DoRA caching on (``enabled=True``) or off for good."""
+        set_weight_caching(enabled)
 
 
 def _quantization(model: nn.Module) -> tuple[bool, bool]:

@@ -33,6 +33,7 @@ from ._layer_helpers import (
     kaiming_uniform_,
     module_bias,
     module_weight,
+    overwrite_,
 )
 from .config import TargetSpec
 from .layer_types import apply_with_weight, in_out_features, is_linear_like
@@ -250,7 +251,7 @@ class AdapterLayer(MixedBatchMixin, BaseLayerSlot):
                         f"merging adapter {name!r} would put NaN/inf into the base weight; the weight was "
                         "left unchanged"
                     )
-                weight.data.copy_(merged)
+                overwrite_(weight, merged)
                 self._merge_bias(name, sign=1.0)
             self.merged_adapters.append(name)
 
@@ -290,7 +291,7 @@ class AdapterLayer(MixedBatchMixin, BaseLayerSlot):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                weight.data.copy_(self.unmerged_weight(name, weight.data))
+                overwrite_(weight, self.unmerged_weight(name, weight.data))
                 self._merge_bias(name, sign=-1.0)
 
     def base_forward_with_weight(

@@ -173,11 +173,11 @@ class SVDLayer(LowRankLayer):
         return delta.reshape(self.base_weight.shape)
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        x = self.lora_dropout[adapter_name](x)
         a = self.lora_A[adapter_name]
+        x = adapter_input(self.lora_dropout[adapter_name](x), a.dtype, self.cast_input_dtype_enabled)
         if not isinstance(self.base_layer, nn.Linear | Conv1D):
-            return self.base_forward_with_weight(adapter_input(x, a.dtype), self.delta_weight(adapter_name))
-        hidden = F.linear(adapter_input(x, a.dtype), a * self.lora_E[adapter_name])
+            return self.base_forward_with_weight(x, self.delta_weight(adapter_name))
+        hidden = F.linear(x, a * self.lora_E[adapter_name])
         return F.linear(hidden, self.lora_B[adapter_name]) * self.rank_scale[adapter_name]
 
     def _low_rank_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, float, float]:

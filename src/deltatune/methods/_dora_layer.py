@@ -11,6 +11,7 @@ from torch import nn
 from ..config import AdapterConfig
 from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, to_out_in
 from ..layers import expect_config
+from ._dora_cache import DoraCacheMixin
 from ._dora_fused import dora_dropout_linear
 from ._dora_magnitude import DoraMagnitude, DoraMagnitudes
 from ._fused import fused_dtype, is_plain, low_rank_gemms, low_rank_merge_pays
@@ -130,10 +131,10 @@ def dora_forward(
 
 
 # ---- layer --------------------------------------------------------------------------------------
-class _DoraState:
+class _DoraState(DoraCacheMixin):
     """What both DoRA layers add to LoRA's state: the learned magnitudes (``lora_magnitude_vector``, each also
     readable as PEFT's ``lora_magnitude_vector[name].weight``: :mod:`._dora_magnitude`) and, per merged adapter,
-    the norms of W + ΔW at merge time (unmerging divides by them again)."""
+    the norms of W + ΔW at merge time (unmerging divides by them again); the norm cache is :mod:`._dora_cache`'s."""
 
     #: DoRA's forward paths need a float scale: no compiled hot-swapping (see :mod:`._lora_hotswap`).
     tensor_scaling: ClassVar[bool] = False
@@ -216,7 +217,11 @@ class DoraLayer(_DoraState, LoraLayer):
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     def row_norm(self, adapter_name: str) -> torch.Tensor:
-        """‖W + ΔW‖ of every output row as (out,), in fp32, detached (see :func:`dora_row_norm`)."""
+        """‖W + ΔW‖ of every output row as (out,), in fp32, detached (see :func:`dora_row_norm`); cached in
+        eval mode under ``DoraCaching`` (:mod:`._dora_cache`)."""
+        return self.cached_norm(adapter_name, self._row_norm)
+
+    def _row_norm(self, adapter_name: str) -> torch.Tensor:
         a, b = self.factor_weights(adapter_name)
         weight = to_out_in(self.base_layer, self.base_weight)  # (out, in…): a Conv1D's is transposed
         out_dim = weight.shape[0]
@@ -303,7 +308,7 @@ class DoraLayer(_DoraState, LoraLayer):
             bias = self._bias_view(result)
             base = result if bias is None else result - bias
         dtype = result.dtype
-        lora = b(a(_as(x, self.factor_weights(adapter_name)[0].dtype)))
+        lora = b(a(self._cast_input_dtype(x, self.factor_weights(adapter_name)[0].dtype)))
         scale = _as(scale, dtype)
         out = torch.addcmul(result, _as(base, dtype), scale - 1)
         return out.addcmul_(_as(lora, dtype), scale, value=self.scaling[adapter_name])
@@ -316,8 +321,12 @@ class DoraLayer(_DoraState, LoraLayer):
         if not self.is_dora(adapter_name):
             return super().fused_forward(x, adapter_name)
         base = self.base_layer
-        if not isinstance(base, nn.Linear) or not is_plain(base, (nn.Linear,)):
-            return None
+        if (
+            not isinstance(base, nn.Linear)
+            or not is_plain(base, (nn.Linear,))
+            or self._submodules_hooked(adapter_name)
+        ):
+            return None  # the generic path, which calls the modules (and runs their hooks)
         weight = self.base_weight
         a_w, b_w = self.factor_weights(adapter_name)
         dtype = fused_dtype(x, weight, a_w, b_w)
@@ -373,7 +382,11 @@ class DoraEmbeddingLayer(_DoraState, LoraEmbeddingLayer):
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     def column_norm(self, adapter_name: str) -> torch.Tensor:
-        """‖E + ΔE‖ over the vocabulary, one per embedding dimension (dim,), fp32, detached."""
+        """‖E + ΔE‖ over the vocabulary, one per embedding dimension (dim,), fp32, detached; cached in eval mode
+        under ``DoraCaching`` (:mod:`._dora_cache`)."""
+        return self.cached_norm(adapter_name, self._column_norm)
+
+    def _column_norm(self, adapter_name: str) -> torch.Tensor:
         with torch.no_grad():
             return (self.base_weight.float() + self.delta_weight(adapter_name).float()).norm(dim=0)
 

@@ -40,6 +40,7 @@ __all__ = [
     "low_rank_linear",
     "low_rank_merge_pays",
     "merged_weight_pays",
+    "runs_hooks",
 ]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -52,11 +53,11 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
-def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def adapter_input(x: torch.Tensor, dtype: torch.dtype, cast: bool = True) -> torch.Tensor:
     """``x`` for an adapter's own matrix products: as is under autocast (which casts it in each product,
-    so an explicit up-cast to the fp32 factors' dtype would only add a copy and then a down-cast), else cast
-    to the adapter's ``dtype`` as PEFT does."""
-    if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+    so an explicit up-cast to the fp32 factors' dtype would only add a copy and then a down-cast) or without
+    ``cast`` (the layer's ``cast_input_dtype_enabled`` off), else cast to the adapter's ``dtype`` as PEFT does."""
+    if not cast or x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
         return x
     return x.to(dtype)
 
@@ -97,19 +98,43 @@ def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     return F.dropout(x, p, True), 1.0
 
 
+def _global_hooks() -> bool:
+    """Whether module hooks are registered for every module (``register_module_forward_hook`` & co.)."""
+    hooks = torch.nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
+
+
+def _own_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's forward: its own forward or backward hooks, or a
+    forward replaced on the instance (accelerate's offloading hooks do that, and ``_hf_hook`` marks them)."""
+    if (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+    ):
+        return True
+    own = module.__dict__
+    return "forward" in own or "_hf_hook" in own
+
+
+def runs_hooks(*modules: torch.nn.Module) -> bool:
+    """Whether calling any of ``modules`` would run hooks (their own, a replaced forward, or global ones): a
+    fast path that reads their weights instead of calling them must then call them, so that offloading,
+    sharding, casting and debugging hooks see the call. A few dict lookups per module."""
+    return any(_own_hooks(module) for module in modules) or _global_hooks()
+
+
 def is_plain(layer: torch.nn.Module, types: tuple[type[torch.nn.Module], ...]) -> bool:
     """True when ``layer``'s output can be computed from its weight directly, skipping its ``forward``: it is
-    exactly one of ``types`` (not a subclass with its own forward, e.g. a quantised Linear), has no forward
-    or backward hooks (its own or global), no forward replaced on the instance (accelerate's offloading
-    hooks do that, and ``_hf_hook`` marks them) and no weight still on the meta device."""
-    if type(layer) not in types or "forward" in layer.__dict__ or hasattr(layer, "_hf_hook"):
-        return False
-    if layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks or layer._backward_pre_hooks:
-        return False
-    hooks = torch.nn.modules.module
-    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks:
-        return False
-    if hooks._global_backward_pre_hooks:
+    exactly one of ``types`` (not a subclass with its own forward, e.g. a quantised Linear), runs no hooks
+    (:func:`runs_hooks`) and has no weight still on the meta device."""
+    if type(layer) not in types or runs_hooks(layer):
         return False
     weight = getattr(layer, "weight", None)
     return not (isinstance(weight, torch.Tensor) and weight.is_meta)

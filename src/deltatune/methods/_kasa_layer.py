@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import AdapterConfig
 from ..layer_types import Conv1D
-from ..layers import expect_config
+from ..layers import expect_config, module_weight
 from ._lora_layer import LoraLayer
 from .lora import LoraConfig
 
@@ -103,7 +103,7 @@ class KasaLayer(LoraLayer):
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        x = self.lora_dropout[adapter_name](x).to(a.weight.dtype)
+        x = self._cast_input_dtype(self.lora_dropout[adapter_name](x), module_weight(a).dtype)
         return b(a(x) * self.lora_diag[adapter_name]) * self.scaling[adapter_name]
 
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:

@@ -191,7 +191,6 @@ class LoHaLayer(LycorisLayer):
             out_dim, in_dim = self.base_layer.weight.shape
             if khatri_rao_is_cheaper(w1a.shape[1], w2a.shape[1], in_dim, out_dim):
                 mask = self.rank_dropout_mask(adapter_name, w1a.device, w1a.dtype)
-                return loha_delta_forward(
-                    adapter_input(x, w1a.dtype), w1a, w1b, w2a, w2b, self.scaling[adapter_name], mask
-                )
+                x = adapter_input(x, w1a.dtype, self.cast_input_dtype_enabled)
+                return loha_delta_forward(x, w1a, w1b, w2a, w2b, self.scaling[adapter_name], mask)
         return self.materialized_output(x, adapter_name)

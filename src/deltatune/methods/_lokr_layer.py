@@ -197,7 +197,7 @@ class LoKrLayer(LycorisLayer):
             return self.materialized_output(x, adapter_name)
         w1 = self._w1(adapter_name)
         mask = self.rank_dropout_mask(adapter_name, w1.device, w1.dtype)
-        x = adapter_input(x, w1.dtype)
+        x = adapter_input(x, w1.dtype, self.cast_input_dtype_enabled)
         if adapter_name in self.lokr_w2:
             return lokr_delta_forward(
                 x, w1, self.scaling[adapter_name], w2=self.lokr_w2[adapter_name], row_mask=mask

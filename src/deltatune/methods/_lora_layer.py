@@ -19,7 +19,7 @@ from torch import nn
 from ..config import AdapterConfig, PeftWarning, TargetSpec
 from ..layer_types import CONV_TYPES, Conv1D, conv_groups, from_out_in, is_transposed
 from ..layers import expect_config, kaiming_uniform_, module_bias, module_weight
-from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays
+from ._fused import is_plain, low_rank_add, low_rank_linear, low_rank_merge_pays, runs_hooks
 from ._lora_base import CONV_VARIANTS, LINEAR_VARIANTS, FrozenWeightsMixin, LoraLayerBase
 from ._lora_bdlora import bdlora_factor, dense_weight
 from ._lora_variants import VariantTable
@@ -352,17 +352,26 @@ class LoraLayer(LoraLayerBase):
 
     def adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        x = self.lora_dropout[adapter_name](x).to(a.weight.dtype)
+        x = self._cast_input_dtype(self.lora_dropout[adapter_name](x), module_weight(a).dtype)
         return b(a(x)) * self.scaling[adapter_name]
 
     def _dropout_p(self, adapter_name: str) -> float:
         drop = self.lora_dropout[adapter_name]
         return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
 
+    def _submodules_hooked(self, adapter_name: str) -> bool:
+        """Whether ``lora_A``, ``lora_B`` or ``lora_dropout`` of ``adapter_name`` runs hooks when called (offloading,
+        sharding, casting, debugging): the fast paths, which read their weights, then call them instead."""
+        return runs_hooks(
+            self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_dropout[adapter_name]
+        )
+
     def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
         # The base GEMM and the low-rank term, fused (see _fused.low_rank_linear).
         a_layer, b_layer = self.lora_A[adapter_name], self.lora_B[adapter_name]
         if not isinstance(a_layer, nn.Linear) or module_bias(b_layer) is not None:
+            return None
+        if self._submodules_hooked(adapter_name):  # called by the generic path, so that their hooks run
             return None
         a_w, b_w = self.factor_weights(adapter_name)
         scale = self.scaling[adapter_name]
@@ -380,8 +389,9 @@ class LoraLayer(LoraLayerBase):
 
     def add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        if not isinstance(a, nn.Linear) or module_bias(b) is not None:
-            return super().add_adapter_output(result, x, adapter_name)
+        plain = isinstance(a, nn.Linear) and module_bias(b) is None and self.cast_input_dtype_enabled
+        if not plain or self._submodules_hooked(adapter_name):
+            return super().add_adapter_output(result, x, adapter_name)  # calls A and B, which run their hooks
         # One GEMM-accumulate (result + s · hidden Bᵀ); dropout, when on, runs inside without an N×in copy.
         a_w, b_w = self.factor_weights(adapter_name)
         scale = self.scaling[adapter_name]

@@ -141,4 +141,6 @@ class LycorisLayer(LowRankLayer):
         mask = self.rank_dropout_mask(adapter_name, delta.device, delta.dtype)
         if mask is not None:
             delta = delta * mask.view(-1, *([1] * (delta.dim() - 1)))
-        return self.base_forward_with_weight(adapter_input(x, delta.dtype), delta)
+        return self.base_forward_with_weight(
+            adapter_input(x, delta.dtype, self.cast_input_dtype_enabled), delta
+        )
