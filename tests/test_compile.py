@@ -104,6 +104,20 @@ def test_adapter_layers_compile_without_graph_breaks() -> None:
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.parametrize("method", deltatune.available_methods())
+def test_every_method_traces_as_one_graph(method: str) -> None:
+    """Every method, in training (dropout on) and in evaluation, with and without grad: one graph, no break
+    (DoRA's cached ‖W‖² once broke it, by asking torch whether inference mode was on)."""
+    x = MODEL_KINDS["mlp"].inputs()
+    model = _model(method, p=0.1)
+    for train, grad in ((True, True), (False, True), (False, False)):
+        torch._dynamo.reset()
+        model.train(train)
+        with torch.set_grad_enabled(grad):
+            explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, (train, grad, explanation.break_reasons)
+
+
 def test_cli_trains_with_torch_compile(tmp_path: Any) -> None:
     """``deltatune train --torch_compile``: the Trainer compiles the model, the adapter saves as usual and
     loads back to the outputs the compiled run evaluated."""

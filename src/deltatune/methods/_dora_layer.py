@@ -239,7 +239,10 @@ class DoraLayer(_DoraState, LoraLayer):
     def _cached_weight_sq(self, weight: torch.Tensor) -> torch.Tensor | None:
         """‖W‖² by row of the frozen base weight (``weight``: its fp32 (out, in…) rows), computed once and kept
         while the base weight's storage and version counter are unchanged (a merge or a load in place
-        changes them); None (computed afresh) in inference mode, whose tensors have no version counter."""
+        changes them); None (computed afresh) in inference mode, whose tensors have no version counter, and
+        under ``torch.compile`` (the graph computes it; no host-side state in a traced graph)."""
+        if torch.compiler.is_compiling():
+            return None
         base = self.base_weight
         if torch.is_inference_mode_enabled() or base.requires_grad or base.is_inference():
             return None
