@@ -184,3 +184,57 @@ def test_train_log_drops_only_os_errors_of_its_writes(
         except TypeError:
             handler.handleError(record)
         assert "Logging error" in capsys.readouterr().err
+
+
+def test_warnings_outside_a_run_are_one_line_each(capfd: pytest.CaptureFixture[str]) -> None:
+    """evaluate/predict/merge: a library's warning is one ``[deltatune] warning:`` line, no source file or line
+    of the library, a line break in a name shown as ``\\n``; ``--debug`` hands it to Python's printer."""
+    import warnings
+
+    from deltatune.cli import _show_warnings_printably
+
+    saved = warnings.showwarning
+    given: list[tuple[str, str]] = []
+    try:
+        for debug in (False, True):
+            warnings.showwarning = lambda message, category, filename, *_: given.append(
+                (str(message), filename)
+            )
+            _show_warnings_printably(debug)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.warn("skipped unreadable image 'new\nline/x.png'", RuntimeWarning, stacklevel=1)
+            err = capfd.readouterr().err
+            if debug:
+                assert err == "" and given == [("skipped unreadable image 'new\nline/x.png'", __file__)]
+            else:
+                assert (
+                    err == "[deltatune] warning: skipped unreadable image 'new\\nline/x.png'\n" and not given
+                )
+    finally:
+        warnings.showwarning = saved
+
+
+def test_names_in_tables_and_notices_stay_on_one_line(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """A class or file name with a line break never splits a table row or a log line."""
+    import logging
+
+    from PIL import Image
+
+    from deltatune.cli.output import esc
+    from deltatune.vision import transforms
+
+    assert esc("new\nline [bold]") == "new\\nline \\[bold]"
+    path = tmp_path / "new\nline.png"
+    Image.new("I;16", (4, 4), 300).save(path)
+    saved = list(transforms._warned_wide)
+    transforms._warned_wide.clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="deltatune"), Image.open(path) as image:
+            transforms._warn_wide_once(image)
+    finally:
+        transforms._warned_wide[:] = saved
+    (message,) = [r.getMessage() for r in caplog.records if "mode)" in r.getMessage()]
+    assert "\n" not in message and "new\\nline.png" in message

@@ -59,17 +59,22 @@ class _PrintableFormatter(logging.Formatter):
         return printable(super().format(record))
 
 
-def _show_warnings_printably() -> None:
-    """Python warnings print with their control characters shown as escapes (a label in a warning, e.g.
-    matplotlib's missing glyph, cannot drive the terminal)."""
-    from .errors import printable
+def _show_warnings_printably(debug: bool = False) -> None:
+    """Python warnings outside a run's log (``evaluate``, ``predict``, ``merge``: ``train`` has its digest) print
+    as one line each, ``[deltatune] warning: <text>``, without the source file and line of whichever library
+    raised them, and with control characters and line breaks shown as escapes (a file or class name in a
+    warning cannot drive the terminal or forge a line). ``--debug`` keeps Python's own format."""
+    from .errors import escaped_line, printable
 
     shown = warnings.showwarning
 
     def show(
         message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
     ) -> None:
-        shown(printable(message), category, filename, lineno, file, line)
+        if debug:
+            shown(printable(message), category, filename, lineno, file, line)
+            return
+        (file or sys.stderr).write(f"[deltatune] warning: {escaped_line(message)}\n")
 
     warnings.showwarning = show
 
@@ -221,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved = (list(package_logger.handlers), package_logger.level)
     saved_showwarning = warnings.showwarning
     try:
-        _show_warnings_printably()
+        _show_warnings_printably(debug)
         if argv and argv[0] in ("train", "compare"):
             _print_run_help(argv[0], argv[1:])  # --help: exits here, before torch and transformers load
             _require_extra()

@@ -75,6 +75,12 @@ def printable(text: Any) -> str:
     return value if value.isprintable() else "".join(map(_visible, value))
 
 
+def escaped_line(text: Any) -> str:
+    """``text`` as one line, nothing lost: :func:`printable`, with line breaks written as ``\\n`` (a name
+    from the user's data shown in a table or a warning)."""
+    return printable(text).replace("\n", "\\n")
+
+
 def one_line(text: Any) -> str:
     """``text`` on one line (whitespace runs collapsed), with :func:`printable` characters, bounded in length."""
     line = " ".join(printable(text).split())

@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .errors import printable
+from .errors import escaped_line, printable
 
 __all__ = [
     "LOG_NAME",
@@ -120,7 +120,7 @@ class WarningDigest:
             self.file_logger.warning("%s: %s (%s:%d)", category.__name__, text, filename, lineno)
         if self.counts[key] == 1:
             self.first[key] = text
-            sys.stderr.write(f"[deltatune] warning: {printable(text)}\n")
+            sys.stderr.write(f"[deltatune] warning: {escaped_line(text)}\n")
 
     def summary(self) -> list[str]:
         """One line per warning that came more than once: how many times, and its first text."""
@@ -197,7 +197,7 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
             existing.setLevel(level)
         file_only.propagate = saved_propagate
         for line in digest.summary():
-            sys.stderr.write(f"[deltatune] {printable(line)}\n")
+            sys.stderr.write(f"[deltatune] {escaped_line(line)}\n")
 
 
 def _clock(seconds: float) -> str:
@@ -394,9 +394,9 @@ class EpochReporter(TrainerCallback):
 
 
 def esc(value: Any) -> str:
-    """``value`` safe to embed in rich markup: control characters (ESC sequences, BEL ...) shown as visible
-    escapes and ``[`` escaped, so a label, path or folder name prints as written and never as markup or
-    terminal commands."""
+    """``value`` safe to embed in rich markup, on one line: control characters (ESC sequences, BEL ...) and line
+    breaks shown as visible escapes and ``[`` escaped, so a label, path or folder name prints as written and
+    never as markup, terminal commands or a forged table row."""
     from rich.markup import escape
 
-    return escape(printable(value))
+    return escape(escaped_line(value))

@@ -65,10 +65,13 @@ def _warn_wide_once(image: Image.Image) -> None:
     """Says once per process that 16-bit/float images are clipped to 8 bits, as transformers decodes them."""
     if not _warned_wide:
         _warned_wide.append(image.mode)
+        name = getattr(image, "filename", None)
         logger.warning(
-            "%s image (%s mode): decoded as transformers' pipeline decodes it, values above 255 clipped to white; "
+            "%s (%s mode): decoded as transformers' pipeline decodes it, values above 255 clipped to white; "
             "convert such images to 8 bits for a model to see them as you do",
-            getattr(image, "filename", None) or "a 16-bit or float",
+            f"image {name!r}"
+            if name
+            else "a 16-bit or float image",  # repr: a newline in a name stays on the line
             image.mode,
         )
 
