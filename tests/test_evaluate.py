@@ -108,6 +108,68 @@ def test_a_runs_own_results_are_kept_unless_overwrite(run: str, tmp_path: Path) 
     assert after["eval_accuracy"] == _results(copy)["eval_accuracy"]
 
 
+_RESULTS = ("eval_results.json", "all_results.json", "confusion_matrix.png")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {n: (folder / n).read_bytes() for n in _RESULTS}
+
+
+def test_a_folder_holding_results_is_refused_unless_overwrite(
+    run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another run's folder, or the run's own, as --output_dir: refused in one line before any work (exit 2);
+    with --overwrite replaced, and all_results.json never mixes two runs."""
+    own, other = shutil.copytree(run, tmp_path / "own"), shutil.copytree(run, tmp_path / "other")
+    before = {folder: _files(folder) for folder in (own, other)}
+    data = write_image_folder(tmp_path / "data", per_class=3, seed=4)
+    for folder in (other, own):
+        argv = ["evaluate", "--adapter", str(own), "--validation_dir", data, "--output_dir", str(folder)]
+        assert main(argv) == 2, folder
+        captured = capsys.readouterr()
+        errors = [x for x in captured.err.splitlines() if x.startswith("deltatune: error:")]
+        assert len(errors) == 1 and repr(str(folder)) in errors[0], errors
+        assert all(n in errors[0] for n in _RESULTS) and "--overwrite" in errors[0], errors[0]
+        assert "scoring" not in captured.out  # refused before loading or scoring anything
+        assert _files(folder) == before[folder] and not (folder / "evaluate").exists()
+
+    argv = ["evaluate", "--adapter", str(own), "--validation_dir", data, "--output_dir", str(other)]
+    assert main([*argv, "--overwrite"]) == 0
+    written = _results(other)
+    assert written["eval_samples"] == 9 and written["dataset"] == data
+    combined = json.loads((other / "all_results.json").read_text())
+    # all_results.json: this evaluation's keys only, none of the other run's
+    assert combined == {k: v for k, v in written.items() if not isinstance(v, dict | list)}
+    assert (other / "confusion_matrix.png").read_bytes() != before[other]["confusion_matrix.png"]
+
+    ran = json.loads(before[own]["all_results.json"])
+    argv = ["evaluate", "--adapter", str(own), "--validation_dir", data, "--output_dir", str(own)]
+    assert main([*argv, "--overwrite"]) == 0
+    combined = json.loads((own / "all_results.json").read_text())
+    # in the run's own folder its train_* keys stay; its own evaluation is not mixed with this one
+    assert combined["train_loss"] == ran["train_loss"] and combined["eval_samples"] == 9
+    assert "eval_loss" not in combined
+
+
+def test_a_second_evaluation_does_not_replace_the_first(
+    run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --output_dir results go to DIR/evaluate/; a second evaluation is refused there, not replacing it."""
+    copy = shutil.copytree(run, tmp_path / "run")
+    first, second = (write_image_folder(tmp_path / n, per_class=2, seed=s) for n, s in (("a", 1), ("b", 2)))
+    assert main(["evaluate", "--adapter", str(copy), "--validation_dir", first]) == 0
+    capsys.readouterr()
+    kept = _files(copy / "evaluate")
+    assert main(["evaluate", "--adapter", str(copy), "--validation_dir", second]) == 2
+    line = _error(capsys)
+    folder = str(copy / "evaluate")
+    assert repr(folder) in line and f"--output_dir {folder!r} --overwrite" in line, line
+    assert _files(copy / "evaluate") == kept and _results(copy / "evaluate")["dataset"] == first
+    again = ["evaluate", "--adapter", str(copy), "--validation_dir", second, "--output_dir", folder]
+    assert main([*again, "--overwrite"]) == 0
+    assert _results(copy / "evaluate")["dataset"] == second
+
+
 def test_unreadable_images_are_skipped_and_named(
     run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

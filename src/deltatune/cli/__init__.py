@@ -159,12 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--output_dir",
                 default=None,
-                help="where to write results (default: the adapter dir, or ADAPTER/evaluate when it holds a run's)",
+                help="where to write results (default: the adapter dir, or ADAPTER/evaluate when it holds results)",
             )
             p.add_argument(
                 "--overwrite",
                 action="store_true",
-                help="replace the run's own result files in the adapter dir",
+                help="replace result files already in the results folder (without --output_dir: the adapter dir)",
             )
         if name in ("predict", "evaluate"):
             p.add_argument("--batch_size", type=positive_int, default=32)

@@ -280,6 +280,7 @@ def evaluate(args: argparse.Namespace) -> int:
     check_folder(args.validation_dir, "--validation_dir")
     if args.dataset is not None:
         check_dataset_source(args.dataset, "--dataset")
+    out = results_folder(args.adapter, args.output_dir, args.overwrite)  # refuses before any work
     trained = _load(args)
     recorded = trained.record.get("dataset")
     if args.dataset is None and args.validation_dir is None and isinstance(recorded, str):
@@ -299,7 +300,6 @@ def evaluate(args: argparse.Namespace) -> int:
     screen.print(printable(f"scoring {data.description}"), markup=False)
     result = evaluate_adapter(trained, data.rows, batch_size=args.batch_size, num_threads=args.num_threads)
     report = result.report
-    out = results_folder(args.adapter, args.output_dir, args.overwrite)
     results: dict[
         str, Any
     ] = {  # a training run's eval_results.json schema (transformers' keys, then details)
@@ -317,7 +317,7 @@ def evaluate(args: argparse.Namespace) -> int:
     notes = report.to_dict().get("notes")  # why a value is null (strict JSON has no NaN)
     if notes:
         results["notes"] = notes
-    write_evaluation(out, results)
+    write_evaluation(out, results, args.adapter)
     confusion_plot(report.confusion, report.class_names, os.path.join(out, "confusion_matrix.png"))
     from rich.table import Table
 

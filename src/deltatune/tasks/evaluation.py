@@ -231,24 +231,45 @@ def release_freed_memory() -> None:
 
 
 def results_folder(adapter_dir: str, output_dir: str | None, overwrite: bool) -> str:
-    """Where ``evaluate`` writes: ``output_dir`` when given; else the adapter folder, unless it holds a run's
-    own results (:data:`PROTECTED_RESULTS`) and ``overwrite`` is off -- then ``<adapter>/evaluate``."""
-    if output_dir is not None:
-        return output_dir
-    if overwrite or not any(os.path.exists(os.path.join(adapter_dir, n)) for n in PROTECTED_RESULTS):
-        return adapter_dir
-    return os.path.join(adapter_dir, "evaluate")
+    """Where ``evaluate`` writes, checked before any work: ``output_dir`` when given; else the adapter folder
+    when it holds no results (:data:`PROTECTED_RESULTS`) or ``overwrite`` is on, else ``<adapter>/evaluate``.
+
+    Raises:
+        ValueError: (without ``overwrite``) when that folder already holds result files -- a training run's,
+            an earlier evaluation's, whoever's -- naming the folder, the files and the way out; or when it is
+            a file.
+    """
+    if output_dir is None and not overwrite and _results_in(adapter_dir):
+        out = os.path.join(adapter_dir, "evaluate")
+    else:
+        out = adapter_dir if output_dir is None else output_dir
+    if output_dir is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"the results folder {out!r} is a file; pass a folder as --output_dir")
+    held = _results_in(out)
+    if held and not overwrite:
+        replace = "--overwrite" if output_dir is not None else f"--output_dir {out!r} --overwrite"
+        raise ValueError(
+            f"{out!r} already holds results this evaluation would replace ({', '.join(held)}); "
+            f"pass {replace} to replace them, or another --output_dir"
+        )
+    return out
 
 
-def write_evaluation(out: str, results: dict[str, Any]) -> list[str]:
-    """Writes ``eval_results.json`` and ``all_results.json`` (this evaluation's ``eval_*`` keys replace every
-    earlier ``eval_*`` key: two evaluations never mix; a run's ``train_*`` keys stay); returns the paths."""
+def _results_in(folder: str) -> list[str]:
+    """The result files of :data:`PROTECTED_RESULTS` that ``folder`` holds."""
+    return [n for n in PROTECTED_RESULTS if os.path.lexists(os.path.join(folder, n))]
+
+
+def write_evaluation(out: str, results: dict[str, Any], run_dir: str) -> list[str]:
+    """Writes ``eval_results.json`` and ``all_results.json``; returns the paths. ``all_results.json`` holds this
+    evaluation's keys only -- two evaluations, or two runs, never mix -- except in the run's own folder
+    (``run_dir``), where the run's other keys (``train_*``) stay beside them, as the run wrote them."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "eval_results.json")
     write_json(path, results, sort_keys=True)
     combined_path = os.path.join(out, "all_results.json")
     combined: dict[str, Any] = {}
-    if os.path.isfile(combined_path):
+    if os.path.isfile(combined_path) and os.path.isdir(run_dir) and os.path.samefile(out, run_dir):
         previous = read_json(combined_path, "all_results.json")
         if isinstance(previous, dict):
             combined = {k: v for k, v in previous.items() if not k.startswith("eval_")}
