@@ -80,6 +80,16 @@ def _written(out: str) -> str:
     return ", ".join(names)
 
 
+def _skipped_line(metrics: dict[str, Any]) -> str:
+    """The evaluation images a run could not read, every one named (up to 10), as ``evaluate`` says them."""
+    names = list(metrics.get("skipped_images") or [])
+    shown = ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")
+    return (
+        f"skipped {metrics['eval_skipped']} unreadable evaluation image(s){': ' + shown if shown else ''} (not "
+        "counted in eval_samples; listed in eval_results.json)"
+    )
+
+
 def train(argv: list[str]) -> int:
     from ..tasks.image_classification import run_record, run_training
     from ..train.lock import run_lock
@@ -138,6 +148,8 @@ def train(argv: list[str]) -> int:
             if not main_process:
                 return 0
             screen.print(_metrics_table([result.metrics], f"{spec.name} on {parsed.dataset}"))
+            if result.metrics.get("eval_skipped"):
+                screen.print(printable(_skipped_line(result.metrics)), markup=False)
             if result.metrics.get("ranks"):
                 screen.print(
                     printable(f"final ranks (allocated during training): {result.metrics['ranks']}"),

@@ -141,7 +141,8 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
 
     The log is a stream, appended line by line (a killed run keeps what it logged), unlike the atomic
     result files. A run that stops on an exception logs it there (with its traceback) when it had logged
-    anything; a log left empty is removed (a run refused before it started leaves no litter). Yields the
+    anything; a log left empty, or one this call created for a run that stopped before writing its run record
+    (refused before it started), is removed: such a run leaves no litter. Yields the
     :class:`WarningDigest`; its summary is printed when the block ends.
     """
     import os
@@ -151,8 +152,12 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
     if not enabled or output_dir is None:
         yield WarningDigest()
         return
+    from ..train.outputs import RUN_RECORD_NAME
+
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, LOG_NAME)
+    created = not os.path.exists(path)
+    refused = False  # stopped before the run record was written: the log this run created goes too
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.handleError = functools.partial(_handle_log_error, handler)  # type: ignore[method-assign]
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
@@ -176,6 +181,7 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
             warnings.showwarning = digest.show
             yield digest
     except BaseException as exc:
+        refused = created and not os.path.exists(os.path.join(output_dir, RUN_RECORD_NAME))
         if handler.stream is not None and handler.stream.tell() > 0:  # the run had started: say how it ended
             reason = (
                 getattr(exc, "reason", None) or "interrupted (Ctrl-C)"  # RunInterrupted: Ctrl-C or SIGTERM
@@ -190,7 +196,7 @@ def run_log(output_dir: str | None, enabled: bool = True) -> Iterator[WarningDig
         with contextlib.suppress(OSError):  # a full disk: the run's own error is the one to report
             handler.close()
         with contextlib.suppress(OSError):
-            if os.path.getsize(path) == 0:
+            if refused or os.path.getsize(path) == 0:
                 os.remove(path)
         package.setLevel(saved_level)
         for existing, level in saved_handlers:

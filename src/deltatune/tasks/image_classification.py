@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,8 +167,8 @@ def run_training(
     metrics = run_metrics(spec, bundle, model, trainer, train_metrics, eval_metrics, memory)
     metrics.update(command=command, do_train=do_train, do_eval=do_eval, logging_steps=args.logging_steps)
     predictions = recorder.predictions_at(final_evaluation_step(trainer)) if do_eval else None
-    if predictions is not None:
-        metrics.update(confusion_metrics(predictions, bundle.class_names))
+    if predictions is not None:  # what was scored, counted as `deltatune evaluate` counts it
+        metrics.update(confusion_metrics(predictions, bundle.class_names, eval_ds.skipped, len(bundle.eval)))
     if main_process:
         write_outputs(trainer, metrics, output_dir, write_report, predictions, bundle.eval, _data_roots(spec))
         write_run_record(output_dir, record, "finished")
@@ -388,14 +389,23 @@ def run_metrics(
     return metrics
 
 
-def confusion_metrics(predictions: EvalPredictions, class_names: list[str]) -> dict[str, Any]:
-    """The confusion matrix and the accuracy per class (None for a class with no evaluation image)."""
+def confusion_metrics(
+    predictions: EvalPredictions, class_names: list[str], skipped: Sequence[str] = (), rows: int | None = None
+) -> dict[str, Any]:
+    """The confusion matrix, the accuracy per class (None for a class with no evaluation image) and, as
+    ``deltatune evaluate`` reports them, the images scored (``num_eval``) and the unreadable ones skipped
+    (``eval_skipped``, named in ``skipped_images``; ``rows``, the split's size, counts them when DataLoader
+    workers kept the names)."""
     report = report_from_confusion(predictions.confusion(len(class_names)), None, class_names)
+    missed = max(len(skipped), (rows or 0) - report.num_examples)
     return {
         "confusion_matrix": report.confusion.tolist(),
         "per_class_accuracy": {
             name: (value if value == value else None) for name, value in report.per_class_accuracy.items()
         },
+        "num_eval": report.num_examples,
+        "eval_skipped": missed,
+        **({"skipped_images": list(skipped)} if skipped else {}),
     }
 
 

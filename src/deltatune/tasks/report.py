@@ -51,12 +51,11 @@ def write_results(trainer: Any, metrics: dict[str, Any], output_dir: str) -> Non
         write_split_results(output_dir, "train", metrics["train"])
         write_trainer_state(trainer.state, output_dir)
     if metrics.get("do_eval", True) and metrics.get("eval"):
-        details: dict[str, Any] = {
-            k: metrics[k] for k in ("per_class_accuracy", "confusion_matrix", "class_names") if k in metrics
-        }
-        write_split_results(
-            output_dir, "eval", {**metrics["eval"], "eval_samples": metrics["num_eval"], **details}
-        )
+        # the images scored, and those skipped as unreadable, as `deltatune evaluate` writes them
+        counts = {"eval_samples": metrics["num_eval"], "eval_skipped": metrics.get("eval_skipped", 0)}
+        names = ("skipped_images", "per_class_accuracy", "confusion_matrix", "class_names")
+        details: dict[str, Any] = {k: metrics[k] for k in names if k in metrics}
+        write_split_results(output_dir, "eval", {**metrics["eval"], **counts, **details})
 
 
 def write_outputs(

@@ -49,6 +49,9 @@ __all__ = [
 RUN_RECORD_NAME = "deltatune_run.json"
 #: Keys of a run record that describe its progress, not the run (left out of the comparison).
 RECORD_BOOKKEEPING = ("status",)
+#: Name of a run's log (``deltatune.cli.output.run_log``): alone in a folder without a run record, it is the
+#: log of a run refused before it started (left by an earlier version), removed rather than refused.
+LOG_NAME = "train.log"
 #: Name of the lock file (see :mod:`deltatune.train.lock`); never counted as a file of the folder.
 LOCK_NAME = ".deltatune.lock"
 
@@ -81,7 +84,7 @@ OUTPUT_FILES = (
     "all_results.json",
     "trainer_state.json",
     "report.html",
-    "train.log",
+    LOG_NAME,
 )
 #: Suffixes of further files runs write (a method's rank heatmap ``<method>_ranks.png``, its resumable state).
 OUTPUT_SUFFIXES = ("_ranks.png", "_state.safetensors")
@@ -276,10 +279,14 @@ def prepare_output_dir(
     if previous is not None and not isinstance(previous, dict):
         previous = None
     if entries and previous is None:
-        raise OutputDirError(
-            f"--output_dir {directory!r} holds files not written by deltatune ({', '.join(entries[:4])}"
-            f"{', ...' if len(entries) > 4 else ''}); choose another --output_dir, or empty it"
-        )
+        foreign = [e for e in entries if e != LOG_NAME]
+        if foreign:
+            raise OutputDirError(
+                f"--output_dir {directory!r} holds files not written by deltatune ({', '.join(foreign[:4])}"
+                f"{', ...' if len(foreign) > 4 else ''}); choose another --output_dir, or empty it"
+            )
+        _remove_run_files(directory, entries)  # the log of a run refused before it started: start clean
+        entries = []
     if entries and previous is not None:
         if overwrite:
             _remove_run_files(directory, entries)

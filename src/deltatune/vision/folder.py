@@ -45,6 +45,27 @@ def class_directories(root: Path) -> list[Path]:
     return found
 
 
+def check_class_count(root: Path, found: Sequence[str]) -> None:
+    """Refuses a training folder with fewer than two classes holding images when it has class folders
+    without any (one holding only ``.DS_Store``, say), naming them: they are why it has too few classes.
+
+    Raises:
+        ValueError: naming the class folders that hold no image.
+    """
+    if len(found) >= 2:
+        return
+    empty = sorted(
+        c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith(".") and c.name not in found
+    )
+    if empty:
+        named = ", ".join(repr(n) for n in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        has = "has" if len(empty) == 1 else "have"
+        raise ValueError(
+            f"class{'es' if len(empty) > 1 else ''} {named} in {root} {has} no images; at least two classes with "
+            f"images are needed (found {len(found)}: {', '.join(found) or 'none'})"
+        )
+
+
 def find_split_directories(root: Path) -> tuple[Path, Path | None] | None:
     """(train_dir, eval_dir or None) when ``root`` uses the split layout, else None.
 

@@ -18,6 +18,7 @@ import numpy as np
 from .folder import (
     EVAL_SPLIT_NAMES,
     ImageFolderDataset,
+    check_class_count,
     check_fraction,
     class_directories,
     find_split_directories,
@@ -231,6 +232,7 @@ def _load_folder(
     if layout is not None:
         train_dir, eval_dir = layout
         train = ImageFolderDataset.from_directory(train_dir)
+        check_class_count(train_dir, train.class_names)
         eval_dir = validation_dir or eval_dir
         if eval_dir is not None:
             return train, _validation_folder(eval_dir, train.class_names), train.class_names
@@ -241,6 +243,7 @@ def _load_folder(
                 f"class) or root/train/<class>/... with root/validation/<class>/... ({'/'.join(EVAL_SPLIT_NAMES)})"
             )
         train = ImageFolderDataset.from_directory(root)
+        check_class_count(root, train.class_names)
     if validation_dir is not None:
         return train, _validation_folder(validation_dir, train.class_names), train.class_names
     train_idx, eval_idx = stratified_split(train.labels, validation_split, seed)
