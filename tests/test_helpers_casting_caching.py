@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import MODEL_KINDS, logits
+from tiny import tiny_llama
 from torch import nn
 
 import deltatune
@@ -240,23 +241,13 @@ class EmbeddingNet(nn.Module):
         return self.lin(self.emb(x))
 
 
-def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config)
+def llama() -> nn.Module:
+    return tiny_llama(tie=False).train()
 
 
 CASES = {
-    "llama": (tiny_llama, None, lambda: torch.arange(10).view(1, -1)),
-    "llama-embedding": (tiny_llama, ["model.embed_tokens"], lambda: torch.arange(10).view(1, -1)),
+    "llama": (llama, None, lambda: torch.arange(10).view(1, -1)),
+    "llama-embedding": (llama, ["model.embed_tokens"], lambda: torch.arange(10).view(1, -1)),
     "linear": (MLP, ["lin0", "lin1"], lambda: torch.randn(4, 10)),
     "conv": (ConvNet, ["conv0", "conv1"], lambda: torch.randn(1, 3, 3, 3)),
     "embedding": (EmbeddingNet, ["emb", "lin"], lambda: torch.arange(10).view(1, -1)),

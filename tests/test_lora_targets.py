@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tiny import tiny_llama
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import deltatune
 
@@ -20,19 +21,7 @@ X = torch.tensor([[1, 2, 3, 5, 7, 11]])
 
 
 def llama(tie: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-    )
-    model = LlamaForCausalLM(config).eval()
-    model.tie_weights()  # as from_pretrained does: the tie must not depend on what ran before in this process
-    return model
+    return tiny_llama(tie=tie)
 
 
 def gpt2(tie: bool = True) -> GPT2LMHeadModel:

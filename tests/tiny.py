@@ -1,6 +1,7 @@
 """The tiny random ViT and the synthetic "blobs" data the training, error and DDP tests share.
 
-Kept apart from conftest.py so that subprocess scripts (``train_worker.py``) can import it too.
+Kept apart from conftest.py so that subprocess scripts (``train_worker.py``) can import it too; also the tiny
+Llama the language-model tests share.
 """
 
 from __future__ import annotations
@@ -8,7 +9,13 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
 
 TINY_VIT_CONFIG = {
     "hidden_size": 32,
@@ -29,6 +36,24 @@ QUIET_CPU_ARGS = {
     "seed": 0,
     "disable_tqdm": True,
 }
+
+
+def tiny_llama(seed: int = 0, tie: bool = True) -> LlamaForCausalLM:
+    """A random Llama (vocabulary 50, hidden 16, 2 layers, 2 heads) in eval mode, its embeddings tied when
+    ``tie`` (tied as ``from_pretrained`` ties them, whatever ran before in this process)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.tie_weights()
+    return model
 
 
 def tiny_vit(seed: int = 0, **overrides: int) -> ViTForImageClassification:
