@@ -259,3 +259,11 @@ def test_a_module_name_field_takes_a_string_or_strings(field: str) -> None:
         LoraConfig(**{field: [3]})
     with pytest.raises(ValueError, match=rf"^{field} must be a string or a list of strings, got 3$"):
         LoraConfig(**{field: 3})
+
+
+def test_a_wrong_typed_value_in_a_saved_config_is_named() -> None:
+    """A value of the wrong type in adapter_config.json is refused naming its key and value (the dataclass's
+    own TypeError names neither)."""
+    with pytest.raises(ValueError, match=r"^invalid adapter config \(lora_alpha=\[1\]\): ") as err:
+        PeftConfig.from_dict({"peft_type": "LORA", "r": 8, "lora_alpha": [1]})
+    assert "r=8" not in str(err.value)  # only the culprit

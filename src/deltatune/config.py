@@ -223,8 +223,10 @@ class PeftConfig:
         kwargs = {k: v for k, v in data.items() if k in names}
         try:
             return target(**kwargs)
-        except TypeError as err:  # a value of the wrong type deep inside a dataclass
-            raise ValueError(f"invalid adapter config: {err}") from err
+        except TypeError as err:  # a value of the wrong type deep inside a dataclass: name the key(s)
+            culprits = [f"{key}={value!r}" for key, value in kwargs.items() if _refused_alone(target, key, value)]
+            named = f" ({', '.join(culprits)})" if culprits else ""
+            raise ValueError(f"invalid adapter config{named}: {err}") from err
 
     # ---- files ----------------------------------------------------------------------------------
     def save_pretrained(
@@ -285,6 +287,20 @@ class PeftConfig:
     def is_prompt_learning(self) -> bool:
         """Always False: deltatune has no prompt-learning methods (kept for API compatibility)."""
         return False
+
+
+def _refused_alone(config_cls: type[PeftConfig], key: str, value: Any) -> bool:
+    """Whether ``config_cls(key=value)``, every other field at its default, raises a ``TypeError`` (which key of
+    a config that failed to build holds a value of the wrong type)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            config_cls(**{key: value})
+        except TypeError:
+            return True
+        except Exception:  # another complaint (a value out of range, a missing companion field): not a type error
+            return False
+    return False
 
 
 @dataclass(frozen=True)
