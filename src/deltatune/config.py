@@ -224,7 +224,9 @@ class PeftConfig:
         try:
             return target(**kwargs)
         except TypeError as err:  # a value of the wrong type deep inside a dataclass: name the key(s)
-            culprits = [f"{key}={value!r}" for key, value in kwargs.items() if _refused_alone(target, key, value)]
+            culprits = [
+                f"{key}={value!r}" for key, value in kwargs.items() if _refused_alone(target, key, value)
+            ]
             named = f" ({', '.join(culprits)})" if culprits else ""
             raise ValueError(f"invalid adapter config{named}: {err}") from err
 
@@ -298,7 +300,9 @@ def _refused_alone(config_cls: type[PeftConfig], key: str, value: Any) -> bool:
             config_cls(**{key: value})
         except TypeError:
             return True
-        except Exception:  # another complaint (a value out of range, a missing companion field): not a type error
+        except (
+            Exception
+        ):  # another complaint (a value out of range, a missing companion field): not a type error
             return False
     return False
 
