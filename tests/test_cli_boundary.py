@@ -277,3 +277,18 @@ def test_image_with_too_many_pixels_is_skipped_before_decoding(
     assert main(["predict", str(big), str(tmp_path / "small.png"), "--adapter", assets["run"], "--json"]) == 0
     results = {Path(r["image"]).name: r for r in strict_loads(capsys.readouterr().out)}
     assert "pixels" in results["big.png"]["error"] and results["small.png"]["predictions"]
+
+
+def test_a_base_model_folder_that_is_no_model_is_a_usage_error(tmp_path: Path) -> None:
+    """An existing local folder that holds no model (a typo'd or moved base path) is the user's input: a
+    ValueError (exit 2) naming the folder, not an OSError (exit 1) as for the network or the disk."""
+    from deltatune.cli.errors import describe_error
+    from deltatune.tasks.classifier import build_base_model
+
+    folder = tmp_path / "not a model"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="that folder is not a model") as err:
+        build_base_model(str(folder), {0: "a", 1: "b"})
+    message, status = describe_error(err.value)
+    assert status == 2 and "not a model" in message and "\n" not in message

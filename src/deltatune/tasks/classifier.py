@@ -163,6 +163,12 @@ def _load_error(what: str, model_id: str, err: Exception) -> Exception:
         )
     if isinstance(err, ValueError | RecursionError) and not isinstance(err, OSError):
         return ValueError(f"cannot load the {what} of {model_id!r}: {reason}")
+    if os.path.isdir(os.path.expanduser(model_id)) and not isinstance(err, PermissionError):
+        # a local folder that is not a model: the user's input (exit 2), not the network or the disk
+        return ValueError(
+            f"cannot load the {what} {model_id!r}: {reason[:600]}; that folder is not a model transformers can "
+            "load (no config.json / preprocessor_config.json); pass a model folder or a hub id"
+        )
     hint = (
         "the folder does not exist (was it moved, or the adapter copied from another machine?); pass --model"
         if model_id.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(model_id))
