@@ -142,6 +142,28 @@ def test_epoch_rows_without_evaluation_still_come_once_per_epoch(
     assert EpochReporter.HEADER in lines
 
 
+def test_the_epoch_column_is_the_trainers_epoch_where_max_steps_ends_inside_an_epoch(
+    assets: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last row said ``round(epoch)``: at 1.4 epochs the previous row's ``1`` again (at 1.6, a ``2`` no
+    epoch had reached)."""
+    import json
+
+    out = tmp_path / "r"
+    argv = ["train", "--model", assets["model"], "--dataset", assets["data"], "--output_dir", str(out)]
+    assert main([*argv, *FAST, "--max_steps", "7", "--per_device_train_batch_size", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [
+        line.split()[0]
+        for line in lines[lines.index(EpochReporter.HEADER) + 1 :]
+        if re.match(r"^\s+\d", line)
+    ]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    ends = sorted({float(h["epoch"]) for h in history if "eval_loss" in h})
+    assert ends[-1] % 1 != 0, "the run must stop inside an epoch"
+    assert rows == [f"{e:g}" for e in ends], (rows, ends)
+
+
 def test_loading_a_trained_adapter_announces_no_new_head(
     assets: dict[str, str], tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

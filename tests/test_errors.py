@@ -9,7 +9,16 @@ import pytest
 import torch
 from tiny import tiny_vit
 
-from deltatune import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
+from deltatune import (
+    AdaLoraConfig,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    get_peft_model,
+)
+from deltatune.config import MissingConfigKeysError
 
 
 # ---- configs ------------------------------------------------------------------------------------
@@ -162,3 +171,39 @@ def test_adapter_of_another_method_than_its_config(tmp_path):
         PeftModel.from_pretrained(tiny_vit(), str(tmp_path))
     message = str(info.value)
     assert "LOHA" in message and "LORA" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "kind", "start"),
+    [
+        ({"lora_alpha": [1]}, ValueError, "invalid adapter config (lora_alpha=[1]): "),
+        ({"peft_type": "NOPE"}, ValueError, "unsupported peft_type 'NOPE'"),
+        ({"r": 0}, ValueError, "r=0 must be a positive integer"),
+        ({"peft_type": None}, MissingConfigKeysError, "The PeftConfig config that is trying to be loaded is"),
+    ],
+    ids=["wrong-type", "unknown-peft-type", "invalid-value", "no-peft-type"],
+)
+def test_a_broken_config_file_is_named_in_the_error(saved_lora, capsys, change, kind, start):
+    """A key alone does not say which adapter is broken: the file's path ends the message, after the message
+    a config built in code gives (PEFT's users match its start), in the library and in the CLI's one line."""
+    from deltatune.cli import main
+
+    path = saved_lora / "adapter_config.json"
+    data = {**json.loads(path.read_text()), **change}
+    path.write_text(json.dumps({k: v for k, v in data.items() if v is not None}))
+    loads = [
+        lambda: PeftConfig.from_pretrained(str(saved_lora)),
+        lambda: PeftModel.from_pretrained(tiny_vit(), str(saved_lora)),
+    ]
+    if "peft_type" not in change:  # LoraConfig reads a file without peft_type as its own
+        loads.append(lambda: LoraConfig.from_pretrained(str(saved_lora)))
+    for load in loads:
+        with pytest.raises(kind) as info:
+            load()
+        message = str(info.value)
+        assert message.startswith(start) and message.endswith(f" (in {path})"), message
+    assert main(["evaluate", "--adapter", str(saved_lora)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"deltatune: error: {start}") and str(path) in lines[0], (
+        lines
+    )

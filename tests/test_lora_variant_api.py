@@ -177,6 +177,77 @@ def test_dora_magnitude_keeps_its_kind_through_moves_copies_and_loads(tmp_path) 
         torch.testing.assert_close(loaded(x).double(), ours(x), rtol=1e-5, atol=1e-5)
 
 
+def _torch_round_trip(model: nn.Module) -> nn.Module:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def _keep_vars_weights_only(model: nn.Module) -> nn.Module:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(keep_vars=True), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)  # the rebuild function is a safe global
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def _swapped(convert):  # type: ignore[no-untyped-def]
+    def run(model: nn.Module) -> nn.Module:
+        previous = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            return convert(model)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(previous)
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("convert", "same_objects"),
+    [
+        (_torch_round_trip, False),
+        (lambda m: __import__("pickle").loads(__import__("pickle").dumps(m)), False),
+        (lambda m: __import__("copy").deepcopy(m), False),
+        (_keep_vars_weights_only, False),
+        (_swapped(lambda m: m.half()), True),
+        (_swapped(lambda m: m.to(torch.float64)), True),
+        (lambda m: m.half(), True),
+    ],
+    ids=["torch.save", "pickle", "deepcopy", "keep_vars-weights_only", "swap-half", "swap-to", "half"],
+)
+def test_dora_magnitude_survives_serialisation_copies_and_conversions(convert, same_objects) -> None:  # type: ignore[no-untyped-def]
+    """nn.Parameter rebuilds a plain parameter when pickled, and torch's swap-on-conversion swaps the class
+    out: PEFT's ``lora_magnitude_vector[name].weight`` must still answer, on the same object where torch keeps
+    the parameter's identity, its gradient kept."""
+    from deltatune.methods._dora_magnitude import DoraMagnitude
+
+    _, model = dora_pair()
+    x = torch.randint(0, 12, (2, 4))
+    model(x).sum().backward()
+    layers = [getattr(model.base_model.model, name) for name in ("emb", "conv", "lin")]
+    before = [layer.lora_magnitude_vector["default"] for layer in layers]
+    grads = [p.grad.clone() for p in before]
+    with torch.no_grad():
+        expected = model(x)
+    converted = convert(model)
+    for name, old, grad in zip(("emb", "conv", "lin"), before, grads, strict=True):
+        param = getattr(converted.base_model.model, name).lora_magnitude_vector["default"]
+        assert type(param) is DoraMagnitude and param.weight is param and param.requires_grad
+        assert (param is old) == same_objects
+        if same_objects:
+            torch.testing.assert_close(param.grad, grad.to(param.dtype))
+    with torch.no_grad():
+        got = converted(x)
+    torch.testing.assert_close(got.double(), expected.double(), rtol=2e-2, atol=2e-2)
+
+
 # ---- the variant protocol ------------------------------------------------------------------------------
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 

@@ -83,15 +83,29 @@ def test_a_leftover_train_log_is_deltatunes_own(
     assert "the run stopped: ValueError" not in log  # the new run's log starts clean
 
 
+@pytest.mark.parametrize("workers", [0, 1], ids=["main-process", "dataloader-worker"])
 def test_train_counts_skipped_eval_images_as_evaluate_does(
-    assets: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    assets: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: int
 ) -> None:
+    """With DataLoader workers (GPU runs use them) the names are found in the workers' copies of the dataset:
+    they reach the main process in the batches."""
     val = Path(write_image_folder(tmp_path / "plainc", per_class=2, seed=1))  # 6 readable images
     (val / "bright" / "bad.png").write_bytes(b"not an image")
     (val / "dark" / "trunc.jpg").write_bytes((val / "dark" / "0.png").read_bytes()[:300])
     os.symlink("/etc/passwd", val / "red" / "link.png")
     out = tmp_path / "run"
-    assert train(assets, assets["plain"], out, "--validation_dir", str(val)) == 0
+    assert (
+        train(
+            assets,
+            assets["plain"],
+            out,
+            "--validation_dir",
+            str(val),
+            "--dataloader_num_workers",
+            str(workers),
+        )
+        == 0
+    )
     shown = capsys.readouterr().out
     results = json.loads((out / "eval_results.json").read_text())
     assert sum(map(sum, results["confusion_matrix"])) == results["eval_samples"] == 6

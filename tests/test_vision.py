@@ -494,3 +494,26 @@ def test_an_evaluation_batch_of_unreadable_images_is_empty_not_an_error(tmp_path
     batch = collate([None, None])
     assert batch["pixel_values"].shape == (0, 3, 32, 32) and batch["labels"].shape == (0,)
     assert collate([evaluation[0], None])["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_eval_collate_carries_the_names_of_unreadable_rows_to_the_main_process() -> None:
+    """A DataLoader worker's dataset copy names the images it skips in its own process: the collate puts the
+    names in the batch (only then: a good batch is as before) and the trainer's batch transform hands them to
+    the main process's dataset."""
+    from deltatune.vision.folder import SKIPPED_KEY, Unreadable
+    from deltatune.vision.preprocess import EvalCollate, SkippedNames
+    from deltatune.vision.transforms import TransformedDataset, collate_fn
+
+    row = {"pixel_values": torch.zeros(3, 2, 2), "labels": 1}
+    collate = EvalCollate(collate_fn, (2, 2))
+    assert set(collate([row, row])) == {"pixel_values", "labels"}
+    batch = collate([row, Unreadable("a.png"), None, Unreadable("b.png")])
+    assert batch[SKIPPED_KEY] == ["a.png", "b.png"] and batch["labels"].tolist() == [1]
+    empty = collate([Unreadable("a.png")])
+    assert empty["pixel_values"].shape == (0, 3, 2, 2) and empty[SKIPPED_KEY] == ["a.png"]
+    dataset = TransformedDataset([], lambda image: image, skip_unreadable=True)
+    moved = []
+    take = SkippedNames(dataset, lambda b, device: moved.append(device) or b)
+    for each in (batch, empty):
+        assert set(take(each, "cpu")) == {"pixel_values", "labels"}  # the model gets no extra key
+    assert dataset.skipped == ["a.png", "b.png"] and moved == ["cpu", "cpu"]

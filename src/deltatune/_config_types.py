@@ -20,6 +20,7 @@ __all__ = [
     "check_names",
     "check_positive_int",
     "check_range",
+    "name_source",
     "pattern_value",
 ]
 
@@ -67,6 +68,16 @@ class MissingConfigKeysError(TypeError, ValueError):
 
 class AdapterConfigNotFoundError(FileNotFoundError, ValueError):
     """No ``adapter_config.json`` where one was asked for (``FileNotFoundError``; PEFT raises ``ValueError``)."""
+
+
+def name_source(err: BaseException, path: str) -> None:
+    """Appends `` (in path)`` to ``err``'s message in place (the file an invalid value came from), keeping its
+    type and the text before it, which PEFT's users match."""
+    where = f" (in {path})"
+    if err.args and isinstance(err.args[0], str):
+        err.args = (err.args[0] + where, *err.args[1:])
+    else:
+        err.add_note(where.strip())
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:

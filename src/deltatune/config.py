@@ -38,6 +38,7 @@ from ._config_types import (
     check_names,
     check_positive_int,
     check_range,
+    name_source,
     pattern_value,
 )
 from ._files import atomic_write_text, read_json, resolve_file
@@ -275,6 +276,9 @@ class PeftConfig:
             AdapterConfigNotFoundError: when there is no such file (a ``FileNotFoundError`` and ``ValueError``).
             MissingConfigKeysError: when the JSON is not an adapter config (no ``peft_type``).
             ValueError: for invalid values.
+
+        The errors of an invalid file end with `` (in <path of the file>)``; their type and text are
+        :meth:`from_dict`'s.
         """
         try:
             path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
@@ -282,7 +286,12 @@ class PeftConfig:
             raise AdapterConfigNotFoundError(
                 f"Can't find '{CONFIG_NAME}' at '{os.fspath(pretrained_model_name_or_path)}': {err}"
             ) from err
-        return cls.from_dict(cls.from_json_file(path))
+        data = cls.from_json_file(path)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:  # name the file: a key alone does not say which adapter
+            name_source(err, os.fspath(path))
+            raise
 
     # ---- helpers for subclasses -----------------------------------------------------------------
     @property

@@ -216,6 +216,13 @@ def _num(value: Any, digits: int = 4) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _epoch_label(epoch: float) -> str:
+    """The trainer's epoch as the table shows it: ``2`` at an epoch's end, ``1.4`` where training stopped inside
+    one (``--max_steps``, a fractional ``--num_train_epochs``)."""
+    whole = round(epoch)
+    return str(whole) if abs(epoch - whole) < 5e-3 else f"{epoch:.2f}".rstrip("0")
+
+
 class EpochReporter(TrainerCallback):
     """Replaces transformers' progress bar and printed log dicts: one line per epoch (train loss, eval loss,
     accuracy, top-5, images/s, elapsed, ETA) and, on a terminal, a transient bar while training and one
@@ -305,7 +312,7 @@ class EpochReporter(TrainerCallback):
         images = steps * per_step if steps else 0
         images = min(images, self.num_train) if self.num_train else images
         self._pending = {
-            "epoch": round(state.epoch or 0),
+            "epoch": round(float(state.epoch or 0.0), 4),  # fractional where max_steps ends inside an epoch
             "images_per_s": images / seconds,
             "step": state.global_step,
             "max_steps": state.max_steps,
@@ -385,9 +392,9 @@ class EpochReporter(TrainerCallback):
         row["eta"] = elapsed / taken * (total - done) if taken > 0 and total else None
         self.rows.append(row)
         epoch = (
-            f"{row['epoch']}/{self._epochs}"
+            f"{_epoch_label(row['epoch'])}/{self._epochs}"
             if row["epoch"] is not None and getattr(self, "_epochs", None)
-            else (str(row["epoch"]) if row["epoch"] is not None else f"@{row['step']}")
+            else (_epoch_label(row["epoch"]) if row["epoch"] is not None else f"@{row['step']}")
         )
         speed = "-" if row.get("images_per_s") is None else f"{row['images_per_s']:.0f}"
         line = (

@@ -6,7 +6,10 @@ adapter name either way, so they are the same bytes). :class:`DoraMagnitude` is 
 ``.weight`` with itself, so both spellings reach the one tensor: ``m[name].weight.grad``, ``m[name].weight.add_``
 and ``m[name].mul_`` all read or change what the layer uses. :class:`DoraMagnitudes` keeps every entry a
 :class:`DoraMagnitude` whoever puts a parameter there (``load_state_dict(assign=True)``, a ``meta`` parameter
-materialised on load, a move to a device whose tensors torch swaps rather than converts in place).
+materialised on load, a move to a device whose tensors torch swaps rather than converts in place, where the
+parameter keeps its identity too). A :class:`DoraMagnitude` stays one through ``pickle``, ``torch.save`` /
+``torch.load`` (``weights_only=True`` included: its rebuild function is one of torch's safe globals) and
+``copy.deepcopy``, where ``nn.Parameter`` would rebuild a plain parameter.
 """
 
 from __future__ import annotations
@@ -30,6 +33,23 @@ class DoraMagnitude(nn.Parameter):
         """This parameter (PEFT's spelling: its magnitude is the ``weight`` of a per-adapter module)."""
         return self
 
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        # nn.Parameter's reduce rebuilds an nn.Parameter, whatever the subclass: rebuild this class, with the
+        # attributes set on the parameter (transformers' ``_is_hf_initialized``, ...)
+        return (_rebuild_dora_magnitude, (self.data, self.requires_grad, dict(vars(self))))
+
+
+def _rebuild_dora_magnitude(data: torch.Tensor, requires_grad: bool, state: dict[str, Any]) -> DoraMagnitude:
+    """The unpickled :class:`DoraMagnitude` (see :meth:`DoraMagnitude.__reduce_ex__`)."""
+    param = DoraMagnitude(data, requires_grad=requires_grad)
+    vars(param).update(state)
+    return param
+
+
+# builds a parameter from a tensor and a bool (the state's values go through the same unpickler): harmless, so a
+# ``state_dict(keep_vars=True)`` saved with torch.save loads with ``weights_only=True`` as it did before
+torch.serialization.add_safe_globals([_rebuild_dora_magnitude])
+
 
 class DoraMagnitudes(nn.ParameterDict):
     """Adapter name → :class:`DoraMagnitude` (``lora_magnitude_vector``)."""
@@ -46,12 +66,12 @@ class DoraMagnitudes(nn.ParameterDict):
         super().__setitem__(key, value)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
-        """``nn.Module._apply`` (``.to``, ``.half``, ``to_empty``), whose new parameters (where torch cannot
-        convert in place, e.g. to ``meta``) become :class:`DoraMagnitude` again, their gradients kept."""
+        """``nn.Module._apply`` (``.to``, ``.half``, ``to_empty``), whose parameters turned plain (a new one
+        where torch cannot convert in place, e.g. to ``meta``; the same object, its class swapped, with
+        ``torch.__future__.set_swap_module_params_on_conversion(True)``) become :class:`DoraMagnitude` again
+        in place: the same object, its gradient kept."""
         out = super()._apply(fn, recurse)
-        for name, param in self._parameters.items():
-            if param is not None and not isinstance(param, DoraMagnitude):
-                kept = DoraMagnitude(param.detach(), requires_grad=param.requires_grad)
-                kept.grad = param.grad
-                self._parameters[name] = kept
+        for param in self._parameters.values():
+            if type(param) is nn.Parameter:  # no state of its own: the class alone changes
+                param.__class__ = DoraMagnitude
         return out

@@ -20,6 +20,7 @@ import torch
 
 from .._files import read_json, write_json
 from ..train.metrics import ClassificationReport, report_from_confusion
+from ..train.outputs import EVALUATE_DIR, EVALUATE_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,9 @@ __all__ = [
     "write_evaluation",
 ]
 
-#: The files a training run writes that ``evaluate`` replaces only when told (``--overwrite``).
-PROTECTED_RESULTS = ("eval_results.json", "all_results.json", "confusion_matrix.png")
+#: The files a training run writes that ``evaluate`` replaces only when told (``--overwrite``); the files it
+#: writes (``train --overwrite_output_dir`` removes them with the run, the ``evaluate/`` folder included).
+PROTECTED_RESULTS = EVALUATE_FILES
 _MAX_NAMES = 10
 
 
@@ -240,7 +242,7 @@ def results_folder(adapter_dir: str, output_dir: str | None, overwrite: bool) ->
             a file.
     """
     if output_dir is None and not overwrite and _results_in(adapter_dir):
-        out = os.path.join(adapter_dir, "evaluate")
+        out = os.path.join(adapter_dir, EVALUATE_DIR)
     else:
         out = adapter_dir if output_dir is None else output_dir
     if output_dir is not None and os.path.exists(out) and not os.path.isdir(out):

@@ -293,6 +293,8 @@ def build_trainer(
     """The :class:`DeltaTrainer`, with a ``compute_metrics`` that keeps each evaluation's predictions for the
     report, ``progress`` (when given) in place of transformers' bar and printed log dicts, and ``optimizer``'s
     options (LoRA+'s ``loraplus_lr_ratio``, ``loraplus_lr_embedding``)."""
+    from ..vision.preprocess import SkippedNames  # the evaluation's unreadable images, named with workers too
+
     recorder = PredictionRecorder(compute_classification_metrics)
     trainer = DeltaTrainer(
         model,
@@ -302,7 +304,7 @@ def build_trainer(
         processing_class=processor,
         data_collator=collate,
         callbacks=callbacks,
-        device_batch_transform=getattr(collate, "device_transform", None),
+        device_batch_transform=SkippedNames(eval_ds, getattr(collate, "device_transform", None)),
         compute_metrics=recorder,
         **(optimizer or {}),
     )

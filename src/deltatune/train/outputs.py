@@ -35,6 +35,8 @@ from .resume import checkpoint_problem, latest_complete_checkpoint
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "EVALUATE_DIR",
+    "EVALUATE_FILES",
     "OUTPUT_FILES",
     "RUN_NEUTRAL_ARGS",
     "RUN_RECORD_NAME",
@@ -61,7 +63,8 @@ class OutputDirError(ValueError):
 
 
 #: Files deltatune writes into an output folder; ``--overwrite_output_dir`` removes these, the
-#: ``checkpoint-*`` folders and sub-folders holding a run record (``deltatune compare``'s runs) only.
+#: ``checkpoint-*`` folders, sub-folders holding a run record (``deltatune compare``'s runs) and an
+#: :data:`EVALUATE_DIR` holding only :data:`EVALUATE_FILES` only.
 OUTPUT_FILES = (
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -88,6 +91,10 @@ OUTPUT_FILES = (
 )
 #: Suffixes of further files runs write (a method's rank heatmap ``<method>_ranks.png``, its resumable state).
 OUTPUT_SUFFIXES = ("_ranks.png", "_state.safetensors")
+#: The sub-folder ``deltatune evaluate`` writes into an adapter folder that already holds results, and the
+#: files it writes there: the old adapter's scores, removed with the run (only while it holds nothing else).
+EVALUATE_DIR = "evaluate"
+EVALUATE_FILES = ("eval_results.json", "all_results.json", "confusion_matrix.png")
 
 #: TrainingArguments that cannot change what a run computes (or that a resumed run may legitimately
 #: change): they are not part of a run's identity.
@@ -188,6 +195,14 @@ def _listing(directory: str) -> list[str]:
     return sorted(e for e in os.listdir(directory) if e != LOCK_NAME and not e.startswith(TMP_PREFIX))
 
 
+def _evaluation_only(path: str) -> bool:
+    """Whether the folder ``path`` holds only what ``deltatune evaluate`` writes (its temporaries included)."""
+    return all(
+        (e in EVALUATE_FILES or e.startswith(TMP_PREFIX)) and not os.path.isdir(os.path.join(path, e))
+        for e in os.listdir(path)
+    )
+
+
 def _remove_run_files(directory: str, entries: list[str]) -> list[str]:
     """Removes what runs wrote into ``directory``; returns the entries left in place."""
     kept = []
@@ -197,6 +212,7 @@ def _remove_run_files(directory: str, entries: list[str]) -> list[str]:
         if is_dir and (
             entry.startswith(f"{PREFIX_CHECKPOINT_DIR}-")
             or os.path.isfile(os.path.join(path, RUN_RECORD_NAME))
+            or (entry == EVALUATE_DIR and _evaluation_only(path))
         ):
             shutil.rmtree(path)
         elif not is_dir and (entry in OUTPUT_FILES or entry.endswith(OUTPUT_SUFFIXES)):

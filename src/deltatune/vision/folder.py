@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -192,6 +192,18 @@ def stratified_split(
             single[:10],
         )
     return sorted(train), sorted(evaluation)
+
+
+#: The key under which an evaluation batch carries the names of the images it dropped as unreadable (from
+#: whichever process collated it: the dataset that found them there is a DataLoader worker's copy).
+SKIPPED_KEY = "skipped_images"
+
+
+class Unreadable(NamedTuple):
+    """What an evaluation dataset returns for a row whose image cannot be read: its name (:func:`row_name`);
+    the collate drops the row and puts the name in the batch (:data:`SKIPPED_KEY`)."""
+
+    name: str
 
 
 def row_name(dataset: Any, index: int) -> str:

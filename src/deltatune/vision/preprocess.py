@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .folder import SKIPPED_KEY, Unreadable
 from .limits import check_image_pixels
 from .transforms import CROP_SCALE_KEY, HORIZONTAL_FLIP_KEY, _stat, resolve_size, to_rgb
 
@@ -36,6 +37,7 @@ __all__ = [
     "EVAL_PROCESSOR_CLASS",
     "EvalCollate",
     "EvalTransform",
+    "SkippedNames",
     "evaluation_processor",
     "load_rgb",
     "open_image",
@@ -179,7 +181,9 @@ class EvalTransform:
 
 class EvalCollate:
     """A collate function that stacks evaluation rows (float (3, H, W) pixel values) and hands any other
-    batch to ``train_collate``; rows that are None (an unreadable image, counted by the dataset) are dropped.
+    batch to ``train_collate``; an unreadable row (:class:`~.folder.Unreadable`, or None) is dropped and its name
+    carried in the batch under :data:`~.folder.SKIPPED_KEY` (a batch without one has no such key), for
+    :class:`SkippedNames` to take in the main process.
 
     Args:
         train_collate: The training data path's collate function (its ``device_transform`` is kept).
@@ -191,8 +195,16 @@ class EvalCollate:
         self.size = (int(size[0]), int(size[1]))
         self.device_transform = getattr(train_collate, "device_transform", None)
 
-    def __call__(self, examples: Sequence[Mapping[str, Any] | None]) -> dict[str, Any]:
-        rows = [e for e in examples if e is not None]
+    def __call__(self, examples: Sequence[Mapping[str, Any] | Unreadable | None]) -> dict[str, Any]:
+        rows = [e for e in examples if e is not None and not isinstance(e, Unreadable)]
+        batch = self._stack(rows)
+        if len(rows) != len(examples):
+            names = [e.name for e in examples if isinstance(e, Unreadable)]
+            if names:
+                batch[SKIPPED_KEY] = names
+        return batch
+
+    def _stack(self, rows: list[Mapping[str, Any]]) -> dict[str, Any]:
         first = rows[0]["pixel_values"] if rows else None
         if rows and not (isinstance(first, torch.Tensor) and first.is_floating_point() and first.dim() == 3):
             return dict(self.train_collate(rows))
@@ -204,3 +216,24 @@ class EvalCollate:
             "pixel_values": torch.stack([e["pixel_values"] for e in rows]),
             "labels": torch.tensor([int(v) for v in labels], dtype=torch.long),
         }
+
+
+class SkippedNames:
+    """A trainer's ``device_batch_transform`` (``(batch, device) -> batch``, run in the main process on each
+    batch): moves the names an evaluation batch carries (:class:`EvalCollate`) into ``dataset.note_skipped``,
+    so the dataset lists them whichever process read the images, then runs ``device_transform`` (if any).
+
+    Args:
+        dataset: The evaluation dataset (:class:`~.transforms.TransformedDataset`).
+        device_transform: The training path's device transform (``EvalCollate.device_transform``), or None.
+    """
+
+    def __init__(self, dataset: Any, device_transform: Any = None) -> None:
+        self.dataset = dataset
+        self.device_transform = device_transform
+
+    def __call__(self, batch: dict[str, Any], device: Any) -> dict[str, Any]:
+        names = batch.pop(SKIPPED_KEY, None)
+        if names:
+            self.dataset.note_skipped(names)
+        return batch if self.device_transform is None else self.device_transform(batch, device)

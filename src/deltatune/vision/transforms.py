@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .folder import row_name
+from .folder import Unreadable, row_name
 from .randomness import SharedEpoch, apply_seeded, sample_generator
 
 logger = logging.getLogger(__name__)
@@ -332,8 +332,8 @@ class TransformedDataset(torch.utils.data.Dataset):
             image_key: Row key of the image.
             label_key: Row key of the integer label.
             seed: Seed of the per-example augmentation randomness (None: torch's global generator).
-            skip_unreadable: Return None for an unreadable image instead of its next readable neighbour
-                (evaluation: every image scored once, the unreadable ones only counted; the collate drops them).
+            skip_unreadable: Return :class:`~.folder.Unreadable` (its name) for an unreadable image instead of its
+                next readable neighbour (evaluation: every image scored once; the collate drops it, keeping the name).
     """
 
     def __init__(
@@ -384,14 +384,19 @@ class TransformedDataset(torch.utils.data.Dataset):
         ``"example <index>"`` -- how a skipped image is named."""
         return row_name(self.dataset, index)
 
-    def _skip(self, index: int, error: Exception) -> None:
+    def note_skipped(self, names: Sequence[str]) -> None:
+        """Adds to :attr:`skipped` the files not yet in it (e.g. found by a DataLoader worker's copy)."""
+        for name in names:
+            if name not in self._seen:
+                self._seen.add(name)
+                self.skipped.append(name)
+
+    def _skip(self, index: int, error: Exception) -> str:
         """Counts a skip and warns, naming the file (quoted: the CLI shows a warning that differs only in its
-        quoted names and numbers once, then one count of them all)."""
+        quoted names and numbers once, then one count of them all); returns the name."""
         name = self.describe(index)
         self.num_skipped += 1
-        if name not in self._seen:
-            self._seen.add(name)
-            self.skipped.append(name)
+        self.note_skipped([name])
         text = str(error).replace(repr(name), "").replace(name, "")
         reason = " ".join(text.split()).strip(" :") or type(error).__name__
         warnings.warn(
@@ -399,8 +404,9 @@ class TransformedDataset(torch.utils.data.Dataset):
             RuntimeWarning,
             stacklevel=3,
         )
+        return name
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int) -> dict[str, Any] | Unreadable:
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} examples")
@@ -409,8 +415,7 @@ class TransformedDataset(torch.utils.data.Dataset):
             try:
                 return self.load(index)
             except Exception as error:  # any decoding failure: PIL raises OSError, SyntaxError, ValueError...
-                self._skip(index, error)
-                return None
+                return Unreadable(self._skip(index, error))
         last_error: Exception | None = None
         for attempt in range(min(n, _MAX_CONSECUTIVE_FAILURES)):
             current = (index + attempt) % n
