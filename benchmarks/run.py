@@ -153,8 +153,11 @@ def interleave(
 
 
 def variant_names(methods: list[str], full: bool, workload: str = "train") -> list[str]:
-    """The variants of a workload; ``floor-tokens`` only matters for the training step."""
+    """The variants of a workload; ``floor-tokens`` (and ``floor-dora``, with DoRA) only matter for the training
+    step."""
     floors = ["floor", "floor-tokens"] if workload == "train" else ["floor"]
+    if workload == "train" and "dora" in methods:
+        floors.append("floor-dora")
     names = floors + [f"{lib}/{m}" for m in methods for lib in LIBRARIES]
     return [*names, "full"] if full else names
 

@@ -10,6 +10,10 @@ inputs and runs under the same thread count and precision:
   ``update_and_allocate``) at the PEFT guide's settings.
 - ``floor-tokens``: the floor with the gradient stopping at the patch embeddings' output (the tokens),
   i.e. without the patch-embedding conv's input gradient, which adapter runs never compute.
+- ``floor-dora``: the floor plus, in every layer the DoRA workload adapts, the second full GEMM of the layer
+  that PEFT's DoRA formula with dropout needs (``x Wᵀ`` and ``drop(x) Wᵀ`` forward, both input gradients
+  backward), and nothing else: no adapter, no norm, no dropout. DoRA's lower bound under that formula, so its
+  cost above this line is what an implementation adds.
 - ``full``: full fine-tuning, as an optional reference.
 """
 
@@ -121,6 +125,37 @@ def adapter_config(library: str, method: str) -> Any:
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+#: The modules the adapter workloads target (transformers 5 names; 4.x said query / value).
+TARGET_SUFFIXES = (".q_proj", ".v_proj", ".query", ".value")
+
+
+class _SecondGemm(torch.autograd.Function):
+    """``F.linear(x, weight, bias)``, computing the product twice forward and the input gradient twice
+    backward (the extra results are dropped): the inherent GEMMs of DoRA with dropout, for ``floor-dora``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        torch.nn.functional.linear(x, weight)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        grad.matmul(weight)
+        return grad.matmul(weight), None, None
+
+
+def _with_second_gemm(model: nn.Module) -> int:
+    """Makes every targeted Linear of ``model`` run :class:`_SecondGemm`; returns how many."""
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.endswith(TARGET_SUFFIXES):
+            module.forward = lambda x, m=module: _SecondGemm.apply(x, m.weight, m.bias)  # type: ignore[method-assign]
+            count += 1
+    return count
+
+
 @dataclass
 class Variant:
     """One thing being timed: a model, its optimiser and its step counter."""
@@ -139,6 +174,11 @@ def build_variant(name: str, base: nn.Module, settings: Settings) -> Variant:
     model = copy.deepcopy(base)
     if name == "floor":
         model.requires_grad_(False)
+        return Variant(name, "floor", None, model)
+    if name == "floor-dora":
+        model.requires_grad_(False)
+        if not _with_second_gemm(model):
+            raise ValueError("floor-dora: the model has no query/value Linear to double")
         return Variant(name, "floor", None, model)
     if name == "floor-tokens":
         # As the floor, but the gradient stops at the patch embeddings' output: no input gradient for the

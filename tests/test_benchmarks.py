@@ -99,3 +99,39 @@ def test_gpu_benchmark_script_runs_on_the_cpu(tmp_path: Path) -> None:
     assert (tmp_path / "gpu_bench.md").read_text().count("| deltatune-gpu |") == 1
     table = ops.main(["--methods", "lora", "--precisions", "fp32", "--repeats", "2", "--warmup", "1"])
     assert table == 0
+
+
+def test_floor_dora_is_the_floor_with_twice_the_gemms_of_the_adapted_layers() -> None:
+    """``floor-dora`` computes what the floor computes (same output, same input gradient) and issues one more
+    matrix product forward and one more backward in each query/value Linear, nothing else."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.workloads import Settings, build_base, build_variant, make_inputs
+
+    settings = Settings(model="tiny", batch=2, image_size=32, num_labels=3)
+    base = build_base(settings)
+    pixels, _ = make_inputs(settings)
+    counts, grads = {}, {}
+    for name in ("floor", "floor-dora"):
+        variant = build_variant(name, base, settings)
+        x = pixels.detach().requires_grad_(True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = variant.model(pixel_values=x).logits
+            out.sum().backward()
+        counts[name] = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+        grads[name] = (out.detach(), x.grad)
+    torch.testing.assert_close(grads["floor-dora"][0], grads["floor"][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads["floor-dora"][1], grads["floor"][1])
+    adapted = 2 * 2  # query and value in each of the tiny model's 2 layers
+    assert counts["floor-dora"] - counts["floor"] == 2 * adapted
+
+
+def test_excess_ratio_pairs_rounds() -> None:
+    from benchmarks.report import excess_ratio
+
+    base = {"median": 1.0, "rounds": [1.0, 2.0, 1.0]}
+    a = {"median": 1.1, "rounds": [1.1, 2.2, 1.1]}
+    b = {"median": 1.2, "rounds": [1.2, 2.4, 1.4]}
+    assert excess_ratio(a, b, base) == pytest.approx(0.5)  # per round 0.5, 0.5, 0.25: the median
+    assert excess_ratio({"median": 1.1}, {"median": 1.3}, {"median": 1.0}) == pytest.approx(1 / 3)

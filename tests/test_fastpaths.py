@@ -53,6 +53,29 @@ def test_keep_mask_rate_and_seed(shape: tuple[int, int], tolerance: float) -> No
     assert abs(a.float().mean().item() - 0.9) < tolerance
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_cpu_mask_both_words_of_each_draw_and_odd_widths(p: float) -> None:
+    """The CPU mask reads two 32-bit words from each 64-bit draw: entries at even and at odd positions (the
+    low and the high word) are each kept with probability 1 − p, the two words of a draw are independent,
+    and an odd last dimension is cut, not wrapped into the next row."""
+    torch.manual_seed(1)
+    keep = dropout_keep_mask(torch.Size((600, 401)), p, torch.device("cpu"))
+    assert keep.shape == (600, 401) and keep.dtype == torch.bool
+    sigma4 = 4 * (p * (1 - p) / (600 * 200)) ** 0.5
+    even, odd = keep[:, 0:400:2].float(), keep[:, 1:400:2].float()
+    assert abs(even.mean().item() - (1 - p)) < sigma4 and abs(odd.mean().item() - (1 - p)) < sigma4
+    both = (even * odd).mean().item()  # independent words: P(both kept) = (1 − p)²
+    assert abs(both - (1 - p) ** 2) < 2 * sigma4
+
+
+def test_cpu_mask_extremes() -> None:
+    """p just above 0 keeps (nearly) everything, p just below 1 drops (nearly) everything: the threshold
+    never wraps around the 32-bit range."""
+    shape = torch.Size((CPU_MASK_MIN_NUMEL, 2))
+    assert dropout_keep_mask(shape, 1e-12, torch.device("cpu")).all()
+    assert not dropout_keep_mask(shape, 1 - 1e-12, torch.device("cpu")).any()
+
+
 # ---- low_rank_gemms / low_rank_add --------------------------------------------------------------------
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -70,7 +70,23 @@ def dropout_keep_mask(
     return _dropout(torch.ones(shape, device=device), p)[0] != 0
 
 
-_TWO_31 = 2**31
+_TWO_32 = 2**32
+
+
+def _cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
+    """A bool mask of ``shape``, each entry True with probability 1 − p to within 2⁻³³, from the CPU RNG.
+
+    Each 64-bit draw of ``random_(-2**63, None)`` (all 64 bits uniform) is read as two 32-bit words, each
+    compared with a threshold: half as many generator draws as one 31-bit draw per entry. The mask of
+    ViT-Small's adapter input (1576 x 384, one thread) took 2.8-3.0 ms instead of 3.5-4.2 ms (1.27-1.45x;
+    medians of 40 alternating rounds, three runs, busy machine); the ``where`` after it is unchanged."""
+    last = shape[-1]
+    draws = torch.empty((*shape[:-1], (last + 1) // 2), dtype=torch.int64).random_(-(2**63), None)
+    words = draws.view(torch.int32)
+    if words.shape[-1] != last:
+        words = words[..., :last]
+    return words >= min(round(p * _TWO_32), _TWO_32 - 1) - 2**31  # never past the int32 range (p < 1)
+
 
 #: Below this many entries CPU dropout stays ``F.dropout`` (see :func:`_dropout`). LoRA training steps,
 #: one thread: a tiny ViT at 32 px (hundreds of entries per call) ran 4% faster with ``F.dropout``, ViT-Small
@@ -86,15 +102,14 @@ def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
     On CUDA (and under ``torch.compile``) ``F.dropout``, factor 1: one fused ``native_dropout`` kernel saving
     a 1-byte mask. In CPU eager mode, for tensors of at least :data:`CPU_MASK_MIN_NUMEL` entries, a uniform
-    31-bit integer per entry compared with p·2³¹ (keeps with probability 1 − p to within 2⁻³¹) then one
-    ``where``, factor 1/(1−p): CPU ``bernoulli_`` (inside ``F.dropout``) costs about 1.5x this forward, and
+    32-bit word per entry compared with a threshold (:func:`_cpu_keep_mask`) then one ``where``, factor
+    1/(1−p): CPU ``bernoulli_`` (inside ``F.dropout``) costs about 1.5x this forward, and
     the ``where``'s backward is one op on the saved 1-byte mask, as ``native_dropout``'s is. Smaller CPU
     tensors keep ``F.dropout``: there its one dispatcher call is cheaper than the three that replace it."""
     if p <= 0:
         return x, 1.0
     if x.device.type == "cpu" and x.numel() >= CPU_MASK_MIN_NUMEL and not torch.compiler.is_compiling():
-        keep = torch.empty(x.shape, dtype=torch.int32).random_() >= round(p * _TWO_31)
-        return torch.where(keep, x, 0), 1.0 / (1.0 - p)
+        return torch.where(_cpu_keep_mask(x.shape, p), x, 0), 1.0 / (1.0 - p)
     return F.dropout(x, p, True), 1.0
 
 
