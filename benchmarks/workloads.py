@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-METHODS = ("lora", "loha", "lokr", "adalora", "dora")
+METHODS = ("lora", "loha", "lokr", "adalora", "dora", "ia3")
 LIBRARIES = ("deltatune", "peft")
 
 #: ViT shapes: ``small`` is ViT-Small/16 (the default), ``base`` ViT-Base/16, ``tiny`` for smoke tests.
@@ -122,6 +122,9 @@ def adapter_config(library: str, method: str) -> Any:
         return lib.AdaLoraConfig(init_r=12, target_r=8, **ADALORA_SCHEDULE, **common)
     if method == "dora":  # LoRA's guide settings with DoRA on (PEFT's LoraConfig(use_dora=True))
         return lib.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.1, bias="none", use_dora=True, **common)
+    if method == "ia3":  # not in the guide: IA³'s usual targets, k/v and the MLP's down-projection
+        ia3 = {"target_modules": ["k_proj", "v_proj", "fc2"], "feedforward_modules": ["fc2"]}
+        return lib.IA3Config(**ia3, modules_to_save=["classifier"])
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
