@@ -395,7 +395,7 @@ def predict(args: argparse.Namespace) -> int:
 def merge(args: argparse.Namespace) -> int:
     from ..tasks.merge import check_merge_output, merge_adapter
 
-    check_merge_output(args.adapter, args.output, args.overwrite)
+    check_merge_output(args.adapter, args.output, args.overwrite, args.model)
     trained = _load(args)
     merge_adapter(trained, args.output, overwrite=args.overwrite)
     console().print(

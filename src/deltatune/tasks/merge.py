@@ -41,10 +41,31 @@ def _require_adapter_dir(adapter_dir: str) -> None:
         )
 
 
-def check_merge_output(adapter_dir: str, output_dir: str, overwrite: bool) -> None:
+def _base_folders(adapter_dir: str, model: str | None) -> list[str]:
+    """The real paths of the local base-model folders a merge of ``adapter_dir`` involves: ``--model`` and
+    the adapter's recorded ``base_model_name_or_path`` (as loading resolves it: relative to the current
+    folder, the bundled backbone's id to its installed copy); hub ids and missing folders are left out."""
+    import json
+
+    from ..vision import resolve_model_path
+
+    names = [model] if model else []
+    try:
+        with open(os.path.join(adapter_dir, CONFIG_NAME), encoding="utf-8") as fh:
+            recorded = json.load(fh).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):  # loading the adapter reports a broken config
+        recorded = None
+    if isinstance(recorded, str) and recorded:
+        names.append(recorded)
+    folders = [resolve_model_path(name) for name in names]
+    return [os.path.realpath(folder) for folder in folders if os.path.isdir(folder)]
+
+
+def check_merge_output(adapter_dir: str, output_dir: str, overwrite: bool, model: str | None = None) -> None:
     """Refuses a ``merge --output`` that would destroy its own input or another folder: the adapter folder
-    itself, a folder inside it or around it, a file, or a non-empty folder without ``overwrite``; and removes
-    the temporary folders a killed merge left beside ``output_dir``.
+    itself, a folder inside it or around it, the base model's folder (``model`` or the one the adapter
+    records) or a folder around it, a file, or a non-empty folder without ``overwrite``; and removes the
+    temporary folders a killed merge left beside ``output_dir``.
 
     Raises:
         ValueError: naming ``--output`` and what to do.
@@ -60,6 +81,13 @@ def check_merge_output(adapter_dir: str, output_dir: str, overwrite: bool) -> No
         raise ValueError(
             f"--output {output_dir!r} contains the adapter folder; replacing it would delete the adapter"
         )
+    for base in _base_folders(adapter_dir, model):
+        if out == base or base.startswith(out + os.sep):
+            raise ValueError(
+                f"--output {output_dir!r} is the base model folder {base} (or contains it): replacing it would "
+                "delete the base, and the adapter, loaded onto it later, would be applied a second time. "
+                "Choose another --output"
+            )
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"--output {output_dir!r} is a file; pass a directory for the merged model")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
