@@ -5,6 +5,7 @@ PEFT-format adapter without ``labels.json`` works from its saved label maps."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,36 @@ def test_merge_refuses_the_base_model_folder_however_spelled(
     argv = ["merge", "--adapter", str(run), "--model", str(other), "--output", str(other), "--overwrite"]
     assert main(argv) == 2 and "base model folder" in capsys.readouterr().err
     assert snapshot(root / "model") == before
+
+
+# ---- F3 -----------------------------------------------------------------------------------------
+def test_merged_card_names_the_base_used_and_claims_no_accuracy_for_another_base(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from huggingface_hub import ModelCard
+
+    root = run.parent
+    accuracy = f"{json.loads((run / 'metrics.json').read_text())['accuracy']:.4f}"
+    monkeypatch.chdir(root)
+    other = root / "model_seed1"
+    save_tiny_vit_dir(other, seed=1)
+    argv = ["merge", "--adapter", str(run), "--model", "model_seed1", "--output", str(tmp_path / "m1")]
+    assert main(argv) == 0
+    card = ModelCard.load(tmp_path / "m1" / "README.md")
+    assert card.text.startswith("# `model_seed1` with a LoRA adapter merged in"), card.text[:200]
+    assert accuracy not in card.text and "does not apply" in card.text
+    assert "not the adapter's recorded base" in caplog.text
+    caplog.clear()
+    same = [
+        "merge",
+        "--adapter",
+        str(run),
+        "--model",
+        str(root / "model") + "/",
+        "--output",
+        str(tmp_path / "m2"),
+    ]
+    assert main(same) == 0  # the recorded base, spelled otherwise: the run's accuracy applies
+    text = ModelCard.load(tmp_path / "m2" / "README.md").text
+    assert f": {accuracy}." in text and "does not apply" not in text
+    assert "recorded base" not in caplog.text

@@ -397,7 +397,7 @@ def merge(args: argparse.Namespace) -> int:
 
     check_merge_output(args.adapter, args.output, args.overwrite, args.model)
     trained = _load(args)
-    merge_adapter(trained, args.output, overwrite=args.overwrite)
+    merge_adapter(trained, args.output, overwrite=args.overwrite, base_model=args.model)
     console().print(
         printable(
             f"merged {args.adapter} into {args.output}: load it with "

@@ -117,7 +117,9 @@ def _check_forward(model: nn.Module, trained: Any) -> None:
         )
 
 
-def merge_adapter(trained: Any, output_dir: str, overwrite: bool = True) -> nn.Module:
+def merge_adapter(
+    trained: Any, output_dir: str, overwrite: bool = True, base_model: str | None = None
+) -> nn.Module:
     """Folds the adapter into the base weights and writes a standalone transformers model directory
     (``config.json`` with the label maps, safetensors weights, the evaluation ``preprocessor_config.json``
     that ``pipeline("image-classification")`` loads, ``labels.json``).
@@ -126,6 +128,10 @@ def merge_adapter(trained: Any, output_dir: str, overwrite: bool = True) -> nn.M
     folder or the new one, never a mix; every file gets the umask's mode. With ``overwrite`` a previous
     folder is replaced; without, ``output_dir`` must be missing or empty when the build is moved in: of two
     merges into one new folder, the first to finish wins and the other is refused.
+
+    Args:
+        base_model: The base model ``trained`` was loaded onto when not its recorded one (``merge --model``),
+            for the card.
 
     Returns:
         The merged model.
@@ -143,13 +149,13 @@ def merge_adapter(trained: Any, output_dir: str, overwrite: bool = True) -> nn.M
         config.label2id = {v: k for k, v in trained.id2label.items()}
     if overwrite:
         with build_directory(output_dir) as build:
-            _write_merged(build, merged, trained)
+            _write_merged(build, merged, trained, base_model)
         return merged
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     build = tempfile.mkdtemp(prefix=_tmp_prefix(), dir=parent)
     try:
-        _write_merged(build, merged, trained)
+        _write_merged(build, merged, trained, base_model)
         _claim(build, output_dir)
     finally:
         if os.path.isdir(build):
@@ -157,13 +163,15 @@ def merge_adapter(trained: Any, output_dir: str, overwrite: bool = True) -> nn.M
     return merged
 
 
-def _write_merged(build: str, merged: nn.Module, trained: Any) -> None:
+def _write_merged(build: str, merged: nn.Module, trained: Any, base_model: str | None) -> None:
     os.chmod(build, 0o777 & ~current_umask())
     merged.save_pretrained(build)  # type: ignore[operator]
     trained.image_processor.save_pretrained(build)
     with open(os.path.join(trained.directory, LABELS_NAME), encoding="utf-8") as fh:
         atomic_write_text(os.path.join(build, LABELS_NAME), fh.read())
-    write_merged_model_card(build, trained.directory, trained.model.peft_config, len(trained.id2label))
+    write_merged_model_card(
+        build, trained.directory, trained.model.peft_config, len(trained.id2label), base_model
+    )
     apply_umask(build)  # safetensors creates its files 0600
 
 
