@@ -75,3 +75,28 @@ def test_merged_card_names_the_base_used_and_claims_no_accuracy_for_another_base
     text = ModelCard.load(tmp_path / "m2" / "README.md").text
     assert f": {accuracy}." in text and "does not apply" not in text
     assert "recorded base" not in caplog.text
+
+
+# ---- F17 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["predict", "", "--adapter", "RUN"], "argument images"),
+        (["merge", "--adapter", "RUN", "--output", ""], "argument --output"),
+        (["predict", "x.png", "--adapter", ""], "argument --adapter"),
+        (["evaluate", "--adapter", "RUN", "--output_dir", " "], "argument --output_dir"),
+    ],
+)
+def test_an_empty_path_is_a_usage_error_naming_the_argument(
+    argv: list[str],
+    flag: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty path meant the current folder: nothing here may be touched
+    with pytest.raises(SystemExit) as exited:
+        main([str(tmp_path) if a == "RUN" else a for a in argv])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"{flag}: an empty path was given" in err, err
+    assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
