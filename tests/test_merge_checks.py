@@ -100,3 +100,17 @@ def test_an_empty_path_is_a_usage_error_naming_the_argument(
     err = capsys.readouterr().err
     assert exited.value.code == 2 and f"{flag}: an empty path was given" in err, err
     assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+# ---- F19 ----------------------------------------------------------------------------------------
+def test_predict_into_a_closed_stdout_is_one_line(
+    run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = next((run.parent / "data").rglob("*.png"))
+    monkeypatch.setattr("sys.stdout", None)  # what Python gives a program started with `>&-`
+    assert main(["predict", str(image), "--adapter", str(run), "--json"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err.strip()
+        == "deltatune: error: cannot write to standard output (it is closed); redirect it to a file"
+    )
