@@ -6,6 +6,7 @@ PEFT-format adapter without ``labels.json`` works from its saved label maps."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,29 @@ def test_predict_into_a_closed_stdout_is_one_line(
         err.strip()
         == "deltatune: error: cannot write to standard output (it is closed); redirect it to a file"
     )
+
+
+# ---- F16 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "ignored"),
+    [
+        ('{"accuracy": 1e999, "dataset": "data"}', "ignored accuracy inf"),
+        ('{"accuracy": NaN, "dataset": 5}', "ignored accuracy nan"),
+        ('{"accuracy": "high", "dataset": "data"}', "ignored accuracy 'high'"),
+        ('{"accuracy": 0.5, "data', "is not valid JSON"),
+    ],
+)
+def test_a_corrupt_metrics_json_never_blocks_the_merge_nor_reaches_the_card(
+    run: Path, tmp_path: Path, text: str, ignored: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from huggingface_hub import ModelCard
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run, adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
+    (adapter / "metrics.json").write_text(text)
+    assert main(["merge", "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
+    card = ModelCard.load(tmp_path / "merged" / "README.md").text
+    assert "accuracy" not in card.lower() and "nan" not in card and "inf" not in card, card
+    warnings = [r.getMessage() for r in caplog.records if "metrics.json" in r.getMessage()]
+    assert len([w for w in warnings if ignored in w]) == 1, warnings
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

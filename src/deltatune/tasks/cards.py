@@ -198,11 +198,8 @@ def merged_model_card(info: dict[str, Any]) -> str:
             "",
         ]
     elif info.get("accuracy") is not None:
-        dataset = dataset_name(str(info.get("dataset", "?")))
-        lines += [
-            f"Evaluation accuracy of the adapter on {md_code(dataset)}: {_fmt(float(info['accuracy']))}.",
-            "",
-        ]
+        on = f" on {md_code(dataset_name(str(info['dataset'])))}" if info.get("dataset") else ""
+        lines += [f"Evaluation accuracy of the adapter{on}: {_fmt(float(info['accuracy']))}.", ""]
     lines += [
         "## How to use",
         "",
@@ -215,6 +212,41 @@ def merged_model_card(info: dict[str, Any]) -> str:
         "",
     ]
     return render_card(metadata, "\n".join(lines))
+
+
+def _run_metrics(path: str) -> dict[str, Any]:
+    """The run's ``accuracy`` (a finite number in [0, 1]) and ``dataset`` (a non-empty string) from its
+    ``metrics.json``, for the merged card. The file is informational: a corrupt one, or a value of another
+    kind, is left out with one warning naming the file (and the key), never an error."""
+    from .._files import read_json
+
+    if not os.path.isfile(path):
+        return {}
+    try:
+        metrics = read_json(path, "the run's metrics")
+    except (OSError, ValueError) as err:
+        logger.warning(
+            "ignored %s (%s): the merged card quotes no accuracy", path, " ".join(str(err).split())
+        )
+        return {}
+    if not isinstance(metrics, dict):
+        logger.warning("ignored %s (not a JSON object): the merged card quotes no accuracy", path)
+        return {}
+    found: dict[str, Any] = {}
+    accuracy, dataset = metrics.get("accuracy"), metrics.get("dataset")
+    if isinstance(accuracy, int | float) and not isinstance(accuracy, bool) and 0 <= accuracy <= 1:
+        found["accuracy"] = float(accuracy)  # NaN fails the range test; inf too
+    elif accuracy is not None:
+        logger.warning(
+            "ignored accuracy %.40r in %s (not a number in [0, 1]): the merged card quotes no accuracy",
+            accuracy,
+            path,
+        )
+    if isinstance(dataset, str) and dataset.strip():
+        found["dataset"] = dataset
+    elif dataset is not None:
+        logger.warning("ignored dataset %.40r in %s (not a name)", dataset, path)
+    return found
 
 
 def _same_model(first: str, second: str) -> bool:
@@ -242,7 +274,6 @@ def write_merged_model_card(
         num_labels: Classes of the classifier.
         base_model: The base model merged into (``merge --model``); None: the one the adapter records.
     """
-    from .._files import read_json
     from .classifier import portable_model_name
 
     config = next(iter(peft_config.values())) if isinstance(peft_config, dict) else peft_config
@@ -256,11 +287,7 @@ def write_merged_model_card(
         "adapter": os.path.basename(os.path.normpath(adapter_dir)),
         "num_labels": num_labels,
     }
-    metrics_path = os.path.join(adapter_dir, "metrics.json")
-    if os.path.isfile(metrics_path):
-        metrics = read_json(metrics_path, "metrics.json")
-        if isinstance(metrics, dict):
-            info.update(accuracy=metrics.get("accuracy"), dataset=metrics.get("dataset"))
+    info.update(_run_metrics(os.path.join(adapter_dir, "metrics.json")))
     if other:
         logger.warning(
             "merged into %s, not the adapter's recorded base %s (base_model_name_or_path in %s): the card "
