@@ -141,3 +141,37 @@ def test_a_corrupt_metrics_json_never_blocks_the_merge_nor_reaches_the_card(
     warnings = [r.getMessage() for r in caplog.records if "metrics.json" in r.getMessage()]
     assert len([w for w in warnings if ignored in w]) == 1, warnings
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+# ---- F20 ----------------------------------------------------------------------------------------
+def test_an_adapter_without_labels_json_uses_a_complete_base_label_map_or_says_what_is_missing(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from transformers import AutoConfig
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run, adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
+    labels = json.loads((adapter / "labels.json").read_text())
+    (adapter / "labels.json").unlink()
+    image = str(next((run.parent / "data").rglob("*.png")))
+    # the recorded base's config names no labels (transformers' default): refused, naming what is missing
+    assert main(["predict", image, "--adapter", str(adapter), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert "has no labels.json" in err and "no complete id2label" in err and "3 outputs" in err, err
+    named = tmp_path / "named"  # the same base, its config naming the 3 classes in the head's order
+    shutil.copytree(run.parent / "model", named)
+    config = AutoConfig.from_pretrained(named)
+    config.id2label = {int(k): v for k, v in labels["id2label"].items()}
+    config.label2id = labels["label2id"]
+    config.save_pretrained(named)
+    assert main(["predict", image, "--adapter", str(adapter), "--model", str(named), "--json"]) == 0
+    predicted = json.loads(capsys.readouterr().out)[0]["predictions"]
+    assert {p["label"] for p in predicted} == set(labels["label2id"])
+    assert "using the 3 class names of the base model's config" in caplog.text
+    merged = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--model", str(named), "--output", str(merged)]) == 0
+    assert json.loads((merged / "labels.json").read_text()) == labels
+    config.id2label, config.label2id = {0: "a", 1: "b"}, {"a": 0, "b": 1}  # two names for a 3-way head
+    config.save_pretrained(named)
+    assert main(["predict", image, "--adapter", str(adapter), "--model", str(named)]) == 2
+    assert "names 2 labels" in capsys.readouterr().err

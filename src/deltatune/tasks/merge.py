@@ -22,7 +22,7 @@ from .._files import (
 )
 from ..config import CONFIG_NAME
 from ..serialization import check_finite
-from ..train.checkpoint import LABELS_NAME
+from ..train.checkpoint import LABELS_NAME, save_label_maps
 from .report import write_merged_model_card
 
 logger = logging.getLogger(__name__)
@@ -167,8 +167,12 @@ def _write_merged(build: str, merged: nn.Module, trained: Any, base_model: str |
     os.chmod(build, 0o777 & ~current_umask())
     merged.save_pretrained(build)  # type: ignore[operator]
     trained.image_processor.save_pretrained(build)
-    with open(os.path.join(trained.directory, LABELS_NAME), encoding="utf-8") as fh:
-        atomic_write_text(os.path.join(build, LABELS_NAME), fh.read())
+    labels = os.path.join(trained.directory, LABELS_NAME)
+    if os.path.isfile(labels):
+        with open(labels, encoding="utf-8") as fh:
+            atomic_write_text(os.path.join(build, LABELS_NAME), fh.read())
+    else:  # a PEFT-format adapter: the class names the merge used (see load_trained)
+        save_label_maps(merged, build)
     write_merged_model_card(
         build, trained.directory, trained.model.peft_config, len(trained.id2label), base_model
     )
