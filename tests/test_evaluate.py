@@ -287,8 +287,8 @@ def test_two_merges_into_one_new_folder_one_wins(
     both_built = threading.Barrier(2, timeout=120)
     write = merging._write_merged
 
-    def write_then_wait(build: str, merged: Any, trained: Any) -> None:
-        write(build, merged, trained)
+    def write_then_wait(build: str, merged: Any, trained: Any, *rest: Any) -> None:
+        write(build, merged, trained, *rest)
         both_built.wait()  # the two builds exist before either moves in: a real race, by state not time
 
     monkeypatch.setattr(merging, "_write_merged", write_then_wait)

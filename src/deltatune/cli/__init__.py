@@ -102,6 +102,14 @@ class _TopParser(SuggestingParser):
         self.exit(2, f"deltatune: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _path(text: str) -> str:
+    """An ``argparse`` type: a non-empty path (an unset shell variable gives ``""``, which would otherwise
+    mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path was given (an unset shell variable?); pass a path")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``deltatune``, ``evaluate``, ``predict``, ``merge`` and ``quickstart`` (``train`` and
     ``compare`` parse their own arguments: :mod:`.run_args`); building it and printing its help imports
@@ -131,34 +139,45 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
         p.set_defaults(func=name)
-        p.add_argument("--adapter", required=True, help="adapter directory written by `deltatune train`")
-        p.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
+        p.add_argument(
+            "--adapter", required=True, type=_path, help="adapter directory written by `deltatune train`"
+        )
+        p.add_argument(
+            "--model", default=None, type=_path, help="base model (default: the one recorded in the adapter)"
+        )
         p.add_argument(
             "--trust_remote_code",
             action="store_true",
             help="allow the Python code a model or processor folder ships (auto_map) to run; off by default",
         )
         if name == "predict":
-            p.add_argument("images", nargs="+", help="image files or directories")
+            p.add_argument("images", nargs="+", type=_path, help="image files or directories")
             p.add_argument("--top_k", type=positive_int, default=5, help="labels per image (default 5)")
             p.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
         if name == "merge":
-            p.add_argument("--output", required=True, help="directory of the merged model")
+            p.add_argument("--output", required=True, type=_path, help="directory of the merged model")
             p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output")
         if name == "evaluate":
             p.add_argument(
-                "--dataset", default=None, help="dataset (default: the one the adapter was trained on)"
+                "--dataset",
+                default=None,
+                type=_path,
+                help="dataset (default: the one the adapter was trained on)",
             )
             p.add_argument("--image_column", default=None)
             p.add_argument("--label_column", default=None)
             p.add_argument("--validation_split", type=float, default=None)
             p.add_argument("--max_eval_samples", type=int, default=None)
             p.add_argument(
-                "--validation_dir", default=None, help="image folder to score, every image (as in train)"
+                "--validation_dir",
+                default=None,
+                type=_path,
+                help="image folder to score, every image (as in train)",
             )
             p.add_argument(
                 "--output_dir",
                 default=None,
+                type=_path,
                 help="where to write results (default: the adapter dir, or ADAPTER/evaluate when it holds results)",
             )
             p.add_argument(

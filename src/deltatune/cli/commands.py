@@ -358,10 +358,20 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_stdout() -> None:
+    """Refuses, before any work, to print results into a closed standard output (``>&-``: Python's
+    ``sys.stdout`` is None then), as an output failure."""
+    if sys.stdout is None or sys.stdout.closed:
+        import errno
+
+        raise OSError(errno.EBADF, "cannot write to standard output (it is closed); redirect it to a file")
+
+
 def predict(args: argparse.Namespace) -> int:
     from .._files import strict_json
     from ..tasks.inference import collect_images, predict_images
 
+    _require_stdout()
     images = collect_images(args.images)
     trained = _load(args)
     results = predict_images(
@@ -395,9 +405,9 @@ def predict(args: argparse.Namespace) -> int:
 def merge(args: argparse.Namespace) -> int:
     from ..tasks.merge import check_merge_output, merge_adapter
 
-    check_merge_output(args.adapter, args.output, args.overwrite)
+    check_merge_output(args.adapter, args.output, args.overwrite, args.model)
     trained = _load(args)
-    merge_adapter(trained, args.output, overwrite=args.overwrite)
+    merge_adapter(trained, args.output, overwrite=args.overwrite, base_model=args.model)
     console().print(
         printable(
             f"merged {args.adapter} into {args.output}: load it with "

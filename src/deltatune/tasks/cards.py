@@ -9,6 +9,7 @@ machine is written.
 
 from __future__ import annotations
 
+import logging
 import os
 from types import SimpleNamespace
 from typing import Any
@@ -26,6 +27,8 @@ from ..model_card import (
 )
 from ..registry import get_method, spec_for
 from .html_report import dataset_name
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["load_snippet", "merged_model_card", "model_card", "write_merged_model_card"]
 
@@ -167,7 +170,8 @@ def merged_model_card(info: dict[str, Any]) -> str:
         info: ``base_model`` (its name or path as recorded), ``method`` (the display name, ``"LoRA"``),
             ``method_name`` (the registry's name, ``"lora"``, the card's tag),
             ``adapter`` (the adapter folder's name), ``num_labels`` and, when known, ``accuracy`` and
-            ``dataset``.
+            ``dataset``; ``trained_on`` (the adapter's recorded base) when the adapter was merged into
+            another base than the one it was trained on: the card says so, and quotes no accuracy.
     """
     base = model_display_name(info["base_model"])
     method = str(info.get("method") or "adapter")
@@ -186,12 +190,16 @@ def merged_model_card(info: dict[str, Any]) -> str:
         f"{info.get('num_labels', '?')} classes.",
         "",
     ]
-    if info.get("accuracy") is not None:
-        dataset = dataset_name(str(info.get("dataset", "?")))
+    if info.get("trained_on"):
+        trained_on = model_display_name(info["trained_on"])
         lines += [
-            f"Evaluation accuracy of the adapter on {md_code(dataset)}: {_fmt(float(info['accuracy']))}.",
+            f"The adapter was trained on {md_code(trained_on)}, not on this base model: its evaluation "
+            f"accuracy was measured on {md_code(trained_on)} and does not apply to this model.",
             "",
         ]
+    elif info.get("accuracy") is not None:
+        on = f" on {md_code(dataset_name(str(info['dataset'])))}" if info.get("dataset") else ""
+        lines += [f"Evaluation accuracy of the adapter{on}: {_fmt(float(info['accuracy']))}.", ""]
     lines += [
         "## How to use",
         "",
@@ -206,30 +214,86 @@ def merged_model_card(info: dict[str, Any]) -> str:
     return render_card(metadata, "\n".join(lines))
 
 
-def write_merged_model_card(output_dir: str, adapter_dir: str, peft_config: Any, num_labels: int) -> None:
+def _run_metrics(path: str) -> dict[str, Any]:
+    """The run's ``accuracy`` (a finite number in [0, 1]) and ``dataset`` (a non-empty string) from its
+    ``metrics.json``, for the merged card. The file is informational: a corrupt one, or a value of another
+    kind, is left out with one warning naming the file (and the key), never an error."""
+    from .._files import read_json
+
+    if not os.path.isfile(path):
+        return {}
+    try:
+        metrics = read_json(path, "the run's metrics")
+    except (OSError, ValueError) as err:
+        logger.warning(
+            "ignored %s (%s): the merged card quotes no accuracy", path, " ".join(str(err).split())
+        )
+        return {}
+    if not isinstance(metrics, dict):
+        logger.warning("ignored %s (not a JSON object): the merged card quotes no accuracy", path)
+        return {}
+    found: dict[str, Any] = {}
+    accuracy, dataset = metrics.get("accuracy"), metrics.get("dataset")
+    if isinstance(accuracy, int | float) and not isinstance(accuracy, bool) and 0 <= accuracy <= 1:
+        found["accuracy"] = float(accuracy)  # NaN fails the range test; inf too
+    elif accuracy is not None:
+        logger.warning(
+            "ignored accuracy %.40r in %s (not a number in [0, 1]): the merged card quotes no accuracy",
+            accuracy,
+            path,
+        )
+    if isinstance(dataset, str) and dataset.strip():
+        found["dataset"] = dataset
+    elif dataset is not None:
+        logger.warning("ignored dataset %.40r in %s (not a name)", dataset, path)
+    return found
+
+
+def _same_model(first: str, second: str) -> bool:
+    """Whether two base-model names or paths load the same model: equal names, the bundled backbone under
+    any of its names, or two spellings of one local folder."""
+    from ..vision import resolve_model_path
+
+    first, second = resolve_model_path(first), resolve_model_path(second)
+    if first == second:
+        return True
+    return os.path.isdir(first) and os.path.isdir(second) and os.path.samefile(first, second)
+
+
+def write_merged_model_card(
+    output_dir: str, adapter_dir: str, peft_config: Any, num_labels: int, base_model: str | None = None
+) -> None:
     """Writes the merged model's README.md (see :func:`merged_model_card`), naming the base model portably
-    and quoting the adapter's accuracy from its ``metrics.json`` when there is one.
+    and quoting the adapter's accuracy from its ``metrics.json`` when there is one and the adapter was merged
+    into the base it was trained on.
 
     Args:
         output_dir: The merged model's folder.
         adapter_dir: The adapter folder that was merged.
         peft_config: The adapter's configs (``{name: config}``) or one config.
         num_labels: Classes of the classifier.
+        base_model: The base model merged into (``merge --model``); None: the one the adapter records.
     """
-    from .._files import read_json
     from .classifier import portable_model_name
 
     config = next(iter(peft_config.values())) if isinstance(peft_config, dict) else peft_config
+    recorded = str(getattr(config, "base_model_name_or_path", None) or "")
+    other = bool(base_model) and not (recorded and _same_model(str(base_model), recorded))
     info: dict[str, Any] = {
-        "base_model": portable_model_name(str(getattr(config, "base_model_name_or_path", None) or "?")),
+        "base_model": portable_model_name(str(base_model) if other else recorded or "?"),
+        "trained_on": portable_model_name(recorded or "an unrecorded base model") if other else None,
         "method": method_display_name(config),
         "method_name": _method_name(config),
         "adapter": os.path.basename(os.path.normpath(adapter_dir)),
         "num_labels": num_labels,
     }
-    metrics_path = os.path.join(adapter_dir, "metrics.json")
-    if os.path.isfile(metrics_path):
-        recorded = read_json(metrics_path, "metrics.json")
-        if isinstance(recorded, dict):
-            info.update(accuracy=recorded.get("accuracy"), dataset=recorded.get("dataset"))
+    info.update(_run_metrics(os.path.join(adapter_dir, "metrics.json")))
+    if other:
+        logger.warning(
+            "merged into %s, not the adapter's recorded base %s (base_model_name_or_path in %s): the card "
+            "says so and quotes no accuracy",
+            base_model,
+            recorded or "(none)",
+            os.path.join(adapter_dir, "adapter_config.json"),
+        )
     atomic_write_text(os.path.join(output_dir, "README.md"), merged_model_card(info))

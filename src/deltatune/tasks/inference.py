@@ -94,7 +94,7 @@ def load_trained(
 
     _require_adapter_dir(adapter_dir)
     config = PeftConfig.from_pretrained(adapter_dir)
-    id2label, _ = load_label_maps(adapter_dir)
+    id2label = _label_maps(adapter_dir, model or config.base_model_name_or_path)
     record: dict[str, Any] = {}
     record_path = os.path.join(adapter_dir, RUN_RECORD_NAME)
     if os.path.isfile(record_path):
@@ -156,6 +156,56 @@ def load_trained(
             )
     peft_model.eval()
     return TrainedAdapter(peft_model, processor, id2label, record, adapter_dir)
+
+
+def _base_labels(base_id: str | None) -> dict[int, str] | None:
+    """The ``id2label`` written in a base model's own ``config.json`` (not transformers' default
+    ``LABEL_i`` pair), when it is a complete label map: ids 0..n-1, n >= 2, distinct names; else None."""
+    if not base_id:
+        return None
+    from transformers import PretrainedConfig
+
+    from ..vision import resolve_model_path
+
+    try:
+        raw, _ = PretrainedConfig.get_config_dict(resolve_model_path(base_id))
+        labels = {int(k): str(v) for k, v in raw["id2label"].items()}
+    except Exception:  # no readable label map there: the caller says what is missing
+        return None
+    complete = sorted(labels) == list(range(len(labels))) and len(set(labels.values())) == len(labels)
+    return labels if complete and len(labels) >= 2 else None
+
+
+def _label_maps(adapter_dir: str, base_id: str | None) -> dict[int, str]:
+    """The adapter's class names: its ``labels.json`` (written by ``deltatune train``), or for an adapter
+    saved otherwise (PEFT's ``save_pretrained``) the base model config's ``id2label`` when it is complete and
+    fits the head saved with the adapter (said in one line); else a one-line error naming what is missing."""
+    from ..train.checkpoint import LABELS_NAME, saved_head_size
+
+    if os.path.isfile(os.path.join(adapter_dir, LABELS_NAME)):
+        return load_label_maps(adapter_dir)[0]
+    head = saved_head_size(adapter_dir)
+    labels = _base_labels(base_id)
+    if labels is not None and head in (None, len(labels)):
+        logger.warning(
+            "%s has no %s: using the %d class names of the base model's config (%s)",
+            adapter_dir,
+            LABELS_NAME,
+            len(labels),
+            base_id,
+        )
+        return labels
+    found = (
+        "its config names no complete id2label"
+        if labels is None
+        else f"its config names {len(labels)} labels"
+    )
+    size = f"the head saved with the adapter has {head} outputs; " if head is not None else ""
+    raise FileNotFoundError(
+        f"{adapter_dir} has no {LABELS_NAME} and the class names cannot be taken from the base model {base_id} "
+        f"({size}{found}); write {LABELS_NAME} into the adapter folder: "
+        '{"id2label": {"0": "name", "1": "name", ...}}'
+    )
 
 
 _PROCESSOR_SETTINGS = (

@@ -22,7 +22,7 @@ from .._files import (
 )
 from ..config import CONFIG_NAME
 from ..serialization import check_finite
-from ..train.checkpoint import LABELS_NAME
+from ..train.checkpoint import LABELS_NAME, save_label_maps
 from .report import write_merged_model_card
 
 logger = logging.getLogger(__name__)
@@ -41,10 +41,31 @@ def _require_adapter_dir(adapter_dir: str) -> None:
         )
 
 
-def check_merge_output(adapter_dir: str, output_dir: str, overwrite: bool) -> None:
+def _base_folders(adapter_dir: str, model: str | None) -> list[str]:
+    """The real paths of the local base-model folders a merge of ``adapter_dir`` involves: ``--model`` and
+    the adapter's recorded ``base_model_name_or_path`` (as loading resolves it: relative to the current
+    folder, the bundled backbone's id to its installed copy); hub ids and missing folders are left out."""
+    import json
+
+    from ..vision import resolve_model_path
+
+    names = [model] if model else []
+    try:
+        with open(os.path.join(adapter_dir, CONFIG_NAME), encoding="utf-8") as fh:
+            recorded = json.load(fh).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):  # loading the adapter reports a broken config
+        recorded = None
+    if isinstance(recorded, str) and recorded:
+        names.append(recorded)
+    folders = [resolve_model_path(name) for name in names]
+    return [os.path.realpath(folder) for folder in folders if os.path.isdir(folder)]
+
+
+def check_merge_output(adapter_dir: str, output_dir: str, overwrite: bool, model: str | None = None) -> None:
     """Refuses a ``merge --output`` that would destroy its own input or another folder: the adapter folder
-    itself, a folder inside it or around it, a file, or a non-empty folder without ``overwrite``; and removes
-    the temporary folders a killed merge left beside ``output_dir``.
+    itself, a folder inside it or around it, the base model's folder (``model`` or the one the adapter
+    records) or a folder around it, a file, or a non-empty folder without ``overwrite``; and removes the
+    temporary folders a killed merge left beside ``output_dir``.
 
     Raises:
         ValueError: naming ``--output`` and what to do.
@@ -60,6 +81,13 @@ def check_merge_output(adapter_dir: str, output_dir: str, overwrite: bool) -> No
         raise ValueError(
             f"--output {output_dir!r} contains the adapter folder; replacing it would delete the adapter"
         )
+    for base in _base_folders(adapter_dir, model):
+        if out == base or base.startswith(out + os.sep):
+            raise ValueError(
+                f"--output {output_dir!r} is the base model folder {base} (or contains it): replacing it would "
+                "delete the base, and the adapter, loaded onto it later, would be applied a second time. "
+                "Choose another --output"
+            )
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise ValueError(f"--output {output_dir!r} is a file; pass a directory for the merged model")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
@@ -89,7 +117,9 @@ def _check_forward(model: nn.Module, trained: Any) -> None:
         )
 
 
-def merge_adapter(trained: Any, output_dir: str, overwrite: bool = True) -> nn.Module:
+def merge_adapter(
+    trained: Any, output_dir: str, overwrite: bool = True, base_model: str | None = None
+) -> nn.Module:
     """Folds the adapter into the base weights and writes a standalone transformers model directory
     (``config.json`` with the label maps, safetensors weights, the evaluation ``preprocessor_config.json``
     that ``pipeline("image-classification")`` loads, ``labels.json``).
@@ -98,6 +128,10 @@ def merge_adapter(trained: Any, output_dir: str, overwrite: bool = True) -> nn.M
     folder or the new one, never a mix; every file gets the umask's mode. With ``overwrite`` a previous
     folder is replaced; without, ``output_dir`` must be missing or empty when the build is moved in: of two
     merges into one new folder, the first to finish wins and the other is refused.
+
+    Args:
+        base_model: The base model ``trained`` was loaded onto when not its recorded one (``merge --model``),
+            for the card.
 
     Returns:
         The merged model.
@@ -115,13 +149,13 @@ def merge_adapter(trained: Any, output_dir: str, overwrite: bool = True) -> nn.M
         config.label2id = {v: k for k, v in trained.id2label.items()}
     if overwrite:
         with build_directory(output_dir) as build:
-            _write_merged(build, merged, trained)
+            _write_merged(build, merged, trained, base_model)
         return merged
     parent = os.path.dirname(os.path.abspath(output_dir))
     os.makedirs(parent, exist_ok=True)
     build = tempfile.mkdtemp(prefix=_tmp_prefix(), dir=parent)
     try:
-        _write_merged(build, merged, trained)
+        _write_merged(build, merged, trained, base_model)
         _claim(build, output_dir)
     finally:
         if os.path.isdir(build):
@@ -129,13 +163,19 @@ def merge_adapter(trained: Any, output_dir: str, overwrite: bool = True) -> nn.M
     return merged
 
 
-def _write_merged(build: str, merged: nn.Module, trained: Any) -> None:
+def _write_merged(build: str, merged: nn.Module, trained: Any, base_model: str | None) -> None:
     os.chmod(build, 0o777 & ~current_umask())
     merged.save_pretrained(build)  # type: ignore[operator]
     trained.image_processor.save_pretrained(build)
-    with open(os.path.join(trained.directory, LABELS_NAME), encoding="utf-8") as fh:
-        atomic_write_text(os.path.join(build, LABELS_NAME), fh.read())
-    write_merged_model_card(build, trained.directory, trained.model.peft_config, len(trained.id2label))
+    labels = os.path.join(trained.directory, LABELS_NAME)
+    if os.path.isfile(labels):
+        with open(labels, encoding="utf-8") as fh:
+            atomic_write_text(os.path.join(build, LABELS_NAME), fh.read())
+    else:  # a PEFT-format adapter: the class names the merge used (see load_trained)
+        save_label_maps(merged, build)
+    write_merged_model_card(
+        build, trained.directory, trained.model.peft_config, len(trained.id2label), base_model
+    )
     apply_umask(build)  # safetensors creates its files 0600
 
 
