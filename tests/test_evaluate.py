@@ -347,3 +347,20 @@ def test_validation_folder_missing_a_class_is_warned(
     with caplog.at_level(logging.WARNING, logger="deltatune"):
         load_image_dataset(train, validation_dir=str(val))
     assert "has no images of 1 training class(es): dark" in caplog.text
+
+
+def test_no_progress_bar_frames_when_stderr_is_not_a_terminal(
+    run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Piped into a file or a CI log, ``predict`` and ``evaluate`` draw no bar (carriage-return frames), as
+    ``train`` prints plain lines."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (40 * i, 90, 10)).save(folder / f"{i}.png")
+    data = write_image_folder(tmp_path / "data", per_class=2)
+    capsys.readouterr()
+    assert main(["predict", str(folder), "--adapter", run, "--batch_size", "1"]) == 0
+    assert main(["evaluate", "--adapter", run, "--dataset", data, "--output_dir", str(tmp_path / "e")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "img/s" not in err and "batch/s" not in err, err

@@ -11,7 +11,7 @@ import sys
 from typing import Any
 
 from .errors import printable
-from .output import console, esc
+from .output import console, esc, stderr_is_terminal
 
 __all__ = ["compare", "evaluate", "merge", "predict", "quickstart", "train"]
 
@@ -310,7 +310,13 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     screen = console()
     screen.print(printable(f"scoring {data.description}"), markup=False)
-    result = evaluate_adapter(trained, data.rows, batch_size=args.batch_size, num_threads=args.num_threads)
+    result = evaluate_adapter(
+        trained,
+        data.rows,
+        batch_size=args.batch_size,
+        progress=stderr_is_terminal(),
+        num_threads=args.num_threads,
+    )
     report = result.report
     results: dict[
         str, Any
@@ -369,7 +375,7 @@ def predict(args: argparse.Namespace) -> int:
         images,
         top_k=args.top_k,
         batch_size=args.batch_size,
-        progress=not args.json,
+        progress=not args.json and stderr_is_terminal(),
         num_threads=args.num_threads,
     )
     if args.json:

@@ -61,6 +61,16 @@ def console(file: Any = None) -> Any:
     return Console(file=file, highlight=False, width=200, soft_wrap=True, no_color=True, emoji=False)
 
 
+def stderr_is_terminal() -> bool:
+    """Whether standard error is a terminal: progress bars (which redraw with carriage returns) only then; piped
+    into a file or a CI log, ``predict`` and ``evaluate`` draw none, as ``train`` prints plain lines."""
+    stream = sys.stderr
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, AttributeError):  # closed, or a stand-in without isatty
+        return False
+
+
 class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that writes to whatever ``sys.stderr`` is at the time (so lines printed during a live
     progress bar appear above it instead of tearing it)."""
