@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -145,6 +146,12 @@ def train(argv: list[str]) -> int:
                 from .errors import RunInterrupted, resume_hint
 
                 raise RunInterrupted(resume_hint(argv, out)) from None
+            except OSError as err:  # a full disk mid-run: the checkpoints saved so far are complete
+                from .errors import DiskFull, describe_error, resume_hint
+
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise DiskFull(f"{describe_error(err)[0]}; {resume_hint(argv, out)}") from err
             if not main_process:
                 return 0
             screen.print(_metrics_table([result.metrics], f"{spec.name} on {parsed.dataset}"))
