@@ -328,8 +328,8 @@ def evaluate(args: argparse.Namespace) -> int:
     results: dict[
         str, Any
     ] = {  # a training run's eval_results.json schema (transformers' keys, then details)
+        "eval_loss": result.loss,
         "eval_accuracy": report.accuracy,
-        "eval_top5_accuracy": report.top5_accuracy,
         "eval_samples": report.num_examples,
         "eval_skipped": len(result.skipped),
         "dataset": data.dataset,
@@ -337,6 +337,8 @@ def evaluate(args: argparse.Namespace) -> int:
         "confusion_matrix": report.confusion.tolist(),
         "class_names": report.class_names,
     }
+    if report.top5_accuracy is not None:  # as a run's file: present only with more than five classes
+        results["eval_top5_accuracy"] = report.top5_accuracy
     if result.skipped:
         results["skipped_images"] = result.skipped
     notes = report.to_dict().get("notes")  # why a value is null (strict JSON has no NaN)
