@@ -260,3 +260,36 @@ def test_names_in_tables_and_notices_stay_on_one_line(
         transforms._warned_wide[:] = saved
     (message,) = [r.getMessage() for r in caplog.records if "mode)" in r.getMessage()]
     assert "\n" not in message and "new\\nline.png" in message
+
+
+def test_the_console_images_per_second_is_the_recorded_one(
+    assets: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The epoch line's images/s is the number metrics.json and trainer_state.json keep for that epoch."""
+    import json
+
+    out = tmp_path / "r"
+    argv = ["train", "--model", assets["model"], "--dataset", assets["data"], "--output_dir", str(out)]
+    fast = [
+        a
+        for a in FAST
+        if a not in ("--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "1")
+    ]
+    more = [
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "4",
+        "--num_train_epochs",
+        "2",
+    ]
+    assert main([*argv, *fast, *more]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = [
+        line.split()[5]
+        for line in lines[lines.index(EpochReporter.HEADER) + 1 :]
+        if re.match(r"^\s+\d", line)
+    ]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    recorded = [h["train_samples_per_second_epoch"] for h in history if "train_samples_per_second_epoch" in h]
+    assert len(shown) == 2 and shown == [f"{r:.0f}" for r in recorded], (shown, recorded)

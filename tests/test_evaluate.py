@@ -102,10 +102,11 @@ def test_a_runs_own_results_are_kept_unless_overwrite(run: str, tmp_path: Path) 
     assert "eval_loss" in before and "train_loss" in before
     assert main(["evaluate", "--adapter", str(copy), "--overwrite"]) == 0
     after = json.loads((copy / "all_results.json").read_text())
-    assert (
-        "eval_loss" not in after and after["train_loss"] == before["train_loss"]
-    )  # no two evaluations mixed
-    assert after["eval_accuracy"] == _results(copy)["eval_accuracy"]
+    assert after["train_loss"] == before["train_loss"]
+    # no two evaluations mixed: every eval_ key is this evaluation's
+    assert {k: v for k, v in after.items() if k.startswith("eval_")} == {
+        k: v for k, v in _results(copy).items() if k.startswith("eval_") and not isinstance(v, dict | list)
+    }
 
 
 _RESULTS = ("eval_results.json", "all_results.json", "confusion_matrix.png")
@@ -148,7 +149,7 @@ def test_a_folder_holding_results_is_refused_unless_overwrite(
     combined = json.loads((own / "all_results.json").read_text())
     # in the run's own folder its train_* keys stay; its own evaluation is not mixed with this one
     assert combined["train_loss"] == ran["train_loss"] and combined["eval_samples"] == 9
-    assert "eval_loss" not in combined
+    assert combined["eval_loss"] == _results(own)["eval_loss"] != ran["eval_loss"]
 
 
 def test_a_second_evaluation_does_not_replace_the_first(
@@ -347,3 +348,37 @@ def test_validation_folder_missing_a_class_is_warned(
     with caplog.at_level(logging.WARNING, logger="deltatune"):
         load_image_dataset(train, validation_dir=str(val))
     assert "has no images of 1 training class(es): dark" in caplog.text
+
+
+def test_no_progress_bar_frames_when_stderr_is_not_a_terminal(
+    run: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Piped into a file or a CI log, ``predict`` and ``evaluate`` draw no bar (carriage-return frames), as
+    ``train`` prints plain lines."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (40 * i, 90, 10)).save(folder / f"{i}.png")
+    data = write_image_folder(tmp_path / "data", per_class=2)
+    capsys.readouterr()
+    assert main(["predict", str(folder), "--adapter", run, "--batch_size", "1"]) == 0
+    assert main(["evaluate", "--adapter", run, "--dataset", data, "--output_dir", str(tmp_path / "e")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "img/s" not in err and "batch/s" not in err, err
+
+
+def test_evaluate_writes_the_runs_keys_and_its_eval_loss(run: str, tmp_path: Path) -> None:
+    """``evaluate``'s eval_results.json has the keys of the run's own file of that name: ``eval_loss`` (the
+    quantity the run picked its best checkpoint by), equal to the run's on the same split; top-5 absent with
+    five classes or fewer, as in the run's."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert main(["evaluate", "--adapter", str(copy), "--output_dir", str(tmp_path / "e")]) == 0
+    ours, runs = _results(tmp_path / "e"), _results(copy)
+    assert "eval_top5_accuracy" not in ours and "eval_top5_accuracy" not in runs
+    assert {"eval_loss", "eval_accuracy", "eval_samples"} <= set(ours) & set(runs)
+    assert ours["eval_samples"] == runs["eval_samples"] and ours["eval_accuracy"] == runs["eval_accuracy"]
+    assert ours["eval_loss"] == pytest.approx(runs["eval_loss"], abs=1e-4), (
+        ours["eval_loss"],
+        runs["eval_loss"],
+    )

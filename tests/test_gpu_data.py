@@ -275,3 +275,24 @@ def test_epoch_throughput_reaches_the_console_only_with_a_gpu(
     assert record.levelno == (logging.DEBUG if utilization is None else logging.INFO)
     assert ("GPU 87% busy" in record.getMessage()) == (utilization is not None)
     assert state.log_history[-1]["step"] == 5 and state.log_history[-1].get("gpu_utilization") == utilization
+
+
+def test_epoch_samples_count_the_images_seen_not_padded_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """12 images at batch 4 x accumulation 4 are one optimiser step of 12 images, not 16 (the file said 33%
+    more images/s than the console)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState
+
+    from deltatune.train import throughput
+
+    clock = iter([10.0, 11.0])
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(throughput, "gpu_utilization", lambda device=None: None)
+    callback, state = throughput.ThroughputCallback(), TrainerState()
+    args = SimpleNamespace(train_batch_size=4, gradient_accumulation_steps=4, world_size=1)
+    loader = SimpleNamespace(dataset=list(range(12)))
+    callback.on_epoch_begin(args, state, TrainerControl(), train_dataloader=loader)  # type: ignore[arg-type]
+    state.global_step, state.epoch = 1, 1.0
+    callback.on_epoch_end(args, state, TrainerControl())  # type: ignore[arg-type]
+    assert state.log_history[-1]["train_samples_per_second_epoch"] == 12.0

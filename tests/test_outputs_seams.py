@@ -141,6 +141,7 @@ def test_a_failing_plot_or_page_is_one_warning_and_the_run_finishes(
     _assert_finished(out)
     assert (out / "all_results.json").is_file() and (out / "confusion_matrix.png").is_file()
     assert (out / "README.md").is_file() and not (out / "report.html").exists()
+    assert "report.html" not in (out / "README.md").read_text(), "the card points only to files written"
     warnings = [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()]
     assert warnings == [
         "could not write training_curve.png (ValueError: cannot draw this), report.html (ValueError: cannot "

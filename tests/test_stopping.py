@@ -290,6 +290,8 @@ def test_a_full_disk_inside_a_checkpoint_write_keeps_the_last_good_checkpoint(
     assert checkpoints[1] in lines[0] and "free some space" in lines[0]
     good = latest_complete_checkpoint(out)
     assert good is not None and good.endswith(checkpoints[0]) and checkpoint_problem(good) is None
+    assert f"the last complete checkpoint is {good}; resume with: deltatune train" in lines[0], lines[0]
+    assert lines[0].endswith("--resume_from_checkpoint true"), lines[0]
     assert load_file(os.path.join(good, "adapter_model.safetensors")), "the last good adapter is readable"
     assert not (out / checkpoints[1]).exists(), "the half-written checkpoint is removed"
     assert not [p for p in out.rglob(".tmp*")], "no temporary file is left"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -11,7 +12,7 @@ import sys
 from typing import Any
 
 from .errors import printable
-from .output import console, esc
+from .output import console, esc, stderr_is_terminal
 
 __all__ = ["compare", "evaluate", "merge", "predict", "quickstart", "train"]
 
@@ -145,6 +146,12 @@ def train(argv: list[str]) -> int:
                 from .errors import RunInterrupted, resume_hint
 
                 raise RunInterrupted(resume_hint(argv, out)) from None
+            except OSError as err:  # a full disk mid-run: the checkpoints saved so far are complete
+                from .errors import DiskFull, describe_error, resume_hint
+
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise DiskFull(f"{describe_error(err)[0]}; {resume_hint(argv, out)}") from err
             if not main_process:
                 return 0
             screen.print(_metrics_table([result.metrics], f"{spec.name} on {parsed.dataset}"))
@@ -310,13 +317,19 @@ def evaluate(args: argparse.Namespace) -> int:
     )
     screen = console()
     screen.print(printable(f"scoring {data.description}"), markup=False)
-    result = evaluate_adapter(trained, data.rows, batch_size=args.batch_size, num_threads=args.num_threads)
+    result = evaluate_adapter(
+        trained,
+        data.rows,
+        batch_size=args.batch_size,
+        progress=stderr_is_terminal(),
+        num_threads=args.num_threads,
+    )
     report = result.report
     results: dict[
         str, Any
     ] = {  # a training run's eval_results.json schema (transformers' keys, then details)
+        "eval_loss": result.loss,
         "eval_accuracy": report.accuracy,
-        "eval_top5_accuracy": report.top5_accuracy,
         "eval_samples": report.num_examples,
         "eval_skipped": len(result.skipped),
         "dataset": data.dataset,
@@ -324,6 +337,8 @@ def evaluate(args: argparse.Namespace) -> int:
         "confusion_matrix": report.confusion.tolist(),
         "class_names": report.class_names,
     }
+    if report.top5_accuracy is not None:  # as a run's file: present only with more than five classes
+        results["eval_top5_accuracy"] = report.top5_accuracy
     if result.skipped:
         results["skipped_images"] = result.skipped
     notes = report.to_dict().get("notes")  # why a value is null (strict JSON has no NaN)
@@ -379,7 +394,7 @@ def predict(args: argparse.Namespace) -> int:
         images,
         top_k=args.top_k,
         batch_size=args.batch_size,
-        progress=not args.json,
+        progress=not args.json and stderr_is_terminal(),
         num_threads=args.num_threads,
     )
     if args.json:

@@ -20,6 +20,7 @@ __all__ = [
     "INTERRUPTED",
     "TERMINATED",
     "USAGE",
+    "DiskFull",
     "RunInterrupted",
     "describe_error",
     "one_line",
@@ -141,6 +142,10 @@ def describe_error(err: BaseException) -> tuple[str, int]:
     if type(err).__module__.startswith("deltatune"):  # e.g. NonFiniteLossError: its message says what to do
         return one_line(str(err) or type(err).__name__), FAILURE
     return one_line(f"{type(err).__name__}: {err}; run again with --debug for the traceback"), FAILURE
+
+
+class DiskFull(Exception):
+    """A training run stopped by a full disk; its message says what was kept and how to resume."""
 
 
 def resume_hint(argv: list[str], out: str) -> str:

@@ -61,6 +61,16 @@ def console(file: Any = None) -> Any:
     return Console(file=file, highlight=False, width=200, soft_wrap=True, no_color=True, emoji=False)
 
 
+def stderr_is_terminal() -> bool:
+    """Whether standard error is a terminal: progress bars (which redraw with carriage returns) only then; piped
+    into a file or a CI log, ``predict`` and ``evaluate`` draw none, as ``train`` prints plain lines."""
+    stream = sys.stderr
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, AttributeError):  # closed, or a stand-in without isatty
+        return False
+
+
 class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that writes to whatever ``sys.stderr`` is at the time (so lines printed during a live
     progress bar appear above it instead of tearing it)."""
@@ -311,6 +321,7 @@ class EpochReporter(TrainerCallback):
         per_step = args.train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
         images = steps * per_step if steps else 0
         images = min(images, self.num_train) if self.num_train else images
+        self._history = state.log_history  # the trainer's own samples/s record is read from it at _flush
         self._pending = {
             "epoch": round(float(state.epoch or 0.0), 4),  # fractional where max_steps ends inside an epoch
             "images_per_s": images / seconds,
@@ -390,6 +401,14 @@ class EpochReporter(TrainerCallback):
         row["elapsed"] = elapsed
         taken = done - getattr(self, "_first_step", 0)
         row["eta"] = elapsed / taken * (total - done) if taken > 0 and total else None
+        if row.get("images_per_s") is not None:  # one number everywhere: the record metrics.json keeps
+            recorded = [
+                h["train_samples_per_second_epoch"]
+                for h in getattr(self, "_history", [])
+                if h.get("step") == row["step"] and "train_samples_per_second_epoch" in h
+            ]
+            if recorded:
+                row["images_per_s"] = recorded[-1]
         self.rows.append(row)
         epoch = (
             f"{_epoch_label(row['epoch'])}/{self._epochs}"

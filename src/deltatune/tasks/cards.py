@@ -87,12 +87,13 @@ def load_snippet(base_model: str, adapter_dir: str = "ADAPTER_DIR") -> list[str]
     return lines
 
 
-def model_card(info: dict[str, Any]) -> str:
+def model_card(info: dict[str, Any], report: bool = True) -> str:
     """The README.md written next to a trained adapter.
 
     Args:
         info: The run's metrics record (``metrics.json``): method, base model, dataset, parameter counts,
             evaluation metrics, adapter config, the command line and, for AdaLoRA, the final ranks.
+        report: Whether ``report.html`` was written beside it (the card points to it only then).
     """
     method = str(info["method"])
     display = method_display_name(method)
@@ -113,8 +114,12 @@ def model_card(info: dict[str, Any]) -> str:
         f"# {md_text(display)} adapter for {md_code(base)} on {md_code(dataset)}",
         "",
         f"Trained with `deltatune train` ({md_text(info.get('precision', 'fp32'))}, "
-        f"{info.get('train_time_s', 0):.1f} s). "
-        "`report.html` in this folder shows the curves, the confusion matrix and the misclassified images.",
+        f"{info.get('train_time_s', 0):.1f} s)."
+        + (
+            " `report.html` in this folder shows the curves, the confusion matrix and the misclassified images."
+            if report
+            else ""
+        ),
         "",
         "| | |",
         "|---|---|",

@@ -194,15 +194,25 @@ class StreamingReport:
         n = len(self.class_names)
         self.confusion = np.zeros((n, n), dtype=np.int64)
         self.top5_hits = 0
+        self._loss_sum = 0.0
+        self._scored = 0
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Adds a batch: (B, C) scores and (B,) class ids."""
         predicted = logits.argmax(dim=-1).cpu().numpy()
         truth = labels.cpu().numpy().astype(np.int64)
         np.add.at(self.confusion, (truth, predicted), 1)
+        losses = torch.nn.functional.cross_entropy(logits.float(), labels.to(logits.device), reduction="sum")
+        self._loss_sum += float(losses)
+        self._scored += len(truth)
         if len(self.class_names) > 5:
             top5 = logits.topk(5, dim=-1).indices.cpu()
             self.top5_hits += int((top5 == labels.cpu().view(-1, 1)).any(dim=-1).sum())
+
+    @property
+    def mean_loss(self) -> float | None:
+        """The mean cross-entropy of the images added (a training run's ``eval_loss``), None before any."""
+        return self._loss_sum / self._scored if self._scored else None
 
     def report(self) -> ClassificationReport:
         """The :class:`ClassificationReport`, as the run's own evaluation reports it

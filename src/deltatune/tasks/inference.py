@@ -381,10 +381,13 @@ def predict_images(
 
 @dataclass
 class Evaluation:
-    """What :func:`evaluate_adapter` returns: the report and the images it could not read, by path."""
+    """What :func:`evaluate_adapter` returns: the report, the images it could not read, by path, and the mean
+    cross-entropy over the images scored (``eval_loss``, as a training run's evaluation reports it; None when
+    no image was scored)."""
 
     report: ClassificationReport
     skipped: list[str]
+    loss: float | None = None
 
 
 @torch.no_grad()
@@ -430,4 +433,4 @@ def evaluate_adapter(
             del batch, logits
             if number % 32 == 31:
                 release_freed_memory()
-    return Evaluation(streaming.report(), list(data.skipped))
+    return Evaluation(streaming.report(), list(data.skipped), streaming.mean_loss)

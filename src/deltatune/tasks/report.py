@@ -110,8 +110,6 @@ def write_run_report(
             failed.append(f"{name} ({type(error).__name__}{': ' + reason if reason else ''})")
 
     title = f"{metrics['name']} on {dataset_name(str(metrics['dataset']))}"
-    if metrics["kind"] == "adapter" and metrics.get("do_train", True):
-        attempt("README.md", lambda path: atomic_write_text(path, model_card(metrics)))
     attempt(
         "training_curve.png",
         lambda path: training_curve(
@@ -137,6 +135,11 @@ def write_run_report(
         "report.html",
         lambda _: write_html_report(metrics, output_dir, predictions, eval_rows, data_roots=data_roots),
     )
+    if metrics["kind"] == "adapter" and metrics.get(
+        "do_train", True
+    ):  # last: it names report.html if written
+        report = not any(f.startswith("report.html ") for f in failed)
+        attempt("README.md", lambda path: atomic_write_text(path, model_card(metrics, report=report)))
     if failed:
         logger.warning("could not write %s; the adapter and the result files are saved", ", ".join(failed))
     return failed

@@ -62,8 +62,9 @@ class ThroughputCallback(TrainerCallback):
     """Logs each epoch's training samples per second (and the mean GPU utilisation on CUDA) and appends
     ``{"epoch", "step", "train_samples_per_second_epoch", "gpu_utilization"}`` to ``state.log_history``.
 
-    Samples are counted from the optimiser steps taken (per-device batch × accumulation × processes), over
-    the epoch's wall time: data loading, forward, backward and the optimiser, and any evaluation or saving
+    Samples are counted from the optimiser steps taken (per-device batch × accumulation × processes), at most
+    the training set's size (a partial last batch or accumulation holds fewer; the console's epoch line shows
+    this same record), over the epoch's wall time: data loading, forward, backward and the optimiser, and any evaluation or saving
     that ``eval_strategy="steps"``/``save_strategy="steps"`` run inside the epoch (an ``"epoch"`` strategy runs
     them after ``on_epoch_end``, so they are not counted).
     """
@@ -72,6 +73,7 @@ class ThroughputCallback(TrainerCallback):
         self._start = 0.0
         self._first_step = 0
         self._sampler: _Sampler | None = None
+        self._num_train: int | None = None
         self.epochs: list[dict[str, Any]] = []
 
     def on_epoch_begin(
@@ -79,6 +81,7 @@ class ThroughputCallback(TrainerCallback):
     ) -> None:
         self._start = time.perf_counter()
         self._first_step = state.global_step
+        self._num_train = _dataset_size(kwargs.get("train_dataloader"))
         self._sampler = None
         if gpu_utilization() is not None:
             self._sampler = _Sampler(torch.cuda.current_device()).start()
@@ -89,6 +92,8 @@ class ThroughputCallback(TrainerCallback):
         elapsed = max(time.perf_counter() - self._start, 1e-9)
         steps = state.global_step - self._first_step
         samples = steps * args.train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+        if self._num_train:
+            samples = min(samples, self._num_train)
         utilization = self._sampler.stop() if self._sampler is not None else None
         record: dict[str, Any] = {
             "epoch": round(float(state.epoch or 0.0), 4),
@@ -109,3 +114,11 @@ class ThroughputCallback(TrainerCallback):
             record["train_samples_per_second_epoch"],
             gpu,
         )
+
+
+def _dataset_size(loader: Any) -> int | None:
+    """How many examples one epoch of ``loader`` holds (its dataset's length), or None when it has none."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
