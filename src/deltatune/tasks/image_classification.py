@@ -34,7 +34,7 @@ from ..train.outputs import write_run_record
 from ..train.precision import forward_gflop, resolve_precision
 from ..train.run import PeakMemory, fit_batch, logged_final_evaluation, planned_steps
 from ..train.trainer import DeltaTrainer
-from .classifier import build_base_model, find_head, portable_model_name
+from .classifier import build_base_model, check_new_heads_saved, find_head, new_heads, portable_model_name
 from .data_init import attach_configured, sample_batches
 from .report import card_config, write_outputs, write_run_report
 from .results import EvalPredictions, PredictionRecorder, final_evaluation_step
@@ -273,7 +273,9 @@ def attach_adapter(
     kwargs = {**adapter_defaults(method.name, head, total_steps, spec.adapter_kwargs), **spec.adapter_kwargs}
     config = method.make_config(**kwargs)
     config.check_fits_run(total_steps)
+    fresh = new_heads(base)
     model = attach_configured(base, config, sample)  # get_peft_model names the base as loaded, as PEFT does
+    check_new_heads_saved(model, fresh, num_labels, spec.model)
     config.base_model_name_or_path = portable_model_name(spec.model)  # no path of this machine
     return model
 

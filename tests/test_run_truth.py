@@ -1,0 +1,80 @@
+"""A run's files and screens say what was trained, and its saved adapter loads to the run's predictions: a new
+head left out of modules_to_save is refused (F13), a random-backbone sub-run of compare says so in its card
+and adapter_config (F21), ``--method lora --use_dora`` is named DoRA everywhere (F7) and ``compare`` runs a
+method given twice once (F1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tiny import save_tiny_vit_dir, write_image_folder
+
+from deltatune.cli import main
+from deltatune.tasks.classifier import build_base_model, new_heads
+from deltatune.tasks.image_classification import RunSpec, attach_adapter
+
+CLASSES = {0: "bright", 1: "dark", 2: "red"}
+FLAGS = [
+    "--num_train_epochs", "1", "--per_device_train_batch_size", "4", "--use_cpu", "--disable_tqdm", "true",
+    "--seed", "0", "--validation_split", "0.25", "--r", "2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A tiny ViT with transformers' default 2-class head, one with a 3-class head, and 3 classes of images."""
+    root = tmp_path_factory.mktemp("truth")
+    return {
+        "model": save_tiny_vit_dir(root / "model"),
+        "model3": save_tiny_vit_dir(root / "model3", num_labels=3),
+        "data": write_image_folder(root / "data", per_class=4),
+    }
+
+
+def train_argv(assets: dict[str, str], out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--model",
+        assets["model"],
+        "--dataset",
+        assets["data"],
+        "--output_dir",
+        str(out),
+        *FLAGS,
+        *extra,
+    ]
+
+
+def one_error(capsys: pytest.CaptureFixture[str]) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("deltatune: error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# ---- F13 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [(), ("--target_modules", "q_proj", "classifier")])
+def test_a_new_head_left_out_of_modules_to_save_is_refused(
+    assets: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...]
+) -> None:
+    """Left out, the new head would stay random, frozen and unsaved: no loading code could reproduce the run."""
+    out = tmp_path / "out"
+    assert main(train_argv(assets, out, "--modules_to_save", *extra)) == 2
+    error = one_error(capsys)
+    assert "'classifier'" in error and "--modules_to_save classifier" in error, error
+    assert not out.exists()  # refused before the run started
+
+
+def test_a_checkpoint_head_of_the_right_size_may_stay_frozen(assets: dict[str, str]) -> None:
+    """A head the checkpoint holds at the dataset's size loads as it was: leaving it out is legitimate."""
+    spec = RunSpec(
+        method="lora", model=assets["model3"], dataset=assets["data"], adapter_kwargs={"modules_to_save": []}
+    )
+    base, _ = build_base_model(assets["model3"], CLASSES, seed=0)
+    assert new_heads(base) == ()
+    model = attach_adapter(spec, base, 3, total_steps=4)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "classifier" in n)
+    fresh, _ = build_base_model(assets["model"], CLASSES, seed=0)
+    assert new_heads(fresh) == ("classifier",)
+    with pytest.raises(ValueError, match="newly initialised"):
+        attach_adapter(spec, fresh, 3, total_steps=4)
