@@ -78,3 +78,18 @@ def test_a_checkpoint_head_of_the_right_size_may_stay_frozen(assets: dict[str, s
     assert new_heads(fresh) == ("classifier",)
     with pytest.raises(ValueError, match="newly initialised"):
         attach_adapter(spec, fresh, 3, total_steps=4)
+
+
+# ---- F7 -----------------------------------------------------------------------------------------
+def test_lora_with_use_dora_is_named_dora_everywhere(assets: dict[str, str]) -> None:
+    """The name every output shows (console, metrics, card, compare rows, run record) is the spec's method."""
+    from deltatune.cli.run_args import parse_run, run_spec
+
+    common = ["--model", assets["model"], "--dataset", assets["data"], "--output_dir", "unused", "--use_cpu"]
+    dora = run_spec(parse_run("train", [*common, "--method", "dora"]), "dora")
+    for method in ("lora", "LoRA"):
+        spec = run_spec(parse_run("train", [*common, "--method", method, "--use_dora"]), method)
+        assert (spec.method, spec.name) == ("dora", "dora")
+        assert spec.identity() == dora.identity()  # the same run as --method dora
+    plain = RunSpec(method="dora", model="m", dataset="d", adapter_kwargs={"use_dora": False})
+    assert plain.method == "lora"  # what trains is plain LoRA
