@@ -5,7 +5,9 @@ method given twice once (F1)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tiny import save_tiny_vit_dir, write_image_folder
@@ -93,3 +95,40 @@ def test_lora_with_use_dora_is_named_dora_everywhere(assets: dict[str, str]) -> 
         assert spec.identity() == dora.identity()  # the same run as --method dora
     plain = RunSpec(method="dora", model="m", dataset="d", adapter_kwargs={"use_dora": False})
     assert plain.method == "lora"  # what trains is plain LoRA
+
+
+# ---- F21 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("library", ["deltatune", "peft"])
+def test_a_random_backbone_run_says_so_and_its_card_code_reproduces_it(
+    assets: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+    library: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """adapter_config names no pretrained base; the card says random and its code rebuilds the run's backbone
+    (seed 1, not the seed 0 the saved model was made with), giving deltatune's own predictions."""
+    import torch
+    from PIL import Image
+
+    from deltatune.tasks.inference import load_trained
+
+    run = Path(assets["model"]).parent / "random-run"
+    if not run.exists():
+        assert main(train_argv(assets, run, "--random_backbone", "--seed", "1")) == 0
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    card = (run / "README.md").read_text()
+    title = next(line for line in card.splitlines() if line.startswith("# "))
+    assert "random backbone" in title and "seed 1" in title and "base_model:" not in card, title
+    code = card.split("## How to load")[1].split("```python\n")[1].split("```")[0]
+    if library == "peft":
+        code = code.replace("from deltatune import PeftModel", "from peft import PeftModel")
+    monkeypatch.chdir(run.parent)  # the card names the base model as `model`
+    namespace: dict[str, Any] = {}
+    exec(code.replace("ADAPTER_DIR", str(run)), namespace)  # the card's own code
+    trained = load_trained(str(run))
+    image = Image.open(Path(assets["data"]) / "red" / "0.png").convert("RGB")
+    pixels = trained.image_processor(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        ours = trained.model(pixel_values=pixels).logits
+        theirs = namespace["model"].eval()(pixel_values=pixels).logits
+    torch.testing.assert_close(theirs, ours)

@@ -276,7 +276,8 @@ def attach_adapter(
     fresh = new_heads(base)
     model = attach_configured(base, config, sample)  # get_peft_model names the base as loaded, as PEFT does
     check_new_heads_saved(model, fresh, num_labels, spec.model)
-    config.base_model_name_or_path = portable_model_name(spec.model)  # no path of this machine
+    # no path of this machine; none for a random backbone, whose weights are not the named model's
+    config.base_model_name_or_path = None if spec.random_backbone else portable_model_name(spec.model)
     return model
 
 
@@ -362,6 +363,7 @@ def run_metrics(
         "method": spec.method or spec.baseline,
         "kind": "adapter" if spec.method else "baseline",
         "random_backbone": spec.random_backbone,
+        **({"backbone_seed": trainer.args.seed} if spec.random_backbone else {}),  # how to rebuild it
         "base_model": portable_model_name(spec.model),
         "dataset": spec.dataset,
         "num_train": len(bundle.train),
