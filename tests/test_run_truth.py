@@ -132,3 +132,56 @@ def test_a_random_backbone_run_says_so_and_its_card_code_reproduces_it(
         ours = trained.model(pixel_values=pixels).logits
         theirs = namespace["model"].eval()(pixel_values=pixels).logits
     torch.testing.assert_close(theirs, ours)
+
+
+# ---- F1 -----------------------------------------------------------------------------------------
+def test_compare_runs_a_method_or_value_given_twice_once(
+    assets: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each row maps to one run folder: repeats after normalising (names, 4 and 4.0, lora + use_dora = dora)
+    run once, with a notice."""
+    import argparse
+    import dataclasses
+    import logging
+
+    from deltatune.cli.init_options import compare_variants, variant_dests
+    from deltatune.cli.run_args import parse_run, run_spec
+    from deltatune.tasks.compare import plan_runs
+
+    def planned(*flags: str) -> list[str]:
+        common = [
+            "--model",
+            assets["model"],
+            "--dataset",
+            assets["data"],
+            "--output_dir",
+            "unused",
+            "--use_cpu",
+        ]
+        parsed = parse_run("compare", [*common, "--baselines", "random", *flags])
+        o = parsed.options
+        shared = dataclasses.replace(
+            parsed,
+            options=argparse.Namespace(**{k: v for k, v in vars(o).items() if k not in variant_dests()}),
+        )
+        runs = plan_runs(
+            lambda m, **kw: run_spec(shared, m, strict=False, **kw),
+            o.methods,
+            o.baselines,
+            lambda m: compare_variants(m, o),
+        )
+        return [spec.name for spec in runs]
+
+    with caplog.at_level(logging.WARNING, logger="deltatune"):
+        assert planned("--methods", "lora", "LoRA", "ia3") == [
+            "lora",
+            "ia3",
+            "lora (random backbone)",
+            "ia3 (random backbone)",
+        ]
+        assert planned("--methods", "lora", "--loraplus_lr_ratio", "4", "4.0") == [
+            "lora loraplus=4",
+            "lora loraplus=4 (random backbone)",
+        ]
+        assert planned("--methods", "lora", "dora", "--use_dora") == ["dora", "dora (random backbone)"]
+    assert "given twice" in caplog.text
