@@ -204,7 +204,7 @@ def compare(argv: list[str]) -> int:
         "kind": "compare",
         "model": parsed.model,
         "dataset": parsed.dataset,
-        "methods": list(o.methods),
+        "methods": list(dict.fromkeys(o.methods)),  # a method given twice runs once
         "baselines": list(o.baselines),
         **{d: getattr(o, d) for d in variant_dests() if getattr(o, d, None) is not None},
         "training": training_identity(args),

@@ -30,7 +30,13 @@ from .html_report import dataset_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_snippet", "merged_model_card", "model_card", "write_merged_model_card"]
+__all__ = [
+    "load_snippet",
+    "merged_model_card",
+    "model_card",
+    "random_backbone_snippet",
+    "write_merged_model_card",
+]
 
 
 def _fmt(value: Any) -> str:
@@ -87,6 +93,39 @@ def load_snippet(base_model: str, adapter_dir: str = "ADAPTER_DIR") -> list[str]
     return lines
 
 
+def random_backbone_snippet(base_model: str, seed: int, adapter_dir: str = "ADAPTER_DIR") -> list[str]:
+    """The "How to load" code of an adapter trained on a randomly initialised backbone: ``base_model``'s
+    architecture rebuilt with the run's random weights (seed ``seed``, as the run built it), never its
+    pretrained weights."""
+    bundled = _bundled(base_model)
+    lines = [
+        "import json",
+        "",
+        "import transformers",
+        "from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification",
+        "",
+        "from deltatune import PeftModel  # or: from peft import PeftModel",
+    ]
+    if bundled:
+        lines.append("from deltatune.vision import resolve_model_path")
+    lines += [
+        "",
+        f'adapter = "{adapter_dir}"',
+        'with open(f"{adapter}/labels.json", encoding="utf-8") as fh:',
+        "    labels = json.load(fh)",
+        f"transformers.set_seed({int(seed)})  # the run's seed: the same random backbone",
+        "base_config = AutoConfig.from_pretrained(",
+        f"    {'resolve_model_path(' + repr(base_model) + ')' if bundled else repr(base_model)},",
+        '    id2label={int(k): v for k, v in labels["id2label"].items()},',
+        '    label2id=labels["label2id"],',
+        ")",
+        "base = AutoModelForImageClassification.from_config(base_config)  # random weights, not pretrained",
+        "model = PeftModel.from_pretrained(base, adapter)",
+        "image_processor = AutoImageProcessor.from_pretrained(adapter)",
+    ]
+    return lines
+
+
 def model_card(info: dict[str, Any], report: bool = True) -> str:
     """The README.md written next to a trained adapter.
 
@@ -104,14 +143,18 @@ def model_card(info: dict[str, Any], report: bool = True) -> str:
     }
     # The adapter's own front matter (library_name "peft": the files are PEFT's format, as the library's
     # saved card says), plus what the recipe knows: the task and the method as the registry names it.
-    metadata = card_metadata(
-        SimpleNamespace(peft_type=get_method(method).config_cls.PEFT_TYPE), info["base_model"]
+    random = info.get("random_backbone") is True
+    seed = int(info.get("backbone_seed", 42))
+    metadata = card_metadata(  # a random backbone was not fine-tuned from the named model: no base_model
+        SimpleNamespace(peft_type=get_method(method).config_cls.PEFT_TYPE),
+        None if random else info["base_model"],
     )
     own = ["deltatune", "peft", "image-classification", method]
     metadata["tags"] = own + [tag for tag in metadata["tags"] if tag not in own]
     metadata["pipeline_tag"] = "image-classification"
+    backbone = f"a random backbone ({md_code(base)}'s architecture, seed {seed})" if random else md_code(base)
     lines = [
-        f"# {md_text(display)} adapter for {md_code(base)} on {md_code(dataset)}",
+        f"# {md_text(display)} adapter for {backbone} on {md_code(dataset)}",
         "",
         f"Trained with `deltatune train` ({md_text(info.get('precision', 'fp32'))}, "
         f"{info.get('train_time_s', 0):.1f} s)."
@@ -121,10 +164,22 @@ def model_card(info: dict[str, Any], report: bool = True) -> str:
             else ""
         ),
         "",
+    ]
+    if random:
+        lines += [
+            f"A baseline: the adapter was trained on {md_code(base)}'s architecture with randomly initialised "
+            f"weights (seed {seed}), not on its pretrained weights, so applied to the pretrained model it gives "
+            "other predictions; `adapter_config.json` therefore names no `base_model_name_or_path`. The code "
+            "below rebuilds the same random backbone (with the same torch and transformers versions), as "
+            "`deltatune predict`, `evaluate` and `merge` do.",
+            "",
+        ]
+    lines += [
         "| | |",
         "|---|---|",
         f"| method | {md_text(display)} |",
-        f"| base model | {md_code(base, in_table=True)} |",
+        f"| base model | {md_code(base, in_table=True)}"
+        + (f": architecture only, random weights (seed {seed}) |" if random else " |"),
         f"| dataset | {md_code(dataset, in_table=True)} ({info.get('num_train', '?')} train / "
         f"{info.get('num_eval', '?')} eval images) |",
         f"| classes | {info.get('num_labels', '?')} |",
@@ -150,13 +205,14 @@ def model_card(info: dict[str, Any], report: bool = True) -> str:
         lines += [f"| {md_code(name, in_table=True)} | {rank} |" for name, rank in info["ranks"].items()]
         lines.append("")
     lines += ["## Training curve", "", "![training curve](training_curve.png)", "", "## How to load", ""]
-    if _bundled(base):
+    if _bundled(base) and not random:
         lines += [
             f"The base model {md_code(base)} is the backbone bundled with deltatune (`pip install deltatune`); "
             "`resolve_model_path` finds its installed copy and passes hub ids through unchanged.",
             "",
         ]
-    lines += ["```python", *load_snippet(base), "```", "", "Or from the command line:", "", "```bash"]
+    snippet = random_backbone_snippet(base, seed) if random else load_snippet(base)
+    lines += ["```python", *snippet, "```", "", "Or from the command line:", "", "```bash"]
     lines += [
         "deltatune predict image.png --adapter ADAPTER_DIR",
         "deltatune merge --adapter ADAPTER_DIR --output merged/   # a plain transformers model",

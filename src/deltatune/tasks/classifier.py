@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import transformers
@@ -18,9 +20,48 @@ from .._loading import MODEL_BUILD_LOCK
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HEAD_NAMES", "build_base_model", "find_head", "portable_model_name"]
+__all__ = [
+    "HEAD_NAMES",
+    "build_base_model",
+    "check_new_heads_saved",
+    "find_head",
+    "new_heads",
+    "portable_model_name",
+]
 
 HEAD_NAMES = ("classifier", "head", "fc", "score")
+
+#: model → the heads :func:`build_base_model` initialised afresh in it (see :func:`new_heads`).
+_NEW_HEADS: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def new_heads(model: nn.Module) -> tuple[str, ...]:
+    """The heads of ``model`` that :func:`build_base_model` initialised afresh (not in the checkpoint, or of
+    another size; the head of a random backbone): random weights that only a saved copy can reproduce."""
+    return _NEW_HEADS.get(model, ())
+
+
+def check_new_heads_saved(model: nn.Module, heads: Sequence[str], num_labels: int, model_id: str) -> None:
+    """Refuses an adapted ``model`` that leaves a new head (:func:`new_heads`) out of ``modules_to_save``: that
+    head would stay random, frozen and unsaved, so no loading code (peft's or deltatune's) could give the run's
+    predictions. A head the checkpoint already holds at the right size may stay frozen (it loads as it was).
+
+    Raises:
+        ValueError: naming the head and how to keep it.
+    """
+    from ..modules_to_save import ModulesToSaveWrapper
+
+    kept = ["." + name for name, module in model.named_modules() if isinstance(module, ModulesToSaveWrapper)]
+    for head in heads:
+        parts = head.split(".")
+        prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]  # the head or a module holding it
+        if not any(name.endswith("." + prefix) for name in kept for prefix in prefixes):
+            raise ValueError(
+                f"the {num_labels}-class head {head!r} is newly initialised (random, not loaded from "
+                f"{model_id!r}) and not in --modules_to_save: it would stay random, untrained and unsaved, so "
+                f"the adapter could not be loaded to give this run's predictions; keep it (--modules_to_save "
+                f"{head}, the default when the flag is not given)"
+            )
 
 
 def find_head(model: nn.Module, num_labels: int) -> str | None:
@@ -118,6 +159,8 @@ def build_base_model(
             model = AutoModelForImageClassification.from_config(
                 config, trust_remote_code=bool(trust_remote_code)
             )
+        head = find_head(model, len(id2label))
+        _NEW_HEADS[model] = (head,) if head else ()  # random like the rest of the backbone
     else:
         report = _HeadOnlyLoadReport()
         transformers_logger = logging.getLogger("transformers.modeling_utils")
@@ -142,6 +185,7 @@ def build_base_model(
             ) from None
         finally:
             transformers_logger.removeFilter(report)
+        _NEW_HEADS[model] = tuple(sorted(report.heads))
         if report.heads and not trained_head:
             unused = f"; unused checkpoint weights: {', '.join(report.unused)}" if report.unused else ""
             logger.info(

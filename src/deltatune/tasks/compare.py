@@ -66,7 +66,26 @@ def plan_runs(
             runs.append(base(None, baseline=kind))
     if "random" in baselines:
         runs += [run for method in methods for run in each(method, random_backbone=True)]
-    return runs
+    return _distinct(runs)
+
+
+def _distinct(runs: list[RunSpec]) -> list[RunSpec]:
+    """``runs`` with each run once: a method or value given twice (``lora LoRA``, ``--loraplus_lr_ratio 4
+    4.0``, ``lora dora --use_dora``) names the same run and folder, so it runs once (said in one line).
+
+    Raises:
+        ValueError: when two different runs would share one folder.
+    """
+    kept: dict[str, RunSpec] = {}
+    for spec in runs:
+        folder = _slug(spec.name)
+        if folder not in kept:
+            kept[folder] = spec
+        elif kept[folder].identity() != spec.identity():
+            raise ValueError(f"two different runs would both be named {spec.name!r}; give them other values")
+        else:
+            logger.warning("compare: %s was given twice; it runs once", spec.name)
+    return list(kept.values())
 
 
 def _release_memory() -> None:

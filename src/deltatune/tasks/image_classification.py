@@ -34,7 +34,7 @@ from ..train.outputs import write_run_record
 from ..train.precision import forward_gflop, resolve_precision
 from ..train.run import PeakMemory, fit_batch, logged_final_evaluation, planned_steps
 from ..train.trainer import DeltaTrainer
-from .classifier import build_base_model, find_head, portable_model_name
+from .classifier import build_base_model, check_new_heads_saved, find_head, new_heads, portable_model_name
 from .data_init import attach_configured, sample_batches
 from .report import card_config, write_outputs, write_run_report
 from .results import EvalPredictions, PredictionRecorder, final_evaluation_step
@@ -273,8 +273,11 @@ def attach_adapter(
     kwargs = {**adapter_defaults(method.name, head, total_steps, spec.adapter_kwargs), **spec.adapter_kwargs}
     config = method.make_config(**kwargs)
     config.check_fits_run(total_steps)
+    fresh = new_heads(base)
     model = attach_configured(base, config, sample)  # get_peft_model names the base as loaded, as PEFT does
-    config.base_model_name_or_path = portable_model_name(spec.model)  # no path of this machine
+    check_new_heads_saved(model, fresh, num_labels, spec.model)
+    # no path of this machine; none for a random backbone, whose weights are not the named model's
+    config.base_model_name_or_path = None if spec.random_backbone else portable_model_name(spec.model)
     return model
 
 
@@ -360,6 +363,7 @@ def run_metrics(
         "method": spec.method or spec.baseline,
         "kind": "adapter" if spec.method else "baseline",
         "random_backbone": spec.random_backbone,
+        **({"backbone_seed": trainer.args.seed} if spec.random_backbone else {}),  # how to rebuild it
         "base_model": portable_model_name(spec.model),
         "dataset": spec.dataset,
         "num_train": len(bundle.train),

@@ -66,10 +66,22 @@ def base_model_source(adapter_dir: str, model: str | None) -> tuple[str, str]:
     if model:
         return model, "--model"
     _require_adapter_dir(adapter_dir)
-    base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    base = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path or _random_backbone_model(
+        adapter_dir
+    )
     if not base:
         raise ValueError(f"{adapter_dir}/{CONFIG_NAME} names no base_model_name_or_path; pass --model")
     return base, f"the adapter's base model (base_model_name_or_path in {adapter_dir}/{CONFIG_NAME})"
+
+
+def _random_backbone_model(adapter_dir: str) -> str | None:
+    """The model whose architecture a random-backbone run rebuilt (its run record's ``model``): the adapter
+    config of such a run names no ``base_model_name_or_path``, as no pretrained weights were used."""
+    path = os.path.join(adapter_dir, RUN_RECORD_NAME)
+    record = read_json(path, "run record") if os.path.isfile(path) else None
+    if isinstance(record, dict) and record.get("random_backbone") and isinstance(record.get("model"), str):
+        return str(record["model"])
+    return None
 
 
 def load_trained(
@@ -100,7 +112,8 @@ def load_trained(
     if os.path.isfile(record_path):
         loaded = read_json(record_path, "run record")
         record = loaded if isinstance(loaded, dict) else {}
-    base_id = model or config.base_model_name_or_path
+    random_backbone = bool(record.get("random_backbone"))
+    base_id = model or config.base_model_name_or_path or _random_backbone_model(adapter_dir)
     if not base_id:
         raise ValueError(f"{adapter_dir}/{CONFIG_NAME} names no base_model_name_or_path; pass --model")
     if model is None and os.path.isabs(base_id) and not os.path.exists(base_id):
@@ -113,7 +126,6 @@ def load_trained(
                 "the base model's folder or hub id"
             )
     seed = int(record.get("seed", 42))
-    random_backbone = bool(record.get("random_backbone"))
     if random_backbone:
         logger.warning(
             "%s was trained on a randomly initialised backbone (a baseline run): its base model is rebuilt "

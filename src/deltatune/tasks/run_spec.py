@@ -9,7 +9,7 @@ from typing import Any
 import transformers
 
 from .._defaults import GUIDE_DATASET, GUIDE_MODEL, GUIDE_TARGETS, GUIDE_TRAINING_DEFAULTS
-from ..registry import get_method
+from ..registry import get_method, spec_for
 from ..train.outputs import training_identity
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "GUIDE_TRAINING_DEFAULTS",
     "RunSpec",
     "adapter_defaults",
+    "canonical_method",
     "run_record",
 ]
 
@@ -65,6 +66,10 @@ class RunSpec:
     optimizer: dict[str, Any] = field(default_factory=dict)
     label: str = ""
 
+    def __post_init__(self) -> None:
+        if self.method is not None:  # named as what trains: `lora` with use_dora=True is `dora`
+            self.method, self.adapter_kwargs = canonical_method(self.method, self.adapter_kwargs)
+
     @property
     def name(self) -> str:
         base = self.method or str(self.baseline)
@@ -105,6 +110,20 @@ def run_record(
     folder: the :class:`RunSpec`, the seed, the precision asked for and every training argument that can
     change the result (see :func:`deltatune.train.outputs.training_identity`)."""
     return {**spec.record(), "seed": args.seed, "precision": precision, "training": training_identity(args)}
+
+
+def canonical_method(method: str, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The registered method that ``given`` makes of ``method`` -- ``lora`` with ``use_dora=True`` trains DoRA,
+    so it is ``dora``; ``dora`` with ``use_dora=False`` is ``lora`` -- and ``given`` without the settings that
+    name already implies (so ``--method lora --use_dora`` is the same run as ``--method dora``). A method or
+    settings the registry cannot resolve are returned unchanged (the run reports the error)."""
+    try:
+        spec = get_method(method)
+        chosen = spec_for(spec.make_config(**given))
+    except (ValueError, TypeError):
+        return method, given
+    missing = object()
+    return chosen.name, {k: v for k, v in given.items() if chosen.config_defaults.get(k, missing) != v}
 
 
 def adapter_defaults(
