@@ -134,6 +134,19 @@ def test_a_random_backbone_run_says_so_and_its_card_code_reproduces_it(
     torch.testing.assert_close(theirs, ours)
 
 
+def test_a_random_backbone_merge_card_names_the_random_backbone(
+    assets: dict[str, str], tmp_path: Path
+) -> None:
+    """Merged, a random-backbone adapter's card says what it was merged into (its config names no base)."""
+    run = Path(assets["model"]).parent / "random-run"
+    if not run.exists():
+        assert main(train_argv(assets, run, "--random_backbone", "--seed", "1")) == 0
+    assert main(["merge", "--adapter", str(run), "--output", str(tmp_path / "m")]) == 0
+    card = (tmp_path / "m" / "README.md").read_text()
+    title = next(line for line in card.splitlines() if line.startswith("# "))
+    assert "random backbone" in title and "seed 1" in title and "`?`" not in title, title
+
+
 # ---- F1 -----------------------------------------------------------------------------------------
 def test_compare_runs_a_method_or_value_given_twice_once(
     assets: dict[str, str], caplog: pytest.LogCaptureFixture

@@ -228,13 +228,14 @@ def merged_model_card(info: dict[str, Any]) -> str:
     """The README.md of a merged model folder (``deltatune merge``): a plain transformers classifier.
 
     Args:
-        info: ``base_model`` (its name or path as recorded), ``method`` (the display name, ``"LoRA"``),
+        info: ``base_model`` (its name or path as recorded; None for a random backbone, named by
+            ``base_display``), ``method`` (the display name, ``"LoRA"``),
             ``method_name`` (the registry's name, ``"lora"``, the card's tag),
             ``adapter`` (the adapter folder's name), ``num_labels`` and, when known, ``accuracy`` and
             ``dataset``; ``trained_on`` (the adapter's recorded base) when the adapter was merged into
             another base than the one it was trained on: the card says so, and quotes no accuracy.
     """
-    base = model_display_name(info["base_model"])
+    base = info.get("base_display") or model_display_name(info["base_model"])
     method = str(info.get("method") or "adapter")
     method_name = str(info.get("method_name") or "adapter")
     metadata = {
@@ -305,6 +306,11 @@ def _run_metrics(path: str) -> dict[str, Any]:
         )
     if isinstance(dataset, str) and dataset.strip():
         found["dataset"] = dataset
+    seed, model = metrics.get("backbone_seed"), metrics.get("base_model")
+    if isinstance(seed, int) and not isinstance(seed, bool) and isinstance(model, str) and model.strip():
+        found["random_backbone"] = (
+            f"random backbone ({model_display_name(model)}'s architecture, seed {seed})"
+        )
     elif dataset is not None:
         logger.warning("ignored dataset %.40r in %s (not a name)", dataset, path)
     return found
@@ -349,6 +355,9 @@ def write_merged_model_card(
         "num_labels": num_labels,
     }
     info.update(_run_metrics(os.path.join(adapter_dir, "metrics.json")))
+    random_backbone = info.pop("random_backbone", None)
+    if random_backbone and not base_model:  # trained on, and merged into, a random init (its run says so)
+        info["base_model"], info["base_display"] = None, random_backbone
     if other:
         logger.warning(
             "merged into %s, not the adapter's recorded base %s (base_model_name_or_path in %s): the card "
