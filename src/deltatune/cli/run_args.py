@@ -27,6 +27,7 @@ from .flags import adapter_kwargs_for, closest_flags
 from .init_options import check_run_options, optimizer_kwargs, optimizer_methods
 from .run_options import build_run_parser, recipe_defaults
 from .run_parser import CommandError, help_method
+from .run_values import check_training_values
 
 #: Spellings people bring from other tools → the option they mean (difflib finds mistypings, not these).
 SPELLINGS = {
@@ -177,6 +178,7 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         )
     training_kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
     _do_flags(training_kwargs)
+    check_training_values(training_kwargs, options)
     try:  # fail before any data or model is loaded
         check_request(bool(training_kwargs.get("bf16")), bool(training_kwargs.get("fp16")), options.precision)
     except ValueError as err:

@@ -1,0 +1,76 @@
+"""The numeric training options and the contradictory flag pairs of ``deltatune train``/``compare`` are
+refused when the command line is parsed (one line naming the flag, the value and the valid range, exit 2),
+before the output folder is touched; nothing here trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deltatune.cli import main
+from deltatune.cli.run_args import parse_run
+from deltatune.cli.run_parser import CommandError
+
+
+def _one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("deltatune: error: ") and "usage:" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--learning_rate", "-1"], "--learning_rate -1: must be a finite number > 0"),
+        (["--learning_rate", "nan"], "--learning_rate nan: must be a finite number > 0"),
+        (["--learning_rate", "inf"], "--learning_rate inf: must be a finite number > 0"),
+        (["--learning_rate", "0"], "--learning_rate 0: must be a finite number > 0"),
+        (
+            ["--per_device_eval_batch_size", "0"],
+            "--per_device_eval_batch_size 0: must be a whole number of at least 1",
+        ),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be a whole number"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be a whole number"),
+        (["--max_grad_norm", "nan"], "--max_grad_norm nan: must be a finite number >= 0"),
+        (["--weight_decay", "-0.1"], "--weight_decay -0.1: must be a finite number >= 0"),
+        (["--warmup_steps", "-2"], "--warmup_steps -2: must be a finite number >= 0"),
+        (["--num_train_epochs", "nan"], "--num_train_epochs nan: must be a finite number"),
+        (["--adam_beta2", "1"], "--adam_beta2 1: must be a number from 0 up to"),
+        (
+            ["--logging_strategy", "steps", "--logging_steps", "0"],
+            "--logging_steps 0: must be a finite number > 0",
+        ),
+    ],
+)
+def test_numeric_training_options_out_of_range_are_refused_when_parsed(
+    flags: list[str], message: str
+) -> None:
+    with pytest.raises(CommandError) as info:
+        parse_run("train", [*flags, "--output_dir", "unused"])
+    assert str(info.value).startswith(message), info.value
+
+
+def test_accepted_edges_and_both_recipes_defaults() -> None:
+    parse_run("train", ["--output_dir", "unused"])
+    parse_run("train", ["--model", "m", "--dataset", "d", "--output_dir", "unused"])  # the guide recipe
+    parse_run("compare", ["--output_dir", "unused"])
+    edges = parse_run(
+        "train",
+        ["--max_grad_norm", "0", "--weight_decay", "0", "--warmup_steps", "0.1", "--output_dir", "unused"],
+    ).training_args
+    assert (edges.max_grad_norm, edges.weight_decay) == (0.0, 0.0)
+    with pytest.raises(CommandError, match="^--full_learning_rate -3: must be a finite number > 0"):
+        parse_run("compare", ["--full_learning_rate", "-3", "--output_dir", "unused"])
+
+
+def test_a_refused_value_exits_2_in_one_line_and_leaves_no_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bad"
+    assert main(["train", "--learning_rate", "-1", "--output_dir", str(out)]) == 2
+    assert "--learning_rate -1: must be a finite number > 0" in _one_line(capsys.readouterr().err)
+    assert main(["train", "--per_device_train_batch_size", "0", "--output_dir", str(out)]) == 2
+    assert "--per_device_train_batch_size 0" in _one_line(capsys.readouterr().err)
+    assert not out.exists()
