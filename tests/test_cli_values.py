@@ -61,7 +61,7 @@ def test_accepted_edges_and_both_recipes_defaults() -> None:
         ["--max_grad_norm", "0", "--weight_decay", "0", "--warmup_steps", "0.1", "--output_dir", "unused"],
     ).training_args
     assert (edges.max_grad_norm, edges.weight_decay) == (0.0, 0.0)
-    with pytest.raises(CommandError, match="^--full_learning_rate -3: must be a finite number > 0"):
+    with pytest.raises(CommandError, match=r"^--full_learning_rate -3: must be a finite number > 0"):
         parse_run("compare", ["--full_learning_rate", "-3", "--output_dir", "unused"])
 
 
@@ -74,3 +74,33 @@ def test_a_refused_value_exits_2_in_one_line_and_leaves_no_folder(
     assert main(["train", "--per_device_train_batch_size", "0", "--output_dir", str(out)]) == 2
     assert "--per_device_train_batch_size 0" in _one_line(capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "start"),
+    [
+        (["--num_train_epochs", "0"], "--num_train_epochs 0 trains nothing"),
+        (["--num_train_epochs", "-1"], "--num_train_epochs -1 trains nothing"),
+        (
+            ["--max_steps", "-5", "--num_train_epochs", "0"],
+            "--max_steps -5 with --num_train_epochs 0 trains nothing",
+        ),
+    ],
+)
+def test_a_run_of_no_length_is_refused_when_parsed(flags: list[str], start: str) -> None:
+    with pytest.raises(CommandError) as info:
+        parse_run("train", [*flags, "--output_dir", "unused"])
+    assert str(info.value).startswith(start) and "--do_train false" in str(info.value)
+
+
+def test_a_run_with_a_length_or_without_training_is_accepted() -> None:
+    assert (
+        parse_run(
+            "train", ["--max_steps", "3", "--num_train_epochs", "0", "--output_dir", "u"]
+        ).training_args.max_steps
+        == 3
+    )
+    evaluate_only = parse_run(
+        "train", ["--num_train_epochs", "0", "--do_train", "false", "--output_dir", "u"]
+    )
+    assert evaluate_only.training_args.do_train is False

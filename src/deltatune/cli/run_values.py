@@ -80,10 +80,10 @@ def check_training_values(training: dict[str, Any], options: Any = None) -> None
     for name, (low, low_ok, high, high_ok, rule) in _RANGES.items():
         if training.get(name) is None:
             continue
-        value = _number(name, training[name])
-        if math.isnan(value) or value < low or value > high or (value == low and not low_ok):
+        number = _number(name, training[name])
+        if math.isnan(number) or number < low or number > high or (number == low and not low_ok):
             raise _fail(name, training[name], rule)
-        if (value == high and not high_ok) or (math.isinf(value) and "finite" in rule):
+        if (number == high and not high_ok) or (math.isinf(number) and "finite" in rule):
             raise _fail(name, training[name], rule)
     full = getattr(options, "full_learning_rate", None)
     if full is not None and not (math.isfinite(full) and full > 0):
@@ -108,3 +108,24 @@ def check_training_values(training: dict[str, Any], options: Any = None) -> None
                 f"must be a finite number > 0 with --{strategy} steps (a step count, or below 1 a fraction "
                 "of the steps)",
             )
+    _check_length(training)
+
+
+def _check_length(training: dict[str, Any]) -> None:
+    """A training run must have a length: ``--max_steps`` > 0, or else ``--num_train_epochs`` > 0."""
+    if training.get("do_train") is False:
+        return
+    max_steps = training.get("max_steps")
+    max_steps = -1 if max_steps is None else max_steps
+    epochs = training.get("num_train_epochs")
+    if max_steps > 0 or epochs is None or epochs > 0:
+        return
+    if max_steps == -1:
+        raise CommandError(
+            f"--num_train_epochs {_plain(epochs)} trains nothing; pass a number of epochs > 0 (or --max_steps N "
+            "> 0), or --do_train false to only evaluate the model as loaded"
+        )
+    raise CommandError(
+        f"--max_steps {max_steps} with --num_train_epochs {_plain(epochs)} trains nothing; pass --max_steps N > 0 "
+        "or --num_train_epochs > 0, or --do_train false to only evaluate the model as loaded"
+    )
