@@ -104,3 +104,28 @@ def test_a_run_with_a_length_or_without_training_is_accepted() -> None:
         "train", ["--num_train_epochs", "0", "--do_train", "false", "--output_dir", "u"]
     )
     assert evaluate_only.training_args.do_train is False
+
+
+@pytest.mark.parametrize(
+    "flags", [["--save_strategy", "no"], ["--eval_strategy", "no"], ["--save_strategy", "steps"]]
+)
+def test_the_recipes_load_best_model_gives_way_to_the_users_strategies(
+    flags: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="deltatune"):
+        args = parse_run("train", [*flags, "--output_dir", "unused"]).training_args
+    assert args.load_best_model_at_end is False
+    assert (
+        f"{flags[0]} {flags[1]}: load_best_model_at_end (the recipe's default) is turned off" in caplog.text
+    )
+
+
+def test_an_explicit_load_best_model_with_strategies_it_cannot_use_names_both_flags() -> None:
+    with pytest.raises(CommandError) as info:
+        parse_run("train", ["--save_strategy", "no", "--load_best_model_at_end", "--output_dir", "unused"])
+    assert str(info.value).startswith(
+        "--load_best_model_at_end needs a checkpoint saved at every evaluation, but --save_strategy no"
+    )
+    assert parse_run(
+        "train", ["--save_strategy", "best", "--output_dir", "u"]
+    ).training_args.load_best_model_at_end

@@ -120,6 +120,42 @@ def _do_flags(training_kwargs: dict[str, Any]) -> tuple[bool, bool]:
     return do_train, do_eval
 
 
+def _best_model_follows_strategies(training_kwargs: dict[str, Any], argv: list[str]) -> None:
+    """``load_best_model_at_end`` (on in both recipes) needs the save and eval strategies to match (or
+    ``--save_strategy best``): when the user's strategies do not, the recipe's default gives way with a
+    notice; a ``--load_best_model_at_end`` the user typed is refused naming both flags.
+
+    Raises:
+        CommandError: for an explicit ``--load_best_model_at_end`` with strategies it cannot work with.
+    """
+    if not training_kwargs.get("load_best_model_at_end"):
+        return
+    save = str(getattr(training_kwargs.get("save_strategy"), "value", training_kwargs.get("save_strategy")))
+    evaluation = str(
+        getattr(training_kwargs.get("eval_strategy"), "value", training_kwargs.get("eval_strategy"))
+    )
+    if save == "best" or save == evaluation:
+        return
+    typed = _given(argv, "--save_strategy", "--save-strategy")
+    flag = f"--save_strategy {save}" if typed or evaluation != "no" else f"--eval_strategy {evaluation}"
+    if typed is None and _given(argv, "--eval_strategy", "--eval-strategy", "--evaluation_strategy"):
+        flag = f"--eval_strategy {evaluation}"
+    if _given(argv, "--load_best_model_at_end", "--load-best-model-at-end"):
+        raise CommandError(
+            f"--load_best_model_at_end needs a checkpoint saved at every evaluation, but {flag} leaves save: {save}, "
+            f"eval: {evaluation}; pass matching --save_strategy and --eval_strategy, --save_strategy best, or "
+            "drop --load_best_model_at_end"
+        )
+    training_kwargs["load_best_model_at_end"] = False
+    logger.info(
+        "%s: load_best_model_at_end (the recipe's default) is turned off, as it needs a checkpoint saved at "
+        "every evaluation (save: %s, eval: %s); the final adapter is the last step's",
+        flag,
+        save,
+        evaluation,
+    )
+
+
 def parse_run(command: str, argv: list[str]) -> ParsedRun:
     """Parses ``deltatune train``/``compare`` arguments (nothing is loaded; see :func:`check_sources`).
 
@@ -198,6 +234,7 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         if not explicit:
             training_kwargs.pop("eval_strategy", None)  # a recipe default gives way to the old spelling
         training_kwargs = map_legacy_kwargs(training_kwargs)
+    _best_model_follows_strategies(training_kwargs, argv)
     push = bool(training_kwargs.get("push_to_hub"))
     training_kwargs["push_to_hub"] = False  # deltatune uploads the final adapter itself
     try:
