@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny import write_train_val_assets
 
 from deltatune.cli import main
 from deltatune.cli.run_args import parse_run
@@ -129,3 +130,25 @@ def test_an_explicit_load_best_model_with_strategies_it_cannot_use_names_both_fl
     assert parse_run(
         "train", ["--save_strategy", "best", "--output_dir", "u"]
     ).training_args.load_best_model_at_end
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return write_train_val_assets(tmp_path_factory.mktemp("values"))
+
+
+@pytest.mark.parametrize("data_flag", ["--dataset", "--train_dir", "--validation_dir"])
+def test_an_output_dir_inside_an_image_folder_is_refused(
+    data_flag: str, assets: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = assets["val"] if data_flag == "--validation_dir" else assets["train"]
+    link = tmp_path / "link"
+    link.symlink_to(folder)  # a symlink to the folder is the folder
+    data = ["--train_dir", assets["train"], "--validation_dir", assets["val"]]
+    if data_flag == "--dataset":
+        data = ["--dataset", assets["train"]]
+    argv = ["train", "--model", assets["model"], *data, "--output_dir", str(link / "out1")]
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"is inside {data_flag} " in line and str(Path(folder).resolve()) in line, line
+    assert not (Path(folder) / "out1").exists()

@@ -20,6 +20,7 @@ from .checks import (
     check_dataset_source,
     check_folder,
     check_model_source,
+    check_output_outside,
     check_report_to,
     hub_status,
 )
@@ -264,6 +265,9 @@ def check_sources(parsed: ParsedRun, argv: list[str]) -> None:
     check_model_source(parsed.model, _given(argv, "--model", "--model_name_or_path"))
     if o.train_dir is None:
         check_dataset_source(parsed.dataset, _given(argv, "--dataset", "--dataset_name") or "--dataset")
+    data_flag = "--train_dir" if o.train_dir is not None else _given(argv, "--dataset", "--dataset_name")
+    folders = [(data_flag or "--dataset", parsed.dataset), ("--validation_dir", o.validation_dir)]
+    check_output_outside(str(parsed.training_args.output_dir), folders)
 
 
 def run_spec(parsed: ParsedRun, method: str | None, strict: bool = True, **overrides: Any) -> RunSpec:
