@@ -152,3 +152,32 @@ def test_an_output_dir_inside_an_image_folder_is_refused(
     line = _one_line(capsys.readouterr().err)
     assert f"is inside {data_flag} " in line and str(Path(folder).resolve()) in line, line
     assert not (Path(folder) / "out1").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "start"),
+    [
+        (
+            ["--model", "a", "--model_name_or_path", "b"],
+            "--model a and --model_name_or_path b name the same option",
+        ),
+        (["--dataset", "a", "--dataset_name", "b"], "--dataset a and --dataset_name b name the same option"),
+        (["--r", "2", "--rank", "8"], "--r 2 and --rank 8 name the same option"),
+        (["--lora_alpha", "8", "--alpha", "32"], "--alpha 32.0 and --lora_alpha 8.0 name the same option"),
+    ],
+)
+def test_two_spellings_of_one_option_with_different_values_are_refused(flags: list[str], start: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_run("train", [*flags, "--output_dir", "unused"])
+    assert str(info.value).startswith(start), info.value
+    parse_run(
+        "train", [*flags[:2], flags[2], flags[1], "--output_dir", "unused"]
+    )  # the same value twice is fine
+
+
+def test_validation_split_with_validation_dir_is_refused(assets: dict[str, str]) -> None:
+    with pytest.raises(CommandError, match=r"^--validation_split is unused with --validation_dir"):
+        parse_run(
+            "train",
+            ["--train_dir", assets["train"], "--validation_dir", assets["val"], "--validation_split", "0.5"],
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import os
 import shlex
@@ -157,6 +158,38 @@ def _best_model_follows_strategies(training_kwargs: dict[str, Any], argv: list[s
     )
 
 
+def _refuse_two_spellings(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Refuses two spellings of one option (``--model`` and ``--model_name_or_path``, ``--r`` and ``--rank``)
+    given different values: argparse would keep the last one silently.
+
+    Raises:
+        CommandError: naming both spellings and their values.
+    """
+    seen: dict[str, tuple[str, list[str]]] = {}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        name, _, inline = arg.partition("=")
+        action = parser._option_string_actions.get(name)
+        if action is None or action.nargs == 0:
+            continue
+        values = (
+            [inline] if inline else list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1 :]))
+        )
+        dest = action.dest
+        if (
+            dest in seen
+            and seen[dest][0].replace("-", "_") != name.replace("-", "_")
+            and seen[dest][1] != values
+        ):
+            first, earlier = seen[dest]
+            raise CommandError(
+                f"{first} {' '.join(earlier)} and {name} {' '.join(values)} name the same option with different "
+                "values; pass one of them"
+            )
+        seen.setdefault(dest, (name, values))
+
+
 def parse_run(command: str, argv: list[str]) -> ParsedRun:
     """Parses ``deltatune train``/``compare`` arguments (nothing is loaded; see :func:`check_sources`).
 
@@ -184,6 +217,7 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
     if is_bundled_backbone(model):
         model = OFFLINE_BACKBONE_ID  # the portable name; loaders resolve it to the installed copy
     parser.set_defaults(**recipe_defaults(recipe))
+    _refuse_two_spellings(parser, argv)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         known = [s for action in parser._actions for s in action.option_strings]
@@ -197,6 +231,11 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         )
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     options = argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in fields})
+    if options.validation_dir is not None and _given(argv, "--validation_split", "--validation-split"):
+        raise CommandError(
+            "--validation_split is unused with --validation_dir (the validation images are that folder); pass "
+            "one of them"
+        )
     if options.validation_dir is not None and dataset_given is None:
         raise CommandError(
             "--validation_dir needs the training images too: pass --train_dir (or --dataset) DIR"
