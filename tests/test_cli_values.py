@@ -181,3 +181,21 @@ def test_validation_split_with_validation_dir_is_refused(assets: dict[str, str])
             "train",
             ["--train_dir", assets["train"], "--validation_dir", assets["val"], "--validation_split", "0.5"],
         )
+
+
+def test_a_run_that_stopped_before_saving_anything_does_not_block_another(tmp_path: Path) -> None:
+    from deltatune.train.outputs import OutputDirError, prepare_output_dir, write_run_record
+
+    out = tmp_path / "run"
+    out.mkdir()
+    write_run_record(out, {"kind": "train", "training": {"learning_rate": 5.0}}, "running")
+    (out / "train.log").write_text("the run stopped: ValueError\n")
+    assert (
+        prepare_output_dir(str(out), {"kind": "train", "training": {"learning_rate": 0.001}}, False, None)
+        is None
+    )
+    assert list(out.iterdir()) == []
+    write_run_record(out, {"kind": "train", "training": {"learning_rate": 5.0}}, "running")
+    (out / "checkpoint-1").mkdir()  # it saved something: still refused
+    with pytest.raises(OutputDirError, match="different run"):
+        prepare_output_dir(str(out), {"kind": "train", "training": {"learning_rate": 0.001}}, False, None)
