@@ -29,6 +29,7 @@ __all__ = [
     "PositiveInt",
     "check_dataset_source",
     "check_model_source",
+    "check_output_outside",
     "check_report_to",
     "hub_status",
     "positive_int",
@@ -273,3 +274,26 @@ def check_folder(value: str | None, flag: str) -> None:
         raise CommandError(
             f"{flag} {value!r}: no such directory; pass an image folder (one subfolder per class)"
         )
+
+
+def check_output_outside(output_dir: str, folders: list[tuple[str, str | None]]) -> None:
+    """Refuses an ``--output_dir`` that is, or is inside, an image folder of the run (symlinks and relative
+    paths resolved): the run's PNGs would become a new class of that dataset on the next run.
+
+    Args:
+        output_dir: The run's output folder (it may not exist yet).
+        folders: (flag as typed, value) of the data folders; values that are not local folders are skipped.
+
+    Raises:
+        CommandError: naming both paths.
+    """
+    out = os.path.realpath(os.path.expanduser(output_dir))
+    for flag, value in folders:
+        if value is None or not Path(value).expanduser().is_dir():
+            continue
+        data = os.path.realpath(os.path.expanduser(value))
+        if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
+            raise CommandError(
+                f"--output_dir {output_dir!r} ({out}) is inside {flag} {value!r} ({data}): the run's files would "
+                "become images of that dataset; choose an --output_dir outside the image folders"
+            )

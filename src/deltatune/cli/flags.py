@@ -242,7 +242,13 @@ def adapter_kwargs_for(method: str, namespace: argparse.Namespace, strict: bool 
         if not hasattr(namespace, flag):
             continue
         if field is not None:
-            out[field] = getattr(namespace, flag)
+            value = getattr(namespace, flag)
+            if field in out and out[field] != value:
+                raise ValueError(
+                    f"--{flag} {value} and --{field} {out[field]} name the same option with different values; "
+                    "pass one of them"
+                )
+            out[field] = value
         elif strict:
             raise ValueError(f"--{flag}: {method} has no {lacks}")
     for name in ("exclude_modules", "layers_pattern", *spec.config_cls.MODULE_LIST_FIELDS):

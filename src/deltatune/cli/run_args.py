@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import os
 import shlex
@@ -20,6 +21,7 @@ from .checks import (
     check_dataset_source,
     check_folder,
     check_model_source,
+    check_output_outside,
     check_report_to,
     hub_status,
 )
@@ -27,6 +29,7 @@ from .flags import adapter_kwargs_for, closest_flags
 from .init_options import check_run_options, optimizer_kwargs, optimizer_methods
 from .run_options import build_run_parser, recipe_defaults
 from .run_parser import CommandError, help_method
+from .run_values import check_training_values
 
 #: Spellings people bring from other tools → the option they mean (difflib finds mistypings, not these).
 SPELLINGS = {
@@ -119,6 +122,74 @@ def _do_flags(training_kwargs: dict[str, Any]) -> tuple[bool, bool]:
     return do_train, do_eval
 
 
+def _best_model_follows_strategies(training_kwargs: dict[str, Any], argv: list[str]) -> None:
+    """``load_best_model_at_end`` (on in both recipes) needs the save and eval strategies to match (or
+    ``--save_strategy best``): when the user's strategies do not, the recipe's default gives way with a
+    notice; a ``--load_best_model_at_end`` the user typed is refused naming both flags.
+
+    Raises:
+        CommandError: for an explicit ``--load_best_model_at_end`` with strategies it cannot work with.
+    """
+    if not training_kwargs.get("load_best_model_at_end"):
+        return
+    save = str(getattr(training_kwargs.get("save_strategy"), "value", training_kwargs.get("save_strategy")))
+    evaluation = str(
+        getattr(training_kwargs.get("eval_strategy"), "value", training_kwargs.get("eval_strategy"))
+    )
+    if save == "best" or save == evaluation:
+        return
+    typed = _given(argv, "--save_strategy", "--save-strategy")
+    flag = f"--save_strategy {save}" if typed or evaluation != "no" else f"--eval_strategy {evaluation}"
+    if typed is None and _given(argv, "--eval_strategy", "--eval-strategy", "--evaluation_strategy"):
+        flag = f"--eval_strategy {evaluation}"
+    if _given(argv, "--load_best_model_at_end", "--load-best-model-at-end"):
+        raise CommandError(
+            f"--load_best_model_at_end needs a checkpoint saved at every evaluation, but {flag} leaves save: {save}, "
+            f"eval: {evaluation}; pass matching --save_strategy and --eval_strategy, --save_strategy best, or "
+            "drop --load_best_model_at_end"
+        )
+    training_kwargs["load_best_model_at_end"] = False
+    logger.info(
+        "%s: load_best_model_at_end (the recipe's default) is turned off, as it needs a checkpoint saved at "
+        "every evaluation (save: %s, eval: %s); the final adapter is the last step's",
+        flag,
+        save,
+        evaluation,
+    )
+
+
+def _refuse_two_spellings(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Refuses two spellings of one option (``--model`` and ``--model_name_or_path``, ``--r`` and ``--rank``)
+    given different values: argparse would keep the last one silently.
+
+    Raises:
+        CommandError: naming both spellings and their values.
+    """
+    seen: dict[str, tuple[str, list[str]]] = {}
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        name, _, inline = arg.partition("=")
+        action = parser._option_string_actions.get(name)
+        if action is None or action.nargs == 0:
+            continue
+        values = (
+            [inline] if inline else list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1 :]))
+        )
+        dest = action.dest
+        if (
+            dest in seen
+            and seen[dest][0].replace("-", "_") != name.replace("-", "_")
+            and seen[dest][1] != values
+        ):
+            first, earlier = seen[dest]
+            raise CommandError(
+                f"{first} {' '.join(earlier)} and {name} {' '.join(values)} name the same option with different "
+                "values; pass one of them"
+            )
+        seen.setdefault(dest, (name, values))
+
+
 def parse_run(command: str, argv: list[str]) -> ParsedRun:
     """Parses ``deltatune train``/``compare`` arguments (nothing is loaded; see :func:`check_sources`).
 
@@ -146,6 +217,7 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
     if is_bundled_backbone(model):
         model = OFFLINE_BACKBONE_ID  # the portable name; loaders resolve it to the installed copy
     parser.set_defaults(**recipe_defaults(recipe))
+    _refuse_two_spellings(parser, argv)
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
         known = [s for action in parser._actions for s in action.option_strings]
@@ -159,6 +231,11 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         )
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     options = argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k not in fields})
+    if options.validation_dir is not None and _given(argv, "--validation_split", "--validation-split"):
+        raise CommandError(
+            "--validation_split is unused with --validation_dir (the validation images are that folder); pass "
+            "one of them"
+        )
     if options.validation_dir is not None and dataset_given is None:
         raise CommandError(
             "--validation_dir needs the training images too: pass --train_dir (or --dataset) DIR"
@@ -177,6 +254,7 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         )
     training_kwargs = {k: v for k, v in vars(namespace).items() if k in fields}
     _do_flags(training_kwargs)
+    check_training_values(training_kwargs, options)
     try:  # fail before any data or model is loaded
         check_request(bool(training_kwargs.get("bf16")), bool(training_kwargs.get("fp16")), options.precision)
     except ValueError as err:
@@ -196,6 +274,7 @@ def parse_run(command: str, argv: list[str]) -> ParsedRun:
         if not explicit:
             training_kwargs.pop("eval_strategy", None)  # a recipe default gives way to the old spelling
         training_kwargs = map_legacy_kwargs(training_kwargs)
+    _best_model_follows_strategies(training_kwargs, argv)
     push = bool(training_kwargs.get("push_to_hub"))
     training_kwargs["push_to_hub"] = False  # deltatune uploads the final adapter itself
     try:
@@ -225,6 +304,9 @@ def check_sources(parsed: ParsedRun, argv: list[str]) -> None:
     check_model_source(parsed.model, _given(argv, "--model", "--model_name_or_path"))
     if o.train_dir is None:
         check_dataset_source(parsed.dataset, _given(argv, "--dataset", "--dataset_name") or "--dataset")
+    data_flag = "--train_dir" if o.train_dir is not None else _given(argv, "--dataset", "--dataset_name")
+    folders = [(data_flag or "--dataset", parsed.dataset), ("--validation_dir", o.validation_dir)]
+    check_output_outside(str(parsed.training_args.output_dir), folders)
 
 
 def run_spec(parsed: ParsedRun, method: str | None, strict: bool = True, **overrides: Any) -> RunSpec:

@@ -314,6 +314,14 @@ def prepare_output_dir(
                     "training arguments, so it cannot be checked to be this run: pass --overwrite_output_dir to "
                     "replace it, or choose another --output_dir"
                 )
+            if differences and _stopped_before_saving(previous, entries):
+                logger.info(
+                    "--output_dir %s: replacing an unfinished run that saved nothing (%s)",
+                    directory,
+                    "; ".join(differences[:4]),
+                )
+                _remove_run_files(directory, entries)
+                entries, differences = [], []
             if differences:
                 listed = "; ".join(differences[:4]) + (
                     f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
@@ -351,6 +359,12 @@ def prepare_output_dir(
             )
         return str(resume)
     return _resolve(directory, resume)
+
+
+def _stopped_before_saving(previous: dict[str, Any], entries: list[str]) -> bool:
+    """A run that stopped before saving anything (only its record, status not finished, and its log): nothing
+    to resume or keep, so another run may take the folder."""
+    return previous.get("status") != "finished" and set(entries) <= {RUN_RECORD_NAME, LOG_NAME}
 
 
 def _check_foreign_checkpoint(checkpoint: str, run_dir: str, record: dict[str, Any]) -> None:
