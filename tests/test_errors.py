@@ -58,6 +58,16 @@ def test_invalid_config_values(factory, fragments):
         assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
+def test_a_target_that_modules_to_save_rules_out_is_named_as_such():
+    """``--target_modules classifier`` with the head in modules_to_save: the message said the name "matched no
+    module" and listed ``classifier`` as the closest name; it now says why it is not targeted."""
+    with pytest.raises(ValueError) as info:
+        get_peft_model(tiny_vit(), LoraConfig(target_modules=["classifier"], modules_to_save=["classifier"]))
+    message = str(info.value)
+    assert "'classifier': matches ['classifier'], which modules_to_save" in message, message
+    assert "closest ['classifier'" not in message, message
+
+
 def test_target_modules_matching_nothing_lists_closest_names():
     with pytest.raises(ValueError) as info:
         get_peft_model(tiny_vit(), LoraConfig(target_modules=["q_prj"]))

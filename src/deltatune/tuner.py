@@ -356,8 +356,17 @@ class AdapterModel(AdapterSwitching, nn.Module):
         targets = config.target_modules
         entries = [targets] if isinstance(targets, str) else sorted(targets or [])
         hints = {e: closest_names(e, names) for e in entries}
+        excluded = [n for n in names if is_excluded(config, self.name_variants(n))]
+        ruled_out = {  # an entry that names modules only exclude_modules / modules_to_save keep from targeting
+            e: [n for n in excluded if any(match_list_entry(v, e) for v in self.name_variants(n))]
+            for e in entries
+        }
         hint_text = "; ".join(
-            f"{e!r}: closest {h}" if h else f"{e!r}: no similar name" for e, h in hints.items()
+            f"{e!r}: matches {ruled_out[e][:3]}, which modules_to_save (trained in full) or exclude_modules keeps "
+            "from being targeted; target other layers"
+            if ruled_out[e]
+            else (f"{e!r}: closest {h}" if h else f"{e!r}: no similar name")
+            for e, h in hints.items()
         )
         supported = spec_for(config).supported_layers
         leaves = sorted(
@@ -365,7 +374,6 @@ class AdapterModel(AdapterSwitching, nn.Module):
         )
         kinds = "/".join(t.__name__ for t in supported)
         # PEFT's first sentence for its three cases (its users and tests match on it), then deltatune's hints
-        excluded = [n for n in names if is_excluded(config, self.name_variants(n))]
         if excluded and len(excluded) == len(names):
             lead = (
                 "All modules were excluded. This is likely unintended: check target_modules, exclude_modules "
