@@ -175,6 +175,15 @@ def test_two_spellings_of_one_option_with_different_values_are_refused(flags: li
     )  # the same value twice is fine
 
 
+def test_two_spellings_compare_as_the_option_reads_them(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--r 2 --rank 02`` is one value; ``--rank 2.0`` is argparse's invalid int, not "different values"."""
+    parsed = parse_run("train", ["--r", "2", "--rank", "02", "--output_dir", "unused"])
+    assert parsed.options.r == 2
+    with pytest.raises(CommandError) as info:
+        parse_run("train", ["--r", "2", "--rank", "2.0", "--output_dir", "unused"])
+    assert "invalid int value: '2.0'" in str(info.value) and "same option" not in str(info.value), info.value
+
+
 def test_validation_split_with_validation_dir_is_refused(assets: dict[str, str]) -> None:
     with pytest.raises(CommandError, match=r"^--validation_split is unused with --validation_dir"):
         parse_run(

@@ -158,6 +158,18 @@ def _best_model_follows_strategies(training_kwargs: dict[str, Any], argv: list[s
     )
 
 
+def _as_parsed(action: argparse.Action, values: list[str]) -> list[object] | None:
+    """The values as the option's type reads them (``--lora_alpha 16`` and ``--alpha 16.0`` agree); None where
+    the type refuses one (argparse then reports that value itself)."""
+    convert = action.type if callable(action.type) else None
+    if convert is None:
+        return list(values)
+    try:
+        return [convert(value) for value in values]
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        return None
+
+
 def _refuse_two_spellings(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     """Refuses two spellings of one option (``--model`` and ``--model_name_or_path``, ``--r`` and ``--rank``)
     given different values: argparse would keep the last one silently.
@@ -177,12 +189,11 @@ def _refuse_two_spellings(parser: argparse.ArgumentParser, argv: list[str]) -> N
             [inline] if inline else list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1 :]))
         )
         dest = action.dest
-        if (
-            dest in seen
-            and seen[dest][0].replace("-", "_") != name.replace("-", "_")
-            and seen[dest][1] != values
-        ):
+        if dest in seen and seen[dest][0].replace("-", "_") != name.replace("-", "_"):
             first, earlier = seen[dest]
+            before, now = _as_parsed(action, earlier), _as_parsed(action, values)
+            if before is None or now is None or before == now:
+                continue
             raise CommandError(
                 f"{first} {' '.join(earlier)} and {name} {' '.join(values)} name the same option with different "
                 "values; pass one of them"
