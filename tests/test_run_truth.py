@@ -97,6 +97,25 @@ def test_lora_with_use_dora_is_named_dora_everywhere(assets: dict[str, str]) -> 
     assert plain.method == "lora"  # what trains is plain LoRA
 
 
+def test_a_folder_recorded_as_lora_with_use_dora_is_still_the_same_run(
+    assets: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Records written before runs were named after what trains said ``lora`` with ``use_dora``: the same
+    command finds its own run there (to resume), not "a different run"."""
+    out = tmp_path / "run"
+    argv = [*train_argv(assets, out, "--method", "lora", "--use_dora"), "--max_steps", "1"]
+    assert main(argv) == 0
+    record_path = out / "deltatune_run.json"
+    record = json.loads(record_path.read_text())
+    assert record["method"] == "dora" and "use_dora" not in record["adapter_kwargs"]
+    record["method"], record["adapter_kwargs"]["use_dora"] = "lora", True  # as the earlier version wrote it
+    record_path.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "already holds this run, finished" in err and "different run" not in err, err
+
+
 # ---- F21 ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("library", ["deltatune", "peft"])
 def test_a_random_backbone_run_says_so_and_its_card_code_reproduces_it(

@@ -93,6 +93,7 @@ def _skipped_line(metrics: dict[str, Any]) -> str:
 
 def train(argv: list[str]) -> int:
     from ..tasks.image_classification import run_record, run_training
+    from ..tasks.run_spec import upgrade_record
     from ..train.lock import run_lock
     from ..train.outputs import prepare_output_dir
     from .output import EpochReporter, run_log
@@ -116,6 +117,7 @@ def train(argv: list[str]) -> int:
                 parsed.options.overwrite_output_dir,
                 args.resume_from_checkpoint,
                 main_process,
+                upgrade=upgrade_record,
             )
         with run_log(out, enabled=main_process):
             if main_process:

@@ -21,6 +21,7 @@ __all__ = [
     "adapter_defaults",
     "canonical_method",
     "run_record",
+    "upgrade_record",
 ]
 
 
@@ -124,6 +125,17 @@ def canonical_method(method: str, given: dict[str, Any]) -> tuple[str, dict[str,
         return method, given
     missing = object()
     return chosen.name, {k: v for k, v in given.items() if chosen.config_defaults.get(k, missing) != v}
+
+
+def upgrade_record(previous: dict[str, Any]) -> dict[str, Any]:
+    """A run record in today's terms: its method and adapter settings through :func:`canonical_method`, as a
+    run names itself now (records written before that named ``--method lora --use_dora`` ``lora``), so that
+    folder can still be resumed. Anything else is returned as it was."""
+    method, given = previous.get("method"), previous.get("adapter_kwargs")
+    if not isinstance(method, str) or not isinstance(given, dict):
+        return previous
+    method, given = canonical_method(method, given)
+    return {**previous, "method": method, "adapter_kwargs": given}
 
 
 def adapter_defaults(

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -246,7 +247,12 @@ def _wants_resume(resume: Any) -> bool:
 
 
 def prepare_output_dir(
-    directory: str, record: dict[str, Any], overwrite: bool, resume: Any, main_process: bool = True
+    directory: str,
+    record: dict[str, Any],
+    overwrite: bool,
+    resume: Any,
+    main_process: bool = True,
+    upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> str | None:
     """Checks that ``directory`` can take the run ``record`` describes, cleans it when asked, and resolves
     ``resume`` (see the module docstring for the rules). Call it while holding the folder's
@@ -259,6 +265,8 @@ def prepare_output_dir(
         resume: ``--resume_from_checkpoint``: None/False, ``"true"`` (the newest complete checkpoint) or a path.
         main_process: False on the other processes of a torchrun/accelerate run: the folder is neither
             checked nor cleaned, only ``resume`` is resolved (process 0 has checked it first).
+        upgrade: Rewrites a record an earlier version wrote into today's terms before it is compared (the
+            caller knows what its records name: ``--method lora --use_dora`` was recorded as ``lora``).
 
     Returns:
         The checkpoint to resume from (None to start fresh).
@@ -294,6 +302,8 @@ def prepare_output_dir(
     previous = read_json(record_path, "run record") if os.path.isfile(record_path) else None
     if previous is not None and not isinstance(previous, dict):
         previous = None
+    if previous is not None and upgrade is not None:
+        previous = upgrade(previous)
     if entries and previous is None:
         foreign = [e for e in entries if e != LOG_NAME]
         if foreign:
@@ -350,7 +360,9 @@ def prepare_output_dir(
     if explicit:
         inside = os.path.realpath(os.path.dirname(os.path.normpath(str(resume))))
         if inside != os.path.realpath(directory) and previous is None and not entries:
-            _check_foreign_checkpoint(str(resume), inside, record)  # into a fresh folder: the same run only
+            _check_foreign_checkpoint(
+                str(resume), inside, record, upgrade
+            )  # a fresh folder: the same run only
             return str(resume)
         if inside != os.path.realpath(directory):
             raise OutputDirError(
@@ -367,13 +379,19 @@ def _stopped_before_saving(previous: dict[str, Any], entries: list[str]) -> bool
     return previous.get("status") != "finished" and set(entries) <= {RUN_RECORD_NAME, LOG_NAME}
 
 
-def _check_foreign_checkpoint(checkpoint: str, run_dir: str, record: dict[str, Any]) -> None:
+def _check_foreign_checkpoint(
+    checkpoint: str,
+    run_dir: str,
+    record: dict[str, Any],
+    upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None,
+) -> None:
     """A checkpoint of another folder may start a fresh folder only when its run is this run (when its
     folder's run record says so; a checkpoint without one is the user's call)."""
     path = os.path.join(run_dir, RUN_RECORD_NAME)
     owner = read_json(path, "run record") if os.path.isfile(path) else None
     if not isinstance(owner, dict):
         return
+    owner = owner if upgrade is None else upgrade(owner)
     differences = run_differences(owner, record)
     if differences:
         raise OutputDirError(
