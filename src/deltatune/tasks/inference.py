@@ -191,7 +191,8 @@ def _base_labels(base_id: str | None) -> dict[int, str] | None:
 def _label_maps(adapter_dir: str, base_id: str | None) -> dict[int, str]:
     """The adapter's class names: its ``labels.json`` (written by ``deltatune train``), or for an adapter
     saved otherwise (PEFT's ``save_pretrained``) the base model config's ``id2label`` when it is complete and
-    fits the head saved with the adapter (said in one line); else a one-line error naming what is missing."""
+    fits the head saved with the adapter, or where the config names no classes, transformers' ``LABEL_i`` for
+    each output of that head (either said in one line); else a one-line error naming what is missing."""
     from ..train.checkpoint import LABELS_NAME, saved_head_size
 
     if os.path.isfile(os.path.join(adapter_dir, LABELS_NAME)):
@@ -207,6 +208,17 @@ def _label_maps(adapter_dir: str, base_id: str | None) -> dict[int, str]:
             base_id,
         )
         return labels
+    if labels is None and head is not None and head >= 2:
+        logger.warning(
+            "%s has no %s and the base model's config names no classes: the %d classes are called LABEL_0.."
+            "LABEL_%d, as transformers calls them; write %s into the adapter folder to name them",
+            adapter_dir,
+            LABELS_NAME,
+            head,
+            head - 1,
+            LABELS_NAME,
+        )
+        return {i: f"LABEL_{i}" for i in range(head)}
     found = (
         "its config names no complete id2label"
         if labels is None
