@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+from .excess import excess_table
+
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -217,6 +219,7 @@ def format_report(result: dict[str, Any], methods: list[str]) -> str:
             merged_table,
         ),
         ("memory", "Peak memory of a training step", memory_table),
+        ("excess", "Cost above the floor, adjacent single steps (see benchmarks/excess.py)", excess_table),
     )
     for key, title, table in sections:
         if key in result:

@@ -5,6 +5,7 @@ Run from the repository root::
     python -m benchmarks.run                 # ViT-Small shape, batch 8, all four methods (a few minutes)
     python -m benchmarks.run --quick         # smoke run: batch 2, fewer repeats
     python -m benchmarks.run --model base --json results.json
+    python -m benchmarks.run --workloads excess --threads 1 --timer cpu --pairs 30   # cost above the floor
 
 Timings are interleaved: every repeat runs each variant in turn (the order rotates between repeats) so that
 machine noise hits every side alike; the tables show medians over all measured steps. Peak memory is
@@ -33,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
 
 import torch
 
+from .excess import bench_excess
 from .report import format_report
 from .workloads import (
     LIBRARIES,
@@ -48,6 +50,8 @@ from .workloads import (
     train_step,
 )
 
+WORKLOADS = ("train", "infer", "merged", "memory", "excess")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
@@ -59,13 +63,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--workloads",
         default="train,infer,merged,memory",
-        help="comma-separated subset of train,infer,merged,memory",
+        help="comma-separated subset of train,infer,merged,memory,excess (excess: each method's cost above the "
+        "floor, adjacent single steps, --pairs groups; see benchmarks/excess.py)",
     )
     p.add_argument(
         "--pairs",
         type=int,
         default=None,
-        help="merged: alternating base/merged pairs (default 30; 6 with --quick)",
+        help="merged: alternating base/merged pairs; excess: groups per method (default 30; 6 with --quick)",
     )
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5; 2 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round (default 3)")
@@ -93,6 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.threads = args.threads or len(os.sched_getaffinity(0))
     args.methods = [m for m in args.methods.split(",") if m]
     args.workloads = [w for w in args.workloads.split(",") if w]
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
@@ -387,12 +395,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": environment(args),
     }
     t0 = time.perf_counter()
-    if {"train", "infer", "merged"} & set(args.workloads):
+    if {"train", "infer", "merged", "excess"} & set(args.workloads):
         base = build_base(settings)
         variants = {n: build_variant(n, base, settings) for n in names}
         del base
         if "train" in args.workloads:
             result["train"] = bench_train(variants, args, settings)
+        if "excess" in args.workloads:
+            pixels, labels = make_inputs(settings)
+            clock = time.process_time if args.timer == "cpu" else time.perf_counter
+            result["excess"] = bench_excess(
+                variants,
+                lambda n, c: timed(lambda: train_step(variants[n], pixels, labels, settings), settings, c),
+                args.methods,
+                args.pairs,
+                args.warmup,
+                clock,
+            )
         keep = variant_names(args.methods, False, "infer")
         if "infer" in args.workloads:
             result["infer"] = bench_infer({n: variants[n] for n in keep}, args, settings)

@@ -135,3 +135,32 @@ def test_excess_ratio_pairs_rounds() -> None:
     b = {"median": 1.2, "rounds": [1.2, 2.4, 1.4]}
     assert excess_ratio(a, b, base) == pytest.approx(0.5)  # per round 0.5, 0.5, 0.25: the median
     assert excess_ratio({"median": 1.1}, {"median": 1.3}, {"median": 1.0}) == pytest.approx(1 / 3)
+
+
+def test_fraction_interval_is_a_ratio_of_mean_excesses_with_a_bootstrap_interval() -> None:
+    from benchmarks.excess import fraction_interval
+
+    floor = [1.0, 2.0, 1.0, 1.5]
+    ours = [1.1, 2.1, 1.05, 1.55]  # excess 0.1, 0.1, 0.05, 0.05: mean 0.075
+    theirs = [1.3, 2.2, 1.2, 1.8]  # excess 0.3, 0.2, 0.2, 0.3: mean 0.25
+    fraction, low, high = fraction_interval(ours, theirs, floor)
+    assert fraction == pytest.approx(0.3)
+    assert 1 / 6 <= low <= fraction <= high <= 0.5  # every resample lies between the extreme groups
+    at_floor = fraction_interval(ours, floor, floor)  # peft never above the floor: no finite fraction
+    assert at_floor[0] == math.inf
+
+
+@pytest.mark.slow
+def test_excess_benchmark_smoke() -> None:
+    result = run.main(
+        ["--quick", "--model", "tiny", "--workloads", "excess", "--methods", "lora,dora", "--threads", "1"]
+    )
+    for method in ("lora", "dora"):
+        row = result["excess"][method]
+        assert row["groups"] == 6 and len(row["times"]["floor"]) == 6
+        assert row["dt_floor"] > 0 and row["peft_floor"] > 0 and len(row["interval"]) == 2
+    assert (
+        "above_bound_fraction" in result["excess"]["dora"]
+        and "floor-dora" in result["excess"]["dora"]["times"]
+    )
+    assert "above_bound_fraction" not in result["excess"]["lora"]
