@@ -112,7 +112,7 @@ class SaveLoadMixin(nn.Module):
         Args:
             save_directory: Target directory (created); non-default adapters go to ``<dir>/<name>``.
             safe_serialization: safetensors (default) or a legacy ``adapter_model.bin``.
-            selected_adapters: Adapters to save (default all).
+            selected_adapters: Adapters to save (None: all; an empty list: none, as PEFT).
             save_embedding_layers: Also save the full input/output embedding weights: ``"auto"`` when an
                 embedding layer is targeted (``embed_tokens``, ``lm_head``), ``True`` or ``False``.
             is_main_process: Only the main process writes (distributed training).
@@ -129,10 +129,11 @@ class SaveLoadMixin(nn.Module):
             raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file, not a directory")
         if not is_main_process:
             return
-        names = selected_adapters or list(self.peft_config)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)  # []: none
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"no adapters named {unknown}; adapters: {sorted(self.peft_config)}")
+        os.makedirs(save_directory, exist_ok=True)
         for name in names:
             directory = os.path.join(save_directory, name) if name != "default" else os.fspath(save_directory)
             os.makedirs(directory, exist_ok=True)
