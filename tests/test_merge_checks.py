@@ -140,6 +140,8 @@ def test_a_corrupt_metrics_json_never_blocks_the_merge_nor_reaches_the_card(
     assert "accuracy" not in card.lower() and "nan" not in card and "inf" not in card, card
     warnings = [r.getMessage() for r in caplog.records if "metrics.json" in r.getMessage()]
     assert len([w for w in warnings if ignored in w]) == 1, warnings
+    dataset_warnings = [w for w in warnings if "ignored dataset" in w]
+    assert len(dataset_warnings) == (1 if '"dataset": 5' in text else 0), warnings  # "data" is a name (U4)
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 

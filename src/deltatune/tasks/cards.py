@@ -306,13 +306,13 @@ def _run_metrics(path: str) -> dict[str, Any]:
         )
     if isinstance(dataset, str) and dataset.strip():
         found["dataset"] = dataset
+    elif dataset is not None:
+        logger.warning("ignored dataset %.40r in %s (not a name)", dataset, path)
     seed, model = metrics.get("backbone_seed"), metrics.get("base_model")
     if isinstance(seed, int) and not isinstance(seed, bool) and isinstance(model, str) and model.strip():
         found["random_backbone"] = (
             f"random backbone ({model_display_name(model)}'s architecture, seed {seed})"
         )
-    elif dataset is not None:
-        logger.warning("ignored dataset %.40r in %s (not a name)", dataset, path)
     return found
 
 
