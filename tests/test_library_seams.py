@@ -4,15 +4,20 @@ findings): what ``save_pretrained`` writes for a selection of adapters, ..."""
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from tiny import tiny_vit
+from torch import nn
 
 import deltatune as dt
+import deltatune.functional
 
 peft = pytest.importorskip("peft")
+pytest.importorskip("peft.functional")
 
 
 @pytest.mark.parametrize("library", [dt, peft], ids=["deltatune", "peft"])
@@ -47,3 +52,55 @@ def test_checkpointing_on_before_wrapping_still_trains_the_adapters(library: obj
     assert all(
         p.grad.abs().sum() > 0 for n, p in wrapped.named_parameters() if "lora_B" in n
     )  # A's: B is zero
+
+
+def _two_layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("library", [dt, peft], ids=["deltatune", "peft"])
+@pytest.mark.parametrize("second_target", ["0", "2"])
+def test_a_second_injected_adapter_is_active_and_trainable(library: Any, second_target: str) -> None:
+    """As a fresh tuner in PEFT: the adapter injected last runs (the earlier one no longer does) and trains; the
+    earlier one stays trainable; the functional helpers switch back."""
+    model, x = _two_layers(), torch.randn(3, 4)
+    config = partial(library.LoraConfig, r=2, init_lora_weights=False)
+    library.inject_adapter_in_model(config(target_modules=["0"]), model, adapter_name="first")
+    with_first = model(x)
+    library.inject_adapter_in_model(config(target_modules=[second_target]), model, adapter_name="second")
+    assert not torch.allclose(model(x), with_first)
+    grads = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+    assert all(grads.values()) and any(".second." in n for n in grads)
+    library.functional.set_adapter(model, "first")
+    torch.testing.assert_close(model(x), with_first)
+    library.functional.set_requires_grad(model, "second", requires_grad=False)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".second." in n)
+    library.functional.delete_adapter(model, "second", prefix="lora_")
+    assert not any(".second." in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(model(x), with_first)
+
+
+@pytest.mark.parametrize("library", [dt, peft], ids=["deltatune", "peft"])
+def test_cast_adapter_dtype_upcasts_half_adapter_tensors(library: Any) -> None:
+    model = _two_layers().to(torch.bfloat16)
+    library.inject_adapter_in_model(library.LoraConfig(r=2, target_modules=["0"]), model)
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(torch.bfloat16)
+    library.functional.cast_adapter_dtype(model, "default")
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+
+
+@pytest.mark.parametrize("library", [dt, peft], ids=["deltatune", "peft"])
+def test_inject_with_a_state_dict_adapts_the_modules_it_names(library: Any) -> None:
+    """A checkpoint without its config: its keys say which modules hold the adapter, whatever the config says."""
+    model, x = _two_layers(), torch.randn(3, 4)
+    before = model(x)
+    sd = {"2.lora_A.weight": torch.ones(2, 4), "2.lora_B.weight": torch.ones(2, 2)}
+    with pytest.warns(RuntimeWarning, match="config"):
+        library.inject_adapter_in_model(library.LoraConfig(r=2, target_modules=["0"]), model, state_dict=sd)
+    assert [n for n, m in model.named_modules() if hasattr(m, "lora_A")] == ["2"]
+    result = library.set_peft_model_state_dict(model, sd)
+    assert not result.unexpected_keys
+    assert not torch.allclose(model(x), before)

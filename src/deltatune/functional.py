@@ -9,11 +9,13 @@ dicts for custom training loops, FSDP and integrations.
   with the original key names (no adapter tensors, no ``base_layer.``).
 
 Each accepts a :class:`~deltatune.PeftModel`, its tuner, or a plain model prepared with
-:func:`inject_adapter_in_model`.
+:func:`inject_adapter_in_model`; :func:`set_adapter`, :func:`delete_adapter`, :func:`set_requires_grad` and
+:func:`cast_adapter_dtype` manage the adapters of such a model (PEFT's ``peft.functional``).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from typing import Any
@@ -22,7 +24,9 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, TargetingConfig
+from .layer_types import is_linear_like
 from .layers import AdapterLayer
+from .matching import match_target
 from .modules_to_save import ModulesToSaveWrapper
 from .registry import spec_for
 from .serialization import (
@@ -38,12 +42,16 @@ from .tuner import AdapterModel
 
 __all__ = [
     "EMBEDDING_LAYER_NAMES",
+    "cast_adapter_dtype",
+    "delete_adapter",
     "get_base_model_state_dict",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "resolve_save_embedding_layers",
+    "set_adapter",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
+    "set_requires_grad",
     "tuner_of",
 ]
 
@@ -89,19 +97,30 @@ def inject_adapter_in_model(
     """Wraps the targets of ``peft_config`` in adapter layers, in place, and returns ``model``.
 
     The model keeps its class and forward; ``model.peft_config`` maps adapter names to configs. Calling it
-    again with another name adds an adapter. With ``low_cpu_mem_usage`` the adapter tensors are created on the
-    ``meta`` device (:func:`set_peft_model_state_dict` materialises them); ``state_dict`` is accepted for
-    PEFT's signature.
+    again with another name adds an adapter and, as in PEFT, makes it the active one, trainable unless its
+    config has ``inference_mode`` (the earlier adapters keep their ``requires_grad``; :func:`set_adapter`
+    switches). With ``low_cpu_mem_usage`` the adapter tensors are created on the ``meta`` device
+    (:func:`set_peft_model_state_dict` materialises them). With ``state_dict`` (an adapter checkpoint, e.g. one
+    saved without its config) the modules its keys name are adapted instead of the config's targets, with a
+    warning where the two differ (PEFT's rule; only the keys are read, the stored config then names those
+    modules).
 
     Raises:
         TypeError: for a config that is not one of deltatune's adapter configs.
-        ValueError: as :func:`~deltatune.get_peft_model` does for invalid targets.
+        ValueError: as :func:`~deltatune.get_peft_model` does for invalid targets; for ``state_dict`` with a
+            config that uses ``target_parameters``.
     """
     if not isinstance(peft_config, TargetingConfig):
         raise TypeError(f"expected a deltatune adapter config, got {type(peft_config).__name__}")
+    if state_dict is not None:
+        peft_config = _config_from_state_dict(model, peft_config, state_dict)
     tuner = model.__dict__.get("_deltatune_tuner")
     if isinstance(tuner, AdapterModel):
+        trainable = [p for p in model.parameters() if p.requires_grad]
         tuner.inject_adapter(adapter_name, peft_config, low_cpu_mem_usage=low_cpu_mem_usage)
+        tuner.set_adapter(adapter_name, inference_mode=bool(peft_config.inference_mode))
+        for p in trainable:  # what was trainable stays so, as in PEFT
+            p.requires_grad_(True)
     else:
         tuner = tuner_class(peft_config)(
             model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
@@ -110,6 +129,102 @@ def inject_adapter_in_model(
         object.__setattr__(model, "_deltatune_tuner", tuner)
     object.__setattr__(model, "peft_config", tuner.peft_config)
     return model
+
+
+def _config_from_state_dict(
+    model: nn.Module, config: TargetingConfig, state_dict: dict[str, torch.Tensor]
+) -> TargetingConfig:
+    """A copy of ``config`` that targets exactly the modules named by ``state_dict``'s adapter keys."""
+    if getattr(config, "target_parameters", None):
+        raise ValueError(
+            "inject_adapter_in_model(state_dict=...) cannot be used with a config that sets target_parameters; "
+            "inject without the state_dict"
+        )
+    marker = "." + spec_for(config).prefix
+    wanted = {k.rsplit(marker, 1)[0].removeprefix("_orig_mod.") for k in state_dict if marker in k}
+    if not wanted:
+        raise ValueError(
+            f"inject_adapter_in_model: the state_dict holds no adapter keys (none contains {marker!r})"
+        )
+    modules = dict(model.named_modules())
+    wanted = {n.removeprefix(PREFIX) if n not in modules else n for n in wanted}
+    from_config = {
+        n
+        for n, m in modules.items()
+        if n and match_target(config, [n], is_linear_like(m), lambda: False) is not None
+    }
+    found = wanted & set(modules)
+    if found != from_config:
+        warnings.warn(
+            "inject_adapter_in_model: the state_dict names other modules than the config targets; adapting the "
+            f"state_dict's. Only in the config: {sorted(from_config - found)}; only in the state_dict: "
+            f"{sorted(found - from_config)}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    narrowed = copy.copy(config)
+    narrowed.target_modules = "|".join(re.escape(n) for n in sorted(wanted)) or None
+    narrowed.exclude_modules = None
+    if hasattr(narrowed, "layers_to_transform"):
+        narrowed.layers_to_transform = None
+    return narrowed
+
+
+def set_adapter(
+    model: nn.Module,
+    adapter_name: str | list[str],
+    inference_mode: bool = False,
+    layer_cls: type | None = None,
+) -> None:
+    """Makes ``adapter_name`` (one name or a list) the active adapters of ``model``, trainable unless
+    ``inference_mode`` (PEFT's ``peft.functional.set_adapter``; ``layer_cls`` is accepted for its signature).
+
+    Raises:
+        ValueError: for an unknown adapter name, or a model without deltatune adapters.
+    """
+    tuner, _ = tuner_of(model)
+    tuner.set_adapter(adapter_name, inference_mode=inference_mode)
+
+
+def delete_adapter(
+    model: nn.Module, adapter_name: str, prefix: str | None = None, layer_cls: type | None = None
+) -> list[str] | None:
+    """Removes ``adapter_name`` from every layer of ``model`` (and from ``model.peft_config``); returns the
+    active adapters left, or None when there are none (PEFT's ``peft.functional.delete_adapter``; ``prefix``
+    and ``layer_cls`` are accepted for its signature).
+
+    Raises:
+        ValueError: for an unknown adapter name, or a model without deltatune adapters.
+    """
+    tuner, _ = tuner_of(model)
+    tuner.delete_adapter(adapter_name)
+    return tuner.active_adapters or None
+
+
+def set_requires_grad(model: nn.Module, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+    """Turns gradients of the named adapters (active or not, ``modules_to_save`` copies included) on or off
+    (PEFT's ``peft.functional.set_requires_grad``).
+
+    Raises:
+        ValueError: for an unknown adapter name, or a model without deltatune adapters.
+    """
+    tuner, _ = tuner_of(model)
+    tuner.set_requires_grad(adapter_names, requires_grad)
+
+
+def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """Casts ``adapter_name``'s float16/bfloat16 tensors to float32 (PEFT's ``peft.functional.cast_adapter_dtype``);
+    nothing when ``autocast_adapter_dtype`` is False.
+
+    Raises:
+        ValueError: for a model without deltatune adapters.
+    """
+    tuner, _ = tuner_of(model)
+    if not autocast_adapter_dtype:
+        return
+    for _, layer in tuner.adapter_layers():
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in layer.adapter_parameters(adapter_name)):
+            layer.cast_adapter(adapter_name, torch.float32)
 
 
 def resolve_save_embedding_layers(tuner: AdapterModel, config: TargetingConfig, choice: bool | str) -> bool:
