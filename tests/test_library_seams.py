@@ -104,3 +104,18 @@ def test_inject_with_a_state_dict_adapts_the_modules_it_names(library: Any) -> N
     result = library.set_peft_model_state_dict(model, sd)
     assert not result.unexpected_keys
     assert not torch.allclose(model(x), before)
+
+
+@pytest.mark.parametrize("library", [dt, peft], ids=["deltatune", "peft"])
+def test_load_adapter_is_trainable_makes_the_new_adapter_trainable(library: Any, tmp_path: Path) -> None:
+    """peft 0.21: the loaded adapter requires grad at once (still inactive); the active one keeps training."""
+    library.get_peft_model(_two_layers(), library.LoraConfig(r=2, target_modules=["2"])).save_pretrained(
+        tmp_path
+    )
+    model = library.get_peft_model(_two_layers(), library.LoraConfig(r=2, target_modules=["0"]))
+    model.load_adapter(tmp_path, adapter_name="other", is_trainable=True)
+    assert model.active_adapters == ["default"]
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    assert model.get_nb_trainable_parameters() == (28, 58)
+    model.load_adapter(tmp_path, adapter_name="frozen")
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".frozen." in n)
