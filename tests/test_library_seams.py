@@ -119,3 +119,15 @@ def test_load_adapter_is_trainable_makes_the_new_adapter_trainable(library: Any,
     assert model.get_nb_trainable_parameters() == (28, 58)
     model.load_adapter(tmp_path, adapter_name="frozen")
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".frozen." in n)
+
+
+def test_unload_after_merge_adapter_gives_back_the_original_weights() -> None:
+    """Differs from peft on purpose (README "Where deltatune differs on purpose"): ``unload()`` never keeps a
+    merge, whether or not ``merge_adapter()`` ran; peft's keeps the merged weights."""
+    original = _two_layers()[0].weight.detach().clone()
+    model = dt.get_peft_model(
+        _two_layers(), dt.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    )
+    model.merge_adapter()
+    assert not torch.allclose(model.base_model.model[0].base_layer.weight, original)
+    torch.testing.assert_close(model.unload()[0].weight, original)
