@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import tiny_vit
+from safetensors.torch import load_file
+from tiny import tiny_llama, tiny_vit
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import deltatune as dt
 import deltatune.functional
@@ -131,3 +133,23 @@ def test_unload_after_merge_adapter_gives_back_the_original_weights() -> None:
     model.merge_adapter()
     assert not torch.allclose(model.base_model.model[0].base_layer.weight, original)
     torch.testing.assert_close(model.unload()[0].weight, original)
+
+
+@pytest.mark.parametrize("library", [dt, peft], ids=["deltatune", "peft"])
+def test_auto_saves_the_embeddings_of_a_resized_vocabulary(library: Any, tmp_path: Path) -> None:
+    """New tokens' rows are random: without the saved embeddings a reload draws others (other logits)."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+
+    def resized() -> nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        model.resize_token_embeddings(60, mean_resizing=False)
+        return model
+
+    model = library.get_peft_model(resized(), library.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="resized"):
+        model.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {"base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"} <= set(saved)
+    reloaded = library.PeftModel.from_pretrained(resized(), tmp_path / "adapter")
+    ids = torch.tensor([[1, 2, 55, 59]])
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._files import resolve_file
 from .config import PeftConfig, TargetingConfig
 from .layer_types import is_linear_like
 from .layers import AdapterLayer
@@ -229,7 +230,7 @@ def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dty
 
 def resolve_save_embedding_layers(tuner: AdapterModel, config: TargetingConfig, choice: bool | str) -> bool:
     """PEFT's ``save_embedding_layers``: ``"auto"`` saves them when ``target_modules`` names an embedding layer
-    (``embed_tokens``, ``lm_head``), with a warning; True needs a transformers-style model (else a warning)."""
+    (``embed_tokens``, ``lm_head``) or the model's ``vocab_size`` differs from its base's, with a warning; True needs a transformers-style model (else a warning)."""
     peft_type = str(getattr(config.peft_type, "value", config.peft_type))
     if choice == "auto" and (
         peft_type == "TRAINABLE_TOKENS" or getattr(config, "trainable_token_indices", None) is not None
@@ -246,12 +247,13 @@ def resolve_save_embedding_layers(tuner: AdapterModel, config: TargetingConfig, 
             )
         else:
             targeted = targets is not None and any(e in targets for e in EMBEDDING_LAYER_NAMES)
-        if not targeted:
+        if targeted:
+            reason = "embedding layers found in `target_modules`"
+        elif _vocabulary_resized(tuner.model, config.base_model_name_or_path):
+            reason = "the embedding layer has been resized during finetuning"
+        else:
             return False
-        warnings.warn(
-            "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
-            stacklevel=4,
-        )
+        warnings.warn(f"Setting `save_embedding_layers` to `True` as {reason}.", stacklevel=4)
         choice = True
     if choice and not embedding_module_names(tuner.model):
         warnings.warn(
@@ -260,6 +262,21 @@ def resolve_save_embedding_layers(tuner: AdapterModel, config: TargetingConfig, 
         )
         return False
     return bool(choice)
+
+
+def _vocabulary_resized(model: nn.Module, base_id: str | None) -> bool:
+    """Whether the model's ``vocab_size`` differs from its base's config (a local folder, or a Hub id already in
+    the local cache: saving never goes to the network)."""
+    model_config = getattr(model, "config", None)
+    vocab = getattr(model_config, "vocab_size", None)
+    if not vocab or not base_id:
+        return False
+    try:
+        resolve_file(base_id, "config.json", local_files_only=True)
+        base = type(model_config).from_pretrained(base_id, local_files_only=True)
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+    return bool(getattr(base, "vocab_size", vocab) != vocab)
 
 
 def get_peft_model_state_dict(
