@@ -267,7 +267,7 @@ def resolve_save_embedding_layers(tuner: AdapterModel, config: TargetingConfig, 
 def _vocabulary_resized(model: nn.Module, base_id: str | None) -> bool:
     """Whether the model's ``vocab_size`` differs from its base's config (a local folder, or a Hub id already in
     the local cache: saving never goes to the network)."""
-    model_config = getattr(model, "config", None)
+    model_config: Any = getattr(model, "config", None)
     vocab = getattr(model_config, "vocab_size", None)
     if not vocab or not base_id:
         return False
