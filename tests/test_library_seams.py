@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import tiny_llama, tiny_vit
+from tokenizers import Tokenizer, models
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import deltatune as dt
 import deltatune.functional
@@ -153,3 +154,28 @@ def test_auto_saves_the_embeddings_of_a_resized_vocabulary(library: Any, tmp_pat
     reloaded = library.PeftModel.from_pretrained(resized(), tmp_path / "adapter")
     ids = torch.tensor([[1, 2, 55, 59]])
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("library", [dt, peft], ids=["deltatune", "peft"])
+def test_auto_class_resizes_the_base_to_the_tokenizer_saved_with_the_adapter(
+    library: Any, tmp_path: Path
+) -> None:
+    """Added tokens, trained embeddings (``modules_to_save``), the tokenizer saved next to the adapter."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(60, mean_resizing=False)
+    config = library.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"], task_type="CAUSAL_LM"
+    )
+    trained = library.get_peft_model(model, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tied embeddings; "auto" saving the resized embeddings
+        trained.save_pretrained(tmp_path / "adapter")
+    vocab = models.WordLevel({f"w{i}": i for i in range(60)}, unk_token="w0")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(vocab), unk_token="w0").save_pretrained(
+        tmp_path / "adapter"
+    )
+    loaded = library.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert loaded.get_input_embeddings().weight.shape[0] == 60
+    ids = torch.tensor([[1, 2, 55, 59]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)

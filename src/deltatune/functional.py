@@ -302,7 +302,7 @@ def get_peft_model_state_dict(
     tensors = get_adapter_state_dict(tuner, adapter_name)
     config = tuner.peft_config[adapter_name]
     if resolve_save_embedding_layers(tuner, config, save_embedding_layers):
-        tensors.update(embedding_tensors(tuner))
+        tensors.update(embedding_tensors(tuner, adapter_name))
     if state_dict is not None:
         tensors = _values_from(tensors, state_dict, tuner, adapter_name, prefix)
     if prefix == PREFIX:
