@@ -179,3 +179,24 @@ def test_auto_class_resizes_the_base_to_the_tokenizer_saved_with_the_adapter(
     assert loaded.get_input_embeddings().weight.shape[0] == 60
     ids = torch.tensor([[1, 2, 55, 59]])
     torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("library", [dt, peft], ids=["deltatune", "peft"])
+def test_ia3_add_weighted_adapter_sums_the_vectors(library: Any) -> None:
+    """PEFT's ``IA3Model.add_weighted_adapter``: each layer's vector is the weighted sum of the adapters'."""
+    model = library.get_peft_model(
+        _two_layers(), library.IA3Config(target_modules=["0", "2"], feedforward_modules=["2"])
+    )
+    model.add_adapter("b", library.IA3Config(target_modules=["0"], feedforward_modules=[]))
+    layers = model.base_model.model
+    with torch.no_grad():
+        for i, name in ((0, "default"), (2, "default"), (0, "b")):
+            vector = layers[i].ia3_l[name]
+            vector.copy_(torch.linspace(0.5, 1.5 + i, vector.numel()).reshape(vector.shape))
+    model.add_weighted_adapter(["default", "b"], [0.3, 0.7], "mix")
+    expected0 = 0.3 * layers[0].ia3_l["default"] + 0.7 * layers[0].ia3_l["b"]
+    torch.testing.assert_close(layers[0].ia3_l["mix"], expected0)
+    torch.testing.assert_close(layers[2].ia3_l["mix"], 0.3 * layers[2].ia3_l["default"])
+    assert model.active_adapters == ["default"]
+    model.set_adapter("mix")
+    assert model(torch.ones(1, 4)).shape == (1, 2)
