@@ -200,3 +200,35 @@ def test_ia3_add_weighted_adapter_sums_the_vectors(library: Any) -> None:
     assert model.active_adapters == ["default"]
     model.set_adapter("mix")
     assert model(torch.ones(1, 4)).shape == (1, 2)
+
+
+def test_dora_full_model_state_dicts_cross_load_strictly_with_peft() -> None:
+    """``torch.save(model.state_dict())``-style checkpoints: peft's key for a magnitude
+    (``…lora_magnitude_vector.default.weight``) both ways, and deltatune's earlier key still loads."""
+
+    def make(library: Any) -> nn.Module:
+        model = _two_layers()
+        return library.get_peft_model(model, library.LoraConfig(r=2, target_modules=["0"], use_dora=True))
+
+    theirs, ours, x = make(peft), make(dt), torch.randn(3, 4)
+    with torch.no_grad():
+        theirs.base_model.model[0].lora_magnitude_vector["default"].weight.mul_(2.0)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(ours(x), theirs(x))
+    with torch.no_grad():
+        ours.base_model.model[0].lora_magnitude_vector["default"].mul_(0.5)
+    theirs.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(theirs(x), ours(x))
+    earlier = {
+        k.removesuffix("magnitude_vector.default.weight") + "magnitude_vector.default"
+        if "magnitude" in k
+        else k: v
+        for k, v in theirs.state_dict().items()
+    }
+    fresh = make(dt)
+    assert not fresh.load_state_dict(earlier).missing_keys
+    torch.testing.assert_close(fresh(x), ours(x))
+    fresh = make(dt)
+    result = fresh.load_state_dict({k: v for k, v in earlier.items() if "magnitude" not in k}, strict=False)
+    assert result.missing_keys == ["base_model.model.0.lora_magnitude_vector.default.weight"]

@@ -327,6 +327,8 @@ def _values_from(
             out[key] = tensor
         elif f"{prefix}{memory}" in state_dict:
             out[key] = state_dict[f"{prefix}{memory}"]
+        elif f"{prefix}{memory}.weight" in state_dict:  # DoRA's magnitude: PEFT's state_dict key
+            out[key] = state_dict[f"{prefix}{memory}.weight"]
     return out
 
 
