@@ -82,9 +82,8 @@ def _pair(kind_name: str, **extra: Any) -> tuple[Any, Any]:
     state = {k: v for k, v in theirs.state_dict().items() if "lora_" in k or "modules_to_save" in k}
     mine = ours.state_dict()
     with torch.no_grad():
-        for key, value in state.items():
-            target = key.replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector.default")
-            mine[target].copy_(value)
+        for key, value in state.items():  # the same state_dict keys, DoRA's magnitudes included
+            mine[key].copy_(value)
     return theirs, ours
 
 

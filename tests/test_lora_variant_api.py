@@ -143,8 +143,8 @@ def test_dora_magnitude_weight_is_the_layer_s_tensor_as_in_peft(tmp_path) -> Non
             peft_s.weight.add_(0.25)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x))
-    # the in-memory keys and the saved file are as before: the parameter itself, PEFT's saved key
-    assert "base_model.model.lin.lora_magnitude_vector.default" in ours.state_dict()
+    # state_dict() has PEFT's key (the parameter itself is named ``…default``); the saved file PEFT's saved key
+    assert "base_model.model.lin.lora_magnitude_vector.default.weight" in ours.state_dict()
     ours.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from .functional import set_peft_model_state_dict as set_peft_model_state_dict
     from .helpers import prepare_model_for_kbit_training as prepare_model_for_kbit_training
     from .methods._adalora_model import AdaLoraModel as AdaLoraModel
+    from .methods._ia3_layer import IA3Model as IA3Model
     from .methods._lora_corda import preprocess_corda as preprocess_corda
     from .methods._lora_eva import get_eva_state_dict as get_eva_state_dict
     from .methods._lora_eva import initialize_lora_eva_weights as initialize_lora_eva_weights

@@ -19,6 +19,7 @@ from torch import nn
 from ._weight_cache import set_weight_caching, weight_caching_enabled
 from .config import PeftConfig
 from .layers import AdapterLayer
+from .model import inputs_require_grad
 
 __all__ = [
     "DoraCaching",
@@ -127,19 +128,6 @@ def _quantization(model: nn.Module) -> tuple[bool, bool]:
     return kbit, own_dtype
 
 
-def _inputs_require_grad(model: nn.Module) -> None:
-    """Makes the input embedding's output require grad, so reentrant checkpointing has a grad path."""
-    enable = getattr(model, "enable_input_require_grads", None)
-    if callable(enable):
-        enable()
-        return
-
-    def require_grad(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        output.requires_grad_(True)
-
-    model.get_input_embeddings().register_forward_hook(require_grad)  # type: ignore[operator]
-
-
 def prepare_model_for_kbit_training(
     model: nn.Module,
     use_gradient_checkpointing: bool = True,
@@ -178,7 +166,7 @@ def prepare_model_for_kbit_training(
                 xpu.empty_cache()
     if (kbit or own_dtype) and use_gradient_checkpointing:
         if kwargs.get("use_reentrant", True):  # non-reentrant checkpointing needs no grad on the inputs
-            _inputs_require_grad(model)
+            inputs_require_grad(model)
         enable: Any = model.gradient_checkpointing_enable
         if "gradient_checkpointing_kwargs" in inspect.signature(enable).parameters:
             enable(gradient_checkpointing_kwargs=kwargs)

@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .layers import AdapterLayer
-from .model import PeftModel
+from .model import PeftModel, prepare_for_checkpointing
 from .model_io import adapter_config
 from .registry import available_methods, get_method, spec_for
 from .serialization import LoadResult
@@ -110,6 +110,7 @@ class PeftMixedModel(PeftModel):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         self.base_model: AdapterModel = MixedAdapterModel(model, config, adapter_name)
+        prepare_for_checkpointing(model)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """The model's forward with the active adapters (every argument goes to the model, as in PEFT)."""

@@ -212,9 +212,10 @@ class SaveLoadMixin(nn.Module):
         Args:
             model_id: Local directory or Hub repo id.
             adapter_name: Name for the adapter.
-            is_trainable: Load the adapter for training: it becomes trainable when ``set_adapter`` activates
-                it (an inactive adapter stays frozen, as in PEFT since its fix of issue 2759). Otherwise it is
-                frozen for good (a frozen model stays frozen) and the model is put in eval mode.
+            is_trainable: Load the adapter for training: a new adapter's tensors require grad at once,
+                though it stays inactive until ``set_adapter`` (as PEFT 0.21 does; other adapters keep their
+                ``requires_grad``). Otherwise it is frozen for good (a frozen model stays frozen) and the model
+                is put in eval mode.
             strict: Refuse tensors that match nothing and adapter tensors the file lacks.
             **kwargs: ``autocast_adapter_dtype`` (default True), ``ignore_mismatched_sizes``,
                 ``low_cpu_mem_usage`` (no memory for the tensors until the file fills them), ``key_mapping``
@@ -239,7 +240,9 @@ class SaveLoadMixin(nn.Module):
                 saved,
                 low_cpu_mem_usage=bool(options.get("low_cpu_mem_usage", False)),
                 autocast_adapter_dtype=options.get("autocast_adapter_dtype", True),
-            )  # not active, so frozen: set_adapter(adapter_name) makes it the trainable one
+            )  # inactive, so created frozen
+            if is_trainable:
+                self.base_model.set_requires_grad(adapter_name, True)
         else:  # reloading an existing adapter (the Trainer resuming): the saved config may adapt the tensors
             try:
                 saved = adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))

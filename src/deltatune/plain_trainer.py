@@ -84,7 +84,9 @@ def mark_trainer_found(tuner: Any, found: bool) -> None:
 
 
 def _trained_names(model: torch.nn.Module) -> set[str]:
-    return {name for name, param in model.named_parameters() if param.requires_grad}
+    """The ``state_dict()`` keys of the trained tensors (a DoRA magnitude's key is PEFT's, not its name)."""
+    state = model.state_dict(keep_vars=True)
+    return {k for k, v in state.items() if isinstance(v, torch.nn.Parameter) and v.requires_grad}
 
 
 def _save_adapter(trainer: Any, output_dir: str | None = None, state_dict: Any = None) -> None:

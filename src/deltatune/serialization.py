@@ -193,14 +193,22 @@ def embedding_module_names(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def embedding_tensors(tuner: AdapterModel) -> dict[str, torch.Tensor]:
+def embedding_tensors(tuner: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:
     """The full weights of the model's input/output embedding modules under PEFT's keys (for
-    ``save_embedding_layers``)."""
+    ``save_embedding_layers``; an embedding with a ``modules_to_save`` copy saves the saved adapter's copy
+    without its name, ``…modules_to_save.weight``, as PEFT)."""
     out: dict[str, torch.Tensor] = {}
     state = tuner.model.state_dict()
+    own = f".modules_to_save.{adapter_name}."
     for name in embedding_module_names(tuner.model):
         prefix = name + "."
-        out.update({f"{PREFIX}{k}": v for k, v in state.items() if k.startswith(prefix)})
+        out.update(
+            {
+                f"{PREFIX}{k.replace(own, '.modules_to_save.')}": v
+                for k, v in state.items()
+                if k.startswith(prefix)
+            }
+        )
     return out
 
 

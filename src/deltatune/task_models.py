@@ -13,11 +13,13 @@ Every forward takes ``adapter_names=[...]`` (one adapter per row, inference only
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 import torch
 import transformers
 
+from ._files import resolve_file
 from ._loading import MODEL_BUILD_LOCK
 from .config import PeftConfig
 from .model import PeftModel
@@ -333,6 +335,7 @@ class AutoPeftModel:
             base = target.from_pretrained(
                 peft_config.base_model_name_or_path, revision=peft_config.revision, **kwargs
             )
+        _fit_embeddings_to_saved_tokenizer(base, pretrained_model_name_or_path, revision, kwargs)
         return cls._target_peft_class.from_pretrained(
             base,
             pretrained_model_name_or_path,
@@ -340,6 +343,27 @@ class AutoPeftModel:
             is_trainable=is_trainable,
             config=config,
         )
+
+
+def _fit_embeddings_to_saved_tokenizer(
+    base: Any, adapter_dir: str | os.PathLike[str], revision: str | None, kwargs: dict[str, Any]
+) -> None:
+    """A tokenizer saved with the adapter that holds more tokens than the base's input embeddings has them
+    resized to it, as PEFT does (added tokens: the adapter's embeddings were trained for that size)."""
+    if not callable(getattr(base, "get_input_embeddings", None)):
+        return
+    try:
+        resolve_file(adapter_dir, "tokenizer_config.json", revision=revision, token=kwargs.get("token"))
+    except FileNotFoundError:
+        return
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        adapter_dir,
+        revision=revision,
+        token=kwargs.get("token"),
+        trust_remote_code=kwargs.get("trust_remote_code", False),
+    )
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
 
 
 class AutoPeftModelForCausalLM(AutoPeftModel):

@@ -9,7 +9,9 @@ and ``m[name].mul_`` all read or change what the layer uses. :class:`DoraMagnitu
 materialised on load, a move to a device whose tensors torch swaps rather than converts in place, where the
 parameter keeps its identity too). A :class:`DoraMagnitude` stays one through ``pickle``, ``torch.save`` /
 ``torch.load`` (``weights_only=True`` included: its rebuild function is one of torch's safe globals) and
-``copy.deepcopy``, where ``nn.Parameter`` would rebuild a plain parameter.
+``copy.deepcopy``, where ``nn.Parameter`` would rebuild a plain parameter. ``state_dict()`` keys are PEFT's
+(``…lora_magnitude_vector.<name>.weight``, see :class:`DoraMagnitudes`); ``named_parameters()`` keeps the
+parameter's own name.
 """
 
 from __future__ import annotations
@@ -52,7 +54,35 @@ torch.serialization.add_safe_globals([_rebuild_dora_magnitude])
 
 
 class DoraMagnitudes(nn.ParameterDict):
-    """Adapter name → :class:`DoraMagnitude` (``lora_magnitude_vector``)."""
+    """Adapter name → :class:`DoraMagnitude` (``lora_magnitude_vector``). In ``state_dict()`` each entry has
+    PEFT's key, ``…lora_magnitude_vector.<name>.weight``, so full-model checkpoints (``torch.save(model.
+    state_dict())``, accelerate, EMA copies) load strictly across the two libraries; ``load_state_dict`` takes
+    that key and the parameter's own name (``…<name>``, deltatune's earlier checkpoints)."""
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        for name, param in self._parameters.items():
+            if param is not None:
+                destination[f"{prefix}{name}.weight"] = param if keep_vars else param.detach()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        for name in self._parameters:
+            if f"{prefix}{name}.weight" in state_dict and f"{prefix}{name}" not in state_dict:
+                state_dict[f"{prefix}{name}"] = state_dict.pop(f"{prefix}{name}.weight")
+        start = len(missing_keys)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        own = {f"{prefix}{name}" for name in self._parameters}
+        missing_keys[start:] = [f"{k}.weight" if k in own else k for k in missing_keys[start:]]
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
         """Registers ``param``, as a :class:`DoraMagnitude` sharing its storage when it is a plain parameter."""

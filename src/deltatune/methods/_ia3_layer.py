@@ -9,8 +9,9 @@ module; ConvNd (1, out, 1, …), or (1, in, 1, …).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,9 +19,10 @@ from torch import nn
 from ..config import TargetSpec
 from ..layer_types import Conv1D, conv_groups, is_transposed
 from ..layers import AdapterLayer, expect_config
+from ..tuner import AdapterModel
 from .ia3 import IA3Config
 
-__all__ = ["IA3Layer", "ia3_weight_scale"]
+__all__ = ["IA3Layer", "IA3Model", "ia3_weight_scale"]
 
 #: Added to the vector before dividing it out of a merged weight (PEFT's guard against a zero entry).
 UNMERGE_EPS = 1e-8
@@ -164,3 +166,59 @@ class IA3Layer(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, feedforward={self.is_feedforward}"
+
+
+class IA3Model(AdapterModel):
+    """IA³'s tuner: :class:`~deltatune.tuner.AdapterModel` plus PEFT's ``IA3Model.add_weighted_adapter``."""
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Adds ``adapter_name`` (inactive), whose vector in each layer is the weighted sum of the vectors of
+        ``adapters`` held there (as PEFT; a name already taken leaves the model unchanged, as PEFT). Its config
+        is the first adapter's, with the union of the adapters' ``target_modules`` and
+        ``feedforward_modules``; a ``modules_to_save`` copy starts from the original module.
+
+        Raises:
+            ValueError: for an unknown adapter, adapters holding copies of one ``modules_to_save`` module,
+                module lists of different kinds (list and regex string), a weight per adapter missing, or a
+                module scaled on its input by one adapter and on its output by another.
+        """
+        if adapter_name in self.peft_config:
+            return
+        self._check_names(adapters, "does not exist")
+        if len(weights) != len(adapters):
+            raise ValueError(
+                f"add_weighted_adapter needs one weight per adapter: {len(adapters)} adapters, {len(weights)} weights"
+            )
+        for _, wrapper in self.saved_module_wrappers():
+            if sum(a in wrapper.modules_to_save for a in adapters) > 1:
+                raise ValueError(
+                    "Cannot add weighted adapters targeting the same module with modules_to_save."
+                )
+        configs = [expect_config(self.peft_config[a], IA3Config) for a in adapters]
+        fields: dict[str, Any] = {}
+        for field in ("target_modules", "feedforward_modules"):
+            values = [getattr(c, field) for c in configs]
+            if len({isinstance(v, str) for v in values}) > 1:
+                raise ValueError(
+                    "All adapter configs should have the same type for target and feedforward modules."
+                )
+            if isinstance(values[0], str):
+                fields[field] = "|".join(f"({v})" for v in values)
+            else:
+                fields[field] = sorted(set().union(*(v or () for v in values)))
+        self.inject_adapter(adapter_name, dataclasses.replace(configs[0], **fields))
+        for name, layer in self.adapter_layers():
+            if not isinstance(layer, IA3Layer) or adapter_name not in layer.ia3_l:
+                continue
+            new = layer.ia3_l[adapter_name]
+            held = [(layer.ia3_l[a], w) for a, w in zip(adapters, weights, strict=True) if a in layer.ia3_l]
+            if any(vector.shape != new.shape for vector, _ in held):
+                self.delete_adapter(adapter_name)
+                raise ValueError(
+                    f"{name}: the adapters scale it on different sides (feedforward_modules differ), so their "
+                    "vectors cannot be added"
+                )
+            with torch.no_grad():
+                new.zero_()
+                for vector, weight in held:
+                    new.add_(vector.to(new.dtype), alpha=weight)

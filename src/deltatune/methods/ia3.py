@@ -135,6 +135,7 @@ register_method(
         name="ia3",
         config_cls=IA3Config,
         layer="deltatune.methods._ia3_layer:IA3Layer",
+        tuner="deltatune.methods._ia3_layer:IA3Model",
         prefix="ia3_",
         display_name="IA³",
         listing_order=60,
