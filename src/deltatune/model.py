@@ -8,6 +8,7 @@ friends work, and ``transformers.Trainer`` and pipelines can drive it.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import warnings
@@ -90,6 +91,17 @@ class PeftModel(SaveLoadMixin):
         """
         with self._mixed_batch(adapter_names):
             return self.base_model(*args, **kwargs)
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the wrapped model takes the loss kwargs (``num_items_in_batch``) that ``transformers.Trainer``
+        passes: its own ``accepts_loss_kwargs``, else whether its ``forward`` takes ``**kwargs`` (transformers'
+        rule, applied to the base model as for peft's models)."""
+        base = self.base_model.model
+        if hasattr(base, "accepts_loss_kwargs"):
+            return bool(base.accepts_loss_kwargs)
+        params = inspect.signature(base.forward).parameters.values()
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; a non-strict load from a plain ``transformers.Trainer`` (its
