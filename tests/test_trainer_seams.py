@@ -66,6 +66,53 @@ class Unlabelled(Blobs):
 
 
 @LIBRARIES
+def test_plain_trainer_evaluates_with_the_base_models_labels(library: Any, tmp_path: Path) -> None:
+    model = library.get_peft_model(tiny_vit(), library.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(tmp_path, max_steps=1, per_device_eval_batch_size=4, **PLAIN_ARGS)
+    trainer = Trainer(model=model, args=args, eval_dataset=Blobs(8, 1), compute_metrics=_accuracy)
+    metrics = trainer.evaluate()  # before any training step
+    assert {"eval_loss", "eval_acc"} <= set(metrics)
+    assert trainer.label_names == ["labels"]
+    assert trainer.predict(Blobs(4, 2)).label_ids is not None
+
+
+@LIBRARIES
+def test_plain_trainer_loads_the_best_model_without_label_names(library: Any, tmp_path: Path) -> None:
+    model = library.get_peft_model(tiny_vit(), library.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(
+        tmp_path,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_steps=1,
+        load_best_model_at_end=True,
+        **PLAIN_ARGS,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Blobs(8, 0), eval_dataset=Blobs(4, 1))
+    trainer.train()  # was: KeyError, metric_for_best_model 'eval_loss' not in the evaluation metrics
+    assert trainer.state.best_metric is not None
+
+
+@LIBRARIES
+def test_plain_trainer_takes_return_loss_from_the_base_model(library: Any, tmp_path: Path) -> None:
+    model = library.get_peft_model(ReturnLossNet(), library.LoraConfig(r=2, target_modules=["lin0"]))
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=4, **PLAIN_ARGS)
+    trainer = Trainer(model=model, args=args, eval_dataset=Unlabelled(8, 1))
+    assert "eval_loss" in trainer.evaluate()
+    assert trainer.label_names == [] and trainer.can_return_loss
+
+
+@LIBRARIES
+def test_plain_trainer_keeps_label_names_the_arguments_give(library: Any, tmp_path: Path) -> None:
+    model = library.get_peft_model(tiny_vit(), library.LoraConfig(r=2, target_modules=["q_proj"]))
+    args = TrainingArguments(tmp_path, label_names=["other"], per_device_eval_batch_size=4, **PLAIN_ARGS)
+    trainer = Trainer(model=model, args=args, eval_dataset=Blobs(4, 1))
+    assert "eval_loss" not in trainer.evaluate()  # no "other" in the batch: no labels, as the user said
+    assert trainer.label_names == ["other"]
+
+
+@LIBRARIES
 def test_plain_trainer_passes_no_loss_kwargs_to_a_forward_without_kwargs(
     library: Any, tmp_path: Path
 ) -> None:

@@ -22,7 +22,7 @@ from .config import PeftConfig, TargetingConfig
 from .functional import tuner_class
 from .layers import AdapterLayer
 from .model_io import SaveLoadMixin, adapter_config
-from .plain_trainer import adapt_plain_trainer, mark_trainer_found
+from .plain_trainer import adapt_plain_trainer, inspect_base_for_trainer, mark_trainer_found
 from .serialization import check_config_fits_file
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import AdapterModel
@@ -91,6 +91,14 @@ class PeftModel(SaveLoadMixin):
         """
         with self._mixed_batch(adapter_names):
             return self.base_model(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> PeftModel:
+        """``nn.Module.train``; called by a plain ``transformers.Trainer`` (``model.train()`` before each step,
+        ``model.eval()`` before evaluating), it first gives that Trainer the label names and return-loss flag of
+        the wrapped model's class, as transformers does for peft's models (see
+        :func:`~deltatune.plain_trainer.inspect_base_for_trainer`)."""
+        inspect_base_for_trainer(self, self.base_model.model)
+        return super().train(mode)
 
     @property
     def accepts_loss_kwargs(self) -> bool:
