@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny import tiny_llama
 from torch import nn
 
 import deltatune as dt
@@ -28,3 +29,15 @@ def test_adalora_refuses_add_weighted_adapter(library: Any) -> None:
     with pytest.raises(TypeError, match="AdaLoraModel does not support add_weighted_adapter"):
         model.add_weighted_adapter(["default"], [1.0], "single", combination_type="linear")
     assert "single" not in model.peft_config
+
+
+@LIBRARIES
+def test_layers_to_transform_that_selects_nothing_is_named(library: Any) -> None:
+    config = library.LoraConfig(
+        r=2, target_modules=["q_proj"], layers_to_transform=[5], layers_pattern="layers"
+    )
+    with pytest.raises(ValueError, match=r"Note: You specified 'layers_to_transform': \[5\]") as caught:
+        library.get_peft_model(tiny_llama(), config)
+    assert "closest" not in str(caught.value)  # not the target name offered back as the closest match
+    if library is dt:  # deltatune also says why: q_proj exists, in layers 0 and 1 only
+        assert "selects none of them: their layer indices are [0, 1]" in str(caught.value)
