@@ -4,12 +4,15 @@ that selects no layer is named in the error, and a task type's heads are recorde
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from tiny import tiny_llama
 from torch import nn
+from transformers import LlamaConfig, LlamaForQuestionAnswering, LlamaForSequenceClassification
 
 import deltatune as dt
 
@@ -41,3 +44,40 @@ def test_layers_to_transform_that_selects_nothing_is_named(library: Any) -> None
     assert "closest" not in str(caught.value)  # not the target name offered back as the closest match
     if library is dt:  # deltatune also says why: q_proj exists, in layers 0 and 1 only
         assert "selects none of them: their layer indices are [0, 1]" in str(caught.value)
+
+
+def _llama_for(task_type: str) -> nn.Module:
+    if task_type == "CAUSAL_LM":
+        return tiny_llama()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=3,
+        pad_token_id=0,
+    )
+    return (LlamaForQuestionAnswering if task_type == "QUESTION_ANS" else LlamaForSequenceClassification)(
+        config
+    )
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM"])
+def test_task_type_heads_are_recorded_in_modules_to_save_as_peft(task_type: str, tmp_path: Path) -> None:
+    recorded = []
+    for library in (dt, peft):
+        config = library.LoraConfig(r=2, target_modules=["q_proj"], task_type=task_type)
+        model = library.get_peft_model(_llama_for(task_type), config)
+        model.add_adapter("other", library.LoraConfig(r=2, target_modules=["v_proj"], task_type=task_type))
+        model.save_pretrained(tmp_path / library.__name__)
+        saved = json.loads((tmp_path / library.__name__ / "adapter_config.json").read_text())
+        configs = model.peft_config
+        recorded.append(
+            (configs["default"].modules_to_save, configs["other"].modules_to_save, saved["modules_to_save"])
+        )
+    assert recorded[0] == recorded[1]
+    if task_type != "CAUSAL_LM":
+        assert recorded[0][0] is not None
