@@ -136,3 +136,18 @@ def test_accepts_loss_kwargs_answers_as_transformers_does_for_peft(make: Any, tm
         trainer = Trainer(model=model, args=TrainingArguments(tmp_path, **PLAIN_ARGS))
         answers.append(trainer.model_accepts_loss_kwargs)
     assert answers[0] == answers[1]
+
+
+@LIBRARIES
+def test_plain_trainer_keeps_the_base_models_inputs_with_remove_unused_columns(
+    library: Any, tmp_path: Path
+) -> None:
+    model = library.get_peft_model(tiny_vit(), library.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    defaults = {
+        k: v for k, v in PLAIN_ARGS.items() if k != "remove_unused_columns"
+    }  # True: transformers' default
+    args = TrainingArguments(tmp_path, max_steps=1, per_device_train_batch_size=4, **defaults)
+    trainer = Trainer(model=model, args=args, train_dataset=Blobs(4, 0), eval_dataset=Blobs(4, 1))
+    assert "eval_loss" in trainer.evaluate()  # was: every column dropped, the batch empty
+    trainer.train()
+    assert trainer.state.global_step == 1

@@ -22,7 +22,12 @@ from .config import PeftConfig, TargetingConfig
 from .functional import tuner_class
 from .layers import AdapterLayer
 from .model_io import SaveLoadMixin, adapter_config
-from .plain_trainer import adapt_plain_trainer, inspect_base_for_trainer, mark_trainer_found
+from .plain_trainer import (
+    BaseSignatureForward,
+    adapt_plain_trainer,
+    inspect_base_for_trainer,
+    mark_trainer_found,
+)
 from .serialization import check_config_fits_file
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import AdapterModel
@@ -81,6 +86,7 @@ class PeftModel(SaveLoadMixin):
                 raise
             return getattr(self.base_model, name)
 
+    @BaseSignatureForward
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The model's forward. With ``adapter_names`` (one per row of the batch, ``"__base__"`` for none), each
         row runs through its own adapter: many fine-tunes served from one base in one batch (inference only).

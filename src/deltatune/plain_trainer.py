@@ -22,9 +22,11 @@ What stays different from ``deltatune.train.DeltaTrainer`` is said once, in a wa
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
+import types
 from types import FrameType
 from typing import Any
 
@@ -41,6 +43,7 @@ __all__ = [
     "TRAINER_WALKS",
     "WALKS_KEY",
     "AdapterHooksCallback",
+    "BaseSignatureForward",
     "adapt_plain_trainer",
     "find_trainer",
     "inspect_base_for_trainer",
@@ -293,3 +296,47 @@ def _adapt(trainer: Any, tuner: Any, model: torch.nn.Module | None) -> list[str]
         done.append("its method's training hooks (a rank allocation) run after each optimiser step")
     trainer.add_callback(AdapterHooksCallback(tuner))  # the hooks; and a next Trainer is looked for
     return done
+
+
+_SIGNED: dict[tuple[Any, type], Any] = {}
+
+
+def _signed_copy(func: Any, base_cls: type) -> Any:
+    """``func`` as a new function whose signature is ``base_cls.forward``'s plus ``adapter_names`` (cached)."""
+    key = (func, base_cls)
+    if key not in _SIGNED:
+        copy = types.FunctionType(
+            func.__code__, func.__globals__, func.__name__, func.__defaults__, func.__closure__
+        )
+        copy.__kwdefaults__ = func.__kwdefaults__
+        copy.__qualname__, copy.__doc__, copy.__module__ = func.__qualname__, func.__doc__, func.__module__
+        try:
+            params = list(inspect.signature(base_cls.forward).parameters.values())  # type: ignore[attr-defined]
+            extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+            last = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+            rest = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+            if not any(p.name == extra.name for p in params):
+                rest.append(extra)
+            setattr(copy, "__signature__", inspect.Signature(rest + last))  # noqa: B010
+        except (TypeError, ValueError):  # a forward without a signature: keep PeftModel's
+            copy = func
+        _SIGNED[key] = copy
+    return _SIGNED[key]
+
+
+class BaseSignatureForward:
+    """Descriptor for ``PeftModel.forward``: on an instance, the bound method carries the wrapped model's
+    signature (plus ``adapter_names``), as transformers sees it through peft's classes; a plain
+    ``transformers.Trainer``'s ``remove_unused_columns`` (its default) keeps the inputs the base model takes
+    instead of dropping every column for ``(*args, **kwargs)``. On the class, it is the function itself."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self.func
+        base = getattr(obj.__dict__.get("_modules", {}).get("base_model"), "model", None)
+        func = self.func if base is None else _signed_copy(self.func, type(base))
+        return types.MethodType(func, obj)
