@@ -17,6 +17,7 @@ see :mod:`deltatune.names`), so ``["query", "value"]`` finds ``q_proj``/``v_proj
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from collections.abc import Callable, Collection, Sequence
@@ -35,6 +36,7 @@ __all__ = [
     "find_minimal_target_modules",
     "is_excluded",
     "layer_index",
+    "layers_note",
     "match_list_entry",
     "match_target",
     "matching_entry",
@@ -142,12 +144,46 @@ def match_target(
         hit = next((v for v in variants for e in targets if match_list_entry(v, e)), None)
     if hit is None or getattr(config, "layers_to_transform", None) is None:
         return hit
-    layers, pattern = config.layers_to_transform, getattr(config, "layers_pattern", None)
+    layers = config.layers_to_transform
     wanted = [layers] if isinstance(layers, int) else list(layers)
+    index = _target_layer(config, hit, variants)
+    return hit if index is not None and index in wanted else None
+
+
+def _target_layer(config: Any, hit: str, variants: Sequence[str]) -> int | None:
+    """The layer index of a target matched as ``hit`` (``layers_pattern``'s rule; else from its other names)."""
+    pattern = getattr(config, "layers_pattern", None)
     index = layer_index(hit, pattern)
     if index is None:
         index = next((i for v in variants if (i := layer_index(v, pattern)) is not None), None)
-    return hit if index is not None and index in wanted else None
+    return index
+
+
+def layers_note(config: Any, variants_of: Sequence[Sequence[str]]) -> tuple[str, bool]:
+    """For an error where ``config`` targets nothing: PEFT's note on ``layers_to_transform`` and
+    ``layers_pattern`` ("" without them), and whether ``target_modules`` does name modules of the model (each
+    module given by its name variants), so that ``layers_to_transform`` is the cause; the note then says which
+    layer indices those modules have."""
+    layers = getattr(config, "layers_to_transform", None)
+    if layers is None:
+        return "", False
+    pattern = getattr(config, "layers_pattern", None)
+    note = f" Note: You specified 'layers_to_transform': {layers}."
+    if pattern is not None:
+        note += f" You also specified 'layers_pattern': {pattern}."
+    anywhere = copy.copy(config)
+    anywhere.__dict__["layers_to_transform"] = None
+    hits = [(h, v) for v in variants_of if (h := match_target(anywhere, v, True, lambda: False)) is not None]
+    if not hits:
+        return note, False
+    indices = sorted({i for h, v in hits if (i := _target_layer(config, h, v)) is not None})
+    where = f"after layers_pattern {pattern!r}" if pattern else "(the first numbered name component)"
+    found = f"their layer indices are {indices}" if indices else f"none has a layer index {where}"
+    note += (
+        f" target_modules={config.target_modules!r} matches {len(hits)} modules, but layers_to_transform="
+        f"{layers} selects none of them: {found}."
+    )
+    return note, True
 
 
 def matching_entry(config: Any, hit: str) -> str | None:

@@ -8,6 +8,7 @@ friends work, and ``transformers.Trainer`` and pipelines can drive it.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import warnings
@@ -21,7 +22,12 @@ from .config import PeftConfig, TargetingConfig
 from .functional import tuner_class
 from .layers import AdapterLayer
 from .model_io import SaveLoadMixin, adapter_config
-from .plain_trainer import adapt_plain_trainer, mark_trainer_found
+from .plain_trainer import (
+    BaseSignatureForward,
+    adapt_plain_trainer,
+    inspect_base_for_trainer,
+    mark_trainer_found,
+)
 from .serialization import check_config_fits_file
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import AdapterModel
@@ -118,6 +124,7 @@ class PeftModel(SaveLoadMixin):
                 raise
             return getattr(self.base_model, name)
 
+    @BaseSignatureForward
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The model's forward. With ``adapter_names`` (one per row of the batch, ``"__base__"`` for none), each
         row runs through its own adapter: many fine-tunes served from one base in one batch (inference only).
@@ -128,6 +135,25 @@ class PeftModel(SaveLoadMixin):
         """
         with self._mixed_batch(adapter_names):
             return self.base_model(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> PeftModel:
+        """``nn.Module.train``; called by a plain ``transformers.Trainer`` (``model.train()`` before each step,
+        ``model.eval()`` before evaluating), it first gives that Trainer the label names and return-loss flag of
+        the wrapped model's class, as transformers does for peft's models (see
+        :func:`~deltatune.plain_trainer.inspect_base_for_trainer`)."""
+        inspect_base_for_trainer(self, self.base_model.model)
+        return super().train(mode)
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the wrapped model takes the loss kwargs (``num_items_in_batch``) that ``transformers.Trainer``
+        passes: its own ``accepts_loss_kwargs``, else whether its ``forward`` takes ``**kwargs`` (transformers'
+        rule, applied to the base model as for peft's models)."""
+        base = self.base_model.model
+        if hasattr(base, "accepts_loss_kwargs"):
+            return bool(base.accepts_loss_kwargs)
+        params = inspect.signature(base.forward).parameters.values()
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; a non-strict load from a plain ``transformers.Trainer`` (its

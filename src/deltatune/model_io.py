@@ -20,6 +20,7 @@ from ._version import __version__
 from ._weights_io import refuse_non_float_tensors
 from .config import PeftConfig, TargetingConfig
 from .functional import get_peft_model_state_dict
+from .matching import task_heads
 from .model_card import update_model_card
 from .names import model_config_dict
 from .registry import available_methods, get_method
@@ -66,7 +67,10 @@ def remap_checkpoint_keys(tensors: dict[str, Any], key_mapping: dict[str, str]) 
 
 
 def adapter_config(config: Any) -> TargetingConfig:
-    """``config`` itself, checked to be one of deltatune's adapter configs.
+    """``config`` itself, checked to be one of deltatune's adapter configs, its ``modules_to_save`` extended
+    by the heads its ``task_type`` trains (``["classifier", "score"]`` for ``SEQ_CLS`` and ``TOKEN_CLS``,
+    ``["qa_outputs"]`` for ``QUESTION_ANS``), as PEFT's task classes record them (each once here; PEFT appends
+    them again to a list that holds them).
 
     Raises:
         TypeError: naming the class that was given.
@@ -74,6 +78,10 @@ def adapter_config(config: Any) -> TargetingConfig:
     if not isinstance(config, TargetingConfig):
         names = ", ".join(dict.fromkeys(get_method(m).config_cls.__name__ for m in available_methods()))
         raise TypeError(f"expected a deltatune adapter config ({names}), got {type(config).__name__}")
+    heads = task_heads(config)
+    if heads and hasattr(config, "modules_to_save"):
+        entries = list(config.modules_to_save or [])
+        config.modules_to_save = entries + [head for head in heads if head not in entries]
     return config
 
 

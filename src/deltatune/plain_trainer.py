@@ -22,9 +22,11 @@ What stays different from ``deltatune.train.DeltaTrainer`` is said once, in a wa
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
+import types
 from types import FrameType
 from typing import Any
 
@@ -37,11 +39,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADAPTED_KEY",
+    "INSPECTED_KEY",
     "TRAINER_WALKS",
     "WALKS_KEY",
     "AdapterHooksCallback",
+    "BaseSignatureForward",
     "adapt_plain_trainer",
     "find_trainer",
+    "inspect_base_for_trainer",
     "mark_trainer_found",
     "tuner_of",
 ]
@@ -54,19 +59,21 @@ TRAINER_WALKS = 3
 WALKS_KEY = "_trainer_walks"
 #: Key in a Trainer's ``__dict__``: deltatune adapted it (True) or tried and could not (False).
 ADAPTED_KEY = "_deltatune_adapted"
+#: Key in a Trainer's ``__dict__``: its label names were taken from the base model (:func:`inspect_base_for_trainer`).
+INSPECTED_KEY = "_deltatune_inspected"
 #: The private parts of ``transformers.Trainer`` the adaptation replaces.
 _PRIVATE = ("_save", "_issue_warnings_after_load")
 
 
-def find_trainer() -> Any:
-    """The ``transformers.Trainer`` whose method is on the call stack, or None (no transformers imported, or
-    a custom training loop)."""
+def find_trainer(frames: int = _FRAMES) -> Any:
+    """The ``transformers.Trainer`` whose method is on the call stack (within ``frames`` callers), or None (no
+    transformers imported, or a custom training loop)."""
     trainer_module = sys.modules.get("transformers.trainer")
     trainer_cls = getattr(trainer_module, "Trainer", None)
     if trainer_cls is None:
         return None
     frame: FrameType | None = sys._getframe(1)
-    for _ in range(_FRAMES):
+    for _ in range(frames):
         if frame is None:
             return None
         candidate = frame.f_locals.get("self")
@@ -81,6 +88,34 @@ def mark_trainer_found(tuner: Any, found: bool) -> None:
     :data:`TRAINER_WALKS` looks, training forwards stop walking the call stack."""
     walks = tuner.__dict__.get(WALKS_KEY, 0)
     tuner.__dict__[WALKS_KEY] = TRAINER_WALKS if found else walks + 1
+
+
+def inspect_base_for_trainer(model: torch.nn.Module, base: torch.nn.Module) -> None:
+    """Called by ``PeftModel.train``: a plain ``transformers.Trainer`` calling ``model.train()``/``model.eval()``
+    (a few frames up) gets ``label_names`` (unless its arguments name them) and ``can_return_loss`` from the
+    class of ``base``, once per Trainer.
+
+    transformers takes them from the model's class at ``Trainer.__init__``, unwrapping peft's classes only; from
+    ``PeftModel``'s ``forward(*args, **kwargs)`` it would find no labels, and evaluation would then compute no
+    loss, collect no labels and call no ``compute_metrics``, silently. Both methods run before any batch of a
+    training step or an evaluation loop, so every batch sees the base model's names, as with peft.
+    """
+    try:
+        trainer = find_trainer(
+            frames=6
+        )  # training_step -> model.train(); evaluation_loop -> eval() -> train()
+    except Exception:  # sys._getframe is CPython's; a frame's locals may refuse to be read
+        return
+    if trainer is None or getattr(trainer, "handles_deltatune_models", False):
+        return
+    if trainer.__dict__.get(INSPECTED_KEY) is not None or getattr(trainer, "model", None) is not model:
+        return
+    from transformers.utils import can_return_loss, find_labels
+
+    trainer.__dict__[INSPECTED_KEY] = True
+    if trainer.args.label_names is None:
+        trainer.label_names = find_labels(type(base))
+    trainer.can_return_loss = can_return_loss(type(base))
 
 
 def _trained_names(model: torch.nn.Module) -> set[str]:
@@ -263,3 +298,47 @@ def _adapt(trainer: Any, tuner: Any, model: torch.nn.Module | None) -> list[str]
         done.append("its method's training hooks (a rank allocation) run after each optimiser step")
     trainer.add_callback(AdapterHooksCallback(tuner))  # the hooks; and a next Trainer is looked for
     return done
+
+
+_SIGNED: dict[tuple[Any, type], Any] = {}
+
+
+def _signed_copy(func: Any, base_cls: type) -> Any:
+    """``func`` as a new function whose signature is ``base_cls.forward``'s plus ``adapter_names`` (cached)."""
+    key = (func, base_cls)
+    if key not in _SIGNED:
+        copy = types.FunctionType(
+            func.__code__, func.__globals__, func.__name__, func.__defaults__, func.__closure__
+        )
+        copy.__kwdefaults__ = func.__kwdefaults__
+        copy.__qualname__, copy.__doc__, copy.__module__ = func.__qualname__, func.__doc__, func.__module__
+        try:
+            params = list(inspect.signature(base_cls.forward).parameters.values())  # type: ignore[attr-defined]
+            extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+            last = [p for p in params if p.kind is inspect.Parameter.VAR_KEYWORD]
+            rest = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+            if not any(p.name == extra.name for p in params):
+                rest.append(extra)
+            setattr(copy, "__signature__", inspect.Signature(rest + last))  # noqa: B010
+        except (TypeError, ValueError):  # a forward without a signature: keep PeftModel's
+            copy = func
+        _SIGNED[key] = copy
+    return _SIGNED[key]
+
+
+class BaseSignatureForward:
+    """Descriptor for ``PeftModel.forward``: on an instance, the bound method carries the wrapped model's
+    signature (plus ``adapter_names``), as transformers sees it through peft's classes; a plain
+    ``transformers.Trainer``'s ``remove_unused_columns`` (its default) keeps the inputs the base model takes
+    instead of dropping every column for ``(*args, **kwargs)``. On the class, it is the function itself."""
+
+    def __init__(self, func: Any) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self.func
+        base = getattr(obj.__dict__.get("_modules", {}).get("base_model"), "model", None)
+        func = self.func if base is None else _signed_copy(self.func, type(base))
+        return types.MethodType(func, obj)

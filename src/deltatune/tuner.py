@@ -4,8 +4,7 @@ merging; and the hooks through which a method adds behaviour (generic code calls
 Target matching is :mod:`deltatune.matching`; the layer class comes from the method's registry entry
 (:func:`deltatune.registry.spec_for`). A method that needs more than layers — an extra loss term, work
 after each optimiser step, tensors adapted on save or load, resumable state — subclasses
-:class:`AdapterModel` and overrides the hooks of :class:`~deltatune.hooks.MethodHooks`; every hook has a
-no-op default.
+:class:`AdapterModel` and overrides the hooks of :class:`~deltatune.hooks.MethodHooks` (no-op defaults).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from .matching import (
     SEQ_CLS_HEADS,
     closest_names,
     is_excluded,
+    layers_note,
     match_list_entry,
     match_target,
     matching_entry,
@@ -337,9 +337,8 @@ class AdapterModel(AdapterSwitching, nn.Module):
         return "nest" if self.NESTS_METHODS else None
 
     def _modern_entries(self, hits: list[tuple[str, str]], matched: list[str]) -> dict[str, str]:
-        """For list entries that matched through legacy names, the modern entry matching the same modules
-        (the last as many name components as the entry has), so saved configs load in PEFT on this
-        transformers version."""
+        """For list entries matched through legacy names, the modern entry matching the same modules (the
+        last as many name components as the entry has), so saved configs load in PEFT on this transformers."""
         renamed: dict[str, str] = {}
         for entry in dict.fromkeys(e for e, _ in hits):
             depth = entry.count(".") + 1
@@ -354,6 +353,9 @@ class AdapterModel(AdapterSwitching, nn.Module):
 
     def _no_match_message(self, config: TargetingConfig, names: list[str]) -> str:
         targets = config.target_modules
+        note, layered = layers_note(config, [self.name_variants(n) for n in names])
+        if layered:  # the targets exist: layers_to_transform selects none of them
+            return f"Target modules {targets} not found in the base model.{note}"
         entries = [targets] if isinstance(targets, str) else sorted(targets or [])
         hints = {e: closest_names(e, names) for e in entries}
         excluded = [n for n in names if is_excluded(config, self.name_variants(n))]
@@ -385,8 +387,8 @@ class AdapterModel(AdapterSwitching, nn.Module):
         else:
             lead = f"Target modules {targets} not found in the base model."
         return (
-            f"{lead} target_modules={entries} matched no module of {type(self.model).__name__} ({hint_text}). "
-            f"{kinds} module names in this model: {leaves[:20]}"
+            f"{lead}{note} target_modules={entries} matched no module of {type(self.model).__name__} "
+            f"({hint_text}). {kinds} module names in this model: {leaves[:20]}"
         )
 
     def _modules_to_save_targets(self, config: TargetingConfig) -> list[tuple[str, nn.Module]]:

@@ -231,6 +231,14 @@ class AdaLoraModel(LoraModel):
         super().delete_adapter(adapter_name)
         self._forget_layers()
 
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Refused, as in PEFT: the LoRA combinations read ``lora_A``/``lora_B`` and ``config.r``, while an
+        AdaLoRA adapter's update is ``B (A * E) alpha / ranknum`` (singular values ``E``, a learned rank)."""
+        raise TypeError(
+            f"{type(self).__name__} does not support add_weighted_adapter (AdaLoRA's update B·(A⊙E)·α/ranknum "
+            "is not a LoRA product); combine LoRA adapters (LoraConfig) instead"
+        )
+
     def unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         self._forget_layers()
         return super().unload_and_optionally_merge(*args, **kwargs)
