@@ -207,7 +207,7 @@ class SaveLoadMixin(nn.Module):
         **kwargs: Any,
     ) -> LoadResult:
         """Loads a saved adapter into this model under ``adapter_name`` (a new one, inactive; or, for an existing
-        name, its weights, as the Trainer does when resuming).
+        name, its weights only, as the Trainer does when resuming: its ``requires_grad`` stays as it was, as PEFT).
 
         Args:
             model_id: Local directory or Hub repo id.
@@ -228,7 +228,8 @@ class SaveLoadMixin(nn.Module):
         options = self._split_load_options(kwargs)
         subfolder = kwargs.pop("subfolder", None)
         saved: TargetingConfig | None = None
-        if adapter_name not in self.peft_config:
+        is_new = adapter_name not in self.peft_config
+        if is_new:
             saved = adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
             saved.inference_mode = not is_trainable
             check_config_fits_file(
@@ -256,7 +257,8 @@ class SaveLoadMixin(nn.Module):
             **kwargs,
         )
         if not is_trainable:
-            self.base_model.set_requires_grad(adapter_name, False)
+            if is_new:  # an existing adapter keeps its trainability: only its weights were replaced (PEFT)
+                self.base_model.set_requires_grad(adapter_name, False)
             self.eval()
         return result
 
