@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import QUIET_CPU_ARGS, Blobs, tiny_vit
 from torch import nn
+from transformers import Trainer, TrainingArguments
 
 import deltatune as dt
 
@@ -48,3 +50,48 @@ def test_load_adapter_new_adapter_not_trainable_stays_frozen(library: object, tm
     model.load_adapter(tmp_path, adapter_name="other")
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".other" in n)
     assert any(p.requires_grad for n, p in model.named_parameters() if ".default" in n)
+
+
+def _vit_lora(lib: object) -> nn.Module:
+    config = lib.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])  # type: ignore[attr-defined]
+    return lib.get_peft_model(tiny_vit(), config)  # type: ignore[attr-defined, no-any-return]
+
+
+@LIBRARIES
+def test_plain_trainer_save_model_before_any_training_writes_the_adapter(
+    library: object, tmp_path: Path
+) -> None:
+    trainer = Trainer(
+        model=_vit_lora(library),
+        args=TrainingArguments(tmp_path / "run", **QUIET_CPU_ARGS),
+        eval_dataset=Blobs(4, 1),
+    )
+    trainer.evaluate()
+    trainer.save_model(tmp_path / "saved")
+    assert (tmp_path / "saved" / "adapter_config.json").is_file()
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
+    reloaded = library.PeftModel.from_pretrained(tiny_vit(), tmp_path / "saved")  # type: ignore[attr-defined]
+    assert reloaded.peft_config["default"].target_modules == {"q_proj", "v_proj"}
+
+
+def test_plain_trainer_resumes_from_a_peft_checkpoint(tmp_path: Path) -> None:
+    def args(save: str) -> TrainingArguments:
+        return TrainingArguments(
+            tmp_path, max_steps=2, per_device_train_batch_size=4, learning_rate=0.05, save_strategy=save,
+            save_steps=1, **QUIET_CPU_ARGS,
+        )  # fmt: skip
+
+    uninterrupted = _vit_lora(peft)
+    Trainer(model=uninterrupted, args=args("steps"), train_dataset=Blobs(8, 0)).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    assert not (checkpoint / "model.safetensors").exists()  # peft's checkpoints hold adapter files only
+    resumed = _vit_lora(dt)
+    Trainer(model=resumed, args=args("no"), train_dataset=Blobs(8, 0)).train(
+        resume_from_checkpoint=str(checkpoint)
+    )
+    pixels = torch.stack([Blobs(4, 1)[i]["pixel_values"] for i in range(4)])
+    uninterrupted.eval()
+    resumed.eval()
+    with torch.no_grad():
+        diff = (resumed(pixel_values=pixels).logits - uninterrupted(pixel_values=pixels).logits).abs().max()
+    assert diff < 1e-4

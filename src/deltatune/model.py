@@ -21,7 +21,7 @@ from .config import PeftConfig, TargetingConfig
 from .functional import tuner_class
 from .layers import AdapterLayer
 from .model_io import SaveLoadMixin, adapter_config
-from .plain_trainer import adapt_plain_trainer, mark_trainer_found
+from .plain_trainer import adapt_plain_trainer, adapt_trainer_files, mark_trainer_found
 from .serialization import check_config_fits_file
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import AdapterModel
@@ -90,6 +90,13 @@ class PeftModel(SaveLoadMixin):
         """
         with self._mixed_batch(adapter_names):
             return self.base_model(*args, **kwargs)
+
+    def to(self, *args: Any, **kwargs: Any) -> PeftModel:  # type: ignore[override]
+        """``nn.Module.to``; a plain ``transformers.Trainer`` placing the model (in its ``__init__``) first gets
+        deltatune's saving and checkpoint loading, so ``save_model`` writes the adapter and
+        ``resume_from_checkpoint`` reads peft's checkpoints even before any training forward."""
+        adapt_trainer_files(self)
+        return super().to(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; a non-strict load from a plain ``transformers.Trainer`` (its
