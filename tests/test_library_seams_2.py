@@ -95,3 +95,23 @@ def test_plain_trainer_resumes_from_a_peft_checkpoint(tmp_path: Path) -> None:
     with torch.no_grad():
         diff = (resumed(pixel_values=pixels).logits - uninterrupted(pixel_values=pixels).logits).abs().max()
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_save_embedding_layers_saves_only_the_targeted_embedding(
+    target: str, tie: bool, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+    from tiny import tiny_llama
+
+    saved = {}
+    for lib in (dt, peft):
+        model = lib.get_peft_model(
+            tiny_llama(tie=tie), lib.LoraConfig(r=2, target_modules=["q_proj", target])
+        )
+        model.save_pretrained(tmp_path / lib.__name__)
+        keys = load_file(tmp_path / lib.__name__ / "adapter_model.safetensors").keys()
+        saved[lib.__name__] = sorted(k for k in keys if "lora_" not in k)
+    assert saved["deltatune"] == saved["peft"]
+    assert len(saved["peft"]) == 1 and f"{target}.base_layer.weight" in saved["peft"][0]
