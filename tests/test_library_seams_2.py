@@ -115,3 +115,21 @@ def test_save_embedding_layers_saves_only_the_targeted_embedding(
         saved[lib.__name__] = sorted(k for k in keys if "lora_" not in k)
     assert saved["deltatune"] == saved["peft"]
     assert len(saved["peft"]) == 1 and f"{target}.base_layer.weight" in saved["peft"][0]
+
+
+def test_peft_utils_names_and_load_peft_weights_as_peft(tmp_path: Path) -> None:
+    import peft.utils
+
+    import deltatune.utils
+
+    for name in ("get_peft_model_state_dict", "set_peft_model_state_dict", "load_peft_weights", "TaskType"):
+        assert hasattr(peft.utils, name) and hasattr(deltatune.utils, name), name
+    assert deltatune.utils.TaskType.SEQ_CLS == peft.utils.TaskType.SEQ_CLS
+    peft.get_peft_model(
+        _mlp(), peft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    ).save_pretrained(tmp_path)
+    ours, theirs = dt.load_peft_weights(str(tmp_path)), peft.load_peft_weights(str(tmp_path))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    mapping = {r"model\.0\.": "model.first."}
+    mapped = deltatune.utils.load_peft_weights(str(tmp_path), key_mapping=mapping)
+    assert sorted(mapped) == sorted(peft.utils.load_peft_weights(str(tmp_path), key_mapping=mapping))

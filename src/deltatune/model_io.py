@@ -308,3 +308,23 @@ class SaveLoadMixin(nn.Module):
                 commit_message=kwargs.get("commit_message", "Upload adapter"),
             )
         return str(info)
+
+
+def load_peft_weights(
+    model_id: str | os.PathLike[str],
+    device: str | None = None,
+    key_mapping: dict[str, str] | None = None,
+    **hf_hub_download_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """PEFT's ``load_peft_weights``: a saved adapter's tensors under their saved keys (safetensors preferred,
+    a legacy ``.bin`` read with ``weights_only=True``); ``key_mapping`` (``{regex: replacement}``) renames the
+    saved module paths; ``subfolder`` and Hub download options as in :meth:`PeftModel.load_adapter`.
+
+    Raises:
+        FileNotFoundError: when the folder or repo holds no adapter weights.
+    """
+    subfolder = hf_hub_download_kwargs.pop("subfolder", None)
+    tensors = load_adapter_weights(
+        model_id, subfolder=subfolder, device=device or "cpu", **hf_hub_download_kwargs
+    )
+    return remap_checkpoint_keys(tensors, key_mapping) if key_mapping else tensors
