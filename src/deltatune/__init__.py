@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .mixed_model import PeftMixedModel as PeftMixedModel
     from .model import PeftModel as PeftModel
     from .model import get_peft_model as get_peft_model
+    from .model_io import load_peft_weights as load_peft_weights
     from .registry import MethodSpec as MethodSpec
     from .registry import available_methods as available_methods
     from .registry import get_method as get_method
@@ -87,6 +88,7 @@ _CORE: dict[str, str] = {
     "inject_adapter_in_model": "functional",
     "set_base_model_state_dict": "functional",
     "set_peft_model_state_dict": "functional",
+    "load_peft_weights": "model_io",
     "PeftModel": "model",
     "get_peft_model": "model",
     "PeftMixedModel": "mixed_model",

@@ -25,6 +25,7 @@ from .model_io import SaveLoadMixin, adapter_config
 from .plain_trainer import (
     BaseSignatureForward,
     adapt_plain_trainer,
+    adapt_trainer_files,
     inspect_base_for_trainer,
     mark_trainer_found,
 )
@@ -154,6 +155,13 @@ class PeftModel(SaveLoadMixin):
             return bool(base.accepts_loss_kwargs)
         params = inspect.signature(base.forward).parameters.values()
         return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+    def to(self, *args: Any, **kwargs: Any) -> PeftModel:  # type: ignore[override]
+        """``nn.Module.to``; a plain ``transformers.Trainer`` placing the model (in its ``__init__``) first gets
+        deltatune's saving and checkpoint loading, so ``save_model`` writes the adapter and
+        ``resume_from_checkpoint`` reads peft's checkpoints even before any training forward."""
+        adapt_trainer_files(self)
+        return super().to(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; a non-strict load from a plain ``transformers.Trainer`` (its

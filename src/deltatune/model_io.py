@@ -215,7 +215,7 @@ class SaveLoadMixin(nn.Module):
         **kwargs: Any,
     ) -> LoadResult:
         """Loads a saved adapter into this model under ``adapter_name`` (a new one, inactive; or, for an existing
-        name, its weights, as the Trainer does when resuming).
+        name, its weights only, as the Trainer does when resuming: its ``requires_grad`` stays as it was, as PEFT).
 
         Args:
             model_id: Local directory or Hub repo id.
@@ -237,7 +237,8 @@ class SaveLoadMixin(nn.Module):
         options = self._split_load_options(kwargs)
         subfolder = kwargs.pop("subfolder", None)
         saved: TargetingConfig | None = None
-        if adapter_name not in self.peft_config:
+        is_new = adapter_name not in self.peft_config
+        if is_new:
             saved = adapter_config(PeftConfig.from_pretrained(model_id, subfolder=subfolder, **kwargs))
             saved.inference_mode = not is_trainable
             check_config_fits_file(
@@ -267,7 +268,8 @@ class SaveLoadMixin(nn.Module):
             **kwargs,
         )
         if not is_trainable:
-            self.base_model.set_requires_grad(adapter_name, False)
+            if is_new:  # an existing adapter keeps its trainability: only its weights were replaced (PEFT)
+                self.base_model.set_requires_grad(adapter_name, False)
             self.eval()
         return result
 
@@ -317,3 +319,23 @@ class SaveLoadMixin(nn.Module):
                 commit_message=kwargs.get("commit_message", "Upload adapter"),
             )
         return str(info)
+
+
+def load_peft_weights(
+    model_id: str | os.PathLike[str],
+    device: str | None = None,
+    key_mapping: dict[str, str] | None = None,
+    **hf_hub_download_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """PEFT's ``load_peft_weights``: a saved adapter's tensors under their saved keys (safetensors preferred,
+    a legacy ``.bin`` read with ``weights_only=True``); ``key_mapping`` (``{regex: replacement}``) renames the
+    saved module paths; ``subfolder`` and Hub download options as in :meth:`PeftModel.load_adapter`.
+
+    Raises:
+        FileNotFoundError: when the folder or repo holds no adapter weights.
+    """
+    subfolder = hf_hub_download_kwargs.pop("subfolder", None)
+    tensors = load_adapter_weights(
+        model_id, subfolder=subfolder, device=device or "cpu", **hf_hub_download_kwargs
+    )
+    return remap_checkpoint_keys(tensors, key_mapping) if key_mapping else tensors

@@ -40,11 +40,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ADAPTED_KEY",
     "INSPECTED_KEY",
+    "FILES_KEY",
     "TRAINER_WALKS",
     "WALKS_KEY",
     "AdapterHooksCallback",
     "BaseSignatureForward",
     "adapt_plain_trainer",
+    "adapt_trainer_files",
     "find_trainer",
     "inspect_base_for_trainer",
     "mark_trainer_found",
@@ -61,8 +63,10 @@ WALKS_KEY = "_trainer_walks"
 ADAPTED_KEY = "_deltatune_adapted"
 #: Key in a Trainer's ``__dict__``: its label names were taken from the base model (:func:`inspect_base_for_trainer`).
 INSPECTED_KEY = "_deltatune_inspected"
+#: Key in a Trainer's ``__dict__``: its saving and checkpoint loading were adapted (:func:`adapt_trainer_files`).
+FILES_KEY = "_deltatune_files_adapted"
 #: The private parts of ``transformers.Trainer`` the adaptation replaces.
-_PRIVATE = ("_save", "_issue_warnings_after_load")
+_PRIVATE = ("_save", "_issue_warnings_after_load", "_load_from_checkpoint")
 
 
 def find_trainer(frames: int = _FRAMES) -> Any:
@@ -146,6 +150,85 @@ def _save_adapter(trainer: Any, output_dir: str | None = None, state_dict: Any =
     if trainer.processing_class is not None:
         trainer.processing_class.save_pretrained(folder)
     torch.save(trainer.args, os.path.join(folder, TRAINING_ARGS_NAME))
+
+
+def _load_checkpoint(trainer: Any, original: Any, resume_from_checkpoint: str, model: Any = None) -> None:
+    """``Trainer._load_from_checkpoint`` for a deltatune model: a folder holding adapter files and no
+    full-model file (peft's checkpoints) is read with ``load_adapter``, as transformers does for peft's models
+    (it would look for a sharded checkpoint's index and fail); any other folder goes to transformers."""
+    from transformers.trainer import ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
+    from transformers.utils import (
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        WEIGHTS_NAME,
+    )
+
+    def has(folder: str, *names: str) -> bool:
+        return any(os.path.isfile(os.path.join(folder, n)) for n in names)
+
+    folder = str(resume_from_checkpoint)
+    target = trainer.accelerator.unwrap_model(model if model is not None else trainer.model)
+    adapter_files = (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+    full = has(folder, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME)
+    subdirs = sorted(
+        n
+        for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+        if has(os.path.join(folder, n), *adapter_files)
+    )
+    if full or not (has(folder, *adapter_files) or subdirs) or not hasattr(target, "load_adapter"):
+        original(resume_from_checkpoint, model)
+        return
+    active = target.active_adapters[0]
+    if has(folder, *adapter_files):
+        target.load_adapter(folder, "default" if subdirs else active, is_trainable=True)
+    for name in subdirs:
+        target.load_adapter(os.path.join(folder, name), name, is_trainable=name == active)
+    if subdirs:
+        target.set_adapter(active)
+
+
+def adapt_trainer_files(model: torch.nn.Module) -> None:
+    """Called by ``PeftModel.to``: a plain ``transformers.Trainer`` moving the model (its ``__init__``) gets
+    deltatune's ``_save`` and ``_load_from_checkpoint`` at once, so a ``save_model`` before any training
+    forward (evaluate-only, save after loading) writes the adapter, and ``resume_from_checkpoint`` reads
+    peft's adapter-only checkpoints (both run before the first forward, where :func:`adapt_plain_trainer`
+    adapts the rest)."""
+    try:
+        trainer = find_trainer(frames=4)  # PeftModel.to <- Trainer._move_model_to_device
+    except Exception:  # sys._getframe is CPython's; a frame's locals may refuse to be read
+        return
+    if (
+        trainer is None
+        or getattr(trainer, "handles_deltatune_models", False)
+        or not hasattr(model, "save_pretrained")
+    ):
+        return
+    import transformers
+
+    if all(hasattr(transformers.Trainer, name) for name in _PRIVATE):
+        _install_file_methods(trainer)
+
+
+def _install_file_methods(trainer: Any) -> bool:
+    """Replaces this instance's ``_save``, its after-load warning and ``_load_from_checkpoint`` where its class
+    keeps transformers' own; once per Trainer. Returns whether its saving is deltatune's."""
+    import transformers
+
+    base, cls = transformers.Trainer, type(trainer)
+    if cls._save is not base._save:
+        return False
+    if not trainer.__dict__.get(FILES_KEY):
+        trainer.__dict__[FILES_KEY] = True
+        trainer._save = functools.partial(_save_adapter, trainer)
+        trainer._issue_warnings_after_load = functools.partial(
+            _warn_trained_only, trainer, trainer._issue_warnings_after_load
+        )
+        if cls._load_from_checkpoint is base._load_from_checkpoint:
+            trainer._load_from_checkpoint = functools.partial(
+                _load_checkpoint, trainer, trainer._load_from_checkpoint
+            )
+    return True
 
 
 def _warn_trained_only(trainer: Any, original: Any, load_result: Any) -> None:
@@ -273,18 +356,10 @@ def adapt_plain_trainer(tuner: Any, model: torch.nn.Module | None = None) -> Any
 
 
 def _adapt(trainer: Any, tuner: Any, model: torch.nn.Module | None) -> list[str]:
-    import transformers
-
-    base = transformers.Trainer
-    cls = type(trainer)
     model = model if model is not None else trainer.accelerator.unwrap_model(trainer.model)
     saved = trainer.accelerator.unwrap_model(trainer.model, keep_torch_compile=False)
     done: list[str] = []
-    if cls._save is base._save and hasattr(saved, "save_pretrained"):
-        trainer._save = functools.partial(_save_adapter, trainer)
-        trainer._issue_warnings_after_load = functools.partial(
-            _warn_trained_only, trainer, trainer._issue_warnings_after_load
-        )
+    if hasattr(saved, "save_pretrained") and _install_file_methods(trainer):
         full = _size(model.state_dict().values())
         adapter = _size(p for p in model.parameters() if p.requires_grad)
         done.append(

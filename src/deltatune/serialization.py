@@ -195,12 +195,16 @@ def embedding_module_names(model: torch.nn.Module) -> list[str]:
 
 def embedding_tensors(tuner: AdapterModel, adapter_name: str) -> dict[str, torch.Tensor]:
     """The full weights of the model's input/output embedding modules under PEFT's keys (for
-    ``save_embedding_layers``; an embedding with a ``modules_to_save`` copy saves the saved adapter's copy
-    without its name, ``…modules_to_save.weight``, as PEFT)."""
+    ``save_embedding_layers``): when an adapter wraps one of them, only the wrapped ones (their base layer), as
+    PEFT; an untargeted embedding (a tied or separate head) is not the adapter's to overwrite on load. An
+    embedding with a ``modules_to_save`` copy saves the saved adapter's copy without its name,
+    ``…modules_to_save.weight``, as PEFT."""
     out: dict[str, torch.Tensor] = {}
     state = tuner.model.state_dict()
     own = f".modules_to_save.{adapter_name}."
-    for name in embedding_module_names(tuner.model):
+    names = embedding_module_names(tuner.model)
+    wrapped = [n for n in names if _wraps(tuner.model, n)]
+    for name in wrapped or names:
         prefix = name + "."
         out.update(
             {
@@ -210,6 +214,12 @@ def embedding_tensors(tuner: AdapterModel, adapter_name: str) -> dict[str, torch
             }
         )
     return out
+
+
+def _wraps(model: torch.nn.Module, name: str) -> bool:
+    """Whether module ``name`` is the base layer of an adapter layer."""
+    parent, _, leaf = name.rpartition(".")
+    return leaf == "base_layer" and isinstance(model.get_submodule(parent), AdapterLayer)
 
 
 #: Key of the owners table (:func:`_owners`) holding the keys that load as they are.
