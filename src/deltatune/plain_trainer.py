@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ADAPTED_KEY",
-    "INSPECTED_KEY",
     "FILES_KEY",
+    "INSPECTED_KEY",
     "TRAINER_WALKS",
     "WALKS_KEY",
     "AdapterHooksCallback",
