@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._checkpointing import inputs_require_grad
 from ._weight_cache import set_weight_caching, weight_caching_enabled
 from .config import PeftConfig
 from .layers import AdapterLayer
-from .model import inputs_require_grad
 
 __all__ = [
     "DoraCaching",

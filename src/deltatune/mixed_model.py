@@ -25,9 +25,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from ._checkpointing import prepare_for_checkpointing
 from .config import PeftConfig
 from .layers import AdapterLayer
-from .model import PeftModel, prepare_for_checkpointing
+from .model import PeftModel
 from .model_io import adapter_config
 from .registry import available_methods, get_method, spec_for
 from .serialization import LoadResult
