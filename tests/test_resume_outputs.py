@@ -7,6 +7,7 @@ mid-run checkpoint reports the time of both sessions."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from tiny import save_tiny_vit_dir, write_image_folder
 
 import deltatune.tasks.image_classification as recipe
 from deltatune.cli import main
+from deltatune.train.lock import RunLock
 from deltatune.train.trainer import DeltaTrainer
 
 FLAGS = [
@@ -112,3 +114,44 @@ def test_a_resume_from_a_mid_run_checkpoint_reports_the_time_of_both_sessions(
     assert final_log["train_runtime"] == metrics["train_time_s"], "trainer_state.json's log says the same"
     assert metrics["peak_memory_mb"] >= last["peak_memory_mb"] > 0
     assert "confusion_matrix" in json.loads((out / "eval_results.json").read_text())
+
+
+def test_predict_evaluate_and_merge_on_a_run_still_training_or_stopped_say_so(
+    assets: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """u-cli's U2: the output folder of a run that has not saved its adapter is not "not an output folder"."""
+    out = tmp_path / "out"
+    original = DeltaTrainer._save_checkpoint
+
+    def save_then_interrupt(self: DeltaTrainer, model: Any, trial: Any) -> None:
+        original(self, model, trial)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(DeltaTrainer, "_save_checkpoint", save_then_interrupt)
+        assert main([*argv(assets, out), "--num_train_epochs", "2"]) == 130
+    capsys.readouterr()
+    image = str(next(Path(assets["data"]).rglob("*.png")))
+    checkpoint = str(out / "checkpoint-1")
+    assert main(["predict", image, "--adapter", str(out)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(
+        f"deltatune: error: --adapter '{out}' holds a run that stopped before saving its adapter"
+    )
+    assert "--resume_from_checkpoint true" in line and f"--adapter '{checkpoint}'" in line
+    assert main(["predict", image, "--adapter", checkpoint]) == 0, "the checkpoint it names works"
+    capsys.readouterr()
+    with RunLock(out):  # the lock a live run holds, naming this process
+        for command in (
+            ["predict", image, "--adapter", str(out)],
+            ["evaluate", "--adapter", str(out), "--output_dir", str(tmp_path / "ev")],
+            ["merge", "--adapter", str(out), "--output", str(tmp_path / "merged")],
+        ):
+            assert main(command) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1, err
+            assert f"--adapter '{out}' is a run still being trained (pid {os.getpid()}" in err, err
+            assert f"wait for it or pass --adapter '{checkpoint}' for its newest checkpoint" in err
