@@ -150,3 +150,65 @@ def test_a_resume_on_changed_images_or_replaced_weights_is_refused_and_the_same_
     save_tiny_vit_dir(model)  # the same files again: the run continues
     assert main(resume) == 0
     assert json.loads((out / "deltatune_run.json").read_text())["status"] == "finished"
+
+
+def test_compare_holds_and_checks_each_run_folder_as_train_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """u-cli's U11: a `train` run made in a compare's sub-run folder while the compare runs is not replaced
+    silently, and a live run's lock there is honoured."""
+    import subprocess
+    import sys
+
+    import deltatune.tasks.compare as compare
+
+    model, data, out = tmp_path / "model", tmp_path / "data", tmp_path / "cmp"
+    save_tiny_vit_dir(model)
+    write_image_folder(data, per_class=4)
+    argv = ["compare", "--methods", "lora", "--baselines", "--model", str(model), "--dataset", str(data)]
+    argv += ["--output_dir", str(out), "--max_steps", "1", "--use_cpu", "--per_device_train_batch_size", "4"]
+    theirs = {"method": "lora", "dataset": str(data), "training": {"learning_rate": 0.01}}
+
+    def user_run_appears(*args: Any) -> None:  # a `train --output_dir cmp/lora` made meanwhile, finished
+        (out / "lora").mkdir()
+        write_run_record(out / "lora", theirs, "finished")
+        (out / "lora" / "adapter_model.safetensors").write_bytes(b"the user's adapter")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compare, "_warm_up", user_run_appears)
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--output_dir '{out / 'lora'}' already holds a different run" in err, err
+    assert (out / "lora" / "adapter_model.safetensors").read_bytes() == b"the user's adapter"
+
+    holders: list[subprocess.Popen[str]] = []
+
+    def live_run_appears(*args: Any) -> None:  # a live `train` holding the folder's lock meanwhile
+        holders.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from deltatune.train.lock import RunLock; "
+                    "RunLock(sys.argv[1]).acquire(); print('held', flush=True); sys.stdin.read()",
+                    str(out2 / "lora"),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+        stdout = holders[0].stdout
+        assert stdout is not None and stdout.readline().strip() == "held"  # waits for the state
+
+    out2 = tmp_path / "cmp2"
+    argv[argv.index(str(out))] = str(out2)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(compare, "_warm_up", live_run_appears)
+            assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another deltatune run (pid {holders[0].pid}" in err, err
+    finally:
+        for holder in holders:
+            holder.communicate("")
