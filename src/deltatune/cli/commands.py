@@ -66,7 +66,7 @@ def _metrics_table(rows: list[dict[str, Any]], title: str) -> Any:
             f"{r['accuracy']:.4f}",
             "-" if top5 is None else f"{top5:.4f}",
             f"{r['train_time_s']:.1f}",
-            f"{r['peak_memory_mb']:.0f}",
+            "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}",
         )
     return table
 

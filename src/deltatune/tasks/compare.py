@@ -18,8 +18,11 @@ import transformers
 
 from .._files import atomic_write_text, write_json
 from ..model_card import md_text
+from ..train.lock import RunLock
+from ..train.outputs import prepare_output_dir
 from .image_classification import RunSpec, run_training
 from .plots import compare_chart
+from .run_spec import run_record, upgrade_record
 
 logger = logging.getLogger(__name__)
 
@@ -155,14 +158,19 @@ def compare_runs(
             overrides["learning_rate"] = full_learning_rate or args.learning_rate / 10
         run_args = dataclasses.replace(args, **overrides)
         logger.debug("compare: training %s", spec.name)  # the CLI prints a title per run
-        result = run_training(
-            spec,
-            run_args,
-            write_report=spec.baseline is None,
-            num_threads=num_threads,
-            precision=precision,
-            progress=reporter(index, spec) if reporter is not None else None,
-        )
+        record = run_record(spec, run_args, precision)
+        # each run's folder as `train` holds it: another live run in it, or another run's files, are refused
+        with RunLock(str(run_args.output_dir)):
+            prepare_output_dir(str(run_args.output_dir), record, False, None, upgrade=upgrade_record)
+            result = run_training(
+                spec,
+                run_args,
+                write_report=spec.baseline is None,
+                num_threads=num_threads,
+                precision=precision,
+                progress=reporter(index, spec) if reporter is not None else None,
+                record=record,
+            )
         m = result.metrics
         rows.append(
             {

@@ -37,7 +37,7 @@ from ..train.trainer import DeltaTrainer
 from .classifier import build_base_model, check_new_heads_saved, find_head, new_heads, portable_model_name
 from .data_init import attach_configured, sample_batches
 from .report import card_config, write_outputs, write_run_report
-from .results import EvalPredictions, PredictionRecorder, final_evaluation_step
+from .results import EvalPredictions, PredictionRecorder, final_predictions
 from .run_spec import (
     GUIDE_DATASET,
     GUIDE_MODEL,
@@ -166,7 +166,7 @@ def run_training(
         save_trained(trainer, model, output_dir)
     metrics = run_metrics(spec, bundle, model, trainer, train_metrics, eval_metrics, memory)
     metrics.update(command=command, do_train=do_train, do_eval=do_eval, logging_steps=args.logging_steps)
-    predictions = recorder.predictions_at(final_evaluation_step(trainer)) if do_eval else None
+    predictions = final_predictions(trainer, recorder) if do_eval else None
     if predictions is not None:  # what was scored, counted as `deltatune evaluate` counts it
         metrics.update(confusion_metrics(predictions, bundle.class_names, eval_ds.skipped, len(bundle.eval)))
     if main_process:
@@ -328,6 +328,7 @@ def fit(
     train_metrics: dict[str, Any] = {}
     eval_metrics: dict[str, Any] = {}
     with PeakMemory() as memory:
+        trainer.memory_probe = memory.so_far_mb  # recorded in each checkpoint, for a resumed run's report
         if do_train:
             resume = trainer.args.resume_from_checkpoint
             train_metrics = dict(trainer.train(resume_from_checkpoint=resume).metrics)
@@ -375,7 +376,7 @@ def run_metrics(
         "trainable_percent": 100 * trainable / max(total, 1),
         "precision": trainer.precision,
         "train_time_s": float(train_metrics.get("train_runtime", 0.0)),
-        "peak_memory_mb": memory.peak_mb,
+        "peak_memory_mb": run_peak_memory(trainer, memory),
         "peak_memory_kind": memory.kind,
         "train": train_metrics,
         "eval": eval_metrics,
@@ -393,6 +394,15 @@ def run_metrics(
     if not math.isfinite(metrics["accuracy"]):  # written as null (strict JSON), with the reason beside it
         metrics["accuracy_note"] = "no evaluation reported a finite accuracy for the final model"
     return metrics
+
+
+def run_peak_memory(trainer: DeltaTrainer, memory: PeakMemory) -> float | None:
+    """The run's peak memory: this session's, or an earlier session's when it was higher or this one (a resume
+    of a finished run) trained nothing; None when no session that trained measured it."""
+    earlier = trainer.earlier_peak_memory_mb
+    if trainer.session_steps == 0:
+        return earlier
+    return memory.peak_mb if earlier is None else max(memory.peak_mb, earlier)
 
 
 def confusion_metrics(

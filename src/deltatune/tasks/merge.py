@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -36,16 +37,52 @@ def _require_adapter_dir(adapter_dir: str) -> None:
             f"--adapter {adapter_dir!r} is not a directory; pass the output_dir of `deltatune train`"
         )
     if not os.path.isfile(os.path.join(adapter_dir, CONFIG_NAME)):
+        unfinished = _unfinished_run(adapter_dir)
         raise FileNotFoundError(
-            f"{adapter_dir!r} has no {CONFIG_NAME}; pass --adapter the output_dir of `deltatune train`"
+            unfinished
+            or f"{adapter_dir!r} has no {CONFIG_NAME}; pass --adapter the output_dir of `deltatune train`"
         )
+
+
+def _unfinished_run(adapter_dir: str) -> str | None:
+    """Why the output folder of a run that has not saved its adapter yet has none (still training, or stopped
+    before the end), with what to do; None for a folder holding no unfinished run."""
+    from ..train.lock import describe_holder, holder_alive, lock_holder
+    from ..train.outputs import RUN_RECORD_NAME
+    from ..train.resume import latest_complete_checkpoint
+
+    record_path = os.path.join(adapter_dir, RUN_RECORD_NAME)
+    try:
+        with open(record_path, encoding="utf-8") as fh:
+            status = json.load(fh).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if status == "finished":
+        return None
+    newest = latest_complete_checkpoint(adapter_dir)
+    holder = lock_holder(adapter_dir)
+    if holder and holder_alive(holder):
+        then = f"or pass --adapter {newest!r} for its newest checkpoint" if newest else "(no checkpoint yet)"
+        return (
+            f"--adapter {adapter_dir!r} is a run still being trained ({describe_holder(holder)}); its adapter is "
+            f"written when the run ends: wait for it {then}"
+        )
+    if newest is None:
+        return (
+            f"--adapter {adapter_dir!r} holds a run that stopped before saving anything; run the same "
+            "`deltatune train` command again to train it"
+        )
+    return (
+        f"--adapter {adapter_dir!r} holds a run that stopped before saving its adapter; continue it with the same "
+        f"`deltatune train` command plus --resume_from_checkpoint true, or pass --adapter {newest!r} for its "
+        "newest checkpoint"
+    )
 
 
 def _base_folders(adapter_dir: str, model: str | None) -> list[str]:
     """The real paths of the local base-model folders a merge of ``adapter_dir`` involves: ``--model`` and
     the adapter's recorded ``base_model_name_or_path`` (as loading resolves it: relative to the current
     folder, the bundled backbone's id to its installed copy); hub ids and missing folders are left out."""
-    import json
 
     from ..vision import resolve_model_path
 

@@ -24,6 +24,7 @@ __all__ = [
     "EvalPredictions",
     "PredictionRecorder",
     "final_evaluation_step",
+    "final_predictions",
     "write_split_results",
     "write_trainer_state",
 ]
@@ -151,3 +152,15 @@ def final_evaluation_step(trainer: Any) -> int | None:
         except (IndexError, ValueError):
             return None
     return int(state.global_step)
+
+
+def final_predictions(trainer: Any, recorder: PredictionRecorder) -> EvalPredictions | None:
+    """The predictions of the evaluation the run ends with: the ones ``recorder`` kept, or, when that evaluation
+    ran in an earlier session of a resumed run, one prediction pass of the model as the run ends with it (the
+    best checkpoint's with ``load_best_model_at_end``: the same model, so the same predictions). None when
+    there is no evaluation set or its outputs are not class scores."""
+    found = recorder.predictions_at(final_evaluation_step(trainer))
+    if found is not None or trainer.eval_dataset is None:
+        return found
+    trainer.predict(trainer.eval_dataset)  # goes through the recorder (compute_metrics), at this step
+    return recorder.predictions_at(int(trainer.state.global_step))

@@ -3,6 +3,7 @@ that identifies a run (``deltatune_run.json``), computed once per run by :func:`
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ import transformers
 
 from .._defaults import GUIDE_DATASET, GUIDE_MODEL, GUIDE_TARGETS, GUIDE_TRAINING_DEFAULTS
 from ..registry import get_method, spec_for
+from ..train.fingerprint import folder_fingerprint, model_fingerprint
 from ..train.outputs import training_identity
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "RunSpec",
     "adapter_defaults",
     "canonical_method",
+    "folder_fingerprints",
     "run_record",
     "upgrade_record",
 ]
@@ -109,8 +112,37 @@ def run_record(
 ) -> dict[str, Any]:
     """What identifies a run, as written to ``deltatune_run.json`` and compared before a run writes into a
     folder: the :class:`RunSpec`, the seed, the precision asked for and every training argument that can
-    change the result (see :func:`deltatune.train.outputs.training_identity`)."""
-    return {**spec.record(), "seed": args.seed, "precision": precision, "training": training_identity(args)}
+    change the result (see :func:`deltatune.train.outputs.training_identity`), and the fingerprints of the local
+    folders it trains on (:func:`folder_fingerprints`)."""
+    return {
+        **spec.record(),
+        "seed": args.seed,
+        "precision": precision,
+        "training": training_identity(args),
+        "fingerprint": folder_fingerprints(spec, args.output_dir),
+    }
+
+
+def folder_fingerprints(spec: RunSpec, output_dir: str | None = None) -> dict[str, Any]:
+    """``{option: fingerprint}`` of the run's local folders (see :mod:`deltatune.train.fingerprint`): the
+    image files of ``--dataset`` and ``--validation_dir`` (every file of a saved or downloaded ``datasets``
+    folder; ``output_dir`` left out when it is inside), the model files of ``--model``. Hub names and the
+    bundled data and backbone have none; nothing is read but file names and sizes, and samples of the model's
+    files."""
+    from ..vision import is_bundled_backbone
+    from ..vision.folder import IMAGE_EXTENSIONS
+    from ..vision.loading import is_image_folder
+
+    found: dict[str, Any] = {}
+    exclude = [output_dir] if output_dir else []
+    for option in ("dataset", "validation_dir"):
+        path = getattr(spec, option)
+        if path and os.path.isdir(path):
+            suffixes = IMAGE_EXTENSIONS if is_image_folder(path) else None
+            found[option] = folder_fingerprint(path, suffixes, exclude)
+    if not is_bundled_backbone(spec.model) and os.path.isdir(spec.model):
+        found["model"] = model_fingerprint(spec.model)
+    return found
 
 
 def canonical_method(method: str, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:

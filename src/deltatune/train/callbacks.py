@@ -19,7 +19,13 @@ from ..plain_trainer import AdapterHooksCallback, tuner_of
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterHooksCallback", "DatasetEpochCallback", "DeltaTrainerRunLoss", "tuner_of"]
+__all__ = [
+    "AdapterHooksCallback",
+    "DatasetEpochCallback",
+    "DeltaTrainerRunLoss",
+    "stored_run_totals",
+    "tuner_of",
+]
 
 
 class DatasetEpochCallback(TrainerCallback):
@@ -43,18 +49,46 @@ class DatasetEpochCallback(TrainerCallback):
 
 
 class DeltaTrainerRunLoss(TrainerCallback, ExportableState):
-    """Carries the run's training-loss sum into each checkpoint's ``trainer_state.json`` (under its class
-    name in ``stateful_callbacks``), so a resumed run reports ``train_loss`` over the whole run.
-    ``DeltaTrainer`` adds it and sets :attr:`train_loss_sum` before each save; being a real callback,
-    transformers restores it with ``restore_callback_states_from_checkpoint`` instead of warning about it.
+    """Carries the run's totals so far into each checkpoint's ``trainer_state.json`` (under its class name in
+    ``stateful_callbacks``), so a resumed run reports them over the whole run, not over its last session:
+    ``train_loss`` (from the loss sum), ``train_runtime`` (the training time of the sessions, up to each
+    one's last checkpoint) and the peak memory. ``DeltaTrainer`` adds it and sets its attributes before each
+    save; being a real callback, transformers restores it with ``restore_callback_states_from_checkpoint``
+    instead of warning about it.
 
     Args:
         train_loss_sum: The sum of the per-step losses so far (None: not known).
+        train_runtime: Seconds of training so far, summed over the sessions (None: not known).
+        peak_memory_mb: The highest peak memory of the sessions so far, in MiB (None: not measured).
     """
 
-    def __init__(self, train_loss_sum: float | None = None) -> None:
+    def __init__(
+        self,
+        train_loss_sum: float | None = None,
+        train_runtime: float | None = None,
+        peak_memory_mb: float | None = None,
+    ) -> None:
         self.train_loss_sum = train_loss_sum
+        self.train_runtime = train_runtime
+        self.peak_memory_mb = peak_memory_mb
 
     def state(self) -> dict[str, Any]:
         """The state transformers writes into ``stateful_callbacks``."""
-        return {"args": {}, "attributes": {"train_loss_sum": self.train_loss_sum}}
+        names = ("train_loss_sum", "train_runtime", "peak_memory_mb")
+        return {"args": {}, "attributes": {name: getattr(self, name, None) for name in names}}
+
+
+def stored_run_totals(state: TrainerState) -> dict[str, float | None]:
+    """The totals a resumed checkpoint's trainer state recorded (see :class:`DeltaTrainerRunLoss`): each a
+    number, or None when that checkpoint did not record it (an older version's)."""
+    stored: Any = state.stateful_callbacks  # a dict in the JSON state (typed as a list)
+    record = stored.get(DeltaTrainerRunLoss.__name__) if isinstance(stored, dict) else None
+    attributes = record.get("attributes", {}) if isinstance(record, dict) else {}
+    attributes = attributes if isinstance(attributes, dict) else {}
+    totals: dict[str, float | None] = {}
+    for name in ("train_loss_sum", "train_runtime", "peak_memory_mb"):
+        value = attributes.get(name)
+        totals[name] = (
+            float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        )
+    return totals

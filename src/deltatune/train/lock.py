@@ -34,7 +34,15 @@ from .signals import sigterm_as_interrupt
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "OutputDirLockedError", "RunLock", "lock_holder", "run_lock"]
+__all__ = [
+    "LOCK_NAME",
+    "OutputDirLockedError",
+    "RunLock",
+    "describe_holder",
+    "holder_alive",
+    "lock_holder",
+    "run_lock",
+]
 
 
 class OutputDirLockedError(OutputDirError):
@@ -63,7 +71,8 @@ def lock_holder(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _describe(holder: dict[str, Any]) -> str:
+def describe_holder(holder: dict[str, Any]) -> str:
+    """A lock holder record in words: pid, host, start time, command."""
     started = holder.get("started")
     when = (
         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
@@ -74,6 +83,23 @@ def _describe(holder: dict[str, Any]) -> str:
         f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {when}, "
         f"command: {holder.get('command', '?')}"
     )
+
+
+def holder_alive(holder: dict[str, Any]) -> bool:
+    """Whether the process a holder record names still runs (on this host; one on another host is taken as
+    running)."""
+    pid = holder.get("pid")
+    if holder.get("host") not in (None, socket.gethostname()):
+        return True
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class RunLock:
@@ -121,7 +147,7 @@ class RunLock:
             logger.warning(
                 "took over a stale lock on %s left by a run that is no longer running (%s)",
                 self.directory,
-                _describe(previous),
+                describe_holder(previous),
             )
         record = {
             "pid": os.getpid(),
@@ -172,7 +198,7 @@ class RunLock:
 
     def _busy_message(self, holder: dict[str, Any]) -> str:
         return (
-            f"--output_dir {self.directory!r} is in use by another deltatune run ({_describe(holder)}); wait "
+            f"--output_dir {self.directory!r} is in use by another deltatune run ({describe_holder(holder)}); wait "
             "for it to finish, stop it, or choose another --output_dir"
         )
 

@@ -7,8 +7,9 @@ which training arguments) and marks it ``"finished"`` at the end. Then, before a
 - a folder holding files deltatune did not write is refused (``--overwrite_output_dir`` removes only what
   deltatune writes, so it is refused too);
 - a folder holding another run (any difference in the recorded configuration: method, model, data, adapter
-  settings, learning rate, seed, batch sizes, ...) is refused, naming the differences; with
-  ``--overwrite_output_dir`` everything the previous run wrote is removed first;
+  settings, learning rate, seed, batch sizes, ...; or its data or model folder changed on disk, see
+  :mod:`.fingerprint`) is refused, naming the differences; with ``--overwrite_output_dir`` everything the
+  previous run wrote is removed first;
 - a folder holding the same run is continued only with ``--resume_from_checkpoint``; without it a finished
   run, or one with a complete checkpoint, is refused rather than trained over (an unfinished run without any
   complete checkpoint has nothing to lose and starts over, clean);
@@ -31,6 +32,7 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .._files import TMP_PREFIX, read_json, remove_stale_temporaries, write_json
+from .fingerprint import fingerprint_changes
 from .resume import checkpoint_problem, latest_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -50,8 +52,9 @@ __all__ = [
 ]
 
 RUN_RECORD_NAME = "deltatune_run.json"
-#: Keys of a run record that describe its progress, not the run (left out of the comparison).
-RECORD_BOOKKEEPING = ("status",)
+#: Keys of a run record that describe its progress, not the run (left out of the comparison), and the
+#: fingerprints of its folders (compared apart, by :func:`~deltatune.train.fingerprint.fingerprint_changes`).
+RECORD_BOOKKEEPING = ("status", "fingerprint")
 #: Name of a run's log (``deltatune.cli.output.run_log``): alone in a folder without a run record, it is the
 #: log of a run refused before it started (left by an earlier version), removed rather than refused.
 LOG_NAME = "train.log"
@@ -167,7 +170,8 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_differences(previous: dict[str, Any], record: dict[str, Any]) -> list[str]:
-    """What differs between two run records, as ``"key: old → new"`` strings (empty: the same run)."""
+    """What differs between two run records, as ``"key: old → new"`` strings, then what changed on disk in
+    the folders both name (:func:`~deltatune.train.fingerprint.fingerprint_changes`); empty: the same run."""
     old, new = _flatten(_plain(previous)), _flatten(_plain(record))
     missing = object()
     out = []
@@ -176,7 +180,7 @@ def run_differences(previous: dict[str, Any], record: dict[str, Any]) -> list[st
         if a != b:
             show = [("(unset)" if v is missing else json.dumps(v)[:60]) for v in (a, b)]
             out.append(f"{key}: {show[0]} → {show[1]}")
-    return out
+    return out + fingerprint_changes(previous, record)
 
 
 def same_run(previous: dict[str, Any], record: dict[str, Any]) -> bool:
@@ -336,6 +340,12 @@ def prepare_output_dir(
                 listed = "; ".join(differences[:4]) + (
                     f"; and {len(differences) - 4} more" if len(differences) > 4 else ""
                 )
+                if differences == fingerprint_changes(previous, record):  # same settings, other files
+                    raise OutputDirError(
+                        f"--output_dir {directory!r} holds this run, but {listed}; it continues only on the files "
+                        "it started with: restore them, pass --overwrite_output_dir to train it again from the "
+                        "start, or choose another --output_dir"
+                    )
                 raise OutputDirError(
                     f"--output_dir {directory!r} already holds a different run ({listed}). "
                     "--resume_from_checkpoint continues only the same run: pass --overwrite_output_dir to replace "

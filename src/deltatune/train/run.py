@@ -51,6 +51,12 @@ class PeakMemory:
             self._thread.start()
         return self
 
+    def so_far_mb(self) -> float:
+        """The peak so far, inside the block (MiB above its start)."""
+        if self.kind == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**20 - self._start
+        return max(self._peak, self._rss_mb()) - self._start
+
     def __exit__(self, *exc: Any) -> None:
         if self.kind == "cuda":
             self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self._start

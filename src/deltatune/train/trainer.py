@@ -19,8 +19,9 @@ What it changes, and where transformers 5 does it:
 - ``compute_metrics`` defaults to accuracy (+ top-5 with more than 5 classes).
 - A resume from a checkpoint already at the end of the run (``max_steps``, or its last epoch) trains nothing
   and saves nothing (transformers' loop would take one more optimiser step before it checks the limit:
-  ``_run_epoch``), and ``train_loss`` after a resume is the mean over the whole run, not over the steps of
-  this call (each checkpoint records the run's loss sum so far in its trainer state).
+  ``_run_epoch``), and ``train_loss``, ``train_runtime`` and the throughput after a resume are the whole
+  run's, not this call's (each checkpoint records the run's loss sum, training time and peak memory so far
+  in its trainer state; :attr:`DeltaTrainer.earlier_peak_memory_mb` is the last one, for the caller).
 - The guide's ``Trainer(tokenizer=...)`` is accepted and mapped to ``processing_class``; an impossible
   fp16/bf16 request fails in the constructor; the precision used is logged when training starts.
 """
@@ -32,6 +33,8 @@ import inspect
 import logging
 import os
 import shutil
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,7 +46,13 @@ from .._files import apply_umask, atomic_write_text
 from ..model import PeftModel
 from ..registry import spec_for
 from .arguments import check_precision, cpu_threads
-from .callbacks import AdapterHooksCallback, DatasetEpochCallback, DeltaTrainerRunLoss, tuner_of
+from .callbacks import (
+    AdapterHooksCallback,
+    DatasetEpochCallback,
+    DeltaTrainerRunLoss,
+    stored_run_totals,
+    tuner_of,
+)
 from .checkpoint import load_adapter_checkpoint, save_label_maps, save_tuner_state
 from .disk import disk_full_error
 from .guards import NonFiniteLossGuard, observe_loss, refuse_non_finite_checkpoint
@@ -58,8 +67,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["DeltaTrainer"]
 
 TRAINING_ARGS_JSON = "training_args.json"
-#: Key in a checkpoint's ``trainer_state.json`` ``stateful_callbacks`` holding the run's training-loss sum.
-RUN_LOSS_KEY = DeltaTrainerRunLoss.__name__
 #: transformers 5's private ``Trainer`` methods of the training loop that DeltaTrainer extends (resume at the
 #: end of a run; ``train_loss`` over the whole run); transformers 4.x has none of them.
 LOOP_HOOKS = ("_init_training_state", "_run_epoch", "_finalize_training")
@@ -98,6 +105,14 @@ class DeltaTrainer(transformers.Trainer):
 
     #: Read by :mod:`deltatune.plain_trainer`: this Trainer needs none of its adaptations.
     handles_deltatune_models = True
+    #: The peak memory (MiB) of this ``train`` call so far, recorded in each checkpoint when set (the caller
+    #: measures it, e.g. :class:`~deltatune.train.run.PeakMemory`'s ``so_far_mb``).
+    memory_probe: Callable[[], float] | None = None
+    #: The peak memory the resumed checkpoint recorded for the sessions before this one (None: a fresh run,
+    #: or a checkpoint that recorded none).
+    earlier_peak_memory_mb: float | None = None
+    #: Optimiser steps the last ``train`` call took (0: a resume of a finished run; None: no call yet).
+    session_steps: int | None = None
 
     def __init__(
         self,
@@ -229,15 +244,17 @@ class DeltaTrainer(transformers.Trainer):
         return self.optimizer
 
     def _init_training_state(self, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer._init_training_state``; also reads the loss sum of the steps a resumed checkpoint already
-        took (None when it did not record one)."""
+        """``Trainer._init_training_state``; also reads the totals a resumed checkpoint recorded for the steps
+        it already took (each None when it did not record it)."""
         result = super()._init_training_state(*args, **kwargs)
+        self._session_start = time.time()
         self._run_loss_before: float | None = 0.0
+        self._runtime_before: float | None = 0.0
+        self.earlier_peak_memory_mb = None
         if self.state.global_step:
-            stored: Any = self.state.stateful_callbacks  # a dict in the JSON state (typed as a list)
-            record = stored.get(RUN_LOSS_KEY) if isinstance(stored, dict) else None
-            total = record.get("attributes", {}).get("train_loss_sum") if isinstance(record, dict) else None
-            self._run_loss_before = float(total) if isinstance(total, int | float) else None
+            totals = stored_run_totals(self.state)
+            self._run_loss_before, self._runtime_before = totals["train_loss_sum"], totals["train_runtime"]
+            self.earlier_peak_memory_mb = totals["peak_memory_mb"]
         return result
 
     def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
@@ -253,19 +270,31 @@ class DeltaTrainer(transformers.Trainer):
         return super()._run_epoch(*args, **kwargs)
 
     def _finalize_training(self, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer._finalize_training``, with ``train_loss`` over the whole run after a resume."""
+        """``Trainer._finalize_training``, with ``train_loss``, ``train_runtime`` and the samples and steps per
+        second over the whole run after a resume (transformers reports this call's)."""
         steps_now = self.state.global_step - int(self._initial_global_step)  # set by _init_training_state
+        self.session_steps = steps_now
         output = super()._finalize_training(*args, **kwargs)
-        before = getattr(self, "_run_loss_before", None)
-        if not isinstance(output, TrainOutput) or before is None or steps_now == self.state.global_step:
+        if not isinstance(output, TrainOutput) or steps_now == self.state.global_step:
             return output
-        whole = (before + output.training_loss * steps_now) / max(self.state.global_step, 1)
-        output.metrics["train_loss"] = whole
-        for entry in reversed(self.state.log_history):
+        metrics, step, loss = output.metrics, self.state.global_step, output.training_loss
+        before, runtime = getattr(self, "_run_loss_before", None), getattr(self, "_runtime_before", None)
+        if before is not None:
+            loss = metrics["train_loss"] = (before + output.training_loss * steps_now) / max(step, 1)
+        if runtime is not None and "train_runtime" in metrics:
+            whole = runtime + float(metrics["train_runtime"])
+            samples = args[1] if len(args) > 1 else kwargs.get("num_train_samples")  # the whole schedule's
+            metrics["train_runtime"] = round(whole, 4)
+            if isinstance(samples, int | float) and whole > 0:
+                metrics["train_samples_per_second"] = round(
+                    samples * step / max(self.state.max_steps, 1) / whole, 3
+                )
+                metrics["train_steps_per_second"] = round(step / whole, 3)
+        for entry in reversed(self.state.log_history):  # the entry transformers logged with these metrics
             if "train_loss" in entry:
-                entry["train_loss"] = whole
+                entry.update({k: v for k, v in metrics.items() if k in entry})
                 break
-        return TrainOutput(output.global_step, whole, output.metrics)
+        return TrainOutput(output.global_step, loss, metrics)
 
     def compute_loss(
         self,
@@ -312,12 +341,7 @@ class DeltaTrainer(transformers.Trainer):
         transformers does: a copied or restored folder's mtime says nothing of its step, and could get the
         newest checkpoint deleted."""
         refuse_non_finite_checkpoint(self)
-        before = getattr(self, "_run_loss_before", None)
-        if before is not None and hasattr(self, "_tr_loss"):  # read by _init_training_state on resume
-            so_far = before + self._total_loss_scalar + float(self._tr_loss.item())
-            for callback in self.callback_handler.callbacks:  # written by transformers into the state
-                if isinstance(callback, DeltaTrainerRunLoss):
-                    callback.train_loss_sum = so_far
+        self._record_run_totals()
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotated below, by step
         folder = os.path.join(
@@ -340,6 +364,21 @@ class DeltaTrainer(transformers.Trainer):
                     self.state.best_model_checkpoint,
                     use_mtime=False,
                 )
+
+    def _record_run_totals(self) -> None:
+        """Sets the run's totals so far on :class:`DeltaTrainerRunLoss`, which transformers writes into the
+        checkpoint's trainer state (read back by ``_init_training_state`` on resume)."""
+        before, runtime = getattr(self, "_run_loss_before", None), getattr(self, "_runtime_before", None)
+        loss = None
+        if before is not None and hasattr(self, "_tr_loss"):
+            loss = before + self._total_loss_scalar + float(self._tr_loss.item())
+        if runtime is not None and hasattr(self, "_session_start"):
+            runtime += time.time() - self._session_start
+        peaks = [self.earlier_peak_memory_mb, self.memory_probe() if self.memory_probe is not None else None]
+        peak = max((p for p in peaks if p is not None), default=None)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, DeltaTrainerRunLoss):
+                callback.train_loss_sum, callback.train_runtime, callback.peak_memory_mb = loss, runtime, peak
 
     def _unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
