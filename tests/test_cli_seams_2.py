@@ -1,0 +1,78 @@
+"""The u-cli tester's U5-U10 and U12 (/work/wt/_notes/u-cli-findings.md): the cards' model-index (one truth with
+metrics.json), YAML-1.2-safe repo ids, an exact resume command, read-only result folders refused before the
+work, one evaluation per results folder at a time, ``--version`` and the commands' unknown-flag help,
+``quickstart --num_labels`` range."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+from tiny import write_train_val_assets
+
+from deltatune.cli import main
+from deltatune.model_card import render_card
+from deltatune.tasks.cards import merged_model_card, model_card
+
+FAST = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--use_cpu", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished tiny train run (its folder)."""
+    root = tmp_path_factory.mktemp("seams2")
+    assets = write_train_val_assets(root)
+    out = root / "run"
+    argv = ["train", "--model", assets["model"], "--train_dir", assets["train"]]
+    assert main([*argv, "--validation_dir", assets["val"], "--output_dir", str(out), *FAST]) == 0
+    return out
+
+
+def _metrics_by_type(card: ModelCard) -> dict[str, Any]:
+    return {result.metric_type: result.metric_value for result in card.data.eval_results or []}
+
+
+# ---- U8: the evaluation in the card's metadata (model-index) --------------------------------------
+def test_run_card_model_index_is_the_runs_metrics_json(run: Path) -> None:
+    metrics = json.loads((run / "metrics.json").read_text())
+    card = ModelCard.load(run / "README.md")
+    assert card.data.model_name
+    assert _metrics_by_type(card) == {"accuracy": metrics["accuracy"]}  # top-5 is None for 3 classes
+    (result,) = card.data.eval_results
+    assert (result.task_type, result.dataset_type) == ("image-classification", "imagefolder")
+    assert result.dataset_name.startswith(Path(metrics["dataset"]).name)
+
+
+def test_card_model_index_carries_unrounded_accuracy_top5_and_hub_dataset(run: Path) -> None:
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.update(accuracy=0.8333333333333334, top5_accuracy=0.9166666666666666, dataset="food101")
+    card = ModelCard(model_card(metrics))
+    assert _metrics_by_type(card) == {"accuracy": 0.8333333333333334, "top_5_accuracy": 0.9166666666666666}
+    assert card.data.datasets == ["food101"]
+    assert {r.dataset_type for r in card.data.eval_results} == {"food101"}
+
+
+def test_merged_card_model_index_only_when_merged_into_the_recorded_base() -> None:
+    info = {"base_model": "acme/vit", "method": "LoRA", "accuracy": 0.75, "dataset": "food101"}
+    assert _metrics_by_type(ModelCard(merged_model_card(info))) == {"accuracy": 0.75}
+    other = ModelCard(merged_model_card({**info, "trained_on": "acme/other"}))
+    assert other.data.eval_results is None
+
+
+# ---- U10: repo ids that YAML 1.2 reads as numbers are quoted ----------------------------------------
+@pytest.mark.parametrize("name", ["1e3", "0o17", "0x1F", "12", "-1.5", ".inf", "true", "null", "yes"])
+def test_repo_ids_that_read_as_other_types_are_quoted(name: str) -> None:
+    text = render_card({"library_name": "peft", "base_model": name}, "# card\n")
+    front = text.split("---\n")[1]
+    assert f"base_model: '{name}'\n" in front  # quoted: a string under YAML 1.1 and 1.2
+    assert yaml.safe_load(front)["base_model"] == name
+    assert ModelCard(text).data.base_model == name
+
+
+def test_ordinary_repo_ids_stay_plain() -> None:
+    text = render_card({"library_name": "peft", "base_model": "acme/tiny-vit"}, "# card\n")
+    assert "base_model: acme/tiny-vit\n" in text
