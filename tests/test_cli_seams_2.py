@@ -6,6 +6,8 @@ work, one evaluation per results folder at a time, ``--version`` and the command
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from huggingface_hub import ModelCard
 from tiny import write_train_val_assets
 
 from deltatune.cli import main
+from deltatune.cli.errors import shell_quote
 from deltatune.model_card import render_card
 from deltatune.tasks.cards import merged_model_card, model_card
 
@@ -76,3 +79,45 @@ def test_repo_ids_that_read_as_other_types_are_quoted(name: str) -> None:
 def test_ordinary_repo_ids_stay_plain() -> None:
     text = render_card({"library_name": "peft", "base_model": "acme/tiny-vit"}, "# card\n")
     assert "base_model: acme/tiny-vit\n" in text
+
+
+# ---- U9: the printed resume command is exact ---------------------------------------------------------
+def test_interrupt_prints_a_resume_command_that_reads_back_as_the_argv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deltatune.train.trainer import DeltaTrainer
+
+    assets = write_train_val_assets(tmp_path)
+    save = DeltaTrainer._save_checkpoint
+
+    def save_then_ctrl_c(self: Any, *args: Any, **kwargs: Any) -> Any:
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C right after the first checkpoint is complete
+
+    monkeypatch.setattr(DeltaTrainer, "_save_checkpoint", save_then_ctrl_c)
+    monkeypatch.chdir(tmp_path)
+    argv = [
+        "train",
+        "--model",
+        assets["model"],
+        "--train_dir",
+        assets["train"],
+        "--output_dir",
+        "two  spaces",
+    ]
+    argv += [*FAST, "--num_train_epochs", "2", "--save_strategy", "epoch"]
+    capsys.readouterr()
+    assert main(argv) == 130
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "resume with: " in x]
+    printed = shlex.split(line.split("resume with: ", 1)[1])
+    assert printed == ["deltatune", *argv, "--resume_from_checkpoint", "true"]
+    assert "two  spaces/checkpoint-" in line
+
+
+@pytest.mark.parametrize("name", ["two  spaces", "tab\there", "new\nline", "quote ' and $HOME", "bell\x07"])
+def test_shell_quote_round_trips_through_bash(name: str) -> None:
+    words = [name, "--output_dir", name, "plain"]
+    command = " ".join(shell_quote(word) for word in words)
+    assert command.isprintable()  # one line on the terminal
+    done = subprocess.run(["bash", "-c", f"printf '%s\\0' {command}"], capture_output=True, check=True)
+    assert done.stdout.decode().split("\0")[:-1] == words
