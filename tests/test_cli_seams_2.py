@@ -121,3 +121,74 @@ def test_shell_quote_round_trips_through_bash(name: str) -> None:
     assert command.isprintable()  # one line on the terminal
     done = subprocess.run(["bash", "-c", f"printf '%s\\0' {command}"], capture_output=True, check=True)
     assert done.stdout.decode().split("\0")[:-1] == words
+
+
+# ---- U7: an unwritable results/output folder is refused before the work ----------------------------
+def test_unwritable_evaluate_and_merge_outputs_are_refused_before_loading(
+    run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deltatune.cli import commands
+
+    def no_work(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the adapter was loaded before the output folder was checked")
+
+    monkeypatch.setattr(commands, "_load", no_work)
+    blocker = tmp_path / "a-file"  # a file where a folder should be: no folder can be written under it
+    blocker.write_text("x")
+    capsys.readouterr()
+    assert main(["evaluate", "--adapter", str(run), "--output_dir", str(blocker / "ev")]) != 0
+    assert main(["merge", "--adapter", str(run), "--output", str(blocker / "m")]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert f"--output_dir {blocker / 'ev'}" in lines[0]
+    assert f"--output {blocker / 'm'}" in lines[1] and ".tmp-" not in lines[1]
+
+
+# ---- U12: one evaluation per results folder at a time ----------------------------------------------
+_HOLD_EVALUATION = """
+import sys
+from deltatune.cli import main
+from deltatune.tasks import inference
+original = inference.evaluate_adapter
+def held(*args, **kwargs):
+    print("SCORING", flush=True)  # the state the test waits for
+    sys.stdin.readline()
+    return original(*args, **kwargs)
+inference.evaluate_adapter = held
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_evaluation_into_the_same_folder_is_refused_while_the_first_runs(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+    import sys
+
+    out = tmp_path / "ev"
+    first = ["evaluate", "--adapter", str(run), "--output_dir", str(out), "--overwrite"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_EVALUATION, *first],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        for line in proc.stdout:  # wait for the state: A is evaluating, its folder locked
+            if line.startswith("SCORING"):
+                break
+        capsys.readouterr()
+        second = ["evaluate", "--adapter", str(run), "--output_dir", str(out), "--overwrite"]
+        assert main([*second, "--max_eval_samples", "1"]) != 0
+        refusal = capsys.readouterr().err
+        assert "in use by another deltatune run" in refusal and f"pid {proc.pid}" in refusal
+        assert not (out / "eval_results.json").exists()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=300) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    evaluation = json.loads((out / "eval_results.json").read_text())
+    assert evaluation["eval_samples"] == json.loads((run / "eval_results.json").read_text())["eval_samples"]
+    assert (out / "confusion_matrix.png").is_file()
