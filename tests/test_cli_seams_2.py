@@ -192,3 +192,53 @@ def test_a_second_evaluation_into_the_same_folder_is_refused_while_the_first_run
     evaluation = json.loads((out / "eval_results.json").read_text())
     assert evaluation["eval_samples"] == json.loads((run / "eval_results.json").read_text())["eval_samples"]
     assert (out / "confusion_matrix.png").is_file()
+
+
+# ---- U5: --version; the simple commands' unknown options; --help-all ---------------------------------
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_flag_prints_the_version(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from deltatune import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main([flag])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"deltatune {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "meant"),
+    [
+        (["evaluate", "--adapter", "a", "--overwite"], "--overwrite"),
+        (["merge", "--adapter", "a", "--output", "m", "--overwrit"], "--overwrite"),
+        (["predict", "x.png", "--adapter", "a", "--jsn"], "--json"),
+    ],
+)
+def test_unknown_options_of_simple_commands_suggest_and_point_at_their_help(
+    argv: list[str], meant: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"did you mean {meant}?" in line and f"see `deltatune {argv[0]} --help`" in line
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "merge", "quickstart"])
+def test_help_all_is_help_for_commands_without_a_longer_one(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help-all"])
+    assert done.value.code == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"usage: deltatune {command}") and "required" not in captured.err
+
+
+# ---- U6: quickstart --num_labels range ------------------------------------------------------------
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_quickstart_refuses_a_headless_num_labels(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["quickstart", "--num_labels", value])
+    assert done.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--num_labels" in line and "at least 1" in line
