@@ -112,7 +112,10 @@ def _unknown_option(parser: argparse.ArgumentParser, command: str, unknown: list
     bad = next((u for u in unknown if u.startswith("-")), unknown[0])
     near = closest_flags(bad, known)
     hint = f"; did you mean {', '.join(near)}?" if near else ""
-    sub.exit(2, f"deltatune: error: unknown option {bad!r}{hint} (see `deltatune {command} --help`)\n")
+    print(
+        f"deltatune: error: unknown option {bad!r}{hint} (see `deltatune {command} --help`)", file=sys.stderr
+    )
+    raise SystemExit(2)
 
 
 def _path(text: str) -> str:
