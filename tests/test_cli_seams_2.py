@@ -57,6 +57,11 @@ def test_card_model_index_carries_unrounded_accuracy_top5_and_hub_dataset(run: P
     assert _metrics_by_type(card) == {"accuracy": 0.8333333333333334, "top_5_accuracy": 0.9166666666666666}
     assert card.data.datasets == ["food101"]
     assert {r.dataset_type for r in card.data.eval_results} == {"food101"}
+    hostile = ModelCard(
+        model_card({**metrics, "dataset": "d\nlicense: evil #: 1e3", "base_model": "m\nx: y"})
+    )
+    assert "license" not in hostile.data.to_dict() and "x" not in hostile.data.to_dict()
+    assert _metrics_by_type(hostile)["accuracy"] == 0.8333333333333334
 
 
 def test_merged_card_model_index_only_when_merged_into_the_recorded_base() -> None:

@@ -208,7 +208,7 @@ def eval_result_metadata(
                     task_type="image-classification",
                     task_name="Image Classification",
                     dataset_type=hub_dataset or "imagefolder",
-                    dataset_name=dataset_label,
+                    dataset_name=_one_line(dataset_label),  # a YAML string: no key can be injected
                     metric_type="accuracy" if key == "accuracy" else "top_5_accuracy",
                     metric_name=metric_name,
                     metric_value=float(value),
@@ -217,7 +217,7 @@ def eval_result_metadata(
     if not results:
         return {}
     return {
-        "model_name": model_name,
+        "model_name": _one_line(model_name),
         "eval_results": results,
         "datasets": [hub_dataset] if hub_dataset else None,
     }
