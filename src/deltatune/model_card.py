@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ._files import atomic_write_text
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MODEL_CARD_NAME",
     "card_metadata",
+    "eval_result_metadata",
     "hub_model_id",
     "md_code",
     "md_fence",
@@ -85,6 +86,14 @@ Report the metrics measured, on which split, and how they compare with the base 
 _HUB_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
 #: Characters that mean something in markdown (or in the HTML it may carry) inside a line of text.
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~&])")
+#: Plain scalars that YAML 1.2's core schema (the Hub's JavaScript parsers) reads as a null, a boolean or a
+#: number, while YAML 1.1 (PyYAML) may read them as strings (``1e3``, ``0o17``): such strings are quoted.
+_YAML12_NOT_STR = re.compile(
+    r"(?:null|Null|NULL|~|true|True|TRUE|false|False|FALSE"
+    r"|[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"
+    r"|[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))"
+)
 
 
 # ---- strings in the markdown body ---------------------------------------------------------------
@@ -169,13 +178,59 @@ def method_display_name(config: Any) -> str:
 
 
 # ---- serialising --------------------------------------------------------------------------------
+class _CardDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting every string that a YAML 1.2 parser would read as another type."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if _YAML12_NOT_STR.fullmatch(value):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="'")
+    return dumper.represent_str(value)
+
+
+_CardDumper.add_representer(str, _represent_str)
+
+
+def eval_result_metadata(
+    model_name: str, dataset: str, dataset_label: str, metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """Front-matter keys (``model_name``, ``eval_results`` -> ``model-index``) for the evaluation of an image
+    classifier: ``accuracy`` and, when a number, ``top5_accuracy`` of ``metrics`` (a run's ``metrics.json``),
+    unrounded, measured on ``dataset`` (the run's name for it; ``dataset_label`` is how a card shows it).
+    Empty when ``metrics`` has no accuracy."""
+    hub_dataset = hub_model_id(dataset) if dataset != "offline-default" else None
+    results = []
+    for key, metric_name in (("accuracy", "Accuracy"), ("top5_accuracy", "Top-5 accuracy")):
+        value = metrics.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1:
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    task_name="Image Classification",
+                    dataset_type=hub_dataset or "imagefolder",
+                    dataset_name=_one_line(dataset_label),  # a YAML string: no key can be injected
+                    metric_type="accuracy" if key == "accuracy" else "top_5_accuracy",
+                    metric_name=metric_name,
+                    metric_value=float(value),
+                )
+            )
+    if not results:
+        return {}
+    return {
+        "model_name": _one_line(model_name),
+        "eval_results": results,
+        "datasets": [hub_dataset] if hub_dataset else None,
+    }
+
+
 def render_card(metadata: dict[str, Any], body: str) -> str:
     """A model card: ``metadata`` as YAML front matter by ``huggingface_hub``'s serializer, then ``body``.
 
     Raises:
         ValueError: when ``huggingface_hub.ModelCard`` cannot read the result back.
     """
-    front = ModelCardData(**{k: v for k, v in metadata.items() if v is not None}).to_yaml()
+    data = ModelCardData(**{k: v for k, v in metadata.items() if v is not None}).to_dict()
+    front = yaml.dump(data, Dumper=_CardDumper, sort_keys=False, allow_unicode=True).strip()
     content = f"---\n{front}\n---\n{body.lstrip(chr(10))}"
     ModelCard(content)  # parsed back: what the Hub and the ecosystem read
     return content

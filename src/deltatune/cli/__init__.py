@@ -102,6 +102,22 @@ class _TopParser(SuggestingParser):
         self.exit(2, f"deltatune: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _unknown_option(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> NoReturn:
+    """Exits (status 2) on an option ``command`` does not have, naming the closest ones and that command's
+    help, as ``train`` and ``compare`` do."""
+    from .flags import closest_flags
+
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    known = [s for action in sub._actions for s in action.option_strings if action.help != argparse.SUPPRESS]
+    bad = next((u for u in unknown if u.startswith("-")), unknown[0])
+    near = closest_flags(bad, known)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    print(
+        f"deltatune: error: unknown option {bad!r}{hint} (see `deltatune {command} --help`)", file=sys.stderr
+    )
+    raise SystemExit(2)
+
+
 def _path(text: str) -> str:
     """An ``argparse`` type: a non-empty path (an unset shell variable gives ``""``, which would otherwise
     mean the current folder)."""
@@ -114,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``deltatune``, ``evaluate``, ``predict``, ``merge`` and ``quickstart`` (``train`` and
     ``compare`` parse their own arguments: :mod:`.run_args`); building it and printing its help imports
     neither torch nor transformers: each command is named by its function in :mod:`.commands`."""
+    from .._version import __version__
     from .checks import positive_int
     from .run_options import method_specs
 
@@ -123,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         + ", ".join(spec.display_name for spec in method_specs().values()),
         allow_abbrev=False,
     )
+    parser.add_argument("-V", "--version", action="version", version=f"deltatune {__version__}")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}", parser_class=_TopParser
     )
@@ -139,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text, description=text, allow_abbrev=False)
         p.set_defaults(func=name)
+        p.add_argument("--help-all", action="help", help=argparse.SUPPRESS)  # as train's: no longer help here
         p.add_argument(
             "--adapter", required=True, type=_path, help="adapter directory written by `deltatune train`"
         )
@@ -193,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     quick = sub.add_parser(
         "quickstart", help="apply every method to a ViT-base-shaped model and print what trains"
     )
-    quick.add_argument("--num_labels", type=int, default=101)
+    quick.add_argument("--help-all", action="help", help=argparse.SUPPRESS)
+    quick.add_argument(
+        "--num_labels", type=positive_int, default=101, help="classes of the head (at least 1)"
+    )
     quick.set_defaults(func="quickstart")
     return parser
 
@@ -253,7 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from . import commands
 
             return commands.train(argv[1:]) if argv[0] == "train" else commands.compare(argv[1:])
-        args = build_parser().parse_args(argv)  # --help and usage errors exit here
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)  # --help and usage errors exit here
+        if unknown:
+            _unknown_option(parser, args.command, unknown)
         _require_extra()
         _setup_logging(verbose="--json" not in argv)
         from . import commands

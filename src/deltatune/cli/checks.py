@@ -31,6 +31,7 @@ __all__ = [
     "check_model_source",
     "check_output_outside",
     "check_report_to",
+    "check_writable",
     "hub_status",
     "positive_int",
     "use_offline_mode",
@@ -297,3 +298,25 @@ def check_output_outside(output_dir: str, folders: list[tuple[str, str | None]])
                 f"--output_dir {output_dir!r} ({out}) is inside {flag} {value!r} ({data}): the run's files would "
                 "become images of that dataset; choose an --output_dir outside the image folders"
             )
+
+
+def check_writable(path: str, flag: str, beside: bool = False) -> None:
+    """Refuses, before any work, an output folder that cannot be written (a read-only filesystem, no
+    permission, a file in the way): a test file is created in it (``beside``: in its parent folder), or in
+    the nearest existing parent when that does not exist yet, and removed.
+
+    Raises:
+        OSError: naming ``flag`` and ``path`` (never the test file) with the system's reason.
+    """
+    import tempfile
+
+    folder = os.path.abspath(path)
+    folder = os.path.dirname(folder) if beside else folder
+    while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".deltatune-write-test-", dir=folder)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), f"{flag} {path}") from None
+    os.close(fd)
+    os.unlink(probe)

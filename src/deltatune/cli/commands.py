@@ -296,83 +296,86 @@ def evaluate(args: argparse.Namespace) -> int:
     from ..tasks.evaluation import evaluation_data, results_folder, write_evaluation
     from ..tasks.inference import evaluate_adapter
     from ..tasks.plots import confusion_plot
-    from .checks import check_dataset_source, check_folder
+    from ..train.lock import RunLock
+    from .checks import check_dataset_source, check_folder, check_writable
 
     check_folder(args.validation_dir, "--validation_dir")
     if args.dataset is not None:
         check_dataset_source(args.dataset, "--dataset")
     out = results_folder(args.adapter, args.output_dir, args.overwrite)  # refuses before any work
-    trained = _load(args)
-    recorded = trained.record.get("dataset")
-    if args.dataset is None and args.validation_dir is None and isinstance(recorded, str):
-        check_dataset_source(recorded, f"the adapter's dataset (deltatune_run.json in {args.adapter})")
-    labels = [trained.id2label[i] for i in range(len(trained.id2label))]
-    data = evaluation_data(
-        labels,
-        trained.record,
-        args.dataset,
-        args.validation_dir,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        validation_split=args.validation_split,
-        max_eval_samples=args.max_eval_samples,
-    )
-    screen = console()
-    screen.print(printable(f"scoring {data.description}"), markup=False)
-    result = evaluate_adapter(
-        trained,
-        data.rows,
-        batch_size=args.batch_size,
-        progress=stderr_is_terminal(),
-        num_threads=args.num_threads,
-    )
-    report = result.report
-    results: dict[
-        str, Any
-    ] = {  # a training run's eval_results.json schema (transformers' keys, then details)
-        "eval_loss": result.loss,
-        "eval_accuracy": report.accuracy,
-        "eval_samples": report.num_examples,
-        "eval_skipped": len(result.skipped),
-        "dataset": data.dataset,
-        "per_class_accuracy": report.per_class_accuracy,
-        "confusion_matrix": report.confusion.tolist(),
-        "class_names": report.class_names,
-    }
-    if report.top5_accuracy is not None:  # as a run's file: present only with more than five classes
-        results["eval_top5_accuracy"] = report.top5_accuracy
-    if result.skipped:
-        results["skipped_images"] = result.skipped
-    notes = report.to_dict().get("notes")  # why a value is null (strict JSON has no NaN)
-    if notes:
-        results["notes"] = notes
-    write_evaluation(out, results, args.adapter)
-    confusion_plot(report.confusion, report.class_names, os.path.join(out, "confusion_matrix.png"))
-    from rich.table import Table
+    check_writable(out, "--output_dir")
+    with RunLock(out):  # one evaluation per results folder: another's files are never mixed in
+        trained = _load(args)
+        recorded = trained.record.get("dataset")
+        if args.dataset is None and args.validation_dir is None and isinstance(recorded, str):
+            check_dataset_source(recorded, f"the adapter's dataset (deltatune_run.json in {args.adapter})")
+        labels = [trained.id2label[i] for i in range(len(trained.id2label))]
+        data = evaluation_data(
+            labels,
+            trained.record,
+            args.dataset,
+            args.validation_dir,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            validation_split=args.validation_split,
+            max_eval_samples=args.max_eval_samples,
+        )
+        screen = console()
+        screen.print(printable(f"scoring {data.description}"), markup=False)
+        result = evaluate_adapter(
+            trained,
+            data.rows,
+            batch_size=args.batch_size,
+            progress=stderr_is_terminal(),
+            num_threads=args.num_threads,
+        )
+        report = result.report
+        results: dict[
+            str, Any
+        ] = {  # a training run's eval_results.json schema (transformers' keys, then details)
+            "eval_loss": result.loss,
+            "eval_accuracy": report.accuracy,
+            "eval_samples": report.num_examples,
+            "eval_skipped": len(result.skipped),
+            "dataset": data.dataset,
+            "per_class_accuracy": report.per_class_accuracy,
+            "confusion_matrix": report.confusion.tolist(),
+            "class_names": report.class_names,
+        }
+        if report.top5_accuracy is not None:  # as a run's file: present only with more than five classes
+            results["eval_top5_accuracy"] = report.top5_accuracy
+        if result.skipped:
+            results["skipped_images"] = result.skipped
+        notes = report.to_dict().get("notes")  # why a value is null (strict JSON has no NaN)
+        if notes:
+            results["notes"] = notes
+        write_evaluation(out, results, args.adapter)
+        confusion_plot(report.confusion, report.class_names, os.path.join(out, "confusion_matrix.png"))
+        from rich.table import Table
 
-    table = Table(title=esc(f"{args.adapter} on {data.dataset} ({report.num_examples} images)"))
-    table.add_column("class")
-    table.add_column("accuracy", justify="right")
-    for name, value in report.per_class_accuracy.items():
-        table.add_row(esc(name), f"{value:.4f}" if value == value else "no images")
-    screen.print(table)
-    if result.skipped:
-        shown = ", ".join(result.skipped[:3]) + (" ..." if len(result.skipped) > 3 else "")
+        table = Table(title=esc(f"{args.adapter} on {data.dataset} ({report.num_examples} images)"))
+        table.add_column("class")
+        table.add_column("accuracy", justify="right")
+        for name, value in report.per_class_accuracy.items():
+            table.add_row(esc(name), f"{value:.4f}" if value == value else "no images")
+        screen.print(table)
+        if result.skipped:
+            shown = ", ".join(result.skipped[:3]) + (" ..." if len(result.skipped) > 3 else "")
+            screen.print(
+                printable(
+                    f"skipped {len(result.skipped)} unreadable image(s): {shown} (listed in eval_results.json)"
+                ),
+                markup=False,
+            )
+        top5 = "" if report.top5_accuracy is None else f" · top-5 {report.top5_accuracy:.4f}"
         screen.print(
             printable(
-                f"skipped {len(result.skipped)} unreadable image(s): {shown} (listed in eval_results.json)"
+                f"accuracy {report.accuracy:.4f}{top5} · wrote {out}/eval_results.json, all_results.json, "
+                "confusion_matrix.png"
             ),
             markup=False,
         )
-    top5 = "" if report.top5_accuracy is None else f" · top-5 {report.top5_accuracy:.4f}"
-    screen.print(
-        printable(
-            f"accuracy {report.accuracy:.4f}{top5} · wrote {out}/eval_results.json, all_results.json, "
-            "confusion_matrix.png"
-        ),
-        markup=False,
-    )
-    return 0
+        return 0
 
 
 def _require_stdout() -> None:
@@ -421,8 +424,10 @@ def predict(args: argparse.Namespace) -> int:
 
 def merge(args: argparse.Namespace) -> int:
     from ..tasks.merge import check_merge_output, merge_adapter
+    from .checks import check_writable
 
     check_merge_output(args.adapter, args.output, args.overwrite, args.model)
+    check_writable(args.output, "--output", beside=True)  # the model is built beside it, then moved in
     trained = _load(args)
     merge_adapter(trained, args.output, overwrite=args.overwrite, base_model=args.model)
     console().print(

@@ -26,6 +26,7 @@ __all__ = [
     "one_line",
     "printable",
     "resume_hint",
+    "shell_quote",
 ]
 
 USAGE, FAILURE, INTERRUPTED = 2, 1, 130
@@ -126,7 +127,8 @@ def describe_error(err: BaseException) -> tuple[str, int]:
         signum = _signal_of(err)
         what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
         status = INTERRUPTED if signum == signal.SIGINT else 128 + signum
-        return one_line(f"{what}{'; ' + hint if hint else ''}"), status
+        # the hint is already one printable line; collapsing its whitespace would change the paths in its command
+        return f"{what}{'; ' + hint if hint else ''}", status
     if isinstance(err, RecursionError):
         return (
             "an input is nested too deeply to read (a config or JSON file?); check the files you passed",
@@ -139,6 +141,8 @@ def describe_error(err: BaseException) -> tuple[str, int]:
         return one_line(message), code
     if isinstance(err, ValueError):  # our errors about a flag, a config or a file (peft's type for them)
         return one_line(err), USAGE
+    if isinstance(err, DiskFull):  # one line already, with an exact resume command
+        return str(err), FAILURE
     if type(err).__module__.startswith("deltatune"):  # e.g. NonFiniteLossError: its message says what to do
         return one_line(str(err) or type(err).__name__), FAILURE
     return one_line(f"{type(err).__name__}: {err}; run again with --debug for the traceback"), FAILURE
@@ -148,12 +152,29 @@ class DiskFull(Exception):
     """A training run stopped by a full disk; its message says what was kept and how to resume."""
 
 
+_ANSI_C_ESCAPES = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def shell_quote(arg: str) -> str:
+    """``arg`` quoted for a POSIX shell, exactly: :func:`shlex.quote`, or for an argument with a line break,
+    a tab or another control character, bash's ``$'...'`` with those characters escaped (so the command
+    stays one printable line that a shell reads back as the same argument)."""
+    import shlex
+
+    if arg.isprintable():
+        return shlex.quote(arg)
+    escaped = "".join(
+        _ANSI_C_ESCAPES.get(c)
+        or (c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\U{ord(c):08x}")
+        for c in arg
+    )
+    return f"$'{escaped}'"
+
+
 def resume_hint(argv: list[str], out: str) -> str:
     """What to tell someone who pressed Ctrl-C during ``deltatune train ARGV``: the one command that resumes
     (the same arguments, ``--resume_from_checkpoint true`` instead of ``--overwrite_output_dir``), or that no
     checkpoint was saved yet."""
-    import shlex
-
     from ..train.resume import latest_complete_checkpoint
 
     last = latest_complete_checkpoint(out)
@@ -174,6 +195,6 @@ def resume_hint(argv: list[str], out: str) -> str:
     if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in kept):
         kept += ["--output_dir", out]
     command = " ".join(
-        shlex.quote(a) for a in ["deltatune", "train", *kept, "--resume_from_checkpoint", "true"]
+        shell_quote(a) for a in ["deltatune", "train", *kept, "--resume_from_checkpoint", "true"]
     )
-    return f"the last complete checkpoint is {last}; resume with: {command}"
+    return f"the last complete checkpoint is {escaped_line(last)}; resume with: {command}"

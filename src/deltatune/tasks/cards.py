@@ -17,6 +17,7 @@ from typing import Any
 from .._files import atomic_write_text
 from ..model_card import (
     card_metadata,
+    eval_result_metadata,
     hub_model_id,
     md_code,
     md_fence,
@@ -152,6 +153,9 @@ def model_card(info: dict[str, Any], report: bool = True) -> str:
     own = ["deltatune", "peft", "image-classification", method]
     metadata["tags"] = own + [tag for tag in metadata["tags"] if tag not in own]
     metadata["pipeline_tag"] = "image-classification"
+    # The evaluation as the Hub reads it (model-index): metrics.json's numbers, unrounded.
+    model_name = f"{display} adapter for {base}" + (" (random backbone)" if random else "")
+    metadata.update(eval_result_metadata(model_name, str(info["dataset"]), dataset, info))
     backbone = f"a random backbone ({md_code(base)}'s architecture, seed {seed})" if random else md_code(base)
     lines = [
         f"# {md_text(display)} adapter for {backbone} on {md_code(dataset)}",
@@ -260,6 +264,10 @@ def merged_model_card(info: dict[str, Any]) -> str:
             "",
         ]
     elif info.get("accuracy") is not None:
+        model_name = f"{base} with a {method} adapter merged in"
+        dataset = str(info.get("dataset") or "")
+        label = dataset_name(dataset) if dataset else "the adapter's evaluation split"
+        metadata.update(eval_result_metadata(model_name, dataset, label, {"accuracy": info["accuracy"]}))
         on = f" on {md_code(dataset_name(str(info['dataset'])))}" if info.get("dataset") else ""
         lines += [f"Evaluation accuracy of the adapter{on}: {_fmt(float(info['accuracy']))}.", ""]
     lines += [
