@@ -301,7 +301,7 @@ def test_dropout_node_is_peft_s_formula_forward_and_backward() -> None:
     w = torch.randn(5, 6, generator=gen, dtype=torch.float64)
     norm = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5
     s, factor = 0.7, 1.25
-    y = _DoraDropoutLinear.apply(x, dropped, w, bias, a, b, m, norm, s, factor)
+    y = _DoraDropoutLinear.apply(x, dropped, None, w, bias, a, b, m, norm, s, factor)
     d, scale = dropped * factor, m / norm
     expected = F.linear(x, w, bias) + (scale - 1) * F.linear(d, w) + scale * s * F.linear(F.linear(d, a), b)
     torch.testing.assert_close(y, expected)
@@ -312,8 +312,74 @@ def test_dropout_node_is_peft_s_formula_forward_and_backward() -> None:
     ):
         torch.testing.assert_close(got, want)
     assert torch.autograd.gradcheck(
-        lambda *t: _DoraDropoutLinear.apply(t[0], t[1], w, *t[2:], norm, s, factor), tuple(inputs)
+        lambda *t: _DoraDropoutLinear.apply(t[0], t[1], None, w, *t[2:], norm, s, factor), tuple(inputs)
     )
+
+
+def test_dropout_node_with_the_cpu_keep_mask_applies_it_and_routes_x_s_whole_gradient() -> None:
+    """Given the 0/1 keep-mask instead of the dropped input, the node drops x itself, and x's gradient is both
+    terms (the base's and the mask-gated adapter's, summed inside the node): PEFT's formula written out with
+    d = factor · x ⊙ keep; a second backward through the same graph (``retain_graph``, after the first consumed
+    the kept d Wᵀ in place) gives the same gradients; and gradcheck."""
+    from deltatune.methods._dora_fused import _DoraDropoutLinear
+
+    gen = torch.Generator().manual_seed(4)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x, bias, a, b, m = leaf(7, 6), leaf(5), leaf(3, 6), leaf(5, 3), leaf(5)
+    keep = (torch.rand(7, 6, generator=gen) > 0.3).to(torch.float64)  # the CPU mask is in x's dtype
+    assert 0 < int(keep.sum()) < keep.numel()
+    w = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    norm = torch.rand(5, generator=gen, dtype=torch.float64) + 0.5
+    s, factor = 0.7, 1 / 0.7
+    y = _DoraDropoutLinear.apply(x, None, keep, w, bias, a, b, m, norm, s, factor)
+    d, scale = x * keep * factor, m / norm
+    expected = F.linear(x, w, bias) + (scale - 1) * F.linear(d, w) + scale * s * F.linear(F.linear(d, a), b)
+    torch.testing.assert_close(y, expected)
+    g = torch.randn_like(y)
+    inputs = [x, bias, a, b, m]
+    first = torch.autograd.grad(y, inputs, g, retain_graph=True)
+    for got, want in zip(first, torch.autograd.grad(expected, inputs, g), strict=True):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(torch.autograd.grad(y, inputs, g), first, strict=True):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(
+        lambda *t: _DoraDropoutLinear.apply(t[0], None, keep, w, *t[1:], norm, s, factor), tuple(inputs)
+    )
+
+
+def test_dora_dropout_linear_on_a_cpu_mask_sized_input_is_peft_s_formula() -> None:
+    """Over CPU_MASK_MIN_NUMEL entries (the integer keep-mask, applied inside the node): output and every
+    gradient (x's included) equal PEFT's formula with the mask the fast path draws from the same RNG state."""
+    from deltatune.methods._dora_fused import dora_dropout_linear
+    from deltatune.methods._fused import CPU_MASK_MIN_NUMEL, dropout_keep_mask
+
+    gen = torch.Generator().manual_seed(5)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    x = leaf(2, CPU_MASK_MIN_NUMEL // 24 + 1, 12)
+    bias, a, b, m = leaf(10), leaf(3, 12), leaf(10, 3), leaf(10)
+    w = torch.randn(10, 12, generator=gen, dtype=torch.float64)
+    norm = torch.rand(10, generator=gen, dtype=torch.float64) + 0.5
+    s, p = 0.7, 0.25
+    torch.manual_seed(7)
+    y = dora_dropout_linear(x, w, bias, a, b, m, norm, s, p, torch.float64)
+    assert "DoraDropoutLinear" in type(y.grad_fn.next_functions[0][0]).__name__
+    torch.manual_seed(7)
+    d = x * dropout_keep_mask(x.shape, p, "cpu") / (1 - p)
+    scale = m / norm
+    expected = F.linear(x, w, bias) + (scale - 1) * F.linear(d, w) + scale * s * F.linear(F.linear(d, a), b)
+    torch.testing.assert_close(y, expected)
+    g = torch.randn_like(y)
+    inputs = [x, bias, a, b, m]
+    for got, want in zip(
+        torch.autograd.grad(y, inputs, g), torch.autograd.grad(expected, inputs, g), strict=True
+    ):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("bias", ["none", "all"])

@@ -32,6 +32,7 @@ __all__ = [
     "LOW_RANK_BANDWIDTH_FACTOR",
     "adapter_input",
     "autocast_dtype",
+    "cpu_keep_mask",
     "dropout_keep_mask",
     "fused_dtype",
     "is_plain",
@@ -73,19 +74,30 @@ def dropout_keep_mask(
 _TWO_32 = 2**32
 
 
-def _cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """A bool mask of ``shape``, each entry True with probability 1 − p to within 2⁻³³, from the CPU RNG.
+def _cpu_keep_mask(shape: torch.Size, p: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A 0/1 mask of ``shape`` in ``dtype``, each entry 1 with probability 1 − p to within 2⁻³³, from the CPU RNG.
 
     Each 64-bit draw of ``random_(-2**63, None)`` (all 64 bits uniform) is read as two 32-bit words, each
-    compared with a threshold: half as many generator draws as one 31-bit draw per entry. The mask of
-    ViT-Small's adapter input (1576 x 384, one thread) took 2.8-3.0 ms instead of 3.5-4.2 ms (1.27-1.45x;
-    medians of 40 alternating rounds, three runs, busy machine); the ``where`` after it is unchanged."""
+    compared with a threshold in place (``ge_``): half as many generator draws as one 31-bit draw per entry.
+    For fp32 the 0/1 words then become the bit patterns of 0.0 and 1.0 in place (times 0x3F800000), so the
+    draws' buffer is the mask: no tensor is allocated after the draws. Measured on ViT-Small's adapter input
+    (1576 x 384, one thread): a comparison into a bool tensor takes as long as the draws themselves, a bool or
+    uint8 mask makes the multiply that applies it (and its backward) allocate a converted copy of the mask or
+    run several times slower (``where``), and on a VM each fresh buffer of that size costs milliseconds in page
+    faults; this path draws, compares and applies in about half the time of a bool mask and a ``where``."""
     last = shape[-1]
     draws = torch.empty((*shape[:-1], (last + 1) // 2), dtype=torch.int64).random_(-(2**63), None)
     words = draws.view(torch.int32)
     if words.shape[-1] != last:
         words = words[..., :last]
-    return words >= min(round(p * _TWO_32), _TWO_32 - 1) - 2**31  # never past the int32 range (p < 1)
+    words.ge_(min(round(p * _TWO_32), _TWO_32 - 1) - 2**31)  # never past the int32 range (p < 1)
+    if dtype == torch.float32:
+        return words.mul_(_FP32_ONE_BITS).view(torch.float32)
+    return words.to(dtype)
+
+
+#: The bit pattern of 1.0 in IEEE-754 single precision.
+_FP32_ONE_BITS = 0x3F800000
 
 
 #: Below this many entries CPU dropout stays ``F.dropout`` (see :func:`_dropout`). LoRA training steps,
@@ -95,6 +107,16 @@ def _cpu_keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
 CPU_MASK_MIN_NUMEL = 1 << 14
 
 
+def cpu_keep_mask(x: torch.Tensor, p: float) -> torch.Tensor | None:
+    """The 0/1 keep-mask in ``x``'s dtype that :func:`_dropout` multiplies ``x`` by (``factor · x · mask`` is
+    the dropped input, factor 1/(1−p)), or None where it uses ``F.dropout`` instead (p = 0, not CPU, small tensors, compiling).
+    For a fused path that applies the mask itself (DoRA's, which folds the mask's backward into its input
+    gradient)."""
+    if p <= 0 or x.device.type != "cpu" or x.numel() < CPU_MASK_MIN_NUMEL or torch.compiler.is_compiling():
+        return None
+    return _cpu_keep_mask(x.shape, p, x.dtype)
+
+
 def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """Input dropout as ``(dropped, factor)``: ``factor · dropped`` is x with entries zeroed with probability p
     and the rest scaled by 1/(1−p); ``(x, 1.0)`` when p = 0. Callers fold ``factor`` into the scale they
@@ -102,14 +124,16 @@ def _dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
     On CUDA (and under ``torch.compile``) ``F.dropout``, factor 1: one fused ``native_dropout`` kernel saving
     a 1-byte mask. In CPU eager mode, for tensors of at least :data:`CPU_MASK_MIN_NUMEL` entries, a uniform
-    32-bit word per entry compared with a threshold (:func:`_cpu_keep_mask`) then one ``where``, factor
-    1/(1−p): CPU ``bernoulli_`` (inside ``F.dropout``) costs about 1.5x this forward, and
-    the ``where``'s backward is one op on the saved 1-byte mask, as ``native_dropout``'s is. Smaller CPU
+    32-bit word per entry compared with a threshold (:func:`_cpu_keep_mask`) then one multiply by the 0/1
+    mask, factor 1/(1−p): CPU ``bernoulli_`` (inside ``F.dropout``) costs about 3x this forward, and
+    the multiply's backward is one multiply by the saved mask (in x's dtype: 4 bytes an entry for fp32 where
+    ``native_dropout`` saves 1, the price of allocating nothing while drawing it). Smaller CPU
     tensors keep ``F.dropout``: there its one dispatcher call is cheaper than the three that replace it."""
     if p <= 0:
         return x, 1.0
-    if x.device.type == "cpu" and x.numel() >= CPU_MASK_MIN_NUMEL and not torch.compiler.is_compiling():
-        return torch.where(_cpu_keep_mask(x.shape, p), x, 0), 1.0 / (1.0 - p)
+    keep = cpu_keep_mask(x, p)
+    if keep is not None:
+        return x * keep, 1.0 / (1.0 - p)
     return F.dropout(x, p, True), 1.0
 
 
