@@ -6,6 +6,7 @@ command line. The contract suite and the interop matrix run IA³ through the reg
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -278,3 +279,45 @@ def test_training_step_issues_no_more_ops_than_peft(bf16: bool) -> None:
         counts[name] = count_ops(lambda v=variant: train_step(v, pixels, labels, settings), "cpu")
     assert counts["deltatune"]["ops"] <= counts["peft"]["ops"], counts
     assert counts["deltatune"]["copies"] <= counts["peft"]["copies"], counts
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_folded_feedforward_node_trains_as_peft_s_input_scaling(with_bias: bool) -> None:
+    """On the CPU a feed-forward Linear with enough rows folds l into W's columns (one autograd node): output,
+    x's gradient and l's gradient equal peft's ``(x ⊙ l) Wᵀ + b`` on a training step; with an entry of l at 0
+    (l's gradient would divide by it) or fewer rows than W has, the generic path runs, equal too."""
+    from deltatune.methods._ia3_fused import ia3_feedforward_linear
+
+    base = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 10, bias=with_bias))
+    config = dict(target_modules=["2"], feedforward_modules=["2"], init_ia3_weights=False)
+    torch.manual_seed(3)
+    ours = get_peft_model(copy.deepcopy(base), IA3Config(**config)).train()  # type: ignore[arg-type]
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(**config)).train()
+    theirs.load_state_dict(ours.state_dict(), strict=False)
+    peft.set_peft_model_state_dict(theirs, deltatune.get_peft_model_state_dict(ours))
+    layer = ours.base_model.model[2]
+    for rows, zero in ((40, False), (40, True), (4, False)):
+        if zero:
+            for model in (ours, theirs):
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "ia3_l" in n)[0, 5] = 0.0
+        x = torch.randn(rows, 12)
+        folded = ia3_feedforward_linear(
+            torch.randn(rows, 24), layer.base_layer.weight, layer.base_layer.bias, layer.ia3_l["default"]
+        )
+        assert (folded is not None) == (rows >= 10 and not zero)
+        if folded is not None:
+            assert "IA3FeedForwardLinear" in type(folded.grad_fn.next_functions[0][0]).__name__
+        results = []
+        for model in (ours, theirs):
+            inputs = x.clone().requires_grad_()
+            out = model(inputs)
+            out.square().sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            model.zero_grad()
+            results.append((out, inputs.grad, sorted(grads.items())))
+        torch.testing.assert_close(results[0][0], results[1][0])
+        torch.testing.assert_close(results[0][1], results[1][1])
+        assert [n for n, _ in results[0][2]] == [n for n, _ in results[1][2]] and results[0][2]
+        for (name, got), (_, want) in zip(results[0][2], results[1][2], strict=True):
+            torch.testing.assert_close(got, want, msg=name)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .functional import inject_adapter_in_model as inject_adapter_in_model
     from .functional import set_base_model_state_dict as set_base_model_state_dict
     from .functional import set_peft_model_state_dict as set_peft_model_state_dict
+    from .helpers import cast_mixed_precision_params as cast_mixed_precision_params
     from .helpers import prepare_model_for_kbit_training as prepare_model_for_kbit_training
     from .methods._adalora_model import AdaLoraModel as AdaLoraModel
     from .methods._ia3_layer import IA3Model as IA3Model
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from .methods._lora_eva import get_eva_state_dict as get_eva_state_dict
     from .methods._lora_eva import initialize_lora_eva_weights as initialize_lora_eva_weights
     from .methods._lora_model import LoraModel as LoraModel
+    from .methods._lycoris import LoHaModel as LoHaModel
+    from .methods._lycoris import LoKrModel as LoKrModel
     from .methods._trainable_tokens_model import TrainableTokensModel as TrainableTokensModel
     from .methods.adalora import AdaLoraConfig as AdaLoraConfig
     from .methods.ia3 import IA3Config as IA3Config
@@ -53,6 +56,9 @@ if TYPE_CHECKING:
     from .model import PeftModel as PeftModel
     from .model import get_peft_model as get_peft_model
     from .model_io import load_peft_weights as load_peft_weights
+    from .peft_types import PEFT_TYPE_TO_CONFIG_MAPPING as PEFT_TYPE_TO_CONFIG_MAPPING
+    from .peft_types import PeftType as PeftType
+    from .peft_types import get_peft_config as get_peft_config
     from .registry import MethodSpec as MethodSpec
     from .registry import available_methods as available_methods
     from .registry import get_method as get_method
@@ -120,6 +126,10 @@ _CORE: dict[str, str] = {
     "register_method": "registry",
     "spec_for": "registry",
     "prepare_model_for_kbit_training": "helpers",
+    "cast_mixed_precision_params": "helpers",
+    "PeftType": "peft_types",
+    "PEFT_TYPE_TO_CONFIG_MAPPING": "peft_types",
+    "get_peft_config": "peft_types",
     "get_layer_status": "status",
     "get_model_status": "status",
 }

@@ -110,13 +110,18 @@ def known_peft_types() -> list[str]:
     return list(dict.fromkeys(registry.get_method(name).peft_type for name in registry.registered_names()))
 
 
+def _type_name(peft_type: Any) -> str:
+    """``peft_type`` as the registry spells it; a string Enum member (PEFT's ``PeftType``) by its value."""
+    return (str.__str__(peft_type) if isinstance(peft_type, str) else str(peft_type)).upper()
+
+
 def config_class_for(peft_type: str) -> type[PeftConfig]:
     """The config class whose ``PEFT_TYPE`` is ``peft_type`` (case-insensitive), from the method registry.
 
     Raises:
         ValueError: for an unknown type, listing the known ones.
     """
-    specs = registry.specs_for_peft_type(str(peft_type))
+    specs = registry.specs_for_peft_type(peft_type)
     if not specs:
         raise ValueError(
             f"unsupported peft_type {peft_type!r}; deltatune supports: {', '.join(known_peft_types())}"
@@ -211,7 +216,7 @@ class PeftConfig:
             if not isinstance(peft_type, str):
                 raise ValueError(f"'peft_type' must be a string, got {peft_type!r}")
             target = config_class_for(peft_type)
-        elif peft_type is not None and str(peft_type).upper() != getattr(cls, "PEFT_TYPE", None):
+        elif peft_type is not None and _type_name(peft_type) != getattr(cls, "PEFT_TYPE", None):
             raise ValueError(f"config says peft_type={peft_type!r} but {cls.__name__} was asked to load it")
         names = {f.name for f in dataclasses.fields(target) if f.init}
         unknown = sorted(set(data) - names - {"peft_type"})
@@ -366,7 +371,7 @@ class TargetingConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.peft_type is not None and str(self.peft_type).upper() != self.PEFT_TYPE:
+        if self.peft_type is not None and _type_name(self.peft_type) != self.PEFT_TYPE:
             # PEFT overwrites any given peft_type with the class's own; deltatune does too, and says so
             warnings.warn(
                 f"peft_type={self.peft_type!r} does not match {type(self).__name__}; it is set to "

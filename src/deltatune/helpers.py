@@ -24,6 +24,7 @@ from .layers import AdapterLayer
 __all__ = [
     "DoraCaching",
     "KappaTuneSelector",
+    "cast_mixed_precision_params",
     "check_if_peft_model",
     "disable_input_dtype_casting",
     "find_kappa_target_modules",
@@ -118,6 +119,24 @@ class DoraCaching:
     def __call__(self, enabled: bool = True) -> None:
         """Switches DoRA caching on (``enabled=True``) or off for good."""
         set_weight_caching(enabled)
+
+
+def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Casts, in place, every frozen floating-point parameter of ``model`` to ``dtype`` (fp16 or bf16, the
+    mixed-precision dtype) and every trainable one to fp32 (PEFT's ``cast_mixed_precision_params``): half the
+    memory for the frozen base, full precision where the optimiser updates. Integer (quantised) weights are left
+    as they are.
+
+    Raises:
+        ValueError: when ``dtype`` is not a floating-point dtype.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"cast_mixed_precision_params needs a floating-point dtype (e.g. torch.bfloat16), got {dtype!r}"
+        )
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(torch.float32 if param.requires_grad else dtype)
 
 
 def _quantization(model: nn.Module) -> tuple[bool, bool]:

@@ -293,7 +293,8 @@ def get_method(name: str) -> MethodSpec:
 def specs_for_peft_type(peft_type: str) -> list[MethodSpec]:
     """Every registered method whose config writes ``peft_type`` (LoRA and DoRA share ``"LORA"``)."""
     load_methods()
-    wanted = str(peft_type).upper()
+    # a string Enum member (PEFT's PeftType, in peft's ``config.to_dict()``) by its value, not "PeftType.LORA"
+    wanted = (str.__str__(peft_type) if isinstance(peft_type, str) else str(peft_type)).upper()
     return [spec for spec in _METHODS.values() if spec.peft_type == wanted]
 
 

@@ -20,6 +20,8 @@ from ..config import TargetSpec
 from ..layer_types import Conv1D, conv_groups, is_transposed
 from ..layers import AdapterLayer, expect_config
 from ..tuner import AdapterModel
+from ._fused import is_plain
+from ._ia3_fused import ia3_feedforward_linear
 from .ia3 import IA3Config
 
 __all__ = ["IA3Layer", "IA3Model", "ia3_weight_scale"]
@@ -115,6 +117,14 @@ class IA3Layer(AdapterLayer):
         on the channels of a conv's."""
         vector = self.ia3_l[adapter_name]
         return vector if vector.dim() > 2 else vector.reshape(-1)
+
+    def fused_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """A feed-forward plain ``nn.Linear`` (on the CPU): the vector folded into the weight's columns, one
+        autograd node (:mod:`._ia3_fused`); elsewhere None, the generic path."""
+        base = self.base_layer
+        if not self.is_feedforward or not is_plain(base, (nn.Linear,)):
+            return None
+        return ia3_feedforward_linear(x, self.base_weight, self.base_bias, self.ia3_l[adapter_name])
 
     def transform_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """A feed-forward module's input times its vector (others: unchanged)."""

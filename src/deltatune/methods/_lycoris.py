@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..layers import LowRankLayer
+from ..tuner import AdapterModel
 from ._fused import adapter_input, is_plain, merged_weight_pays
 from ._lycoris_config import LycorisConfig
 
@@ -144,3 +145,13 @@ class LycorisLayer(LowRankLayer):
         return self.base_forward_with_weight(
             adapter_input(x, delta.dtype, self.cast_input_dtype_enabled), delta
         )
+
+
+class LoHaModel(AdapterModel):
+    """LoHa's tuner, under PEFT's name (``LoHaModel(model, config, adapter_name)``): the generic
+    :class:`~deltatune.tuner.AdapterModel`, which every method without tuner-level extras uses."""
+
+
+class LoKrModel(AdapterModel):
+    """LoKr's tuner, under PEFT's name (``LoKrModel(model, config, adapter_name)``): the generic
+    :class:`~deltatune.tuner.AdapterModel`, which every method without tuner-level extras uses."""

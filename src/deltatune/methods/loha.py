@@ -40,6 +40,7 @@ register_method(
         name="loha",
         config_cls=LoHaConfig,
         layer="deltatune.methods._loha_layer:LoHaLayer",
+        tuner="deltatune.methods._lycoris:LoHaModel",
         prefix="hada_",
         display_name="LoHa",
         listing_order=20,

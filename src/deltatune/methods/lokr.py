@@ -59,6 +59,7 @@ register_method(
         name="lokr",
         config_cls=LoKrConfig,
         layer="deltatune.methods._lokr_layer:LoKrLayer",
+        tuner="deltatune.methods._lycoris:LoKrModel",
         prefix="lokr_",
         display_name="LoKr",
         listing_order=30,
